@@ -1,0 +1,281 @@
+//! The exec agent: serves the exec port, one command per connection.
+//!
+//! For each connection the agent reads one request, starts the launcher (this binary
+//! re-executed in a new PID + mount namespace), pumps stdio between the connection and
+//! the command, and reports the exit code. A closed connection cancels the command:
+//! SIGTERM to its process group, SIGKILL 5 s later.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use matchlock_protocol::exec::{ExecMode, ExecRequest, GuestMessage, HostMessage};
+use matchlock_protocol::frame::{read_frame, write_frame};
+use matchlock_protocol::{EXEC_PORT, HOST_CID, READY_PORT};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use vsock::{VsockListener, VsockStream, VMADDR_CID_ANY};
+
+use crate::{sys, LAUNCHER_ARGV0};
+
+/// Grace period between SIGTERM and SIGKILL when a command is cancelled.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// Size of the output chunks sent to the host.
+const CHUNK: usize = 32 * 1024;
+/// File descriptor on which the launcher receives the request.
+pub const REQUEST_FD: i32 = 3;
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The exec port could not be bound.
+    #[error("cannot listen on vsock port {EXEC_PORT}")]
+    Listen(#[source] io::Error),
+}
+
+/// Listens on the exec port, tells the host it is ready, and serves forever.
+pub fn serve() -> Result<(), AgentError> {
+    let listener = VsockListener::bind_with_cid_port(VMADDR_CID_ANY, EXEC_PORT).map_err(AgentError::Listen)?;
+    signal_ready();
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                thread::spawn(move || {
+                    if let Err(e) = handle(stream) {
+                        eprintln!("guest-agent: connection: {}", sys::error_chain(&e));
+                    }
+                });
+            }
+            Err(e) => eprintln!("guest-agent: accept: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Connects to the host's ready port; the connection itself is the signal.
+fn signal_ready() {
+    for _ in 0..50 {
+        match VsockStream::connect_with_cid_port(HOST_CID, READY_PORT) {
+            Ok(_) => return,
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    eprintln!("guest-agent: the host did not accept the ready signal");
+}
+
+/// Errors serving one connection; they end that connection only.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("connection I/O")]
+    Io(#[from] io::Error),
+    #[error("bad frame")]
+    Frame(#[from] matchlock_protocol::frame::FrameError),
+}
+
+/// Serialises frames from several pump threads onto the connection.
+#[derive(Clone)]
+struct Sender(Arc<Mutex<VsockStream>>);
+
+impl Sender {
+    fn send(&self, msg: &GuestMessage) -> Result<(), ConnError> {
+        let (kind, payload) = msg.to_frame();
+        let mut stream = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        write_frame(&mut *stream, kind, &payload)?;
+        Ok(())
+    }
+}
+
+fn handle(mut stream: VsockStream) -> Result<(), ConnError> {
+    let Some(frame) = read_frame(&mut stream)? else { return Ok(()) };
+    let sender = Sender(Arc::new(Mutex::new(stream.try_clone()?)));
+    let (mode, request) = match ExecRequest::from_frame(&frame) {
+        Ok(r) => r,
+        Err(e) => {
+            sender.send(&GuestMessage::Stderr(format!("matchlock: {}\n", sys::error_chain(&e)).into_bytes()))?;
+            sender.send(&GuestMessage::Exit(127))?;
+            return Ok(());
+        }
+    };
+    let running = match start(mode, &request) {
+        Ok(r) => r,
+        Err(e) => {
+            sender.send(&GuestMessage::Stderr(format!("matchlock: cannot start command: {e}\n").into_bytes()))?;
+            sender.send(&GuestMessage::Exit(127))?;
+            return Ok(());
+        }
+    };
+    run(stream, sender, running)
+}
+
+/// A launched command and the host ends of its stdio.
+struct Running {
+    child: std::process::Child,
+    stdin: Option<File>,
+    stdout: File,
+    stderr: Option<File>,
+    /// The PTY master in TTY mode (also `stdin`/`stdout`).
+    pty: Option<OwnedFd>,
+}
+
+fn pipe() -> io::Result<(File, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    Ok((File::from(r), w))
+}
+
+fn start(mode: ExecMode, request: &ExecRequest) -> io::Result<Running> {
+    let (request_r, request_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0(LAUNCHER_ARGV0).env_clear();
+    let (stdin, stdout, stderr, pty) = match mode {
+        ExecMode::Tty => {
+            let ws = request.window.unwrap_or(matchlock_protocol::exec::WindowSize { rows: 24, cols: 80 });
+            let pty = nix::pty::openpty(None, None)?;
+            sys::set_window_size(pty.master.as_fd(), ws)?;
+            let slave = File::from(pty.slave);
+            cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?).stderr(slave);
+            let master = pty.master;
+            nix::fcntl::fcntl(master.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+            let reader = File::from(master.try_clone()?);
+            let writer = File::from(master.try_clone()?);
+            (Some(writer), reader, None, Some(master))
+        }
+        ExecMode::Stream | ExecMode::Pipe => {
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            cmd.stdout(out_w).stderr(err_w);
+            let stdin = if mode == ExecMode::Pipe {
+                let (in_r, in_w) = pipe()?;
+                cmd.stdin(File::from(in_r));
+                Some(File::from(in_w))
+            } else {
+                cmd.stdin(Stdio::null());
+                None
+            };
+            (stdin, out_r, Some(err_r), None)
+        }
+    };
+    let request_fd = request_r.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // system calls (dup2, unshare, setsid) on descriptors that stay valid in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::dup2(request_fd, REQUEST_FD)?;
+            nix::sched::unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS)?;
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(request_r);
+    let mut request_w = File::from(request_w);
+    request_w.write_all(&serde_json::to_vec(request).map_err(io::Error::other)?)?;
+    drop(request_w);
+    Ok(Running { child, stdin, stdout, stderr, pty })
+}
+
+fn pump(mut from: File, to: Sender, wrap: fn(Vec<u8>) -> GuestMessage) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match from.read(&mut buf) {
+                // EIO: the PTY's last slave descriptor closed.
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.send(&wrap(buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn run(mut stream: VsockStream, sender: Sender, running: Running) -> Result<(), ConnError> {
+    let Running { mut child, stdin, stdout, stderr, pty } = running;
+    let pid = Pid::from_raw(child.id() as i32);
+    let finished = Arc::new(AtomicBool::new(false));
+    let out_pump = pump(stdout, sender.clone(), GuestMessage::Stdout);
+    let err_pump = stderr.map(|e| pump(e, sender.clone(), GuestMessage::Stderr));
+
+    // Host messages; EOF or garbage on the connection cancels the command.
+    let finished_r = Arc::clone(&finished);
+    thread::spawn(move || {
+        let mut stdin = stdin;
+        loop {
+            let msg = match read_frame(&mut stream) {
+                Ok(Some(frame)) => HostMessage::from_frame(frame),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            match msg {
+                Ok(HostMessage::Stdin(data)) => {
+                    if let Some(w) = stdin.as_mut() {
+                        if w.write_all(&data).is_err() {
+                            stdin = None;
+                        }
+                    }
+                }
+                Ok(HostMessage::StdinEof) => {
+                    // In TTY mode EOF is the terminal's business (^D); keep the master open.
+                    if pty.is_none() {
+                        stdin = None;
+                    }
+                }
+                Ok(HostMessage::Resize(ws)) => {
+                    if let Some(master) = &pty {
+                        let _ = sys::set_window_size(master.as_fd(), ws);
+                    }
+                }
+                Ok(HostMessage::Signal(sig)) => {
+                    if let Ok(sig) = Signal::try_from(i32::from(sig)) {
+                        let _ = kill(pid, sig);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("guest-agent: dropping connection: {}", sys::error_chain(&e));
+                    break;
+                }
+            }
+        }
+        drop(stdin);
+        if !finished_r.load(Ordering::SeqCst) {
+            cancel(pid, &finished_r);
+        }
+    });
+
+    let status = child.wait()?;
+    finished.store(true, Ordering::SeqCst);
+    let _ = out_pump.join();
+    if let Some(p) = err_pump {
+        let _ = p.join();
+    }
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    sender.send(&GuestMessage::Exit(code))?;
+    let stream = sender.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    Ok(())
+}
+
+/// SIGTERM now, SIGKILL after the grace period unless the command ended.
+fn cancel(pid: Pid, finished: &AtomicBool) {
+    let _ = kill(pid, Signal::SIGTERM);
+    let step = Duration::from_millis(50);
+    let mut waited = Duration::ZERO;
+    while waited < KILL_GRACE {
+        if finished.load(Ordering::SeqCst) {
+            return;
+        }
+        thread::sleep(step);
+        waited += step;
+    }
+    if !finished.load(Ordering::SeqCst) {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+}

@@ -1,0 +1,228 @@
+//! PID 1: assemble the root filesystem, prepare the machine, then serve the exec agent.
+//!
+//! The kernel mounts the shared, read-only boot disk (which holds only this binary as
+//! `/init`) as `/`. Init mounts the image layers (read-only ext4) and the per-VM upper
+//! disk, joins them with overlayfs, and `pivot_root`s into the result, so the workload
+//! sees exactly the image plus its own writable changes.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use matchlock_protocol::boot::{BootParams, BootParamsError};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::time::{clock_gettime, clock_settime, ClockId};
+
+use crate::{agent, sys};
+
+const STAGING: &str = "/run/matchlock";
+
+/// Errors that stop the guest from booting.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// /proc/cmdline could not be read.
+    #[error("cannot read the kernel command line")]
+    Cmdline(#[source] std::io::Error),
+    /// The boot parameters are missing or invalid.
+    #[error("bad boot parameters")]
+    Params(#[from] BootParamsError),
+    /// A mount failed.
+    #[error("cannot mount {what} on {target}")]
+    Mount {
+        /// What was being mounted.
+        what: String,
+        /// Where.
+        target: String,
+        /// Why it failed.
+        #[source]
+        source: nix::Error,
+    },
+    /// Switching to the assembled root failed.
+    #[error("cannot switch to the overlay root")]
+    PivotRoot(#[source] nix::Error),
+    /// A file could not be written.
+    #[error("cannot write {path}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The exec agent failed.
+    #[error("exec agent failed")]
+    Agent(#[from] agent::AgentError),
+}
+
+/// Entry point for PID 1. Never returns normally: on a fatal error the VM is rebooted,
+/// which ends it (the host runs QEMU with `-no-reboot`).
+pub fn main() -> ExitCode {
+    if let Err(e) = run() {
+        eprintln!("matchlock-init: FATAL: {}", sys::error_chain(&e));
+    }
+    // A reset ends the VM: the host runs QEMU with `-no-reboot`.
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    ExitCode::FAILURE
+}
+
+fn run() -> Result<(), InitError> {
+    mount_fs("proc", "/proc", "proc", MsFlags::empty(), None)?;
+    let cmdline = fs::read_to_string("/proc/cmdline").map_err(InitError::Cmdline)?;
+    let params = BootParams::from_cmdline(&cmdline)?;
+    set_clock(params.epoch_ms);
+    assemble_root(&params)?;
+    mount_base_filesystems()?;
+    write_identity_files(&params)?;
+    if let Err(e) = sys::loopback_up() {
+        eprintln!("matchlock-init: cannot bring up lo: {e}");
+    }
+    if let Err(e) = setup_cgroup(params.cpus) {
+        eprintln!("matchlock-init: cgroup setup failed: {e}");
+    }
+    agent::serve()?;
+    Ok(())
+}
+
+fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), InitError> {
+    let _ = fs::create_dir_all(target);
+    mount(Some(source), target, Some(fstype), flags, data).map_err(|source_err| InitError::Mount {
+        what: format!("{source} ({fstype})"),
+        target: target.to_owned(),
+        source: source_err,
+    })
+}
+
+/// The guest has no RTC: set the wall clock from the host's launch time plus the time
+/// the guest has been running.
+fn set_clock(epoch_ms: u64) {
+    let Ok(up) = clock_gettime(ClockId::CLOCK_BOOTTIME) else { return };
+    let up_ms = up.tv_sec() as u64 * 1000 + up.tv_nsec() as u64 / 1_000_000;
+    let now = Duration::from_millis(epoch_ms + up_ms);
+    let ts = nix::sys::time::TimeSpec::from_duration(now);
+    if let Err(e) = clock_settime(ClockId::CLOCK_REALTIME, ts) {
+        eprintln!("matchlock-init: cannot set the clock: {e}");
+    }
+}
+
+fn assemble_root(params: &BootParams) -> Result<(), InitError> {
+    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    let mut lower_dirs = Vec::with_capacity(params.lowers.len());
+    for (i, dev) in params.lowers.iter().enumerate() {
+        let target = format!("{STAGING}/lower/{i}");
+        // Layers keep their device nodes and setuid bits: only MS_RDONLY applies to them.
+        mount_fs(&format!("/dev/{dev}"), &target, "ext4", MsFlags::MS_RDONLY, Some("noload"))?;
+        lower_dirs.push(target);
+    }
+    let upper_fs = format!("{STAGING}/upperfs");
+    mount_fs(&format!("/dev/{}", params.upper), &upper_fs, "ext4", MsFlags::MS_NOATIME, None)?;
+    let upper = format!("{upper_fs}/upper");
+    let work = format!("{upper_fs}/work");
+    for dir in [&upper, &work] {
+        fs::create_dir_all(dir).map_err(|source| InitError::Write { path: dir.clone(), source })?;
+    }
+    // overlayfs wants the top layer first.
+    lower_dirs.reverse();
+    let merged = format!("{STAGING}/merged");
+    let opts = format!("lowerdir={},upperdir={upper},workdir={work}", lower_dirs.join(":"));
+    mount_fs("overlay", &merged, "overlay", MsFlags::empty(), Some(&opts))?;
+    nix::unistd::chdir(merged.as_str()).map_err(InitError::PivotRoot)?;
+    // pivot_root(".", ".") stacks the old root under the new one; detaching it leaves
+    // only the overlay visible.
+    nix::unistd::pivot_root(".", ".").map_err(InitError::PivotRoot)?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(InitError::PivotRoot)?;
+    nix::unistd::chdir("/").map_err(InitError::PivotRoot)?;
+    Ok(())
+}
+
+fn mount_base_filesystems() -> Result<(), InitError> {
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let nosuid_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nosuid_nodev | MsFlags::MS_NOEXEC, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", nosuid_nodev | MsFlags::MS_NOEXEC, None)?;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", nosuid_noexec, Some("mode=0755"))?;
+    mount_fs("devpts", "/dev/pts", "devpts", nosuid_noexec, Some("newinstance,ptmxmode=0666,mode=0620,gid=5"))?;
+    let _ = fs::remove_file("/dev/ptmx");
+    let _ = symlink("pts/ptmx", "/dev/ptmx");
+    for (link, target) in [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")] {
+        let _ = symlink(target, link);
+    }
+    mount_fs("shm", "/dev/shm", "tmpfs", nosuid_nodev, Some("mode=1777"))?;
+    mount_fs("mqueue", "/dev/mqueue", "mqueue", nosuid_nodev | MsFlags::MS_NOEXEC, None)?;
+    mount_fs("tmpfs", "/run", "tmpfs", nosuid_nodev, Some("mode=0755"))?;
+    mount_fs("tmpfs", "/tmp", "tmpfs", nosuid_nodev, Some("mode=1777"))?;
+    mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev | MsFlags::MS_NOEXEC, None)?;
+    Ok(())
+}
+
+fn write_file(path: &str, contents: &str) -> Result<(), InitError> {
+    let err = |source| InitError::Write { path: path.to_owned(), source };
+    if let Some(parent) = Path::new(path).parent() {
+        fs::create_dir_all(parent).map_err(err)?;
+    }
+    // Replace, never write through: the image may ship /etc/resolv.conf as a symlink.
+    let _ = fs::remove_file(path);
+    let mut f = fs::File::create(path).map_err(err)?;
+    f.write_all(contents.as_bytes()).map_err(err)?;
+    f.set_permissions(fs::Permissions::from_mode(0o644)).map_err(err)?;
+    Ok(())
+}
+
+/// /etc/hosts in the reference format.
+pub fn hosts_file(params: &BootParams) -> String {
+    let mut s = format!("127.0.0.1 localhost localhost.localdomain {}\n", params.hostname);
+    for (host, ip) in &params.add_hosts {
+        s.push_str(&format!("{ip} {host}\n"));
+    }
+    s.push_str("::1 localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\nff02::2 ip6-allrouters\n");
+    s
+}
+
+fn write_identity_files(params: &BootParams) -> Result<(), InitError> {
+    if let Err(e) = nix::unistd::sethostname(&params.hostname) {
+        eprintln!("matchlock-init: sethostname: {e}");
+    }
+    write_file("/etc/hostname", &format!("{}\n", params.hostname))?;
+    write_file("/etc/hosts", &hosts_file(params))?;
+    let resolv: String = params.dns.iter().map(|ip| format!("nameserver {ip}\n")).collect();
+    write_file("/etc/resolv.conf", &resolv)
+}
+
+/// Moves PID 1 (and so every command) into `/sys/fs/cgroup/init` and applies the CPU quota.
+fn setup_cgroup(cpus: f64) -> std::io::Result<()> {
+    let group = "/sys/fs/cgroup/init";
+    fs::create_dir_all(group)?;
+    fs::write(format!("{group}/cgroup.procs"), "1")?;
+    let controllers = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")?;
+    let enable: Vec<String> = controllers.split_whitespace().map(|c| format!("+{c}")).collect();
+    fs::write("/sys/fs/cgroup/cgroup.subtree_control", enable.join(" "))?;
+    let quota = ((cpus * 100_000.0) as u64).max(1000);
+    fs::write(format!("{group}/cpu.max"), format!("{quota} 100000"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_file_format() {
+        let params = BootParams {
+            hostname: "vm-abc".into(),
+            dns: vec![],
+            cpus: 1.0,
+            lowers: vec!["vdb".into()],
+            upper: "vdc".into(),
+            add_hosts: vec![("api.internal".into(), "10.0.0.10".parse().unwrap())],
+            epoch_ms: 0,
+        };
+        assert_eq!(
+            hosts_file(&params),
+            "127.0.0.1 localhost localhost.localdomain vm-abc\n10.0.0.10 api.internal\n\
+             ::1 localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\nff02::2 ip6-allrouters\n"
+        );
+    }
+}

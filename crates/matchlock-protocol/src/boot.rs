@@ -1,0 +1,178 @@
+//! Boot parameters the host passes to guest-init on the kernel command line.
+
+use std::net::IpAddr;
+
+/// What guest-init needs to assemble the root filesystem and name the machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BootParams {
+    /// Hostname (also written to /etc/hostname and /etc/hosts).
+    pub hostname: String,
+    /// Name servers for /etc/resolv.conf.
+    pub dns: Vec<IpAddr>,
+    /// CPU quota in CPUs; a fraction becomes the cgroup `cpu.max` of the workload.
+    pub cpus: f64,
+    /// Block devices holding the image layers, bottom layer first (e.g. `vdb`).
+    pub lowers: Vec<String>,
+    /// Block device of the writable upper disk.
+    pub upper: String,
+    /// Extra /etc/hosts entries: (host, ip).
+    pub add_hosts: Vec<(String, IpAddr)>,
+    /// Host wall clock at launch, in milliseconds since the Unix epoch.
+    pub epoch_ms: u64,
+}
+
+/// Errors parsing boot parameters.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BootParamsError {
+    /// A required parameter is missing.
+    #[error("missing boot parameter matchlock.{0}")]
+    Missing(&'static str),
+    /// A parameter has a value that does not parse or is out of range.
+    #[error("invalid boot parameter matchlock.{0}={1:?}")]
+    Invalid(&'static str, String),
+}
+
+/// Whether `name` is a valid hostname (RFC 1123 labels).
+pub fn is_valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+fn is_valid_device(name: &str) -> bool {
+    name.len() >= 3 && name.starts_with("vd") && name[2..].bytes().all(|b| b.is_ascii_lowercase())
+}
+
+impl BootParams {
+    /// Renders the parameters as kernel command-line words.
+    pub fn to_cmdline(&self) -> String {
+        let dns: Vec<String> = self.dns.iter().map(IpAddr::to_string).collect();
+        let mut words = vec![
+            format!("matchlock.hostname={}", self.hostname),
+            format!("matchlock.dns={}", dns.join(",")),
+            format!("matchlock.cpus={}", self.cpus),
+            format!("matchlock.lower={}", self.lowers.join(",")),
+            format!("matchlock.upper={}", self.upper),
+            format!("matchlock.epoch_ms={}", self.epoch_ms),
+        ];
+        for (host, ip) in &self.add_hosts {
+            words.push(format!("matchlock.add_host={host},{ip}"));
+        }
+        words.join(" ")
+    }
+
+    /// Parses the `matchlock.*` words of a kernel command line; other words are ignored.
+    pub fn from_cmdline(cmdline: &str) -> Result<Self, BootParamsError> {
+        let mut hostname = None;
+        let mut dns = None;
+        let mut cpus = None;
+        let mut lowers = None;
+        let mut upper = None;
+        let mut epoch_ms = None;
+        let mut add_hosts = Vec::new();
+        for word in cmdline.split_ascii_whitespace() {
+            let Some((key, value)) = word.strip_prefix("matchlock.").and_then(|w| w.split_once('=')) else {
+                continue;
+            };
+            let invalid = |k: &'static str| BootParamsError::Invalid(k, value.to_owned());
+            match key {
+                "hostname" if is_valid_hostname(value) => hostname = Some(value.to_owned()),
+                "hostname" => return Err(invalid("hostname")),
+                "dns" => {
+                    let parsed: Result<Vec<IpAddr>, _> =
+                        value.split(',').filter(|s| !s.is_empty()).map(str::parse).collect();
+                    dns = Some(parsed.map_err(|_| invalid("dns"))?);
+                }
+                "cpus" => match value.parse::<f64>() {
+                    Ok(c) if c.is_finite() && c > 0.0 => cpus = Some(c),
+                    _ => return Err(invalid("cpus")),
+                },
+                "lower" => {
+                    let devs: Vec<String> = value.split(',').map(str::to_owned).collect();
+                    if !devs.iter().all(|d| is_valid_device(d)) {
+                        return Err(invalid("lower"));
+                    }
+                    lowers = Some(devs);
+                }
+                "upper" if is_valid_device(value) => upper = Some(value.to_owned()),
+                "upper" => return Err(invalid("upper")),
+                "epoch_ms" => epoch_ms = Some(value.parse().map_err(|_| invalid("epoch_ms"))?),
+                "add_host" => {
+                    let (host, ip) = value.split_once(',').ok_or_else(|| invalid("add_host"))?;
+                    let ip = ip.parse().map_err(|_| invalid("add_host"))?;
+                    if !is_valid_hostname(host) {
+                        return Err(invalid("add_host"));
+                    }
+                    add_hosts.push((host.to_owned(), ip));
+                }
+                _ => {}
+            }
+        }
+        Ok(Self {
+            hostname: hostname.ok_or(BootParamsError::Missing("hostname"))?,
+            dns: dns.ok_or(BootParamsError::Missing("dns"))?,
+            cpus: cpus.ok_or(BootParamsError::Missing("cpus"))?,
+            lowers: lowers.ok_or(BootParamsError::Missing("lower"))?,
+            upper: upper.ok_or(BootParamsError::Missing("upper"))?,
+            add_hosts,
+            epoch_ms: epoch_ms.ok_or(BootParamsError::Missing("epoch_ms"))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> BootParams {
+        BootParams {
+            hostname: "vm-1234abcd".into(),
+            dns: vec!["8.8.8.8".parse().unwrap(), "2001:4860:4860::8888".parse().unwrap()],
+            cpus: 0.5,
+            lowers: vec!["vdb".into(), "vdc".into()],
+            upper: "vdd".into(),
+            add_hosts: vec![("api.internal".into(), "10.0.0.10".parse().unwrap())],
+            epoch_ms: 1_700_000_000_123,
+        }
+    }
+
+    #[test]
+    fn round_trip_among_other_kernel_words() {
+        let line = format!("console=ttyS0 quiet {} panic=-1", sample().to_cmdline());
+        assert_eq!(BootParams::from_cmdline(&line).unwrap(), sample());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let good = sample().to_cmdline();
+        for (from, to) in [
+            ("matchlock.hostname=vm-1234abcd", "matchlock.hostname=bad_host!"),
+            ("matchlock.cpus=0.5", "matchlock.cpus=0"),
+            ("matchlock.cpus=0.5", "matchlock.cpus=NaN"),
+            ("matchlock.upper=vdd", "matchlock.upper=../sda"),
+            ("matchlock.lower=vdb,vdc", "matchlock.lower=vdb,sda"),
+            ("matchlock.dns=8.8.8.8", "matchlock.dns=not-an-ip"),
+        ] {
+            let line = good.replace(from, to);
+            assert!(BootParams::from_cmdline(&line).is_err(), "{line}");
+        }
+        assert_eq!(
+            BootParams::from_cmdline("console=ttyS0"),
+            Err(BootParamsError::Missing("hostname"))
+        );
+    }
+
+    #[test]
+    fn hostnames() {
+        assert!(is_valid_hostname("override.internal"));
+        assert!(!is_valid_hostname("-x"));
+        assert!(!is_valid_hostname("a..b"));
+        assert!(!is_valid_hostname(&"a".repeat(64)));
+    }
+}
