@@ -1,1 +1,197 @@
+//! Sandbox orchestration: resolve the image, prepare the VM's disks, boot it, run
+//! commands in it over the guest protocol, and tear everything down.
 
+mod boot_disk;
+mod command;
+mod exec;
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use matchlock_api::paths::{cache_dir, vm_dir};
+use matchlock_api::SandboxConfig;
+use matchlock_image::{ImageRecord, Store, StoreError};
+use matchlock_protocol::boot::BootParams;
+use matchlock_vm::qemu::{QemuBackend, QemuMachine};
+use matchlock_vm::{accel, device_name, kernel, tools, Backend, Disk, Machine, MachineSpec, VmError};
+
+pub use command::{compose, ComposeError, Composed};
+pub use exec::{Control, ExecIo};
+
+/// How long a guest may take to signal readiness (TCG boots take ~2 s here).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors creating or using a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The image is not in the local store.
+    #[error("image not found: {0} (import it with `matchlock image import {0} < image.tar`)")]
+    ImageNotFound(String),
+    /// The image store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Preparing a disk failed.
+    #[error("cannot prepare {what}")]
+    Disk {
+        /// Which disk.
+        what: String,
+        /// Why.
+        #[source]
+        source: matchlock_image::ext4::Ext4Error,
+    },
+    /// The command cannot be composed.
+    #[error(transparent)]
+    Compose(#[from] ComposeError),
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Talking to the guest failed.
+    #[error("guest protocol error")]
+    Protocol(#[from] matchlock_protocol::frame::FrameError),
+    /// The VM stopped while a command was running.
+    #[error("the sandbox VM stopped while the command was running ({0})")]
+    VmStopped(String),
+    /// Host-side I/O failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let context = context.into();
+    move |source| SandboxError::Io { context, source }
+}
+
+/// A new random VM id: `vm-` and 8 hex digits.
+pub fn new_vm_id() -> Result<String, SandboxError> {
+    let mut bytes = [0u8; 4];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(io_err("cannot open /dev/urandom"))?,
+        &mut bytes,
+    )
+    .map_err(io_err("cannot read /dev/urandom"))?;
+    Ok(format!("vm-{}", hex::encode(bytes)))
+}
+
+/// A running sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    id: String,
+    dir: PathBuf,
+    image: ImageRecord,
+    config: SandboxConfig,
+    machine: Option<QemuMachine>,
+}
+
+/// Removes a VM directory unless disarmed: a failed create leaves nothing behind.
+struct DirGuard(Option<PathBuf>);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Sandbox {
+    /// Boots a sandbox for `config`. On any failure nothing is left behind.
+    pub async fn create(config: SandboxConfig, store: &Store) -> Result<Self, SandboxError> {
+        validate(&config)?;
+        let image = store.get(&config.image)?.ok_or_else(|| SandboxError::ImageNotFound(config.image.clone()))?;
+        let kernel = kernel::locate()?;
+        let guest_init = tools::guest_init()?;
+        let qemu = tools::qemu()?;
+        let boot_disk = boot_disk::ensure(&guest_init, &cache_dir().join("boot"))?;
+
+        let id = new_vm_id()?;
+        let dir = vm_dir(&id);
+        std::fs::create_dir_all(dir.join("logs")).map_err(io_err(format!("cannot create {}", dir.display())))?;
+        let mut guard = DirGuard(Some(dir.clone()));
+
+        let upper = dir.join("upper.ext4");
+        matchlock_image::ext4::create_empty(&upper, config.disk_size_mb * 1024 * 1024)
+            .map_err(|source| SandboxError::Disk { what: "the writable disk".into(), source })?;
+
+        let mut disks = vec![Disk { path: boot_disk, read_only: true }];
+        disks.extend(image.layers.iter().map(|l| Disk { path: l.clone(), read_only: true }));
+        disks.push(Disk { path: upper, read_only: false });
+        let params = BootParams {
+            hostname: config.hostname.clone().unwrap_or_else(|| id.clone()),
+            dns: config.dns_servers.clone(),
+            cpus: config.cpus,
+            lowers: (1..=image.layers.len()).map(device_name).collect(),
+            upper: device_name(image.layers.len() + 1),
+            add_hosts: config.add_hosts.clone(),
+            epoch_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        };
+        let accel = accel::select(&qemu, &kernel).await?;
+        let backend = QemuBackend::new(qemu, accel)?;
+        let spec = MachineSpec {
+            dir: dir.clone(),
+            kernel,
+            cmdline: params.to_cmdline(),
+            disks,
+            vcpus: config.cpus.ceil() as u32,
+            memory_mb: config.memory_mb,
+            boot_timeout: BOOT_TIMEOUT,
+        };
+        let machine = backend.launch(spec).await?;
+        guard.0 = None;
+        Ok(Self { id, dir, image, config, machine: Some(machine) })
+    }
+
+    /// The VM id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The image the sandbox runs.
+    pub fn image(&self) -> &ImageRecord {
+        &self.image
+    }
+
+    /// The configuration it was created with.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    /// Stops the VM and removes its directory.
+    pub async fn close(mut self) -> Result<(), SandboxError> {
+        if let Some(machine) = self.machine.take() {
+            machine.shutdown().await?;
+        }
+        std::fs::remove_dir_all(&self.dir).map_err(io_err(format!("cannot remove {}", self.dir.display())))?;
+        Ok(())
+    }
+}
+
+fn validate(config: &SandboxConfig) -> Result<(), SandboxError> {
+    let host_cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    if !(config.cpus.is_finite() && config.cpus > 0.0) {
+        return Err(SandboxError::Config(format!("--cpus must be positive, got {}", config.cpus)));
+    }
+    if config.cpus.ceil() as usize > host_cpus {
+        return Err(SandboxError::Config(format!("--cpus {} exceeds the {host_cpus} CPUs of this host", config.cpus)));
+    }
+    if config.memory_mb < 64 {
+        return Err(SandboxError::Config(format!("--memory must be at least 64 MB, got {}", config.memory_mb)));
+    }
+    if config.disk_size_mb < 16 {
+        return Err(SandboxError::Config(format!("--disk-size must be at least 16 MB, got {}", config.disk_size_mb)));
+    }
+    if let Some(h) = &config.hostname {
+        if !matchlock_protocol::boot::is_valid_hostname(h) {
+            return Err(SandboxError::Config(format!("invalid hostname {h:?}")));
+        }
+    }
+    Ok(())
+}

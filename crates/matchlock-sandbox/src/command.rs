@@ -1,0 +1,119 @@
+//! Composing the command Docker-style from the image config and the user's flags.
+
+use matchlock_api::SandboxConfig;
+use matchlock_image::ImageConfig;
+
+/// Errors composing a command.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ComposeError {
+    /// Neither the user nor the image gave a command.
+    #[error("no command: the image has no ENTRYPOINT or CMD; give one after `--`")]
+    NoCommand,
+}
+
+/// The command to run and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Composed {
+    /// ENTRYPOINT + (args, or CMD when there are none).
+    pub argv: Vec<String>,
+    /// Image ENV, then the configured env; one entry per key, the last value wins.
+    pub env: Vec<(String, String)>,
+    /// Configured workdir, else image WORKDIR, else `/`.
+    pub working_dir: String,
+    /// Configured user, else image USER, else root (`None`).
+    pub user: Option<String>,
+}
+
+/// Merges env lists: later entries override earlier ones, first-seen order is kept.
+pub fn merge_env<'a>(layers: impl IntoIterator<Item = &'a [(String, String)]>) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (k, v) in layers.into_iter().flatten() {
+        match out.iter_mut().find(|(key, _)| key == k) {
+            Some(slot) => slot.1.clone_from(v),
+            None => out.push((k.clone(), v.clone())),
+        }
+    }
+    out
+}
+
+/// Composes the command as `docker run` would.
+pub fn compose(image: &ImageConfig, config: &SandboxConfig) -> Result<Composed, ComposeError> {
+    let entrypoint = config.entrypoint.clone().unwrap_or_else(|| image.entrypoint.clone());
+    let args = if !config.command.is_empty() {
+        config.command.clone()
+    } else if config.entrypoint.is_some() {
+        // Docker: overriding the entrypoint drops the image's CMD.
+        Vec::new()
+    } else {
+        image.cmd.clone()
+    };
+    let argv: Vec<String> = entrypoint.into_iter().chain(args).collect();
+    if argv.is_empty() {
+        return Err(ComposeError::NoCommand);
+    }
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    Ok(Composed {
+        argv,
+        env: merge_env([image.env.as_slice(), config.env.as_slice()]),
+        working_dir: config
+            .workdir
+            .clone()
+            .or_else(|| non_empty(&image.working_dir))
+            .unwrap_or_else(|| "/".to_owned()),
+        user: config.user.clone().or_else(|| non_empty(&image.user)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> ImageConfig {
+        ImageConfig {
+            user: "nobody".into(),
+            working_dir: "/srv".into(),
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["default".into()],
+            env: vec![("PATH".into(), "/bin".into()), ("A".into(), "image".into())],
+        }
+    }
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| (*x).to_owned()).collect()
+    }
+
+    #[test]
+    fn entrypoint_and_cmd() {
+        let mut c = SandboxConfig::new("x");
+        assert_eq!(compose(&image(), &c).unwrap().argv, s(&["/entry", "default"]));
+        c.command = s(&["arg"]);
+        assert_eq!(compose(&image(), &c).unwrap().argv, s(&["/entry", "arg"]));
+        c.entrypoint = Some(s(&["/other"]));
+        assert_eq!(compose(&image(), &c).unwrap().argv, s(&["/other", "arg"]));
+        c.command.clear();
+        assert_eq!(compose(&image(), &c).unwrap().argv, s(&["/other"]));
+        c.entrypoint = Some(vec![]);
+        assert_eq!(compose(&image(), &c), Err(ComposeError::NoCommand));
+    }
+
+    #[test]
+    fn env_user_workdir_precedence() {
+        let mut c = SandboxConfig::new("x");
+        c.env = vec![("A".into(), "flag".into()), ("B".into(), "b".into())];
+        let composed = compose(&image(), &c).unwrap();
+        assert_eq!(composed.env, vec![("PATH".into(), "/bin".into()), ("A".into(), "flag".into()), ("B".into(), "b".into())]);
+        assert_eq!(composed.user.as_deref(), Some("nobody"));
+        assert_eq!(composed.working_dir, "/srv");
+        c.user = Some("0".into());
+        c.workdir = Some("/tmp".into());
+        let composed = compose(&ImageConfig::default(), &c);
+        assert_eq!(composed, Err(ComposeError::NoCommand));
+        c.command = s(&["true"]);
+        let composed = compose(&ImageConfig::default(), &c).unwrap();
+        assert_eq!((composed.user.as_deref(), composed.working_dir.as_str()), (Some("0"), "/tmp"));
+        c.workdir = None;
+        c.user = None;
+        let composed = compose(&ImageConfig::default(), &c).unwrap();
+        assert_eq!((composed.user, composed.working_dir.as_str()), (None, "/"));
+    }
+}

@@ -1,0 +1,119 @@
+//! Running one command in a sandbox and relaying its stdio.
+
+use std::time::Duration;
+
+use matchlock_protocol::exec::{ExecMode, ExecRequest, GuestMessage, HostMessage, WindowSize};
+use matchlock_protocol::frame::tokio_io::{read_frame, write_frame};
+use matchlock_protocol::EXEC_PORT;
+use matchlock_vm::Machine;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::{io_err, Sandbox, SandboxError};
+
+/// How long a command may take to die after SIGTERM before it gets SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How long to wait for the exit report after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(3);
+
+const SIGTERM: u8 = 15;
+const SIGKILL: u8 = 9;
+
+/// Out-of-band requests while a command runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Stop the command: SIGTERM to its process group, SIGKILL after 5 s.
+    Terminate,
+    /// The terminal changed size.
+    Resize(WindowSize),
+}
+
+/// Where a command's stdio goes.
+pub struct ExecIo<'a> {
+    /// Source of stdin (pipe and TTY modes).
+    pub stdin: Option<Box<dyn AsyncRead + Unpin + Send + 'a>>,
+    /// Destination of stdout (all terminal output in TTY mode).
+    pub stdout: Box<dyn AsyncWrite + Unpin + Send + 'a>,
+    /// Destination of stderr.
+    pub stderr: Box<dyn AsyncWrite + Unpin + Send + 'a>,
+    /// Control requests.
+    pub control: mpsc::Receiver<Control>,
+}
+
+impl std::fmt::Debug for ExecIo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecIo").field("stdin", &self.stdin.is_some()).finish_non_exhaustive()
+    }
+}
+
+async fn send(w: &mut (impl AsyncWrite + Unpin), msg: &HostMessage) -> Result<(), SandboxError> {
+    let (kind, payload) = msg.to_frame();
+    write_frame(w, kind, &payload).await?;
+    Ok(())
+}
+
+impl Sandbox {
+    /// Runs `request` and relays its stdio until it exits; returns its exit code.
+    pub async fn exec(&mut self, mode: ExecMode, request: &ExecRequest, mut io: ExecIo<'_>) -> Result<i32, SandboxError> {
+        let machine = self.machine.as_mut().expect("a live sandbox has a machine");
+        let stream = machine.connect(EXEC_PORT).await?;
+        let (mut rx, mut tx) = stream.into_split();
+        write_frame(&mut tx, mode.frame_type(), &request.to_payload()).await?;
+
+        let mut stdin = io.stdin.take();
+        let mut buf = vec![0u8; 32 * 1024];
+        let mut control_open = true;
+        // Escalation after Terminate: when to send SIGKILL, then when to give up.
+        let mut kill_at: Option<tokio::time::Instant> = None;
+        let mut give_up_at: Option<tokio::time::Instant> = None;
+        let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+        loop {
+            tokio::select! {
+                frame = read_frame(&mut rx) => {
+                    let frame = frame?.ok_or_else(|| SandboxError::VmStopped("the guest closed the exec connection".into()))?;
+                    match GuestMessage::from_frame(frame)? {
+                        GuestMessage::Stdout(d) => {
+                            io.stdout.write_all(&d).await.map_err(io_err("cannot write stdout"))?;
+                            io.stdout.flush().await.map_err(io_err("cannot write stdout"))?;
+                        }
+                        GuestMessage::Stderr(d) => {
+                            io.stderr.write_all(&d).await.map_err(io_err("cannot write stderr"))?;
+                            io.stderr.flush().await.map_err(io_err("cannot write stderr"))?;
+                        }
+                        GuestMessage::Exit(code) => return Ok(code),
+                    }
+                }
+                n = async { stdin.as_mut().expect("guarded").read(&mut buf).await }, if stdin.is_some() => {
+                    match n {
+                        Ok(0) | Err(_) => {
+                            stdin = None;
+                            send(&mut tx, &HostMessage::StdinEof).await?;
+                        }
+                        Ok(n) => send(&mut tx, &HostMessage::Stdin(buf[..n].to_vec())).await?,
+                    }
+                }
+                ctl = io.control.recv(), if control_open => match ctl {
+                    None => control_open = false,
+                    Some(Control::Resize(ws)) => send(&mut tx, &HostMessage::Resize(ws)).await?,
+                    Some(Control::Terminate) => {
+                        if kill_at.is_none() {
+                            send(&mut tx, &HostMessage::Signal(SIGTERM)).await?;
+                            kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
+                        } else {
+                            // Asked twice: no more grace.
+                            kill_at = Some(tokio::time::Instant::now());
+                        }
+                    }
+                },
+                () = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() && give_up_at.is_none() => {
+                    send(&mut tx, &HostMessage::Signal(SIGKILL)).await?;
+                    give_up_at = Some(tokio::time::Instant::now() + KILL_WAIT);
+                }
+                () = tokio::time::sleep_until(give_up_at.unwrap_or(far)), if give_up_at.is_some() => {
+                    return Err(SandboxError::VmStopped("the command did not exit after SIGKILL".into()));
+                }
+                how = machine.exited() => return Err(SandboxError::VmStopped(how)),
+            }
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! QEMU `microvm` backend (KVM or TCG), with vsock from `vhost-device-vsock`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use matchlock_protocol::READY_PORT;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::{Child, Command};
+use tokio::time::{sleep, Instant};
+
+use crate::accel::Accel;
+use crate::{tools, vsock, Backend, Machine, MachineSpec, VmError};
+
+/// How long to wait for `vhost-device-vsock` to create its socket.
+const HELPER_START_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of console output quoted in boot errors.
+const CONSOLE_TAIL: usize = 2000;
+
+/// Boots VMs with QEMU's `microvm` machine.
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    qemu: PathBuf,
+    vhost_vsock: PathBuf,
+    accel: Accel,
+}
+
+impl QemuBackend {
+    /// A backend using the given accelerator (see [`crate::accel::select`]).
+    pub fn new(qemu: PathBuf, accel: Accel) -> Result<Self, VmError> {
+        Ok(Self { qemu, vhost_vsock: tools::vhost_device_vsock()?, accel })
+    }
+
+    /// The accelerator in use.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+}
+
+fn check_option_path(p: &Path) -> Result<String, VmError> {
+    let s = p.to_str().ok_or_else(|| VmError::InvalidSpec(format!("path is not UTF-8: {}", p.display())))?;
+    if s.contains(',') {
+        return Err(VmError::InvalidSpec(format!("QEMU cannot take paths containing ',': {s}")));
+    }
+    Ok(s.to_owned())
+}
+
+/// Console log of a VM directory.
+pub fn console_log(dir: &Path) -> PathBuf {
+    dir.join("logs/vm.log")
+}
+
+fn tail(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(CONSOLE_TAIL);
+    let text = String::from_utf8_lossy(&bytes[start..]).trim().to_owned();
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!("\n--- {} (last lines) ---\n{text}", path.display())
+    }
+}
+
+impl QemuBackend {
+    fn qemu_args(&self, spec: &MachineSpec) -> Result<Vec<String>, VmError> {
+        let mem = format!("{}M", spec.memory_mb);
+        let mut args: Vec<String> = [
+            "-M",
+            "microvm,acpi=off,x-option-roms=off,rtc=off,pcie=off",
+            "-accel",
+            self.accel.qemu_name(),
+            "-cpu",
+            self.accel.cpu_model(),
+            "-smp",
+            &spec.vcpus.to_string(),
+            "-m",
+            &mem,
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            "-numa",
+            "node,memdev=mem",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            &format!("file:{}", check_option_path(&console_log(&spec.dir))?),
+            "-kernel",
+            &check_option_path(&spec.kernel)?,
+            "-append",
+            &format!("console=ttyS0 reboot=t panic=-1 quiet root=/dev/vda ro rootfstype=ext4 rootwait init=/init {}", spec.cmdline),
+            "-chardev",
+            &format!("socket,id=vsock,path={}", check_option_path(&spec.dir.join("vhost.sock"))?),
+            "-device",
+            "vhost-user-vsock-device,chardev=vsock",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        // Linux names virtio-blk disks in the order QEMU adds them: disk i is vd<a+i>.
+        for (i, disk) in spec.disks.iter().enumerate() {
+            let ro = if disk.read_only { "on" } else { "off" };
+            args.push("-drive".into());
+            args.push(format!(
+                "id=disk{i},file={},format=raw,if=none,readonly={ro},cache=unsafe,discard=unmap",
+                check_option_path(&disk.path)?
+            ));
+            args.push("-device".into());
+            args.push(format!("virtio-blk-device,drive=disk{i}"));
+        }
+        Ok(args)
+    }
+}
+
+impl Backend for QemuBackend {
+    type Machine = QemuMachine;
+
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn launch(&self, spec: MachineSpec) -> Result<QemuMachine, VmError> {
+        std::fs::create_dir_all(spec.dir.join("logs")).map_err(VmError::io("cannot create the VM directory"))?;
+        let args = self.qemu_args(&spec)?;
+        let ready_path = vsock::listener_socket(&spec.dir, READY_PORT);
+        let _ = std::fs::remove_file(&ready_path);
+        let ready = UnixListener::bind(&ready_path).map_err(VmError::io("cannot listen for the guest's ready signal"))?;
+
+        let vhost_sock = spec.dir.join("vhost.sock");
+        let vsock_uds = vsock::host_socket(&spec.dir);
+        let vhost = spawn(
+            Command::new(&self.vhost_vsock)
+                .arg("--vm")
+                .arg(format!(
+                    "guest-cid=3,socket={},uds-path={}",
+                    check_option_path(&vhost_sock)?,
+                    check_option_path(&vsock_uds)?
+                ))
+                .stdout(Stdio::null())
+                .stderr(log_file(&spec.dir.join("logs/vhost-vsock.log"))?),
+        )?;
+        let mut machine = QemuMachine { dir: spec.dir.clone(), qemu: None, vhost: Some(vhost), exit: None };
+        let started = Instant::now();
+        while !vhost_sock.exists() {
+            if let Some(status) = machine.vhost.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Err(VmError::BootFailed {
+                    status: format!("vhost-device-vsock {status}"),
+                    details: tail(&spec.dir.join("logs/vhost-vsock.log")),
+                });
+            }
+            if started.elapsed() > HELPER_START_TIMEOUT {
+                return Err(VmError::Missing("vhost-device-vsock did not create its socket".into()));
+            }
+            sleep(Duration::from_millis(2)).await;
+        }
+
+        let qemu = spawn(
+            Command::new(&self.qemu)
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(log_file(&spec.dir.join("logs/qemu.log"))?),
+        )?;
+        machine.qemu = Some(qemu);
+
+        tokio::select! {
+            accepted = ready.accept() => {
+                accepted.map_err(VmError::io("ready socket failed"))?;
+            }
+            status = machine.wait_qemu() => {
+                let details = format!("{}{}", tail(&spec.dir.join("logs/qemu.log")), tail(&console_log(&spec.dir)));
+                return Err(VmError::BootFailed { status, details });
+            }
+            () = sleep(spec.boot_timeout) => {
+                return Err(VmError::BootTimeout(spec.boot_timeout, tail(&console_log(&spec.dir))));
+            }
+        }
+        drop(ready);
+        let _ = std::fs::remove_file(&ready_path);
+        Ok(machine)
+    }
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File, VmError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(VmError::io(format!("cannot open {}", path.display())))
+}
+
+/// Spawns a helper that dies with us (the CLI runs a single-threaded runtime, so the
+/// forking thread is the main thread) and that is killed if its handle is dropped.
+fn spawn(cmd: &mut Command) -> Result<Child, VmError> {
+    let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|source| VmError::Spawn { program, source })
+}
+
+/// A running QEMU VM.
+#[derive(Debug)]
+pub struct QemuMachine {
+    dir: PathBuf,
+    qemu: Option<Child>,
+    vhost: Option<Child>,
+    exit: Option<String>,
+}
+
+impl QemuMachine {
+    async fn wait_qemu(&mut self) -> String {
+        if let Some(exit) = &self.exit {
+            return exit.clone();
+        }
+        let Some(qemu) = self.qemu.as_mut() else { return "not started".into() };
+        let exit = match qemu.wait().await {
+            Ok(status) => format!("QEMU {status}"),
+            Err(e) => format!("QEMU wait failed: {e}"),
+        };
+        self.exit = Some(exit.clone());
+        exit
+    }
+}
+
+async fn stop(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+    if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}
+
+impl Machine for QemuMachine {
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    async fn connect(&self, port: u32) -> Result<UnixStream, VmError> {
+        vsock::connect(&vsock::host_socket(&self.dir), port, Duration::from_secs(5)).await
+    }
+
+    async fn exited(&mut self) -> String {
+        self.wait_qemu().await
+    }
+
+    async fn shutdown(mut self) -> Result<(), VmError> {
+        if let Some(mut qemu) = self.qemu.take() {
+            stop(&mut qemu).await;
+        }
+        if let Some(mut vhost) = self.vhost.take() {
+            stop(&mut vhost).await;
+        }
+        for sock in ["vhost.sock", "vsock.sock"] {
+            let _ = std::fs::remove_file(self.dir.join(sock));
+        }
+        Ok(())
+    }
+}

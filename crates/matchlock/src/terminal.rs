@@ -1,0 +1,42 @@
+//! The host terminal: raw mode for `-it`, and its size.
+
+use std::io::IsTerminal;
+use std::os::fd::AsFd;
+
+use anyhow::{Context, Result};
+use matchlock_protocol::exec::WindowSize;
+use nix::sys::termios::{self, SetArg, Termios};
+
+/// Puts stdin's terminal into raw mode until dropped.
+#[derive(Debug)]
+pub struct RawMode {
+    saved: Termios,
+}
+
+impl RawMode {
+    /// Enters raw mode.
+    pub fn enter() -> Result<Self> {
+        let stdin = std::io::stdin();
+        let saved = termios::tcgetattr(stdin.as_fd()).context("cannot read the terminal settings")?;
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        termios::tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw).context("cannot set raw mode")?;
+        Ok(Self { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = termios::tcsetattr(std::io::stdin().as_fd(), SetArg::TCSANOW, &self.saved);
+    }
+}
+
+/// The size of the terminal on stdout (or stdin), if there is one.
+pub fn window_size() -> Option<WindowSize> {
+    let fd = if std::io::stdout().is_terminal() { libc::STDOUT_FILENO } else { libc::STDIN_FILENO };
+    // SAFETY: `winsize` is plain old data; all-zero is valid.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which is valid.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some(WindowSize { rows: ws.ws_row, cols: ws.ws_col })
+}
