@@ -150,6 +150,29 @@ pub fn convert(
     Ok(ConvertedLayer { diff_id: scan.diff_id, content_bytes: scan.content_bytes })
 }
 
+/// Layers may omit directory entries for the parents of their files; mke2fs needs
+/// them, so they are added as root-owned 0755 directories (as container runtimes do).
+fn add_missing_parents<W: io::Write>(
+    builder: &mut tar::Builder<W>,
+    seen_dirs: &mut HashSet<PathBuf>,
+    dir: &Path,
+) -> Result<(), LayerError> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .filter(|a| !a.as_os_str().is_empty())
+        .take_while(|a| !seen_dirs.contains(*a))
+        .collect();
+    for ancestor in missing.into_iter().rev() {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        builder.append_data(&mut h, ancestor, io::empty()).map_err(LayerError::Temp)?;
+        seen_dirs.insert(ancestor.to_path_buf());
+    }
+    Ok(())
+}
+
 fn xattr_path(path: &Path) -> String {
     format!("/{}", path.to_string_lossy())
 }
@@ -170,6 +193,7 @@ fn normalise(source: &dyn LayerSource, scan: &Scan, out: &File) -> Result<Vec<Xa
         if name == OPAQUE_MARKER {
             continue;
         }
+        add_missing_parents(&mut builder, &mut seen_dirs, &parent)?;
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             // A whiteout: a 0:0 character device where the deleted file was.
             let mut h = Header::new_gnu();
@@ -226,13 +250,7 @@ fn normalise(source: &dyn LayerSource, scan: &Scan, out: &File) -> Result<Vec<Xa
         if dir.as_os_str().is_empty() {
             continue;
         }
-        if !seen_dirs.contains(dir) {
-            let mut h = Header::new_gnu();
-            h.set_entry_type(EntryType::Directory);
-            h.set_mode(0o755);
-            h.set_size(0);
-            builder.append_data(&mut h, dir, io::empty()).map_err(LayerError::Temp)?;
-        }
+        add_missing_parents(&mut builder, &mut seen_dirs, dir)?;
         xattrs.push(Xattr { path: xattr_path(dir), name: "trusted.overlay.opaque".into(), value: b"y".to_vec() });
     }
     builder.into_inner().and_then(|mut w| io::Write::flush(&mut w)).map_err(LayerError::Temp)?;
