@@ -59,6 +59,18 @@ impl Sandbox {
         let stream = machine.connect(EXEC_PORT).await?;
         let (mut rx, mut tx) = stream.into_split();
         write_frame(&mut tx, mode.frame_type(), &request.to_payload()).await?;
+        // Frames are read by their own task: a read_frame future cancelled by select!
+        // would lose the bytes it had consumed.
+        let (frames_tx, mut frames) = mpsc::channel(16);
+        let reader = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let frame = read_frame(&mut rx).await;
+                let done = !matches!(frame, Ok(Some(_)));
+                if frames_tx.send(frame).await.is_err() || done {
+                    break;
+                }
+            }
+        }));
 
         let mut stdin = io.stdin.take();
         let mut buf = vec![0u8; 32 * 1024];
@@ -69,8 +81,11 @@ impl Sandbox {
         let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
         loop {
             tokio::select! {
-                frame = read_frame(&mut rx) => {
-                    let frame = frame?.ok_or_else(|| SandboxError::VmStopped("the guest closed the exec connection".into()))?;
+                frame = frames.recv() => {
+                    let frame = frame
+                        .transpose()?
+                        .flatten()
+                        .ok_or_else(|| SandboxError::VmStopped("the guest closed the exec connection".into()))?;
                     match GuestMessage::from_frame(frame)? {
                         GuestMessage::Stdout(d) => {
                             io.stdout.write_all(&d).await.map_err(io_err("cannot write stdout"))?;
@@ -80,7 +95,10 @@ impl Sandbox {
                             io.stderr.write_all(&d).await.map_err(io_err("cannot write stderr"))?;
                             io.stderr.flush().await.map_err(io_err("cannot write stderr"))?;
                         }
-                        GuestMessage::Exit(code) => return Ok(code),
+                        GuestMessage::Exit(code) => {
+                            drop(reader);
+                            return Ok(code);
+                        }
                     }
                 }
                 n = async { stdin.as_mut().expect("guarded").read(&mut buf).await }, if stdin.is_some() => {
@@ -115,5 +133,14 @@ impl Sandbox {
                 how = machine.exited() => return Err(SandboxError::VmStopped(how)),
             }
         }
+    }
+}
+
+/// Aborts a task when dropped, so no reader outlives its exec.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

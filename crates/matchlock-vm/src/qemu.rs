@@ -57,7 +57,7 @@ fn tail(path: &Path) -> String {
     if text.is_empty() {
         String::new()
     } else {
-        format!("\n--- {} (last lines) ---\n{text}", path.display())
+        format!("\n--- {} (last lines) ---\n{text}", path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()))
     }
 }
 
@@ -140,6 +140,31 @@ impl Backend for QemuBackend {
                 .stderr(log_file(&spec.dir.join("logs/vhost-vsock.log"))?),
         )?;
         let mut machine = QemuMachine { dir: spec.dir.clone(), qemu: None, vhost: Some(vhost), exit: None };
+        match self.boot(&mut machine, &spec, &args, &vhost_sock, ready).await {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&ready_path);
+                Ok(machine)
+            }
+            Err(e) => {
+                // Leave nothing running: stop and reap the helpers before reporting.
+                let _ = machine.shutdown().await;
+                let _ = std::fs::remove_file(&ready_path);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl QemuBackend {
+    /// Starts QEMU once the vsock device is up, then waits for the guest's ready signal.
+    async fn boot(
+        &self,
+        machine: &mut QemuMachine,
+        spec: &MachineSpec,
+        args: &[String],
+        vhost_sock: &Path,
+        ready: UnixListener,
+    ) -> Result<(), VmError> {
         let started = Instant::now();
         while !vhost_sock.exists() {
             if let Some(status) = machine.vhost.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -156,7 +181,7 @@ impl Backend for QemuBackend {
 
         let qemu = spawn(
             Command::new(&self.qemu)
-                .args(&args)
+                .args(args)
                 .stdout(Stdio::null())
                 .stderr(log_file(&spec.dir.join("logs/qemu.log"))?),
         )?;
@@ -174,12 +199,9 @@ impl Backend for QemuBackend {
                 return Err(VmError::BootTimeout(spec.boot_timeout, tail(&console_log(&spec.dir))));
             }
         }
-        drop(ready);
-        let _ = std::fs::remove_file(&ready_path);
-        Ok(machine)
+        Ok(())
     }
 }
-
 fn log_file(path: &Path) -> Result<std::fs::File, VmError> {
     std::fs::OpenOptions::new()
         .create(true)

@@ -1,0 +1,174 @@
+//! Shared harness for tests that run the real `matchlock` binary against real VMs.
+//!
+//! All tests of a process share one private cache directory (image store, boot disk,
+//! accelerator probe), with the fixture images imported once; each test gets its own
+//! HOME, so its VM state is its own and "nothing left behind" can be checked exactly.
+//! The kernel, guest-init and vhost-device-vsock come from the project's setup
+//! (`scripts/setup.sh`); a missing one is a test failure, never a skip.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+pub struct Shared {
+    _cache: tempfile::TempDir,
+    pub fixtures: PathBuf,
+    tools: Tools,
+}
+
+/// What every `matchlock` invocation of the tests points at.
+#[derive(Clone)]
+struct Tools {
+    cache: PathBuf,
+    kernel: PathBuf,
+    guest_init: PathBuf,
+    vhost_vsock: PathBuf,
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+}
+
+fn real_cache() -> PathBuf {
+    match std::env::var_os("XDG_CACHE_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("matchlock"),
+        _ => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/matchlock"),
+    }
+}
+
+fn find_kernel() -> PathBuf {
+    let out = Command::new(env!("CARGO_BIN_EXE_matchlock")).args(["kernel", "path"]).output().expect("run matchlock");
+    assert!(out.status.success(), "no guest kernel: run scripts/setup.sh first\n{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn build_guest_init() -> PathBuf {
+    if let Some(p) = std::env::var_os("MATCHLOCK_GUEST_INIT") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/build-guest.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run build-guest.sh");
+    assert!(out.status.success(), "building guest-init failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+pub fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let vhost_vsock = real_cache().join("tools/bin/vhost-device-vsock");
+        assert!(vhost_vsock.is_file(), "{} missing: run scripts/setup.sh first", vhost_vsock.display());
+        let kernel = find_kernel();
+        let guest_init = build_guest_init();
+        let cache = tempfile::Builder::new().prefix("matchlock-test-cache-").tempdir().expect("temp cache");
+        let fixtures = cache.path().join("fixtures");
+        let status = Command::new("python3")
+            .arg(repo_root().join("tests/fixtures/make_images.py"))
+            .arg(&fixtures)
+            .status()
+            .expect("run make_images.py");
+        assert!(status.success(), "building fixture images failed");
+        let tools = Tools { cache: cache.path().to_owned(), kernel, guest_init, vhost_vsock };
+        let setup = Home::new(tools.clone());
+        for (tag, file) in [("busybox", "busybox.tar"), ("layered", "layered.tar"), ("nonroot", "nonroot.tar")] {
+            let out = setup.import(tag, &fixtures.join(file));
+            assert!(out.status.success(), "import {tag}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Shared { _cache: cache, fixtures, tools }
+    })
+}
+
+/// A HOME of one test.
+pub struct Home {
+    pub dir: tempfile::TempDir,
+    tools: Tools,
+}
+
+/// A fresh HOME sharing the process-wide cache and images.
+pub fn home() -> Home {
+    Home::new(shared().tools.clone())
+}
+
+impl Home {
+    fn new(tools: Tools) -> Self {
+        Self { dir: tempfile::Builder::new().prefix("matchlock-test-home-").tempdir().expect("temp home"), tools }
+    }
+
+    /// A `matchlock` command with this HOME and the shared cache and tools.
+    pub fn cmd(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_matchlock"));
+        cmd.env("HOME", self.dir.path())
+            .env("XDG_CACHE_HOME", &self.tools.cache)
+            .env("MATCHLOCK_KERNEL", &self.tools.kernel)
+            .env("MATCHLOCK_GUEST_INIT", &self.tools.guest_init)
+            .env("MATCHLOCK_VHOST_VSOCK", &self.tools.vhost_vsock)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn import(&self, tag: &str, tarball: &Path) -> Output {
+        let input = std::fs::File::open(tarball).expect("tarball");
+        self.cmd().args(["image", "import", tag]).stdin(input).output().expect("run")
+    }
+
+    /// `matchlock run <args>`, asserting that it leaves nothing behind.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self.cmd().arg("run").args(args).output().expect("run matchlock");
+        self.assert_no_leftovers();
+        out
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.dir.path().join(".matchlock/vms")
+    }
+
+    /// (pid, command line) of processes whose command line mentions this HOME
+    /// (QEMU, vhost-device-vsock).
+    pub fn pids(&self) -> Vec<(i32, String)> {
+        let marker = self.dir.path().to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|p| {
+                let pid = p.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+                Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
+            })
+            .filter(|(_, c)| c.contains(&marker))
+            .collect()
+    }
+
+    /// Command lines of [`Self::pids`].
+    pub fn processes(&self) -> Vec<String> {
+        self.pids().into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// No VM directory and no helper process of this HOME remain.
+    #[track_caller]
+    pub fn assert_no_leftovers(&self) {
+        let dirs: Vec<_> = std::fs::read_dir(self.vms_dir()).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        assert!(dirs.is_empty(), "VM directories left behind: {dirs:?}");
+        let procs = self.processes();
+        assert!(procs.is_empty(), "processes left behind: {procs:?}");
+    }
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+#[track_caller]
+pub fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "exit {:?}\nstdout: {}\nstderr: {}", out.status.code(), stdout(out), stderr(out));
+    stdout(out)
+}
