@@ -111,7 +111,7 @@ fn handle(mut stream: VsockStream) -> Result<(), ConnError> {
             return Ok(());
         }
     };
-    run(stream, sender, running)
+    run(stream, &sender, running)
 }
 
 /// A launched command and the host ends of its stdio.
@@ -152,7 +152,7 @@ fn start(mode: ExecMode, request: &ExecRequest) -> io::Result<Running> {
             cmd.stdout(out_w).stderr(err_w);
             let stdin = if mode == ExecMode::Pipe {
                 let (in_r, in_w) = pipe()?;
-                cmd.stdin(File::from(in_r));
+                cmd.stdin(in_r);
                 Some(File::from(in_w))
             } else {
                 cmd.stdin(Stdio::null());
@@ -197,7 +197,7 @@ fn pump(mut from: File, to: Sender, wrap: fn(Vec<u8>) -> GuestMessage) -> thread
     })
 }
 
-fn run(mut stream: VsockStream, sender: Sender, running: Running) -> Result<(), ConnError> {
+fn run(mut stream: VsockStream, sender: &Sender, running: Running) -> Result<(), ConnError> {
     let Running { mut child, stdin, stdout, stderr, pty } = running;
     let pid = Pid::from_raw(child.id() as i32);
     let finished = Arc::new(AtomicBool::new(false));

@@ -147,7 +147,12 @@ fn mount_base_filesystems() -> Result<(), InitError> {
     mount_fs("devpts", "/dev/pts", "devpts", nosuid_noexec, Some("newinstance,ptmxmode=0666,mode=0620,gid=5"))?;
     let _ = fs::remove_file("/dev/ptmx");
     let _ = symlink("pts/ptmx", "/dev/ptmx");
-    for (link, target) in [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")] {
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
         let _ = symlink(target, link);
     }
     mount_fs("shm", "/dev/shm", "tmpfs", nosuid_nodev, Some("mode=1777"))?;

@@ -193,7 +193,8 @@ impl ImageArchive {
     pub fn image(&self) -> Result<ArchiveImage, ArchiveError> {
         let image = if self.span(Path::new("manifest.json")).is_some() {
             let entries: Vec<DockerManifestEntry> = parse("manifest.json", &self.read(Path::new("manifest.json"))?)?;
-            let entry = entries.into_iter().next().ok_or_else(|| ArchiveError::Missing("image in manifest.json".into()))?;
+            let entry =
+                entries.into_iter().next().ok_or_else(|| ArchiveError::Missing("image in manifest.json".into()))?;
             let config_bytes = self.read(Path::new(&entry.config))?;
             ArchiveImage {
                 config: parse("image config", &config_bytes)?,

@@ -141,9 +141,11 @@ pub fn convert(
         }
     }
     let dir = out.parent().unwrap_or(Path::new("."));
-    let normalised = tempfile::Builder::new().prefix(".layer-").suffix(".tar").tempfile_in(dir).map_err(LayerError::Temp)?;
+    let normalised =
+        tempfile::Builder::new().prefix(".layer-").suffix(".tar").tempfile_in(dir).map_err(LayerError::Temp)?;
     let xattrs = normalise(source, &scan, normalised.as_file())?;
-    let image = tempfile::Builder::new().prefix(".layer-").suffix(".ext4").tempfile_in(dir).map_err(LayerError::Temp)?;
+    let image =
+        tempfile::Builder::new().prefix(".layer-").suffix(".ext4").tempfile_in(dir).map_err(LayerError::Temp)?;
     let size = ext4::estimate_size(scan.content_bytes, scan.entries);
     ext4::build_from_tar(normalised.path(), image.path(), size, scan.entries, &xattrs)?;
     image.persist(out).map_err(|e| LayerError::Temp(e.error))?;
@@ -157,11 +159,8 @@ fn add_missing_parents<W: io::Write>(
     seen_dirs: &mut HashSet<PathBuf>,
     dir: &Path,
 ) -> Result<(), LayerError> {
-    let missing: Vec<&Path> = dir
-        .ancestors()
-        .filter(|a| !a.as_os_str().is_empty())
-        .take_while(|a| !seen_dirs.contains(*a))
-        .collect();
+    let missing: Vec<&Path> =
+        dir.ancestors().filter(|a| !a.as_os_str().is_empty()).take_while(|a| !seen_dirs.contains(*a)).collect();
     for ancestor in missing.into_iter().rev() {
         let mut h = Header::new_gnu();
         h.set_entry_type(EntryType::Directory);
@@ -217,7 +216,11 @@ fn normalise(source: &dyn LayerSource, scan: &Scan, out: &File) -> Result<Vec<Xa
             for ext in exts {
                 let ext = ext.map_err(LayerError::Read)?;
                 if let Some(attr) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
-                    xattrs.push(Xattr { path: xattr_path(&path), name: attr.to_owned(), value: ext.value_bytes().to_vec() });
+                    xattrs.push(Xattr {
+                        path: xattr_path(&path),
+                        name: attr.to_owned(),
+                        value: ext.value_bytes().to_vec(),
+                    });
                 }
             }
         }

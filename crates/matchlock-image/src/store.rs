@@ -166,7 +166,8 @@ impl Store {
     pub fn import(&mut self, tag: &str, input: &mut dyn Read) -> Result<ImportSummary, StoreError> {
         let tag = normalize_tag(tag)?;
         let tmp_dir = self.root.join("tmp");
-        let mut spool = tempfile::tempfile_in(&tmp_dir).map_err(|source| StoreError::Io { path: tmp_dir.clone(), source })?;
+        let mut spool =
+            tempfile::tempfile_in(&tmp_dir).map_err(|source| StoreError::Io { path: tmp_dir.clone(), source })?;
         io::copy(input, &mut spool).map_err(|source| StoreError::Io { path: tmp_dir.clone(), source })?;
         let archive = ImageArchive::open(spool)?;
         let image = archive.image()?;
@@ -228,8 +229,8 @@ impl Store {
             })
             .optional()?;
         let Some((digest, size, config_json)) = row else { return Ok(None) };
-        let config: ImageConfig = serde_json::from_str(&config_json)
-            .map_err(|e| StoreError::Corrupt(format!("config of {tag}: {e}")))?;
+        let config: ImageConfig =
+            serde_json::from_str(&config_json).map_err(|e| StoreError::Corrupt(format!("config of {tag}: {e}")))?;
         let mut stmt = self.db.prepare("SELECT diff_id FROM image_layers WHERE tag = ?1 ORDER BY ordinal")?;
         let diff_ids: Vec<String> = stmt.query_map(params![tag], |r| r.get(0))?.collect::<Result<_, _>>()?;
         let mut layers = Vec::with_capacity(diff_ids.len());

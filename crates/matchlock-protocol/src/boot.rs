@@ -162,10 +162,7 @@ mod tests {
             let line = good.replace(from, to);
             assert!(BootParams::from_cmdline(&line).is_err(), "{line}");
         }
-        assert_eq!(
-            BootParams::from_cmdline("console=ttyS0"),
-            Err(BootParamsError::Missing("hostname"))
-        );
+        assert_eq!(BootParams::from_cmdline("console=ttyS0"), Err(BootParamsError::Missing("hostname")));
     }
 
     #[test]

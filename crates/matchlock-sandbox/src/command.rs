@@ -55,11 +55,7 @@ pub fn compose(image: &ImageConfig, config: &SandboxConfig) -> Result<Composed, 
     Ok(Composed {
         argv,
         env: merge_env([image.env.as_slice(), config.env.as_slice()]),
-        working_dir: config
-            .workdir
-            .clone()
-            .or_else(|| non_empty(&image.working_dir))
-            .unwrap_or_else(|| "/".to_owned()),
+        working_dir: config.workdir.clone().or_else(|| non_empty(&image.working_dir)).unwrap_or_else(|| "/".to_owned()),
         user: config.user.clone().or_else(|| non_empty(&image.user)),
     })
 }
@@ -101,7 +97,10 @@ mod tests {
         let mut c = SandboxConfig::new("x");
         c.env = vec![("A".into(), "flag".into()), ("B".into(), "b".into())];
         let composed = compose(&image(), &c).unwrap();
-        assert_eq!(composed.env, vec![("PATH".into(), "/bin".into()), ("A".into(), "flag".into()), ("B".into(), "b".into())]);
+        assert_eq!(
+            composed.env,
+            vec![("PATH".into(), "/bin".into()), ("A".into(), "flag".into()), ("B".into(), "b".into())]
+        );
         assert_eq!(composed.user.as_deref(), Some("nobody"));
         assert_eq!(composed.working_dir, "/srv");
         c.user = Some("0".into());

@@ -54,7 +54,12 @@ async fn send(w: &mut (impl AsyncWrite + Unpin), msg: &HostMessage) -> Result<()
 
 impl Sandbox {
     /// Runs `request` and relays its stdio until it exits; returns its exit code.
-    pub async fn exec(&mut self, mode: ExecMode, request: &ExecRequest, mut io: ExecIo<'_>) -> Result<i32, SandboxError> {
+    pub async fn exec(
+        &mut self,
+        mode: ExecMode,
+        request: &ExecRequest,
+        mut io: ExecIo<'_>,
+    ) -> Result<i32, SandboxError> {
         let machine = self.machine.as_mut().expect("a live sandbox has a machine");
         let stream = machine.connect(EXEC_PORT).await?;
         let (mut rx, mut tx) = stream.into_split();

@@ -57,7 +57,10 @@ fn tail(path: &Path) -> String {
     if text.is_empty() {
         String::new()
     } else {
-        format!("\n--- {} (last lines) ---\n{text}", path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()))
+        format!(
+            "\n--- {} (last lines) ---\n{text}",
+            path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        )
     }
 }
 
@@ -88,7 +91,10 @@ impl QemuBackend {
             "-kernel",
             &check_option_path(&spec.kernel)?,
             "-append",
-            &format!("console=ttyS0 reboot=t panic=-1 quiet root=/dev/vda ro rootfstype=ext4 rootwait init=/init {}", spec.cmdline),
+            &format!(
+                "console=ttyS0 reboot=t panic=-1 quiet root=/dev/vda ro rootfstype=ext4 rootwait init=/init {}",
+                spec.cmdline
+            ),
             "-chardev",
             &format!("socket,id=vsock,path={}", check_option_path(&spec.dir.join("vhost.sock"))?),
             "-device",
@@ -124,7 +130,8 @@ impl Backend for QemuBackend {
         let args = self.qemu_args(&spec)?;
         let ready_path = vsock::listener_socket(&spec.dir, READY_PORT);
         let _ = std::fs::remove_file(&ready_path);
-        let ready = UnixListener::bind(&ready_path).map_err(VmError::io("cannot listen for the guest's ready signal"))?;
+        let ready =
+            UnixListener::bind(&ready_path).map_err(VmError::io("cannot listen for the guest's ready signal"))?;
 
         let vhost_sock = spec.dir.join("vhost.sock");
         let vsock_uds = vsock::host_socket(&spec.dir);

@@ -7,11 +7,7 @@ use matchlock_api::paths::cache_dir;
 use crate::VmError;
 
 fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join(name))
-        .find(|p| p.is_file())
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join(name)).find(|p| p.is_file())
 }
 
 /// `qemu-system-x86_64` (override: `MATCHLOCK_QEMU`).

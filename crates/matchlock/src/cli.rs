@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a sandbox from an image and run a command in it.
-    Run(crate::run::RunArgs),
+    Run(Box<crate::run::RunArgs>),
     /// Manage local images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -58,18 +58,20 @@ pub fn open_store() -> Result<Store> {
 /// Runs a parsed command line; returns the process exit code.
 pub async fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
-        Command::Run(args) => crate::run::run(args).await,
+        Command::Run(args) => crate::run::run(*args).await,
         Command::Image(ImageCommand::Import(args)) => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {
-                bail!("image import reads an image tarball from stdin, e.g. `matchlock image import {} < image.tar`", args.tag);
+                bail!(
+                    "image import reads an image tarball from stdin, e.g. `matchlock image import {} < image.tar`",
+                    args.tag
+                );
             }
             eprintln!("Importing {}...", args.tag);
             let mut store = open_store()?;
             // Nothing else runs on this runtime while importing, so blocking it is fine.
-            let summary = store
-                .import(&args.tag, &mut stdin.lock())
-                .with_context(|| format!("cannot import {}", args.tag))?;
+            let summary =
+                store.import(&args.tag, &mut stdin.lock()).with_context(|| format!("cannot import {}", args.tag))?;
             println!("Imported: {}", summary.tag);
             println!("Layers: {}", summary.layers);
             println!("Size: {}", format_size(summary.size));

@@ -5,7 +5,9 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use matchlock_api::config::{parse_add_host, parse_env, parse_env_file, DEFAULT_CPUS, DEFAULT_DISK_SIZE_MB, DEFAULT_MEMORY_MB};
+use matchlock_api::config::{
+    parse_add_host, parse_env, parse_env_file, DEFAULT_CPUS, DEFAULT_DISK_SIZE_MB, DEFAULT_MEMORY_MB,
+};
 use matchlock_api::SandboxConfig;
 use matchlock_protocol::exec::{ExecMode, ExecRequest};
 use matchlock_sandbox::{compose, Control, ExecIo, Sandbox};
@@ -110,7 +112,9 @@ pub async fn run(args: RunArgs) -> Result<u8> {
     let config = build_config(&args)?;
     let store = open_store()?;
     // Resolve the command before booting: a bad image or command fails fast.
-    let image = store.get(&config.image)?.ok_or_else(|| matchlock_sandbox::SandboxError::ImageNotFound(config.image.clone()))?;
+    let image = store
+        .get(&config.image)?
+        .ok_or_else(|| matchlock_sandbox::SandboxError::ImageNotFound(config.image.clone()))?;
     let composed = compose(&image.config, &config)?;
 
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -130,7 +134,8 @@ pub async fn run(args: RunArgs) -> Result<u8> {
         env: composed.env,
         working_dir: Some(composed.working_dir),
         user: composed.user,
-        window: (mode == ExecMode::Tty).then(|| terminal::window_size().unwrap_or(matchlock_protocol::exec::WindowSize { rows: 24, cols: 80 })),
+        window: (mode == ExecMode::Tty)
+            .then(|| terminal::window_size().unwrap_or(matchlock_protocol::exec::WindowSize { rows: 24, cols: 80 })),
     };
     let (control_tx, control_rx) = mpsc::channel(8);
     let io = ExecIo {

@@ -83,11 +83,8 @@ fn without_i_stdin_is_empty() {
 #[test]
 fn tty_session_through_a_pty() {
     let h = home();
-    let pty = nix::pty::openpty(
-        Some(&nix::pty::Winsize { ws_row: 33, ws_col: 101, ws_xpixel: 0, ws_ypixel: 0 }),
-        None,
-    )
-    .unwrap();
+    let pty = nix::pty::openpty(Some(&nix::pty::Winsize { ws_row: 33, ws_col: 101, ws_xpixel: 0, ws_ypixel: 0 }), None)
+        .unwrap();
     let slave = std::fs::File::from(pty.slave);
     let mut cmd = h.cmd();
     cmd.args(["run", "-it", "--image", "busybox", "sh"])
@@ -156,7 +153,13 @@ fn env_precedence_image_then_env_file_then_flags() {
 fn user_switching_by_name_uid_and_pair() {
     let h = home();
     let out = h.run(&[
-        "--image", "busybox", "-u", "nobody", "--", "sh", "-c",
+        "--image",
+        "busybox",
+        "-u",
+        "nobody",
+        "--",
+        "sh",
+        "-c",
         "id -u; id -g; echo $HOME; touch /root/x 2>/dev/null && echo wrote || echo denied",
     ]);
     assert_eq!(ok(&out), "65534\n65534\n/nonexistent\ndenied\n");
@@ -172,7 +175,10 @@ fn user_switching_by_name_uid_and_pair() {
 fn image_user_and_workdir_apply_and_flags_override_them() {
     let h = home();
     assert_eq!(ok(&h.run(&["--image", "nonroot", "--", "sh", "-c", "id -u; pwd"])), "65534\n/tmp\n");
-    assert_eq!(ok(&h.run(&["--image", "nonroot", "-u", "0", "-w", "/etc", "--", "sh", "-c", "id -u; pwd"])), "0\n/etc\n");
+    assert_eq!(
+        ok(&h.run(&["--image", "nonroot", "-u", "0", "-w", "/etc", "--", "sh", "-c", "id -u; pwd"])),
+        "0\n/etc\n"
+    );
     assert_eq!(ok(&h.run(&["--image", "busybox", "--", "pwd"])), "/\n");
 }
 
@@ -203,7 +209,14 @@ fn image_filesystem_metadata_and_whiteouts_survive() {
 fn writes_stay_inside_the_vm() {
     let h = home();
     ok(&h.run(&["--image", "busybox", "--", "sh", "-c", "echo changed > /etc/os-release; rm /bin/ls"]));
-    let out = ok(&h.run(&["--image", "busybox", "--", "sh", "-c", "cat /etc/os-release; test -e /bin/ls && echo ls-present"]));
+    let out = ok(&h.run(&[
+        "--image",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "cat /etc/os-release; test -e /bin/ls && echo ls-present",
+    ]));
     assert_eq!(out, "NAME=\"matchlock busybox\"\nID=matchlock-busybox\nls-present\n");
 }
 
@@ -211,9 +224,22 @@ fn writes_stay_inside_the_vm() {
 fn machine_identity_files_and_cpu_quota() {
     let h = home();
     let out = h.run(&[
-        "--image", "busybox", "--hostname", "override.internal", "--add-host", "api.internal:10.0.0.10",
-        "--add-host", "db.internal:10.0.0.11", "--dns-servers", "1.1.1.1,1.0.0.1", "--cpus", "0.5", "--",
-        "sh", "-c", "hostname; cat /etc/hostname /etc/hosts /etc/resolv.conf /sys/fs/cgroup/init/cpu.max; date +%Y",
+        "--image",
+        "busybox",
+        "--hostname",
+        "override.internal",
+        "--add-host",
+        "api.internal:10.0.0.10",
+        "--add-host",
+        "db.internal:10.0.0.11",
+        "--dns-servers",
+        "1.1.1.1,1.0.0.1",
+        "--cpus",
+        "0.5",
+        "--",
+        "sh",
+        "-c",
+        "hostname; cat /etc/hostname /etc/hosts /etc/resolv.conf /sys/fs/cgroup/init/cpu.max; date +%Y",
     ]);
     let year = std::process::Command::new("date").arg("+%Y").output().unwrap();
     let expected = format!(
@@ -263,7 +289,8 @@ fn a_vm_that_dies_mid_command_is_an_error_and_leaves_nothing() {
     let mut first = [0u8; 7];
     child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
     assert_eq!(&first, b"before\n");
-    let qemu: Vec<i32> = h.pids().into_iter().filter(|(_, cmdline)| cmdline.contains("qemu-system")).map(|(pid, _)| pid).collect();
+    let qemu: Vec<i32> =
+        h.pids().into_iter().filter(|(_, cmdline)| cmdline.contains("qemu-system")).map(|(pid, _)| pid).collect();
     assert_eq!(qemu.len(), 1, "expected one QEMU for this sandbox");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
     let out = child.wait_with_output().unwrap();

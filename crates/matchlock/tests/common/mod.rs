@@ -40,7 +40,11 @@ fn real_cache() -> PathBuf {
 
 fn find_kernel() -> PathBuf {
     let out = Command::new(env!("CARGO_BIN_EXE_matchlock")).args(["kernel", "path"]).output().expect("run matchlock");
-    assert!(out.status.success(), "no guest kernel: run scripts/setup.sh first\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "no guest kernel: run scripts/setup.sh first\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
@@ -151,7 +155,8 @@ impl Home {
     /// No VM directory and no helper process of this HOME remain.
     #[track_caller]
     pub fn assert_no_leftovers(&self) {
-        let dirs: Vec<_> = std::fs::read_dir(self.vms_dir()).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        let dirs: Vec<_> =
+            std::fs::read_dir(self.vms_dir()).into_iter().flatten().flatten().map(|e| e.path()).collect();
         assert!(dirs.is_empty(), "VM directories left behind: {dirs:?}");
         let procs = self.processes();
         assert!(procs.is_empty(), "processes left behind: {procs:?}");

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: setup (idempotent, cached), formatting, lints, unit tests and the
+# VM integration tests (real kernel under QEMU, real images).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh --no-demo
+cargo fmt --all -- --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+# VM tests boot real guests: two at a time is what 2 cores allow.
+cargo test --locked --workspace -- --test-threads=2
