@@ -6,7 +6,7 @@ mod command;
 mod exec;
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use matchlock_api::paths::{cache_dir, vm_dir};
 use matchlock_api::SandboxConfig;
@@ -89,6 +89,7 @@ pub struct Sandbox {
     image: ImageRecord,
     config: SandboxConfig,
     machine: Option<QemuMachine>,
+    timings: Vec<(&'static str, Duration)>,
 }
 
 /// Removes a VM directory unless disarmed: a failed create leaves nothing behind.
@@ -105,6 +106,7 @@ impl Drop for DirGuard {
 impl Sandbox {
     /// Boots a sandbox for `config`. On any failure nothing is left behind.
     pub async fn create(config: SandboxConfig, store: &Store) -> Result<Self, SandboxError> {
+        let started = Instant::now();
         validate(&config)?;
         let image = store.get(&config.image)?.ok_or_else(|| SandboxError::ImageNotFound(config.image.clone()))?;
         let kernel = kernel::locate()?;
@@ -144,9 +146,11 @@ impl Sandbox {
             memory_mb: config.memory_mb,
             boot_timeout: BOOT_TIMEOUT,
         };
+        let prepared = Instant::now();
         let machine = backend.launch(spec).await?;
         guard.0 = None;
-        Ok(Self { id, dir, image, config, machine: Some(machine) })
+        let timings = vec![("prepare", prepared - started), ("boot", prepared.elapsed())];
+        Ok(Self { id, dir, image, config, machine: Some(machine), timings })
     }
 
     /// The VM id.
@@ -162,6 +166,12 @@ impl Sandbox {
     /// The configuration it was created with.
     pub fn config(&self) -> &SandboxConfig {
         &self.config
+    }
+
+    /// How long creation took, by phase: `prepare` (image, disks, accelerator) and
+    /// `boot` (VMM start to the guest agent's ready signal).
+    pub fn timings(&self) -> &[(&'static str, Duration)] {
+        &self.timings
     }
 
     /// Stops the VM and removes its directory.

@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::net::IpAddr;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -98,6 +99,7 @@ fn build_config(args: &RunArgs) -> Result<SandboxConfig> {
 }
 
 /// Boots the sandbox, runs the command, tears down; returns the command's exit code.
+/// With `MATCHLOCK_TIMING` set, prints how long each phase took on stderr.
 pub async fn run(args: RunArgs) -> Result<u8> {
     let mode = match (args.interactive, args.tty) {
         (true, true) => {
@@ -162,12 +164,21 @@ pub async fn run(args: RunArgs) -> Result<u8> {
             }
         }
     };
+    let exec_started = Instant::now();
     let result = tokio::select! {
         r = sandbox.exec(mode, &request, io) => r,
         () = signals => unreachable!("the signal loop never completes"),
     };
     drop(raw);
+    let mut timings = sandbox.timings().to_vec();
+    timings.push(("exec", exec_started.elapsed()));
+    let close_started = Instant::now();
     let closed = sandbox.close().await;
+    timings.push(("teardown", close_started.elapsed()));
+    if std::env::var_os("MATCHLOCK_TIMING").is_some() {
+        let phases: Vec<String> = timings.iter().map(|(name, d)| format!("{name}={}ms", d.as_millis())).collect();
+        eprintln!("matchlock: timing {}", phases.join(" "));
+    }
     let code = result?;
     closed?;
     Ok(u8::try_from(code).unwrap_or(255))
