@@ -277,6 +277,29 @@ fn ctrl_c_stops_the_command_quickly_and_leaves_nothing() {
 }
 
 #[test]
+fn ctrl_c_during_boot_aborts_and_leaves_nothing() {
+    let h = home();
+    let mut child = h
+        .cmd()
+        .args(["run", "--image", "busybox", "--", "true"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until QEMU is up, i.e. the guest is booting.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.processes().iter().any(|c| c.contains("qemu-system")) {
+        assert!(Instant::now() < deadline, "QEMU never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("while booting"), "{}", stderr(&out));
+    h.assert_no_leftovers();
+}
+
+#[test]
 fn a_vm_that_dies_mid_command_is_an_error_and_leaves_nothing() {
     let h = home();
     let mut child = h
