@@ -168,6 +168,12 @@ impl Sandbox {
         &self.config
     }
 
+    /// Opens a raw connection to a guest vsock port.
+    pub async fn connect(&self, port: u32) -> Result<tokio::net::UnixStream, SandboxError> {
+        let machine = self.machine.as_ref().expect("a live sandbox has a machine");
+        Ok(machine.connect(port).await?)
+    }
+
     /// How long creation took, by phase: `prepare` (image, disks, accelerator) and
     /// `boot` (VMM start to the guest agent's ready signal).
     pub fn timings(&self) -> &[(&'static str, Duration)] {

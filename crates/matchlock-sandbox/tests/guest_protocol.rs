@@ -1,0 +1,92 @@
+//! The guest agent under hostile input, on a real VM: a malformed frame closes that
+//! connection only, and the sandbox keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use matchlock_api::SandboxConfig;
+use matchlock_image::Store;
+use matchlock_protocol::exec::{ExecMode, ExecRequest, GuestMessage};
+use matchlock_protocol::frame::tokio_io::read_frame;
+use matchlock_protocol::EXEC_PORT;
+use matchlock_sandbox::{ExecIo, Sandbox};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// Points matchlock at the real kernel and tools, and a private HOME and cache.
+fn isolate(home: &Path) {
+    let kernel = matchlock_vm::kernel::locate().expect("guest kernel: run scripts/setup.sh");
+    let vhost = matchlock_vm::tools::vhost_device_vsock().expect("vhost-device-vsock: run scripts/setup.sh");
+    let guest_init = match std::env::var_os("MATCHLOCK_GUEST_INIT") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let out = Command::new("bash").arg(repo_root().join("scripts/build-guest.sh")).output().unwrap();
+            assert!(out.status.success(), "build-guest.sh failed");
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        }
+    };
+    std::env::set_var("MATCHLOCK_KERNEL", kernel);
+    std::env::set_var("MATCHLOCK_VHOST_VSOCK", vhost);
+    std::env::set_var("MATCHLOCK_GUEST_INIT", guest_init);
+    std::env::set_var("HOME", home);
+    std::env::set_var("XDG_CACHE_HOME", home.join("cache"));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn malformed_frames_close_only_their_connection() {
+    let home = tempfile::tempdir().unwrap();
+    isolate(home.path());
+    let fixtures = home.path().join("fixtures");
+    let status =
+        Command::new("python3").arg(repo_root().join("tests/fixtures/make_images.py")).arg(&fixtures).status().unwrap();
+    assert!(status.success());
+    let mut store = Store::open(&home.path().join("images")).unwrap();
+    store.import("busybox", &mut std::fs::File::open(fixtures.join("busybox.tar")).unwrap()).unwrap();
+
+    let mut sandbox = Sandbox::create(SandboxConfig::new("busybox"), &store).await.unwrap();
+
+    // Unknown frame type, an absurd length, and a truncated frame: each connection is
+    // dropped by the agent without an answer.
+    for garbage in [&[200u8, 0, 0, 0, 0][..], &[11, 0xff, 0xff, 0xff, 0xff], &[11, 0, 0, 0, 50, b'{']] {
+        let mut conn = sandbox.connect(EXEC_PORT).await.unwrap();
+        conn.write_all(garbage).await.unwrap();
+        conn.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "agent answered garbage {garbage:?} with {rest:?}");
+    }
+
+    // A well-framed request with invalid content gets an error and exit 127.
+    let mut conn = sandbox.connect(EXEC_PORT).await.unwrap();
+    let bad = br#"{"argv":[]}"#;
+    let mut frame = vec![11u8];
+    frame.extend_from_slice(&(bad.len() as u32).to_be_bytes());
+    frame.extend_from_slice(bad);
+    conn.write_all(&frame).await.unwrap();
+    let mut messages = Vec::new();
+    while let Some(f) = read_frame(&mut conn).await.unwrap() {
+        messages.push(GuestMessage::from_frame(f).unwrap());
+    }
+    assert!(matches!(&messages[0], GuestMessage::Stderr(m) if String::from_utf8_lossy(m).contains("empty argv")));
+    assert_eq!(messages.last(), Some(&GuestMessage::Exit(127)));
+
+    // The sandbox still runs commands.
+    let (_tx, control) = tokio::sync::mpsc::channel(1);
+    let mut out = Vec::new();
+    let io = ExecIo { stdin: None, stdout: Box::new(&mut out), stderr: Box::new(tokio::io::sink()), control };
+    let request = ExecRequest {
+        argv: vec!["echo".into(), "still serving".into()],
+        env: vec![],
+        working_dir: None,
+        user: None,
+        window: None,
+    };
+    let code = sandbox.exec(ExecMode::Stream, &request, io).await.unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(out, b"still serving\n");
+    sandbox.close().await.unwrap();
+    assert_eq!(std::fs::read_dir(home.path().join(".matchlock/vms")).unwrap().count(), 0);
+}
