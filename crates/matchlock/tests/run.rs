@@ -279,7 +279,7 @@ fn ctrl_c_stops_the_command_quickly_and_leaves_nothing() {
 #[test]
 fn ctrl_c_during_boot_aborts_and_leaves_nothing() {
     let h = home();
-    let mut child = h
+    let child = h
         .cmd()
         .args(["run", "--image", "busybox", "--", "true"])
         .stdout(Stdio::piped())
