@@ -45,6 +45,35 @@ fn check_option_path(p: &Path) -> Result<String, VmError> {
     Ok(s.to_owned())
 }
 
+/// Most console output kept per VM; the guest decides how much it prints, so it is capped.
+const CONSOLE_LOG_LIMIT: u64 = 16 * 1024 * 1024;
+
+/// Copies the serial console into `log` until EOF, keeping at most [`CONSOLE_LOG_LIMIT`]
+/// bytes; output beyond that is read and dropped so the guest never blocks on it.
+async fn capture_console(mut console: tokio::process::ChildStdout, log: std::fs::File) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut log = tokio::fs::File::from_std(log);
+    let mut kept = 0u64;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match console.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if kept < CONSOLE_LOG_LIMIT {
+            let take = n.min((CONSOLE_LOG_LIMIT - kept) as usize);
+            if log.write_all(&buf[..take]).await.is_err() {
+                break;
+            }
+            kept += take as u64;
+            if kept == CONSOLE_LOG_LIMIT {
+                let _ = log.write_all(b"\n[matchlock: console output beyond 16 MiB dropped]\n").await;
+            }
+        }
+    }
+    let _ = log.flush().await;
+}
+
 /// Console log of a VM directory.
 pub fn console_log(dir: &Path) -> PathBuf {
     dir.join("logs/vm.log")
@@ -87,7 +116,7 @@ impl QemuBackend {
             "-nographic",
             "-no-reboot",
             "-serial",
-            &format!("file:{}", check_option_path(&console_log(&spec.dir))?),
+            "stdio",
             "-kernel",
             &check_option_path(&spec.kernel)?,
             "-append",
@@ -146,7 +175,8 @@ impl Backend for QemuBackend {
                 .stdout(Stdio::null())
                 .stderr(log_file(&spec.dir.join("logs/vhost-vsock.log"))?),
         )?;
-        let mut machine = QemuMachine { dir: spec.dir.clone(), qemu: None, vhost: Some(vhost), exit: None };
+        let mut machine =
+            QemuMachine { dir: spec.dir.clone(), qemu: None, vhost: Some(vhost), console: None, exit: None };
         match self.boot(&mut machine, &spec, &args, &vhost_sock, ready).await {
             Ok(()) => {
                 let _ = std::fs::remove_file(&ready_path);
@@ -186,12 +216,14 @@ impl QemuBackend {
             sleep(Duration::from_millis(2)).await;
         }
 
-        let qemu = spawn(
+        let mut qemu = spawn(
             Command::new(&self.qemu)
                 .args(args)
-                .stdout(Stdio::null())
+                .stdout(Stdio::piped())
                 .stderr(log_file(&spec.dir.join("logs/qemu.log"))?),
         )?;
+        let console = qemu.stdout.take().expect("stdout is piped");
+        machine.console = Some(tokio::spawn(capture_console(console, log_file(&console_log(&spec.dir))?)));
         machine.qemu = Some(qemu);
 
         tokio::select! {
@@ -199,6 +231,9 @@ impl QemuBackend {
                 accepted.map_err(VmError::io("ready socket failed"))?;
             }
             status = machine.wait_qemu() => {
+                if let Some(console) = machine.console.take() {
+                    let _ = console.await;
+                }
                 let details = format!("{}{}", tail(&spec.dir.join("logs/qemu.log")), tail(&console_log(&spec.dir)));
                 return Err(VmError::BootFailed { status, details });
             }
@@ -238,6 +273,8 @@ pub struct QemuMachine {
     dir: PathBuf,
     qemu: Option<Child>,
     vhost: Option<Child>,
+    /// Copies the serial console to `logs/vm.log`; ends when QEMU exits.
+    console: Option<tokio::task::JoinHandle<()>>,
     exit: Option<String>,
 }
 
@@ -284,6 +321,9 @@ impl Machine for QemuMachine {
     async fn shutdown(mut self) -> Result<(), VmError> {
         if let Some(mut qemu) = self.qemu.take() {
             stop(&mut qemu).await;
+        }
+        if let Some(console) = self.console.take() {
+            let _ = console.await;
         }
         if let Some(mut vhost) = self.vhost.take() {
             stop(&mut vhost).await;
