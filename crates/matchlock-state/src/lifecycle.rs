@@ -156,35 +156,46 @@ pub(crate) fn append(conn: &Connection, rec: &Record) -> Result<(), StateError> 
     Ok(())
 }
 
-fn parse_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, String, String, String, String, Option<String>, String, String)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+/// A `vm_lifecycle` row before its JSON columns are parsed.
+struct RawRecord {
+    version: i64,
+    vm_id: String,
+    backend: String,
+    phase: String,
+    updated_at: String,
+    last_error: Option<String>,
+    resources: String,
+    cleanup: String,
 }
 
-fn to_record(
-    (version, vm_id, backend, phase, updated_at, last_error, resources, cleanup): (
-        i64,
-        String,
-        String,
-        String,
-        String,
-        Option<String>,
-        String,
-        String,
-    ),
-) -> Result<Record, StateError> {
+fn parse_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRecord> {
+    Ok(RawRecord {
+        version: r.get(0)?,
+        vm_id: r.get(1)?,
+        backend: r.get(2)?,
+        phase: r.get(3)?,
+        updated_at: r.get(4)?,
+        last_error: r.get(5)?,
+        resources: r.get(6)?,
+        cleanup: r.get(7)?,
+    })
+}
+
+fn to_record(raw: RawRecord) -> Result<Record, StateError> {
     let corrupt = |what| {
-        let vm = vm_id.clone();
+        let vm = raw.vm_id.clone();
         move |source| StateError::Corrupt { what, vm, source }
     };
     Ok(Record {
-        version,
-        backend,
-        phase: serde_json::from_value(serde_json::Value::String(phase)).map_err(corrupt("lifecycle phase"))?,
-        updated_at,
-        last_error,
-        resources: serde_json::from_str(&resources).map_err(corrupt("lifecycle resources"))?,
-        cleanup: serde_json::from_str(&cleanup).map_err(corrupt("lifecycle cleanup"))?,
-        vm_id,
+        version: raw.version,
+        phase: serde_json::from_value(serde_json::Value::String(raw.phase.clone()))
+            .map_err(corrupt("lifecycle phase"))?,
+        resources: serde_json::from_str(&raw.resources).map_err(corrupt("lifecycle resources"))?,
+        cleanup: serde_json::from_str(&raw.cleanup).map_err(corrupt("lifecycle cleanup"))?,
+        backend: raw.backend,
+        updated_at: raw.updated_at,
+        last_error: raw.last_error,
+        vm_id: raw.vm_id,
     })
 }
 
