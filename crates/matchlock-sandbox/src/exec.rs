@@ -1,5 +1,7 @@
 //! Running one command in a sandbox and relaying its stdio.
 
+use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
 
 use matchlock_protocol::exec::{ExecMode, ExecRequest, GuestMessage, HostMessage, WindowSize};
@@ -7,6 +9,7 @@ use matchlock_protocol::frame::tokio_io::{read_frame, write_frame};
 use matchlock_protocol::EXEC_PORT;
 use matchlock_vm::Machine;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::{io_err, Sandbox, SandboxError};
@@ -54,89 +57,109 @@ async fn send(w: &mut (impl AsyncWrite + Unpin), msg: &HostMessage) -> Result<()
 
 impl Sandbox {
     /// Runs `request` and relays its stdio until it exits; returns its exit code.
-    pub async fn exec(
-        &mut self,
-        mode: ExecMode,
-        request: &ExecRequest,
-        mut io: ExecIo<'_>,
-    ) -> Result<i32, SandboxError> {
+    pub async fn exec(&mut self, mode: ExecMode, request: &ExecRequest, io: ExecIo<'_>) -> Result<i32, SandboxError> {
         let machine = self.machine.as_mut().expect("a live sandbox has a machine");
         let stream = machine.connect(EXEC_PORT).await?;
-        let (mut rx, mut tx) = stream.into_split();
-        write_frame(&mut tx, mode.frame_type(), &request.to_payload()).await?;
-        // Frames are read by their own task: a read_frame future cancelled by select!
-        // would lose the bytes it had consumed.
-        let (frames_tx, mut frames) = mpsc::channel(16);
-        let reader = AbortOnDrop(tokio::spawn(async move {
-            loop {
-                let frame = read_frame(&mut rx).await;
-                let done = !matches!(frame, Ok(Some(_)));
-                if frames_tx.send(frame).await.is_err() || done {
-                    break;
-                }
-            }
-        }));
+        relay_exec(stream, mode, request, io, machine.exited()).await
+    }
+}
 
-        let mut stdin = io.stdin.take();
-        let mut buf = vec![0u8; 32 * 1024];
-        let mut control_open = true;
-        // Escalation after Terminate: when to send SIGKILL, then when to give up.
-        let mut kill_at: Option<tokio::time::Instant> = None;
-        let mut give_up_at: Option<tokio::time::Instant> = None;
-        let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+/// Runs `request` in the sandbox whose directory is `vm_dir`, through the exec relay its
+/// owner process serves; returns the exit code.
+pub async fn exec_via_relay(
+    vm_dir: &Path,
+    mode: ExecMode,
+    request: &ExecRequest,
+    io: ExecIo<'_>,
+) -> Result<i32, SandboxError> {
+    let stream = crate::relay::connect(vm_dir, EXEC_PORT).await?;
+    relay_exec(stream, mode, request, io, std::future::pending()).await
+}
+
+/// Sends `request` on a fresh exec connection and relays stdio, control requests and the
+/// exit code. `vm_exited` resolves (with a description) if the VM dies meanwhile.
+async fn relay_exec(
+    stream: UnixStream,
+    mode: ExecMode,
+    request: &ExecRequest,
+    mut io: ExecIo<'_>,
+    vm_exited: impl Future<Output = String>,
+) -> Result<i32, SandboxError> {
+    let (mut rx, mut tx) = stream.into_split();
+    write_frame(&mut tx, mode.frame_type(), &request.to_payload()).await?;
+    // Frames are read by their own task: a read_frame future cancelled by select!
+    // would lose the bytes it had consumed.
+    let (frames_tx, mut frames) = mpsc::channel(16);
+    let reader = AbortOnDrop(tokio::spawn(async move {
         loop {
-            tokio::select! {
-                frame = frames.recv() => {
-                    let frame = frame
-                        .transpose()?
-                        .flatten()
-                        .ok_or_else(|| SandboxError::VmStopped("the guest closed the exec connection".into()))?;
-                    match GuestMessage::from_frame(frame)? {
-                        GuestMessage::Stdout(d) => {
-                            io.stdout.write_all(&d).await.map_err(io_err("cannot write stdout"))?;
-                            io.stdout.flush().await.map_err(io_err("cannot write stdout"))?;
-                        }
-                        GuestMessage::Stderr(d) => {
-                            io.stderr.write_all(&d).await.map_err(io_err("cannot write stderr"))?;
-                            io.stderr.flush().await.map_err(io_err("cannot write stderr"))?;
-                        }
-                        GuestMessage::Exit(code) => {
-                            drop(reader);
-                            return Ok(code);
-                        }
-                    }
-                }
-                n = async { stdin.as_mut().expect("guarded").read(&mut buf).await }, if stdin.is_some() => {
-                    match n {
-                        Ok(0) | Err(_) => {
-                            stdin = None;
-                            send(&mut tx, &HostMessage::StdinEof).await?;
-                        }
-                        Ok(n) => send(&mut tx, &HostMessage::Stdin(buf[..n].to_vec())).await?,
-                    }
-                }
-                ctl = io.control.recv(), if control_open => match ctl {
-                    None => control_open = false,
-                    Some(Control::Resize(ws)) => send(&mut tx, &HostMessage::Resize(ws)).await?,
-                    Some(Control::Terminate) => {
-                        if kill_at.is_none() {
-                            send(&mut tx, &HostMessage::Signal(SIGTERM)).await?;
-                            kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
-                        } else {
-                            // Asked twice: no more grace.
-                            kill_at = Some(tokio::time::Instant::now());
-                        }
-                    }
-                },
-                () = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() && give_up_at.is_none() => {
-                    send(&mut tx, &HostMessage::Signal(SIGKILL)).await?;
-                    give_up_at = Some(tokio::time::Instant::now() + KILL_WAIT);
-                }
-                () = tokio::time::sleep_until(give_up_at.unwrap_or(far)), if give_up_at.is_some() => {
-                    return Err(SandboxError::VmStopped("the command did not exit after SIGKILL".into()));
-                }
-                how = machine.exited() => return Err(SandboxError::VmStopped(how)),
+            let frame = read_frame(&mut rx).await;
+            let done = !matches!(frame, Ok(Some(_)));
+            if frames_tx.send(frame).await.is_err() || done {
+                break;
             }
+        }
+    }));
+    tokio::pin!(vm_exited);
+
+    let mut stdin = io.stdin.take();
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut control_open = true;
+    // Escalation after Terminate: when to send SIGKILL, then when to give up.
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut give_up_at: Option<tokio::time::Instant> = None;
+    let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+    loop {
+        tokio::select! {
+            frame = frames.recv() => {
+                let frame = frame
+                    .transpose()?
+                    .flatten()
+                    .ok_or_else(|| SandboxError::VmStopped("the guest closed the exec connection".into()))?;
+                match GuestMessage::from_frame(frame)? {
+                    GuestMessage::Stdout(d) => {
+                        io.stdout.write_all(&d).await.map_err(io_err("cannot write stdout"))?;
+                        io.stdout.flush().await.map_err(io_err("cannot write stdout"))?;
+                    }
+                    GuestMessage::Stderr(d) => {
+                        io.stderr.write_all(&d).await.map_err(io_err("cannot write stderr"))?;
+                        io.stderr.flush().await.map_err(io_err("cannot write stderr"))?;
+                    }
+                    GuestMessage::Exit(code) => {
+                        drop(reader);
+                        return Ok(code);
+                    }
+                }
+            }
+            n = async { stdin.as_mut().expect("guarded").read(&mut buf).await }, if stdin.is_some() => {
+                match n {
+                    Ok(0) | Err(_) => {
+                        stdin = None;
+                        send(&mut tx, &HostMessage::StdinEof).await?;
+                    }
+                    Ok(n) => send(&mut tx, &HostMessage::Stdin(buf[..n].to_vec())).await?,
+                }
+            }
+            ctl = io.control.recv(), if control_open => match ctl {
+                None => control_open = false,
+                Some(Control::Resize(ws)) => send(&mut tx, &HostMessage::Resize(ws)).await?,
+                Some(Control::Terminate) => {
+                    if kill_at.is_none() {
+                        send(&mut tx, &HostMessage::Signal(SIGTERM)).await?;
+                        kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
+                    } else {
+                        // Asked twice: no more grace.
+                        kill_at = Some(tokio::time::Instant::now());
+                    }
+                }
+            },
+            () = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() && give_up_at.is_none() => {
+                send(&mut tx, &HostMessage::Signal(SIGKILL)).await?;
+                give_up_at = Some(tokio::time::Instant::now() + KILL_WAIT);
+            }
+            () = tokio::time::sleep_until(give_up_at.unwrap_or(far)), if give_up_at.is_some() => {
+                return Err(SandboxError::VmStopped("the command did not exit after SIGKILL".into()));
+            }
+            how = &mut vm_exited => return Err(SandboxError::VmStopped(how)),
         }
     }
 }

@@ -4,19 +4,22 @@
 mod boot_disk;
 mod command;
 mod exec;
+pub mod gc;
+pub mod relay;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use matchlock_api::paths::{cache_dir, vm_dir};
+use matchlock_api::paths::{cache_dir, state_dir, vm_dir};
 use matchlock_api::SandboxConfig;
 use matchlock_image::{ImageRecord, Store, StoreError};
 use matchlock_protocol::boot::BootParams;
+use matchlock_state::{Phase, StateDb, StateError, Status, Vm};
 use matchlock_vm::qemu::{QemuBackend, QemuMachine};
 use matchlock_vm::{accel, device_name, kernel, tools, Backend, Disk, Machine, MachineSpec, VmError};
 
 pub use command::{compose, ComposeError, Composed};
-pub use exec::{Control, ExecIo};
+pub use exec::{exec_via_relay, Control, ExecIo};
 
 /// How long a guest may take to signal readiness (TCG boots take ~2 s here).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -54,6 +57,12 @@ pub enum SandboxError {
     /// The VM stopped while a command was running.
     #[error("the sandbox VM stopped while the command was running ({0})")]
     VmStopped(String),
+    /// The state database failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The exec relay of another process's sandbox failed.
+    #[error("{0}")]
+    Relay(String),
     /// Host-side I/O failed.
     #[error("{context}")]
     Io {
@@ -89,7 +98,14 @@ pub struct Sandbox {
     image: ImageRecord,
     config: SandboxConfig,
     machine: Option<QemuMachine>,
+    state: StateDb,
+    relay: Option<tokio::task::JoinHandle<()>>,
     timings: Vec<(&'static str, Duration)>,
+}
+
+/// Opens the state database at `~/.matchlock/state.db`.
+pub fn open_state() -> Result<StateDb, SandboxError> {
+    Ok(StateDb::open(&state_dir().join("state.db"))?)
 }
 
 /// Removes a VM directory unless disarmed: a failed create leaves nothing behind.
@@ -104,8 +120,9 @@ impl Drop for DirGuard {
 }
 
 impl Sandbox {
-    /// Boots a sandbox for `config`. On any failure nothing is left behind.
-    pub async fn create(config: SandboxConfig, store: &Store) -> Result<Self, SandboxError> {
+    /// Boots a sandbox for `config`, owned by this process: it is registered in `state`
+    /// as running with this process as its owner. On any failure nothing is left behind.
+    pub async fn create(config: SandboxConfig, store: &Store, mut state: StateDb) -> Result<Self, SandboxError> {
         let started = Instant::now();
         validate(&config)?;
         let image = store.get(&config.image)?.ok_or_else(|| SandboxError::ImageNotFound(config.image.clone()))?;
@@ -118,16 +135,70 @@ impl Sandbox {
         let dir = vm_dir(&id);
         std::fs::create_dir_all(dir.join("logs")).map_err(io_err(format!("cannot create {}", dir.display())))?;
         let mut guard = DirGuard(Some(dir.clone()));
-
         let upper = dir.join("upper.ext4");
-        matchlock_image::ext4::create_empty(&upper, config.disk_size_mb * 1024 * 1024)
-            .map_err(|source| SandboxError::Disk { what: "the writable disk".into(), source })?;
+        let me = std::process::id() as i32;
+        let row = Vm {
+            id: id.clone(),
+            pid: me,
+            pid_start: matchlock_state::process::start_time(me).unwrap_or(0),
+            status: Status::Running,
+            image: image.tag.clone(),
+            config_json: serde_json::to_string(&config).expect("config serializes"),
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        let resources = serde_json::json!({
+            "state_dir": dir,
+            "rootfs_path": upper,
+            "vsock_path": matchlock_vm::vsock::host_socket(&dir),
+            "exec_socket": relay::socket_path(&dir),
+            "image_layers": image.layers,
+        });
+        state.register(&row, "qemu", &resources)?;
+        let booted = Self::boot(&id, &dir, &config, &image, boot_disk, kernel, qemu, &upper, &mut state).await;
+        let (machine, prepared) = match booted {
+            Ok(ok) => ok,
+            Err((phase, e)) => {
+                let _ = state.transition(&id, phase, Some(&e.to_string()));
+                // The directory goes with the guard; a failed create leaves no row either.
+                let _ = state.delete(&id);
+                return Err(e);
+            }
+        };
+        guard.0 = None;
+        let timings = vec![("prepare", prepared - started), ("boot", prepared.elapsed())];
+        let mut sandbox = Self { id, dir, image, config, machine: Some(machine), state, relay: None, timings };
+        match relay::serve(&sandbox.dir) {
+            Ok(task) => sandbox.relay = Some(task),
+            Err(e) => {
+                let _ = sandbox.close(true).await;
+                return Err(e);
+            }
+        }
+        Ok(sandbox)
+    }
 
+    /// Creates the upper disk and boots; on error, says which failure phase applies.
+    #[allow(clippy::too_many_arguments)]
+    async fn boot(
+        id: &str,
+        dir: &std::path::Path,
+        config: &SandboxConfig,
+        image: &ImageRecord,
+        boot_disk: PathBuf,
+        kernel: PathBuf,
+        qemu: PathBuf,
+        upper: &std::path::Path,
+        state: &mut StateDb,
+    ) -> Result<(QemuMachine, Instant), (Phase, SandboxError)> {
+        let create_failed = |e: SandboxError| (Phase::CreateFailed, e);
+        matchlock_image::ext4::create_empty(upper, config.disk_size_mb * 1024 * 1024)
+            .map_err(|source| create_failed(SandboxError::Disk { what: "the writable disk".into(), source }))?;
         let mut disks = vec![Disk { path: boot_disk, read_only: true }];
         disks.extend(image.layers.iter().map(|l| Disk { path: l.clone(), read_only: true }));
-        disks.push(Disk { path: upper, read_only: false });
+        disks.push(Disk { path: upper.to_owned(), read_only: false });
         let params = BootParams {
-            hostname: config.hostname.clone().unwrap_or_else(|| id.clone()),
+            hostname: config.hostname.clone().unwrap_or_else(|| id.to_owned()),
             dns: config.dns_servers.clone(),
             cpus: config.cpus,
             lowers: (1..=image.layers.len()).map(device_name).collect(),
@@ -135,10 +206,10 @@ impl Sandbox {
             add_hosts: config.add_hosts.clone(),
             epoch_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         };
-        let accel = accel::select(&qemu, &kernel).await?;
-        let backend = QemuBackend::new(qemu, accel)?;
+        let accel = accel::select(&qemu, &kernel).await.map_err(|e| create_failed(e.into()))?;
+        let backend = QemuBackend::new(qemu, accel).map_err(|e| create_failed(e.into()))?;
         let spec = MachineSpec {
-            dir: dir.clone(),
+            dir: dir.to_owned(),
             kernel,
             cmdline: params.to_cmdline(),
             disks,
@@ -146,16 +217,22 @@ impl Sandbox {
             memory_mb: config.memory_mb,
             boot_timeout: BOOT_TIMEOUT,
         };
+        state.transition(id, Phase::Created, None).map_err(|e| create_failed(e.into()))?;
+        state.transition(id, Phase::Starting, None).map_err(|e| create_failed(e.into()))?;
         let prepared = Instant::now();
-        let machine = backend.launch(spec).await?;
-        guard.0 = None;
-        let timings = vec![("prepare", prepared - started), ("boot", prepared.elapsed())];
-        Ok(Self { id, dir, image, config, machine: Some(machine), timings })
+        let machine = backend.launch(spec).await.map_err(|e| (Phase::StartFailed, e.into()))?;
+        state.transition(id, Phase::Running, None).map_err(|e| (Phase::StartFailed, e.into()))?;
+        Ok((machine, prepared))
     }
 
     /// The VM id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The VM directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// The image the sandbox runs.
@@ -166,6 +243,14 @@ impl Sandbox {
     /// The configuration it was created with.
     pub fn config(&self) -> &SandboxConfig {
         &self.config
+    }
+
+    /// Resolves when the VM exits on its own (e.g. the guest powered off or crashed).
+    pub async fn exited(&mut self) -> String {
+        match self.machine.as_mut() {
+            Some(m) => m.exited().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Opens a raw connection to a guest vsock port.
@@ -180,13 +265,36 @@ impl Sandbox {
         &self.timings
     }
 
-    /// Stops the VM and removes its directory.
-    pub async fn close(mut self) -> Result<(), SandboxError> {
-        if let Some(machine) = self.machine.take() {
-            machine.shutdown().await?;
+    /// Stops the VM and releases its resources, recording each step. With `remove`, the
+    /// VM directory and its state rows go too (`--rm`); otherwise the VM stays listed as
+    /// `stopped` with its logs until `matchlock rm`.
+    pub async fn close(mut self, remove: bool) -> Result<(), SandboxError> {
+        let id = self.id.clone();
+        let _ = self.state.transition(&id, Phase::Stopping, None);
+        if let Some(relay) = self.relay.take() {
+            relay.abort();
         }
-        std::fs::remove_dir_all(&self.dir).map_err(io_err(format!("cannot remove {}", self.dir.display())))?;
-        Ok(())
+        let _ = std::fs::remove_file(relay::socket_path(&self.dir));
+        let machine_result = match self.machine.take() {
+            Some(machine) => machine.shutdown().await.map_err(SandboxError::from),
+            None => Ok(()),
+        };
+        let _ = self.state.record_cleanup(
+            &id,
+            "machine_close",
+            machine_result.as_ref().err().map(|e| e.to_string()).as_deref(),
+        );
+        let _ = self.state.transition(&id, Phase::Stopped, None);
+        let _ = self.state.set_status(&id, Status::Stopped);
+        let _ = self.state.transition(&id, Phase::Cleaning, None);
+        let cleaned = gc::release_disks(&mut self.state, &id, &self.dir);
+        let _ = self.state.transition(&id, if cleaned.is_ok() { Phase::Cleaned } else { Phase::CleanupFailed }, None);
+        if remove {
+            std::fs::remove_dir_all(&self.dir).map_err(io_err(format!("cannot remove {}", self.dir.display())))?;
+            self.state.delete(&id)?;
+        }
+        machine_result?;
+        cleaned
     }
 }
 

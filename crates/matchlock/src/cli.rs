@@ -19,6 +19,61 @@ pub struct Cli {
 enum Command {
     /// Boot a sandbox from an image and run a command in it.
     Run(Box<crate::run::RunArgs>),
+    /// Run a command in a running sandbox.
+    Exec(crate::vms::ExecArgs),
+    /// List sandboxes.
+    #[command(alias = "ls")]
+    List {
+        /// Only running sandboxes.
+        #[arg(long, env = "MATCHLOCK_LIST_RUNNING")]
+        running: bool,
+    },
+    /// Print a sandbox's state as JSON.
+    Get {
+        /// The sandbox.
+        id: String,
+    },
+    /// Print a sandbox's state and lifecycle history as JSON.
+    #[command(alias = "stat")]
+    Inspect {
+        /// The sandbox.
+        id: String,
+    },
+    /// Print a sandbox's log (console and command output).
+    Log {
+        /// Keep printing new output.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The sandbox.
+        id: String,
+    },
+    /// Stop running sandboxes.
+    Kill {
+        /// Stop every running sandbox.
+        #[arg(long, env = "MATCHLOCK_KILL_ALL")]
+        all: bool,
+        /// The sandbox.
+        id: Option<String>,
+    },
+    /// Remove stopped sandboxes.
+    #[command(alias = "remove")]
+    Rm {
+        /// Remove every sandbox that is not running.
+        #[arg(long, env = "MATCHLOCK_RM_STOPPED")]
+        stopped: bool,
+        /// The sandbox.
+        id: Option<String>,
+    },
+    /// Remove all crashed and stopped sandboxes.
+    Prune,
+    /// Reclaim resources left behind by sandboxes whose owner died.
+    Gc {
+        /// Also reclaim sandboxes whose owner is alive (kills them).
+        #[arg(long = "force-running")]
+        force_running: bool,
+        /// Only this sandbox.
+        id: Option<String>,
+    },
     /// Manage local images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -59,6 +114,15 @@ pub fn open_store() -> Result<Store> {
 pub async fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Run(args) => crate::run::run(*args).await,
+        Command::Exec(args) => crate::vms::exec(args).await,
+        Command::List { running } => crate::vms::list(running),
+        Command::Get { id } => crate::vms::get(&id),
+        Command::Inspect { id } => crate::vms::inspect(&id),
+        Command::Log { follow, id } => crate::vms::log(&id, follow).await,
+        Command::Kill { all, id } => crate::vms::kill_vms(id, all).await,
+        Command::Rm { stopped, id } => crate::vms::rm(id, stopped),
+        Command::Prune => crate::vms::prune(),
+        Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),
         Command::Image(ImageCommand::Import(args)) => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {
@@ -72,18 +136,18 @@ pub async fn dispatch(cli: Cli) -> Result<u8> {
             // Nothing else runs on this runtime while importing, so blocking it is fine.
             let summary =
                 store.import(&args.tag, &mut stdin.lock()).with_context(|| format!("cannot import {}", args.tag))?;
-            println!("Imported: {}", summary.tag);
-            println!("Layers: {}", summary.layers);
-            println!("Size: {}", format_size(summary.size));
+            outln!("Imported: {}", summary.tag)?;
+            outln!("Layers: {}", summary.layers)?;
+            outln!("Size: {}", format_size(summary.size))?;
             Ok(0)
         }
         Command::Kernel(KernelCommand::Build) => {
             let path = matchlock_vm::kernel::build()?;
-            println!("{}", path.display());
+            outln!("{}", path.display())?;
             Ok(0)
         }
         Command::Kernel(KernelCommand::Path) => {
-            println!("{}", matchlock_vm::kernel::locate()?.display());
+            outln!("{}", matchlock_vm::kernel::locate()?.display())?;
             Ok(0)
         }
         Command::Version => {

@@ -1,8 +1,19 @@
 //! The `matchlock` command line.
 
+/// `println!` that returns an error instead of panicking when stdout is closed
+/// (`matchlock list | head`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod cli;
 mod run;
+mod session;
 mod terminal;
+mod vms;
 
 use std::process::ExitCode;
 
@@ -29,9 +40,15 @@ fn main() -> ExitCode {
     runtime.shutdown_background();
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether the error is stdout going away (the reader of a pipe exited).
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }

@@ -1,28 +1,28 @@
-//! `matchlock run`.
+//! `matchlock run`: this process owns the sandbox for its whole life.
 
-use std::io::IsTerminal;
+use std::io::{BufRead, IsTerminal, Read};
 use std::net::IpAddr;
-use std::time::Instant;
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{ArgAction, Args};
 use matchlock_api::config::{
     parse_add_host, parse_env, parse_env_file, DEFAULT_CPUS, DEFAULT_DISK_SIZE_MB, DEFAULT_MEMORY_MB,
 };
 use matchlock_api::SandboxConfig;
 use matchlock_protocol::exec::{ExecMode, ExecRequest};
-use matchlock_sandbox::{compose, Control, ExecIo, Sandbox};
-use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use matchlock_sandbox::{compose, ComposeError, Sandbox};
 
 use crate::cli::open_store;
-use crate::terminal;
+use crate::session::{self, Output, StopSignals};
 
 /// Arguments of `matchlock run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Image to boot (as imported: `name[:tag]`).
-    #[arg(long)]
+    #[arg(long, env = "MATCHLOCK_RUN_IMAGE")]
     image: String,
     /// Set an environment variable (`KEY=VALUE`, or `KEY` to pass the host's value).
     #[arg(short = 'e', long = "env", value_name = "KEY[=VALUE]")]
@@ -31,13 +31,13 @@ pub struct RunArgs {
     #[arg(long = "env-file", value_name = "FILE")]
     env_file: Vec<String>,
     /// Run as this user: `name`, `uid`, or `uid:gid` (default: the image's USER).
-    #[arg(short = 'u', long)]
+    #[arg(short = 'u', long, env = "MATCHLOCK_RUN_USER")]
     user: Option<String>,
     /// Working directory (default: the image's WORKDIR, else /).
-    #[arg(short = 'w', long)]
+    #[arg(short = 'w', long, env = "MATCHLOCK_RUN_WORKDIR")]
     workdir: Option<String>,
     /// Replace the image's ENTRYPOINT (an empty string clears it).
-    #[arg(long)]
+    #[arg(long, env = "MATCHLOCK_RUN_ENTRYPOINT")]
     entrypoint: Option<String>,
     /// Keep stdin open and forward it to the command.
     #[arg(short = 'i', long)]
@@ -45,24 +45,37 @@ pub struct RunArgs {
     /// With -i: allocate a pseudo-terminal.
     #[arg(short = 't', long)]
     tty: bool,
+    /// Return once the sandbox is ready, printing its id (implies --rm=false).
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// Remove the sandbox when the command exits; `--rm=false` keeps it until killed.
+    #[arg(long, env = "MATCHLOCK_RUN_RM", default_value_t = true, action = ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    rm: bool,
+    /// Kill the sandbox after this many seconds (exit code 124).
+    #[arg(long, env = "MATCHLOCK_RUN_TIMEOUT", value_name = "SECONDS")]
+    timeout: Option<u64>,
     /// Number of CPUs (fractions are enforced as a CPU quota).
-    #[arg(long, default_value_t = DEFAULT_CPUS)]
+    #[arg(long, env = "MATCHLOCK_RUN_CPUS", default_value_t = DEFAULT_CPUS)]
     cpus: f64,
     /// Memory in MB.
-    #[arg(long, default_value_t = DEFAULT_MEMORY_MB)]
+    #[arg(long, env = "MATCHLOCK_RUN_MEMORY", default_value_t = DEFAULT_MEMORY_MB)]
     memory: u64,
     /// Size of the writable disk in MB (sparse).
-    #[arg(long = "disk-size", default_value_t = DEFAULT_DISK_SIZE_MB)]
+    #[arg(long = "disk-size", env = "MATCHLOCK_RUN_DISK_SIZE", default_value_t = DEFAULT_DISK_SIZE_MB)]
     disk_size: u64,
     /// Hostname (default: the VM id).
-    #[arg(long)]
+    #[arg(long, env = "MATCHLOCK_RUN_HOSTNAME")]
     hostname: Option<String>,
     /// DNS servers for /etc/resolv.conf (comma-separated).
-    #[arg(long = "dns-servers", value_delimiter = ',', value_name = "IP[,IP]")]
+    #[arg(long = "dns-servers", env = "MATCHLOCK_RUN_DNS_SERVERS", value_delimiter = ',', value_name = "IP[,IP]")]
     dns_servers: Vec<IpAddr>,
     /// Extra /etc/hosts entry `host:ip` (repeatable).
     #[arg(long = "add-host", value_name = "HOST:IP")]
     add_host: Vec<String>,
+    /// Internal: this process is the owner of a detached sandbox.
+    #[arg(long = "detached-child", hide = true)]
+    detached_child: bool,
     /// Command and arguments (default: the image's CMD).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
@@ -98,9 +111,20 @@ fn build_config(args: &RunArgs) -> Result<SandboxConfig> {
     Ok(config)
 }
 
-/// Boots the sandbox, runs the command, tears down; returns the command's exit code.
-/// With `MATCHLOCK_TIMING` set, prints how long each phase took on stderr.
+/// Boots the sandbox, runs the command, and tears down (or, with `--rm=false`, keeps the
+/// sandbox until a stop signal). Returns the exit code. With `MATCHLOCK_TIMING` set,
+/// prints how long each phase took on stderr.
 pub async fn run(args: RunArgs) -> Result<u8> {
+    if args.detach && (args.interactive || args.tty) {
+        bail!("--detach cannot be combined with -t/--tty or -i/--interactive");
+    }
+    if args.timeout == Some(0) {
+        bail!("--timeout must be at least 1 second");
+    }
+    if args.detach && !args.detached_child {
+        return spawn_detached();
+    }
+    let remove = args.rm && !args.detach && !args.detached_child;
     let mode = match (args.interactive, args.tty) {
         (true, true) => {
             if !std::io::stdin().is_terminal() {
@@ -111,75 +135,125 @@ pub async fn run(args: RunArgs) -> Result<u8> {
         (true, false) => ExecMode::Pipe,
         _ => ExecMode::Stream,
     };
+    let deadline = args.timeout.map(|s| Instant::now() + Duration::from_secs(s));
     let config = build_config(&args)?;
     let store = open_store()?;
     // Resolve the command before booting: a bad image or command fails fast.
     let image = store
         .get(&config.image)?
         .ok_or_else(|| matchlock_sandbox::SandboxError::ImageNotFound(config.image.clone()))?;
-    let composed = compose(&image.config, &config)?;
+    let composed = match compose(&image.config, &config) {
+        Ok(c) => Some(c),
+        Err(ComposeError::NoCommand) if !remove => None,
+        Err(e) => return Err(e.into()),
+    };
 
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let mut sigwinch = signal(SignalKind::window_change()).context("cannot handle SIGWINCH")?;
-
+    let mut signals = StopSignals::new()?;
+    let state = matchlock_sandbox::open_state()?;
     let mut sandbox = tokio::select! {
-        created = Sandbox::create(config, &store) => created?,
-        _ = sigint.recv() => bail!("interrupted while booting"),
-        _ = sigterm.recv() => bail!("terminated while booting"),
-        _ = sighup.recv() => bail!("hung up while booting"),
+        created = Sandbox::create(config, &store, state) => created?,
+        () = signals.recv() => bail!("interrupted while booting"),
+        () = session::until(deadline) => bail!("timed out while booting"),
+    };
+    let output = if args.detached_child {
+        detach_from_parent(&sandbox)?;
+        Output::Log(sandbox.dir().join("logs/vm.log"))
+    } else {
+        if !remove {
+            let id = sandbox.id();
+            eprintln!("Sandbox {id} is running\n  Connect: matchlock exec {id} -it sh\n  Stop:    matchlock kill {id}");
+        }
+        Output::Terminal
     };
 
-    let request = ExecRequest {
-        argv: composed.argv,
-        env: composed.env,
-        working_dir: Some(composed.working_dir),
-        user: composed.user,
-        window: (mode == ExecMode::Tty)
-            .then(|| terminal::window_size().unwrap_or(matchlock_protocol::exec::WindowSize { rows: 24, cols: 80 })),
-    };
-    let (control_tx, control_rx) = mpsc::channel(8);
-    let io = ExecIo {
-        stdin: (mode != ExecMode::Stream).then(|| Box::new(tokio::io::stdin()) as _),
-        stdout: Box::new(tokio::io::stdout()),
-        stderr: Box::new(tokio::io::stderr()),
-        control: control_rx,
-    };
-    let raw = if mode == ExecMode::Tty { Some(terminal::RawMode::enter()?) } else { None };
-    let signals = async {
-        loop {
-            let control = tokio::select! {
-                _ = sigint.recv() => Control::Terminate,
-                _ = sigterm.recv() => Control::Terminate,
-                _ = sighup.recv() => Control::Terminate,
-                _ = sigwinch.recv() => match terminal::window_size() {
-                    Some(ws) if mode == ExecMode::Tty => Control::Resize(ws),
-                    _ => continue,
-                },
-            };
-            if control_tx.send(control).await.is_err() {
-                // exec has finished; its branch completes the select below.
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    let exec_started = Instant::now();
-    let result = tokio::select! {
-        r = sandbox.exec(mode, &request, io) => r,
-        () = signals => unreachable!("the signal loop never completes"),
-    };
-    drop(raw);
     let mut timings = sandbox.timings().to_vec();
-    timings.push(("exec", exec_started.elapsed()));
+    let mut code = 0;
+    let mut interrupted = session::Interruptions::default();
+    let mut failure = None;
+    if let Some(composed) = composed {
+        let request = ExecRequest {
+            argv: composed.argv,
+            env: composed.env,
+            working_dir: Some(composed.working_dir),
+            user: composed.user,
+            window: session::initial_window(mode),
+        };
+        let exec_started = Instant::now();
+        let (result, why) =
+            session::run(mode, &output, &mut signals, deadline, |io| async { sandbox.exec(mode, &request, io).await })
+                .await?;
+        timings.push(("exec", exec_started.elapsed()));
+        interrupted = why;
+        match result {
+            Ok(c) => code = c,
+            Err(e) => failure = Some(e),
+        }
+    }
+    if !remove && failure.is_none() && !interrupted.stopped && !interrupted.timed_out {
+        // Keep the sandbox until asked to stop, the deadline, or the VM's own end.
+        tokio::select! {
+            () = signals.recv() => {}
+            () = session::until(deadline) => interrupted.timed_out = true,
+            how = sandbox.exited() => failure = Some(matchlock_sandbox::SandboxError::VmStopped(how)),
+        }
+    }
     let close_started = Instant::now();
-    let closed = sandbox.close().await;
+    let closed = sandbox.close(remove).await;
     timings.push(("teardown", close_started.elapsed()));
     if std::env::var_os("MATCHLOCK_TIMING").is_some() {
         let phases: Vec<String> = timings.iter().map(|(name, d)| format!("{name}={}ms", d.as_millis())).collect();
         eprintln!("matchlock: timing {}", phases.join(" "));
     }
-    let code = result?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
     closed?;
-    Ok(u8::try_from(code).unwrap_or(255))
+    if interrupted.timed_out {
+        eprintln!("matchlock: timed out after {} s", args.timeout.unwrap_or_default());
+        return Ok(124);
+    }
+    Ok(if remove { u8::try_from(code).unwrap_or(255) } else { 0 })
+}
+
+/// `run -d`: starts this command again as a session leader that owns the sandbox, and
+/// returns its id once the sandbox is ready.
+fn spawn_detached() -> Result<u8> {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let run_at = argv.iter().position(|a| a == "run").context("cannot find `run` in the command line")?;
+    argv.insert(run_at + 1, "--detached-child".into());
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg0(&argv[0]).args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: setsid is async-signal-safe; it detaches the owner from our terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the sandbox owner")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    let id = line.trim();
+    if id.starts_with("vm-") {
+        println!("{id}");
+        return Ok(0);
+    }
+    let mut err = String::new();
+    child.stderr.take().expect("piped").read_to_string(&mut err)?;
+    let status = child.wait()?;
+    eprint!("{err}");
+    Ok(status.code().and_then(|c| u8::try_from(c).ok()).filter(|c| *c != 0).unwrap_or(1))
+}
+
+/// In the detached owner: hand the id to the waiting parent, then let go of its pipes
+/// (later messages go to `logs/owner.log`).
+fn detach_from_parent(sandbox: &Sandbox) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    println!("{}", sandbox.id());
+    let log_path = sandbox.dir().join("logs/owner.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    nix::unistd::dup2(null.as_raw_fd(), 1)?;
+    nix::unistd::dup2(log.as_raw_fd(), 2)?;
+    Ok(())
 }

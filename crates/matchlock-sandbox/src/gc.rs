@@ -1,0 +1,128 @@
+//! Releasing what a VM holds, and reclaiming what a crashed owner left behind.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use matchlock_state::{Phase, StateDb, Status, Vm};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::SandboxError;
+
+/// Removes the writable disk and the sockets of a VM directory (logs stay), recording
+/// the cleanup steps; returns the names of what was removed.
+pub fn release_disks(state: &mut StateDb, id: &str, dir: &Path) -> Result<(), SandboxError> {
+    release(state, id, dir).map(|_| ())
+}
+
+fn release(state: &mut StateDb, id: &str, dir: &Path) -> Result<Vec<String>, SandboxError> {
+    let mut removed = Vec::new();
+    let mut first_error = None;
+    let upper = dir.join("upper.ext4");
+    if upper.exists() {
+        let result = std::fs::remove_file(&upper);
+        let _ = state.record_cleanup(id, "rootfs_remove", result.as_ref().err().map(ToString::to_string).as_deref());
+        match result {
+            Ok(()) => removed.push("upper.ext4".to_owned()),
+            Err(e) => first_error = Some(crate::io_err(format!("cannot remove {}", upper.display()))(e)),
+        }
+    }
+    let sockets: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name().to_string_lossy().ends_with(".sock") || e.file_name().to_string_lossy().contains(".sock_")
+        })
+        .map(|e| e.path())
+        .collect();
+    if !sockets.is_empty() {
+        let mut error = None;
+        for s in &sockets {
+            if let Err(e) = std::fs::remove_file(s) {
+                error = Some(format!("{}: {e}", s.display()));
+            }
+        }
+        let _ = state.record_cleanup(id, "sockets_remove", error.as_deref());
+        removed.push("sockets".to_owned());
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(removed),
+    }
+}
+
+/// PIDs of processes whose command line mentions `dir` (QEMU, vhost-device-vsock).
+pub fn helper_processes(dir: &Path) -> Vec<i32> {
+    let marker = format!("{}/", dir.display());
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|p| {
+            let pid: i32 = p.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline).contains(&marker).then_some(pid)
+        })
+        .filter(|pid| *pid != std::process::id() as i32)
+        .collect()
+}
+
+/// Kills `pids` and waits (briefly) until they are gone.
+fn kill_all(pids: &[i32]) {
+    for pid in pids {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while pids.iter().any(|p| matchlock_state::process::start_time(*p).is_some()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What [`reconcile`] did for one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reconciled {
+    /// Left alone, with the reason.
+    Skipped(String),
+    /// Released these resources (possibly none).
+    Cleaned(Vec<String>),
+}
+
+/// Reclaims the resources of `vm` if its owner is gone (or `force_running`): leftover
+/// VMM/helper processes, the writable disk and sockets. Records the steps and moves
+/// the lifecycle to `cleaned`.
+pub fn reconcile(state: &mut StateDb, vm: &Vm, dir: &Path, force_running: bool) -> Result<Reconciled, SandboxError> {
+    let owner_alive = vm.status == Status::Running && vm.owner_alive();
+    if owner_alive && !force_running {
+        return Ok(Reconciled::Skipped("VM is running".into()));
+    }
+    state.ensure_lifecycle(&vm.id, "qemu")?;
+    let mut cleaned = Vec::new();
+    if owner_alive {
+        kill_all(&[vm.pid]);
+        state.set_status(&vm.id, Status::Crashed)?;
+        cleaned.push("owner".to_owned());
+    } else if vm.status == Status::Running {
+        state.set_status(&vm.id, Status::Crashed)?;
+    }
+    let helpers = helper_processes(dir);
+    if !helpers.is_empty() {
+        kill_all(&helpers);
+        let _ = state.record_cleanup(&vm.id, "machine_close", None);
+        cleaned.push("processes".to_owned());
+    }
+    let head = state.lifecycle(&vm.id)?.map(|r| r.phase);
+    let result = release(state, &vm.id, dir);
+    if let Some(phase) = head {
+        if phase != Phase::Cleaned && phase.can_move_to(Phase::Cleaning) {
+            let _ = state.transition(&vm.id, Phase::Cleaning, None);
+        }
+        let last = if result.is_ok() { Phase::Cleaned } else { Phase::CleanupFailed };
+        if state.lifecycle(&vm.id)?.is_some_and(|r| r.phase.can_move_to(last)) {
+            let _ = state.transition(&vm.id, last, result.as_ref().err().map(ToString::to_string).as_deref());
+        }
+    }
+    cleaned.extend(result?);
+    cleaned.sort();
+    Ok(Reconciled::Cleaned(cleaned))
+}
