@@ -46,7 +46,8 @@ async fn malformed_frames_close_only_their_connection() {
     let mut store = Store::open(&home.path().join("images")).unwrap();
     store.import("busybox", &mut std::fs::File::open(fixtures.join("busybox.tar")).unwrap()).unwrap();
 
-    let mut sandbox = Sandbox::create(SandboxConfig::new("busybox"), &store).await.unwrap();
+    let state = matchlock_sandbox::open_state().unwrap();
+    let mut sandbox = Sandbox::create(SandboxConfig::new("busybox"), &store, state).await.unwrap();
 
     // Unknown frame type, an absurd length, and a truncated frame: each connection is
     // dropped by the agent without an answer.
@@ -87,6 +88,6 @@ async fn malformed_frames_close_only_their_connection() {
     let code = sandbox.exec(ExecMode::Stream, &request, io).await.unwrap();
     assert_eq!(code, 0);
     assert_eq!(out, b"still serving\n");
-    sandbox.close().await.unwrap();
+    sandbox.close(true).await.unwrap();
     assert_eq!(std::fs::read_dir(home.path().join(".matchlock/vms")).unwrap().count(), 0);
 }
