@@ -1,5 +1,6 @@
 //! What a sandbox is asked to be, and the parsers for the user's spellings of it.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -31,8 +32,8 @@ pub struct SandboxConfig {
     pub dns_servers: Vec<IpAddr>,
     /// Extra /etc/hosts entries.
     pub add_hosts: Vec<(String, IpAddr)>,
-    /// Environment over the image's ENV, in order (later wins).
-    pub env: Vec<(String, String)>,
+    /// Environment over the image's ENV.
+    pub env: BTreeMap<String, String>,
     /// User (`name`, `uid`, `uid:gid`); the image's USER when absent.
     pub user: Option<String>,
     /// Working directory; the image's WORKDIR, else `/`, when absent.
@@ -54,7 +55,7 @@ impl SandboxConfig {
             hostname: None,
             dns_servers: DEFAULT_DNS.iter().map(|s| s.parse().expect("valid default DNS")).collect(),
             add_hosts: Vec::new(),
-            env: Vec::new(),
+            env: BTreeMap::new(),
             user: None,
             workdir: None,
             entrypoint: None,

@@ -25,9 +25,9 @@ pub struct Composed {
 }
 
 /// Merges env lists: later entries override earlier ones, first-seen order is kept.
-pub fn merge_env<'a>(layers: impl IntoIterator<Item = &'a [(String, String)]>) -> Vec<(String, String)> {
+pub fn merge_env<'a>(layers: impl IntoIterator<Item = (&'a String, &'a String)>) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
-    for (k, v) in layers.into_iter().flatten() {
+    for (k, v) in layers {
         match out.iter_mut().find(|(key, _)| key == k) {
             Some(slot) => slot.1.clone_from(v),
             None => out.push((k.clone(), v.clone())),
@@ -54,7 +54,7 @@ pub fn compose(image: &ImageConfig, config: &SandboxConfig) -> Result<Composed, 
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     Ok(Composed {
         argv,
-        env: merge_env([image.env.as_slice(), config.env.as_slice()]),
+        env: merge_env(image.env.iter().map(|(k, v)| (k, v)).chain(&config.env)),
         working_dir: config.workdir.clone().or_else(|| non_empty(&image.working_dir)).unwrap_or_else(|| "/".to_owned()),
         user: config.user.clone().or_else(|| non_empty(&image.user)),
     })
@@ -95,7 +95,7 @@ mod tests {
     #[test]
     fn env_user_workdir_precedence() {
         let mut c = SandboxConfig::new("x");
-        c.env = vec![("A".into(), "flag".into()), ("B".into(), "b".into())];
+        c.env = [("A".into(), "flag".into()), ("B".into(), "b".into())].into();
         let composed = compose(&image(), &c).unwrap();
         assert_eq!(
             composed.env,

@@ -92,7 +92,8 @@ fn build_config(args: &RunArgs) -> Result<SandboxConfig> {
         config.env.extend(parse_env_file(file, &contents, host_env)?);
     }
     for spec in &args.env {
-        config.env.push(parse_env(spec, host_env)?);
+        let (key, value) = parse_env(spec, host_env)?;
+        config.env.insert(key, value);
     }
     for spec in &args.add_host {
         config.add_hosts.push(parse_add_host(spec)?);
@@ -153,7 +154,10 @@ pub async fn run(args: RunArgs) -> Result<u8> {
     let mut sandbox = tokio::select! {
         created = Sandbox::create(config, &store, state) => created?,
         () = signals.recv() => bail!("interrupted while booting"),
-        () = session::until(deadline) => bail!("timed out while booting"),
+        () = session::until(deadline) => {
+            eprintln!("matchlock: timed out after {} s (while booting)", args.timeout.unwrap_or_default());
+            return Ok(124);
+        }
     };
     let output = if args.detached_child {
         detach_from_parent(&sandbox)?;

@@ -163,6 +163,30 @@ impl Home {
     }
 }
 
+impl Drop for Home {
+    /// Detached sandboxes outlive their `run`: stop whatever a failed test left.
+    fn drop(&mut self) {
+        let _ = self.cmd().args(["kill", "--all"]).output();
+        let _ = self.cmd().args(["gc", "--force-running"]).output();
+    }
+}
+
+impl Home {
+    /// `matchlock run -d <args>`: returns the id of the detached sandbox.
+    #[track_caller]
+    pub fn detach(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(["run", "-d"]).args(args).output().expect("run -d");
+        let id = ok(&out).trim().to_owned();
+        assert!(id.starts_with("vm-") && !id.contains('\n'), "run -d printed {id:?}");
+        id
+    }
+
+    /// `matchlock <args>`.
+    pub fn ml(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run matchlock")
+    }
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -1,0 +1,222 @@
+//! Detached sandboxes, the exec relay, state, and cleanup, against real VMs.
+
+mod common;
+
+use std::io::Read;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{home, ok, stderr, stdout};
+
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn detached_lifecycle_list_get_inspect_exec_kill_rm() {
+    let h = home();
+    let id = h.detach(&["--image", "busybox", "-e", "VISIBLE_ENV=from-run"]);
+    let list = ok(&h.ml(&["list"]));
+    assert!(list.starts_with("ID  "), "{list}");
+    let row = list.lines().find(|l| l.starts_with(&id)).expect("listed");
+    assert!(row.contains("running") && row.contains("busybox:latest"), "{row}");
+    assert!(ok(&h.ml(&["ls", "--running"])).contains(&id));
+
+    let get: serde_json::Value = serde_json::from_str(&ok(&h.ml(&["get", &id]))).unwrap();
+    assert_eq!(get["id"], id.as_str());
+    assert_eq!(get["status"], "running");
+    assert_eq!(get["config"]["env"]["VISIBLE_ENV"], "from-run");
+    for verb in ["inspect", "stat"] {
+        let inspect: serde_json::Value = serde_json::from_str(&ok(&h.ml(&[verb, &id]))).unwrap();
+        assert_eq!(inspect["vm"]["id"], id.as_str());
+        assert_eq!(inspect["lifecycle"]["vm_id"], id.as_str());
+        assert_eq!(inspect["lifecycle"]["phase"], "running");
+        assert!(inspect["history"].as_array().unwrap().len() >= 4);
+        assert_eq!(inspect["vm"]["config"]["env"]["VISIBLE_ENV"], "from-run");
+    }
+
+    assert_eq!(ok(&h.ml(&["exec", &id, "echo", "from-exec"])), "from-exec\n");
+    assert_eq!(ok(&h.ml(&["exec", &id, "--", "sh", "-c", "echo one && echo two"])), "one\ntwo\n");
+    // The sandbox's env applies to exec too, and the exit code comes back.
+    let out = h.ml(&["exec", &id, "--", "sh", "-c", "echo $VISIBLE_ENV; exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(stdout(&out), "from-run\n");
+    // State written by one exec is seen by the next: it is one machine.
+    ok(&h.ml(&["exec", &id, "--", "sh", "-c", "echo kept > /root/marker"]));
+    assert_eq!(ok(&h.ml(&["exec", &id, "-u", "0", "-w", "/root", "cat", "marker"])), "kept\n");
+
+    assert_eq!(ok(&h.ml(&["kill", &id])), format!("Killed {id}\n"));
+    assert!(!ok(&h.ml(&["list", "--running"])).contains(&id));
+    let out = h.ml(&["exec", &id, "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(&format!("VM {id} is not running (status: stopped)")), "{}", stderr(&out));
+    // A stopped sandbox holds only its logs; no process of it remains.
+    let left: Vec<_> = std::fs::read_dir(h.vms_dir().join(&id)).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("logs")]);
+    assert!(h.processes().is_empty(), "{:?}", h.processes());
+    let history: serde_json::Value = serde_json::from_str(&ok(&h.ml(&["inspect", &id]))).unwrap();
+    assert_eq!(history["lifecycle"]["phase"], "cleaned");
+    assert_eq!(history["lifecycle"]["cleanup"]["machine_close"]["status"], "ok");
+
+    assert_eq!(ok(&h.ml(&["rm", &id])), format!("Removed {id}\n"));
+    assert!(!ok(&h.ml(&["list"])).contains(&id));
+    h.assert_no_leftovers();
+}
+
+#[test]
+fn detached_command_runs_and_logs() {
+    let h = home();
+    let id = h.detach(&[
+        "--image",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo first; echo started > /tmp/marker; sleep 2; echo second; sleep 300",
+    ]);
+    eventually("the detached command", || {
+        stdout(&h.ml(&["exec", &id, "--", "sh", "-c", "test -f /tmp/marker && echo ok"])) == "ok\n"
+    });
+    eventually("`first` in the log", || stdout(&h.ml(&["log", &id])).contains("first"));
+    let mut follow = h.cmd().args(["log", "-f", &id]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let out = follow.stdout.as_mut().unwrap();
+    while !String::from_utf8_lossy(&seen).contains("second") {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "log -f ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(follow.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    assert_eq!(follow.wait().unwrap().code(), Some(0));
+    assert!(String::from_utf8_lossy(&seen).contains("first"));
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+    h.assert_no_leftovers();
+}
+
+#[test]
+fn exec_through_the_relay_pipes_stdin_and_cancels() {
+    let h = home();
+    let id = h.detach(&["--image", "busybox"]);
+    let mut child = h
+        .cmd()
+        .args(["exec", "-i", &id, "--", "sh", "-c", "tr a-z A-Z"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"piped through the relay\n").unwrap();
+    assert_eq!(ok(&child.wait_with_output().unwrap()), "PIPED THROUGH THE RELAY\n");
+
+    // Ctrl-C on `exec` stops the guest command (and only it).
+    let mut child =
+        h.cmd().args(["exec", &id, "--", "sh", "-c", "echo go; exec sleep 60"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut go = [0u8; 3];
+    child.stdout.as_mut().unwrap().read_exact(&mut go).unwrap();
+    let sent = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    assert!(sent.elapsed() < Duration::from_secs(5));
+    assert_eq!(status.code(), Some(143));
+    assert_eq!(ok(&h.ml(&["exec", &id, "--", "sh", "-c", "pgrep -x sleep || echo gone"])), "gone\n");
+    ok(&h.ml(&["kill", &id]));
+}
+
+#[test]
+fn cli_errors_use_the_reference_messages() {
+    let h = home();
+    for (args, message) in [
+        (&["run", "-d", "-it", "--image", "busybox"][..], "--detach cannot be combined"),
+        (&["run", "-dit", "--image", "busybox"], "--detach cannot be combined"),
+        (&["run", "-d", "-i", "--image", "busybox"], "--detach cannot be combined"),
+        (&["kill"], "VM ID required (or use --all)"),
+        (&["rm"], "VM ID required (or use --stopped)"),
+        (&["exec", "vm-nonexistent", "true"], "VM not found vm-nonexistent"),
+        (&["get", "vm-nonexistent"], "not found"),
+        (&["log", "vm-nonexistent"], "not found"),
+        (&["kill", "vm-nonexistent"], "not found"),
+        (&["exec"], "required"),
+    ] {
+        let out = h.ml(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(message), "{args:?}: {}", stderr(&out));
+    }
+    for args in [&["prune"][..], &["kill", "--all"], &["rm", "--stopped"], &["gc"]] {
+        ok(&h.ml(args));
+    }
+    assert!(ok(&h.ml(&["prune"])).contains("Pruned 0 VMs"));
+    let version = ok(&h.ml(&["version"]));
+    assert!(version.starts_with("matchlock ") && version.contains("commit:"), "{version}");
+    assert!(ok(&h.ml(&["--version"])).contains("matchlock"));
+}
+
+#[test]
+fn crashed_owner_is_detected_and_gc_reclaims_everything() {
+    let h = home();
+    let id = h.detach(&["--image", "busybox"]);
+    let get: serde_json::Value = serde_json::from_str(&ok(&h.ml(&["get", &id]))).unwrap();
+    let owner = get["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(owner), nix::sys::signal::Signal::SIGKILL).unwrap();
+    eventually("the owner to die", || {
+        !std::path::Path::new(&format!("/proc/{owner}/stat")).exists()
+            || std::fs::read_to_string(format!("/proc/{owner}/stat")).is_ok_and(|s| s.contains(") Z"))
+    });
+    let row = ok(&h.ml(&["list"])).lines().find(|l| l.starts_with(&id)).map(str::to_owned).unwrap();
+    assert!(row.contains("crashed"), "{row}");
+    let out = h.ml(&["exec", &id, "true"]);
+    assert!(stderr(&out).contains("is not running (status: crashed)"), "{}", stderr(&out));
+
+    let gc = ok(&h.ml(&["gc"]));
+    assert!(gc.contains(&format!("{id}: cleaned")), "{gc}");
+    assert!(gc.contains("upper.ext4") && gc.ends_with("Reconciled 1 VMs\n"), "{gc}");
+    assert!(ok(&h.ml(&["gc", &id])).contains("no resources to clean"));
+    let left: Vec<_> = std::fs::read_dir(h.vms_dir().join(&id)).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("logs")]);
+    assert!(h.processes().is_empty(), "{:?}", h.processes());
+    assert_eq!(ok(&h.ml(&["prune"])), format!("Pruned {id}\nPruned 1 VMs\n"));
+    h.assert_no_leftovers();
+}
+
+#[test]
+fn two_sandboxes_and_concurrent_cli_calls_share_one_state_db() {
+    let h = home();
+    let runs: Vec<_> = (0..2)
+        .map(|_| h.cmd().args(["run", "-d", "--image", "busybox"]).stdout(Stdio::piped()).spawn().unwrap())
+        .collect();
+    let lists: Vec<_> = (0..20).map(|_| h.cmd().arg("list").stdout(Stdio::piped()).spawn().unwrap()).collect();
+    for l in lists {
+        let out = l.wait_with_output().unwrap();
+        assert!(ok(&out).starts_with("ID"), "{}", stderr(&out));
+    }
+    let ids: Vec<String> = runs.into_iter().map(|r| ok(&r.wait_with_output().unwrap()).trim().to_owned()).collect();
+    assert_ne!(ids[0], ids[1]);
+    for id in &ids {
+        assert_eq!(ok(&h.ml(&["exec", id, "hostname"])), format!("{id}\n"));
+    }
+    let killed = ok(&h.ml(&["kill", "--all"]));
+    for id in &ids {
+        assert!(killed.contains(&format!("Killed {id}")), "{killed}");
+    }
+    let removed = ok(&h.ml(&["rm", "--stopped"]));
+    assert_eq!(removed.lines().count(), 2, "{removed}");
+    h.assert_no_leftovers();
+}
+
+#[test]
+fn timeout_kills_the_sandbox_with_exit_124() {
+    let h = home();
+    let started = Instant::now();
+    let out = h.run(&["--image", "busybox", "--timeout", "8", "--", "sh", "-c", "echo running; sleep 60"]);
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "running\n", "the deadline should hit the command, not the boot");
+    assert!(stderr(&out).contains("timed out after 8 s"), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // A deadline that passes during boot is a timeout too.
+    let out = h.run(&["--image", "busybox", "--timeout", "1", "--", "true"]);
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+}
