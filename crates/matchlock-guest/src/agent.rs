@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use matchlock_protocol::exec::{ExecMode, ExecRequest, GuestMessage, HostMessage};
 use matchlock_protocol::frame::{read_frame, write_frame};
-use matchlock_protocol::{EXEC_PORT, HOST_CID, READY_PORT};
+use matchlock_protocol::{ECHO_PORT, EXEC_PORT, HOST_CID, READY_PORT};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -43,6 +43,12 @@ pub enum AgentError {
 /// Listens on the exec port, tells the host it is ready, and serves forever.
 pub fn serve() -> Result<(), AgentError> {
     let listener = VsockListener::bind_with_cid_port(VMADDR_CID_ANY, EXEC_PORT).map_err(AgentError::Listen)?;
+    match VsockListener::bind_with_cid_port(VMADDR_CID_ANY, ECHO_PORT) {
+        Ok(echo) => {
+            thread::spawn(move || serve_echo(&echo));
+        }
+        Err(e) => eprintln!("guest-agent: echo port: {e}"),
+    }
     signal_ready();
     for conn in listener.incoming() {
         match conn {
@@ -57,6 +63,21 @@ pub fn serve() -> Result<(), AgentError> {
         }
     }
     Ok(())
+}
+
+/// Echoes bytes back on each connection (the latency floor for benchmarks).
+fn serve_echo(listener: &VsockListener) {
+    for conn in listener.incoming().flatten() {
+        thread::spawn(move || {
+            let mut conn = conn;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
 }
 
 /// Connects to the host's ready port; the connection itself is the signal.

@@ -22,3 +22,5 @@ pub const EXEC_PORT: u32 = 5000;
 pub const VFS_PORT: u32 = 5001;
 /// Host port the guest agent connects to once it serves [`EXEC_PORT`].
 pub const READY_PORT: u32 = 5002;
+/// Guest port that echoes every byte back: a floor for host <-> guest latency.
+pub const ECHO_PORT: u32 = 5003;

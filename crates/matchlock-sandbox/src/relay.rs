@@ -3,14 +3,14 @@
 //!
 //! A client writes `CONNECT <port>\n` — the same handshake as the hybrid vsock — and,
 //! once the owner answers `OK <port>\n`, speaks the guest protocol of that port; the
-//! owner splices bytes both ways. Only the exec port is reachable. The socket is
+//! owner splices bytes both ways. Only the exec and echo ports are reachable. The socket is
 //! created with mode 0600: only the sandbox's user may use it.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use matchlock_protocol::EXEC_PORT;
+use matchlock_protocol::{ECHO_PORT, EXEC_PORT};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -22,7 +22,7 @@ pub fn socket_path(vm_dir: &Path) -> PathBuf {
 }
 
 /// Ports a relay client may reach.
-const RELAYED_PORTS: [u32; 1] = [EXEC_PORT];
+const RELAYED_PORTS: [u32; 2] = [EXEC_PORT, ECHO_PORT];
 
 /// Binds the relay socket and serves it until the returned task is aborted.
 pub fn serve(vm_dir: &Path) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
