@@ -8,63 +8,8 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/matchlock"
-TOOLS="$CACHE/tools"
-VHOST_DEVICE_VSOCK_VERSION=0.3.0
 
 log() { printf '==> %s\n' "$*" >&2; }
-
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
-
-install_debian_packages() {
-  local pkgs=(
-    linux-source-6.1 build-essential flex bison bc cpio xz-utils libelf-dev libssl-dev
-    libarchive13 busybox-static skopeo docker-registry debootstrap iproute2 python3
-    apache2-utils zstd jq
-  )
-  # From bookworm-backports: mke2fs learned to build a filesystem from a tarball
-  # (`-d file.tar`) in 1.47.1 (bookworm has 1.47.0), and QEMU 10 matches the qemu-utils
-  # these machines already carry (bookworm's QEMU 7.2 conflicts with it).
-  local backports=(qemu-system-x86 e2fsprogs)
-  local missing=()
-  for p in "${pkgs[@]}" qemu-system-x86; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-  done
-  local e2fs_version
-  e2fs_version=$(dpkg-query -W -f='${Version}' e2fsprogs 2>/dev/null || echo 0)
-  if [ ${#missing[@]} -eq 0 ] && dpkg --compare-versions "$e2fs_version" ge 1.47.1; then
-    log "Debian packages: all present"
-    return
-  fi
-  if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    log "enabling bookworm-backports"
-    as_root tee /etc/apt/sources.list.d/matchlock-backports.sources >/dev/null <<'SRC'
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-  fi
-  log "installing Debian packages"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    -t bookworm-backports "${backports[@]}"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${pkgs[@]}"
-  # The registry package starts a system service on :5000; the tests run their own.
-  as_root systemctl disable --now docker-registry >/dev/null 2>&1 || true
-}
-
-install_vhost_device_vsock() {
-  local bin="$TOOLS/bin/vhost-device-vsock"
-  if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "$VHOST_DEVICE_VSOCK_VERSION"; then
-    log "vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION: present"
-    return
-  fi
-  log "building vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION (one time, ~2 min)"
-  cargo install --quiet --locked --root "$TOOLS" vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION"
-}
 
 deps_only=0
 demo=1
@@ -76,8 +21,7 @@ for arg in "$@"; do
   esac
 done
 
-install_debian_packages
-install_vhost_device_vsock
+bash scripts/install-deps.sh
 [ $deps_only -eq 1 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then PREFIX=${PREFIX:-/usr/local}; else PREFIX=${PREFIX:-$HOME/.local}; fi

@@ -58,6 +58,8 @@ struct ProbeKey {
 struct ProbeCache {
     key: ProbeKey,
     accel: Accel,
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 fn mtime(p: &Path) -> (u64, i64) {
@@ -95,28 +97,60 @@ pub async fn select(qemu: &Path, kernel: &Path) -> Result<Accel, VmError> {
         }
         return Ok(Accel::Tcg);
     }
+    match kvm_usable(qemu, kernel).await {
+        Ok(()) => Ok(Accel::Kvm),
+        Err(KvmVerdict { reason, fresh }) => {
+            if fresh {
+                eprintln!("matchlock: KVM cannot boot the guest kernel on this host ({reason}); using TCG software emulation (slow)");
+            }
+            Ok(Accel::Tcg)
+        }
+    }
+}
+
+/// Why KVM is not used, and whether this call is the one that found out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvmVerdict {
+    /// What failed.
+    pub reason: String,
+    /// True when the probe ran now (not answered from the cache).
+    pub fresh: bool,
+}
+
+/// Whether KVM can boot `kernel` here: `/dev/kvm` must open read-write and a
+/// time-boxed probe boot must reach the kernel. The probe's verdict is cached per host
+/// boot, kernel and QEMU binary.
+pub async fn kvm_usable(qemu: &Path, kernel: &Path) -> Result<(), KvmVerdict> {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        return Err(KvmVerdict { reason: format!("/dev/kvm: {e}"), fresh: false });
+    }
     let cache_path = cache_dir().join("accel-probe.json");
     let key = probe_key(qemu, kernel);
     if let Some(cached) = std::fs::read(&cache_path).ok().and_then(|b| serde_json::from_slice::<ProbeCache>(&b).ok()) {
         if cached.key == key {
-            return Ok(cached.accel);
+            return match cached.accel {
+                Accel::Kvm => Ok(()),
+                Accel::Tcg => Err(KvmVerdict {
+                    reason: cached.reason.unwrap_or_else(|| "an earlier probe failed".to_owned()),
+                    fresh: false,
+                }),
+            };
         }
     }
-    let accel = match probe_kvm(qemu, kernel).await {
-        Ok(()) => Accel::Kvm,
-        Err(reason) => {
-            eprintln!("matchlock: KVM cannot boot the guest kernel on this host ({reason}); using TCG software emulation (slow)");
-            Accel::Tcg
-        }
-    };
+    let verdict = probe_kvm(qemu, kernel).await;
     let _ = std::fs::create_dir_all(cache_dir());
-    if let Ok(json) = serde_json::to_vec(&ProbeCache { key, accel }) {
-        let tmp = cache_path.with_extension("tmp");
+    let record = ProbeCache {
+        key,
+        accel: if verdict.is_ok() { Accel::Kvm } else { Accel::Tcg },
+        reason: verdict.as_ref().err().cloned(),
+    };
+    if let Ok(json) = serde_json::to_vec(&record) {
+        let tmp = cache_path.with_extension(format!("tmp{}", std::process::id()));
         if std::fs::write(&tmp, json).is_ok() {
             let _ = std::fs::rename(tmp, &cache_path);
         }
     }
-    Ok(accel)
+    verdict.map_err(|reason| KvmVerdict { reason, fresh: true })
 }
 
 /// Boots `kernel` under KVM with no root device: a working KVM reaches the "cannot

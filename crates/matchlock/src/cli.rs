@@ -82,6 +82,15 @@ enum Command {
     Kernel(KernelCommand),
     /// Print version information.
     Version,
+    /// Check that this host can run sandboxes.
+    Diagnose {
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install and configure what this host needs.
+    #[command(subcommand)]
+    Setup(SetupCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +103,19 @@ enum ImageCommand {
 struct ImportArgs {
     /// Tag to store the image under (`name[:tag]`).
     tag: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum SetupCommand {
+    /// Debian packages, vhost-device-vsock and the guest kernel (idempotent).
+    Linux {
+        /// Do not install packages or vhost-device-vsock.
+        #[arg(long)]
+        skip_packages: bool,
+        /// Do not build the guest kernel.
+        #[arg(long)]
+        skip_kernel: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,6 +171,10 @@ pub async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Kernel(KernelCommand::Path) => {
             outln!("{}", matchlock_vm::kernel::locate()?.display())?;
             Ok(0)
+        }
+        Command::Diagnose { json } => crate::host::diagnose(json).await,
+        Command::Setup(SetupCommand::Linux { skip_packages, skip_kernel }) => {
+            crate::host::setup_linux(skip_packages, skip_kernel)
         }
         Command::Version => {
             println!(

@@ -10,6 +10,7 @@ macro_rules! outln {
 }
 
 mod cli;
+mod host;
 mod run;
 mod session;
 mod terminal;

@@ -1,0 +1,164 @@
+//! `matchlock diagnose` and `matchlock setup linux`: checking and preparing this host.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use matchlock_api::paths::{cache_dir, state_dir};
+use matchlock_vm::{accel, kernel, tools};
+use serde::Serialize;
+
+/// Outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Verdict {
+    Pass,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    name: &'static str,
+    status: Verdict,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fix: Option<String>,
+}
+
+fn check(name: &'static str, status: Verdict, message: impl Into<String>, fix: Option<&str>) -> Check {
+    Check { name, status, message: message.into(), fix: fix.map(str::to_owned) }
+}
+
+fn version_of(program: &Path, arg: &str) -> Option<String> {
+    let out = Command::new(program).arg(arg).output().ok()?;
+    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+    String::from_utf8_lossy(&text).lines().next().map(|l| l.trim().to_owned())
+}
+
+/// mke2fs must be new enough to build file systems from tarballs (1.47.1).
+fn e2fsprogs_check() -> Check {
+    let fix = Some("scripts/setup.sh (installs e2fsprogs from bookworm-backports)");
+    let Some(line) = version_of(Path::new("mke2fs"), "-V") else {
+        return check("e2fsprogs", Verdict::Fail, "mke2fs not found", fix);
+    };
+    let version: Vec<u32> =
+        line.split_whitespace().nth(1).unwrap_or("").split('.').filter_map(|p| p.parse().ok()).collect();
+    if version >= vec![1, 47, 1] {
+        check("e2fsprogs", Verdict::Pass, line, None)
+    } else {
+        check("e2fsprogs", Verdict::Fail, format!("{line}: 1.47.1 or newer is needed (mke2fs -d <tarball>)"), fix)
+    }
+}
+
+fn disk_check(name: &'static str, dir: &Path) -> Check {
+    let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(Path::new("/"));
+    match nix::sys::statvfs::statvfs(existing) {
+        Ok(st) => {
+            let free = st.blocks_available() * st.fragment_size();
+            let gb = free as f64 / 1e9;
+            let msg = format!("{gb:.1} GB free for {}", dir.display());
+            match gb {
+                g if g >= 5.0 => check(name, Verdict::Pass, msg, None),
+                g if g >= 1.0 => {
+                    check(name, Verdict::Warn, msg, Some("free disk space: sandboxes need up to --disk-size each"))
+                }
+                _ => check(name, Verdict::Fail, msg, Some("free disk space")),
+            }
+        }
+        Err(e) => check(name, Verdict::Fail, format!("cannot stat {}: {e}", existing.display()), None),
+    }
+}
+
+async fn checks() -> Vec<Check> {
+    let mut out = Vec::new();
+    let qemu = tools::qemu();
+    out.push(match &qemu {
+        Ok(q) => match version_of(q, "--version") {
+            Some(v) => check("qemu", Verdict::Pass, v, None),
+            None => check("qemu", Verdict::Fail, format!("{} does not run", q.display()), Some("scripts/setup.sh")),
+        },
+        Err(e) => check("qemu", Verdict::Fail, e.to_string(), Some("scripts/setup.sh")),
+    });
+    out.push(match tools::vhost_device_vsock() {
+        Ok(p) => check("vhost-device-vsock", Verdict::Pass, p.display().to_string(), None),
+        Err(e) => check("vhost-device-vsock", Verdict::Fail, e.to_string(), Some("scripts/setup.sh")),
+    });
+    let kernel = kernel::locate();
+    out.push(match &kernel {
+        Ok(k) => check("kernel", Verdict::Pass, k.display().to_string(), None),
+        Err(e) => check("kernel", Verdict::Fail, e.to_string(), Some("matchlock kernel build")),
+    });
+    out.push(match tools::guest_init() {
+        Ok(p) => check("guest-init", Verdict::Pass, p.display().to_string(), None),
+        Err(e) => check("guest-init", Verdict::Fail, e.to_string(), Some("scripts/setup.sh")),
+    });
+    out.push(e2fsprogs_check());
+    out.push(match (&qemu, &kernel) {
+        (Ok(q), Ok(k)) => match accel::kvm_usable(q, k).await {
+            Ok(()) => check("kvm", Verdict::Pass, "KVM boots the guest kernel", None),
+            Err(v) => check(
+                "kvm",
+                Verdict::Warn,
+                format!("KVM is not usable ({}); sandboxes run under TCG emulation, much slower", v.reason),
+                Some("on a real host: enable virtualisation and give this user read-write access to /dev/kvm"),
+            ),
+        },
+        _ => check("kvm", Verdict::Warn, "not checked: QEMU or the kernel is missing", None),
+    });
+    out.push(if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        check("cgroup", Verdict::Pass, "cgroup v2", None)
+    } else {
+        check("cgroup", Verdict::Warn, "the host does not use cgroup v2", None)
+    });
+    out.push(disk_check("disk-cache", &cache_dir()));
+    out.push(disk_check("disk-state", &state_dir()));
+    out
+}
+
+/// `matchlock diagnose [--json]`.
+pub async fn diagnose(json: bool) -> Result<u8> {
+    let checks = checks().await;
+    let ok = checks.iter().all(|c| c.status != Verdict::Fail);
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "ok": ok, "checks": checks }))?)?;
+    } else {
+        for c in &checks {
+            let mark = match c.status {
+                Verdict::Pass => "✓",
+                Verdict::Warn => "⚠",
+                Verdict::Fail => "✗",
+            };
+            outln!("{mark} {}: {}", c.name, c.message)?;
+            if let Some(fix) = &c.fix {
+                outln!("  fix: {fix}")?;
+            }
+        }
+    }
+    if !ok {
+        bail!("diagnose failed: one or more checks failed");
+    }
+    Ok(0)
+}
+
+const INSTALL_DEPS: &str = include_str!("../../../scripts/install-deps.sh");
+
+/// `matchlock setup linux`.
+pub fn setup_linux(skip_packages: bool, skip_kernel: bool) -> Result<u8> {
+    if !skip_packages {
+        let status =
+            Command::new("bash").arg("-c").arg(INSTALL_DEPS).status().context("cannot run the dependency installer")?;
+        if !status.success() {
+            bail!("installing dependencies failed ({status})");
+        }
+    }
+    if !skip_kernel {
+        let path = kernel::build()?;
+        outln!("kernel: {}", path.display())?;
+    }
+    if tools::guest_init().is_err() {
+        eprintln!("matchlock: guest-init is not installed: run scripts/setup.sh from a source checkout");
+    }
+    outln!("Setup complete; run `matchlock diagnose` to check this host")?;
+    Ok(0)
+}
