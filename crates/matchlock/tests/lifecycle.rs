@@ -128,6 +128,37 @@ fn exec_through_the_relay_pipes_stdin_and_cancels() {
 }
 
 #[test]
+fn exec_it_gives_a_terminal_through_the_relay() {
+    let h = home();
+    let id = h.detach(&["--image", "busybox"]);
+    let mut cmd = h.cmd();
+    cmd.args(["exec", "-it", &id, "sh"]);
+    let (mut child, mut master) = common::spawn_in_pty(cmd, 40, 120);
+    let reader = common::read_until(&master, "relay-tty-done");
+    std::io::Write::write_all(&mut master, b"tty; stty size; echo relay-tty-$((2-2))-done; exit 3\r").unwrap();
+    let status = child.wait().unwrap();
+    let out = reader.join().unwrap();
+    assert_eq!(status.code(), Some(3), "{out}");
+    assert!(out.contains("/dev/pts/") && out.contains("40 120"), "{out}");
+    ok(&h.ml(&["kill", &id]));
+}
+
+#[test]
+fn diagnose_reports_every_check() {
+    let h = home();
+    let out = h.ml(&["diagnose", "--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let names: Vec<&str> = doc["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for name in ["qemu", "vhost-device-vsock", "kernel", "guest-init", "e2fsprogs", "kvm", "disk-cache"] {
+        assert!(names.contains(&name), "{names:?}");
+    }
+    assert_eq!(doc["ok"], true, "{doc}");
+    assert_eq!(out.status.code(), Some(0));
+    let text = ok(&h.ml(&["diagnose"]));
+    assert!(text.lines().all(|l| l.starts_with(['✓', '✗', '⚠']) || l.starts_with("  fix: ")), "{text}");
+}
+
+#[test]
 fn cli_errors_use_the_reference_messages() {
     let h = home();
     for (args, message) in [

@@ -3,7 +3,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -83,47 +82,13 @@ fn without_i_stdin_is_empty() {
 #[test]
 fn tty_session_through_a_pty() {
     let h = home();
-    let pty = nix::pty::openpty(Some(&nix::pty::Winsize { ws_row: 33, ws_col: 101, ws_xpixel: 0, ws_ypixel: 0 }), None)
-        .unwrap();
-    let slave = std::fs::File::from(pty.slave);
     let mut cmd = h.cmd();
-    cmd.args(["run", "-it", "--image", "busybox", "sh"])
-        .stdin(slave.try_clone().unwrap())
-        .stdout(slave.try_clone().unwrap())
-        .stderr(slave);
-    // SAFETY: setsid and TIOCSCTTY are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid()?;
-            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    drop(cmd);
-    let mut master = std::fs::File::from(pty.master);
-    let reader = std::thread::spawn({
-        let mut master = master.try_clone().unwrap();
-        move || {
-            let mut out = Vec::new();
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = master.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                out.extend_from_slice(&buf[..n]);
-                if String::from_utf8_lossy(&out).contains("tty-done") {
-                    break;
-                }
-            }
-            out
-        }
-    });
+    cmd.args(["run", "-it", "--image", "busybox", "sh"]);
+    let (mut child, mut master) = common::spawn_in_pty(cmd, 33, 101);
+    let reader = common::read_until(&master, "tty-1-done");
     master.write_all(b"echo $((6*7)); tty; stty size; echo tty-$((1+0))-done; exit 7\r").unwrap();
     let status = child.wait().unwrap();
-    let out = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+    let out = reader.join().unwrap();
     h.assert_no_leftovers();
     assert_eq!(status.code(), Some(7), "output: {out}");
     assert!(out.contains("42"), "output: {out}");

@@ -187,6 +187,50 @@ impl Home {
     }
 }
 
+/// Starts `cmd` as a session leader with a new pseudo-terminal of `rows`x`cols` as its
+/// controlling terminal and stdio; returns it and the terminal's master side.
+pub fn spawn_in_pty(mut cmd: Command, rows: u16, cols: u16) -> (std::process::Child, std::fs::File) {
+    use std::os::unix::process::CommandExt;
+    let ws = nix::pty::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
+    let slave = std::fs::File::from(pty.slave);
+    cmd.stdin(slave.try_clone().unwrap()).stdout(slave.try_clone().unwrap()).stderr(slave);
+    // SAFETY: setsid and TIOCSCTTY are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn in pty");
+    drop(cmd);
+    (child, std::fs::File::from(pty.master))
+}
+
+/// Reads the terminal until `marker` appears (or the terminal closes).
+pub fn read_until(master: &std::fs::File, marker: &str) -> std::thread::JoinHandle<String> {
+    use std::io::Read;
+    let mut master = master.try_clone().unwrap();
+    let marker = marker.to_owned();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&out).contains(&marker) {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
