@@ -1,6 +1,6 @@
 //! `matchlock run`: this process owns the sandbox for its whole life.
 
-use std::io::{BufRead, IsTerminal, Read};
+use std::io::{BufRead, Read};
 use std::net::IpAddr;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
@@ -12,7 +12,7 @@ use matchlock_api::config::{
     parse_add_host, parse_env, parse_env_file, DEFAULT_CPUS, DEFAULT_DISK_SIZE_MB, DEFAULT_MEMORY_MB,
 };
 use matchlock_api::SandboxConfig;
-use matchlock_protocol::exec::{ExecMode, ExecRequest};
+use matchlock_protocol::exec::ExecRequest;
 use matchlock_sandbox::{compose, ComposeError, Sandbox};
 
 use crate::cli::open_store;
@@ -126,16 +126,7 @@ pub async fn run(args: RunArgs) -> Result<u8> {
         return spawn_detached();
     }
     let remove = args.rm && !args.detach && !args.detached_child;
-    let mode = match (args.interactive, args.tty) {
-        (true, true) => {
-            if !std::io::stdin().is_terminal() {
-                bail!("-it requires a TTY (stdin is not a terminal)");
-            }
-            ExecMode::Tty
-        }
-        (true, false) => ExecMode::Pipe,
-        _ => ExecMode::Stream,
-    };
+    let mode = session::exec_mode(args.interactive, args.tty)?;
     let deadline = args.timeout.map(|s| Instant::now() + Duration::from_secs(s));
     let config = build_config(&args)?;
     let store = open_store()?;

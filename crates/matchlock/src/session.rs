@@ -2,6 +2,7 @@
 //! window size and deadlines, shared by `run` and `exec`.
 
 use std::future::Future;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -57,6 +58,19 @@ pub struct Interruptions {
     pub stopped: bool,
     /// The deadline passed.
     pub timed_out: bool,
+}
+
+/// The exec mode for `-i` / `-t`: `-it` is a TTY (and needs one), `-i` a pipe, and
+/// anything else a plain stream (`-t` alone has no effect).
+pub fn exec_mode(interactive: bool, tty: bool) -> Result<ExecMode> {
+    match (interactive, tty) {
+        (true, true) if !std::io::stdin().is_terminal() => {
+            anyhow::bail!("-it requires a TTY (stdin is not a terminal)")
+        }
+        (true, true) => Ok(ExecMode::Tty),
+        (true, false) => Ok(ExecMode::Pipe),
+        _ => Ok(ExecMode::Stream),
+    }
 }
 
 /// Sleeps until `deadline`, or forever without one.

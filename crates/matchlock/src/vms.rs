@@ -1,6 +1,6 @@
 //! Commands on existing sandboxes: exec, list, get, inspect, log, kill, rm, prune, gc.
 
-use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -48,16 +48,7 @@ fn lookup(state: &StateDb, id: &str) -> Result<Vm> {
 
 /// `matchlock exec`.
 pub async fn exec(args: ExecArgs) -> Result<u8> {
-    let mode = match (args.interactive, args.tty) {
-        (true, true) => {
-            if !std::io::stdin().is_terminal() {
-                bail!("-it requires a TTY (stdin is not a terminal)");
-            }
-            ExecMode::Tty
-        }
-        (true, false) => ExecMode::Pipe,
-        _ => ExecMode::Stream,
-    };
+    let mode = session::exec_mode(args.interactive, args.tty)?;
     let mut command = args.command.clone();
     if command.is_empty() {
         if mode != ExecMode::Tty {
