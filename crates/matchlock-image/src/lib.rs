@@ -13,6 +13,7 @@ pub mod archive;
 pub mod config;
 pub mod ext4;
 pub mod layer;
+pub mod registry;
 pub mod store;
 
 pub use config::ImageConfig;

@@ -84,6 +84,19 @@ pub struct ImportSummary {
     pub size: u64,
 }
 
+/// One row of `image ls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRow {
+    /// Tag.
+    pub tag: String,
+    /// `import`, `registry` or `tag`.
+    pub source: String,
+    /// Uncompressed content size in bytes.
+    pub size: u64,
+    /// Unix seconds.
+    pub created: i64,
+}
+
 /// A stored image, ready to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRecord {
@@ -165,6 +178,7 @@ impl Store {
     /// Imports a `docker save` or OCI-layout tarball from `input` under `tag`.
     pub fn import(&mut self, tag: &str, input: &mut dyn Read) -> Result<ImportSummary, StoreError> {
         let tag = normalize_tag(tag)?;
+        let _lock = self.lock(false)?;
         let tmp_dir = self.root.join("tmp");
         let mut spool =
             tempfile::tempfile_in(&tmp_dir).map_err(|source| StoreError::Io { path: tmp_dir.clone(), source })?;
@@ -180,43 +194,177 @@ impl Store {
             })?;
         }
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&image.config_bytes)));
-        let config_json = serde_json::to_string(&image.config.image_config()).expect("config serializes");
-        let tx = self.db.transaction()?;
+        self.save(&tag, "import", &digest, &image.config.image_config(), &image.config.rootfs.diff_ids, size)?;
+        Ok(ImportSummary { tag, digest, layers: total, size })
+    }
+
+    /// Records an image whose layer blobs are all stored (replacing any image of that tag).
+    pub fn save(
+        &mut self,
+        tag: &str,
+        source: &str,
+        digest: &str,
+        config: &ImageConfig,
+        diff_ids: &[String],
+        size: u64,
+    ) -> Result<(), StoreError> {
+        let config_json = serde_json::to_string(config).expect("config serializes");
+        let tx = self.db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM images WHERE tag = ?1", params![tag])?;
         tx.execute(
-            "INSERT INTO images (tag, digest, size, source, config_json, created_at) VALUES (?1, ?2, ?3, 'import', ?4, ?5)",
-            params![tag, digest, size as i64, config_json, now()],
+            "INSERT INTO images (tag, digest, size, source, config_json, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![tag, digest, size as i64, source, config_json, now()],
         )?;
-        for (ordinal, diff_id) in image.config.rootfs.diff_ids.iter().enumerate() {
+        for (ordinal, diff_id) in diff_ids.iter().enumerate() {
             tx.execute(
                 "INSERT INTO image_layers (tag, ordinal, diff_id) VALUES (?1, ?2, ?3)",
                 params![tag, ordinal as i64, diff_id],
             )?;
         }
         tx.commit()?;
-        Ok(ImportSummary { tag, digest, layers: total, size })
+        Ok(())
     }
 
-    /// Converts a layer unless its blob is already stored; returns its content size.
-    fn ensure_layer(&self, archive: &ImageArchive, path: &Path, diff_id: &str) -> Result<u64, StoreError> {
+    /// Whether the blob of a layer is stored; returns its content size.
+    pub fn layer_size(&self, diff_id: &str) -> Result<Option<u64>, StoreError> {
         let known: Option<i64> = self
             .db
             .query_row("SELECT size FROM layers WHERE diff_id = ?1", params![diff_id], |r| r.get(0))
             .optional()?;
-        let blob = self.blob_path(diff_id);
-        if let Some(size) = known {
-            if blob.exists() {
-                return Ok(size as u64);
+        Ok(known.filter(|_| self.blob_path(diff_id).exists()).map(|s| s as u64))
+    }
+
+    /// Records a converted layer blob.
+    pub fn add_layer(&self, diff_id: &str, size: u64) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT OR REPLACE INTO layers (diff_id, fs_type, size, created_at) VALUES (?1, 'ext4', ?2, ?3)",
+            params![diff_id, size as i64, now()],
+        )?;
+        Ok(())
+    }
+
+    /// The directory for temporary files of this store (same file system as the blobs).
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Takes the store-wide lock: shared while adding images, exclusive for [`Store::gc`],
+    /// so a collection never deletes a blob an import is about to reference.
+    pub fn lock(&self, exclusive: bool) -> Result<fs::File, StoreError> {
+        let path = self.root.join("store.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        let locked = if exclusive { file.lock() } else { file.lock_shared() };
+        locked.map_err(|source| StoreError::Io { path, source })?;
+        Ok(file)
+    }
+
+    /// Takes the conversion lock of one layer, so two processes never convert it twice.
+    pub fn lock_layer(&self, diff_id: &str) -> Result<fs::File, StoreError> {
+        let path = self.root.join("blobs").join(format!("{}.lock", diff_id.replace([':', '/'], "_")));
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        file.lock().map_err(|source| StoreError::Io { path, source })?;
+        Ok(file)
+    }
+
+    /// Every image: (tag, source, size, created unix seconds), local sources first.
+    pub fn list(&self) -> Result<Vec<ImageRow>, StoreError> {
+        let mut stmt = self.db.prepare(
+            "SELECT tag, source, size, created_at FROM images
+             ORDER BY CASE source WHEN 'registry' THEN 1 ELSE 0 END, tag",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(ImageRow { tag: r.get(0)?, source: r.get(1)?, size: r.get::<_, i64>(2)? as u64, created: r.get(3)? })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Removes an image record; its blobs stay until [`Store::gc`]. Returns whether it existed.
+    pub fn remove(&mut self, tag: &str) -> Result<bool, StoreError> {
+        let tx = self.db.transaction()?;
+        tx.execute("DELETE FROM image_layers WHERE tag = ?1", params![tag])?;
+        let n = tx.execute("DELETE FROM images WHERE tag = ?1", params![tag])?;
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    /// Deletes layer blobs no image references; returns how many.
+    pub fn gc(&mut self) -> Result<usize, StoreError> {
+        let _lock = self.lock(true)?;
+        let referenced: std::collections::HashSet<String> = {
+            let mut stmt = self.db.prepare("SELECT DISTINCT diff_id FROM image_layers")?;
+            let ids = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?;
+            ids
+        };
+        let referenced_files: std::collections::HashSet<PathBuf> =
+            referenced.iter().map(|d| self.blob_path(d)).collect();
+        let mut removed = 0;
+        let blobs = self.root.join("blobs");
+        for entry in fs::read_dir(&blobs).map_err(|source| StoreError::Io { path: blobs.clone(), source })?.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".ext4") && !referenced_files.contains(&path) {
+                fs::remove_file(&path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
+                removed += 1;
             }
+        }
+        // Leftovers of interrupted imports and pulls: nobody holds the store lock for them.
+        let tmp = self.tmp_dir();
+        for entry in fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+        for entry in fs::read_dir(&blobs).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".layer-") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let mut stmt = self.db.prepare("SELECT diff_id FROM layers")?;
+        let known: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        drop(stmt);
+        for diff_id in known.iter().filter(|d| !referenced.contains(*d)) {
+            self.db.execute("DELETE FROM layers WHERE diff_id = ?1", params![diff_id])?;
+        }
+        Ok(removed)
+    }
+
+    /// Converts a layer unless its blob is already stored; returns its content size.
+    fn ensure_layer(&self, archive: &ImageArchive, path: &Path, diff_id: &str) -> Result<u64, StoreError> {
+        if let Some(size) = self.layer_size(diff_id)? {
+            return Ok(size);
+        }
+        let _layer_lock = self.lock_layer(diff_id)?;
+        // Another process may have converted it while we waited for the lock.
+        if let Some(size) = self.layer_size(diff_id)? {
+            return Ok(size);
         }
         let layer_err = |source| StoreError::Layer { index: 0, total: 0, source };
         let source = archive.layer(path)?;
-        let converted = layer::convert(&source, Some(diff_id), &blob).map_err(layer_err)?;
-        self.db.execute(
-            "INSERT OR REPLACE INTO layers (diff_id, fs_type, size, created_at) VALUES (?1, 'ext4', ?2, ?3)",
-            params![diff_id, converted.content_bytes as i64, now()],
-        )?;
+        let converted = layer::convert(&source, Some(diff_id), &self.blob_path(diff_id)).map_err(layer_err)?;
+        self.add_layer(diff_id, converted.content_bytes)?;
         Ok(converted.content_bytes)
+    }
+
+    /// Finds an image the way `run --image` names it: a local tag first (`name[:tag]`),
+    /// then the registry name (`alpine` → `docker.io/library/alpine:latest`).
+    pub fn resolve(&self, reference: &str) -> Result<Option<ImageRecord>, StoreError> {
+        if let Some(found) = self.get(reference)? {
+            return Ok(Some(found));
+        }
+        match crate::registry::normalize(reference) {
+            Ok(full) => self.get(&full.whole()),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Looks up an image by tag (`:latest` is implied).

@@ -28,7 +28,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     /// The image is not in the local store.
-    #[error("image not found: {0} (import it with `matchlock image import {0} < image.tar`)")]
+    #[error("image not found: {0} (pull it, or import it with `matchlock image import {0} < image.tar`)")]
     ImageNotFound(String),
     /// The image store failed.
     #[error(transparent)]
@@ -125,7 +125,7 @@ impl Sandbox {
     pub async fn create(config: SandboxConfig, store: &Store, mut state: StateDb) -> Result<Self, SandboxError> {
         let started = Instant::now();
         validate(&config)?;
-        let image = store.get(&config.image)?.ok_or_else(|| SandboxError::ImageNotFound(config.image.clone()))?;
+        let image = store.resolve(&config.image)?.ok_or_else(|| SandboxError::ImageNotFound(config.image.clone()))?;
         let kernel = kernel::locate()?;
         let guest_init = tools::guest_init()?;
         let qemu = tools::qemu()?;

@@ -176,6 +176,14 @@ pub fn short_time(rfc3339: &str) -> String {
         .unwrap_or_else(|| rfc3339.to_owned())
 }
 
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of Unix seconds.
+pub fn datetime(unix_seconds: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_seconds)
+        .ok()
+        .and_then(|t| t.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]")).ok())
+        .unwrap_or_default()
+}
+
 /// The state database.
 #[derive(Debug)]
 pub struct StateDb {

@@ -74,6 +74,17 @@ enum Command {
         /// Only this sandbox.
         id: Option<String>,
     },
+    /// Pull an image from a registry.
+    Pull {
+        /// Also store the image under this tag.
+        #[arg(short = 't', long)]
+        tag: Option<String>,
+        /// Download and convert every layer again.
+        #[arg(long)]
+        force: bool,
+        /// The image (`alpine`, `localhost:5000/app:1`).
+        reference: String,
+    },
     /// Manage local images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -97,6 +108,16 @@ enum Command {
 enum ImageCommand {
     /// Import a `docker save` or OCI-layout tarball from stdin.
     Import(ImportArgs),
+    /// List images.
+    #[command(alias = "list")]
+    Ls,
+    /// Remove an image (its layers go when no image uses them).
+    Rm {
+        /// The image.
+        tag: String,
+    },
+    /// Delete layer blobs no image uses.
+    Gc,
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +166,10 @@ pub async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Rm { stopped, id } => crate::vms::rm(id, stopped),
         Command::Prune => crate::vms::prune(),
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),
+        Command::Pull { tag, force, reference } => crate::images::pull(&reference, tag.as_deref(), force).await,
+        Command::Image(ImageCommand::Ls) => crate::images::list(),
+        Command::Image(ImageCommand::Rm { tag }) => crate::images::remove(&tag),
+        Command::Image(ImageCommand::Gc) => crate::images::gc(),
         Command::Image(ImageCommand::Import(args)) => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {

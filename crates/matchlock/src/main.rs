@@ -11,6 +11,7 @@ macro_rules! outln {
 
 mod cli;
 mod host;
+mod images;
 mod run;
 mod session;
 mod terminal;

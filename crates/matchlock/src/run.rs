@@ -48,6 +48,9 @@ pub struct RunArgs {
     /// Return once the sandbox is ready, printing its id (implies --rm=false).
     #[arg(short = 'd', long)]
     detach: bool,
+    /// Pull the image even if it is stored.
+    #[arg(long, env = "MATCHLOCK_RUN_PULL")]
+    pull: bool,
     /// Remove the sandbox when the command exits; `--rm=false` keeps it until killed.
     #[arg(long, env = "MATCHLOCK_RUN_RM", default_value_t = true, action = ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -129,11 +132,9 @@ pub async fn run(args: RunArgs) -> Result<u8> {
     let mode = session::exec_mode(args.interactive, args.tty)?;
     let deadline = args.timeout.map(|s| Instant::now() + Duration::from_secs(s));
     let config = build_config(&args)?;
-    let store = open_store()?;
-    // Resolve the command before booting: a bad image or command fails fast.
-    let image = store
-        .get(&config.image)?
-        .ok_or_else(|| matchlock_sandbox::SandboxError::ImageNotFound(config.image.clone()))?;
+    let mut store = open_store()?;
+    // Resolve the image and the command before booting: bad input fails fast.
+    let image = crate::images::image_for_run(&mut store, &config.image, args.pull).await?;
     let composed = match compose(&image.config, &config) {
         Ok(c) => Some(c),
         Err(ComposeError::NoCommand) if !remove => None,

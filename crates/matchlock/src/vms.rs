@@ -76,7 +76,7 @@ pub async fn exec(args: ExecArgs) -> Result<u8> {
     if args.workdir.is_some() {
         config.workdir = args.workdir;
     }
-    let image = open_store()?.get(&vm.image)?.map(|i| i.config).unwrap_or_default();
+    let image = open_store()?.resolve(&vm.image)?.map(|i| i.config).unwrap_or_default();
     let composed = compose(&image, &config)?;
     let request = ExecRequest {
         argv: composed.argv,
@@ -94,7 +94,7 @@ pub async fn exec(args: ExecArgs) -> Result<u8> {
 }
 
 /// Prints rows as a table with two spaces between columns.
-fn print_table(header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

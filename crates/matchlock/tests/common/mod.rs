@@ -90,6 +90,8 @@ pub fn shared() -> &'static Shared {
 pub struct Home {
     pub dir: tempfile::TempDir,
     tools: Tools,
+    /// An image store of its own, when the test needs one.
+    _own_cache: Option<tempfile::TempDir>,
 }
 
 /// A fresh HOME sharing the process-wide cache and images.
@@ -97,9 +99,25 @@ pub fn home() -> Home {
     Home::new(shared().tools.clone())
 }
 
+/// A fresh HOME with an empty cache (image store) of its own.
+pub fn isolated_home() -> Home {
+    let mut tools = shared().tools.clone();
+    let cache = tempfile::Builder::new().prefix("matchlock-test-cache-").tempdir().expect("temp cache");
+    tools.cache = cache.path().to_owned();
+    let mut home = Home::new(tools);
+    home._own_cache = Some(cache);
+    home
+}
+
+/// The fixture image tarballs.
+pub fn fixture(name: &str) -> PathBuf {
+    shared().fixtures.join(name)
+}
+
 impl Home {
     fn new(tools: Tools) -> Self {
-        Self { dir: tempfile::Builder::new().prefix("matchlock-test-home-").tempdir().expect("temp home"), tools }
+        let dir = tempfile::Builder::new().prefix("matchlock-test-home-").tempdir().expect("temp home");
+        Self { dir, tools, _own_cache: None }
     }
 
     /// A `matchlock` command with this HOME and the shared cache and tools.
@@ -110,6 +128,10 @@ impl Home {
             .env("MATCHLOCK_KERNEL", &self.tools.kernel)
             .env("MATCHLOCK_GUEST_INIT", &self.tools.guest_init)
             .env("MATCHLOCK_VHOST_VSOCK", &self.tools.vhost_vsock)
+            // Tests never reach the internet: Docker Hub names go to a closed local port
+            // unless a test points them at its own registry.
+            .env("MATCHLOCK_REGISTRY_MIRROR", "127.0.0.1:9")
+            .env("DOCKER_CONFIG", self.dir.path().join(".docker"))
             .stdin(Stdio::null());
         cmd
     }
@@ -124,6 +146,11 @@ impl Home {
         let out = self.cmd().arg("run").args(args).output().expect("run matchlock");
         self.assert_no_leftovers();
         out
+    }
+
+    /// The image store's blob directory.
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.tools.cache.join("matchlock/images/blobs")
     }
 
     pub fn vms_dir(&self) -> PathBuf {
@@ -244,4 +271,75 @@ pub fn stderr(out: &Output) -> String {
 pub fn ok(out: &Output) -> String {
     assert!(out.status.success(), "exit {:?}\nstdout: {}\nstderr: {}", out.status.code(), stdout(out), stderr(out));
     stdout(out)
+}
+
+/// A real OCI registry (Debian's docker-registry) on a loopback port, optionally with
+/// htpasswd authentication. Killed when dropped.
+pub struct Registry {
+    child: std::process::Child,
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+    /// Its storage (for tampering with blobs).
+    pub root: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start(credentials: Option<(&str, &str)>) -> Self {
+        let root = tempfile::Builder::new().prefix("matchlock-test-registry-").tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {addr}\n",
+            root.path().join("data").display()
+        );
+        if let Some((user, password)) = credentials {
+            let out = Command::new("htpasswd").args(["-Bbn", user, password]).output().expect("htpasswd");
+            assert!(out.status.success());
+            std::fs::write(root.path().join("htpasswd"), out.stdout).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: matchlock-test\n    path: {}\n",
+                root.path().join("htpasswd").display()
+            ));
+        }
+        std::fs::write(root.path().join("config.yml"), config).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(root.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(root.path().join("registry.log")).unwrap())
+            .spawn()
+            .expect("docker-registry: run scripts/setup.sh");
+        let registry = Self { child, addr, root };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(&registry.addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "registry did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        registry
+    }
+
+    /// Pushes an image (`oci-archive:<path>` or `docker-archive:<path>`) to `repo:tag`.
+    pub fn push(&self, source: &str, target: &str, credentials: Option<&str>) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"]);
+        if let Some(c) = credentials {
+            cmd.args(["--dest-creds", c]);
+        }
+        let out = cmd.arg(source).arg(format!("docker://{}/{target}", self.addr)).output().expect("skopeo");
+        assert!(out.status.success(), "skopeo copy {source}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Path of a blob in the registry's storage.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.root.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

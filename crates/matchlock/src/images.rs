@@ -1,0 +1,107 @@
+//! `matchlock pull` and `matchlock image …`.
+
+use std::io::{IsTerminal, Write};
+
+use anyhow::{bail, Context, Result};
+use matchlock_image::registry::{self, PullEvent, PullSummary};
+use matchlock_image::{format_size, ImageRecord, Store};
+
+use crate::cli::open_store;
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Renders pull progress on stderr: one updating line on a terminal, plain lines otherwise.
+fn progress_printer() -> impl FnMut(PullEvent) {
+    let terminal = std::io::stderr().is_terminal();
+    move |event| {
+        let mut err = std::io::stderr().lock();
+        let _ = match event {
+            PullEvent::LayerCached { index, total } => writeln!(err, "Layer {index}/{total}: already stored"),
+            PullEvent::Downloading { index, total, done, size } if terminal => {
+                write!(err, "\r\x1b[KLayer {index}/{total}: downloading {} / {} MB", mb(done), mb(size))
+            }
+            PullEvent::Downloading { index, total, done, size } if done == size || done <= 1 << 20 => {
+                writeln!(err, "Layer {index}/{total}: downloading {} / {} MB", mb(done), mb(size))
+            }
+            PullEvent::Downloading { .. } => Ok(()),
+            PullEvent::Converting { index, total } if terminal => {
+                write!(err, "\r\x1b[KLayer {index}/{total}: converting\n")
+            }
+            PullEvent::Converting { index, total } => writeln!(err, "Layer {index}/{total}: converting"),
+        };
+    }
+}
+
+/// Pulls with progress on stderr.
+pub async fn pull_with_progress(
+    store: &mut Store,
+    reference: &str,
+    alias: Option<&str>,
+    force: bool,
+) -> Result<PullSummary> {
+    let mut progress = progress_printer();
+    registry::pull(store, reference, alias, force, &mut progress)
+        .await
+        .with_context(|| format!("cannot pull {reference}"))
+}
+
+/// The image for `run --image`: the store's, or pulled when missing (always with `--pull`).
+pub async fn image_for_run(store: &mut Store, reference: &str, force_pull: bool) -> Result<ImageRecord> {
+    if !force_pull {
+        if let Some(image) = store.resolve(reference)? {
+            return Ok(image);
+        }
+    }
+    eprintln!("Pulling {reference}...");
+    let summary = pull_with_progress(store, reference, None, force_pull).await?;
+    store.resolve(&summary.reference)?.context("pulled image is missing from the store")
+}
+
+/// `matchlock pull`.
+pub async fn pull(reference: &str, tag: Option<&str>, force: bool) -> Result<u8> {
+    let mut store = open_store()?;
+    outln!("Pulling {reference}...")?;
+    let summary = pull_with_progress(&mut store, reference, tag, force).await?;
+    if let Some(tag) = tag {
+        outln!("Tagged: {tag}")?;
+    }
+    outln!("Digest: {}", summary.digest)?;
+    outln!("Size: {}", format_size(summary.size))?;
+    Ok(0)
+}
+
+/// `matchlock image ls`.
+pub fn list() -> Result<u8> {
+    let store = open_store()?;
+    let rows: Vec<Vec<String>> = store
+        .list()?
+        .into_iter()
+        .map(|r| vec![r.tag, r.source, format_size(r.size), matchlock_state::datetime(r.created)])
+        .collect();
+    crate::vms::print_table(&["TAG", "SOURCE", "SIZE", "CREATED"], &rows)?;
+    Ok(0)
+}
+
+/// `matchlock image rm`.
+pub fn remove(tag: &str) -> Result<u8> {
+    let mut store = open_store()?;
+    let full = registry::normalize(tag).map(|r| r.whole()).ok();
+    let local = matchlock_image::store::normalize_tag(tag).ok();
+    for candidate in [local, full].into_iter().flatten() {
+        if store.remove(&candidate)? {
+            store.gc()?;
+            outln!("Removed {tag}")?;
+            return Ok(0);
+        }
+    }
+    bail!("image not found: {tag}")
+}
+
+/// `matchlock image gc`.
+pub fn gc() -> Result<u8> {
+    let removed = open_store()?.gc()?;
+    outln!("Removed {removed} unreferenced blobs")?;
+    Ok(0)
+}

@@ -1,0 +1,236 @@
+//! Registry pulls and the image store, against a real registry (Debian's docker-registry)
+//! on loopback, with fixtures pushed by skopeo.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{fixture, isolated_home, ok, stderr, stdout, Registry};
+
+fn oci(name: &str) -> String {
+    format!("oci-archive:{}", fixture(name).display())
+}
+
+/// (number of layer blobs, bytes allocated by them) in a blob directory.
+fn blob_usage(dir: &Path) -> (usize, u64) {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".ext4"))
+        .fold((0, 0), |(n, bytes), e| (n + 1, bytes + e.metadata().unwrap().blocks() * 512))
+}
+
+#[test]
+fn pull_then_run_with_whiteouts_multiarch_and_zstd() {
+    let registry = Registry::start(None);
+    registry.push(&format!("docker-archive:{}", fixture("layered.tar").display()), "test/layered:latest", None);
+    registry.push(&oci("multiarch.tar"), "test/multi:latest", None);
+    registry.push(&oci("nonroot.tar"), "test/nonroot:latest", None);
+    let h = isolated_home();
+    let reference = format!("{}/test/layered", registry.addr);
+    let out = ok(&h.ml(&["pull", &reference]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], format!("Pulling {reference}..."));
+    assert!(lines[1].starts_with("Digest: sha256:") && lines[2].starts_with("Size: "), "{out}");
+    let script = "test -e /data/gone && echo present || echo deleted; ls /data/dir; readlink /bin/sh";
+    let run = h.run(&["--image", &reference, "--entrypoint", "sh", "--", "-c", script]);
+    assert_eq!(ok(&run), "deleted\nnew\nbusybox\n");
+    // A multi-platform index resolves to linux/amd64; a zstd layer converts.
+    let multi = format!("{}/test/multi", registry.addr);
+    assert_eq!(ok(&h.run(&["--image", &multi, "--", "sh", "-c", "echo $ARCH"])), "amd64\n");
+    let nonroot = format!("{}/test/nonroot", registry.addr);
+    assert_eq!(
+        ok(&h.run(&["--image", &nonroot, "--", "sh", "-c", "id -u; cat /etc/motd"])),
+        "65534\ncompressed with zstd\n"
+    );
+    let ls = ok(&h.ml(&["image", "ls"]));
+    assert!(ls.starts_with("TAG ") && ls.lines().next().unwrap().contains("SOURCE"), "{ls}");
+    assert!(ls.contains(&format!("{reference}:latest")) && ls.contains("registry"), "{ls}");
+}
+
+#[test]
+fn mirror_serves_docker_hub_names_and_the_cache_needs_no_registry() {
+    let registry = Registry::start(None);
+    registry.push(&oci("busybox.tar"), "library/busybox:latest", None);
+    let h = isolated_home();
+    let mirror = registry.addr.clone();
+    let run = |extra: &[&str]| {
+        let mut cmd = h.cmd();
+        cmd.env("MATCHLOCK_REGISTRY_MIRROR", &mirror).arg("run").args(extra);
+        let out = cmd.args(["--image", "busybox", "--", "echo", "hi"]).output().unwrap();
+        h.assert_no_leftovers();
+        out
+    };
+    let first = run(&[]);
+    assert_eq!(ok(&first), "hi\n");
+    assert!(stderr(&first).contains("Pulling busybox..."), "{}", stderr(&first));
+    assert!(ok(&h.ml(&["image", "ls"])).contains("docker.io/library/busybox:latest"));
+    drop(registry);
+    // Cached: no registry contact at all.
+    let second = run(&[]);
+    assert_eq!(ok(&second), "hi\n");
+    assert!(!stderr(&second).contains("Pulling"), "{}", stderr(&second));
+    // --pull insists on the registry, which is gone.
+    let forced = run(&["--pull"]);
+    assert_eq!(forced.status.code(), Some(1));
+    assert!(stderr(&forced).contains("cannot pull busybox"), "{}", stderr(&forced));
+}
+
+#[test]
+fn registry_authentication() {
+    let registry = Registry::start(Some(("alice", "s3cret")));
+    registry.push(&oci("busybox.tar"), "private/busybox:latest", Some("alice:s3cret"));
+    let h = isolated_home();
+    let reference = format!("{}/private/busybox", registry.addr);
+    let denied = h.ml(&["pull", &reference]);
+    assert_eq!(denied.status.code(), Some(1));
+    assert!(stderr(&denied).contains(&format!("authentication to {} failed", registry.addr)), "{}", stderr(&denied));
+    let docker = h.dir.path().join(".docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    let config = |user_pass: &str| {
+        let auth = std::process::Command::new("base64").arg("-w0").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn();
+        let mut auth = auth.unwrap();
+        std::io::Write::write_all(&mut auth.stdin.take().unwrap(), user_pass.as_bytes()).unwrap();
+        let encoded = stdout(&auth.wait_with_output().unwrap());
+        std::fs::write(
+            docker.join("config.json"),
+            format!(r#"{{"auths":{{"{}":{{"auth":"{encoded}"}}}}}}"#, registry.addr),
+        )
+        .unwrap();
+    };
+    config("alice:wrong");
+    let wrong = h.ml(&["pull", &reference]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(stderr(&wrong).contains("authentication"), "{}", stderr(&wrong));
+    config("alice:s3cret");
+    assert!(ok(&h.ml(&["pull", &reference])).contains("Digest: sha256:"));
+}
+
+#[test]
+fn a_registry_serving_wrong_bytes_is_an_error_not_a_corrupt_cache() {
+    let registry = Registry::start(None);
+    registry.push(&oci("nonroot.tar"), "test/nonroot:latest", None);
+    // Tamper with the zstd layer in the registry's storage, keeping its size.
+    let blobs = registry.root.path().join("data/docker/registry/v2/blobs/sha256");
+    let mut tampered = 0;
+    for prefix in std::fs::read_dir(&blobs).unwrap().flatten() {
+        for blob in std::fs::read_dir(prefix.path()).unwrap().flatten() {
+            let data = blob.path().join("data");
+            let mut bytes = std::fs::read(&data).unwrap();
+            if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+                let last = bytes.len() - 1;
+                bytes[last] ^= 0xff;
+                std::fs::write(&data, bytes).unwrap();
+                tampered += 1;
+            }
+        }
+    }
+    assert_eq!(tampered, 1);
+    let h = isolated_home();
+    let out = h.ml(&["pull", &format!("{}/test/nonroot", registry.addr)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("corrupt data"), "{}", stderr(&out));
+    // Only the intact base layer was stored; nothing half-written, no image recorded.
+    assert_eq!(blob_usage(&h.blobs_dir()).0, 1);
+    assert_eq!(std::fs::read_dir(h.blobs_dir().join("../tmp")).unwrap().count(), 0);
+    assert_eq!(ok(&h.ml(&["image", "ls"])).lines().count(), 1);
+}
+
+#[test]
+fn aliases_and_force_pulls_never_duplicate_blobs_and_rm_gc_reclaim_them() {
+    let registry = Registry::start(None);
+    registry.push(&format!("docker-archive:{}", fixture("layered.tar").display()), "test/layered:latest", None);
+    let h = isolated_home();
+    let reference = format!("{}/test/layered", registry.addr);
+    ok(&h.ml(&["pull", &reference]));
+    let usage = blob_usage(&h.blobs_dir());
+    assert_eq!(usage.0, 3);
+    let tagged = ok(&h.ml(&["pull", "-t", "layered:regression-alias", &reference]));
+    assert!(tagged.contains("Tagged: layered:regression-alias"), "{tagged}");
+    ok(&h.ml(&["pull", "--force", &reference]));
+    ok(&h.ml(&["pull", "--force", &reference]));
+    assert_eq!(blob_usage(&h.blobs_dir()), usage);
+    let ls = ok(&h.ml(&["image", "ls"]));
+    assert!(ls.lines().any(|l| l.starts_with("layered:regression-alias") && l.contains(" tag ")), "{ls}");
+
+    assert_eq!(ok(&h.ml(&["image", "rm", "layered:regression-alias"])), "Removed layered:regression-alias\n");
+    assert_eq!(blob_usage(&h.blobs_dir()), usage, "blobs still used by the registry image");
+    assert_eq!(ok(&h.ml(&["image", "rm", &reference])), format!("Removed {reference}\n"));
+    assert_eq!(blob_usage(&h.blobs_dir()).0, 0, "removing the last image reclaims its blobs");
+    let again = h.ml(&["image", "rm", &reference]);
+    assert_ne!(again.status.code(), Some(0));
+    assert_eq!(ok(&h.ml(&["image", "gc"])), "Removed 0 unreferenced blobs\n");
+}
+
+#[test]
+fn concurrent_pulls_convert_each_layer_once() {
+    let registry = Registry::start(None);
+    registry.push(&format!("docker-archive:{}", fixture("layered.tar").display()), "test/layered:latest", None);
+    let h = isolated_home();
+    let reference = format!("{}/test/layered", registry.addr);
+    let pulls: Vec<_> = (0..2)
+        .map(|_| h.cmd().args(["pull", &reference]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect();
+    for p in pulls {
+        ok(&p.wait_with_output().unwrap());
+    }
+    assert_eq!(blob_usage(&h.blobs_dir()).0, 3);
+    assert_eq!(ok(&h.run(&["--image", &reference, "--entrypoint", "cat", "--", "/data/keep"])), "kept\n");
+}
+
+#[test]
+fn an_interrupted_pull_leaves_no_half_blob() {
+    let big = tempfile::tempdir().unwrap();
+    let made = std::process::Command::new("python3")
+        .arg(common::repo_root().join("tests/fixtures/make_images.py"))
+        .arg(big.path())
+        .arg("--big")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let registry = Registry::start(None);
+    registry.push(&format!("oci-archive:{}", big.path().join("big.tar").display()), "test/big:latest", None);
+    let h = isolated_home();
+    let reference = format!("{}/test/big", registry.addr);
+    let mut pull = h.cmd().args(["pull", &reference]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let err = pull.stderr.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !String::from_utf8_lossy(&seen).contains("Layer 2/3") {
+        assert!(Instant::now() < deadline, "pull never reached layer 2");
+        let n = err.read(&mut buf).unwrap();
+        assert!(n > 0, "pull ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    pull.kill().unwrap();
+    pull.wait().unwrap();
+    // Blobs appear only by rename: whatever is there is complete and usable.
+    for entry in std::fs::read_dir(h.blobs_dir()).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".ext4") && !name.starts_with('.') {
+            let check = std::process::Command::new("debugfs").args(["-R", "stats"]).arg(entry.path()).output().unwrap();
+            assert!(
+                check.status.success() && !stderr(&check).contains("Bad magic"),
+                "{name} is not a complete file system"
+            );
+        }
+    }
+    assert!(!ok(&h.ml(&["image", "ls"])).contains("test/big"));
+    ok(&h.ml(&["image", "gc"]));
+    let leftovers: Vec<_> =
+        std::fs::read_dir(h.blobs_dir().join("../tmp")).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!std::fs::read_dir(h.blobs_dir())
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with(".layer-")));
+    // And the next pull completes.
+    assert!(ok(&h.ml(&["pull", &reference])).contains("Digest: "));
+    assert_eq!(blob_usage(&h.blobs_dir()).0, 3);
+}
