@@ -1,6 +1,7 @@
-//! Converting one OCI layer (a possibly compressed tar) into a read-only ext4 image.
+//! OCI layers: verifying them, and squashing a stack of them into one read-only ext4
+//! image with whiteouts applied.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Component, Path, PathBuf};
@@ -85,75 +86,206 @@ fn clean_path(raw: &Path) -> Result<PathBuf, LayerError> {
     Ok(out)
 }
 
-/// What the first pass learns about a layer.
-#[derive(Debug, Default)]
-struct Scan {
-    diff_id: String,
-    content_bytes: u64,
-    entries: u64,
-    /// Directories marked opaque by `.wh..wh..opq`.
-    opaque: BTreeSet<PathBuf>,
+/// What reading a layer once tells us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerStats {
+    /// sha256 of the uncompressed tar.
+    pub diff_id: String,
+    /// Bytes of file content.
+    pub content_bytes: u64,
+    /// Number of tar entries.
+    pub entries: u64,
 }
 
-fn scan(source: &dyn LayerSource) -> Result<Scan, LayerError> {
+/// Reads a whole layer, checking that it is a well-formed tar with safe paths, and
+/// computes its diff-id; with `expected`, a different digest is an error.
+pub fn verify(source: &dyn LayerSource, expected: Option<&str>) -> Result<LayerStats, LayerError> {
     let raw = decompress(source.open().map_err(LayerError::Read)?).map_err(LayerError::Read)?;
     let mut reader = HashingReader { inner: raw, hasher: Sha256::new() };
-    let mut scan = Scan::default();
+    let mut content_bytes = 0;
+    let mut entries = 0;
     {
         let mut archive = tar::Archive::new(&mut reader);
         for entry in archive.entries().map_err(LayerError::Read)? {
             let entry = entry.map_err(LayerError::Read)?;
-            let path = clean_path(&entry.path().map_err(LayerError::Read)?)?;
-            scan.entries += 1;
-            scan.content_bytes += entry.header().entry_size().unwrap_or(0);
-            if path.file_name().is_some_and(|n| n == OPAQUE_MARKER) {
-                scan.opaque.insert(path.parent().map(Path::to_path_buf).unwrap_or_default());
-            }
+            clean_path(&entry.path().map_err(LayerError::Read)?)?;
+            entries += 1;
+            content_bytes += entry.header().entry_size().unwrap_or(0);
         }
     }
     // The digest covers the whole stream, including the end-of-archive padding.
     io::copy(&mut reader, &mut io::sink()).map_err(LayerError::Read)?;
-    scan.diff_id = format!("sha256:{}", hex::encode(reader.hasher.finalize()));
-    Ok(scan)
-}
-
-/// Summary of a converted layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConvertedLayer {
-    /// sha256 of the uncompressed tar.
-    pub diff_id: String,
-    /// Bytes of file content in the layer.
-    pub content_bytes: u64,
-}
-
-/// Converts a layer into an ext4 image at `out` (written to a temporary file in the
-/// same directory, then renamed). When `expected_diff_id` is given, the content must
-/// hash to it.
-pub fn convert(
-    source: &dyn LayerSource,
-    expected_diff_id: Option<&str>,
-    out: &Path,
-) -> Result<ConvertedLayer, LayerError> {
-    let scan = scan(source)?;
-    if let Some(expected) = expected_diff_id {
-        if expected != scan.diff_id {
-            return Err(LayerError::DigestMismatch { expected: expected.to_owned(), actual: scan.diff_id });
+    let diff_id = format!("sha256:{}", hex::encode(reader.hasher.finalize()));
+    if let Some(expected) = expected {
+        if expected != diff_id {
+            return Err(LayerError::DigestMismatch { expected: expected.to_owned(), actual: diff_id });
         }
     }
+    Ok(LayerStats { diff_id, content_bytes, entries })
+}
+
+/// Which layer provides the final version of each path, after whiteouts.
+#[derive(Debug, Default)]
+struct Merge {
+    live: BTreeMap<PathBuf, usize>,
+    content_bytes: u64,
+    entries: u64,
+}
+
+impl Merge {
+    /// Drops `path`'s descendants provided by layers below `layer`.
+    fn hide_below(&mut self, path: &Path, layer: usize) {
+        let doomed: Vec<PathBuf> = self
+            .live
+            .range::<Path, _>((std::ops::Bound::Excluded(path), std::ops::Bound::Unbounded))
+            .take_while(|(p, _)| p.starts_with(path))
+            .filter(|(_, l)| **l < layer)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in doomed {
+            self.live.remove(&p);
+        }
+    }
+
+    fn add_layer(&mut self, layer: usize, source: &dyn LayerSource) -> Result<(), LayerError> {
+        let raw = decompress(source.open().map_err(LayerError::Read)?).map_err(LayerError::Read)?;
+        let mut archive = tar::Archive::new(raw);
+        for entry in archive.entries().map_err(LayerError::Read)? {
+            let entry = entry.map_err(LayerError::Read)?;
+            let path = clean_path(&entry.path().map_err(LayerError::Read)?)?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            if name == OPAQUE_MARKER {
+                // Everything below this directory from lower layers disappears.
+                self.hide_below(&parent, layer);
+                continue;
+            }
+            if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+                let target = parent.join(hidden);
+                self.live.remove(&target);
+                self.hide_below(&target, layer + 1);
+                continue;
+            }
+            if path.as_os_str().is_empty() {
+                continue;
+            }
+            self.entries += 1;
+            self.content_bytes += entry.header().entry_size().unwrap_or(0);
+            if entry.header().entry_type() != EntryType::Directory {
+                // A file replacing a directory hides what was below it.
+                self.hide_below(&path, layer);
+            }
+            self.live.insert(path, layer);
+        }
+        Ok(())
+    }
+}
+
+/// What a squash produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SquashStats {
+    /// Bytes of file content in the merged tree.
+    pub content_bytes: u64,
+    /// Hard links dropped because their target did not survive the merge.
+    pub dropped_links: u64,
+}
+
+/// Merges `layers` (bottom first) into one read-only ext4 image at `out`, applying OCI
+/// whiteouts and opaque directories the way a container runtime stacks layers. The
+/// image is written to a temporary file beside `out` and renamed.
+pub fn squash(layers: &[&dyn LayerSource], out: &Path) -> Result<SquashStats, LayerError> {
+    let mut merge = Merge::default();
+    for (i, layer) in layers.iter().enumerate() {
+        merge.add_layer(i, *layer)?;
+    }
     let dir = out.parent().unwrap_or(Path::new("."));
-    let normalised =
+    let merged =
         tempfile::Builder::new().prefix(".layer-").suffix(".tar").tempfile_in(dir).map_err(LayerError::Temp)?;
-    let xattrs = normalise(source, &scan, normalised.as_file())?;
+    let (xattrs, dropped_links) = write_merged(layers, &merge, merged.as_file())?;
     let image =
         tempfile::Builder::new().prefix(".layer-").suffix(".ext4").tempfile_in(dir).map_err(LayerError::Temp)?;
-    let size = ext4::estimate_size(scan.content_bytes, scan.entries);
-    ext4::build_from_tar(normalised.path(), image.path(), size, scan.entries, &xattrs)?;
+    let size = ext4::estimate_size(merge.content_bytes, merge.entries);
+    ext4::build_from_tar(merged.path(), image.path(), size, merge.entries, &xattrs)?;
     image.persist(out).map_err(|e| LayerError::Temp(e.error))?;
-    Ok(ConvertedLayer { diff_id: scan.diff_id, content_bytes: scan.content_bytes })
+    Ok(SquashStats { content_bytes: merge.content_bytes, dropped_links })
+}
+
+/// Second pass: writes the entries that survived the merge, bottom layer first, into
+/// one tar mke2fs can take as is; returns the extended attributes for debugfs.
+fn write_merged(layers: &[&dyn LayerSource], merge: &Merge, out: &File) -> Result<(Vec<Xattr>, u64), LayerError> {
+    let mut builder = tar::Builder::new(io::BufWriter::new(out));
+    let mut xattrs = Vec::new();
+    let mut seen_dirs: HashSet<PathBuf> = HashSet::new();
+    let mut written: HashSet<PathBuf> = HashSet::new();
+    let mut dropped_links = 0;
+    for (i, layer) in layers.iter().enumerate() {
+        let raw = decompress(layer.open().map_err(LayerError::Read)?).map_err(LayerError::Read)?;
+        let mut archive = tar::Archive::new(raw);
+        for entry in archive.entries().map_err(LayerError::Read)? {
+            let mut entry = entry.map_err(LayerError::Read)?;
+            let path = clean_path(&entry.path().map_err(LayerError::Read)?)?;
+            if merge.live.get(&path) != Some(&i) {
+                continue;
+            }
+            let kind = entry.header().entry_type();
+            let mut header = entry.header().clone();
+            let link_target = match kind {
+                EntryType::Symlink | EntryType::Link => {
+                    let target = entry.link_name().map_err(LayerError::Read)?.unwrap_or_default().into_owned();
+                    Some(if kind == EntryType::Link { clean_path(&target)? } else { target })
+                }
+                _ => None,
+            };
+            if kind == EntryType::Link && !link_target.as_ref().is_some_and(|t| written.contains(t)) {
+                // The file it linked to was replaced or deleted by a later layer.
+                dropped_links += 1;
+                continue;
+            }
+            add_missing_parents(&mut builder, &mut seen_dirs, path.parent().unwrap_or(Path::new("")))?;
+            if let Some(exts) = entry.pax_extensions().map_err(LayerError::Read)? {
+                for ext in exts {
+                    let ext = ext.map_err(LayerError::Read)?;
+                    if let Some(attr) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
+                        xattrs.push(Xattr {
+                            path: format!("/{}", path.to_string_lossy()),
+                            name: attr.to_owned(),
+                            value: ext.value_bytes().to_vec(),
+                        });
+                    }
+                }
+            }
+            match kind {
+                EntryType::Regular | EntryType::Continuous => {
+                    header.set_entry_type(EntryType::Regular);
+                    builder.append_data(&mut header, &path, &mut entry).map_err(LayerError::Temp)?;
+                }
+                EntryType::Directory => {
+                    seen_dirs.insert(path.clone());
+                    builder.append_data(&mut header, &path, io::empty()).map_err(LayerError::Temp)?;
+                }
+                EntryType::Symlink | EntryType::Link => {
+                    header.set_size(0);
+                    let target = link_target.expect("links have targets");
+                    builder.append_link(&mut header, &path, &target).map_err(LayerError::Temp)?;
+                }
+                EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                    header.set_size(0);
+                    builder.append_data(&mut header, &path, io::empty()).map_err(LayerError::Temp)?;
+                }
+                // PAX/GNU metadata records are consumed by the tar reader; sockets and
+                // unknown kinds have no place in an image.
+                _ => continue,
+            }
+            written.insert(path);
+        }
+    }
+    builder.into_inner().and_then(|mut w| io::Write::flush(&mut w)).map_err(LayerError::Temp)?;
+    Ok((xattrs, dropped_links))
 }
 
 /// Layers may omit directory entries for the parents of their files; mke2fs needs
 /// them, so they are added as root-owned 0755 directories (as container runtimes do).
+/// A real entry for the same directory later in the stream updates its metadata.
 fn add_missing_parents<W: io::Write>(
     builder: &mut tar::Builder<W>,
     seen_dirs: &mut HashSet<PathBuf>,
@@ -170,94 +302,6 @@ fn add_missing_parents<W: io::Write>(
         seen_dirs.insert(ancestor.to_path_buf());
     }
     Ok(())
-}
-
-fn xattr_path(path: &Path) -> String {
-    format!("/{}", path.to_string_lossy())
-}
-
-/// Second pass: rewrites the layer into a tar mke2fs can take as is. OCI whiteouts
-/// become overlayfs whiteouts; extended attributes are returned for debugfs.
-fn normalise(source: &dyn LayerSource, scan: &Scan, out: &File) -> Result<Vec<Xattr>, LayerError> {
-    let raw = decompress(source.open().map_err(LayerError::Read)?).map_err(LayerError::Read)?;
-    let mut archive = tar::Archive::new(raw);
-    let mut builder = tar::Builder::new(io::BufWriter::new(out));
-    let mut xattrs = Vec::new();
-    let mut seen_dirs: HashSet<PathBuf> = HashSet::new();
-    for entry in archive.entries().map_err(LayerError::Read)? {
-        let mut entry = entry.map_err(LayerError::Read)?;
-        let path = clean_path(&entry.path().map_err(LayerError::Read)?)?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        if name == OPAQUE_MARKER {
-            continue;
-        }
-        add_missing_parents(&mut builder, &mut seen_dirs, &parent)?;
-        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            // A whiteout: a 0:0 character device where the deleted file was.
-            let mut h = Header::new_gnu();
-            h.set_entry_type(EntryType::Char);
-            h.set_mode(0);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_size(0);
-            h.set_device_major(0).map_err(LayerError::Read)?;
-            h.set_device_minor(0).map_err(LayerError::Read)?;
-            h.set_mtime(entry.header().mtime().unwrap_or(0));
-            builder.append_data(&mut h, parent.join(hidden), io::empty()).map_err(LayerError::Temp)?;
-            continue;
-        }
-        if path.as_os_str().is_empty() {
-            // The layer root: mke2fs owns the root directory.
-            continue;
-        }
-        let kind = entry.header().entry_type();
-        if let Some(exts) = entry.pax_extensions().map_err(LayerError::Read)? {
-            for ext in exts {
-                let ext = ext.map_err(LayerError::Read)?;
-                if let Some(attr) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
-                    xattrs.push(Xattr {
-                        path: xattr_path(&path),
-                        name: attr.to_owned(),
-                        value: ext.value_bytes().to_vec(),
-                    });
-                }
-            }
-        }
-        let mut header = entry.header().clone();
-        match kind {
-            EntryType::Regular | EntryType::Continuous => {
-                header.set_entry_type(EntryType::Regular);
-                builder.append_data(&mut header, &path, &mut entry).map_err(LayerError::Temp)?;
-            }
-            EntryType::Directory => {
-                seen_dirs.insert(path.clone());
-                builder.append_data(&mut header, &path, io::empty()).map_err(LayerError::Temp)?;
-            }
-            EntryType::Symlink | EntryType::Link => {
-                let target = entry.link_name().map_err(LayerError::Read)?.unwrap_or_default().into_owned();
-                let target = if kind == EntryType::Link { clean_path(&target)? } else { target };
-                header.set_size(0);
-                builder.append_link(&mut header, &path, &target).map_err(LayerError::Temp)?;
-            }
-            EntryType::Char | EntryType::Block | EntryType::Fifo => {
-                header.set_size(0);
-                builder.append_data(&mut header, &path, io::empty()).map_err(LayerError::Temp)?;
-            }
-            // PAX/GNU metadata records are consumed by the tar reader; sockets and
-            // unknown kinds have no place in an image.
-            _ => {}
-        }
-    }
-    for dir in &scan.opaque {
-        if dir.as_os_str().is_empty() {
-            continue;
-        }
-        add_missing_parents(&mut builder, &mut seen_dirs, dir)?;
-        xattrs.push(Xattr { path: xattr_path(dir), name: "trusted.overlay.opaque".into(), value: b"y".to_vec() });
-    }
-    builder.into_inner().and_then(|mut w| io::Write::flush(&mut w)).map_err(LayerError::Temp)?;
-    Ok(xattrs)
 }
 
 #[cfg(test)]
@@ -290,12 +334,26 @@ mod tests {
     }
 
     #[test]
-    fn scan_hashes_whole_stream_and_finds_opaque_dirs() {
-        let raw = tar_with(&[("etc/.wh..wh..opq", b""), ("etc/a", b"hello")]);
-        let s = scan(&Bytes(raw.clone())).unwrap();
+    fn verify_hashes_the_whole_stream() {
+        let raw = tar_with(&[("etc/a", b"hello")]);
+        let s = verify(&Bytes(raw.clone()), None).unwrap();
         assert_eq!(s.diff_id, format!("sha256:{}", hex::encode(Sha256::digest(&raw))));
-        assert!(s.opaque.contains(Path::new("etc")));
         assert_eq!(s.content_bytes, 5);
+        assert!(matches!(verify(&Bytes(raw), Some("sha256:00")), Err(LayerError::DigestMismatch { .. })));
+    }
+
+    #[test]
+    fn merge_applies_whiteouts_opaque_dirs_and_replacements() {
+        let bottom = tar_with(&[("a/keep", b"1"), ("a/gone", b"2"), ("o/old", b"3"), ("d/x", b"4"), ("f", b"5")]);
+        let top = tar_with(&[("a/.wh.gone", b""), ("o/.wh..wh..opq", b""), ("o/new", b"6"), ("d", b"file now")]);
+        let mut merge = Merge::default();
+        merge.add_layer(0, &Bytes(bottom)).unwrap();
+        merge.add_layer(1, &Bytes(top)).unwrap();
+        let live: Vec<(String, usize)> =
+            merge.live.iter().map(|(p, l)| (p.to_string_lossy().into_owned(), *l)).collect();
+        let expected: Vec<(String, usize)> =
+            [("a/keep", 0), ("d", 1), ("f", 0), ("o/new", 1)].iter().map(|(p, l)| ((*p).to_owned(), *l)).collect();
+        assert_eq!(live, expected);
     }
 
     #[test]
@@ -305,9 +363,9 @@ mod tests {
         io::Write::write_all(&mut gz, &raw).unwrap();
         let gz = gz.finish().unwrap();
         let zst = zstd::encode_all(raw.as_slice(), 1).unwrap();
-        let plain = scan(&Bytes(raw)).unwrap().diff_id;
-        assert_eq!(scan(&Bytes(gz)).unwrap().diff_id, plain);
-        assert_eq!(scan(&Bytes(zst)).unwrap().diff_id, plain);
+        let plain = verify(&Bytes(raw), None).unwrap().diff_id;
+        assert_eq!(verify(&Bytes(gz), None).unwrap().diff_id, plain);
+        assert_eq!(verify(&Bytes(zst), None).unwrap().diff_id, plain);
     }
 
     #[test]
@@ -316,6 +374,6 @@ mod tests {
         io::Write::write_all(&mut gz, &tar_with(&[("a", &[7u8; 10000])])).unwrap();
         let mut gz = gz.finish().unwrap();
         gz.truncate(gz.len() / 2);
-        assert!(matches!(scan(&Bytes(gz)), Err(LayerError::Read(_))));
+        assert!(matches!(verify(&Bytes(gz), None), Err(LayerError::Read(_))));
     }
 }

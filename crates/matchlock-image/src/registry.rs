@@ -6,7 +6,6 @@
 //! converted once per diff-id (under a per-layer lock) and then shared by every image
 //! that contains it.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
@@ -17,7 +16,6 @@ use oci_client::{Client, Reference};
 use tokio::io::AsyncWriteExt;
 
 use crate::config::RawImageConfig;
-use crate::layer::{self, LayerSource};
 use crate::store::{Store, StoreError};
 
 /// Attempts per blob or manifest before giving up on transient failures.
@@ -107,7 +105,7 @@ pub enum PullEvent {
         /// Compressed size.
         size: u64,
     },
-    /// Converting layer `index` to a disk image.
+    /// Verifying and storing layer `index`.
     Converting {
         /// Layer number.
         index: usize,
@@ -246,15 +244,6 @@ where
     unreachable!("the loop returns on its last attempt")
 }
 
-/// A downloaded blob in a temporary file.
-struct FileSource(PathBuf);
-
-impl LayerSource for FileSource {
-    fn open(&self) -> std::io::Result<Box<dyn std::io::Read + '_>> {
-        Ok(Box::new(std::io::BufReader::with_capacity(256 * 1024, std::fs::File::open(&self.0)?)))
-    }
-}
-
 /// Pulls `reference` into `store` under its normalised name (source `registry`), and
 /// also under `alias` (source `tag`) when given. Layers already stored are not
 /// downloaded again unless `force`.
@@ -295,14 +284,6 @@ pub async fn pull(
                 continue;
             }
         }
-        let layer_lock = store.lock_layer(diff_id)?;
-        if !force {
-            if let Some(s) = store.layer_size(diff_id)? {
-                progress(PullEvent::LayerCached { index, total });
-                size += s;
-                continue;
-            }
-        }
         let download =
             tempfile::Builder::new().prefix(".download-").tempfile_in(store.tmp_dir()).map_err(PullError::Io)?;
         let mut delay = Duration::from_millis(250);
@@ -317,22 +298,14 @@ pub async fn pull(
             }
         }
         progress(PullEvent::Converting { index, total });
-        let blob = store.blob_path(diff_id);
-        let expected = diff_id.clone();
-        let path = download.path().to_owned();
-        let converted = tokio::task::spawn_blocking(move || layer::convert(&FileSource(path), Some(&expected), &blob))
-            .await
-            .map_err(|e| PullError::Io(std::io::Error::other(e)))?
-            .map_err(|source| StoreError::Layer { index, total, source })?;
-        store.add_layer(diff_id, converted.content_bytes)?;
-        drop(layer_lock);
-        size += converted.content_bytes;
+        size += store.add_layer(download, diff_id).map_err(|source| StoreError::Layer { index, total, source })?;
     }
+    let rootfs = store.ensure_rootfs(&diff_ids)?;
     let config = raw.image_config();
-    store.save(&name, "registry", &digest, &config, &diff_ids, size)?;
+    store.save(&name, "registry", &digest, &config, &diff_ids, size, &rootfs)?;
     if let Some(alias) = alias {
         let alias = crate::store::normalize_tag(alias)?;
-        store.save(&alias, "tag", &digest, &config, &diff_ids, size)?;
+        store.save(&alias, "tag", &digest, &config, &diff_ids, size, &rootfs)?;
     }
     Ok(PullSummary { reference: name, digest, size, layers: total })
 }

@@ -1,4 +1,13 @@
-//! The image store: layer blobs under `blobs/`, image records in `metadata.db`.
+//! The image store under `~/.cache/matchlock/images`.
+//!
+//! - `blobs/sha256_<diff-id>.layer`: each layer as received (compressed or not),
+//!   verified against its diff-id, stored once however many images use it.
+//! - `blobs/squash_<chain>.ext4`: the read-only root file system of a stack of layers
+//!   (whiteouts applied), keyed by the hash of the diff-id chain, shared by every image
+//!   with that stack. This is the one lower disk a sandbox boots.
+//! - `metadata.db`: images, their layers and root file system (SQLite, WAL,
+//!   `user_version` migrations). Blobs no image references are reclaimed by
+//!   [`Store::gc`], which also runs after [`Store::remove`].
 
 use std::fs;
 use std::io::{self, Read};
@@ -10,10 +19,11 @@ use sha2::{Digest, Sha256};
 
 use crate::archive::{ArchiveError, ImageArchive};
 use crate::config::ImageConfig;
-use crate::layer::{self, LayerError};
+use crate::layer::{self, LayerError, LayerSource};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &["CREATE TABLE images (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE images (
         tag TEXT PRIMARY KEY,
         digest TEXT NOT NULL,
         size INTEGER NOT NULL,
@@ -32,7 +42,14 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE images (
         ordinal INTEGER NOT NULL,
         diff_id TEXT NOT NULL REFERENCES layers(diff_id),
         PRIMARY KEY (tag, ordinal)
-    );"];
+    );",
+    // Layers are kept as received and images boot one squashed root file system; the
+    // per-layer ext4 images of version 1 are dropped (the store is a cache).
+    "DELETE FROM image_layers;
+    DELETE FROM images;
+    DELETE FROM layers;
+    ALTER TABLE images ADD COLUMN rootfs TEXT NOT NULL DEFAULT '';",
+];
 
 /// Errors from the image store.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +69,8 @@ pub enum StoreError {
     /// The tarball could not be read.
     #[error("cannot import image")]
     Archive(#[from] ArchiveError),
-    /// A layer could not be converted.
-    #[error("cannot convert layer {index} of {total}")]
+    /// A layer is corrupt or does not match its digest.
+    #[error("layer {index} of {total} is unusable")]
     Layer {
         /// 1-based layer number.
         index: usize,
@@ -63,12 +80,19 @@ pub enum StoreError {
         #[source]
         source: LayerError,
     },
+    /// Building the root file system failed.
+    #[error("cannot build the root file system")]
+    Squash(#[source] LayerError),
     /// Stored metadata is inconsistent (a blob is missing, or JSON is corrupt).
     #[error("image store is inconsistent: {0}")]
     Corrupt(String),
     /// The tag is not a valid image reference.
     #[error("invalid image reference {0:?}")]
     InvalidTag(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_owned(), source }
 }
 
 /// What an import produced.
@@ -102,12 +126,12 @@ pub struct ImageRow {
 pub struct ImageRecord {
     /// Its tag.
     pub tag: String,
-    /// `sha256:` digest of the image config.
+    /// `sha256:` digest (of the manifest for pulled images, of the config for imports).
     pub digest: String,
     /// Runtime settings.
     pub config: ImageConfig,
-    /// Layer disk images, bottom first.
-    pub layers: Vec<PathBuf>,
+    /// The squashed, read-only root file system.
+    pub rootfs: PathBuf,
     /// Uncompressed content size in bytes.
     pub size: u64,
 }
@@ -133,6 +157,26 @@ fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
+/// File name of the root file system of a layer chain.
+fn rootfs_name(diff_ids: &[String]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"matchlock-squash-v1\n");
+    for d in diff_ids {
+        h.update(d.as_bytes());
+        h.update(b"\n");
+    }
+    format!("squash_{}.ext4", hex::encode(h.finalize()))
+}
+
+/// A stored layer blob.
+struct FileSource(PathBuf);
+
+impl LayerSource for FileSource {
+    fn open(&self) -> io::Result<Box<dyn Read + '_>> {
+        Ok(Box::new(io::BufReader::with_capacity(256 * 1024, fs::File::open(&self.0)?)))
+    }
+}
+
 /// The store at `~/.cache/matchlock/images`.
 #[derive(Debug)]
 pub struct Store {
@@ -143,10 +187,6 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store under `root`.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        let io_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Io { path, source }
-        };
         fs::create_dir_all(root.join("blobs")).map_err(io_err(root))?;
         fs::create_dir_all(root.join("tmp")).map_err(io_err(root))?;
         let db = Connection::open(root.join("metadata.db"))?;
@@ -170,35 +210,116 @@ impl Store {
         Ok(())
     }
 
-    /// Path of the disk image of a layer.
-    pub fn blob_path(&self, diff_id: &str) -> PathBuf {
-        self.root.join("blobs").join(format!("{}.ext4", diff_id.replace([':', '/'], "_")))
+    /// Path of a stored layer.
+    pub fn layer_path(&self, diff_id: &str) -> PathBuf {
+        self.root.join("blobs").join(format!("{}.layer", diff_id.replace([':', '/'], "_")))
+    }
+
+    /// The directory for temporary files of this store (same file system as the blobs).
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn lock_file(&self, name: &str, exclusive: bool) -> Result<fs::File, StoreError> {
+        let path = self.root.join(name);
+        let file =
+            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        let locked = if exclusive { file.lock() } else { file.lock_shared() };
+        locked.map_err(io_err(&path))?;
+        Ok(file)
+    }
+
+    /// Takes the store-wide lock: shared while adding images, exclusive for [`Store::gc`],
+    /// so a collection never deletes a blob an import is about to reference.
+    pub fn lock(&self, exclusive: bool) -> Result<fs::File, StoreError> {
+        self.lock_file("store.lock", exclusive)
+    }
+
+    /// Takes the lock of one blob, so two processes never write it twice.
+    fn lock_blob(&self, name: &str) -> Result<fs::File, StoreError> {
+        self.lock_file(&format!("blobs/{name}.lock"), true)
+    }
+
+    /// The content size of a stored layer, if it is stored.
+    pub fn layer_size(&self, diff_id: &str) -> Result<Option<u64>, StoreError> {
+        let known: Option<i64> = self
+            .db
+            .query_row("SELECT size FROM layers WHERE diff_id = ?1", params![diff_id], |r| r.get(0))
+            .optional()?;
+        Ok(known.filter(|_| self.layer_path(diff_id).exists()).map(|s| s as u64))
+    }
+
+    /// Stores a layer received in `file` (compressed or not) after checking that it is a
+    /// well-formed tar whose content hashes to `diff_id`; returns its content size. A
+    /// layer already stored is not written again.
+    pub fn add_layer(&self, file: tempfile::NamedTempFile, diff_id: &str) -> Result<u64, LayerError> {
+        let _lock =
+            self.lock_blob(&diff_id.replace([':', '/'], "_")).map_err(|e| LayerError::Temp(io::Error::other(e)))?;
+        if let Ok(Some(size)) = self.layer_size(diff_id) {
+            return Ok(size);
+        }
+        let stats = layer::verify(&FileSource(file.path().to_owned()), Some(diff_id))?;
+        file.persist(self.layer_path(diff_id)).map_err(|e| LayerError::Temp(e.error))?;
+        self.db
+            .execute(
+                "INSERT OR REPLACE INTO layers (diff_id, fs_type, size, created_at) VALUES (?1, 'layer', ?2, ?3)",
+                params![diff_id, stats.content_bytes as i64, now()],
+            )
+            .map_err(|e| LayerError::Temp(io::Error::other(e)))?;
+        Ok(stats.content_bytes)
+    }
+
+    /// The root file system of a layer chain, squashing it from the stored layers once.
+    pub fn ensure_rootfs(&self, diff_ids: &[String]) -> Result<PathBuf, StoreError> {
+        let name = rootfs_name(diff_ids);
+        let path = self.root.join("blobs").join(&name);
+        if path.exists() {
+            return Ok(path);
+        }
+        let _lock = self.lock_blob(&name)?;
+        if path.exists() {
+            return Ok(path);
+        }
+        let sources: Vec<FileSource> = diff_ids.iter().map(|d| FileSource(self.layer_path(d))).collect();
+        let refs: Vec<&dyn LayerSource> = sources.iter().map(|s| s as &dyn LayerSource).collect();
+        layer::squash(&refs, &path).map_err(StoreError::Squash)?;
+        Ok(path)
     }
 
     /// Imports a `docker save` or OCI-layout tarball from `input` under `tag`.
     pub fn import(&mut self, tag: &str, input: &mut dyn Read) -> Result<ImportSummary, StoreError> {
         let tag = normalize_tag(tag)?;
         let _lock = self.lock(false)?;
-        let tmp_dir = self.root.join("tmp");
-        let mut spool =
-            tempfile::tempfile_in(&tmp_dir).map_err(|source| StoreError::Io { path: tmp_dir.clone(), source })?;
-        io::copy(input, &mut spool).map_err(|source| StoreError::Io { path: tmp_dir.clone(), source })?;
+        let tmp_dir = self.tmp_dir();
+        let mut spool = tempfile::tempfile_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        io::copy(input, &mut spool).map_err(io_err(&tmp_dir))?;
         let archive = ImageArchive::open(spool)?;
         let image = archive.image()?;
+        let diff_ids = &image.config.rootfs.diff_ids;
         let total = image.layers.len();
         let mut size = 0;
-        for (i, (path, diff_id)) in image.layers.iter().zip(&image.config.rootfs.diff_ids).enumerate() {
-            size += self.ensure_layer(&archive, path, diff_id).map_err(|e| match e {
-                StoreError::Layer { source, .. } => StoreError::Layer { index: i + 1, total, source },
-                other => other,
-            })?;
+        for (i, (path, diff_id)) in image.layers.iter().zip(diff_ids).enumerate() {
+            let layer_err = |source| StoreError::Layer { index: i + 1, total, source };
+            if let Some(s) = self.layer_size(diff_id)? {
+                size += s;
+                continue;
+            }
+            let mut file = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
+            let source = archive.layer(path)?;
+            let mut blob = source.open().map_err(|e| layer_err(LayerError::Read(e)))?;
+            io::copy(&mut blob, file.as_file_mut()).map_err(|e| layer_err(LayerError::Read(e)))?;
+            drop(blob);
+            size += self.add_layer(file, diff_id).map_err(layer_err)?;
         }
+        let rootfs = self.ensure_rootfs(diff_ids)?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&image.config_bytes)));
-        self.save(&tag, "import", &digest, &image.config.image_config(), &image.config.rootfs.diff_ids, size)?;
+        self.save(&tag, "import", &digest, &image.config.image_config(), diff_ids, size, &rootfs)?;
         Ok(ImportSummary { tag, digest, layers: total, size })
     }
 
-    /// Records an image whose layer blobs are all stored (replacing any image of that tag).
+    /// Records an image whose layers and root file system are stored (replacing any
+    /// image of that tag).
+    #[allow(clippy::too_many_arguments)]
     pub fn save(
         &mut self,
         tag: &str,
@@ -207,13 +328,16 @@ impl Store {
         config: &ImageConfig,
         diff_ids: &[String],
         size: u64,
+        rootfs: &Path,
     ) -> Result<(), StoreError> {
         let config_json = serde_json::to_string(config).expect("config serializes");
+        let rootfs_name = rootfs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tx = self.db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM images WHERE tag = ?1", params![tag])?;
         tx.execute(
-            "INSERT INTO images (tag, digest, size, source, config_json, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![tag, digest, size as i64, source, config_json, now()],
+            "INSERT INTO images (tag, digest, size, source, config_json, created_at, rootfs)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![tag, digest, size as i64, source, config_json, now(), rootfs_name],
         )?;
         for (ordinal, diff_id) in diff_ids.iter().enumerate() {
             tx.execute(
@@ -223,57 +347,6 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
-    }
-
-    /// Whether the blob of a layer is stored; returns its content size.
-    pub fn layer_size(&self, diff_id: &str) -> Result<Option<u64>, StoreError> {
-        let known: Option<i64> = self
-            .db
-            .query_row("SELECT size FROM layers WHERE diff_id = ?1", params![diff_id], |r| r.get(0))
-            .optional()?;
-        Ok(known.filter(|_| self.blob_path(diff_id).exists()).map(|s| s as u64))
-    }
-
-    /// Records a converted layer blob.
-    pub fn add_layer(&self, diff_id: &str, size: u64) -> Result<(), StoreError> {
-        self.db.execute(
-            "INSERT OR REPLACE INTO layers (diff_id, fs_type, size, created_at) VALUES (?1, 'ext4', ?2, ?3)",
-            params![diff_id, size as i64, now()],
-        )?;
-        Ok(())
-    }
-
-    /// The directory for temporary files of this store (same file system as the blobs).
-    pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
-    }
-
-    /// Takes the store-wide lock: shared while adding images, exclusive for [`Store::gc`],
-    /// so a collection never deletes a blob an import is about to reference.
-    pub fn lock(&self, exclusive: bool) -> Result<fs::File, StoreError> {
-        let path = self.root.join("store.lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| StoreError::Io { path: path.clone(), source })?;
-        let locked = if exclusive { file.lock() } else { file.lock_shared() };
-        locked.map_err(|source| StoreError::Io { path, source })?;
-        Ok(file)
-    }
-
-    /// Takes the conversion lock of one layer, so two processes never convert it twice.
-    pub fn lock_layer(&self, diff_id: &str) -> Result<fs::File, StoreError> {
-        let path = self.root.join("blobs").join(format!("{}.lock", diff_id.replace([':', '/'], "_")));
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| StoreError::Io { path: path.clone(), source })?;
-        file.lock().map_err(|source| StoreError::Io { path, source })?;
-        Ok(file)
     }
 
     /// Every image: (tag, source, size, created unix seconds), local sources first.
@@ -290,69 +363,55 @@ impl Store {
         Ok(rows)
     }
 
-    /// Removes an image record; its blobs stay until [`Store::gc`]. Returns whether it existed.
+    /// Removes an image record and reclaims the blobs only it used. Returns whether it
+    /// existed.
     pub fn remove(&mut self, tag: &str) -> Result<bool, StoreError> {
         let tx = self.db.transaction()?;
         tx.execute("DELETE FROM image_layers WHERE tag = ?1", params![tag])?;
         let n = tx.execute("DELETE FROM images WHERE tag = ?1", params![tag])?;
         tx.commit()?;
+        if n > 0 {
+            self.gc()?;
+        }
         Ok(n > 0)
     }
 
-    /// Deletes layer blobs no image references; returns how many.
+    /// Deletes blobs no image references (and leftovers of interrupted imports and
+    /// pulls); returns how many blobs went.
     pub fn gc(&mut self) -> Result<usize, StoreError> {
         let _lock = self.lock(true)?;
-        let referenced: std::collections::HashSet<String> = {
+        let mut keep: std::collections::HashSet<String> = std::collections::HashSet::new();
+        {
             let mut stmt = self.db.prepare("SELECT DISTINCT diff_id FROM image_layers")?;
-            let ids = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?;
-            ids
-        };
-        let referenced_files: std::collections::HashSet<PathBuf> =
-            referenced.iter().map(|d| self.blob_path(d)).collect();
-        let mut removed = 0;
-        let blobs = self.root.join("blobs");
-        for entry in fs::read_dir(&blobs).map_err(|source| StoreError::Io { path: blobs.clone(), source })?.flatten() {
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".ext4") && !referenced_files.contains(&path) {
-                fs::remove_file(&path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
-                removed += 1;
+            for diff_id in stmt.query_map([], |r| r.get::<_, String>(0))? {
+                let path = self.layer_path(&diff_id?);
+                keep.insert(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+            }
+            let mut stmt = self.db.prepare("SELECT DISTINCT rootfs FROM images")?;
+            for rootfs in stmt.query_map([], |r| r.get::<_, String>(0))? {
+                keep.insert(rootfs?);
             }
         }
-        // Leftovers of interrupted imports and pulls: nobody holds the store lock for them.
-        let tmp = self.tmp_dir();
-        for entry in fs::read_dir(&tmp).into_iter().flatten().flatten() {
-            let _ = fs::remove_file(entry.path());
-        }
-        for entry in fs::read_dir(&blobs).into_iter().flatten().flatten() {
-            if entry.file_name().to_string_lossy().starts_with(".layer-") {
+        let blobs = self.root.join("blobs");
+        let mut removed = 0;
+        for entry in fs::read_dir(&blobs).map_err(io_err(&blobs))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_blob = name.ends_with(".layer") || name.ends_with(".ext4");
+            if name.starts_with(".layer-") || (is_blob && !keep.contains(&name)) {
+                fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
+                if !name.starts_with('.') {
+                    removed += 1;
+                }
+            } else if name.ends_with(".lock") {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        let mut stmt = self.db.prepare("SELECT diff_id FROM layers")?;
-        let known: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-        drop(stmt);
-        for diff_id in known.iter().filter(|d| !referenced.contains(*d)) {
-            self.db.execute("DELETE FROM layers WHERE diff_id = ?1", params![diff_id])?;
+        // Leftovers of interrupted imports and pulls: nobody holds the store lock for them.
+        for entry in fs::read_dir(self.tmp_dir()).into_iter().flatten().flatten() {
+            let _ = fs::remove_file(entry.path());
         }
+        self.db.execute("DELETE FROM layers WHERE diff_id NOT IN (SELECT diff_id FROM image_layers)", [])?;
         Ok(removed)
-    }
-
-    /// Converts a layer unless its blob is already stored; returns its content size.
-    fn ensure_layer(&self, archive: &ImageArchive, path: &Path, diff_id: &str) -> Result<u64, StoreError> {
-        if let Some(size) = self.layer_size(diff_id)? {
-            return Ok(size);
-        }
-        let _layer_lock = self.lock_layer(diff_id)?;
-        // Another process may have converted it while we waited for the lock.
-        if let Some(size) = self.layer_size(diff_id)? {
-            return Ok(size);
-        }
-        let layer_err = |source| StoreError::Layer { index: 0, total: 0, source };
-        let source = archive.layer(path)?;
-        let converted = layer::convert(&source, Some(diff_id), &self.blob_path(diff_id)).map_err(layer_err)?;
-        self.add_layer(diff_id, converted.content_bytes)?;
-        Ok(converted.content_bytes)
     }
 
     /// Finds an image the way `run --image` names it: a local tag first (`name[:tag]`),
@@ -370,26 +429,22 @@ impl Store {
     /// Looks up an image by tag (`:latest` is implied).
     pub fn get(&self, reference: &str) -> Result<Option<ImageRecord>, StoreError> {
         let tag = normalize_tag(reference)?;
-        let row: Option<(String, i64, String)> = self
+        let row: Option<(String, i64, String, String)> = self
             .db
-            .query_row("SELECT digest, size, config_json FROM images WHERE tag = ?1", params![tag], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            .query_row("SELECT digest, size, config_json, rootfs FROM images WHERE tag = ?1", params![tag], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
             .optional()?;
-        let Some((digest, size, config_json)) = row else { return Ok(None) };
+        let Some((digest, size, config_json, rootfs)) = row else { return Ok(None) };
         let config: ImageConfig =
             serde_json::from_str(&config_json).map_err(|e| StoreError::Corrupt(format!("config of {tag}: {e}")))?;
-        let mut stmt = self.db.prepare("SELECT diff_id FROM image_layers WHERE tag = ?1 ORDER BY ordinal")?;
-        let diff_ids: Vec<String> = stmt.query_map(params![tag], |r| r.get(0))?.collect::<Result<_, _>>()?;
-        let mut layers = Vec::with_capacity(diff_ids.len());
-        for diff_id in &diff_ids {
-            let blob = self.blob_path(diff_id);
-            if !blob.exists() {
-                return Err(StoreError::Corrupt(format!("layer {diff_id} of {tag} is missing; re-import the image")));
-            }
-            layers.push(blob);
+        let rootfs = self.root.join("blobs").join(rootfs);
+        if !rootfs.is_file() {
+            return Err(StoreError::Corrupt(format!(
+                "the root file system of {tag} is missing; pull or import it again"
+            )));
         }
-        Ok(Some(ImageRecord { tag, digest, config, layers, size: size as u64 }))
+        Ok(Some(ImageRecord { tag, digest, config, rootfs, size: size as u64 }))
     }
 }
 

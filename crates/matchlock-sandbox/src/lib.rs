@@ -152,7 +152,7 @@ impl Sandbox {
             "rootfs_path": upper,
             "vsock_path": matchlock_vm::vsock::host_socket(&dir),
             "exec_socket": relay::socket_path(&dir),
-            "image_layers": image.layers,
+            "image_rootfs": image.rootfs,
         });
         state.register(&row, "qemu", &resources)?;
         let booted = Self::boot(&id, &dir, &config, &image, boot_disk, kernel, qemu, &upper, &mut state).await;
@@ -195,14 +195,15 @@ impl Sandbox {
         matchlock_image::ext4::create_empty(upper, config.disk_size_mb * 1024 * 1024)
             .map_err(|source| create_failed(SandboxError::Disk { what: "the writable disk".into(), source }))?;
         let mut disks = vec![Disk { path: boot_disk, read_only: true }];
-        disks.extend(image.layers.iter().map(|l| Disk { path: l.clone(), read_only: true }));
+        // The image's layers, squashed once into one read-only disk shared by every VM.
+        disks.push(Disk { path: image.rootfs.clone(), read_only: true });
         disks.push(Disk { path: upper.to_owned(), read_only: false });
         let params = BootParams {
             hostname: config.hostname.clone().unwrap_or_else(|| id.to_owned()),
             dns: config.dns_servers.clone(),
             cpus: config.cpus,
-            lowers: (1..=image.layers.len()).map(device_name).collect(),
-            upper: device_name(image.layers.len() + 1),
+            lowers: vec![device_name(1)],
+            upper: device_name(2),
             add_hosts: config.add_hosts.clone(),
             epoch_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         };

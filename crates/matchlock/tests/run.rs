@@ -171,6 +171,14 @@ fn image_filesystem_metadata_and_whiteouts_survive() {
 }
 
 #[test]
+fn an_image_with_more_layers_than_virtio_slots_boots() {
+    let h = home();
+    ok(&h.import("many", &common::fixture("many.tar")));
+    let out = ok(&h.run(&["--image", "many", "--", "sh", "-c", "ls /layers | wc -l; cat /layers/10"]));
+    assert_eq!(out, "11\nlayer 10\n");
+}
+
+#[test]
 fn writes_stay_inside_the_vm() {
     let h = home();
     ok(&h.run(&["--image", "busybox", "--", "sh", "-c", "echo changed > /etc/os-release; rm /bin/ls"]));
