@@ -2,6 +2,7 @@
 
 use matchlock_api::SandboxConfig;
 use matchlock_image::ImageConfig;
+use matchlock_protocol::exec::{ExecRequest, WindowSize};
 
 /// Errors composing a command.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -22,6 +23,13 @@ pub struct Composed {
     pub working_dir: String,
     /// Configured user, else image USER, else root (`None`).
     pub user: Option<String>,
+}
+
+impl Composed {
+    /// The exec request for this command, with a terminal of `window` in TTY mode.
+    pub fn into_request(self, window: Option<WindowSize>) -> ExecRequest {
+        ExecRequest { argv: self.argv, env: self.env, working_dir: Some(self.working_dir), user: self.user, window }
+    }
 }
 
 /// Merges env lists: later entries override earlier ones, first-seen order is kept.

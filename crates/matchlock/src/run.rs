@@ -12,7 +12,6 @@ use matchlock_api::config::{
     parse_add_host, parse_env, parse_env_file, DEFAULT_CPUS, DEFAULT_DISK_SIZE_MB, DEFAULT_MEMORY_MB,
 };
 use matchlock_api::SandboxConfig;
-use matchlock_protocol::exec::ExecRequest;
 use matchlock_sandbox::{compose, ComposeError, Sandbox};
 
 use crate::cli::open_store;
@@ -167,13 +166,7 @@ pub async fn run(args: RunArgs) -> Result<u8> {
     let mut interrupted = session::Interruptions::default();
     let mut failure = None;
     if let Some(composed) = composed {
-        let request = ExecRequest {
-            argv: composed.argv,
-            env: composed.env,
-            working_dir: Some(composed.working_dir),
-            user: composed.user,
-            window: session::initial_window(mode),
-        };
+        let request = composed.into_request(session::initial_window(mode));
         let exec_started = Instant::now();
         let (result, why) =
             session::run(mode, &output, &mut signals, deadline, |io| async { sandbox.exec(mode, &request, io).await })

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use matchlock_api::paths::vm_dir;
 use matchlock_api::SandboxConfig;
-use matchlock_protocol::exec::{ExecMode, ExecRequest};
+use matchlock_protocol::exec::ExecMode;
 use matchlock_sandbox::gc::{reconcile, Reconciled};
 use matchlock_sandbox::{compose, exec_via_relay, open_state, relay};
 use matchlock_state::{short_time, StateDb, Status, Vm};
@@ -78,13 +78,7 @@ pub async fn exec(args: ExecArgs) -> Result<u8> {
     }
     let image = open_store()?.resolve(&vm.image)?.map(|i| i.config).unwrap_or_default();
     let composed = compose(&image, &config)?;
-    let request = ExecRequest {
-        argv: composed.argv,
-        env: composed.env,
-        working_dir: Some(composed.working_dir),
-        user: composed.user,
-        window: session::initial_window(mode),
-    };
+    let request = composed.into_request(session::initial_window(mode));
     let mut signals = StopSignals::new()?;
     let (result, _) = session::run(mode, &Output::Terminal, &mut signals, None, |io| async move {
         exec_via_relay(&dir, mode, &request, io).await
