@@ -42,6 +42,9 @@ pub struct SandboxConfig {
     pub entrypoint: Option<Vec<String>>,
     /// Arguments (replace the image's CMD when non-empty).
     pub command: Vec<String>,
+    /// Skip the in-guest hardening of commands (capability drop, no_new_privs, seccomp).
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 impl SandboxConfig {
@@ -60,6 +63,7 @@ impl SandboxConfig {
             workdir: None,
             entrypoint: None,
             command: Vec::new(),
+            privileged: false,
         }
     }
 }

@@ -223,6 +223,7 @@ mod tests {
             upper: "vdc".into(),
             add_hosts: vec![("api.internal".into(), "10.0.0.10".parse().unwrap())],
             epoch_ms: 0,
+            privileged: false,
         };
         assert_eq!(
             hosts_file(&params),

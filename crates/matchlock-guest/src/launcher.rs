@@ -152,6 +152,12 @@ fn exec_command(request: &ExecRequest, tty: bool) -> ! {
             fail(&format!("cannot acquire the terminal: {e}"));
         }
     }
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if !matchlock_protocol::boot::is_privileged(&cmdline) {
+        if let Err(e) = sys::harden() {
+            fail(&format!("cannot restrict the command: {e}"));
+        }
+    }
     let mut env: Vec<(String, String)> = Vec::new();
     let mut set_env = |k: &str, v: &str| {
         env.retain(|(key, _)| key != k);

@@ -19,6 +19,8 @@ pub struct BootParams {
     pub add_hosts: Vec<(String, IpAddr)>,
     /// Host wall clock at launch, in milliseconds since the Unix epoch.
     pub epoch_ms: u64,
+    /// Run commands without the capability drop, no_new_privs and seccomp filter.
+    pub privileged: bool,
 }
 
 /// Errors parsing boot parameters.
@@ -49,6 +51,11 @@ fn is_valid_device(name: &str) -> bool {
     name.len() >= 3 && name.starts_with("vd") && name[2..].bytes().all(|b| b.is_ascii_lowercase())
 }
 
+/// Whether a kernel command line asks for privileged commands.
+pub fn is_privileged(cmdline: &str) -> bool {
+    cmdline.split_ascii_whitespace().any(|w| w == "matchlock.privileged=1")
+}
+
 impl BootParams {
     /// Renders the parameters as kernel command-line words.
     pub fn to_cmdline(&self) -> String {
@@ -64,6 +71,9 @@ impl BootParams {
         for (host, ip) in &self.add_hosts {
             words.push(format!("matchlock.add_host={host},{ip}"));
         }
+        if self.privileged {
+            words.push("matchlock.privileged=1".to_owned());
+        }
         words.join(" ")
     }
 
@@ -76,6 +86,7 @@ impl BootParams {
         let mut upper = None;
         let mut epoch_ms = None;
         let mut add_hosts = Vec::new();
+        let mut privileged = false;
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.strip_prefix("matchlock.").and_then(|w| w.split_once('=')) else {
                 continue;
@@ -111,6 +122,7 @@ impl BootParams {
                     }
                     add_hosts.push((host.to_owned(), ip));
                 }
+                "privileged" => privileged = value == "1",
                 _ => {}
             }
         }
@@ -122,6 +134,7 @@ impl BootParams {
             upper: upper.ok_or(BootParamsError::Missing("upper"))?,
             add_hosts,
             epoch_ms: epoch_ms.ok_or(BootParamsError::Missing("epoch_ms"))?,
+            privileged,
         })
     }
 }
@@ -139,6 +152,7 @@ mod tests {
             upper: "vdd".into(),
             add_hosts: vec![("api.internal".into(), "10.0.0.10".parse().unwrap())],
             epoch_ms: 1_700_000_000_123,
+            privileged: true,
         }
     }
 

@@ -206,6 +206,7 @@ impl Sandbox {
             upper: device_name(2),
             add_hosts: config.add_hosts.clone(),
             epoch_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            privileged: config.privileged,
         };
         let accel = accel::select(&qemu, &kernel).await.map_err(|e| create_failed(e.into()))?;
         let backend = QemuBackend::new(qemu, accel).map_err(|e| create_failed(e.into()))?;

@@ -75,6 +75,9 @@ pub struct RunArgs {
     /// Extra /etc/hosts entry `host:ip` (repeatable).
     #[arg(long = "add-host", value_name = "HOST:IP")]
     add_host: Vec<String>,
+    /// Let commands keep every capability (no capability drop, no_new_privs or seccomp).
+    #[arg(long, env = "MATCHLOCK_RUN_PRIVILEGED")]
+    privileged: bool,
     /// Internal: this process is the owner of a detached sandbox.
     #[arg(long = "detached-child", hide = true)]
     detached_child: bool,
@@ -111,6 +114,7 @@ fn build_config(args: &RunArgs) -> Result<SandboxConfig> {
     config.workdir.clone_from(&args.workdir);
     config.entrypoint = args.entrypoint.as_ref().map(|e| if e.is_empty() { Vec::new() } else { vec![e.clone()] });
     config.command.clone_from(&args.command);
+    config.privileged = args.privileged;
     Ok(config)
 }
 

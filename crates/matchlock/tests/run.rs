@@ -296,12 +296,29 @@ fn a_vm_that_dies_mid_command_is_an_error_and_leaves_nothing() {
 }
 
 #[test]
-fn the_command_cannot_reboot_the_vm() {
+fn commands_are_hardened_unless_privileged() {
     let h = home();
-    let out = h.run(&["--image", "busybox", "--", "sh", "-c", "reboot -f; sleep 5"]);
-    // reboot(2) inside the command's PID namespace ends that namespace (as if by SIGHUP);
-    // the VM and its agent live on and report the exit.
+    let probe = "grep -E '^(CapBnd|NoNewPrivs|Seccomp):' /proc/self/status | tr -s '\\t' ' '; \
+        mkdir -p /tmp/m; mount -t tmpfs none /tmp/m 2>/dev/null && echo mounted || echo mount-denied; \
+        reboot -f 2>/dev/null; echo still-here";
+    let out = ok(&h.run(&["--image", "busybox", "--", "sh", "-c", probe]));
+    let field = |name: &str| {
+        out.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).unwrap_or_else(|| panic!("{out}")).to_owned()
+    };
+    let bounding = u64::from_str_radix(&field("CapBnd"), 16).unwrap();
+    for cap in [16, 17, 19, 21, 22] {
+        assert_eq!(bounding & (1 << cap), 0, "capability {cap} kept: {out}");
+    }
+    assert_ne!(bounding & (1 << 0), 0, "CAP_CHOWN should stay: {out}");
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(field("Seccomp"), "2");
+    assert!(out.contains("mount-denied\nstill-here\n"), "{out}");
+
+    // --privileged keeps everything; reboot(2) then ends only the command's PID
+    // namespace (as if by SIGHUP): the VM and its agent live on and report it.
+    let out = h.run(&["--privileged", "--image", "busybox", "--", "sh", "-c", probe]);
     assert_eq!(out.status.code(), Some(129), "{}", stderr(&out));
+    assert!(stdout(&out).contains("Seccomp: 0") && stdout(&out).contains("mounted"), "{}", stdout(&out));
     assert!(!stderr(&out).contains("VM stopped"), "{}", stderr(&out));
 }
 
