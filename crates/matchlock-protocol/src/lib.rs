@@ -24,3 +24,111 @@ pub const VFS_PORT: u32 = 5001;
 pub const READY_PORT: u32 = 5002;
 /// Guest port that echoes every byte back: a floor for host <-> guest latency.
 pub const ECHO_PORT: u32 = 5003;
+
+#[cfg(test)]
+mod hostile_input {
+    //! Whatever bytes arrive, decoding returns a value or an error: it never panics,
+    //! never allocates beyond the frame limit, and never accepts an invalid message.
+
+    use crate::boot::BootParams;
+    use crate::exec::{ExecRequest, GuestMessage, HostMessage};
+    use crate::frame::{read_frame, Frame, FrameType, MAX_PAYLOAD_LEN};
+
+    /// xorshift64*: deterministic, dependency-free randomness for the tests.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn bytes(&mut self, max: usize) -> Vec<u8> {
+            let len = (self.next() as usize) % (max + 1);
+            (0..len).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    const KINDS: [FrameType; 9] = [
+        FrameType::Stdout,
+        FrameType::Stderr,
+        FrameType::Signal,
+        FrameType::Stdin,
+        FrameType::Resize,
+        FrameType::ExecTty,
+        FrameType::Exit,
+        FrameType::ExecStream,
+        FrameType::ExecPipe,
+    ];
+
+    #[test]
+    fn random_byte_streams() {
+        let mut rng = Rng(0x5eed_1234_abcd_0001);
+        for _ in 0..20_000 {
+            let mut stream = rng.bytes(64);
+            // Sometimes a plausible header in front of the noise.
+            if rng.next() % 2 == 0 {
+                let mut h = vec![KINDS[(rng.next() % 9) as usize] as u8];
+                h.extend_from_slice(&((rng.next() % 80) as u32).to_be_bytes());
+                h.extend(stream);
+                stream = h;
+            }
+            let mut reader = stream.as_slice();
+            while let Ok(Some(frame)) = read_frame(&mut reader) {
+                assert!(frame.payload.len() <= MAX_PAYLOAD_LEN);
+                let _ = HostMessage::from_frame(frame.clone());
+                let _ = GuestMessage::from_frame(frame.clone());
+                if let Ok((_, req)) = ExecRequest::from_frame(&frame) {
+                    assert!(!req.argv.is_empty());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_payloads_for_every_frame_type() {
+        let mut rng = Rng(0xfeed_beef_0000_0002);
+        for _ in 0..20_000 {
+            let kind = KINDS[(rng.next() % 9) as usize];
+            let frame = Frame { kind, payload: rng.bytes(16) };
+            if let Ok(HostMessage::Signal(sig)) = HostMessage::from_frame(frame.clone()) {
+                assert!((1..=64).contains(&sig));
+            }
+            let _ = GuestMessage::from_frame(frame.clone());
+            let _ = ExecRequest::from_frame(&frame);
+        }
+        // JSON-shaped garbage for requests.
+        for doc in [
+            &br#"{"argv":"sh"}"#[..],
+            br#"{"argv":[1,2]}"#,
+            br#"{"argv":["a"],"env":[["k"]]}"#,
+            br#"{"argv":["a"],"window":{"rows":-1,"cols":2}}"#,
+            br#"[]"#,
+            b"\xff\xfe",
+        ] {
+            let frame = Frame { kind: FrameType::ExecStream, payload: doc.to_vec() };
+            assert!(ExecRequest::from_frame(&frame).is_err(), "{}", String::from_utf8_lossy(doc));
+        }
+    }
+
+    #[test]
+    fn random_kernel_command_lines() {
+        let mut rng = Rng(0x0bad_cafe_0000_0003);
+        let keys = ["hostname", "dns", "cpus", "lower", "upper", "epoch_ms", "add_host", "privileged"];
+        for _ in 0..5_000 {
+            let words: Vec<String> = (0..(rng.next() % 10))
+                .map(|_| {
+                    let key = keys[(rng.next() % keys.len() as u64) as usize];
+                    let value: String = rng.bytes(12).into_iter().map(|b| (b % 94 + 33) as char).collect();
+                    format!("matchlock.{key}={value}")
+                })
+                .collect();
+            if let Ok(params) = BootParams::from_cmdline(&words.join(" ")) {
+                assert!(crate::boot::is_valid_hostname(&params.hostname));
+                assert!(params.cpus > 0.0 && params.cpus.is_finite());
+            }
+        }
+    }
+}
