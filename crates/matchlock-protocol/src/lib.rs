@@ -69,7 +69,7 @@ mod hostile_input {
         for _ in 0..20_000 {
             let mut stream = rng.bytes(64);
             // Sometimes a plausible header in front of the noise.
-            if rng.next() % 2 == 0 {
+            if rng.next().is_multiple_of(2) {
                 let mut h = vec![KINDS[(rng.next() % 9) as usize] as u8];
                 h.extend_from_slice(&((rng.next() % 80) as u32).to_be_bytes());
                 h.extend(stream);
