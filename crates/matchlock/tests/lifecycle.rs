@@ -159,6 +159,31 @@ fn diagnose_reports_every_check() {
 }
 
 #[test]
+fn rm_false_keeps_the_sandbox_until_killed() {
+    let h = home();
+    let mut run = h
+        .cmd()
+        .args(["run", "--rm=false", "--image", "busybox", "--", "sh", "-c", "echo hi; exit 3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut hi = [0u8; 3];
+    run.stdout.as_mut().unwrap().read_exact(&mut hi).unwrap();
+    assert_eq!(&hi, b"hi\n");
+    let id = ok(&h.ml(&["list", "--running"])).lines().nth(1).map(|l| l.split_whitespace().next().unwrap().to_owned());
+    let id = id.expect("the sandbox keeps running after its command");
+    assert_eq!(ok(&h.ml(&["exec", &id, "echo", "alive"])), "alive\n");
+    ok(&h.ml(&["kill", &id]));
+    let out = run.wait_with_output().unwrap();
+    // The command's exit code is not the sandbox's: the owner exits 0 when stopped.
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("Sandbox {id} is running")), "{}", stderr(&out));
+    assert!(ok(&h.ml(&["list"])).lines().any(|l| l.starts_with(&id) && l.contains("stopped")));
+    ok(&h.ml(&["rm", &id]));
+}
+
+#[test]
 fn cli_errors_use_the_reference_messages() {
     let h = home();
     for (args, message) in [
