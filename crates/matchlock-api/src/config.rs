@@ -45,6 +45,52 @@ pub struct SandboxConfig {
     /// Skip the in-guest hardening of commands (capability drop, no_new_privs, seccomp).
     #[serde(default)]
     pub privileged: bool,
+    /// Extra ext4 disks (`--disk`).
+    #[serde(default)]
+    pub disks: Vec<DiskMount>,
+}
+
+/// An ext4 disk image mounted in the guest (`--disk source:/guest/path[:ro]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskMount {
+    /// A host path to an ext4 image, or `@name` for a named volume.
+    pub source: String,
+    /// Absolute mount point in the guest.
+    pub guest_path: String,
+    /// Mount read-only.
+    pub read_only: bool,
+}
+
+/// Errors in `--disk` specs.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid disk {0:?}: expected host_path:/guest/path[:ro] or @volume:/guest/path[:ro]")]
+pub struct DiskSpecError(pub String);
+
+/// Parses `--disk`: `host_path:/guest/path[:ro]` or `@volume:/guest/path[:ro]`.
+pub fn parse_disk(spec: &str) -> Result<DiskMount, DiskSpecError> {
+    let err = || DiskSpecError(spec.to_owned());
+    let (rest, read_only) = match spec.strip_suffix(":ro") {
+        Some(r) => (r, true),
+        None => (spec, false),
+    };
+    let (source, guest) = rest.rsplit_once(':').ok_or_else(err)?;
+    if source.is_empty() || !matchlock_protocol::boot::is_valid_mount_path(guest) {
+        return Err(err());
+    }
+    if let Some(name) = source.strip_prefix('@') {
+        if !is_valid_volume_name(name) {
+            return Err(err());
+        }
+    }
+    Ok(DiskMount { source: source.to_owned(), guest_path: guest.to_owned(), read_only })
+}
+
+/// Volume names: `^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`, at most 128 characters.
+pub fn is_valid_volume_name(name: &str) -> bool {
+    name.len() <= 128
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 impl SandboxConfig {
@@ -64,6 +110,7 @@ impl SandboxConfig {
             entrypoint: None,
             command: Vec::new(),
             privileged: false,
+            disks: Vec::new(),
         }
     }
 }
@@ -168,6 +215,20 @@ mod tests {
         let parsed = parse_env_file("f", "# comment\n\nFILE_ONLY=from-file\n  FROM_HOST  \n", host).unwrap();
         assert_eq!(parsed, vec![("FILE_ONLY".into(), "from-file".into()), ("FROM_HOST".into(), "from-host".into())]);
         assert_eq!(parse_env_file("f", "NOPE\n", host), Err(EnvError::NotSet("NOPE".into())));
+    }
+
+    #[test]
+    fn disks() {
+        assert_eq!(
+            parse_disk("@cache:/cache"),
+            Ok(DiskMount { source: "@cache".into(), guest_path: "/cache".into(), read_only: false })
+        );
+        assert!(parse_disk("/tmp/d.ext4:/data:ro").unwrap().read_only);
+        for bad in ["@cache", "@-x:/a", "/x.ext4:relative", "/x.ext4:/a/../b", "/x.ext4:/", ":/a", "/x:/a b"] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
+        assert!(is_valid_volume_name("my.vol_1-x"));
+        assert!(!is_valid_volume_name("../x"));
     }
 
     #[test]

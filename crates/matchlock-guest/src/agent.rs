@@ -40,8 +40,10 @@ pub enum AgentError {
     Listen(#[source] io::Error),
 }
 
-/// Listens on the exec port, tells the host it is ready, and serves forever.
-pub fn serve() -> Result<(), AgentError> {
+/// Listens on the exec port, tells the host it is ready, and serves forever. `disks`
+/// are the mount points of the extra disks, remounted read-only on quiesce.
+pub fn serve(disks: Vec<String>) -> Result<(), AgentError> {
+    let disks: Arc<[String]> = disks.into();
     let listener = VsockListener::bind_with_cid_port(VMADDR_CID_ANY, EXEC_PORT).map_err(AgentError::Listen)?;
     match VsockListener::bind_with_cid_port(VMADDR_CID_ANY, ECHO_PORT) {
         Ok(echo) => {
@@ -53,8 +55,9 @@ pub fn serve() -> Result<(), AgentError> {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
+                let disks = Arc::clone(&disks);
                 thread::spawn(move || {
-                    if let Err(e) = handle(stream) {
+                    if let Err(e) = handle(stream, &disks) {
                         eprintln!("guest-agent: connection: {}", sys::error_chain(&e));
                     }
                 });
@@ -113,9 +116,12 @@ impl Sender {
     }
 }
 
-fn handle(mut stream: VsockStream) -> Result<(), ConnError> {
+fn handle(mut stream: VsockStream, disks: &[String]) -> Result<(), ConnError> {
     let Some(frame) = read_frame(&mut stream)? else { return Ok(()) };
     let sender = Sender(Arc::new(Mutex::new(stream.try_clone()?)));
+    if frame.kind == matchlock_protocol::frame::FrameType::Quiesce {
+        return quiesce(&sender, disks);
+    }
     let (mode, request) = match ExecRequest::from_frame(&frame) {
         Ok(r) => r,
         Err(e) => {
@@ -133,6 +139,23 @@ fn handle(mut stream: VsockStream) -> Result<(), ConnError> {
         }
     };
     run(stream, &sender, running)
+}
+
+/// Syncs and remounts the extra disks read-only: their journals are checkpointed and
+/// the file systems are clean when the VM stops. Answers with `Exit(0)` or the failures.
+fn quiesce(sender: &Sender, disks: &[String]) -> Result<(), ConnError> {
+    nix::unistd::sync();
+    let mut failed = 0;
+    for path in disks {
+        let flags = nix::mount::MsFlags::MS_REMOUNT | nix::mount::MsFlags::MS_RDONLY;
+        if let Err(e) = nix::mount::mount(None::<&str>, path.as_str(), None::<&str>, flags, None::<&str>) {
+            failed += 1;
+            sender.send(&GuestMessage::Stderr(
+                format!("matchlock: cannot remount {path} read-only: {e}\n").into_bytes(),
+            ))?;
+        }
+    }
+    sender.send(&GuestMessage::Exit(failed))
 }
 
 /// A launched command and the host ends of its stdio.

@@ -77,13 +77,14 @@ fn run() -> Result<(), InitError> {
     assemble_root(&params)?;
     mount_base_filesystems()?;
     write_identity_files(&params)?;
+    mount_disks(&params)?;
     if let Err(e) = sys::loopback_up() {
         eprintln!("matchlock-init: cannot bring up lo: {e}");
     }
     if let Err(e) = setup_cgroup(params.cpus) {
         eprintln!("matchlock-init: cgroup setup failed: {e}");
     }
-    agent::serve()?;
+    agent::serve(params.disks.iter().filter(|d| !d.2).map(|d| d.1.clone()).collect())?;
     Ok(())
 }
 
@@ -163,6 +164,15 @@ fn mount_base_filesystems() -> Result<(), InitError> {
     Ok(())
 }
 
+/// Mounts the extra ext4 disks (`--disk`) at their guest paths.
+fn mount_disks(params: &BootParams) -> Result<(), InitError> {
+    for (dev, path, ro) in &params.disks {
+        let flags = if *ro { MsFlags::MS_RDONLY } else { MsFlags::empty() };
+        mount_fs(&format!("/dev/{dev}"), path, "ext4", flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
+    }
+    Ok(())
+}
+
 fn write_file(path: &str, contents: &str) -> Result<(), InitError> {
     let err = |source| InitError::Write { path: path.to_owned(), source };
     if let Some(parent) = Path::new(path).parent() {
@@ -224,6 +234,7 @@ mod tests {
             add_hosts: vec![("api.internal".into(), "10.0.0.10".parse().unwrap())],
             epoch_ms: 0,
             privileged: false,
+            disks: vec![],
         };
         assert_eq!(
             hosts_file(&params),

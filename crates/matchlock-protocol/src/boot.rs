@@ -21,6 +21,19 @@ pub struct BootParams {
     pub epoch_ms: u64,
     /// Run commands without the capability drop, no_new_privs and seccomp filter.
     pub privileged: bool,
+    /// Extra ext4 disks to mount: (device, absolute guest path, read-only).
+    pub disks: Vec<(String, String, bool)>,
+}
+
+/// Whether `path` can be a mount point given on the kernel command line: absolute,
+/// normalised, not `/`, and free of spaces, commas and control characters.
+pub fn is_valid_mount_path(path: &str) -> bool {
+    path.starts_with('/')
+        && path.len() > 1
+        && path.len() <= 256
+        && !path.ends_with('/')
+        && path.split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != "..")
+        && path.bytes().all(|b| b.is_ascii_graphic() && b != b',')
 }
 
 /// Errors parsing boot parameters.
@@ -74,6 +87,9 @@ impl BootParams {
         if self.privileged {
             words.push("matchlock.privileged=1".to_owned());
         }
+        for (dev, path, ro) in &self.disks {
+            words.push(format!("matchlock.disk.{dev}={path}{}", if *ro { ",ro" } else { "" }));
+        }
         words.join(" ")
     }
 
@@ -87,6 +103,7 @@ impl BootParams {
         let mut epoch_ms = None;
         let mut add_hosts = Vec::new();
         let mut privileged = false;
+        let mut disks = Vec::new();
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.strip_prefix("matchlock.").and_then(|w| w.split_once('=')) else {
                 continue;
@@ -123,6 +140,17 @@ impl BootParams {
                     add_hosts.push((host.to_owned(), ip));
                 }
                 "privileged" => privileged = value == "1",
+                _ if key.starts_with("disk.") => {
+                    let dev = &key["disk.".len()..];
+                    let (path, ro) = match value.strip_suffix(",ro") {
+                        Some(p) => (p, true),
+                        None => (value, false),
+                    };
+                    if !is_valid_device(dev) || !is_valid_mount_path(path) {
+                        return Err(invalid("disk"));
+                    }
+                    disks.push((dev.to_owned(), path.to_owned(), ro));
+                }
                 _ => {}
             }
         }
@@ -135,6 +163,7 @@ impl BootParams {
             add_hosts,
             epoch_ms: epoch_ms.ok_or(BootParamsError::Missing("epoch_ms"))?,
             privileged,
+            disks,
         })
     }
 }
@@ -153,6 +182,7 @@ mod tests {
             add_hosts: vec![("api.internal".into(), "10.0.0.10".parse().unwrap())],
             epoch_ms: 1_700_000_000_123,
             privileged: true,
+            disks: vec![("vdd".into(), "/data".into(), false), ("vde".into(), "/ro".into(), true)],
         }
     }
 
@@ -172,6 +202,8 @@ mod tests {
             ("matchlock.upper=vdd", "matchlock.upper=../sda"),
             ("matchlock.lower=vdb,vdc", "matchlock.lower=vdb,sda"),
             ("matchlock.dns=8.8.8.8", "matchlock.dns=not-an-ip"),
+            ("matchlock.disk.vdd=/data", "matchlock.disk.vdd=/data/../etc"),
+            ("matchlock.disk.vdd=/data", "matchlock.disk.sda=/data"),
         ] {
             let line = good.replace(from, to);
             assert!(BootParams::from_cmdline(&line).is_err(), "{line}");

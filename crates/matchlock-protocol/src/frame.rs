@@ -29,6 +29,9 @@ pub enum FrameType {
     ExecStream = 11,
     /// Run a command with stdin forwarded from the host.
     ExecPipe = 12,
+    /// Prepare for the VM to stop: sync, and remount the extra disks read-only so they
+    /// are clean on the host (host -> guest, empty; answered with `Exit`).
+    Quiesce = 32,
 }
 
 impl TryFrom<u8> for FrameType {
@@ -45,6 +48,7 @@ impl TryFrom<u8> for FrameType {
             10 => Self::Exit,
             11 => Self::ExecStream,
             12 => Self::ExecPipe,
+            32 => Self::Quiesce,
             other => return Err(FrameError::UnknownType(other)),
         })
     }

@@ -51,7 +51,8 @@ mod hostile_input {
         }
     }
 
-    const KINDS: [FrameType; 9] = [
+    const KINDS: [FrameType; 10] = [
+        FrameType::Quiesce,
         FrameType::Stdout,
         FrameType::Stderr,
         FrameType::Signal,
@@ -70,7 +71,7 @@ mod hostile_input {
             let mut stream = rng.bytes(64);
             // Sometimes a plausible header in front of the noise.
             if rng.next().is_multiple_of(2) {
-                let mut h = vec![KINDS[(rng.next() % 9) as usize] as u8];
+                let mut h = vec![KINDS[(rng.next() % 10) as usize] as u8];
                 h.extend_from_slice(&((rng.next() % 80) as u32).to_be_bytes());
                 h.extend(stream);
                 stream = h;
@@ -91,7 +92,7 @@ mod hostile_input {
     fn random_payloads_for_every_frame_type() {
         let mut rng = Rng(0xfeed_beef_0000_0002);
         for _ in 0..20_000 {
-            let kind = KINDS[(rng.next() % 9) as usize];
+            let kind = KINDS[(rng.next() % 10) as usize];
             let frame = Frame { kind, payload: rng.bytes(16) };
             if let Ok(HostMessage::Signal(sig)) = HostMessage::from_frame(frame.clone()) {
                 assert!((1..=64).contains(&sig));

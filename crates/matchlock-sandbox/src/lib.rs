@@ -6,6 +6,7 @@ mod command;
 mod exec;
 pub mod gc;
 pub mod relay;
+pub mod volumes;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -14,6 +15,10 @@ use matchlock_api::paths::{cache_dir, state_dir, vm_dir};
 use matchlock_api::SandboxConfig;
 use matchlock_image::{ImageRecord, Store, StoreError};
 use matchlock_protocol::boot::BootParams;
+use matchlock_protocol::exec::GuestMessage;
+use matchlock_protocol::frame::tokio_io::{read_frame, write_frame};
+use matchlock_protocol::frame::FrameType;
+use matchlock_protocol::EXEC_PORT;
 use matchlock_state::{Phase, StateDb, StateError, Status, Vm};
 use matchlock_vm::qemu::{QemuBackend, QemuMachine};
 use matchlock_vm::{accel, device_name, kernel, tools, Backend, Disk, Machine, MachineSpec, VmError};
@@ -60,6 +65,9 @@ pub enum SandboxError {
     /// The state database failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// A named volume operation failed (`named volume not found: x`, …).
+    #[error("{0}")]
+    Volume(String),
     /// The exec relay of another process's sandbox failed.
     #[error("{0}")]
     Relay(String),
@@ -194,10 +202,16 @@ impl Sandbox {
         let create_failed = |e: SandboxError| (Phase::CreateFailed, e);
         matchlock_image::ext4::create_empty(upper, config.disk_size_mb * 1024 * 1024)
             .map_err(|source| create_failed(SandboxError::Disk { what: "the writable disk".into(), source }))?;
-        let mut disks = vec![Disk { path: boot_disk, read_only: true }];
+        let mut disks = vec![Disk { path: boot_disk, read_only: true, persistent: false }];
         // The image's layers, squashed once into one read-only disk shared by every VM.
-        disks.push(Disk { path: image.rootfs.clone(), read_only: true });
-        disks.push(Disk { path: upper.to_owned(), read_only: false });
+        disks.push(Disk { path: image.rootfs.clone(), read_only: true, persistent: false });
+        disks.push(Disk { path: upper.to_owned(), read_only: false, persistent: false });
+        let mut mounts = Vec::new();
+        for mount in &config.disks {
+            let path = resolve_disk(&mount.source).map_err(create_failed)?;
+            mounts.push((device_name(disks.len()), mount.guest_path.clone(), mount.read_only));
+            disks.push(Disk { path, read_only: mount.read_only, persistent: true });
+        }
         let params = BootParams {
             hostname: config.hostname.clone().unwrap_or_else(|| id.to_owned()),
             dns: config.dns_servers.clone(),
@@ -207,6 +221,7 @@ impl Sandbox {
             add_hosts: config.add_hosts.clone(),
             epoch_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             privileged: config.privileged,
+            disks: mounts,
         };
         let accel = accel::select(&qemu, &kernel).await.map_err(|e| create_failed(e.into()))?;
         let backend = QemuBackend::new(qemu, accel).map_err(|e| create_failed(e.into()))?;
@@ -261,6 +276,28 @@ impl Sandbox {
         Ok(machine.connect(port).await?)
     }
 
+    /// Asks the guest agent to sync and remount the extra disks read-only, so volumes
+    /// are clean on the host (bounded by a few seconds).
+    async fn quiesce_guest(&self) -> Result<(), SandboxError> {
+        let work = async {
+            let mut conn = self.connect(EXEC_PORT).await?;
+            write_frame(&mut conn, FrameType::Quiesce, &[]).await?;
+            let mut errors = String::new();
+            while let Some(frame) = read_frame(&mut conn).await? {
+                match GuestMessage::from_frame(frame)? {
+                    GuestMessage::Exit(0) => return Ok(()),
+                    GuestMessage::Exit(_) => break,
+                    GuestMessage::Stderr(e) => errors.push_str(&String::from_utf8_lossy(&e)),
+                    GuestMessage::Stdout(_) => {}
+                }
+            }
+            Err(SandboxError::VmStopped(format!("quiescing the guest failed: {}", errors.trim())))
+        };
+        tokio::time::timeout(Duration::from_secs(10), work)
+            .await
+            .unwrap_or_else(|_| Err(SandboxError::VmStopped("quiescing the guest timed out".into())))
+    }
+
     /// How long creation took, by phase: `prepare` (image, disks, accelerator) and
     /// `boot` (VMM start to the guest agent's ready signal).
     pub fn timings(&self) -> &[(&'static str, Duration)] {
@@ -277,6 +314,12 @@ impl Sandbox {
             relay.abort();
         }
         let _ = std::fs::remove_file(relay::socket_path(&self.dir));
+        if self.config.disks.iter().any(|d| !d.read_only) {
+            // Writes to volumes must reach their files before the VM goes.
+            let synced = self.quiesce_guest().await;
+            let _ =
+                self.state.record_cleanup(&id, "guest_sync", synced.as_ref().err().map(ToString::to_string).as_deref());
+        }
         let machine_result = match self.machine.take() {
             Some(machine) => machine.shutdown().await.map_err(SandboxError::from),
             None => Ok(()),
@@ -300,7 +343,26 @@ impl Sandbox {
     }
 }
 
+/// Most `--disk`s a VM takes: QEMU's microvm has 8 virtio-mmio slots, and the boot
+/// disk, image, writable disk and vsock (and later the network) use the others.
+pub const MAX_EXTRA_DISKS: usize = 3;
+
+/// The host file behind a `--disk` source (`@name` or a path to an ext4 image).
+fn resolve_disk(source: &str) -> Result<PathBuf, SandboxError> {
+    let path = match source.strip_prefix('@') {
+        Some(name) => volumes::path(name)?,
+        None => PathBuf::from(source),
+    };
+    if !path.is_file() {
+        return Err(SandboxError::Config(format!("disk image not found: {source}")));
+    }
+    path.canonicalize().map_err(io_err(format!("cannot resolve {}", path.display())))
+}
+
 fn validate(config: &SandboxConfig) -> Result<(), SandboxError> {
+    if config.disks.len() > MAX_EXTRA_DISKS {
+        return Err(SandboxError::Config(format!("at most {MAX_EXTRA_DISKS} --disk mounts are supported")));
+    }
     let host_cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     if !(config.cpus.is_finite() && config.cpus > 0.0) {
         return Err(SandboxError::Config(format!("--cpus must be positive, got {}", config.cpus)));

@@ -27,6 +27,9 @@ pub struct Disk {
     pub path: PathBuf,
     /// Whether the guest may write.
     pub read_only: bool,
+    /// Whether writes must survive the VM (volumes): flushes reach the file. Scratch
+    /// disks skip flushes for speed.
+    pub persistent: bool,
 }
 
 /// Everything a backend needs to boot a VM.

@@ -135,9 +135,10 @@ impl QemuBackend {
         // Linux names virtio-blk disks in the order QEMU adds them: disk i is vd<a+i>.
         for (i, disk) in spec.disks.iter().enumerate() {
             let ro = if disk.read_only { "on" } else { "off" };
+            let cache = if disk.persistent { "writeback" } else { "unsafe" };
             args.push("-drive".into());
             args.push(format!(
-                "id=disk{i},file={},format=raw,if=none,readonly={ro},cache=unsafe,discard=unmap",
+                "id=disk{i},file={},format=raw,if=none,readonly={ro},cache={cache},discard=unmap",
                 check_option_path(&disk.path)?
             ));
             args.push("-device".into());

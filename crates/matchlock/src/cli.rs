@@ -88,6 +88,9 @@ enum Command {
     /// Manage local images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Manage named volumes (ext4 disks for `run --disk @name:/path`).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Manage the guest kernel.
     #[command(subcommand)]
     Kernel(KernelCommand),
@@ -124,6 +127,42 @@ enum ImageCommand {
 struct ImportArgs {
     /// Tag to store the image under (`name[:tag]`).
     tag: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume.
+    Create {
+        /// Size in MB.
+        #[arg(long, default_value_t = 10240)]
+        size: u64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Name (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
+        name: String,
+    },
+    /// List volumes.
+    #[command(alias = "list")]
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a volume.
+    #[command(alias = "remove")]
+    Rm {
+        /// Name.
+        name: String,
+    },
+    /// Copy a volume (mode, owner and modification time kept).
+    #[command(alias = "copy")]
+    Cp {
+        /// Source volume.
+        source: String,
+        /// New volume.
+        dest: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,6 +206,7 @@ pub async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Prune => crate::vms::prune(),
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),
         Command::Pull { tag, force, reference } => crate::images::pull(&reference, tag.as_deref(), force).await,
+        Command::Volume(cmd) => crate::volumes::dispatch(cmd),
         Command::Image(ImageCommand::Ls) => crate::images::list(),
         Command::Image(ImageCommand::Rm { tag }) => crate::images::remove(&tag),
         Command::Image(ImageCommand::Gc) => crate::images::gc(),

@@ -16,6 +16,7 @@ mod run;
 mod session;
 mod terminal;
 mod vms;
+mod volumes;
 
 use std::process::ExitCode;
 

@@ -72,6 +72,9 @@ pub struct RunArgs {
     /// DNS servers for /etc/resolv.conf (comma-separated).
     #[arg(long = "dns-servers", env = "MATCHLOCK_RUN_DNS_SERVERS", value_delimiter = ',', value_name = "IP[,IP]")]
     dns_servers: Vec<IpAddr>,
+    /// Mount an ext4 disk image: `host_path:/guest/path[:ro]` or `@volume:/guest/path[:ro]`.
+    #[arg(long = "disk", value_name = "SOURCE:PATH[:ro]")]
+    disk: Vec<String>,
     /// Extra /etc/hosts entry `host:ip` (repeatable).
     #[arg(long = "add-host", value_name = "HOST:IP")]
     add_host: Vec<String>,
@@ -102,6 +105,9 @@ fn build_config(args: &RunArgs) -> Result<SandboxConfig> {
     }
     for spec in &args.add_host {
         config.add_hosts.push(parse_add_host(spec)?);
+    }
+    for spec in &args.disk {
+        config.disks.push(matchlock_api::config::parse_disk(spec)?);
     }
     if !args.dns_servers.is_empty() {
         config.dns_servers.clone_from(&args.dns_servers);

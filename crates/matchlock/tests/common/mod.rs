@@ -150,7 +150,12 @@ impl Home {
 
     /// The image store's blob directory.
     pub fn blobs_dir(&self) -> PathBuf {
-        self.tools.cache.join("matchlock/images/blobs")
+        self.cache_dir().join("images/blobs")
+    }
+
+    /// This HOME's `~/.cache/matchlock`.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.tools.cache.join("matchlock")
     }
 
     pub fn vms_dir(&self) -> PathBuf {
