@@ -189,6 +189,16 @@ impl Store {
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         fs::create_dir_all(root.join("blobs")).map_err(io_err(root))?;
         fs::create_dir_all(root.join("tmp")).map_err(io_err(root))?;
+        // Switching a new database to WAL and migrating it must not race another process
+        // doing the same (SQLite reports "locked" at once there, busy timeout or not).
+        let lock_path = root.join("metadata.db.lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        lock.lock().map_err(io_err(&lock_path))?;
         let db = Connection::open(root.join("metadata.db"))?;
         db.busy_timeout(std::time::Duration::from_secs(15))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
@@ -196,6 +206,7 @@ impl Store {
         db.pragma_update(None, "foreign_keys", "ON")?;
         let mut store = Self { root: root.to_owned(), db };
         store.migrate()?;
+        drop(lock);
         Ok(store)
     }
 
