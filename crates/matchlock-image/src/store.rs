@@ -14,6 +14,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use matchlock_api::paths::lock_file;
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
@@ -192,13 +193,7 @@ impl Store {
         // Switching a new database to WAL and migrating it must not race another process
         // doing the same (SQLite reports "locked" at once there, busy timeout or not).
         let lock_path = root.join("metadata.db.lock");
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
-        lock.lock().map_err(io_err(&lock_path))?;
+        let lock = lock_file(&lock_path, true).map_err(io_err(&lock_path))?;
         let db = Connection::open(root.join("metadata.db"))?;
         db.busy_timeout(std::time::Duration::from_secs(15))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
@@ -233,11 +228,7 @@ impl Store {
 
     fn lock_file(&self, name: &str, exclusive: bool) -> Result<fs::File, StoreError> {
         let path = self.root.join(name);
-        let file =
-            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
-        let locked = if exclusive { file.lock() } else { file.lock_shared() };
-        locked.map_err(io_err(&path))?;
-        Ok(file)
+        lock_file(&path, exclusive).map_err(io_err(&path))
     }
 
     /// Takes the store-wide lock: shared while adding images, exclusive for [`Store::gc`],

@@ -202,13 +202,7 @@ impl StateDb {
         }
         // Serialise first-time creation and migrations across processes.
         let lock_path = path.with_extension("db.lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
-        lock.lock().map_err(io_err(&lock_path))?;
+        let lock = matchlock_api::paths::lock_file(&lock_path, true).map_err(io_err(&lock_path))?;
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(15))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
