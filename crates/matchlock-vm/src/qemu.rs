@@ -306,6 +306,31 @@ async fn stop(child: &mut Child) {
     }
 }
 
+/// Kills `child` and waits (synchronously, briefly) until it is reaped.
+fn kill_and_reap(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = child.start_kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) | Err(_) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+impl Drop for QemuMachine {
+    /// A machine dropped without [`Machine::shutdown`] (e.g. a boot interrupted by Ctrl-C)
+    /// takes its processes with it before the caller goes on.
+    fn drop(&mut self) {
+        for child in [self.qemu.as_mut(), self.vhost.as_mut()].into_iter().flatten() {
+            kill_and_reap(child);
+        }
+    }
+}
+
 impl Machine for QemuMachine {
     fn dir(&self) -> &Path {
         &self.dir
