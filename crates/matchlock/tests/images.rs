@@ -26,10 +26,16 @@ fn blob_usage(dir: &Path) -> (usize, u64) {
     })
 }
 
-#[test]
-fn pull_then_run_with_whiteouts_multiarch_and_zstd() {
+/// A registry holding the layered fixture as `test/layered:latest`.
+fn layered_registry() -> Registry {
     let registry = Registry::start(None);
     registry.push(&format!("docker-archive:{}", fixture("layered.tar").display()), "test/layered:latest", None);
+    registry
+}
+
+#[test]
+fn pull_then_run_with_whiteouts_multiarch_and_zstd() {
+    let registry = layered_registry();
     registry.push(&oci("multiarch.tar"), "test/multi:latest", None);
     registry.push(&oci("nonroot.tar"), "test/nonroot:latest", None);
     let h = isolated_home();
@@ -144,8 +150,7 @@ fn a_registry_serving_wrong_bytes_is_an_error_not_a_corrupt_cache() {
 
 #[test]
 fn aliases_and_force_pulls_never_duplicate_blobs_and_rm_gc_reclaim_them() {
-    let registry = Registry::start(None);
-    registry.push(&format!("docker-archive:{}", fixture("layered.tar").display()), "test/layered:latest", None);
+    let registry = layered_registry();
     let h = isolated_home();
     let reference = format!("{}/test/layered", registry.addr);
     ok(&h.ml(&["pull", &reference]));
@@ -170,13 +175,10 @@ fn aliases_and_force_pulls_never_duplicate_blobs_and_rm_gc_reclaim_them() {
 
 #[test]
 fn concurrent_pulls_convert_each_layer_once() {
-    let registry = Registry::start(None);
-    registry.push(&format!("docker-archive:{}", fixture("layered.tar").display()), "test/layered:latest", None);
+    let registry = layered_registry();
     let h = isolated_home();
     let reference = format!("{}/test/layered", registry.addr);
-    let pulls: Vec<_> = (0..2)
-        .map(|_| h.cmd().args(["pull", &reference]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
-        .collect();
+    let pulls: Vec<_> = (0..2).map(|_| h.spawn(&["pull", &reference])).collect();
     for p in pulls {
         ok(&p.wait_with_output().unwrap());
     }

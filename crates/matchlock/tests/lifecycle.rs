@@ -91,7 +91,7 @@ fn detached_command_runs_and_logs() {
         assert!(n > 0, "log -f ended early");
         seen.extend_from_slice(&buf[..n]);
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(follow.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    common::signal(&follow, nix::sys::signal::Signal::SIGINT);
     assert_eq!(follow.wait().unwrap().code(), Some(0));
     assert!(String::from_utf8_lossy(&seen).contains("first"));
     ok(&h.ml(&["kill", &id]));
@@ -119,7 +119,7 @@ fn exec_through_the_relay_pipes_stdin_and_cancels() {
     let mut go = [0u8; 3];
     child.stdout.as_mut().unwrap().read_exact(&mut go).unwrap();
     let sent = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    common::signal(&child, nix::sys::signal::Signal::SIGINT);
     let status = child.wait().unwrap();
     assert!(sent.elapsed() < Duration::from_secs(5));
     assert_eq!(status.code(), Some(143));
@@ -161,13 +161,7 @@ fn diagnose_reports_every_check() {
 #[test]
 fn rm_false_keeps_the_sandbox_until_killed() {
     let h = home();
-    let mut run = h
-        .cmd()
-        .args(["run", "--rm=false", "--image", "busybox", "--", "sh", "-c", "echo hi; exit 3"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut run = h.spawn(&["run", "--rm=false", "--image", "busybox", "--", "sh", "-c", "echo hi; exit 3"]);
     let mut hi = [0u8; 3];
     run.stdout.as_mut().unwrap().read_exact(&mut hi).unwrap();
     assert_eq!(&hi, b"hi\n");

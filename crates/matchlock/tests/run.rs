@@ -230,18 +230,12 @@ fn machine_identity_files_and_cpu_quota() {
 #[test]
 fn ctrl_c_stops_the_command_quickly_and_leaves_nothing() {
     let h = home();
-    let mut child = h
-        .cmd()
-        .args(["run", "--image", "busybox", "--", "sh", "-c", "echo started; sleep 60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = h.spawn(&["run", "--image", "busybox", "--", "sh", "-c", "echo started; sleep 60"]);
     let mut first = [0u8; 8];
     child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
     assert_eq!(&first, b"started\n");
     let sent = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    common::signal(&child, nix::sys::signal::Signal::SIGINT);
     let status = child.wait().unwrap();
     let took = sent.elapsed();
     assert!(took < Duration::from_secs(5), "took {took:?}");
@@ -252,20 +246,14 @@ fn ctrl_c_stops_the_command_quickly_and_leaves_nothing() {
 #[test]
 fn ctrl_c_during_boot_aborts_and_leaves_nothing() {
     let h = home();
-    let child = h
-        .cmd()
-        .args(["run", "--image", "busybox", "--", "true"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = h.spawn(&["run", "--image", "busybox", "--", "true"]);
     // Wait until QEMU is up, i.e. the guest is booting.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !h.processes().iter().any(|c| c.contains("qemu-system")) {
         assert!(Instant::now() < deadline, "QEMU never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    common::signal(&child, nix::sys::signal::Signal::SIGTERM);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("while booting"), "{}", stderr(&out));
@@ -275,13 +263,7 @@ fn ctrl_c_during_boot_aborts_and_leaves_nothing() {
 #[test]
 fn a_vm_that_dies_mid_command_is_an_error_and_leaves_nothing() {
     let h = home();
-    let mut child = h
-        .cmd()
-        .args(["run", "--image", "busybox", "--", "sh", "-c", "echo before; sleep 30"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = h.spawn(&["run", "--image", "busybox", "--", "sh", "-c", "echo before; sleep 30"]);
     let mut first = [0u8; 7];
     child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
     assert_eq!(&first, b"before\n");

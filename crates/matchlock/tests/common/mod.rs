@@ -213,6 +213,11 @@ impl Home {
         id
     }
 
+    /// Starts `matchlock <args>` with stdout and stderr piped.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.cmd().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn matchlock")
+    }
+
     /// `matchlock <args>`.
     pub fn ml(&self, args: &[&str]) -> Output {
         self.cmd().args(args).output().expect("run matchlock")
@@ -347,4 +352,9 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends `signal` to a child process.
+pub fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).expect("kill");
 }
