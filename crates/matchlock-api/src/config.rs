@@ -48,6 +48,155 @@ pub struct SandboxConfig {
     /// Extra ext4 disks (`--disk`).
     #[serde(default)]
     pub disks: Vec<DiskMount>,
+    /// The network; `None` means no NIC at all (`--no-network`).
+    #[serde(default = "default_network")]
+    pub network: Option<NetworkConfig>,
+}
+
+#[allow(clippy::unnecessary_wraps)]
+fn default_network() -> Option<NetworkConfig> {
+    Some(NetworkConfig::default())
+}
+
+/// Default MTU of the guest NIC.
+pub const DEFAULT_MTU: u32 = 1500;
+
+/// The sandbox's network: what it may reach and which secrets it may send where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Allow-list globs; empty allows every host.
+    pub allowed_hosts: Vec<String>,
+    /// Refuse private, loopback, link-local and CGNAT destinations.
+    pub block_private_ips: bool,
+    /// Force HTTP/TLS interception even with an empty allow-list and no secrets.
+    pub intercept: bool,
+    /// MTU of the guest NIC.
+    pub mtu: u32,
+    /// Secrets the host substitutes for their placeholders on the way out.
+    pub secrets: Vec<Secret>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            allowed_hosts: Vec::new(),
+            block_private_ips: true,
+            intercept: false,
+            mtu: DEFAULT_MTU,
+            secrets: Vec::new(),
+        }
+    }
+}
+
+impl NetworkConfig {
+    /// Whether traffic goes through the intercepting proxy (reference: allow-list, secrets or forced).
+    pub fn intercepts(&self) -> bool {
+        self.intercept || !self.allowed_hosts.is_empty() || !self.secrets.is_empty()
+    }
+}
+
+/// A secret: the guest sees `placeholder` in `$name`; the host sends `value` in its place, and
+/// only to `hosts`. The value is never serialized (stored configurations hold placeholders only).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Secret {
+    /// Environment variable name in the guest.
+    pub name: String,
+    /// The real value; host memory only.
+    #[serde(skip)]
+    pub value: String,
+    /// What the guest sees instead: `SANDBOX_SECRET_` + 32 hex digits.
+    pub placeholder: String,
+    /// Host globs the value may be sent to (empty = any allowed host).
+    pub hosts: Vec<String>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .field("placeholder", &self.placeholder)
+            .field("hosts", &self.hosts)
+            .finish()
+    }
+}
+
+impl Secret {
+    /// A secret with a fresh random placeholder.
+    pub fn new(name: impl Into<String>, value: impl Into<String>, hosts: Vec<String>) -> Self {
+        let bytes: [u8; 16] = rand::random();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Self { name: name.into(), value: value.into(), placeholder: format!("SANDBOX_SECRET_{hex}"), hosts }
+    }
+}
+
+/// Errors in `--secret` specs. They never include the value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SecretSpecError {
+    /// No `@hosts` part.
+    #[error("invalid secret {0:?}: missing @hosts (expected NAME=VALUE@host1,host2 or NAME@host1,host2)")]
+    MissingHosts(String),
+    /// Empty or malformed name.
+    #[error("invalid secret: bad name {0:?}")]
+    BadName(String),
+    /// `NAME@hosts` but `$NAME` is not set on the host.
+    #[error("invalid secret {0}: environment variable is not set ${0}")]
+    NotSet(String),
+}
+
+/// Parses `--secret`: `NAME=VALUE@h1,h2` or `NAME@h1,h2` (value from the host's `$NAME`).
+/// The split is on the last `@`, so values may contain `@`; commas separate hosts.
+pub fn parse_secret(spec: &str, host: impl Fn(&str) -> Option<String>) -> Result<Secret, SecretSpecError> {
+    let (left, hosts) = spec
+        .rsplit_once('@')
+        .ok_or_else(|| SecretSpecError::MissingHosts(spec.split_once('=').map_or(spec, |(name, _)| name).to_owned()))?;
+    let (name, value) = match left.split_once('=') {
+        Some((name, value)) => (name, Some(value.to_owned())),
+        None => (left, None),
+    };
+    let valid_name = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !valid_name {
+        return Err(SecretSpecError::BadName(name.to_owned()));
+    }
+    let hosts: Vec<String> = hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_owned).collect();
+    if hosts.is_empty() {
+        return Err(SecretSpecError::MissingHosts(name.to_owned()));
+    }
+    let value = match value {
+        Some(v) => v,
+        None => host(name).ok_or_else(|| SecretSpecError::NotSet(name.to_owned()))?,
+    };
+    Ok(Secret::new(name, value, hosts))
+}
+
+/// Errors in `-p/--publish` specs.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid port mapping {0:?}: expected [LOCAL:]REMOTE with ports 1-65535")]
+pub struct PublishSpecError(pub String);
+
+/// A port forward: host `local` to guest `remote`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    /// Host port.
+    pub local: u16,
+    /// Guest port.
+    pub remote: u16,
+}
+
+/// Parses `[LOCAL:]REMOTE`.
+pub fn parse_publish(spec: &str) -> Result<PortForward, PublishSpecError> {
+    let port = |s: &str| s.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| PublishSpecError(spec.to_owned()));
+    match spec.split_once(':') {
+        Some((local, remote)) => Ok(PortForward { local: port(local)?, remote: port(remote)? }),
+        None => {
+            let p = port(spec)?;
+            Ok(PortForward { local: p, remote: p })
+        }
+    }
 }
 
 /// An ext4 disk image mounted in the guest (`--disk source:/guest/path[:ro]`).
@@ -111,6 +260,7 @@ impl SandboxConfig {
             command: Vec::new(),
             privileged: false,
             disks: Vec::new(),
+            network: Some(NetworkConfig::default()),
         }
     }
 }
@@ -229,6 +379,33 @@ mod tests {
         }
         assert!(is_valid_volume_name("my.vol_1-x"));
         assert!(!is_valid_volume_name("../x"));
+    }
+
+    #[test]
+    fn secrets() {
+        let s = parse_secret("KEY=a@b,c@api.test,*.x.test", host).unwrap();
+        assert_eq!((s.name.as_str(), s.value.as_str()), ("KEY", "a@b,c"));
+        assert_eq!(s.hosts, ["api.test", "*.x.test"]);
+        assert!(s.placeholder.starts_with("SANDBOX_SECRET_") && s.placeholder.len() == 15 + 32);
+        assert_ne!(s.placeholder, parse_secret("KEY=a@h", host).unwrap().placeholder);
+        assert_eq!(parse_secret("FROM_HOST@h", host).unwrap().value, "from-host");
+        assert_eq!(parse_secret("NOPE@h", host), Err(SecretSpecError::NotSet("NOPE".into())));
+        let missing = parse_secret("KEY=topsecret", host).unwrap_err();
+        assert!(!missing.to_string().contains("topsecret"), "{missing}");
+        assert!(parse_secret("KEY=v@", host).is_err());
+        assert!(parse_secret("1X=v@h", host).is_err());
+        assert!(!format!("{s:?}").contains("a@b,c"));
+        let stored = serde_json::to_string(&s).unwrap();
+        assert!(!stored.contains("a@b,c") && stored.contains(&s.placeholder), "{stored}");
+    }
+
+    #[test]
+    fn publish() {
+        assert_eq!(parse_publish("8080:80"), Ok(PortForward { local: 8080, remote: 80 }));
+        assert_eq!(parse_publish("9000"), Ok(PortForward { local: 9000, remote: 9000 }));
+        for bad in ["0", "70000", "a:1", "1:", ":1", "1:2:3"] {
+            assert!(parse_publish(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

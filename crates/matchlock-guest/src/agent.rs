@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use matchlock_protocol::exec::{ExecMode, ExecRequest, GuestMessage, HostMessage};
 use matchlock_protocol::frame::{read_frame, write_frame};
-use matchlock_protocol::{ECHO_PORT, EXEC_PORT, HOST_CID, READY_PORT};
+use matchlock_protocol::{ECHO_PORT, EXEC_PORT, FORWARD_OK, FORWARD_PORT, FORWARD_REFUSED, HOST_CID, READY_PORT};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -51,6 +51,12 @@ pub fn serve(disks: Vec<String>) -> Result<(), AgentError> {
         }
         Err(e) => eprintln!("guest-agent: echo port: {e}"),
     }
+    match VsockListener::bind_with_cid_port(VMADDR_CID_ANY, FORWARD_PORT) {
+        Ok(forward) => {
+            thread::spawn(move || serve_forwards(&forward));
+        }
+        Err(e) => eprintln!("guest-agent: forward port: {e}"),
+    }
     signal_ready();
     for conn in listener.incoming() {
         match conn {
@@ -81,6 +87,41 @@ fn serve_echo(listener: &VsockListener) {
             }
         });
     }
+}
+
+/// Port forwards from the host: each connection names a guest TCP port on loopback.
+fn serve_forwards(listener: &VsockListener) {
+    for conn in listener.incoming().flatten() {
+        thread::spawn(move || {
+            let mut host = conn;
+            let mut port = [0u8; 2];
+            if host.read_exact(&mut port).is_err() {
+                return;
+            }
+            let Ok(guest) = std::net::TcpStream::connect(("127.0.0.1", u16::from_be_bytes(port))) else {
+                let _ = host.write_all(&[FORWARD_REFUSED]);
+                return;
+            };
+            if host.write_all(&[FORWARD_OK]).is_err() {
+                return;
+            }
+            let _ = guest.set_nodelay(true);
+            relay_both_ways(host, guest);
+        });
+    }
+}
+
+/// Copies bytes both ways; each direction's end is passed on as a half-close.
+fn relay_both_ways(host: VsockStream, guest: std::net::TcpStream) {
+    let (Ok(mut host_reader), Ok(mut guest_writer)) = (host.try_clone(), guest.try_clone()) else { return };
+    let upstream = thread::spawn(move || {
+        let _ = io::copy(&mut host_reader, &mut guest_writer);
+        let _ = guest_writer.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut guest_reader, mut host_writer) = (guest, host);
+    let _ = io::copy(&mut guest_reader, &mut host_writer);
+    let _ = host_writer.shutdown(std::net::Shutdown::Write);
+    let _ = upstream.join();
 }
 
 /// Connects to the host's ready port; the connection itself is the signal.

@@ -74,8 +74,13 @@ fn run() -> Result<(), InitError> {
     let cmdline = fs::read_to_string("/proc/cmdline").map_err(InitError::Cmdline)?;
     let params = BootParams::from_cmdline(&cmdline)?;
     set_clock(params.epoch_ms);
-    assemble_root(&params)?;
+    let sandbox_ca = assemble_root(&params)?;
     mount_base_filesystems()?;
+    if let Some(ca) = sandbox_ca {
+        if let Err(e) = install_ca(&ca) {
+            eprintln!("matchlock-init: cannot install the sandbox CA: {}", sys::error_chain(&e));
+        }
+    }
     write_identity_files(&params)?;
     mount_disks(&params)?;
     if let Err(e) = sys::loopback_up() {
@@ -109,7 +114,42 @@ fn set_clock(epoch_ms: u64) {
     }
 }
 
-fn assemble_root(params: &BootParams) -> Result<(), InitError> {
+/// Where the host leaves the sandbox CA on the upper disk (outside the overlay's upper dir).
+const SEEDED_CA: &str = "matchlock/ca.crt";
+/// Where workloads find it.
+const GUEST_CA: &str = "/etc/ssl/certs/matchlock-ca.crt";
+/// System CA bundles of common distributions; the sandbox CA is appended to those present.
+const SYSTEM_BUNDLES: [&str; 3] =
+    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
+
+/// Installs the sandbox CA: its own file, and appended to the system bundle (created if the
+/// image has none), so TLS clients trust the host's interception.
+fn install_ca(pem: &[u8]) -> Result<(), InitError> {
+    let write_err = |path: &str| {
+        let path = path.to_owned();
+        move |source| InitError::Write { path, source }
+    };
+    fs::create_dir_all("/etc/ssl/certs").map_err(write_err("/etc/ssl/certs"))?;
+    fs::write(GUEST_CA, pem).map_err(write_err(GUEST_CA))?;
+    fs::set_permissions(GUEST_CA, fs::Permissions::from_mode(0o644)).map_err(write_err(GUEST_CA))?;
+    let mut seen = Vec::new();
+    for bundle in SYSTEM_BUNDLES {
+        let Ok(real) = fs::canonicalize(bundle) else { continue };
+        if seen.contains(&real) {
+            continue;
+        }
+        let mut file = fs::OpenOptions::new().append(true).open(&real).map_err(write_err(bundle))?;
+        file.write_all(b"\n").and_then(|()| file.write_all(pem)).map_err(write_err(bundle))?;
+        seen.push(real);
+    }
+    if seen.is_empty() {
+        fs::write(SYSTEM_BUNDLES[0], pem).map_err(write_err(SYSTEM_BUNDLES[0]))?;
+    }
+    Ok(())
+}
+
+/// Mounts the layers and the upper disk as the root; returns the sandbox CA the host seeded.
+fn assemble_root(params: &BootParams) -> Result<Option<Vec<u8>>, InitError> {
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     let mut lower_dirs = Vec::with_capacity(params.lowers.len());
     for (i, dev) in params.lowers.iter().enumerate() {
@@ -125,6 +165,7 @@ fn assemble_root(params: &BootParams) -> Result<(), InitError> {
     for dir in [&upper, &work] {
         fs::create_dir_all(dir).map_err(|source| InitError::Write { path: dir.clone(), source })?;
     }
+    let sandbox_ca = fs::read(format!("{upper_fs}/{SEEDED_CA}")).ok();
     // overlayfs wants the top layer first.
     lower_dirs.reverse();
     let merged = format!("{STAGING}/merged");
@@ -136,7 +177,7 @@ fn assemble_root(params: &BootParams) -> Result<(), InitError> {
     nix::unistd::pivot_root(".", ".").map_err(InitError::PivotRoot)?;
     umount2(".", MntFlags::MNT_DETACH).map_err(InitError::PivotRoot)?;
     nix::unistd::chdir("/").map_err(InitError::PivotRoot)?;
-    Ok(())
+    Ok(sandbox_ca)
 }
 
 fn mount_base_filesystems() -> Result<(), InitError> {

@@ -95,9 +95,13 @@ pub fn build_from_tar(tar: &Path, out: &Path, size_bytes: u64, inodes: u64, xatt
     Ok(())
 }
 
-/// Creates an empty, journaled ext4 file system of `size_bytes` in a sparse file.
-pub fn create_empty(out: &Path, size_bytes: u64) -> Result<(), Ext4Error> {
+/// Creates a journaled ext4 file system of `size_bytes` in a sparse file, empty or holding
+/// the contents of the tar at `seed`.
+pub fn create_empty(out: &Path, size_bytes: u64, seed: Option<&Path>) -> Result<(), Ext4Error> {
     let mut cmd = mke2fs(out, size_bytes)?;
+    if let Some(tar) = seed {
+        cmd.arg("-d").arg(tar);
+    }
     cmd.arg(out);
     run("mke2fs", &mut cmd)?;
     Ok(())

@@ -24,6 +24,14 @@ pub const VFS_PORT: u32 = 5001;
 pub const READY_PORT: u32 = 5002;
 /// Guest port that echoes every byte back: a floor for host <-> guest latency.
 pub const ECHO_PORT: u32 = 5003;
+/// Guest port of the port-forward service: the host writes a 2-byte big-endian guest TCP
+/// port, the guest answers one byte ([`FORWARD_OK`] or [`FORWARD_REFUSED`]) and then relays
+/// bytes to and from `127.0.0.1:<port>` in the guest.
+pub const FORWARD_PORT: u32 = 5004;
+/// The forward connected.
+pub const FORWARD_OK: u8 = 0;
+/// Nothing listens on that port in the guest.
+pub const FORWARD_REFUSED: u8 = 1;
 
 #[cfg(test)]
 mod hostile_input {

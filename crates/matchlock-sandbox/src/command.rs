@@ -12,6 +12,12 @@ pub enum ComposeError {
     NoCommand,
 }
 
+/// Where the guest finds the sandbox CA (guest-init also appends it to the system bundle).
+pub const GUEST_CA_PATH: &str = "/etc/ssl/certs/matchlock-ca.crt";
+
+/// Variables that point TLS clients at the sandbox CA under interception.
+const CA_ENV: [&str; 4] = ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"];
+
 /// The command to run and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Composed {
@@ -60,9 +66,17 @@ pub fn compose(image: &ImageConfig, config: &SandboxConfig) -> Result<Composed, 
         return Err(ComposeError::NoCommand);
     }
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let network = config.network.as_ref();
+    let ca_env: Vec<(String, String)> = match network {
+        Some(n) if n.intercepts() => CA_ENV.iter().map(|k| ((*k).to_owned(), GUEST_CA_PATH.to_owned())).collect(),
+        _ => Vec::new(),
+    };
+    let secret_env: Vec<(String, String)> =
+        network.iter().flat_map(|n| &n.secrets).map(|s| (s.name.clone(), s.placeholder.clone())).collect();
+    let env = image.env.iter().map(|(k, v)| (k, v)).chain(ca_env.iter().map(|(k, v)| (k, v)));
     Ok(Composed {
         argv,
-        env: merge_env(image.env.iter().map(|(k, v)| (k, v)).chain(&config.env)),
+        env: merge_env(env.chain(&config.env).chain(secret_env.iter().map(|(k, v)| (k, v)))),
         working_dir: config.workdir.clone().or_else(|| non_empty(&image.working_dir)).unwrap_or_else(|| "/".to_owned()),
         user: config.user.clone().or_else(|| non_empty(&image.user)),
     })
@@ -122,5 +136,19 @@ mod tests {
         c.user = None;
         let composed = compose(&ImageConfig::default(), &c).unwrap();
         assert_eq!((composed.user, composed.working_dir.as_str()), (None, "/"));
+    }
+
+    #[test]
+    fn secrets_and_ca_under_interception() {
+        let mut c = SandboxConfig::new("x");
+        c.command = s(&["true"]);
+        assert!(!compose(&image(), &c).unwrap().env.iter().any(|(k, _)| k == "SSL_CERT_FILE"));
+        let secret = matchlock_api::config::Secret::new("KEY", "real", vec!["api.test".into()]);
+        c.env.insert("KEY".into(), "user".into());
+        c.network.as_mut().unwrap().secrets.push(secret.clone());
+        let env = compose(&image(), &c).unwrap().env;
+        assert!(env.contains(&("KEY".into(), secret.placeholder.clone())));
+        assert!(env.contains(&("SSL_CERT_FILE".into(), GUEST_CA_PATH.into())));
+        assert!(!env.iter().any(|(_, v)| v == "real"));
     }
 }

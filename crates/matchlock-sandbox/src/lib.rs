@@ -5,10 +5,12 @@ mod boot_disk;
 mod command;
 mod exec;
 pub mod gc;
+pub mod network;
 pub mod relay;
 pub mod volumes;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use matchlock_api::paths::{cache_dir, state_dir, vm_dir};
@@ -71,6 +73,9 @@ pub enum SandboxError {
     /// The exec relay of another process's sandbox failed.
     #[error("{0}")]
     Relay(String),
+    /// The sandbox network could not start.
+    #[error("cannot start the sandbox network")]
+    Network(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Host-side I/O failed.
     #[error("{context}")]
     Io {
@@ -108,6 +113,7 @@ pub struct Sandbox {
     machine: Option<QemuMachine>,
     state: StateDb,
     relay: Option<tokio::task::JoinHandle<()>>,
+    network: Option<Arc<network::Network>>,
     timings: Vec<(&'static str, Duration)>,
 }
 
@@ -164,7 +170,7 @@ impl Sandbox {
         });
         state.register(&row, "qemu", &resources)?;
         let booted = Self::boot(&id, &dir, &config, &image, boot_disk, kernel, qemu, &upper, &mut state).await;
-        let (machine, prepared) = match booted {
+        let (machine, network, prepared) = match booted {
             Ok(ok) => ok,
             Err((phase, e)) => {
                 let _ = state.transition(&id, phase, Some(&e.to_string()));
@@ -175,8 +181,19 @@ impl Sandbox {
         };
         guard.0 = None;
         let timings = vec![("prepare", prepared - started), ("boot", prepared.elapsed())];
-        let mut sandbox = Self { id, dir, image, config, machine: Some(machine), state, relay: None, timings };
-        match relay::serve(&sandbox.dir) {
+        let network = network.map(Arc::new);
+        let mut sandbox = Self {
+            id,
+            dir,
+            image,
+            config,
+            machine: Some(machine),
+            state,
+            relay: None,
+            network: network.clone(),
+            timings,
+        };
+        match relay::serve(&sandbox.dir, network) {
             Ok(task) => sandbox.relay = Some(task),
             Err(e) => {
                 let _ = sandbox.close(true).await;
@@ -198,9 +215,18 @@ impl Sandbox {
         qemu: PathBuf,
         upper: &std::path::Path,
         state: &mut StateDb,
-    ) -> Result<(QemuMachine, Instant), (Phase, SandboxError)> {
+    ) -> Result<(QemuMachine, Option<network::Network>, Instant), (Phase, SandboxError)> {
         let create_failed = |e: SandboxError| (Phase::CreateFailed, e);
-        matchlock_image::ext4::create_empty(upper, config.disk_size_mb * 1024 * 1024)
+        let ca = match &config.network {
+            Some(net) => network::prepare_ca(net, dir).map_err(create_failed)?,
+            None => None,
+        };
+        let seed = ca.as_ref().map(|(_, tar)| tar.as_path());
+        let upper_created = matchlock_image::ext4::create_empty(upper, config.disk_size_mb * 1024 * 1024, seed);
+        if let Some(seed) = seed {
+            let _ = std::fs::remove_file(seed);
+        }
+        upper_created
             .map_err(|source| create_failed(SandboxError::Disk { what: "the writable disk".into(), source }))?;
         let mut disks = vec![Disk { path: boot_disk, read_only: true, persistent: false }];
         // The image's layers, squashed once into one read-only disk shared by every VM.
@@ -223,23 +249,35 @@ impl Sandbox {
             privileged: config.privileged,
             disks: mounts,
         };
+        let mut cmdline = params.to_cmdline();
+        let (network, nic) = match &config.network {
+            Some(net) => {
+                let (network, nic) =
+                    network::start(id, dir, net, &config.dns_servers, ca.map(|(ca, _)| ca)).map_err(create_failed)?;
+                cmdline.push(' ');
+                cmdline.push_str(&network::kernel_ip_param());
+                (Some(network), Some(nic))
+            }
+            None => (None, None),
+        };
         let accel = accel::select(&qemu, &kernel).await.map_err(|e| create_failed(e.into()))?;
         let backend = QemuBackend::new(qemu, accel).map_err(|e| create_failed(e.into()))?;
         let spec = MachineSpec {
             dir: dir.to_owned(),
             kernel,
-            cmdline: params.to_cmdline(),
+            cmdline,
             disks,
             vcpus: config.cpus.ceil() as u32,
             memory_mb: config.memory_mb,
             boot_timeout: BOOT_TIMEOUT,
+            nic,
         };
         state.transition(id, Phase::Created, None).map_err(|e| create_failed(e.into()))?;
         state.transition(id, Phase::Starting, None).map_err(|e| create_failed(e.into()))?;
         let prepared = Instant::now();
         let machine = backend.launch(spec).await.map_err(|e| (Phase::StartFailed, e.into()))?;
         state.transition(id, Phase::Running, None).map_err(|e| (Phase::StartFailed, e.into()))?;
-        Ok((machine, prepared))
+        Ok((machine, network, prepared))
     }
 
     /// The VM id.
@@ -268,6 +306,11 @@ impl Sandbox {
             Some(m) => m.exited().await,
             None => std::future::pending().await,
         }
+    }
+
+    /// The live network policy, if the sandbox has a NIC.
+    pub fn network(&self) -> Option<&network::Network> {
+        self.network.as_deref()
     }
 
     /// Opens a raw connection to a guest vsock port.
@@ -329,6 +372,9 @@ impl Sandbox {
             "machine_close",
             machine_result.as_ref().err().map(|e| e.to_string()).as_deref(),
         );
+        if self.network.take().is_some() {
+            let _ = self.state.record_cleanup(&id, "network_close", None);
+        }
         let _ = self.state.transition(&id, Phase::Stopped, None);
         let _ = self.state.set_status(&id, Status::Stopped);
         let _ = self.state.transition(&id, Phase::Cleaning, None);

@@ -3,18 +3,37 @@
 //!
 //! A client writes `CONNECT <port>\n` — the same handshake as the hybrid vsock — and,
 //! once the owner answers `OK <port>\n`, speaks the guest protocol of that port; the
-//! owner splices bytes both ways. Only the exec and echo ports are reachable. The socket is
-//! created with mode 0600: only the sandbox's user may use it.
+//! owner splices bytes both ways. Only the exec, echo and port-forward ports are reachable.
+//! `ALLOW ADD <h1,h2>\n` and `ALLOW DEL <h1,h2>\n` change the network allow-list and are
+//! answered with one JSON line ([`AllowListReply`]). The socket is created with mode 0600:
+//! only the sandbox's user may use it.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use matchlock_protocol::{ECHO_PORT, EXEC_PORT};
+use std::sync::Arc;
+
+use matchlock_protocol::{ECHO_PORT, EXEC_PORT, FORWARD_PORT};
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::network::Network;
 use crate::{io_err, SandboxError};
+
+/// The answer to an allow-list change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AllowListReply {
+    /// The allow-list after the change.
+    pub allowed_hosts: Vec<String>,
+    /// Hosts that were added.
+    pub added: Vec<String>,
+    /// Hosts that were removed.
+    pub removed: Vec<String>,
+    /// Why the change could not be made.
+    pub error: Option<String>,
+}
 
 /// Path of the relay socket of a VM directory.
 pub fn socket_path(vm_dir: &Path) -> PathBuf {
@@ -22,10 +41,10 @@ pub fn socket_path(vm_dir: &Path) -> PathBuf {
 }
 
 /// Ports a relay client may reach.
-const RELAYED_PORTS: [u32; 2] = [EXEC_PORT, ECHO_PORT];
+const RELAYED_PORTS: [u32; 3] = [EXEC_PORT, ECHO_PORT, FORWARD_PORT];
 
 /// Binds the relay socket and serves it until the returned task is aborted.
-pub fn serve(vm_dir: &Path) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
+pub fn serve(vm_dir: &Path, network: Option<Arc<Network>>) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
     let path = socket_path(vm_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(io_err(format!("cannot listen on {}", path.display())))?;
@@ -35,17 +54,41 @@ pub fn serve(vm_dir: &Path) -> Result<tokio::task::JoinHandle<()>, SandboxError>
     Ok(tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let vsock = vsock.clone();
+            let network = network.clone();
             tokio::spawn(async move {
-                let _ = splice(client, &vsock).await;
+                let _ = splice(client, &vsock, network.as_deref()).await;
             });
         }
     }))
 }
 
-async fn splice(client: UnixStream, vsock: &Path) -> std::io::Result<()> {
+fn change_allow_list(network: Option<&Network>, request: &str) -> AllowListReply {
+    let mut reply = AllowListReply { allowed_hosts: Vec::new(), added: Vec::new(), removed: Vec::new(), error: None };
+    let Some(network) = network.filter(|n| n.intercepts) else {
+        reply.error = Some("allow-list updates unavailable: sandbox was started without network interception".into());
+        return reply;
+    };
+    let (op, hosts) = request.split_once(' ').unwrap_or((request, ""));
+    let hosts: Vec<String> = hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_owned).collect();
+    match op {
+        "ADD" => reply.added = network.policy.add_hosts(&hosts),
+        "DEL" => reply.removed = network.policy.remove_hosts(&hosts),
+        _ => reply.error = Some(format!("unknown allow-list operation {op:?}")),
+    }
+    reply.allowed_hosts = network.policy.allowed_hosts();
+    reply
+}
+
+async fn splice(client: UnixStream, vsock: &Path, network: Option<&Network>) -> std::io::Result<()> {
     let mut client = BufReader::new(client);
     let mut line = String::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), (&mut client).take(64).read_line(&mut line)).await;
+    let read = tokio::time::timeout(Duration::from_secs(5), (&mut client).take(64 * 1024).read_line(&mut line)).await;
+    if let Some(request) = line.strip_prefix("ALLOW ") {
+        let reply = change_allow_list(network, request.trim_end());
+        let mut json = serde_json::to_vec(&reply).expect("reply serializes");
+        json.push(b'\n');
+        return client.get_mut().write_all(&json).await;
+    }
     let port = match read {
         Ok(Ok(_)) => line.strip_prefix("CONNECT ").and_then(|p| p.trim_end().parse::<u32>().ok()),
         _ => None,
@@ -68,6 +111,33 @@ async fn splice(client: UnixStream, vsock: &Path) -> std::io::Result<()> {
     let mut client = client.into_inner();
     tokio::io::copy_bidirectional(&mut client, &mut guest).await?;
     Ok(())
+}
+
+/// Changes the allow-list of the sandbox in `vm_dir` through its relay (`add` or delete).
+pub async fn allow_list(vm_dir: &Path, add: bool, hosts: &[String]) -> Result<AllowListReply, SandboxError> {
+    let path = socket_path(vm_dir);
+    let relay_err = |e: std::io::Error| {
+        SandboxError::Relay(format!("cannot reach the sandbox's exec relay {}: {e}", path.display()))
+    };
+    let mut stream = UnixStream::connect(&path).await.map_err(relay_err)?;
+    let op = if add { "ADD" } else { "DEL" };
+    stream.write_all(format!("ALLOW {op} {}\n", hosts.join(",")).as_bytes()).await.map_err(relay_err)?;
+    let mut line = String::new();
+    BufReader::new(stream).take(1024 * 1024).read_line(&mut line).await.map_err(relay_err)?;
+    serde_json::from_str(&line).map_err(|e| SandboxError::Relay(format!("bad allow-list reply from the sandbox: {e}")))
+}
+
+/// Opens a connection to `127.0.0.1:<port>` inside the guest of the sandbox in `vm_dir`.
+pub async fn forward(vm_dir: &Path, port: u16) -> Result<UnixStream, SandboxError> {
+    let mut stream = connect(vm_dir, FORWARD_PORT).await?;
+    let failed = |e: std::io::Error| SandboxError::Relay(format!("port forward to sandbox port {port} failed: {e}"));
+    stream.write_all(&port.to_be_bytes()).await.map_err(failed)?;
+    let mut status = [0u8; 1];
+    stream.read_exact(&mut status).await.map_err(failed)?;
+    if status[0] != matchlock_protocol::FORWARD_OK {
+        return Err(SandboxError::Relay(format!("nothing listens on port {port} in the sandbox")));
+    }
+    Ok(stream)
 }
 
 /// Connects to `port` of the guest through the relay of the sandbox in `vm_dir`.

@@ -59,7 +59,7 @@ pub fn create(name: &str, size_mb: u64) -> Result<Volume, SandboxError> {
         return Err(SandboxError::Volume(format!("named volume already exists: {name}")));
     }
     claim.map_err(io_err(format!("cannot create {}", path.display())))?;
-    if let Err(source) = matchlock_image::ext4::create_empty(&path, size_mb * 1024 * 1024) {
+    if let Err(source) = matchlock_image::ext4::create_empty(&path, size_mb * 1024 * 1024, None) {
         let _ = std::fs::remove_file(&path);
         return Err(SandboxError::Disk { what: format!("volume {name}"), source });
     }

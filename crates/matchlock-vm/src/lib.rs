@@ -49,6 +49,20 @@ pub struct MachineSpec {
     pub memory_mb: u64,
     /// How long to wait for the guest's ready signal.
     pub boot_timeout: Duration,
+    /// The NIC, if the guest has network.
+    pub nic: Option<Nic>,
+}
+
+/// A virtio-net NIC whose Ethernet frames go to a Unix stream socket (4-byte big-endian
+/// length, then the frame) where the host's userspace network stack listens.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    /// The listening socket.
+    pub socket: PathBuf,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// MTU announced to the guest driver.
+    pub mtu: u32,
 }
 
 /// The guest device name of disk `index` (`vda`, `vdb`, …, `vdz`, `vdaa`, …).

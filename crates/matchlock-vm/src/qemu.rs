@@ -144,6 +144,16 @@ impl QemuBackend {
             args.push("-device".into());
             args.push(format!("virtio-blk-device,drive=disk{i}"));
         }
+        if let Some(nic) = &spec.nic {
+            let mac = nic.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+            args.push("-netdev".into());
+            args.push(format!(
+                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                check_option_path(&nic.socket)?
+            ));
+            args.push("-device".into());
+            args.push(format!("virtio-net-device,netdev=net0,mac={mac},host_mtu={}", nic.mtu));
+        }
         Ok(args)
     }
 }

@@ -15,6 +15,28 @@ pub struct Cli {
     command: Command,
 }
 
+/// `matchlock allow-list`.
+#[derive(Debug, Subcommand)]
+pub enum AllowListCommand {
+    /// Add hosts (globs, comma-separated) to the allow-list.
+    Add {
+        /// The sandbox.
+        id: String,
+        /// Hosts to add.
+        #[arg(required = true, value_delimiter = ',')]
+        hosts: Vec<String>,
+    },
+    /// Remove hosts from the allow-list.
+    #[command(alias = "rm", alias = "remove")]
+    Delete {
+        /// The sandbox.
+        id: String,
+        /// Hosts to remove.
+        #[arg(required = true, value_delimiter = ',')]
+        hosts: Vec<String>,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a sandbox from an image and run a command in it.
@@ -54,6 +76,21 @@ enum Command {
         all: bool,
         /// The sandbox.
         id: Option<String>,
+    },
+    /// Change the network allow-list of a running sandbox.
+    #[command(subcommand, name = "allow-list")]
+    AllowList(AllowListCommand),
+    /// Forward host ports to ports in a running sandbox until interrupted.
+    #[command(name = "port-forward")]
+    PortForward {
+        /// Host addresses to listen on (IP literals or `localhost`).
+        #[arg(long = "address", value_delimiter = ',', default_value = "127.0.0.1", value_name = "IP")]
+        address: Vec<String>,
+        /// The sandbox.
+        id: String,
+        /// `[LOCAL:]REMOTE` port mappings.
+        #[arg(required = true, value_name = "[LOCAL:]REMOTE")]
+        ports: Vec<String>,
     },
     /// Remove stopped sandboxes.
     #[command(alias = "remove")]
@@ -202,6 +239,9 @@ pub async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Inspect { id } => crate::vms::inspect(&id),
         Command::Log { follow, id } => crate::vms::log(&id, follow).await,
         Command::Kill { all, id } => crate::vms::kill_vms(id, all).await,
+        Command::AllowList(AllowListCommand::Add { id, hosts }) => crate::vms::allow_list(&id, true, &hosts).await,
+        Command::AllowList(AllowListCommand::Delete { id, hosts }) => crate::vms::allow_list(&id, false, &hosts).await,
+        Command::PortForward { address, id, ports } => crate::vms::port_forward(&id, &ports, &address).await,
         Command::Rm { stopped, id } => crate::vms::rm(id, stopped),
         Command::Prune => crate::vms::prune(),
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),

@@ -10,6 +10,7 @@ macro_rules! outln {
 }
 
 mod cli;
+mod forward;
 mod host;
 mod images;
 mod run;

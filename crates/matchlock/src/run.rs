@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Args};
 use matchlock_api::config::{
-    parse_add_host, parse_env, parse_env_file, DEFAULT_CPUS, DEFAULT_DISK_SIZE_MB, DEFAULT_MEMORY_MB,
+    parse_add_host, parse_env, parse_env_file, parse_secret, DEFAULT_CPUS, DEFAULT_DISK_SIZE_MB, DEFAULT_MEMORY_MB,
 };
 use matchlock_api::SandboxConfig;
 use matchlock_sandbox::{compose, ComposeError, Sandbox};
@@ -78,6 +78,30 @@ pub struct RunArgs {
     /// Extra /etc/hosts entry `host:ip` (repeatable).
     #[arg(long = "add-host", value_name = "HOST:IP")]
     add_host: Vec<String>,
+    /// Allow-list of hosts the sandbox may reach over HTTP(S): globs, comma lists accepted
+    /// (`api.openai.com,*.github.com`). Turns on interception.
+    #[arg(long = "allow-host", value_delimiter = ',', value_name = "HOST[,HOST]")]
+    allow_host: Vec<String>,
+    /// A secret the guest only sees as a placeholder: `NAME=VALUE@host1,host2`, or `NAME@hosts`
+    /// to take the value from the host's `$NAME`. Turns on interception.
+    #[arg(long = "secret", value_name = "NAME[=VALUE]@HOSTS")]
+    secret: Vec<String>,
+    /// No network interface at all.
+    #[arg(long = "no-network", conflicts_with_all = ["allow_host", "secret", "network_intercept", "publish"])]
+    no_network: bool,
+    /// Intercept HTTP(S) even without an allow-list or secrets.
+    #[arg(long = "network-intercept")]
+    network_intercept: bool,
+    /// MTU of the guest's network interface.
+    #[arg(long, default_value_t = matchlock_api::config::DEFAULT_MTU,
+          value_parser = clap::value_parser!(u32).range(576..=65_535))]
+    mtu: u32,
+    /// Publish a guest port on the host: `[LOCAL:]REMOTE` (repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "[LOCAL:]REMOTE")]
+    publish: Vec<String>,
+    /// Host addresses for --publish (IP literals or `localhost`).
+    #[arg(long = "address", value_delimiter = ',', default_value = "127.0.0.1", value_name = "IP")]
+    address: Vec<String>,
     /// Let commands keep every capability (no capability drop, no_new_privs or seccomp).
     #[arg(long, env = "MATCHLOCK_RUN_PRIVILEGED")]
     privileged: bool,
@@ -121,6 +145,20 @@ fn build_config(args: &RunArgs) -> Result<SandboxConfig> {
     config.entrypoint = args.entrypoint.as_ref().map(|e| if e.is_empty() { Vec::new() } else { vec![e.clone()] });
     config.command.clone_from(&args.command);
     config.privileged = args.privileged;
+    if args.no_network {
+        config.network = None;
+    } else if let Some(network) = config.network.as_mut() {
+        network.allowed_hosts = args.allow_host.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
+        network.intercept = args.network_intercept;
+        network.mtu = args.mtu;
+        for spec in &args.secret {
+            let secret = parse_secret(spec, host_env)?;
+            if network.secrets.iter().any(|s| s.name == secret.name) {
+                bail!("secret {} given twice", secret.name);
+            }
+            network.secrets.push(secret);
+        }
+    }
     Ok(config)
 }
 
@@ -141,6 +179,8 @@ pub async fn run(args: RunArgs) -> Result<u8> {
     let mode = session::exec_mode(args.interactive, args.tty)?;
     let deadline = args.timeout.map(|s| Instant::now() + Duration::from_secs(s));
     let config = build_config(&args)?;
+    let forwards = crate::forward::parse(&args.publish, &args.address)?;
+    let listeners = crate::forward::bind(&forwards).await?;
     let mut store = open_store()?;
     // Resolve the image and the command before booting: bad input fails fast.
     let image = crate::images::image_for_run(&mut store, &config.image, args.pull).await?;
@@ -171,6 +211,7 @@ pub async fn run(args: RunArgs) -> Result<u8> {
         Output::Terminal
     };
 
+    let _forwarding = crate::forward::start(sandbox.dir(), listeners);
     let mut timings = sandbox.timings().to_vec();
     let mut code = 0;
     let mut interrupted = session::Interruptions::default();
@@ -221,6 +262,29 @@ fn spawn_detached() -> Result<u8> {
     let run_at = argv.iter().position(|a| a == "run").context("cannot find `run` in the command line")?;
     argv.insert(run_at + 1, "--detached-child".into());
     let mut cmd = std::process::Command::new("/proc/self/exe");
+    // Secret values must not sit in the long-lived owner's command line (world-readable in
+    // /proc): `NAME=VALUE@hosts` becomes `NAME@hosts` with the value in its environment.
+    let mut i = 0;
+    while i < argv.len() {
+        let arg = argv[i].to_string_lossy().into_owned();
+        let (spec_at, prefix) = match arg.strip_prefix("--secret=") {
+            Some(_) => (i, "--secret="),
+            None if arg == "--secret" && i + 1 < argv.len() => (i + 1, ""),
+            None => {
+                i += 1;
+                continue;
+            }
+        };
+        let spec = argv[spec_at].to_string_lossy().into_owned();
+        let spec = spec.strip_prefix(prefix).unwrap_or(&spec).to_owned();
+        if let (Some((left, hosts)), true) = (spec.rsplit_once('@'), spec.contains('=')) {
+            if let Some((name, value)) = left.split_once('=') {
+                cmd.env(name, value);
+                argv[spec_at] = format!("{prefix}{name}@{hosts}").into();
+            }
+        }
+        i = spec_at + 1;
+    }
     cmd.arg0(&argv[0]).args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: setsid is async-signal-safe; it detaches the owner from our terminal.
     unsafe {

@@ -46,6 +46,56 @@ fn lookup(state: &StateDb, id: &str) -> Result<Vm> {
     state.reconcile_statuses()?.into_iter().find(|v| v.id == id).ok_or_else(not_found)
 }
 
+/// The VM directory of a running sandbox whose relay is up.
+fn running_vm_dir(id: &str) -> Result<std::path::PathBuf> {
+    let state = open_state()?;
+    let vm = lookup(&state, id)?;
+    if vm.status != Status::Running {
+        bail!("VM {} is not running (status: {})", vm.id, vm.status);
+    }
+    let dir = vm_dir(&vm.id);
+    if !relay::socket_path(&dir).exists() {
+        bail!("exec socket not found for {} (was it started with --rm=false?)", vm.id);
+    }
+    Ok(dir)
+}
+
+/// `matchlock allow-list add|delete`.
+pub async fn allow_list(id: &str, add: bool, hosts: &[String]) -> Result<u8> {
+    let hosts: Vec<String> = hosts.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
+    if hosts.is_empty() {
+        bail!("no hosts given");
+    }
+    let dir = running_vm_dir(id)?;
+    let reply = relay::allow_list(&dir, add, &hosts).await?;
+    if let Some(error) = reply.error {
+        bail!("{error}");
+    }
+    match (add, reply.added.is_empty(), reply.removed.is_empty()) {
+        (true, false, _) => outln!("Added to {id}: {}", reply.added.join(","))?,
+        (true, true, _) => outln!("No new hosts were added to {id}")?,
+        (false, _, false) => outln!("Removed from {id}: {}", reply.removed.join(","))?,
+        (false, _, true) => outln!("No hosts were removed from {id}")?,
+    }
+    if reply.allowed_hosts.is_empty() {
+        outln!("Current allow-list: (empty: all hosts allowed)")?;
+    } else {
+        outln!("Current allow-list: {}", reply.allowed_hosts.join(","))?;
+    }
+    Ok(0)
+}
+
+/// `matchlock port-forward`: serves until a stop signal.
+pub async fn port_forward(id: &str, ports: &[String], addresses: &[String]) -> Result<u8> {
+    let dir = running_vm_dir(id)?;
+    let bindings = crate::forward::parse(ports, addresses)?;
+    let listeners = crate::forward::bind(&bindings).await?;
+    let mut signals = session::StopSignals::new()?;
+    let _forwarding = crate::forward::start(&dir, listeners);
+    signals.recv().await;
+    Ok(0)
+}
+
 /// `matchlock exec`.
 pub async fn exec(args: ExecArgs) -> Result<u8> {
     let mode = session::exec_mode(args.interactive, args.tty)?;
@@ -56,15 +106,9 @@ pub async fn exec(args: ExecArgs) -> Result<u8> {
         }
         command.push("sh".to_owned());
     }
+    let dir = running_vm_dir(&args.id)?;
     let state = open_state()?;
     let vm = lookup(&state, &args.id)?;
-    if vm.status != Status::Running {
-        bail!("VM {} is not running (status: {})", vm.id, vm.status);
-    }
-    let dir = vm_dir(&vm.id);
-    if !relay::socket_path(&dir).exists() {
-        bail!("exec socket not found for {} (was it started with --rm=false?)", vm.id);
-    }
     // Same environment, user and directory rules as `run`, with this command.
     let mut config: SandboxConfig =
         serde_json::from_str(&vm.config_json).with_context(|| format!("corrupt configuration of {}", vm.id))?;

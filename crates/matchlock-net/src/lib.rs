@@ -1,0 +1,252 @@
+//! The sandbox's network, one engine for every VMM: guest Ethernet frames enter a userspace
+//! TCP/IP stack on the host ([`stack`]), and every flow is re-originated by the host under the
+//! sandbox's [`policy`]: HTTP and HTTPS through the intercepting proxy ([`http`], with the
+//! sandbox [`ca`] and [`secrets`]), DNS answered by the host ([`dns`]), other TCP spliced to a
+//! host socket when allowed. No root, no TAP, no firewall rules: nothing on the host changes.
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod dns;
+mod http;
+pub mod policy;
+pub mod secrets;
+pub mod stack;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+
+pub use ca::CertAuthority;
+pub use policy::Policy;
+use stack::{FlowHandler, Stack, StackConfig, UdpReply};
+
+/// Errors starting the network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The upstream CA file cannot be read.
+    #[error("cannot read upstream CA bundle {path}")]
+    UpstreamCa {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// rustls rejected the trust store.
+    #[error("cannot build the upstream TLS configuration")]
+    Tls(#[from] rustls::Error),
+    /// The engine's thread or runtime could not start.
+    #[error("cannot start the network engine")]
+    Start(#[source] std::io::Error),
+}
+
+/// Guest addressing (the same for every sandbox: each has its own stack, nothing is shared).
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+/// The guest's address.
+pub const GUEST: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 2);
+/// Prefix length of the guest link.
+pub const PREFIX_LEN: u8 = 24;
+
+/// How one sandbox's network behaves.
+#[derive(Debug)]
+pub struct Options {
+    /// Allow-list, private-address blocking and secrets.
+    pub policy: Arc<Policy>,
+    /// HTTP/TLS interception (otherwise TCP is spliced through, UDP forwarded).
+    pub intercept: bool,
+    /// The sandbox CA (required for interception).
+    pub ca: Option<Arc<CertAuthority>>,
+    /// Upstream name servers.
+    pub dns_servers: Vec<IpAddr>,
+    /// Guest NIC MTU.
+    pub mtu: usize,
+    /// The gateway's MAC.
+    pub gateway_mac: [u8; 6],
+    /// Trust for upstream TLS.
+    pub upstream_tls: Arc<rustls::ClientConfig>,
+}
+
+/// The upstream TLS configuration: the host's trust store plus, for private CAs, a PEM bundle.
+pub fn upstream_tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, NetError> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = extra_ca {
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .map_err(|source| NetError::UpstreamCa { path: path.display().to_string(), source })?;
+        roots.add_parsable_certificates(certs);
+    }
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// State shared by every flow of one sandbox.
+pub(crate) struct Shared {
+    policy: Arc<Policy>,
+    resolver: dns::Resolver,
+    ca: Option<Arc<CertAuthority>>,
+    upstream_tls: Arc<rustls::ClientConfig>,
+    intercept: bool,
+    udp_flows: Arc<Semaphore>,
+}
+
+/// Bound on concurrent forwarded UDP exchanges (DNS included).
+const MAX_UDP_FLOWS: usize = 64;
+/// How long a forwarded UDP exchange waits for answers.
+const UDP_IDLE: Duration = Duration::from_secs(30);
+
+struct Handler(Arc<Shared>);
+
+impl FlowHandler for Handler {
+    fn accept_tcp(&self, dst: SocketAddrV4) -> bool {
+        let shared = &self.0;
+        match dst.port() {
+            53 => true,
+            80 | 443 if shared.intercept => true,
+            _ if shared.intercept => shared.policy.check_passthrough(*dst.ip()).is_ok(),
+            _ => shared.policy.check_address(*dst.ip()).is_ok(),
+        }
+    }
+
+    fn tcp(&self, _src: SocketAddrV4, dst: SocketAddrV4, stream: DuplexStream) {
+        let shared = self.0.clone();
+        tokio::spawn(async move {
+            match dst.port() {
+                53 => dns_over_tcp(&shared, stream).await,
+                80 if shared.intercept => http::serve_http(shared, dst, stream).await,
+                443 if shared.intercept => http::serve_https(shared, dst, stream).await,
+                _ => splice(dst, stream).await,
+            }
+        });
+    }
+
+    fn udp(&self, src: SocketAddrV4, dst: SocketAddrV4, payload: Vec<u8>, reply: UdpReply) {
+        let shared = self.0.clone();
+        let Ok(permit) = shared.udp_flows.clone().try_acquire_owned() else { return };
+        if dst.port() == 53 {
+            tokio::spawn(async move {
+                let policy = shared.intercept.then_some(&*shared.policy);
+                if let Some(answer) = dns::answer_guest(&payload, &shared.resolver, policy).await {
+                    reply.send(dst, src, answer);
+                }
+                drop(permit);
+            });
+        } else if !shared.intercept && shared.policy.check_address(*dst.ip()).is_ok() {
+            // Without interception the guest has plain UDP egress (interception allows only DNS).
+            tokio::spawn(async move {
+                let _ = forward_udp(src, dst, &payload, &reply).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn forward_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], reply: &UdpReply) -> std::io::Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0").await?;
+    socket.connect(dst).await?;
+    socket.send(payload).await?;
+    let mut buf = vec![0u8; 65_536];
+    while let Ok(Ok(n)) = tokio::time::timeout(UDP_IDLE, socket.recv(&mut buf)).await {
+        reply.send(dst, src, buf[..n].to_vec());
+    }
+    Ok(())
+}
+
+async fn dns_over_tcp(shared: &Shared, mut stream: DuplexStream) {
+    let policy = shared.intercept.then_some(&*shared.policy);
+    loop {
+        let Ok(len) = stream.read_u16().await else { return };
+        let mut query = vec![0u8; usize::from(len)];
+        if stream.read_exact(&mut query).await.is_err() {
+            return;
+        }
+        let Some(answer) = dns::answer_guest(&query, &shared.resolver, policy).await else { return };
+        let Ok(len) = u16::try_from(answer.len()) else { return };
+        if stream.write_u16(len).await.is_err() || stream.write_all(&answer).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Non-HTTP TCP: a host socket to the destination, bytes both ways, half-close passed on.
+async fn splice(dst: SocketAddrV4, mut stream: DuplexStream) {
+    let Ok(Ok(mut upstream)) = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(dst)).await else {
+        return;
+    };
+    let _ = upstream.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+}
+
+/// A running network engine (its own thread and runtime). Dropping it stops the engine.
+#[derive(Debug)]
+pub struct Engine {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Starts the engine: it accepts the VMM's frame connection on `listener` and serves it
+    /// until the VMM goes away or the engine is dropped.
+    pub fn start(listener: UnixListener, options: Options) -> Result<Self, NetError> {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(NetError::Start)?;
+        let thread = std::thread::Builder::new()
+            .name("matchlock-net".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    tokio::select! {
+                        _ = serve(listener, options) => {}
+                        _ = stopped => {}
+                    }
+                });
+                runtime.shutdown_background();
+            })
+            .map_err(NetError::Start)?;
+        Ok(Self { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn serve(listener: UnixListener, options: Options) {
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    let Ok(listener) = tokio::net::UnixListener::from_std(listener) else { return };
+    let Ok((link, _)) = listener.accept().await else { return };
+    drop(listener);
+    let shared = Arc::new(Shared {
+        policy: options.policy,
+        resolver: dns::Resolver::new(&options.dns_servers),
+        ca: options.ca,
+        upstream_tls: options.upstream_tls,
+        intercept: options.intercept,
+        udp_flows: Arc::new(Semaphore::new(MAX_UDP_FLOWS)),
+    });
+    let config = StackConfig {
+        gateway: GATEWAY,
+        guest: GUEST,
+        prefix_len: PREFIX_LEN,
+        mtu: options.mtu,
+        gateway_mac: options.gateway_mac,
+    };
+    let _ = Stack::new(link, Handler(shared), config).run().await;
+}

@@ -1,0 +1,211 @@
+//! Secret substitution: placeholders out, real values in, only towards the secret's hosts.
+//!
+//! Requests: in header values and the query string, a placeholder becomes the real value when
+//! the request goes to one of the secret's hosts; a placeholder anywhere in the headers or URL
+//! of a request to any other host blocks the request. Responses from a host that received a
+//! value are scrubbed back (value → placeholder) so an echoing server cannot hand it to the guest.
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderValue, ACCEPT_ENCODING};
+use http::request::Parts;
+use http::{HeaderMap, Uri};
+pub use matchlock_api::config::Secret;
+
+use crate::policy::{glob_matches, Blocked};
+
+fn for_host(secret: &Secret, host: &str) -> bool {
+    secret.hosts.is_empty() || secret.hosts.iter().any(|p| glob_matches(p, host))
+}
+
+/// Replaces or polices placeholders in a request to `host`. Returns the secrets that were
+/// substituted (their values must be scrubbed from the response).
+pub fn apply_to_request<'a>(parts: &mut Parts, host: &str, secrets: &'a [Secret]) -> Result<Vec<&'a Secret>, Blocked> {
+    let mut injected = Vec::new();
+    for secret in secrets {
+        let placeholder = secret.placeholder.as_bytes();
+        if for_host(secret, host) {
+            let mut used = false;
+            for value in parts.headers.values_mut() {
+                if let Some(replaced) = replace_all(value.as_bytes(), placeholder, secret.value.as_bytes()) {
+                    if let Ok(v) = HeaderValue::from_bytes(&replaced) {
+                        *value = v;
+                        used = true;
+                    }
+                }
+            }
+            if let Some(query) = parts.uri.query() {
+                if let Some(replaced) = replace_all(query.as_bytes(), placeholder, secret.value.as_bytes()) {
+                    let replaced = String::from_utf8_lossy(&replaced).into_owned();
+                    parts.uri = with_query(&parts.uri, &replaced).ok_or(Blocked::SecretToUnauthorizedHost)?;
+                    used = true;
+                }
+            }
+            if used {
+                injected.push(secret);
+            }
+        } else {
+            let in_headers = parts.headers.values().any(|v| contains(v.as_bytes(), placeholder));
+            if in_headers || contains(parts.uri.to_string().as_bytes(), placeholder) {
+                return Err(Blocked::SecretToUnauthorizedHost);
+            }
+        }
+    }
+    if !injected.is_empty() {
+        // The response is scrubbed of the values, which compressed bodies would defeat.
+        parts.headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
+    Ok(injected)
+}
+
+fn with_query(uri: &Uri, query: &str) -> Option<Uri> {
+    let mut builder = Uri::builder();
+    if let Some(scheme) = uri.scheme() {
+        builder = builder.scheme(scheme.clone());
+    }
+    if let Some(authority) = uri.authority() {
+        builder = builder.authority(authority.clone());
+    }
+    builder.path_and_query(format!("{}?{query}", uri.path())).build().ok()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `haystack` with every `needle` replaced, or `None` if there was none.
+pub fn replace_all(haystack: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
+    if !contains(haystack, needle) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut i = 0;
+    while i < haystack.len() {
+        if haystack[i..].starts_with(needle) {
+            out.extend_from_slice(with);
+            i += needle.len();
+        } else {
+            out.push(haystack[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// Scrubs injected values from response headers.
+pub fn scrub_headers(headers: &mut HeaderMap, injected: &[&Secret]) {
+    for value in headers.values_mut() {
+        for secret in injected {
+            if let Some(replaced) =
+                replace_all(value.as_bytes(), secret.value.as_bytes(), secret.placeholder.as_bytes())
+            {
+                if let Ok(v) = HeaderValue::from_bytes(&replaced) {
+                    *value = v;
+                }
+            }
+        }
+    }
+}
+
+/// Streaming replace-all of literal byte strings across chunk boundaries: holds back just enough
+/// of each chunk's tail to catch a match split between chunks.
+#[derive(Debug, Default)]
+pub struct StreamReplacer {
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    pending: BytesMut,
+}
+
+impl StreamReplacer {
+    /// Replaces each `find` (non-empty) with its `replace`, in order.
+    pub fn new(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
+        Self { pairs: pairs.into_iter().filter(|(f, _)| !f.is_empty()).collect(), pending: BytesMut::new() }
+    }
+
+    /// Whether there is anything to replace.
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    fn hold_back(&self) -> usize {
+        self.pairs.iter().map(|(f, _)| f.len() - 1).max().unwrap_or(0)
+    }
+
+    fn replace(&self, data: &[u8]) -> Vec<u8> {
+        let mut out = data.to_vec();
+        for (find, replace) in &self.pairs {
+            if let Some(r) = replace_all(&out, find, replace) {
+                out = r;
+            }
+        }
+        out
+    }
+
+    /// Feeds a chunk; returns what can be released now.
+    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        self.pending.extend_from_slice(chunk);
+        let replaced = self.replace(&self.pending);
+        let keep = self.hold_back().min(replaced.len());
+        // Only hold back a tail that could still start a match.
+        let cut = (replaced.len() - keep..replaced.len())
+            .find(|&i| self.pairs.iter().any(|(f, _)| f.starts_with(&replaced[i..]) && replaced.len() - i < f.len()))
+            .unwrap_or(replaced.len());
+        self.pending = BytesMut::from(&replaced[cut..]);
+        Bytes::copy_from_slice(&replaced[..cut])
+    }
+
+    /// Releases whatever is held back at the end of the stream.
+    pub fn finish(&mut self) -> Bytes {
+        self.pending.split().freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret() -> Secret {
+        Secret::new("KEY", "real-value", vec!["api.test".into()])
+    }
+
+    fn request(uri: &str, header: &str) -> Parts {
+        http::Request::builder().uri(uri).header("authorization", header).body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn substitutes_in_headers_and_query_for_the_secret_host() {
+        let s = secret();
+        let p = &s.placeholder;
+        let mut parts = request(&format!("/x/{p}?key={p}&a=1"), &format!("Bearer {p}"));
+        let injected = apply_to_request(&mut parts, "api.test", std::slice::from_ref(&s)).unwrap();
+        assert_eq!(injected.len(), 1);
+        assert_eq!(parts.headers["authorization"], "Bearer real-value");
+        assert_eq!(parts.uri.query(), Some("key=real-value&a=1"));
+        assert_eq!(parts.uri.path(), format!("/x/{p}"), "the path is left alone");
+    }
+
+    #[test]
+    fn blocks_placeholders_to_other_hosts() {
+        let s = secret();
+        let mut parts = request("/", &format!("Bearer {}", s.placeholder));
+        assert_eq!(
+            apply_to_request(&mut parts, "evil.test", std::slice::from_ref(&s)).unwrap_err(),
+            Blocked::SecretToUnauthorizedHost
+        );
+        let mut parts = request(&format!("/?q={}", s.placeholder), "none");
+        assert!(apply_to_request(&mut parts, "evil.test", std::slice::from_ref(&s)).is_err());
+        let mut parts = request("/", "none");
+        assert!(apply_to_request(&mut parts, "evil.test", std::slice::from_ref(&s)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn stream_replacer_catches_matches_split_across_chunks() {
+        let mut r = StreamReplacer::new(vec![(b"real-value".to_vec(), b"PLACEHOLDER".to_vec())]);
+        let mut out = Vec::new();
+        for chunk in [&b"abc real-"[..], b"val", b"ue def real", b"-valu", b"e"] {
+            out.extend_from_slice(&r.push(chunk));
+        }
+        out.extend_from_slice(&r.finish());
+        assert_eq!(out, b"abc PLACEHOLDER def PLACEHOLDER");
+        let mut r = StreamReplacer::new(vec![(b"xyz".to_vec(), b"1".to_vec())]);
+        assert_eq!(&r.push(b"hello"), &b"hello"[..], "nothing held back without a partial match");
+    }
+}

@@ -1,0 +1,94 @@
+//! The sandbox's NIC: the host-side network engine, its CA and the guest's addressing.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use matchlock_api::config::NetworkConfig;
+use matchlock_net::{CertAuthority, Engine, Options, Policy};
+use matchlock_vm::Nic;
+
+use crate::{io_err, SandboxError};
+
+/// Environment variable naming a PEM bundle of extra CAs trusted for upstream TLS.
+pub const UPSTREAM_CA_ENV: &str = "MATCHLOCK_UPSTREAM_CA";
+
+/// A running sandbox network.
+#[derive(Debug)]
+pub struct Network {
+    /// Drops (and stops) with the sandbox.
+    _engine: Engine,
+    /// The live policy, changed by `allow-list add|delete`.
+    pub policy: Arc<Policy>,
+    /// Whether HTTP/TLS interception (and so the allow-list) is on.
+    pub intercepts: bool,
+}
+
+/// The guest-side kernel parameter configuring `eth0`.
+pub fn kernel_ip_param() -> String {
+    let mask = u32::MAX << (32 - u32::from(matchlock_net::PREFIX_LEN));
+    format!("ip={}::{}:{}::eth0:off", matchlock_net::GUEST, matchlock_net::GATEWAY, std::net::Ipv4Addr::from(mask))
+}
+
+/// Generates the sandbox CA when `config` intercepts, and writes the tar that seeds the
+/// writable disk with it (`matchlock/ca.crt`, outside the overlay, read by guest-init).
+pub fn prepare_ca(
+    config: &NetworkConfig,
+    dir: &Path,
+) -> Result<Option<(Arc<CertAuthority>, std::path::PathBuf)>, SandboxError> {
+    if !config.intercepts() {
+        return Ok(None);
+    }
+    let ca = CertAuthority::generate().map_err(|e| SandboxError::Network(Box::new(e)))?;
+    let pem = ca.certificate_pem();
+    let tar_path = dir.join("upper-seed.tar");
+    let file = std::fs::File::create(&tar_path).map_err(io_err(format!("cannot create {}", tar_path.display())))?;
+    let mut tar = tar::Builder::new(file);
+    let mut add = |path: &str, data: &[u8], mode: u32, kind: tar::EntryType| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_size(data.len() as u64);
+        header.set_cksum();
+        tar.append_data(&mut header, path, data)
+    };
+    add("matchlock/", &[], 0o700, tar::EntryType::Directory)
+        .and_then(|()| add("matchlock/ca.crt", pem.as_bytes(), 0o644, tar::EntryType::Regular))
+        .and_then(|()| tar.into_inner()?.flush())
+        .map_err(io_err(format!("cannot write {}", tar_path.display())))?;
+    Ok(Some((Arc::new(ca), tar_path)))
+}
+
+/// Starts the engine listening at `<dir>/net.sock` and returns it with the NIC for the VM.
+pub fn start(
+    id: &str,
+    dir: &Path,
+    config: &NetworkConfig,
+    dns_servers: &[std::net::IpAddr],
+    ca: Option<Arc<CertAuthority>>,
+) -> Result<(Network, Nic), SandboxError> {
+    let socket = dir.join("net.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket)
+        .map_err(io_err(format!("cannot listen on {}", socket.display())))?;
+    let extra_ca = std::env::var_os(UPSTREAM_CA_ENV).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    let upstream_tls =
+        matchlock_net::upstream_tls_config(extra_ca.as_deref()).map_err(|e| SandboxError::Network(Box::new(e)))?;
+    let policy = Arc::new(Policy::new(config.allowed_hosts.clone(), config.block_private_ips, config.secrets.clone()));
+    let intercepts = config.intercepts();
+    let hash = id.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))).to_be_bytes();
+    let options = Options {
+        policy: policy.clone(),
+        intercept: intercepts,
+        ca,
+        dns_servers: dns_servers.to_vec(),
+        mtu: config.mtu as usize,
+        gateway_mac: [0x02, 0x4d, 0x4c, 0x00, 0x00, 0x01],
+        upstream_tls: Arc::new(upstream_tls),
+    };
+    let engine = Engine::start(listener, options).map_err(|e| SandboxError::Network(Box::new(e)))?;
+    let nic = Nic { socket, mac: [0x02, 0x4d, hash[0], hash[1], hash[2], hash[3]], mtu: config.mtu };
+    Ok((Network { _engine: engine, policy, intercepts }, nic))
+}

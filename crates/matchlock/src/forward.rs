@@ -1,0 +1,86 @@
+//! Port forwards (`run -p`, `port-forward`): host TCP listeners whose connections are relayed
+//! to a port on the guest's loopback through the sandbox's exec relay.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use matchlock_api::config::{parse_publish, PortForward};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// One listener to bind.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding {
+    /// Host address and port.
+    pub local: SocketAddr,
+    /// Guest port.
+    pub remote: u16,
+}
+
+/// Parses `[LOCAL:]REMOTE` specs and `--address` values (IP literals or `localhost`).
+pub fn parse(specs: &[String], addresses: &[String]) -> Result<Vec<Binding>> {
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for address in addresses {
+        let ip = if address == "localhost" {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            address.parse().with_context(|| format!("invalid address {address:?}: must be an IP or localhost"))?
+        };
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let forwards: Vec<PortForward> = specs.iter().map(|s| parse_publish(s)).collect::<Result<_, _>>()?;
+    Ok(ips
+        .iter()
+        .flat_map(|ip| forwards.iter().map(|f| Binding { local: SocketAddr::new(*ip, f.local), remote: f.remote }))
+        .collect())
+}
+
+/// Binds every listener (before the sandbox boots: a busy port fails fast).
+pub async fn bind(bindings: &[Binding]) -> Result<Vec<(TcpListener, Binding)>> {
+    let mut listeners = Vec::new();
+    for binding in bindings {
+        let listener =
+            TcpListener::bind(binding.local).await.with_context(|| format!("cannot listen on {}", binding.local))?;
+        listeners.push((listener, *binding));
+    }
+    Ok(listeners)
+}
+
+/// Serves the listeners for the sandbox in `vm_dir` until the returned guard drops.
+pub fn start(vm_dir: &Path, listeners: Vec<(TcpListener, Binding)>) -> Forwarding {
+    let mut tasks = Vec::new();
+    for (listener, binding) in listeners {
+        eprintln!("Forwarding {}:{} -> sandbox:{}", binding.local.ip(), binding.local.port(), binding.remote);
+        let dir: PathBuf = vm_dir.to_owned();
+        tasks.push(tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let dir = dir.clone();
+                tokio::spawn(async move {
+                    let _ = client.set_nodelay(true);
+                    match matchlock_sandbox::relay::forward(&dir, binding.remote).await {
+                        Ok(mut guest) => {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut guest).await;
+                        }
+                        Err(e) => eprintln!("matchlock: {e}"),
+                    }
+                });
+            }
+        }));
+    }
+    Forwarding(tasks)
+}
+
+/// Running listeners; dropping it stops them.
+#[derive(Debug)]
+pub struct Forwarding(Vec<JoinHandle<()>>);
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
