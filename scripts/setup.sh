@@ -41,6 +41,9 @@ log "demo image matchlock-busybox (built from Debian's busybox-static)"
 python3 tests/fixtures/make_images.py "$CACHE/fixtures"
 "$MATCHLOCK" image import matchlock-busybox < "$CACHE/fixtures/busybox.tar" >/dev/null
 
+log "network test image (Debian minbase with curl and python3, by debootstrap; cached)"
+scripts/build-test-image.sh
+
 if [ $demo -eq 1 ]; then
   log "running a sandbox: $MATCHLOCK run --image matchlock-busybox -- sh -c '...'"
   "$MATCHLOCK" run --image matchlock-busybox -- sh -c 'echo "hello from $(hostname), kernel $(uname -r)"'

@@ -72,6 +72,8 @@ pub(crate) async fn serve_http(shared: Arc<Shared>, dst: SocketAddrV4, stream: D
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .max_buf_size(MAX_HEADER_BYTES)
+        // A client may shut down its sending side right after the request.
+        .half_close(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await;
@@ -106,6 +108,7 @@ pub(crate) async fn serve_https(shared: Arc<Shared>, dst: SocketAddrV4, stream: 
     } else {
         let _ = hyper::server::conn::http1::Builder::new()
             .max_buf_size(MAX_HEADER_BYTES)
+            .half_close(true)
             .serve_connection(io, service)
             .with_upgrades()
             .await;

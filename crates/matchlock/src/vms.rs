@@ -90,7 +90,7 @@ pub async fn port_forward(id: &str, ports: &[String], addresses: &[String]) -> R
     let dir = running_vm_dir(id)?;
     let bindings = crate::forward::parse(ports, addresses)?;
     let listeners = crate::forward::bind(&bindings).await?;
-    let mut signals = session::StopSignals::new()?;
+    let mut signals = StopSignals::new()?;
     let _forwarding = crate::forward::start(&dir, listeners);
     signals.recv().await;
     Ok(0)

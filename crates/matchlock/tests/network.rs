@@ -1,0 +1,593 @@
+//! The sandbox network against real hosts: a network namespace made by the tests, reached
+//! through a veth pair, with a real DNS server (dnsmasq) answering the test names and HTTP,
+//! HTTPS (certificates from a test CA), TCP-echo and UDP-echo servers. Nothing here reaches
+//! the internet: 198.51.100.0/24 is a documentation range routed only to that namespace.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{home, ok, repo_root, stderr, stdout, Home};
+
+const NAMESPACE: &str = "mltestnet";
+const HOST_VETH: &str = "mltestnet0";
+const DNS: &str = "198.51.100.53";
+const API: &str = "198.51.100.10";
+const OTHER: &str = "198.51.100.11";
+const GLOB: &str = "198.51.100.12";
+
+/// The test hosts; they live as long as the test process.
+struct TestNet {
+    dir: tempfile::TempDir,
+    _servers: Vec<Child>,
+}
+
+fn sh(args: &[&str]) -> Output {
+    Command::new(args[0]).args(&args[1..]).output().expect("run command")
+}
+
+fn must(args: &[&str]) {
+    let out = sh(args);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Starts a process in the test namespace that dies with this test process. The parent-death
+/// signal follows the spawning *thread*, so the spawn happens on a thread that never ends.
+fn spawn_in_namespace(args: &[&str], log: &Path) -> Child {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let log = log.to_owned();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tx.send(spawn_here(&args, &log)).unwrap();
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv().unwrap()
+}
+
+fn spawn_here(args: &[&str], log: &Path) -> Child {
+    let log = std::fs::File::create(log).expect("log");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", NAMESPACE]).args(args).stdout(log.try_clone().unwrap()).stderr(log);
+    // SAFETY: prctl is async-signal-safe; the server must not outlive the test process.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("spawn in namespace")
+}
+
+fn testnet() -> &'static TestNet {
+    static NET: OnceLock<TestNet> = OnceLock::new();
+    NET.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("matchlock-testnet-").tempdir().unwrap();
+        let d = dir.path();
+        // A previous run killed before its cleanup may have left these.
+        let _ = sh(&["ip", "netns", "del", NAMESPACE]);
+        let _ = sh(&["ip", "link", "del", HOST_VETH]);
+        must(&["ip", "netns", "add", NAMESPACE]);
+        must(&["ip", "link", "add", HOST_VETH, "type", "veth", "peer", "name", "eth0", "netns", NAMESPACE]);
+        must(&["ip", "addr", "add", "198.51.100.1/24", "dev", HOST_VETH]);
+        must(&["ip", "link", "set", HOST_VETH, "up"]);
+        for ip in ["198.51.100.2", API, OTHER, GLOB, DNS] {
+            must(&["ip", "-n", NAMESPACE, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        }
+        must(&["ip", "-n", NAMESPACE, "link", "set", "eth0", "up"]);
+        must(&["ip", "-n", NAMESPACE, "link", "set", "lo", "up"]);
+        // Test CA and a server certificate for every test name.
+        std::fs::write(d.join("ext.cnf"), "subjectAltName=DNS:api.test,DNS:other.test,DNS:*.glob.test,DNS:evil.test\n")
+            .unwrap();
+        let p = |f: &str| d.join(f).to_string_lossy().into_owned();
+        must(&[
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &p("ca.key"),
+            "-out",
+            &p("ca.pem"),
+            "-days",
+            "30",
+            "-subj",
+            "/CN=matchlock test CA",
+        ]);
+        must(&[
+            "openssl",
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &p("server.key"),
+            "-out",
+            &p("server.csr"),
+            "-subj",
+            "/CN=api.test",
+        ]);
+        must(&[
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            &p("server.csr"),
+            "-CA",
+            &p("ca.pem"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &p("server.pem"),
+            "-days",
+            "30",
+            "-extfile",
+            &p("ext.cnf"),
+        ]);
+        let dns = spawn_in_namespace(
+            &[
+                "dnsmasq",
+                "--no-daemon",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--user=root",
+                &format!("--listen-address={DNS}"),
+                &format!("--address=/api.test/{API}"),
+                &format!("--address=/other.test/{OTHER}"),
+                &format!("--address=/glob.test/{GLOB}"),
+                &format!("--address=/evil.test/{OTHER}"),
+                // DNS rebinding: allowed names that resolve to addresses the guest must not reach.
+                "--address=/rebind.test/127.0.0.1",
+                "--address=/metadata.test/169.254.169.254",
+            ],
+            &d.join("dnsmasq.log"),
+        );
+        let servers = spawn_in_namespace(
+            &[
+                "python3",
+                &repo_root().join("tests/fixtures/nethost.py").to_string_lossy(),
+                "--ips",
+                &format!("{API},{OTHER},{GLOB}"),
+                "--cert",
+                &p("server.pem"),
+                "--key",
+                &p("server.key"),
+                "--log",
+                &p("requests.log"),
+            ],
+            &d.join("nethost.log"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(d.join("nethost.log")).unwrap_or_default().contains("ready") {
+            assert!(Instant::now() < deadline, "test hosts did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        TestNet { dir, _servers: vec![dns, servers] }
+    })
+}
+
+impl TestNet {
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Requests the test servers received, as parsed JSON lines.
+    fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("requests.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("request log line"))
+            .collect()
+    }
+
+    fn requests_with(&self, marker: &str) -> Vec<serde_json::Value> {
+        self.requests().into_iter().filter(|r| r.to_string().contains(marker)).collect()
+    }
+}
+
+/// A `matchlock` command that trusts the test CA upstream and resolves through the test DNS.
+fn cmd(h: &Home) -> Command {
+    let mut cmd = h.cmd();
+    cmd.env("MATCHLOCK_UPSTREAM_CA", testnet().ca());
+    cmd
+}
+
+fn run(h: &Home, args: &[&str]) -> Output {
+    let out = cmd(h).args(["run", "--dns-servers", DNS]).args(args).output().expect("run matchlock");
+    h.assert_no_leftovers();
+    out
+}
+
+fn debian_image() -> &'static str {
+    static IMPORTED: OnceLock<()> = OnceLock::new();
+    IMPORTED.get_or_init(|| {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
+        let tarball = cache.join("matchlock/fixtures/debian-net.tar");
+        assert!(tarball.is_file(), "{} missing: run scripts/setup.sh (it builds the test image)", tarball.display());
+        let out = home().import("debian-net", &tarball);
+        assert!(out.status.success(), "import: {}", stderr(&out));
+    });
+    "debian-net"
+}
+
+/// A fresh unique marker so each test finds its own requests in the shared log.
+fn marker(name: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{name}-{nanos:x}")
+}
+
+#[test]
+fn interception_policy_secrets_and_dns() {
+    let net = testnet();
+    let h = home();
+    let m = marker("t1");
+    let value = format!("real-secret-{m}");
+    let script = format!(
+        r#"
+echo "placeholder=$KEY"
+echo "mtu=$(cat /sys/class/net/eth0/mtu)"
+grep nameserver /etc/resolv.conf
+wget -qO- "http://api.test/echo/{m}-secret?k=$KEY" --header "Authorization: Bearer $KEY"; echo " secret-rc=$?"
+wget -qO- "http://api.test/echo/{m}-split" --header "X-A: ${{KEY%????????????????}}" --header "X-B: ${{KEY#SANDBOX_SECRET_}}"; echo " split-rc=$?"
+wget -qO- http://other.test/echo/{m}; echo "other-rc=$?"
+wget -qO- http://a.glob.test/echo/{m}; echo " glob-rc=$?"
+wget -qO- "http://a.glob.test/echo/{m}-leak" --header "X-Token: $KEY"; echo "leak-rc=$?"
+printf 'GET /echo/{m}-rebind HTTP/1.1\r\nHost: rebind.test\r\nConnection: close\r\n\r\n' | nc -w 5 {API} 80 | head -1
+wget -qO- http://metadata.test/latest/meta-data; echo "metadata-rc=$?"
+nslookup evil.test 2>&1 | grep -q REFUSED && echo "evil-dns=refused"
+echo tcp-allowed | nc -w 3 {API} 9000
+echo tcp-denied | nc -w 3 {OTHER} 9000; echo "tcp-denied-rc=$?"
+"#
+    );
+    let out = run(
+        &h,
+        &[
+            "--image",
+            "busybox",
+            "--mtu",
+            "1400",
+            "--allow-host",
+            "api.test,*.glob.test,rebind.test,metadata.test",
+            "--secret",
+            &format!("KEY={value}@api.test"),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    let (o, e) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "stdout:\n{o}\nstderr:\n{e}");
+    let placeholder = o.lines().find_map(|l| l.strip_prefix("placeholder=")).unwrap().to_owned();
+    assert!(placeholder.starts_with("SANDBOX_SECRET_") && placeholder.len() == 47, "{placeholder}");
+    assert!(!o.contains(&value) && !e.contains(&value), "the secret value reached the guest:\n{o}\n{e}");
+    assert!(o.contains("mtu=1400"), "{o}");
+    assert!(o.contains(&format!("nameserver {DNS}")), "{o}");
+    assert!(o.contains(" secret-rc=0") && o.contains(" split-rc=0") && o.contains(" glob-rc=0"), "{o}\n{e}");
+    assert!(o.contains("HTTP/1.1 403 Forbidden"), "a name the host resolves to loopback (DNS rebinding):\n{o}");
+    assert!(net.requests_with(&format!("{m}-rebind")).is_empty());
+    for blocked in ["other-rc=1", "leak-rc=1", "metadata-rc=1"] {
+        assert!(o.contains(blocked), "{blocked}:\n{o}\n{e}");
+    }
+    assert!(e.contains("403 Forbidden"), "{e}");
+    assert!(o.contains("evil-dns=refused"), "{o}");
+    assert!(o.contains("tcp-allowed"), "non-HTTP TCP to an allowed host's address:\n{o}");
+    assert!(!o.contains("\ntcp-denied\n"), "{o}");
+
+    // What reached the servers: the real value, only at api.test, in header and query.
+    let secret_requests = net.requests_with(&format!("/echo/{m}-secret\""));
+    assert_eq!(secret_requests.len(), 1, "{secret_requests:?}");
+    let r = &secret_requests[0];
+    assert_eq!(r["server"], API);
+    assert_eq!(r["headers"]["authorization"], format!("Bearer {value}"));
+    assert_eq!(r["query"], format!("k={value}"));
+    let split = &net.requests_with(&format!("/echo/{m}-split"))[0];
+    assert!(!split.to_string().contains(&value), "{split}");
+    assert!(net.requests_with(&format!("/echo/{m}-leak")).is_empty(), "placeholder sent to a non-secret host");
+    assert!(net.requests_with(&value).len() == 1, "the value went somewhere else");
+    assert!(net.requests().iter().all(|r| r["server"] != OTHER || !r.to_string().contains(&m)), "other.test reached");
+    assert!(net.requests_with(&format!("/echo/{m}")).iter().any(|r| r["host"] == "a.glob.test"));
+}
+
+#[test]
+fn https_interception_http2_sse_and_trust() {
+    let net = testnet();
+    let h = home();
+    let m = marker("t2");
+    let script = format!(
+        r#"
+curl -sS -w "\nver=%{{http_version}}\n" "https://api.test/echo/{m}?k=$KEY"
+curl -sS --http1.1 -o /dev/null -w "h1=%{{http_version}}\n" https://api.test/echo/{m}-h1
+curl -sS -w "\nsmuggle=%{{http_code}}\n" https://api.test/echo/{m}-smuggle -H "Host: other.test"
+curl -sSN https://api.test/sse | while read -r line; do [ -n "$line" ] && echo "$(date +%s%N) $line"; done
+curl -sS --resolve evil.test:443:{OTHER} https://evil.test/echo/{m}; echo "evil-rc=$?"
+curl -sS https://nowhere.test/; echo "nowhere-rc=$?"
+python3 -c 'import socket; s=socket.socket(2, 2); s.settimeout(2); s.sendto(b"udp", ("{API}", 9001)); print(s.recv(64))' 2>/dev/null || echo udp-dropped
+unset SSL_CERT_FILE CURL_CA_BUNDLE REQUESTS_CA_BUNDLE
+curl -sS -o /dev/null -w "system-bundle=%{{http_code}}\n" https://other.test/echo/{m}
+python3 -c 'import socket,ssl; c=ssl.create_default_context(); s=c.wrap_socket(socket.create_connection(("other.test", 443)), server_hostname="other.test"); print("python", s.version())'
+"#
+    );
+    let out = run(
+        &h,
+        &[
+            "--image",
+            debian_image(),
+            "--allow-host",
+            "api.test,other.test",
+            "--secret",
+            &format!("KEY=v-{m}@api.test"),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    let (o, e) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "stdout:\n{o}\nstderr:\n{e}");
+    assert!(o.contains("ver=2"), "HTTP/2 to the guest by ALPN:\n{o}\n{e}");
+    assert!(o.contains("h1=1.1"), "{o}");
+    assert!(o.contains("Blocked by policy\nsmuggle=403"), "Host header differing from SNI:\n{o}");
+    let events: Vec<u128> = o
+        .lines()
+        .filter(|l| l.contains("data: event"))
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(events.len(), 3, "{o}\n{e}");
+    // The server sends an event every 200 ms: arrival times show the stream was not buffered.
+    assert!(events[2] - events[0] > 300_000_000, "SSE arrived buffered: {events:?}");
+    assert!(o.contains("evil-rc=35") || o.contains("evil-rc=56"), "TLS to a host outside the allow-list:\n{o}\n{e}");
+    assert!(o.contains("nowhere-rc=6"), "{o}");
+    assert!(o.contains("udp-dropped"), "UDP other than DNS is dropped under interception:\n{o}");
+    assert!(o.contains("system-bundle=200"), "the CA is in the system bundle:\n{o}\n{e}");
+    assert!(o.contains("python TLSv1.3"), "python trusts the sandbox CA through the system bundle:\n{o}\n{e}");
+    let r = &net.requests_with(&format!("/echo/{m}\""))[0];
+    assert_eq!((r["tls"].as_bool(), r["query"].as_str()), (Some(true), Some(format!("k=v-{m}").as_str())));
+    assert!(net.requests_with(&format!("{m}-smuggle")).is_empty());
+    assert!(net.requests_with(&format!("/echo/{m}")).iter().all(|r| r["server"] != OTHER || r["host"] == "other.test"));
+}
+
+#[test]
+fn runtime_allow_list_and_secret_redaction() {
+    let net = testnet();
+    let h = home();
+    let m = marker("t3");
+    let value = format!("topsecret-{m}");
+    let out = cmd(&h)
+        .args(["run", "-d", "--dns-servers", DNS, "--image", "busybox", "--allow-host", "api.test", "--secret"])
+        .arg(format!("KEY={value}@api.test"))
+        .output()
+        .unwrap();
+    let id = ok(&out).trim().to_owned();
+    let get = |url: &str| {
+        let out = h.ml(&["exec", &id, "--", "wget", "-qO-", url]);
+        out.status.success()
+    };
+    let url = format!("http://other.test/echo/{m}");
+    assert!(!get(&url), "other.test is not allowed yet");
+    let added = ok(&h.ml(&["allow-list", "add", &id, "other.test,api.test"]));
+    assert_eq!(added, format!("Added to {id}: other.test\nCurrent allow-list: api.test,other.test\n"));
+    assert!(get(&url), "allowed after add");
+    assert_eq!(
+        ok(&h.ml(&["allow-list", "add", &id, "other.test"])).lines().next().unwrap(),
+        format!("No new hosts were added to {id}")
+    );
+    let removed = ok(&h.ml(&["allow-list", "delete", &id, "other.test"]));
+    assert_eq!(removed, format!("Removed from {id}: other.test\nCurrent allow-list: api.test\n"));
+    assert!(!get(&url), "blocked again after delete");
+    assert_eq!(net.requests_with(&format!("/echo/{m}")).len(), 1);
+    // The value never shows: not in get/inspect, not in the owner's command line or the VM log.
+    let get_json = ok(&h.ml(&["get", &id]));
+    let inspect = ok(&h.ml(&["inspect", &id]));
+    assert!(get_json.contains("SANDBOX_SECRET_") && !get_json.contains(&value), "{get_json}");
+    assert!(!inspect.contains(&value));
+    for (_, cmdline) in h.pids() {
+        assert!(!cmdline.contains(&value), "secret in a command line: {cmdline}");
+    }
+    let log = std::fs::read_to_string(h.vms_dir().join(&id).join("logs/vm.log")).unwrap_or_default();
+    assert!(!log.contains(&value));
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+}
+
+/// A TCP echo server on the guest's loopback port 8080.
+const ECHO_SERVER: &str = "import socket, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', 8080))
+s.listen()
+def echo(c):
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        c.sendall(d)
+    c.close()
+while True:
+    threading.Thread(target=echo, args=(s.accept()[0],)).start()
+";
+
+#[test]
+fn plain_egress_port_forwards_and_no_network() {
+    let net = testnet();
+    let h = home();
+    let m = marker("t4");
+    // A host service the guest must not reach through the gateway (the host's own addresses).
+    let host_service = TcpListener::bind("0.0.0.0:0").unwrap();
+    host_service.set_nonblocking(true).unwrap();
+    let host_port = host_service.local_addr().unwrap().port();
+    let free_port = || TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (publish, forward) = (free_port(), free_port());
+    let out = cmd(&h)
+        .args([
+            "run",
+            "-d",
+            "--dns-servers",
+            DNS,
+            "--image",
+            debian_image(),
+            "-p",
+            &format!("{publish}:8080"),
+            "--",
+            "python3",
+            "-c",
+            ECHO_SERVER,
+        ])
+        .output()
+        .unwrap();
+    let id = ok(&out).trim().to_owned();
+    // Without interception: any host, any TCP port, UDP too; no allow-list to change.
+    let script = format!(
+        "curl -sS http://other.test/echo/{m}; echo; \
+         python3 -c 'import socket; s=socket.socket(2, 2); s.settimeout(5); s.sendto(b\"udp-echo\", (\"{API}\", 9001)); print(s.recv(64).decode())'; \
+         curl -sS -m 5 http://192.168.100.1:{host_port}/; echo gw-rc=$?"
+    );
+    let o = ok(&h.ml(&["exec", &id, "--", "sh", "-c", &script]));
+    assert!(o.contains(&format!("/echo/{m}")), "{o}");
+    assert!(o.contains("udp-echo"), "{o}");
+    assert!(host_service.accept().is_err(), "the guest reached a host service through the gateway");
+    let refused = h.ml(&["allow-list", "add", &id, "x.test"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("allow-list updates unavailable: sandbox was started without network interception")
+    );
+    assert_eq!(net.requests_with(&format!("/echo/{m}")).len(), 1);
+
+    let echo_through = |port: u16| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the forward");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut reader = s.try_clone().unwrap();
+        let expected = payload.clone();
+        let writer = std::thread::spawn(move || s.write_all(&payload).unwrap());
+        let mut got = vec![0u8; expected.len()];
+        reader.read_exact(&mut got).expect("echo back");
+        writer.join().unwrap();
+        assert!(got == expected, "bytes changed on the way");
+    };
+    echo_through(publish);
+    let mut pf = cmd(&h)
+        .args(["port-forward", &id, &format!("{forward}:8080")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(pf.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, format!("Forwarding 127.0.0.1:{forward} -> sandbox:8080\n"));
+    echo_through(forward);
+    common::signal(&pf, nix::sys::signal::Signal::SIGINT);
+    assert!(pf.wait().unwrap().success());
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+
+    let out = run(&h, &["--image", "busybox", "--no-network", "--", "ls", "/sys/class/net"]);
+    assert_eq!(ok(&out), "lo\n", "no NIC with --no-network");
+    let out = run(&h, &["--image", "busybox", "--no-network", "--allow-host", "x.test", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--no-network"), "{}", stderr(&out));
+}
+
+#[test]
+fn concurrent_sandboxes_keep_their_own_secrets() {
+    let net = testnet();
+    let m = marker("t5");
+    let script = |host: &str, other: &str| {
+        format!(
+            "wget -qO- http://{host}/echo/{m} --header \"X-Key: $KEY\" >/dev/null && echo own-ok; \
+             wget -qO- http://{other}/echo/{m}-cross --header \"X-Key: $KEY\" >/dev/null || echo cross-blocked"
+        )
+    };
+    let (h1, h2) = (home(), home());
+    let spawn = |h: &Home, secret: String, s: String| {
+        cmd(h)
+            .args([
+                "run",
+                "--dns-servers",
+                DNS,
+                "--image",
+                "busybox",
+                "--secret",
+                &secret,
+                "--allow-host",
+                "api.test,other.test",
+                "--",
+                "sh",
+                "-c",
+                &s,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn(&h1, format!("KEY=alpha-{m}@api.test"), script("api.test", "other.test"));
+    let b = spawn(&h2, format!("KEY=beta-{m}@other.test"), script("other.test", "api.test"));
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        let o = stdout(&out);
+        assert!(o.contains("own-ok") && o.contains("cross-blocked"), "{o}\n{}", stderr(&out));
+    }
+    let own = net.requests_with(&format!("/echo/{m}"));
+    assert_eq!(own.len(), 2, "{own:?}");
+    for r in &own {
+        let expected = if r["server"] == API { format!("alpha-{m}") } else { format!("beta-{m}") };
+        assert_eq!(r["headers"]["x-key"], expected.as_str());
+    }
+    assert!(net.requests_with(&format!("{m}-cross")).is_empty());
+}
+
+#[test]
+fn hostile_frames_and_syn_flood_leave_the_network_working() {
+    let _ = testnet();
+    let h = home();
+    // Raw frames from the guest: random garbage, truncated headers, and a SYN flood to
+    // thousands of destinations; then a normal request must still work.
+    let flood = r#"
+import os, random, socket, struct
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+mac = open("/sys/class/net/eth0/address").read().strip()
+src = bytes.fromhex(mac.replace(":", ""))
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while t >> 16: t = (t & 0xffff) + (t >> 16)
+    return (~t) & 0xffff
+gw = b"\x02\x4d\x4c\x00\x00\x01"
+for i in range(2000):
+    s.send(os.urandom(random.randint(14, 1514)))
+    s.send(gw + src + b"\x08\x00" + os.urandom(random.randint(0, 60)))
+for i in range(3000):
+    dst = bytes([198, 51, 100, random.randint(1, 254)])
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, i & 0xffff, 0, 64, 6, 0, bytes([192, 168, 100, 2]), dst)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    tcp = struct.pack("!HHIIBBHHH", random.randint(1024, 65535), random.randint(1, 65535), i, 0, 5 << 4, 2, 65535, 0, 0)
+    pseudo = bytes([192, 168, 100, 2]) + dst + struct.pack("!BBH", 0, 6, 20)
+    tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+    s.send(gw + src + b"\x08\x00" + ip + tcp)
+print("flooded")
+"#;
+    let script = format!("python3 -c '{flood}' && sleep 1 && curl -sS -m 20 -o /dev/null -w 'after=%{{http_code}}\\n' http://api.test/echo");
+    let out = run(&h, &["--image", debian_image(), "--allow-host", "api.test", "--", "sh", "-c", &script]);
+    let o = stdout(&out);
+    assert!(o.contains("flooded") && o.contains("after=200"), "{o}\n{}", stderr(&out));
+}
