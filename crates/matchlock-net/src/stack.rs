@@ -21,7 +21,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, HardwareAddress, IpAddress, IpCidr, IpProtocol,
-    Ipv4Address, Ipv4Packet, Ipv4Repr, TcpPacket, UdpPacket, UdpRepr,
+    Ipv4Packet, Ipv4Repr, TcpPacket, UdpPacket, UdpRepr,
 };
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::sync::mpsc;
@@ -116,7 +116,7 @@ impl Device for Queues {
     }
 
     fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
-        (self.tx.len() < MAX_TX_BYTES).then(|| Tx(&mut self.tx))
+        (self.tx.len() < MAX_TX_BYTES).then_some(Tx(&mut self.tx))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -172,7 +172,7 @@ impl<L: AsyncRead + AsyncWrite + Unpin, H: FlowHandler> Stack<L, H> {
         let mac = EthernetAddress(config.gateway_mac);
         let started = StdInstant::now();
         let mut iface = Interface::new(Config::new(HardwareAddress::Ethernet(mac)), &mut queues, Instant::ZERO);
-        let gateway = Ipv4Address::from(config.gateway);
+        let gateway = config.gateway;
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(gateway), config.prefix_len));
         });
@@ -278,8 +278,8 @@ impl<L: AsyncRead + AsyncWrite + Unpin, H: FlowHandler> Stack<L, H> {
             let header: [u8; 4] = self.read_buf[offset..offset + 4].try_into().expect("4 bytes");
             let len = u32::from_be_bytes(header) as usize;
             if len > self.read_buf.len() - 4 {
-                // Larger than anything a NIC sends: skip the claimed length is impossible to
-                // trust, so drop the buffer and resynchronise on the next read.
+                // Larger than any frame: the stream cannot be trusted past this point, so
+                // drop what is buffered.
                 offset = self.read_len;
                 break;
             }
@@ -306,8 +306,8 @@ impl<L: AsyncRead + AsyncWrite + Unpin, H: FlowHandler> Stack<L, H> {
         if eth.ethertype() == EthernetProtocol::Ipv4 {
             if let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) {
                 if ip.verify_checksum() && !ip.more_frags() && ip.frag_offset() == 0 {
-                    let src_ip = Ipv4Addr::from(ip.src_addr());
-                    let dst_ip = Ipv4Addr::from(ip.dst_addr());
+                    let src_ip = ip.src_addr();
+                    let dst_ip = ip.dst_addr();
                     match ip.next_header() {
                         IpProtocol::Udp => {
                             if let Ok(udp) = UdpPacket::new_checked(ip.payload()) {
@@ -354,7 +354,7 @@ impl<L: AsyncRead + AsyncWrite + Unpin, H: FlowHandler> Stack<L, H> {
             tcp::Socket::new(tcp::SocketBuffer::new(vec![0; RX_BUFFER]), tcp::SocketBuffer::new(vec![0; TX_BUFFER]));
         socket.set_nagle_enabled(false);
         socket.set_ack_delay(None);
-        if socket.listen((IpAddress::Ipv4(Ipv4Address::from(*dst.ip())), dst.port())).is_err() {
+        if socket.listen((IpAddress::Ipv4(*dst.ip()), dst.port())).is_err() {
             return;
         }
         let handle = self.sockets.add(socket);
@@ -417,11 +417,13 @@ impl<L: AsyncRead + AsyncWrite + Unpin, H: FlowHandler> Stack<L, H> {
             if broken {
                 socket.abort();
             }
-            if !conn.guest_closed && !socket.may_recv() && !socket.can_recv() {
-                if Pin::new(&mut *pipe).poll_shutdown(cx).is_ready() {
-                    conn.guest_closed = true;
-                    progress = true;
-                }
+            if !conn.guest_closed
+                && !socket.may_recv()
+                && !socket.can_recv()
+                && Pin::new(&mut *pipe).poll_shutdown(cx).is_ready()
+            {
+                conn.guest_closed = true;
+                progress = true;
             }
             // Handler → guest.
             while !conn.handler_closed && socket.can_send() {
@@ -489,8 +491,8 @@ impl<L: AsyncRead + AsyncWrite + Unpin, H: FlowHandler> Stack<L, H> {
         }
         let udp = UdpRepr { src_port: from.port(), dst_port: to.port() };
         let ip = Ipv4Repr {
-            src_addr: Ipv4Address::from(*from.ip()),
-            dst_addr: Ipv4Address::from(*to.ip()),
+            src_addr: *from.ip(),
+            dst_addr: *to.ip(),
             next_header: IpProtocol::Udp,
             payload_len: udp.header_len() + payload.len(),
             hop_limit: 64,

@@ -147,7 +147,7 @@ mod tests {
         c.env.insert("KEY".into(), "user".into());
         c.network.as_mut().unwrap().secrets.push(secret.clone());
         let env = compose(&image(), &c).unwrap().env;
-        assert!(env.contains(&("KEY".into(), secret.placeholder.clone())));
+        assert!(env.contains(&("KEY".into(), secret.placeholder)));
         assert!(env.contains(&("SSL_CERT_FILE".into(), GUEST_CA_PATH.into())));
         assert!(!env.iter().any(|(_, v)| v == "real"));
     }
