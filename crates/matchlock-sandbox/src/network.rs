@@ -13,11 +13,15 @@ use crate::{io_err, SandboxError};
 /// Environment variable naming a PEM bundle of extra CAs trusted for upstream TLS.
 pub const UPSTREAM_CA_ENV: &str = "MATCHLOCK_UPSTREAM_CA";
 
+/// Benchmarks only: QEMU's user networking instead of matchlock's stack, for sandboxes
+/// without interception (which have unrestricted egress anyway).
+pub const BENCH_QEMU_USERNET_ENV: &str = "MATCHLOCK_BENCH_QEMU_USERNET";
+
 /// A running sandbox network.
 #[derive(Debug)]
 pub struct Network {
-    /// Drops (and stops) with the sandbox.
-    _engine: Engine,
+    /// Drops (and stops) with the sandbox; `None` under QEMU user networking.
+    _engine: Option<Engine>,
     /// The live policy, changed by `allow-list add|delete`.
     pub policy: Arc<Policy>,
     /// Whether HTTP/TLS interception (and so the allow-list) is on.
@@ -69,6 +73,15 @@ pub fn start(
     dns_servers: &[std::net::IpAddr],
     ca: Option<Arc<CertAuthority>>,
 ) -> Result<(Network, Nic), SandboxError> {
+    let hash = id.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))).to_be_bytes();
+    let mac = [0x02, 0x4d, hash[0], hash[1], hash[2], hash[3]];
+    let policy = Arc::new(Policy::new(config.allowed_hosts.clone(), config.block_private_ips, config.secrets.clone()));
+    let intercepts = config.intercepts();
+    if std::env::var_os(BENCH_QEMU_USERNET_ENV).is_some() && !intercepts {
+        eprintln!("matchlock: WARNING: {BENCH_QEMU_USERNET_ENV} is set: QEMU user networking, no address blocking");
+        let nic = Nic { socket: None, mac, mtu: config.mtu };
+        return Ok((Network { _engine: None, policy, intercepts }, nic));
+    }
     let socket = dir.join("net.sock");
     let _ = std::fs::remove_file(&socket);
     let listener = std::os::unix::net::UnixListener::bind(&socket)
@@ -76,9 +89,6 @@ pub fn start(
     let extra_ca = std::env::var_os(UPSTREAM_CA_ENV).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
     let upstream_tls =
         matchlock_net::upstream_tls_config(extra_ca.as_deref()).map_err(|e| SandboxError::Network(Box::new(e)))?;
-    let policy = Arc::new(Policy::new(config.allowed_hosts.clone(), config.block_private_ips, config.secrets.clone()));
-    let intercepts = config.intercepts();
-    let hash = id.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))).to_be_bytes();
     let options = Options {
         policy: policy.clone(),
         intercept: intercepts,
@@ -89,6 +99,6 @@ pub fn start(
         upstream_tls: Arc::new(upstream_tls),
     };
     let engine = Engine::start(listener, options).map_err(|e| SandboxError::Network(Box::new(e)))?;
-    let nic = Nic { socket, mac: [0x02, 0x4d, hash[0], hash[1], hash[2], hash[3]], mtu: config.mtu };
-    Ok((Network { _engine: engine, policy, intercepts }, nic))
+    let nic = Nic { socket: Some(socket), mac, mtu: config.mtu };
+    Ok((Network { _engine: Some(engine), policy, intercepts }, nic))
 }

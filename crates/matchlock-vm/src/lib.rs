@@ -57,8 +57,9 @@ pub struct MachineSpec {
 /// length, then the frame) where the host's userspace network stack listens.
 #[derive(Debug, Clone)]
 pub struct Nic {
-    /// The listening socket.
-    pub socket: PathBuf,
+    /// The listening socket; `None` is QEMU's own user networking on the same addresses
+    /// (benchmark comparisons only: no policy applies).
+    pub socket: Option<PathBuf>,
     /// The guest's MAC address.
     pub mac: [u8; 6],
     /// MTU announced to the guest driver.

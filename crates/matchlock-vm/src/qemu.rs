@@ -147,10 +147,12 @@ impl QemuBackend {
         if let Some(nic) = &spec.nic {
             let mac = nic.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
             args.push("-netdev".into());
-            args.push(format!(
-                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
-                check_option_path(&nic.socket)?
-            ));
+            args.push(match &nic.socket {
+                Some(socket) => {
+                    format!("stream,id=net0,server=off,addr.type=unix,addr.path={}", check_option_path(socket)?)
+                }
+                None => "user,id=net0,net=192.168.100.0/24,host=192.168.100.1".to_owned(),
+            });
             args.push("-device".into());
             args.push(format!("virtio-net-device,netdev=net0,mac={mac},host_mtu={}", nic.mtu));
         }

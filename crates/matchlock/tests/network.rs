@@ -72,9 +72,11 @@ fn testnet() -> &'static TestNet {
     NET.get_or_init(|| {
         let dir = tempfile::Builder::new().prefix("matchlock-testnet-").tempdir().unwrap();
         let d = dir.path();
-        // A previous run killed before its cleanup may have left these.
-        let _ = sh(&["ip", "netns", "del", NAMESPACE]);
-        let _ = sh(&["ip", "link", "del", HOST_VETH]);
+        // A previous run (or bench/net, on the same range) may have left these.
+        for (ns, veth) in [(NAMESPACE, HOST_VETH), ("mlbenchnet", "mlbenchnet0")] {
+            let _ = sh(&["ip", "netns", "del", ns]);
+            let _ = sh(&["ip", "link", "del", veth]);
+        }
         must(&["ip", "netns", "add", NAMESPACE]);
         must(&["ip", "link", "add", HOST_VETH, "type", "veth", "peer", "name", "eth0", "netns", NAMESPACE]);
         must(&["ip", "addr", "add", "198.51.100.1/24", "dev", HOST_VETH]);
