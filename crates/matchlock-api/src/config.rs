@@ -75,6 +75,70 @@ pub struct NetworkConfig {
     pub mtu: u32,
     /// Secrets the host substitutes for their placeholders on the way out.
     pub secrets: Vec<Secret>,
+    /// Request/response rules and the callback socket of programmable hooks.
+    #[serde(default)]
+    pub interception: Option<Interception>,
+}
+
+/// Programmable interception (reference §4 "Network hooks"): rules matched per request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interception {
+    /// The rules, in order.
+    #[serde(default)]
+    pub rules: Vec<HookRule>,
+    /// Unix socket that rules with a `callback_id` consult (one JSON line each way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_socket: Option<String>,
+}
+
+/// One interception rule (the JSON shape the SDKs send).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HookRule {
+    /// Name, for events and errors.
+    pub name: String,
+    /// `before` (request) or `after` (response); default `before`.
+    pub phase: String,
+    /// Host globs; empty matches every host.
+    pub hosts: Vec<String>,
+    /// Methods; empty matches every method.
+    pub methods: Vec<String>,
+    /// `path.Match`-style pattern on the URL path; empty matches every path.
+    pub path: String,
+    /// `allow`, `block` or `mutate`; default `allow`.
+    pub action: String,
+    /// Consult the callback socket with this id.
+    pub callback_id: String,
+    /// Callback timeout in milliseconds (default 2000).
+    pub timeout_ms: u64,
+    /// Before: headers to set.
+    pub set_headers: BTreeMap<String, String>,
+    /// Before: headers to delete.
+    pub delete_headers: Vec<String>,
+    /// Before: query parameters to set.
+    pub set_query: BTreeMap<String, String>,
+    /// Before: query parameters to delete.
+    pub delete_query: Vec<String>,
+    /// Before: replacement URL path.
+    pub rewrite_path: String,
+    /// After: response headers to set.
+    pub set_response_headers: BTreeMap<String, String>,
+    /// After: response headers to delete.
+    pub delete_response_headers: Vec<String>,
+    /// After: literal replacements in the response body (per `data:` line for SSE).
+    pub body_replacements: Vec<BodyReplacement>,
+}
+
+/// A literal body replacement.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BodyReplacement {
+    /// Bytes to find.
+    pub find: String,
+    /// What replaces them.
+    #[serde(default)]
+    pub replace: String,
 }
 
 impl Default for NetworkConfig {
@@ -85,6 +149,7 @@ impl Default for NetworkConfig {
             intercept: false,
             mtu: DEFAULT_MTU,
             secrets: Vec::new(),
+            interception: None,
         }
     }
 }
@@ -92,7 +157,7 @@ impl Default for NetworkConfig {
 impl NetworkConfig {
     /// Whether traffic goes through the intercepting proxy (reference: allow-list, secrets or forced).
     pub fn intercepts(&self) -> bool {
-        self.intercept || !self.allowed_hosts.is_empty() || !self.secrets.is_empty()
+        self.intercept || self.interception.is_some() || !self.allowed_hosts.is_empty() || !self.secrets.is_empty()
     }
 }
 

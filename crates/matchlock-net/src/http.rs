@@ -23,8 +23,9 @@ use tokio::io::DuplexStream;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
+use crate::hooks::is_event_stream;
 use crate::policy::Blocked;
-use crate::secrets::{self, StreamReplacer};
+use crate::secrets::{self, BodyTransform, SseDataReplacer, StreamReplacer};
 use crate::Shared;
 
 type Body = BoxBody<Bytes, BoxError>;
@@ -32,6 +33,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long dialling an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest response body buffered for a body replacement.
+const MAX_REWRITTEN_BODY: usize = 32 * 1024 * 1024;
 /// Largest request or response header block accepted from the guest.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
@@ -184,6 +187,10 @@ async fn proxy(
     let upgrade = req.headers().contains_key(header::UPGRADE) && req.version() == Version::HTTP_11;
     let guest_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    if shared.hooks.before(&host, &mut parts).await.is_err() {
+        return blocked();
+    }
+    let (method, path, request_headers) = (parts.method.clone(), parts.uri.path().to_owned(), parts.headers.clone());
     let injected = match secrets::apply_to_request(&mut parts, &host, shared.policy.secrets()) {
         Ok(injected) => injected,
         Err(Blocked::SecretToUnauthorizedHost) | Err(_) => return blocked(),
@@ -229,7 +236,28 @@ async fn proxy(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     secrets::scrub_headers(&mut parts.headers, &injected);
-    let body = body.map_err(BoxError::from).boxed();
+    let mut body = body.map_err(BoxError::from).boxed();
+    match shared.hooks.after(&host, method.as_str(), &path, &request_headers, &mut parts).await {
+        Err(_) => return blocked(),
+        Ok(changes) => {
+            if let Some(new_body) = changes.body {
+                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
+                body = full(new_body);
+            } else if !changes.replacements.is_empty() {
+                if is_event_stream(&parts.headers) {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    body = replace_in_body(body, SseDataReplacer::new(changes.replacements));
+                } else {
+                    let Some(collected) = collect_limited(body, MAX_REWRITTEN_BODY).await else {
+                        return bad_gateway("response too large or broken for body replacement");
+                    };
+                    let rewritten = StreamReplacer::new(changes.replacements).replace(&collected);
+                    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
+                    body = full(rewritten);
+                }
+            }
+        }
+    }
     let pairs: Vec<(Vec<u8>, Vec<u8>)> =
         injected.iter().map(|s| (s.value.as_bytes().to_vec(), s.placeholder.as_bytes().to_vec())).collect();
     let body = if pairs.is_empty() {
@@ -241,14 +269,28 @@ async fn proxy(
     Response::from_parts(parts, body)
 }
 
+/// The whole body, unless it fails or exceeds `max` bytes.
+async fn collect_limited(mut body: Body, max: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if out.len() + data.len() > max {
+                return None;
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Some(out)
+}
+
 /// A streaming body with literal replacements applied.
-fn replace_in_body(body: Body, replacer: StreamReplacer) -> Body {
-    ReplacingBody { inner: body, replacer, finished: false }.boxed()
+fn replace_in_body(body: Body, replacer: impl BodyTransform + 'static) -> Body {
+    ReplacingBody { inner: body, replacer: Box::new(replacer), finished: false }.boxed()
 }
 
 struct ReplacingBody {
     inner: Body,
-    replacer: StreamReplacer,
+    replacer: Box<dyn BodyTransform>,
     finished: bool,
 }
 

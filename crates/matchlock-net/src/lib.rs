@@ -7,6 +7,7 @@
 
 pub mod ca;
 pub mod dns;
+pub mod hooks;
 mod http;
 pub mod policy;
 pub mod secrets;
@@ -70,6 +71,8 @@ pub struct Options {
     pub gateway_mac: [u8; 6],
     /// Trust for upstream TLS.
     pub upstream_tls: Arc<rustls::ClientConfig>,
+    /// Request/response rules.
+    pub hooks: hooks::Hooks,
 }
 
 /// The upstream TLS configuration: the host's trust store plus, for private CAs, a PEM bundle.
@@ -96,6 +99,7 @@ pub(crate) struct Shared {
     ca: Option<Arc<CertAuthority>>,
     upstream_tls: Arc<rustls::ClientConfig>,
     intercept: bool,
+    hooks: hooks::Hooks,
     udp_flows: Arc<Semaphore>,
 }
 
@@ -239,6 +243,7 @@ async fn serve(listener: UnixListener, options: Options) {
         ca: options.ca,
         upstream_tls: options.upstream_tls,
         intercept: options.intercept,
+        hooks: options.hooks,
         udp_flows: Arc::new(Semaphore::new(MAX_UDP_FLOWS)),
     });
     let config = StackConfig {

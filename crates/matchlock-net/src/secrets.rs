@@ -106,6 +106,14 @@ pub fn scrub_headers(headers: &mut HeaderMap, injected: &[&Secret]) {
     }
 }
 
+/// A streaming rewrite of a body: chunks in, bytes out, the rest at the end.
+pub trait BodyTransform: Send + Sync {
+    /// Feeds a chunk; returns what can be released now.
+    fn push(&mut self, chunk: &[u8]) -> Bytes;
+    /// Releases whatever is held back at the end of the stream.
+    fn finish(&mut self) -> Bytes;
+}
+
 /// Streaming replace-all of literal byte strings across chunk boundaries: holds back just enough
 /// of each chunk's tail to catch a match split between chunks.
 #[derive(Debug, Default)]
@@ -120,16 +128,12 @@ impl StreamReplacer {
         Self { pairs: pairs.into_iter().filter(|(f, _)| !f.is_empty()).collect(), pending: BytesMut::new() }
     }
 
-    /// Whether there is anything to replace.
-    pub fn is_empty(&self) -> bool {
-        self.pairs.is_empty()
-    }
-
     fn hold_back(&self) -> usize {
         self.pairs.iter().map(|(f, _)| f.len() - 1).max().unwrap_or(0)
     }
 
-    fn replace(&self, data: &[u8]) -> Vec<u8> {
+    /// `data` with every pair replaced (no streaming).
+    pub fn replace(&self, data: &[u8]) -> Vec<u8> {
         let mut out = data.to_vec();
         for (find, replace) in &self.pairs {
             if let Some(r) = replace_all(&out, find, replace) {
@@ -138,9 +142,10 @@ impl StreamReplacer {
         }
         out
     }
+}
 
-    /// Feeds a chunk; returns what can be released now.
-    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+impl BodyTransform for StreamReplacer {
+    fn push(&mut self, chunk: &[u8]) -> Bytes {
         self.pending.extend_from_slice(chunk);
         let replaced = self.replace(&self.pending);
         let keep = self.hold_back().min(replaced.len());
@@ -152,9 +157,56 @@ impl StreamReplacer {
         Bytes::copy_from_slice(&replaced[..cut])
     }
 
-    /// Releases whatever is held back at the end of the stream.
-    pub fn finish(&mut self) -> Bytes {
+    fn finish(&mut self) -> Bytes {
         self.pending.split().freeze()
+    }
+}
+
+/// Server-sent events: replacements apply to the payload of each `data:` line, released line
+/// by line (events keep streaming), line endings kept.
+#[derive(Debug)]
+pub struct SseDataReplacer {
+    replacer: StreamReplacer,
+    line: Vec<u8>,
+}
+
+impl SseDataReplacer {
+    /// Applies `pairs` to every `data:` payload.
+    pub fn new(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
+        Self { replacer: StreamReplacer::new(pairs), line: Vec::new() }
+    }
+
+    fn line_out(&self, line: &[u8]) -> Vec<u8> {
+        match line.strip_prefix(b"data:") {
+            Some(payload) => {
+                let body_end = payload.iter().rposition(|&b| b != b'\n' && b != b'\r').map_or(0, |i| i + 1);
+                let mut out = b"data:".to_vec();
+                out.extend_from_slice(&self.replacer.replace(&payload[..body_end]));
+                out.extend_from_slice(&payload[body_end..]);
+                out
+            }
+            None => line.to_vec(),
+        }
+    }
+}
+
+impl BodyTransform for SseDataReplacer {
+    fn push(&mut self, chunk: &[u8]) -> Bytes {
+        let mut out = Vec::new();
+        for &b in chunk {
+            self.line.push(b);
+            if b == b'\n' {
+                out.extend_from_slice(&self.line_out(&self.line));
+                self.line.clear();
+            }
+        }
+        Bytes::from(out)
+    }
+
+    fn finish(&mut self) -> Bytes {
+        let out = self.line_out(&self.line);
+        self.line.clear();
+        Bytes::from(out)
     }
 }
 
@@ -194,6 +246,16 @@ mod tests {
         assert!(apply_to_request(&mut parts, "evil.test", std::slice::from_ref(&s)).is_err());
         let mut parts = request("/", "none");
         assert!(apply_to_request(&mut parts, "evil.test", std::slice::from_ref(&s)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn sse_replacements_apply_to_data_lines_only() {
+        let mut r = SseDataReplacer::new(vec![(b"secret".to_vec(), b"[x]".to_vec())]);
+        let mut out = r.push(b"event: secret\ndata: a secret\r\n\ndata: sec").to_vec();
+        assert_eq!(out, b"event: secret\ndata: a [x]\r\n\n", "complete lines are released at once");
+        out.extend_from_slice(&r.push(b"ret\n"));
+        out.extend_from_slice(&r.finish());
+        assert!(out.ends_with(b"data: [x]\n"), "{:?}", String::from_utf8_lossy(&out));
     }
 
     #[test]

@@ -219,15 +219,9 @@ impl<L: AsyncRead + AsyncWrite + Unpin, H: FlowHandler> Stack<L, H> {
                 self.emit_udp(from, to, &payload);
                 progress = true;
             }
-            let now = self.now();
-            if self.iface.poll(now, &mut self.queues, &mut self.sockets) != smoltcp::iface::PollResult::None {
-                progress = true;
-            }
+            progress |= self.pump_interface();
             progress |= self.service_connections(cx);
-            let now = self.now();
-            if self.iface.poll(now, &mut self.queues, &mut self.sockets) != smoltcp::iface::PollResult::None {
-                progress = true;
-            }
+            progress |= self.pump_interface();
             match self.write_frames(cx) {
                 Poll::Ready(Ok(wrote)) => progress |= wrote,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -248,6 +242,24 @@ impl<L: AsyncRead + AsyncWrite + Unpin, H: FlowHandler> Stack<L, H> {
         // Busy: let other tasks run, then come back.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Lets smoltcp process every received frame and emit until it has nothing more to send
+    /// (it emits at most one segment per socket per poll). Returns whether anything moved.
+    fn pump_interface(&mut self) -> bool {
+        let received = self.queues.rx.len();
+        let mut moved = false;
+        loop {
+            let queued = self.queues.tx.len();
+            let now = self.now();
+            let changed = self.iface.poll(now, &mut self.queues, &mut self.sockets) != smoltcp::iface::PollResult::None;
+            let emitted = self.queues.tx.len() > queued;
+            moved |= changed || emitted;
+            if !emitted || self.queues.tx.len() >= MAX_TX_BYTES {
+                break;
+            }
+        }
+        moved || self.queues.rx.len() != received
     }
 
     /// Reads length-prefixed frames from the link into the receive queue.

@@ -89,7 +89,10 @@ pub fn start(
     let extra_ca = std::env::var_os(UPSTREAM_CA_ENV).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
     let upstream_tls =
         matchlock_net::upstream_tls_config(extra_ca.as_deref()).map_err(|e| SandboxError::Network(Box::new(e)))?;
+    let hooks = matchlock_net::hooks::Hooks::new(config.interception.as_ref())
+        .map_err(|e| SandboxError::Network(Box::new(e)))?;
     let options = Options {
+        hooks,
         policy: policy.clone(),
         intercept: intercepts,
         ca,

@@ -87,8 +87,12 @@ pub struct RunArgs {
     #[arg(long = "secret", value_name = "NAME[=VALUE]@HOSTS")]
     secret: Vec<String>,
     /// No network interface at all.
-    #[arg(long = "no-network", conflicts_with_all = ["allow_host", "secret", "network_intercept", "publish"])]
+    #[arg(long = "no-network", conflicts_with_all = ["allow_host", "secret", "network_intercept", "network_rules", "publish"])]
     no_network: bool,
+    /// Request/response interception rules: a JSON file `{"rules": [...], "callback_socket": "..."}`
+    /// with the rule fields of the JSON-RPC `network.interception` object. Turns on interception.
+    #[arg(long = "network-rules", value_name = "FILE")]
+    network_rules: Option<std::path::PathBuf>,
     /// Intercept HTTP(S) even without an allow-list or secrets.
     #[arg(long = "network-intercept")]
     network_intercept: bool,
@@ -150,6 +154,13 @@ fn build_config(args: &RunArgs) -> Result<SandboxConfig> {
     } else if let Some(network) = config.network.as_mut() {
         network.allowed_hosts = args.allow_host.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
         network.intercept = args.network_intercept;
+        if let Some(file) = &args.network_rules {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read network rules {}", file.display()))?;
+            network.interception = Some(
+                serde_json::from_str(&text).with_context(|| format!("invalid network rules in {}", file.display()))?,
+            );
+        }
         network.mtu = args.mtu;
         for spec in &args.secret {
             let secret = parse_secret(spec, host_env)?;

@@ -323,6 +323,19 @@ curl -sSN https://api.test/sse | while read -r line; do [ -n "$line" ] && echo "
 curl -sS --resolve evil.test:443:{OTHER} https://evil.test/echo/{m}; echo "evil-rc=$?"
 curl -sS https://nowhere.test/; echo "nowhere-rc=$?"
 python3 -c 'import socket; s=socket.socket(2, 2); s.settimeout(2); s.sendto(b"udp", ("{API}", 9001)); print(s.recv(64))' 2>/dev/null || echo udp-dropped
+python3 -c '
+import socket, ssl
+c = ssl.create_default_context().wrap_socket(socket.create_connection(("api.test", 443)), server_hostname="api.test")
+c.sendall(b"GET /echo/{m}-ws HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += c.recv(1)
+c.sendall(b"ping-through-upgrade")
+got = b""
+while len(got) < 20:
+    got += c.recv(64)
+print(head.split(b"\r\n")[0].decode(), got.decode())
+'
 unset SSL_CERT_FILE CURL_CA_BUNDLE REQUESTS_CA_BUNDLE
 curl -sS -o /dev/null -w "system-bundle=%{{http_code}}\n" https://other.test/echo/{m}
 python3 -c 'import socket,ssl; c=ssl.create_default_context(); s=c.wrap_socket(socket.create_connection(("other.test", 443)), server_hostname="other.test"); print("python", s.version())'
@@ -358,6 +371,7 @@ python3 -c 'import socket,ssl; c=ssl.create_default_context(); s=c.wrap_socket(s
     assert!(events[2] - events[0] > 300_000_000, "SSE arrived buffered: {events:?}");
     assert!(o.contains("evil-rc=35") || o.contains("evil-rc=56"), "TLS to a host outside the allow-list:\n{o}\n{e}");
     assert!(o.contains("nowhere-rc=6"), "{o}");
+    assert!(o.contains("HTTP/1.1 101 Switching Protocols ping-through-upgrade"), "WebSocket upgrade:\n{o}\n{e}");
     assert!(o.contains("udp-dropped"), "UDP other than DNS is dropped under interception:\n{o}");
     assert!(o.contains("system-bundle=200"), "the CA is in the system bundle:\n{o}\n{e}");
     assert!(o.contains("python TLSv1.3"), "python trusts the sandbox CA through the system bundle:\n{o}\n{e}");
@@ -592,4 +606,80 @@ print("flooded")
     let out = run(&h, &["--image", debian_image(), "--allow-host", "api.test", "--", "sh", "-c", &script]);
     let o = stdout(&out);
     assert!(o.contains("flooded") && o.contains("after=200"), "{o}\n{}", stderr(&out));
+}
+
+#[test]
+fn interception_rules_and_callbacks() {
+    let net = testnet();
+    let h = home();
+    let m = marker("t7");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("hook.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let seen = calls.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut line = String::new();
+            BufReader::new(&conn).read_line(&mut line).unwrap();
+            let call: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let reply = match call["callback_id"].as_str() {
+                Some("cb-before") => serde_json::json!({"request": {"headers": {
+                    "Host": ["other.test"], "X-From-Callback": ["cb"]}}}),
+                // base64("replaced by callback")
+                _ => serde_json::json!({"response": {"set_body_base64": "cmVwbGFjZWQgYnkgY2FsbGJhY2s="}}),
+            };
+            seen.lock().unwrap().push(call);
+            (&conn).write_all(format!("{reply}\n").as_bytes()).unwrap();
+        }
+    });
+    let rules = serde_json::json!({
+        "callback_socket": socket,
+        "rules": [
+            {"name": "add", "hosts": ["api.test"], "set_headers": {"X-Added": "yes"}, "delete_headers": ["X-Remove"],
+             "set_query": {"q": "set"}, "delete_query": ["drop"]},
+            {"name": "rewrite", "path": "/old/*", "rewrite_path": format!("/echo/{m}-rewritten")},
+            {"name": "deny", "path": "/forbidden", "action": "block"},
+            {"name": "inert", "hosts": ["api.test"]},
+            {"name": "resp", "phase": "after", "hosts": ["api.test"], "set_response_headers": {"X-Resp": "1"},
+             "body_replacements": [{"find": "event", "replace": "EVENT"}]},
+            {"name": "cb-before", "hosts": ["other.test"], "callback_id": "cb-before", "timeout_ms": 5000},
+            {"name": "cb-after", "phase": "after", "hosts": ["other.test"], "callback_id": "cb-after"},
+        ]
+    });
+    let rules_file = dir.path().join("rules.json");
+    std::fs::write(&rules_file, rules.to_string()).unwrap();
+    let script = format!(
+        r#"
+wget -S -qO- "http://api.test/echo/{m}?drop=1&keep=2" --header "X-Remove: r" 2>&1; echo
+wget -qO- http://api.test/sse
+wget -qO- http://api.test/old/x >/dev/null; echo "rewrite-rc=$?"
+wget -qO- http://api.test/forbidden; echo "forbidden-rc=$?"
+wget -qO- http://other.test/echo/{m}-cb; echo
+"#
+    );
+    let out =
+        run(&h, &["--image", "busybox", "--network-rules", &rules_file.to_string_lossy(), "--", "sh", "-c", &script]);
+    let o = stdout(&out);
+    assert!(out.status.success(), "{o}\n{}", stderr(&out));
+    let r = &net.requests_with(&format!("/echo/{m}\""))[0];
+    assert_eq!(r["headers"]["x-added"], "yes");
+    assert!(r["headers"].get("x-remove").is_none(), "{r}");
+    assert_eq!(r["query"], "keep=2&q=set");
+    assert!(o.to_lowercase().contains("x-resp: 1"), "after-phase header:\n{o}");
+    let events: Vec<&str> = o.lines().filter(|l| l.starts_with("data: ")).collect();
+    assert_eq!(events.len(), 3, "{o}");
+    assert!(events.iter().all(|l| l.starts_with("data: EVENT ")), "SSE data lines rewritten: {events:?}");
+    assert!(o.contains("rewrite-rc=0") && net.requests_with(&format!("/echo/{m}-rewritten")).len() == 1, "{o}");
+    assert!(o.contains("forbidden-rc=1") && net.requests_with("/forbidden").is_empty(), "{o}");
+    assert!(o.contains("replaced by callback"), "after-phase callback body:\n{o}");
+    let cb = &net.requests_with(&format!("/echo/{m}-cb"))[0];
+    assert_eq!(cb["headers"]["x-from-callback"], "cb", "{cb}");
+    assert!(cb["headers"].get("user-agent").is_none(), "callback headers replace the whole set: {cb}");
+    let calls = calls.lock().unwrap();
+    let before = calls.iter().find(|c| c["callback_id"] == "cb-before").expect("before callback");
+    assert_eq!((before["phase"].as_str(), before["host"].as_str()), (Some("before"), Some("other.test")));
+    assert_eq!(before["path"], format!("/echo/{m}-cb"));
+    let after = calls.iter().find(|c| c["callback_id"] == "cb-after").expect("after callback");
+    assert_eq!(after["status_code"], 200);
 }
