@@ -332,6 +332,9 @@ impl<L: AsyncRead + AsyncWrite + Unpin, H: FlowHandler> Stack<L, H> {
                             }
                             return;
                         }
+                        // Echo is answered for the gateway only: a reply from any other
+                        // address would claim a host is reachable when nothing was sent.
+                        IpProtocol::Icmp if dst_ip != self.config.gateway => return,
                         IpProtocol::Tcp => {
                             if let Ok(tcp) = TcpPacket::new_checked(ip.payload()) {
                                 if tcp.syn() && !tcp.ack() {

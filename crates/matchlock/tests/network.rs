@@ -247,6 +247,8 @@ fn interception_policy_secrets_and_dns() {
 echo "placeholder=$KEY"
 echo "mtu=$(cat /sys/class/net/eth0/mtu)"
 grep nameserver /etc/resolv.conf
+ping -c 1 -W 2 192.168.100.1 >/dev/null && echo gateway-ping=ok
+ping -c 1 -W 1 {OTHER} >/dev/null || echo remote-ping=no-reply
 wget -qO- "http://api.test/echo/{m}-secret?k=$KEY" --header "Authorization: Bearer $KEY"; echo " secret-rc=$?"
 wget -qO- "http://api.test/echo/{m}-split" --header "X-A: ${{KEY%????????????????}}" --header "X-B: ${{KEY#SANDBOX_SECRET_}}"; echo " split-rc=$?"
 wget -qO- http://other.test/echo/{m}; echo "other-rc=$?"
@@ -283,6 +285,7 @@ echo tcp-denied | nc -w 3 {OTHER} 9000; echo "tcp-denied-rc=$?"
     assert!(!o.contains(&value) && !e.contains(&value), "the secret value reached the guest:\n{o}\n{e}");
     assert!(o.contains("mtu=1400"), "{o}");
     assert!(o.contains(&format!("nameserver {DNS}")), "{o}");
+    assert!(o.contains("gateway-ping=ok") && o.contains("remote-ping=no-reply"), "ICMP echo:\n{o}");
     assert!(o.contains(" secret-rc=0") && o.contains(" split-rc=0") && o.contains(" glob-rc=0"), "{o}\n{e}");
     assert!(o.contains("HTTP/1.1 403 Forbidden"), "a name the host resolves to loopback (DNS rebinding):\n{o}");
     assert!(net.requests_with(&format!("{m}-rebind")).is_empty());
