@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use matchlock_protocol::exec::{ExecMode, ExecRequest, GuestMessage, HostMessage};
 use matchlock_protocol::frame::{read_frame, write_frame};
-use matchlock_protocol::{ECHO_PORT, EXEC_PORT, FORWARD_OK, FORWARD_PORT, FORWARD_REFUSED, HOST_CID, READY_PORT};
+use matchlock_protocol::{
+    ECHO_PORT, EXEC_PORT, FORWARD_MAX_CHUNK, FORWARD_OK, FORWARD_PORT, FORWARD_REFUSED, HOST_CID, READY_PORT,
+};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -111,16 +113,33 @@ fn serve_forwards(listener: &VsockListener) {
     }
 }
 
-/// Copies bytes both ways; each direction's end is passed on as a half-close.
+/// Relays a forward: host chunks to the guest socket (an empty chunk is the host's
+/// half-close), guest bytes to host chunks (its EOF becomes an empty chunk).
 fn relay_both_ways(host: VsockStream, guest: std::net::TcpStream) {
     let (Ok(mut host_reader), Ok(mut guest_writer)) = (host.try_clone(), guest.try_clone()) else { return };
     let upstream = thread::spawn(move || {
-        let _ = io::copy(&mut host_reader, &mut guest_writer);
+        let mut len = [0u8; 4];
+        let mut chunk = vec![0u8; FORWARD_MAX_CHUNK];
+        while host_reader.read_exact(&mut len).is_ok() {
+            let n = u32::from_be_bytes(len) as usize;
+            if n == 0 || n > FORWARD_MAX_CHUNK {
+                break;
+            }
+            if host_reader.read_exact(&mut chunk[..n]).is_err() || guest_writer.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+        }
         let _ = guest_writer.shutdown(std::net::Shutdown::Write);
     });
     let (mut guest_reader, mut host_writer) = (guest, host);
-    let _ = io::copy(&mut guest_reader, &mut host_writer);
-    let _ = host_writer.shutdown(std::net::Shutdown::Write);
+    let mut buf = vec![0u8; FORWARD_MAX_CHUNK];
+    loop {
+        let n = guest_reader.read(&mut buf).unwrap_or(0);
+        let header = u32::try_from(n).unwrap_or(0).to_be_bytes();
+        if host_writer.write_all(&header).is_err() || n == 0 || host_writer.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
     let _ = upstream.join();
 }
 

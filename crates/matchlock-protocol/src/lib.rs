@@ -26,12 +26,17 @@ pub const READY_PORT: u32 = 5002;
 pub const ECHO_PORT: u32 = 5003;
 /// Guest port of the port-forward service: the host writes a 2-byte big-endian guest TCP
 /// port, the guest answers one byte ([`FORWARD_OK`] or [`FORWARD_REFUSED`]) and then relays
-/// bytes to and from `127.0.0.1:<port>` in the guest.
+/// to and from `127.0.0.1:<port>` in the guest. After the handshake each direction carries
+/// chunks: a 4-byte big-endian length (at most [`FORWARD_MAX_CHUNK`]) and the bytes; an empty
+/// chunk ends that direction (a TCP half-close), so no socket-level half-close is needed on
+/// vsock (VMMs treat it as a full close).
 pub const FORWARD_PORT: u32 = 5004;
 /// The forward connected.
 pub const FORWARD_OK: u8 = 0;
 /// Nothing listens on that port in the guest.
 pub const FORWARD_REFUSED: u8 = 1;
+/// Largest port-forward chunk.
+pub const FORWARD_MAX_CHUNK: usize = 64 * 1024;
 
 #[cfg(test)]
 mod hostile_input {

@@ -127,8 +127,49 @@ pub async fn allow_list(vm_dir: &Path, add: bool, hosts: &[String]) -> Result<Al
     serde_json::from_str(&line).map_err(|e| SandboxError::Relay(format!("bad allow-list reply from the sandbox: {e}")))
 }
 
-/// Opens a connection to `127.0.0.1:<port>` inside the guest of the sandbox in `vm_dir`.
-pub async fn forward(vm_dir: &Path, port: u16) -> Result<UnixStream, SandboxError> {
+/// Relays `client` to `127.0.0.1:<port>` inside the guest of the sandbox in `vm_dir`, each
+/// direction's end passed on as a half-close (chunked, see [`FORWARD_PORT`]).
+pub async fn forward<S>(vm_dir: &Path, port: u16, client: S) -> Result<(), SandboxError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let guest = open_forward(vm_dir, port).await?;
+    let (mut guest_reader, mut guest_writer) = guest.into_split();
+    let (mut client_reader, mut client_writer) = tokio::io::split(client);
+    let to_guest = async {
+        let mut buf = vec![0u8; matchlock_protocol::FORWARD_MAX_CHUNK];
+        loop {
+            let n = client_reader.read(&mut buf).await.unwrap_or(0);
+            let header = u32::try_from(n).unwrap_or(0).to_be_bytes();
+            if guest_writer.write_all(&header).await.is_err() || n == 0 {
+                break;
+            }
+            if guest_writer.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let to_client = async {
+        let mut chunk = vec![0u8; matchlock_protocol::FORWARD_MAX_CHUNK];
+        loop {
+            let Ok(n) = guest_reader.read_u32().await else { break };
+            let n = n as usize;
+            if n == 0 || n > chunk.len() {
+                break;
+            }
+            if guest_reader.read_exact(&mut chunk[..n]).await.is_err()
+                || client_writer.write_all(&chunk[..n]).await.is_err()
+            {
+                break;
+            }
+        }
+        let _ = client_writer.shutdown().await;
+    };
+    tokio::join!(to_guest, to_client);
+    Ok(())
+}
+
+async fn open_forward(vm_dir: &Path, port: u16) -> Result<UnixStream, SandboxError> {
     let mut stream = connect(vm_dir, FORWARD_PORT).await?;
     let failed = |e: std::io::Error| SandboxError::Relay(format!("port forward to sandbox port {port} failed: {e}"));
     stream.write_all(&port.to_be_bytes()).await.map_err(failed)?;

@@ -56,15 +56,12 @@ pub fn start(vm_dir: &Path, listeners: Vec<(TcpListener, Binding)>) -> Forwardin
         eprintln!("Forwarding {}:{} -> sandbox:{}", binding.local.ip(), binding.local.port(), binding.remote);
         let dir: PathBuf = vm_dir.to_owned();
         tasks.push(tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 let dir = dir.clone();
                 tokio::spawn(async move {
                     let _ = client.set_nodelay(true);
-                    match matchlock_sandbox::relay::forward(&dir, binding.remote).await {
-                        Ok(mut guest) => {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut guest).await;
-                        }
-                        Err(e) => eprintln!("matchlock: {e}"),
+                    if let Err(e) = matchlock_sandbox::relay::forward(&dir, binding.remote, client).await {
+                        eprintln!("matchlock: {e}");
                     }
                 });
             }

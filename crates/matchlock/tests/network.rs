@@ -503,6 +503,14 @@ fn plain_egress_port_forwards_and_no_network() {
         assert!(got == expected, "bytes changed on the way");
     };
     echo_through(publish);
+    // Half-close: the client ends its side; the guest still answers everything, then ends.
+    let mut s = TcpStream::connect(("127.0.0.1", publish)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"half-closed request").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).expect("EOF after the echo");
+    assert_eq!(answer, b"half-closed request");
     let mut pf = cmd(&h)
         .args(["port-forward", &id, &format!("{forward}:8080")])
         .stdout(Stdio::null())
