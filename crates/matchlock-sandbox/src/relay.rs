@@ -151,8 +151,7 @@ where
     };
     let to_client = async {
         let mut chunk = vec![0u8; matchlock_protocol::FORWARD_MAX_CHUNK];
-        loop {
-            let Ok(n) = guest_reader.read_u32().await else { break };
+        while let Ok(n) = guest_reader.read_u32().await {
             let n = n as usize;
             if n == 0 || n > chunk.len() {
                 break;
