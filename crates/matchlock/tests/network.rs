@@ -87,8 +87,11 @@ fn testnet() -> &'static TestNet {
         must(&["ip", "-n", NAMESPACE, "link", "set", "eth0", "up"]);
         must(&["ip", "-n", NAMESPACE, "link", "set", "lo", "up"]);
         // Test CA and a server certificate for every test name.
-        std::fs::write(d.join("ext.cnf"), "subjectAltName=DNS:api.test,DNS:other.test,DNS:*.glob.test,DNS:evil.test\n")
-            .unwrap();
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=DNS:api.test,DNS:other.test,DNS:*.glob.test,DNS:evil.test,DNS:h2.test\n",
+        )
+        .unwrap();
         let p = |f: &str| d.join(f).to_string_lossy().into_owned();
         must(&[
             "openssl",
@@ -154,6 +157,7 @@ fn testnet() -> &'static TestNet {
                 &format!("--address=/other.test/{OTHER}"),
                 &format!("--address=/glob.test/{GLOB}"),
                 &format!("--address=/evil.test/{OTHER}"),
+                "--address=/h2.test/198.51.100.1",
                 // DNS rebinding: allowed names that resolve to addresses the guest must not reach.
                 "--address=/rebind.test/127.0.0.1",
                 "--address=/metadata.test/169.254.169.254",
@@ -180,8 +184,44 @@ fn testnet() -> &'static TestNet {
             assert!(Instant::now() < deadline, "test hosts did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
+        start_h2_server(&d.join("server.pem"), &d.join("server.key"));
         TestNet { dir, _servers: vec![dns, servers] }
     })
+}
+
+/// An HTTP/2-only TLS server (hyper) on the host side of the veth, 198.51.100.1:443, as
+/// `h2.test`: it answers with the protocol, authority and path it received.
+fn start_h2_server(cert: &Path, key: &Path) {
+    use rustls_pki_types::pem::PemObject;
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(cert).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+    let mut config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("198.51.100.1:443").expect("bind the HTTP/2 test server");
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        let authority = req.uri().authority().map(ToString::to_string).unwrap_or_default();
+                        let body = format!("proto={:?} authority={authority} path={}", req.version(), req.uri().path());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+    });
 }
 
 impl TestNet {
@@ -323,6 +363,7 @@ curl -sS -w "\nver=%{{http_version}}\n" "https://api.test/echo/{m}?k=$KEY"
 curl -sS --http1.1 -o /dev/null -w "h1=%{{http_version}}\n" https://api.test/echo/{m}-h1
 curl -sS -w "\nsmuggle=%{{http_code}}\n" https://api.test/echo/{m}-smuggle -H "Host: other.test"
 curl -sSN https://api.test/sse | while read -r line; do [ -n "$line" ] && echo "$(date +%s%N) $line"; done
+curl -sS --http1.1 https://h2.test/h2check; echo
 curl -sS --resolve evil.test:443:{OTHER} https://evil.test/echo/{m}; echo "evil-rc=$?"
 curl -sS https://nowhere.test/; echo "nowhere-rc=$?"
 python3 -c 'import socket; s=socket.socket(2, 2); s.settimeout(2); s.sendto(b"udp", ("{API}", 9001)); print(s.recv(64))' 2>/dev/null || echo udp-dropped
@@ -350,7 +391,7 @@ python3 -c 'import socket,ssl; c=ssl.create_default_context(); s=c.wrap_socket(s
             "--image",
             debian_image(),
             "--allow-host",
-            "api.test,other.test",
+            "api.test,other.test,h2.test",
             "--secret",
             &format!("KEY=v-{m}@api.test"),
             "--",
@@ -363,6 +404,10 @@ python3 -c 'import socket,ssl; c=ssl.create_default_context(); s=c.wrap_socket(s
     assert!(out.status.success(), "stdout:\n{o}\nstderr:\n{e}");
     assert!(o.contains("ver=2"), "HTTP/2 to the guest by ALPN:\n{o}\n{e}");
     assert!(o.contains("h1=1.1"), "{o}");
+    assert!(
+        o.contains("proto=HTTP/2.0 authority=h2.test path=/h2check"),
+        "HTTP/2 upstream for an HTTP/1.1 guest:\n{o}\n{e}"
+    );
     assert!(o.contains("Blocked by policy\nsmuggle=403"), "Host header differing from SNI:\n{o}");
     let events: Vec<u128> = o
         .lines()
