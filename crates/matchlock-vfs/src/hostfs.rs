@@ -1,0 +1,307 @@
+//! A host directory served to the guest, confined to it.
+//!
+//! Every access starts from the root directory's descriptor and resolves with `openat2`
+//! `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`: `..`, absolute symlinks and symlinks that lead
+//! outside fail in the kernel, at use time, so swapping a symlink in between a check and a use
+//! gains nothing. Operations on a final component work on a descriptor of its parent (opened
+//! the same way) and never follow a symlink there. Modes lose setuid/setgid bits; only
+//! regular files and directories can be opened (no device nodes, no FIFOs).
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+
+use crate::wire::{DirEntry, Stat};
+
+/// Permission bits a guest may set (no setuid, setgid).
+const ALLOWED_MODE: u32 = 0o1777;
+
+fn resolve() -> ResolveFlags {
+    ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS
+}
+
+/// Inode numbers the guest sees: FNV-1a 64 of (dev, ino), never 0 or 1.
+pub fn inode_number(dev: u64, ino: u64) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in dev.to_le_bytes().iter().chain(ino.to_le_bytes().iter()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    if hash < 2 {
+        hash + 2
+    } else {
+        hash
+    }
+}
+
+fn to_stat(st: &rfs::Stat) -> Stat {
+    let kind = FileType::from_raw_mode(st.st_mode);
+    Stat {
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        mode: st.st_mode,
+        mtime: st.st_mtime,
+        is_dir: kind == FileType::Directory,
+        ino: Some(inode_number(st.st_dev, st.st_ino)),
+    }
+}
+
+/// A provider over a host directory.
+#[derive(Debug)]
+pub struct HostFs {
+    root: OwnedFd,
+    read_only: bool,
+}
+
+impl HostFs {
+    /// Serves `root` (a directory), read-only or not.
+    pub fn new(root: &Path, read_only: bool) -> Result<Self, Errno> {
+        let root = rfs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        Ok(Self { root, read_only })
+    }
+
+    fn writable(&self) -> Result<(), Errno> {
+        if self.read_only {
+            Err(Errno::ROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `rel` split into a descriptor of its parent and its last component.
+    fn parent(&self, rel: &str) -> Result<(OwnedFd, String), Errno> {
+        let (dir, name) = match rel.rsplit_once('/') {
+            Some((dir, name)) => (dir, name),
+            None => ("", rel),
+        };
+        if name.is_empty() {
+            return Err(Errno::INVAL);
+        }
+        let dir = if dir.is_empty() { "." } else { dir };
+        let fd = rfs::openat2(
+            &self.root,
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve(),
+        )?;
+        Ok((fd, name.to_owned()))
+    }
+
+    fn path_fd(&self, rel: &str) -> Result<OwnedFd, Errno> {
+        let rel = if rel.is_empty() { "." } else { rel };
+        rfs::openat2(&self.root, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), resolve())
+    }
+
+    /// Attributes (symlinks inside the root are followed).
+    pub fn stat(&self, rel: &str) -> Result<Stat, Errno> {
+        Ok(to_stat(&rfs::fstat(self.path_fd(rel)?)?))
+    }
+
+    /// Opens (with `O_CREAT`, creates) a regular file or directory.
+    pub fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno> {
+        let writes = flags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::CREATE | OFlags::TRUNC | OFlags::APPEND);
+        if writes {
+            self.writable()?;
+        }
+        let keep = OFlags::RDONLY
+            | OFlags::WRONLY
+            | OFlags::RDWR
+            | OFlags::CREATE
+            | OFlags::EXCL
+            | OFlags::TRUNC
+            | OFlags::APPEND
+            | OFlags::DIRECTORY;
+        let flags = (flags & keep) | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+        let rel = if rel.is_empty() { "." } else { rel };
+        let fd = rfs::openat2(&self.root, rel, flags, Mode::from_raw_mode(mode & 0o777), resolve())?;
+        let kind = FileType::from_raw_mode(rfs::fstat(&fd)?.st_mode);
+        if kind != FileType::RegularFile && kind != FileType::Directory {
+            return Err(Errno::ACCESS);
+        }
+        rfs::fcntl_setfl(&fd, rfs::fcntl_getfl(&fd)? - OFlags::NONBLOCK)?;
+        Ok(File::from(fd))
+    }
+
+    /// Makes a directory.
+    pub fn mkdir(&self, rel: &str, mode: u32) -> Result<(), Errno> {
+        self.writable()?;
+        let (dir, name) = self.parent(rel)?;
+        rfs::mkdirat(&dir, name.as_str(), Mode::from_raw_mode(mode & 0o777))
+    }
+
+    /// Removes a file (or, with `dir`, an empty directory).
+    pub fn remove(&self, rel: &str, dir: bool) -> Result<(), Errno> {
+        self.writable()?;
+        let (parent, name) = self.parent(rel)?;
+        rfs::unlinkat(&parent, name.as_str(), if dir { AtFlags::REMOVEDIR } else { AtFlags::empty() })
+    }
+
+    /// Renames, replacing the target.
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), Errno> {
+        self.writable()?;
+        let (from_dir, from_name) = self.parent(from)?;
+        let (to_dir, to_name) = self.parent(to)?;
+        rfs::renameat(&from_dir, from_name.as_str(), &to_dir, to_name.as_str())
+    }
+
+    /// Lists a directory.
+    pub fn readdir(&self, rel: &str) -> Result<Vec<DirEntry>, Errno> {
+        let rel = if rel.is_empty() { "." } else { rel };
+        let fd = rfs::openat2(
+            &self.root,
+            rel,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve(),
+        )?;
+        let mut entries = Vec::new();
+        for entry in rfs::Dir::read_from(&fd)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == "." || name == ".." {
+                continue;
+            }
+            let Ok(st) = rfs::statat(&fd, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW) else { continue };
+            let stat = to_stat(&st);
+            entries.push(DirEntry { name, is_dir: stat.is_dir, mode: stat.mode, size: stat.size, ino: stat.ino });
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    /// Changes permission bits (never setuid/setgid).
+    pub fn chmod(&self, rel: &str, mode: u32) -> Result<(), Errno> {
+        self.writable()?;
+        let rel = if rel.is_empty() { "." } else { rel };
+        let fd = rfs::openat2(
+            &self.root,
+            rel,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+            resolve(),
+        )?;
+        rfs::fchmod(&fd, Mode::from_raw_mode(mode & ALLOWED_MODE))
+    }
+
+    /// Sets a regular file's size.
+    pub fn truncate(&self, rel: &str, size: u64) -> Result<(), Errno> {
+        let file = self.open(rel, OFlags::WRONLY, 0)?;
+        rfs::ftruncate(file.as_fd(), size)
+    }
+
+    /// Creates a symlink at `rel` with `target` as its contents.
+    pub fn symlink(&self, target: &str, rel: &str) -> Result<(), Errno> {
+        self.writable()?;
+        let (dir, name) = self.parent(rel)?;
+        rfs::symlinkat(target, &dir, name.as_str())
+    }
+
+    /// A symlink's contents.
+    pub fn readlink(&self, rel: &str) -> Result<String, Errno> {
+        let (dir, name) = self.parent(rel)?;
+        Ok(rfs::readlinkat(&dir, name.as_str(), Vec::new())?.to_string_lossy().into_owned())
+    }
+
+    /// Hard-links `from` (inside the root) to `to`.
+    pub fn link(&self, from: &str, to: &str) -> Result<(), Errno> {
+        self.writable()?;
+        let (from_dir, from_name) = self.parent(from)?;
+        let (to_dir, to_name) = self.parent(to)?;
+        rfs::linkat(&from_dir, from_name.as_str(), &to_dir, to_name.as_str(), AtFlags::empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, HostFs) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("root")).unwrap();
+        std::fs::write(dir.path().join("secret.txt"), "outside").unwrap();
+        std::fs::write(dir.path().join("root/inside.txt"), "inside").unwrap();
+        let fs = HostFs::new(&dir.path().join("root"), false).unwrap();
+        (dir, fs)
+    }
+
+    #[test]
+    fn reads_writes_and_renames_inside() {
+        let (dir, fs) = setup();
+        let mut f = fs.open("new.txt", OFlags::CREATE | OFlags::WRONLY, 0o6755).unwrap();
+        f.write_all(b"hello").unwrap();
+        drop(f);
+        let mode = std::fs::metadata(dir.path().join("root/new.txt")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755, "setuid/setgid are never created");
+        fs.mkdir("d", 0o755).unwrap();
+        fs.rename("new.txt", "d/moved.txt").unwrap();
+        let mut s = String::new();
+        fs.open("d/moved.txt", OFlags::RDONLY, 0).unwrap().read_to_string(&mut s).unwrap();
+        assert_eq!(s, "hello");
+        let names: Vec<String> = fs.readdir("").unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["d", "inside.txt"]);
+        fs.truncate("d/moved.txt", 2).unwrap();
+        assert_eq!(fs.stat("d/moved.txt").unwrap().size, 2);
+        fs.chmod("d/moved.txt", 0o4777).unwrap();
+        assert_eq!(fs.stat("d/moved.txt").unwrap().mode & 0o7777, 0o777);
+        fs.link("d/moved.txt", "hard").unwrap();
+        fs.remove("d/moved.txt", false).unwrap();
+        fs.remove("d", true).unwrap();
+        assert_eq!(fs.stat("hard").unwrap().size, 2);
+    }
+
+    #[test]
+    fn nothing_outside_the_root_is_reachable() {
+        let (dir, fs) = setup();
+        let outside = dir.path().join("secret.txt");
+        std::os::unix::fs::symlink(&outside, dir.path().join("root/abs")).unwrap();
+        std::os::unix::fs::symlink("../secret.txt", dir.path().join("root/rel")).unwrap();
+        std::os::unix::fs::symlink("..", dir.path().join("root/up")).unwrap();
+        for path in ["../secret.txt", "abs", "rel", "up/secret.txt", "up"] {
+            assert!(fs.open(path, OFlags::RDONLY, 0).is_err(), "{path} opened");
+            assert!(fs.stat(path).is_err(), "{path} stat");
+            assert!(fs.open(path, OFlags::WRONLY | OFlags::TRUNC, 0).is_err(), "{path} opened for writing");
+        }
+        assert!(fs.chmod("abs", 0o777).is_err());
+        assert!(fs.truncate("rel", 0).is_err());
+        assert!(fs.readdir("up").is_err());
+        assert!(fs.mkdir("up/escaped", 0o755).is_err());
+        assert!(fs.rename("inside.txt", "up/stolen").is_err());
+        assert!(fs.link("up/secret.txt", "linked").is_err());
+        // Renaming a symlink over a directory the guest uses does not redirect later access.
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "outside");
+        assert!(!dir.path().join("escaped").exists() && !dir.path().join("stolen").exists());
+        // Creating a symlink is allowed (its target is just text); following it out is not.
+        fs.symlink("/etc/passwd", "to-passwd").unwrap();
+        assert_eq!(fs.readlink("to-passwd").unwrap(), "/etc/passwd");
+        assert!(fs.open("to-passwd", OFlags::RDONLY, 0).is_err());
+    }
+
+    #[test]
+    fn read_only_and_special_files() {
+        let (dir, _) = setup();
+        let fs = HostFs::new(&dir.path().join("root"), true).unwrap();
+        assert_eq!(fs.open("inside.txt", OFlags::WRONLY, 0).unwrap_err(), Errno::ROFS);
+        assert_eq!(fs.mkdir("x", 0o755).unwrap_err(), Errno::ROFS);
+        assert_eq!(fs.remove("inside.txt", false).unwrap_err(), Errno::ROFS);
+        assert!(fs.open("inside.txt", OFlags::RDONLY, 0).is_ok());
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.path().join("root/fifo"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o666),
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            fs.open("fifo", OFlags::RDONLY, 0).unwrap_err(),
+            Errno::ACCESS,
+            "FIFOs are not opened (or waited on)"
+        );
+    }
+}

@@ -1,0 +1,304 @@
+//! The host side of the workspace file system (reference §3.5 and §5): guest requests name
+//! absolute guest paths; the [`Router`] picks the mount with the longest prefix and hands its
+//! provider a path relative to the mount; [`serve`] answers one guest connection.
+//!
+//! Status: host side only (providers `host_fs` and `readonly`, router, wire protocol, server);
+//! the guest FUSE daemon, the `memory` and `overlay` providers and the `-v` wiring come next.
+#![forbid(unsafe_code)]
+
+pub mod hostfs;
+pub mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+
+use rustix::fs::OFlags;
+use rustix::io::Errno;
+
+pub use hostfs::HostFs;
+use wire::{DirEntry, Op, Request, Response, Stat, WireError};
+
+/// Most handles one guest connection may hold open.
+pub const MAX_HANDLES: usize = 4096;
+
+/// Where a guest path leads.
+enum Route<'a> {
+    /// Into a mount: the provider and the path relative to its root (`""` for the root).
+    Mount(&'a HostFs, String),
+    /// A directory that exists only because mounts lie beneath it.
+    Synthetic(Vec<String>),
+}
+
+/// Mounts by guest path.
+#[derive(Debug, Default)]
+pub struct Router {
+    mounts: BTreeMap<String, HostFs>,
+}
+
+/// Normalizes an absolute guest path: no `.`/`..`/empty components, no NUL.
+pub fn clean_path(path: &str) -> Result<String, Errno> {
+    if !path.starts_with('/') || path.contains('\0') {
+        return Err(Errno::INVAL);
+    }
+    let mut parts = Vec::new();
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        if part == "." || part == ".." {
+            return Err(Errno::ACCESS);
+        }
+        parts.push(part);
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+impl Router {
+    /// Adds a mount at an absolute guest path.
+    pub fn mount(&mut self, guest_path: &str, provider: HostFs) -> Result<(), Errno> {
+        self.mounts.insert(clean_path(guest_path)?, provider);
+        Ok(())
+    }
+
+    fn route(&self, path: &str) -> Result<Route<'_>, Errno> {
+        let path = clean_path(path)?;
+        let best = self
+            .mounts
+            .iter()
+            .filter(|(mount, _)| path == **mount || mount.as_str() == "/" || path.starts_with(&format!("{mount}/")))
+            .max_by_key(|(mount, _)| mount.len());
+        if let Some((mount, provider)) = best {
+            let rel = path[mount.len()..].trim_start_matches('/').to_owned();
+            return Ok(Route::Mount(provider, rel));
+        }
+        let prefix = if path == "/" { "/".to_owned() } else { format!("{path}/") };
+        let mut children: Vec<String> = self
+            .mounts
+            .keys()
+            .filter_map(|m| m.strip_prefix(&prefix))
+            .map(|rest| rest.split('/').next().unwrap_or(rest).to_owned())
+            .collect();
+        if children.is_empty() {
+            return Err(Errno::NOENT);
+        }
+        children.dedup();
+        Ok(Route::Synthetic(children))
+    }
+}
+
+/// The attributes of a synthesized directory.
+fn synthetic_dir(path: &str) -> Stat {
+    let hash = path.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    Stat { size: 4096, mode: 0o040_755, mtime: 0, is_dir: true, ino: Some(hash.max(2)) }
+}
+
+/// Answers requests on one guest connection until it closes.
+pub fn serve(stream: &mut (impl Read + Write), router: &Router) -> Result<(), WireError> {
+    let mut handles: HashMap<u64, File> = HashMap::new();
+    let mut next_handle = 1u64;
+    while let Some(request) = wire::read_message::<Request>(stream)? {
+        let response = handle(router, &mut handles, &mut next_handle, &request)
+            .unwrap_or_else(|e| Response::error(e.raw_os_error()));
+        wire::write_message(stream, &response)?;
+    }
+    Ok(())
+}
+
+fn handle(router: &Router, handles: &mut HashMap<u64, File>, next: &mut u64, req: &Request) -> Result<Response, Errno> {
+    let op = Op::from_code(req.op).ok_or(Errno::NOSYS)?;
+    let ok = Response::default;
+    // Handle operations do not look at paths.
+    match op {
+        Op::Read => {
+            let file = handles.get(&req.fh).ok_or(Errno::BADF)?;
+            let size = req.sz.min(wire::MAX_IO) as usize;
+            let mut data = vec![0u8; size];
+            let offset = u64::try_from(req.off).map_err(|_| Errno::INVAL)?;
+            let n = file.read_at(&mut data, offset).map_err(|e| io_errno(&e))?;
+            data.truncate(n);
+            return Ok(Response { data, ..ok() });
+        }
+        Op::Write => {
+            let file = handles.get(&req.fh).ok_or(Errno::BADF)?;
+            let offset = u64::try_from(req.off).map_err(|_| Errno::INVAL)?;
+            file.write_all_at(&req.data, offset).map_err(|e| io_errno(&e))?;
+            return Ok(Response { written: u32::try_from(req.data.len()).unwrap_or(u32::MAX), ..ok() });
+        }
+        Op::Release => {
+            handles.remove(&req.fh).ok_or(Errno::BADF)?;
+            return Ok(ok());
+        }
+        Op::Fsync => {
+            handles.get(&req.fh).ok_or(Errno::BADF)?.sync_all().map_err(|e| io_errno(&e))?;
+            return Ok(ok());
+        }
+        _ => {}
+    }
+    let route = router.route(&req.path)?;
+    let (fs, rel) = match route {
+        Route::Synthetic(children) => {
+            return match op {
+                Op::Lookup | Op::Getattr => Ok(Response { stat: Some(synthetic_dir(&req.path)), ..ok() }),
+                Op::Readdir => Ok(Response {
+                    entries: children
+                        .into_iter()
+                        .map(|name| DirEntry { name, is_dir: true, mode: 0o040_755, size: 4096, ino: None })
+                        .collect(),
+                    ..ok()
+                }),
+                _ => Err(Errno::ACCESS),
+            };
+        }
+        Route::Mount(fs, rel) => (fs, rel),
+    };
+    let second = || -> Result<String, Errno> {
+        match router.route(&req.new_path)? {
+            Route::Mount(other, rel) if std::ptr::eq(other, fs) => Ok(rel),
+            Route::Mount(..) => Err(Errno::XDEV),
+            Route::Synthetic(_) => Err(Errno::ACCESS),
+        }
+    };
+    let mut open = |flags: OFlags, mode: u32| -> Result<Response, Errno> {
+        if handles.len() >= MAX_HANDLES {
+            return Err(Errno::MFILE);
+        }
+        let file = fs.open(&rel, flags, mode)?;
+        let stat = fs.stat(&rel)?;
+        let fh = *next;
+        *next += 1;
+        handles.insert(fh, file);
+        Ok(Response { fh, stat: Some(stat), ..ok() })
+    };
+    match op {
+        Op::Lookup | Op::Getattr => Ok(Response { stat: Some(fs.stat(&rel)?), ..ok() }),
+        Op::Setattr => {
+            fs.chmod(&rel, req.mode)?;
+            Ok(Response { stat: Some(fs.stat(&rel)?), ..ok() })
+        }
+        Op::Open => open(OFlags::from_bits_retain(req.flags) - OFlags::CREATE, req.mode),
+        Op::Create => open(OFlags::from_bits_retain(req.flags) | OFlags::CREATE, req.mode),
+        Op::Mkdir => {
+            fs.mkdir(&rel, req.mode)?;
+            Ok(Response { stat: Some(fs.stat(&rel)?), ..ok() })
+        }
+        Op::MkdirAll => {
+            let mut prefix = String::new();
+            for part in rel.split('/').filter(|p| !p.is_empty()) {
+                prefix = if prefix.is_empty() { part.to_owned() } else { format!("{prefix}/{part}") };
+                match fs.mkdir(&prefix, req.mode) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(ok())
+        }
+        Op::Unlink => fs.remove(&rel, false).map(|()| ok()),
+        Op::Rmdir => fs.remove(&rel, true).map(|()| ok()),
+        Op::Rename => fs.rename(&rel, &second()?).map(|()| ok()),
+        Op::Link => fs.link(&rel, &second()?).map(|()| ok()),
+        Op::Readdir => Ok(Response { entries: fs.readdir(&rel)?, ..ok() }),
+        Op::Truncate => {
+            fs.truncate(&rel, u64::try_from(req.off).map_err(|_| Errno::INVAL)?)?;
+            Ok(ok())
+        }
+        Op::Symlink => {
+            // `path` is where the link goes; `new_path` carries the target text.
+            fs.symlink(&req.new_path, &rel)?;
+            Ok(ok())
+        }
+        Op::Readlink => Ok(Response { data: fs.readlink(&rel)?.into_bytes(), ..ok() }),
+        Op::Read | Op::Write | Op::Release | Op::Fsync => Err(Errno::BADF),
+    }
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Pipe {
+        input: std::io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl Read for Pipe {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Pipe {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.output.write(buf)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn exchange(router: &Router, requests: &[Request]) -> Vec<Response> {
+        let mut input = Vec::new();
+        for r in requests {
+            wire::write_message(&mut input, r).unwrap();
+        }
+        let mut pipe = Pipe { input: std::io::Cursor::new(input), output: Vec::new() };
+        serve(&mut pipe, router).unwrap();
+        let mut out = pipe.output.as_slice();
+        std::iter::from_fn(|| wire::read_message::<Response>(&mut out).unwrap()).collect()
+    }
+
+    fn req(op: Op, path: &str) -> Request {
+        Request { op: op as u8, path: path.into(), ..Request::default() }
+    }
+
+    #[test]
+    fn routes_by_longest_prefix_with_synthesized_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["src", "data"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        std::fs::write(dir.path().join("data/f"), "data").unwrap();
+        let mut router = Router::default();
+        router.mount("/workspace/src", HostFs::new(&dir.path().join("src"), false).unwrap()).unwrap();
+        router.mount("/workspace/deep/data", HostFs::new(&dir.path().join("data"), true).unwrap()).unwrap();
+        let create = Request { flags: OFlags::WRONLY.bits(), mode: 0o644, ..req(Op::Create, "/workspace/src/a.txt") };
+        let responses = exchange(
+            &router,
+            &[
+                create,
+                Request { fh: 1, data: b"written".to_vec(), ..req(Op::Write, "") },
+                req(Op::Release, ""),
+                Request { fh: 1, ..req(Op::Release, "") },
+                req(Op::Readdir, "/workspace"),
+                req(Op::Getattr, "/workspace/deep"),
+                req(Op::Getattr, "/workspace/deep/data/f"),
+                Request { flags: OFlags::WRONLY.bits(), ..req(Op::Open, "/workspace/deep/data/f") },
+                req(Op::Getattr, "/workspace/nothing"),
+                req(Op::Getattr, "/workspace/src/../../etc"),
+                Request { new_path: "/workspace/deep/data/moved".into(), ..req(Op::Rename, "/workspace/src/a.txt") },
+                Request { op: 200, ..Request::default() },
+            ],
+        );
+        assert_eq!(responses[0].err, 0);
+        assert_eq!(responses[1].written, 7);
+        assert_eq!(responses[2].err, -libc_errno(Errno::BADF), "handle 0 was never opened");
+        assert_eq!(responses[3].err, 0);
+        let names: Vec<&str> = responses[4].entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["deep", "src"]);
+        assert!(responses[5].stat.as_ref().unwrap().is_dir);
+        assert_eq!(responses[6].stat.as_ref().unwrap().size, 4);
+        assert_eq!(responses[7].err, -libc_errno(Errno::ROFS));
+        assert_eq!(responses[8].err, -libc_errno(Errno::NOENT));
+        assert_eq!(responses[9].err, -libc_errno(Errno::ACCESS));
+        assert_eq!(responses[10].err, -libc_errno(Errno::XDEV), "no rename across mounts");
+        assert_eq!(responses[11].err, -libc_errno(Errno::NOSYS));
+        assert_eq!(std::fs::read_to_string(dir.path().join("src/a.txt")).unwrap(), "written");
+    }
+
+    fn libc_errno(e: Errno) -> i32 {
+        e.raw_os_error()
+    }
+}

@@ -1,0 +1,224 @@
+//! The VFS wire protocol (reference §3.5): each message is a 4-byte big-endian length and a
+//! CBOR map. Requests carry absolute guest paths; responses carry a negative errno or data.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Largest message accepted in either direction (a write of 1 MiB plus the envelope).
+pub const MAX_MESSAGE: usize = 1024 * 1024 + 4096;
+/// Largest read or write a request may ask for.
+pub const MAX_IO: u32 = 1024 * 1024;
+
+/// Operation codes (reference order, then matchlock's additions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    /// Stat a path (same as getattr).
+    Lookup = 0,
+    /// Stat a path.
+    Getattr = 1,
+    /// Change the mode (`mode`) of a path.
+    Setattr = 2,
+    /// Read `sz` bytes at `off` from handle `fh`.
+    Read = 3,
+    /// Write `data` at `off` to handle `fh`.
+    Write = 4,
+    /// Create (or truncate) a file; returns a handle and its stat.
+    Create = 5,
+    /// Make a directory.
+    Mkdir = 6,
+    /// Remove a file.
+    Unlink = 7,
+    /// Remove an empty directory.
+    Rmdir = 8,
+    /// Rename `path` to `new_path`, replacing it.
+    Rename = 9,
+    /// Open a file with `flags`; returns a handle.
+    Open = 10,
+    /// Close a handle.
+    Release = 11,
+    /// List a directory.
+    Readdir = 12,
+    /// Flush a handle to stable storage.
+    Fsync = 13,
+    /// Make a directory and its parents.
+    MkdirAll = 14,
+    /// Set a file's size to `off`.
+    Truncate = 15,
+    /// Create a symlink at `new_path` pointing to `path`... (reference: unsupported)
+    Symlink = 16,
+    /// Read a symlink.
+    Readlink = 17,
+    /// Hard-link `path` to `new_path`.
+    Link = 18,
+}
+
+impl Op {
+    /// The op for a wire code.
+    pub fn from_code(code: u8) -> Option<Self> {
+        use Op::*;
+        [
+            Lookup, Getattr, Setattr, Read, Write, Create, Mkdir, Unlink, Rmdir, Rename, Open, Release, Readdir, Fsync,
+            MkdirAll, Truncate, Symlink, Readlink, Link,
+        ]
+        .get(usize::from(code))
+        .copied()
+    }
+}
+
+/// A request from the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Request {
+    /// [`Op`] code.
+    pub op: u8,
+    /// Absolute guest path.
+    pub path: String,
+    /// Second path (rename, link).
+    pub new_path: String,
+    /// Handle.
+    pub fh: u64,
+    /// Offset (read, write) or size (truncate).
+    pub off: i64,
+    /// Size to read.
+    pub sz: u32,
+    /// Bytes to write.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+    /// `open(2)` flags.
+    pub flags: u32,
+    /// Mode bits.
+    pub mode: u32,
+    /// Caller's uid.
+    pub uid: u32,
+    /// Caller's gid.
+    pub gid: u32,
+}
+
+/// File attributes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Stat {
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits (and file type bits).
+    pub mode: u32,
+    /// Modification time, Unix seconds.
+    pub mtime: i64,
+    /// Whether it is a directory.
+    pub is_dir: bool,
+    /// Stable inode number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ino: Option<u64>,
+}
+
+/// A directory entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DirEntry {
+    /// File name.
+    pub name: String,
+    /// Whether it is a directory.
+    pub is_dir: bool,
+    /// Mode bits.
+    pub mode: u32,
+    /// Size.
+    pub size: u64,
+    /// Stable inode number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ino: Option<u64>,
+}
+
+/// A response to the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Response {
+    /// 0, or a negative errno.
+    pub err: i32,
+    /// Attributes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stat: Option<Stat>,
+    /// Bytes read.
+    #[serde(with = "serde_bytes", skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<u8>,
+    /// Bytes written.
+    pub written: u32,
+    /// Handle.
+    pub fh: u64,
+    /// Directory entries.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<DirEntry>,
+}
+
+impl Response {
+    /// A failure with `errno` (positive).
+    pub fn error(errno: i32) -> Self {
+        Self { err: -errno, ..Self::default() }
+    }
+}
+
+/// Errors on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The peer went away or the socket failed.
+    #[error("VFS connection failed")]
+    Io(#[from] std::io::Error),
+    /// A message claims more than [`MAX_MESSAGE`] bytes.
+    #[error("VFS message of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// A message is not valid CBOR of the expected shape.
+    #[error("malformed VFS message: {0}")]
+    Malformed(String),
+}
+
+/// Reads one message; `None` at a clean end of stream.
+pub fn read_message<T: serde::de::DeserializeOwned>(reader: &mut impl Read) -> Result<Option<T>, WireError> {
+    let mut len = [0u8; 4];
+    match reader.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body)?;
+    ciborium::from_reader(body.as_slice()).map(Some).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+/// Writes one message.
+pub fn write_message(writer: &mut impl Write, message: &impl Serialize) -> Result<(), WireError> {
+    let mut body = Vec::new();
+    ciborium::into_writer(message, &mut body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if body.len() > MAX_MESSAGE {
+        return Err(WireError::TooLarge(body.len()));
+    }
+    let len = u32::try_from(body.len()).map_err(|_| WireError::TooLarge(body.len()))?;
+    writer.write_all(&len.to_be_bytes())?;
+    writer.write_all(&body)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_bounds() {
+        let request =
+            Request { op: Op::Write as u8, path: "/workspace/a".into(), data: vec![1, 2, 3], ..Request::default() };
+        let mut buf = Vec::new();
+        write_message(&mut buf, &request).unwrap();
+        assert_eq!(read_message::<Request>(&mut buf.as_slice()).unwrap(), Some(request));
+        assert!(read_message::<Request>(&mut &[][..]).unwrap().is_none());
+        let huge = (MAX_MESSAGE as u32 + 1).to_be_bytes();
+        assert!(matches!(read_message::<Request>(&mut &huge[..]), Err(WireError::TooLarge(_))));
+        let garbage = [0, 0, 0, 3, 0xff, 0xff, 0xff];
+        assert!(matches!(read_message::<Request>(&mut &garbage[..]), Err(WireError::Malformed(_))));
+        assert_eq!(Op::from_code(18), Some(Op::Link));
+        assert_eq!(Op::from_code(19), None);
+    }
+}
