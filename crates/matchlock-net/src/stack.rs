@@ -536,3 +536,90 @@ impl<L: AsyncRead + AsyncWrite + Unpin, H: FlowHandler> Stack<L, H> {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl FlowHandler for Counting {
+        fn accept_tcp(&self, _: SocketAddrV4) -> bool {
+            true
+        }
+        fn tcp(&self, _: SocketAddrV4, _: SocketAddrV4, _: DuplexStream) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        fn udp(&self, _: SocketAddrV4, _: SocketAddrV4, _: Vec<u8>, _: UdpReply) {}
+    }
+
+    const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+
+    fn config() -> StackConfig {
+        StackConfig {
+            gateway: Ipv4Addr::new(192, 168, 100, 1),
+            guest: Ipv4Addr::new(192, 168, 100, 2),
+            prefix_len: 24,
+            mtu: 1500,
+            gateway_mac: [0x02, 0, 0, 0, 0, 1],
+        }
+    }
+
+    fn arp_request() -> Vec<u8> {
+        let mut frame = vec![0xff; 6];
+        frame.extend_from_slice(&GUEST_MAC);
+        frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        frame.extend_from_slice(&GUEST_MAC);
+        frame.extend_from_slice(&[192, 168, 100, 2, 0, 0, 0, 0, 0, 0, 192, 168, 100, 1]);
+        frame
+    }
+
+    /// A cheap deterministic generator (no dependency for a test).
+    fn noise(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    #[tokio::test]
+    async fn hostile_frames_leave_the_stack_answering() {
+        let (mut vmm, link) = tokio::io::duplex(1 << 20);
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(Stack::new(link, Counting(accepted.clone()), config()).run());
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut frames = Vec::new();
+        for i in 0..3000 {
+            let len = (noise(&mut seed) % 1600) as usize;
+            let mut frame: Vec<u8> = (0..len).map(|_| noise(&mut seed) as u8).collect();
+            if i % 2 == 0 && frame.len() > 60 {
+                // Plausible headers with random contents: Ethernet to the gateway, IPv4, TCP SYN.
+                frame[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+                frame[6..12].copy_from_slice(&GUEST_MAC);
+                frame[12..14].copy_from_slice(&[0x08, 0x00]);
+                frame[14] = 0x45;
+                frame[23] = 6;
+                frame[47] = 0x02;
+            }
+            frames.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+            frames.extend_from_slice(&frame);
+        }
+        vmm.write_all(&frames).await.unwrap();
+        let arp = arp_request();
+        vmm.write_all(&(arp.len() as u32).to_be_bytes()).await.unwrap();
+        vmm.write_all(&arp).await.unwrap();
+        // The stack still answers: an ARP reply for the gateway comes back.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let len = tokio::time::timeout_at(deadline, vmm.read_u32()).await.expect("stack answers").unwrap() as usize;
+            let mut frame = vec![0u8; len];
+            vmm.read_exact(&mut frame).await.unwrap();
+            if frame.len() >= 42 && frame[12..14] == [0x08, 0x06] && frame[20..22] == [0, 2] {
+                assert_eq!(&frame[28..32], &[192, 168, 100, 1]);
+                break;
+            }
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 0, "no garbage completed a handshake");
+    }
+}
