@@ -100,6 +100,15 @@ impl HostFs {
         Ok(to_stat(&rfs::fstat(self.path_fd(rel)?)?))
     }
 
+    /// Attributes of the path itself (a symlink is not followed).
+    pub fn lstat(&self, rel: &str) -> Result<Stat, Errno> {
+        if rel.is_empty() {
+            return self.stat(rel);
+        }
+        let (dir, name) = self.parent(rel)?;
+        Ok(to_stat(&rfs::statat(&dir, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?))
+    }
+
     /// Opens (with `O_CREAT`, creates) a regular file or directory.
     pub fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno> {
         let writes = flags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::CREATE | OFlags::TRUNC | OFlags::APPEND);

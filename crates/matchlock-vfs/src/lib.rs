@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod hostfs;
+pub mod overlay;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,6 +19,69 @@ use rustix::fs::OFlags;
 use rustix::io::Errno;
 
 pub use hostfs::HostFs;
+pub use overlay::Overlay;
+
+/// A file tree served at a mount (paths are relative to the mount root, `""` is the root).
+pub trait Provider: Send + Sync + std::fmt::Debug {
+    /// Attributes (symlinks inside the provider are followed).
+    fn stat(&self, rel: &str) -> Result<Stat, Errno>;
+    /// Opens (with `O_CREAT`, creates) a file or directory.
+    fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno>;
+    /// Makes a directory.
+    fn mkdir(&self, rel: &str, mode: u32) -> Result<(), Errno>;
+    /// Removes a file or, with `dir`, an empty directory.
+    fn remove(&self, rel: &str, dir: bool) -> Result<(), Errno>;
+    /// Renames, replacing the target.
+    fn rename(&self, from: &str, to: &str) -> Result<(), Errno>;
+    /// Lists a directory, sorted by name.
+    fn readdir(&self, rel: &str) -> Result<Vec<DirEntry>, Errno>;
+    /// Changes permission bits.
+    fn chmod(&self, rel: &str, mode: u32) -> Result<(), Errno>;
+    /// Sets a file's size.
+    fn truncate(&self, rel: &str, size: u64) -> Result<(), Errno>;
+    /// Creates a symlink at `rel` containing `target`.
+    fn symlink(&self, target: &str, rel: &str) -> Result<(), Errno>;
+    /// Reads a symlink.
+    fn readlink(&self, rel: &str) -> Result<String, Errno>;
+    /// Hard-links `from` to `to`.
+    fn link(&self, from: &str, to: &str) -> Result<(), Errno>;
+}
+
+impl Provider for HostFs {
+    fn stat(&self, rel: &str) -> Result<Stat, Errno> {
+        HostFs::stat(self, rel)
+    }
+    fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno> {
+        HostFs::open(self, rel, flags, mode)
+    }
+    fn mkdir(&self, rel: &str, mode: u32) -> Result<(), Errno> {
+        HostFs::mkdir(self, rel, mode)
+    }
+    fn remove(&self, rel: &str, dir: bool) -> Result<(), Errno> {
+        HostFs::remove(self, rel, dir)
+    }
+    fn rename(&self, from: &str, to: &str) -> Result<(), Errno> {
+        HostFs::rename(self, from, to)
+    }
+    fn readdir(&self, rel: &str) -> Result<Vec<DirEntry>, Errno> {
+        HostFs::readdir(self, rel)
+    }
+    fn chmod(&self, rel: &str, mode: u32) -> Result<(), Errno> {
+        HostFs::chmod(self, rel, mode)
+    }
+    fn truncate(&self, rel: &str, size: u64) -> Result<(), Errno> {
+        HostFs::truncate(self, rel, size)
+    }
+    fn symlink(&self, target: &str, rel: &str) -> Result<(), Errno> {
+        HostFs::symlink(self, target, rel)
+    }
+    fn readlink(&self, rel: &str) -> Result<String, Errno> {
+        HostFs::readlink(self, rel)
+    }
+    fn link(&self, from: &str, to: &str) -> Result<(), Errno> {
+        HostFs::link(self, from, to)
+    }
+}
 use wire::{DirEntry, Op, Request, Response, Stat, WireError};
 
 /// Most handles one guest connection may hold open.
@@ -26,7 +90,7 @@ pub const MAX_HANDLES: usize = 4096;
 /// Where a guest path leads.
 enum Route<'a> {
     /// Into a mount: the provider and the path relative to its root (`""` for the root).
-    Mount(&'a HostFs, String),
+    Mount(&'a dyn Provider, String),
     /// A directory that exists only because mounts lie beneath it.
     Synthetic(Vec<String>),
 }
@@ -34,7 +98,7 @@ enum Route<'a> {
 /// Mounts by guest path.
 #[derive(Debug, Default)]
 pub struct Router {
-    mounts: BTreeMap<String, HostFs>,
+    mounts: BTreeMap<String, Box<dyn Provider>>,
 }
 
 /// Normalizes an absolute guest path: no `.`/`..`/empty components, no NUL.
@@ -54,8 +118,8 @@ pub fn clean_path(path: &str) -> Result<String, Errno> {
 
 impl Router {
     /// Adds a mount at an absolute guest path.
-    pub fn mount(&mut self, guest_path: &str, provider: HostFs) -> Result<(), Errno> {
-        self.mounts.insert(clean_path(guest_path)?, provider);
+    pub fn mount(&mut self, guest_path: &str, provider: impl Provider + 'static) -> Result<(), Errno> {
+        self.mounts.insert(clean_path(guest_path)?, Box::new(provider));
         Ok(())
     }
 
@@ -68,7 +132,7 @@ impl Router {
             .max_by_key(|(mount, _)| mount.len());
         if let Some((mount, provider)) = best {
             let rel = path[mount.len()..].trim_start_matches('/').to_owned();
-            return Ok(Route::Mount(provider, rel));
+            return Ok(Route::Mount(provider.as_ref(), rel));
         }
         let prefix = if path == "/" { "/".to_owned() } else { format!("{path}/") };
         let mut children: Vec<String> = self
@@ -152,7 +216,7 @@ fn handle(router: &Router, handles: &mut HashMap<u64, File>, next: &mut u64, req
     };
     let second = || -> Result<String, Errno> {
         match router.route(&req.new_path)? {
-            Route::Mount(other, rel) if std::ptr::eq(other, fs) => Ok(rel),
+            Route::Mount(other, rel) if std::ptr::addr_eq(other, fs) => Ok(rel),
             Route::Mount(..) => Err(Errno::XDEV),
             Route::Synthetic(_) => Err(Errno::ACCESS),
         }
