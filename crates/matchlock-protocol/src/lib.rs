@@ -11,6 +11,7 @@
 pub mod boot;
 pub mod exec;
 pub mod frame;
+pub mod vfs;
 
 /// The vsock context id of the host.
 pub const HOST_CID: u32 = 2;

@@ -14,7 +14,7 @@ use std::path::Path;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
-use crate::wire::{DirEntry, Stat};
+use matchlock_protocol::vfs::{DirEntry, Stat};
 
 /// Permission bits a guest may set (no setuid, setgid).
 const ALLOWED_MODE: u32 = 0o1777;

@@ -8,7 +8,6 @@
 
 pub mod hostfs;
 pub mod overlay;
-pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -82,6 +81,7 @@ impl Provider for HostFs {
         HostFs::link(self, from, to)
     }
 }
+pub use matchlock_protocol::vfs as wire;
 use wire::{DirEntry, Op, Request, Response, Stat, WireError};
 
 /// Most handles one guest connection may hold open.

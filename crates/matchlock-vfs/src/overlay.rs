@@ -15,8 +15,8 @@ use std::sync::Mutex;
 use rustix::fs::OFlags;
 use rustix::io::Errno;
 
-use crate::wire::{DirEntry, Stat};
 use crate::{HostFs, Provider};
+use matchlock_protocol::vfs::{DirEntry, Stat};
 
 /// Mode bits of a file type.
 const TYPE_MASK: u32 = 0o170_000;

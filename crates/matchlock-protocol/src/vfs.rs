@@ -1,4 +1,4 @@
-//! The VFS wire protocol (reference §3.5): each message is a 4-byte big-endian length and a
+//! The workspace file system's wire protocol (reference §3.5, guest port [`crate::VFS_PORT`]): each message is a 4-byte big-endian length and a
 //! CBOR map. Requests carry absolute guest paths; responses carry a negative errno or data.
 
 use std::io::{Read, Write};
