@@ -48,6 +48,12 @@ pub struct SandboxConfig {
     /// Extra ext4 disks (`--disk`).
     #[serde(default)]
     pub disks: Vec<DiskMount>,
+    /// Mount point of the host-served workspace file system (with [`Self::volumes`]).
+    #[serde(default)]
+    pub workspace: Option<String>,
+    /// Host directories served under the workspace (`-v`).
+    #[serde(default)]
+    pub volumes: Vec<VfsMount>,
     /// The network; `None` means no NIC at all (`--no-network`).
     #[serde(default = "default_network")]
     pub network: Option<NetworkConfig>,
@@ -238,6 +244,84 @@ pub fn parse_secret(spec: &str, host: impl Fn(&str) -> Option<String>) -> Result
     Ok(Secret::new(name, value, hosts))
 }
 
+/// Default workspace mount point when `-v` is given without `--workspace`.
+pub const DEFAULT_WORKSPACE: &str = "/workspace";
+
+/// How a host directory is served into the workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VfsMode {
+    /// Copy-on-write: the guest changes its own view; the host directory never changes.
+    Overlay,
+    /// Reads and writes go to the host directory.
+    HostFs,
+    /// Read-only (EROFS in the guest).
+    Readonly,
+}
+
+/// A host directory served at a guest path under the workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VfsMount {
+    /// Absolute host path.
+    pub host_path: String,
+    /// Absolute guest path, inside the workspace.
+    pub guest_path: String,
+    /// How it is served.
+    pub mode: VfsMode,
+}
+
+/// Errors in `-v` specs (the reference's wording).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VolumeSpecError {
+    /// Not `host:guest[:mode]`.
+    #[error("invalid volume {0:?}: expected host:guest[:overlay|host_fs|ro|readonly]")]
+    Syntax(String),
+    /// The host path is missing.
+    #[error("host path does not exist: {0}")]
+    HostMissing(String),
+    /// The guest path is outside the workspace.
+    #[error("guest path must be within workspace: {0:?} not in {1:?}")]
+    OutsideWorkspace(String, String),
+    /// The workspace path is not usable.
+    #[error("invalid workspace {0:?}: must be an absolute path of letters, digits, /, _, . and -")]
+    Workspace(String),
+}
+
+/// Whether a workspace path is acceptable (`^/[a-zA-Z0-9/_.-]+$`, normalized, not `/`).
+pub fn is_valid_workspace(path: &str) -> bool {
+    matchlock_protocol::boot::is_valid_mount_path(path)
+        && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_.-".contains(&b))
+}
+
+/// Parses `-v host:guest[:mode]`: the host path is made absolute and must exist; a relative
+/// guest path is joined onto `workspace`, an absolute one must lie inside it.
+pub fn parse_volume(spec: &str, workspace: &str, cwd: &std::path::Path) -> Result<VfsMount, VolumeSpecError> {
+    if !is_valid_workspace(workspace) {
+        return Err(VolumeSpecError::Workspace(workspace.to_owned()));
+    }
+    let (rest, mode) = match spec.rsplit_once(':') {
+        Some((rest, "overlay")) => (rest, VfsMode::Overlay),
+        Some((rest, "host_fs")) => (rest, VfsMode::HostFs),
+        Some((rest, "ro" | "readonly")) => (rest, VfsMode::Readonly),
+        _ => (spec, VfsMode::Overlay),
+    };
+    let (host, guest) = rest.rsplit_once(':').ok_or_else(|| VolumeSpecError::Syntax(spec.to_owned()))?;
+    if host.is_empty() || guest.is_empty() {
+        return Err(VolumeSpecError::Syntax(spec.to_owned()));
+    }
+    let host_path = cwd.join(host);
+    let host_path =
+        host_path.canonicalize().map_err(|_| VolumeSpecError::HostMissing(host_path.display().to_string()))?;
+    let guest_path = if guest.starts_with('/') { guest.to_owned() } else { format!("{workspace}/{guest}") };
+    let guest_path = guest_path.trim_end_matches('/').to_owned();
+    let inside = guest_path.strip_prefix(workspace).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    if !inside || !is_valid_workspace(&guest_path) {
+        return Err(VolumeSpecError::OutsideWorkspace(guest_path, workspace.to_owned()));
+    }
+    Ok(VfsMount { host_path: host_path.display().to_string(), guest_path, mode })
+}
+
 /// Errors in `-p/--publish` specs.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid port mapping {0:?}: expected [LOCAL:]REMOTE with ports 1-65535")]
@@ -326,6 +410,8 @@ impl SandboxConfig {
             privileged: false,
             disks: Vec::new(),
             network: Some(NetworkConfig::default()),
+            workspace: None,
+            volumes: Vec::new(),
         }
     }
 }
@@ -462,6 +548,24 @@ mod tests {
         assert!(!format!("{s:?}").contains("a@b,c"));
         let stored = serde_json::to_string(&s).unwrap();
         assert!(!stored.contains("a@b,c") && stored.contains(&s.placeholder), "{stored}");
+    }
+
+    #[test]
+    fn volumes() {
+        let dir = std::env::temp_dir();
+        let v = parse_volume("src:/workspace/src:host_fs", "/workspace", &dir).unwrap_err();
+        assert!(v.to_string().starts_with("host path does not exist: "), "{v}");
+        let v = parse_volume(".:code", "/workspace", &dir).unwrap();
+        assert_eq!((v.guest_path.as_str(), v.mode), ("/workspace/code", VfsMode::Overlay));
+        let v = parse_volume(".:/workspace/data:ro", "/workspace", &dir).unwrap();
+        assert_eq!(v.mode, VfsMode::Readonly);
+        assert_eq!(
+            parse_volume(".:/etc", "/workspace", &dir).unwrap_err().to_string(),
+            r#"guest path must be within workspace: "/etc" not in "/workspace""#
+        );
+        assert!(parse_volume(".:/workspacex", "/workspace", &dir).is_err());
+        assert!(parse_volume(".:../x", "/workspace", &dir).is_err());
+        assert!(parse_volume("nocolon", "/workspace", &dir).is_err());
     }
 
     #[test]

@@ -83,6 +83,11 @@ fn run() -> Result<(), InitError> {
     }
     write_identity_files(&params)?;
     mount_disks(&params)?;
+    if let Some(workspace) = &params.workspace {
+        if let Err(e) = crate::fused::mount(workspace) {
+            eprintln!("matchlock-init: cannot mount the workspace {workspace}: {e}");
+        }
+    }
     if let Err(e) = sys::loopback_up() {
         eprintln!("matchlock-init: cannot bring up lo: {e}");
     }
@@ -275,6 +280,7 @@ mod tests {
             add_hosts: vec![("api.internal".into(), "10.0.0.10".parse().unwrap())],
             epoch_ms: 0,
             privileged: false,
+            workspace: None,
             disks: vec![],
         };
         assert_eq!(

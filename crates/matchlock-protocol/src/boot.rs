@@ -23,6 +23,8 @@ pub struct BootParams {
     pub privileged: bool,
     /// Extra ext4 disks to mount: (device, absolute guest path, read-only).
     pub disks: Vec<(String, String, bool)>,
+    /// Where the host-served workspace file system is mounted (FUSE over vsock).
+    pub workspace: Option<String>,
 }
 
 /// Whether `path` can be a mount point given on the kernel command line: absolute,
@@ -90,6 +92,9 @@ impl BootParams {
         for (dev, path, ro) in &self.disks {
             words.push(format!("matchlock.disk.{dev}={path}{}", if *ro { ",ro" } else { "" }));
         }
+        if let Some(workspace) = &self.workspace {
+            words.push(format!("matchlock.workspace={workspace}"));
+        }
         words.join(" ")
     }
 
@@ -104,6 +109,7 @@ impl BootParams {
         let mut add_hosts = Vec::new();
         let mut privileged = false;
         let mut disks = Vec::new();
+        let mut workspace = None;
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.strip_prefix("matchlock.").and_then(|w| w.split_once('=')) else {
                 continue;
@@ -140,6 +146,8 @@ impl BootParams {
                     add_hosts.push((host.to_owned(), ip));
                 }
                 "privileged" => privileged = value == "1",
+                "workspace" if is_valid_mount_path(value) => workspace = Some(value.to_owned()),
+                "workspace" => return Err(invalid("workspace")),
                 _ if key.starts_with("disk.") => {
                     let dev = &key["disk.".len()..];
                     let (path, ro) = match value.strip_suffix(",ro") {
@@ -164,6 +172,7 @@ impl BootParams {
             epoch_ms: epoch_ms.ok_or(BootParamsError::Missing("epoch_ms"))?,
             privileged,
             disks,
+            workspace,
         })
     }
 }
@@ -183,6 +192,7 @@ mod tests {
             epoch_ms: 1_700_000_000_123,
             privileged: true,
             disks: vec![("vdd".into(), "/data".into(), false), ("vde".into(), "/ro".into(), true)],
+            workspace: Some("/workspace".into()),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod gc;
 pub mod network;
 pub mod relay;
 pub mod volumes;
+mod workspace;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -114,12 +115,30 @@ pub struct Sandbox {
     state: StateDb,
     relay: Option<tokio::task::JoinHandle<()>>,
     network: Option<Arc<network::Network>>,
+    vfs: Option<tokio::task::JoinHandle<()>>,
     timings: Vec<(&'static str, Duration)>,
 }
 
 /// Opens the state database at `~/.matchlock/state.db`.
 pub fn open_state() -> Result<StateDb, SandboxError> {
     Ok(StateDb::open(&state_dir().join("state.db"))?)
+}
+
+/// Aborts a task unless disarmed: a failed boot leaves no server behind.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    fn disarm(mut self) -> Option<tokio::task::JoinHandle<()>> {
+        self.0.take()
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 /// Removes a VM directory unless disarmed: a failed create leaves nothing behind.
@@ -170,7 +189,7 @@ impl Sandbox {
         });
         state.register(&row, "qemu", &resources)?;
         let booted = Self::boot(&id, &dir, &config, &image, boot_disk, kernel, qemu, &upper, &mut state).await;
-        let (machine, network, prepared) = match booted {
+        let (machine, network, vfs, prepared) = match booted {
             Ok(ok) => ok,
             Err((phase, e)) => {
                 let _ = state.transition(&id, phase, Some(&e.to_string()));
@@ -191,6 +210,7 @@ impl Sandbox {
             state,
             relay: None,
             network: network.clone(),
+            vfs,
             timings,
         };
         match relay::serve(&sandbox.dir, network) {
@@ -215,7 +235,10 @@ impl Sandbox {
         qemu: PathBuf,
         upper: &std::path::Path,
         state: &mut StateDb,
-    ) -> Result<(QemuMachine, Option<network::Network>, Instant), (Phase, SandboxError)> {
+    ) -> Result<
+        (QemuMachine, Option<network::Network>, Option<tokio::task::JoinHandle<()>>, Instant),
+        (Phase, SandboxError),
+    > {
         let create_failed = |e: SandboxError| (Phase::CreateFailed, e);
         let ca = match &config.network {
             Some(net) => network::prepare_ca(net, dir).map_err(create_failed)?,
@@ -248,7 +271,16 @@ impl Sandbox {
             epoch_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             privileged: config.privileged,
             disks: mounts,
+            workspace: config.workspace.clone(),
         };
+        let vfs = match &config.workspace {
+            Some(_) => {
+                let router = workspace::router(dir, &config.volumes).map_err(create_failed)?;
+                Some(workspace::serve(dir, router).map_err(create_failed)?)
+            }
+            None => None,
+        };
+        let vfs_guard = AbortOnDrop(vfs);
         let mut cmdline = params.to_cmdline();
         let (network, nic) = match &config.network {
             Some(net) => {
@@ -277,7 +309,7 @@ impl Sandbox {
         let prepared = Instant::now();
         let machine = backend.launch(spec).await.map_err(|e| (Phase::StartFailed, e.into()))?;
         state.transition(id, Phase::Running, None).map_err(|e| (Phase::StartFailed, e.into()))?;
-        Ok((machine, network, prepared))
+        Ok((machine, network, vfs_guard.disarm(), prepared))
     }
 
     /// The VM id.
@@ -356,6 +388,9 @@ impl Sandbox {
         if let Some(relay) = self.relay.take() {
             relay.abort();
         }
+        if let Some(vfs) = self.vfs.take() {
+            vfs.abort();
+        }
         let _ = std::fs::remove_file(relay::socket_path(&self.dir));
         if self.config.disks.iter().any(|d| !d.read_only) {
             // Writes to volumes must reach their files before the VM goes.
@@ -421,6 +456,11 @@ fn validate(config: &SandboxConfig) -> Result<(), SandboxError> {
     }
     if config.disk_size_mb < 16 {
         return Err(SandboxError::Config(format!("--disk-size must be at least 16 MB, got {}", config.disk_size_mb)));
+    }
+    match (&config.workspace, config.volumes.is_empty()) {
+        (Some(_), true) => return Err(SandboxError::Config("--workspace requires at least one -v mount".into())),
+        (None, false) => return Err(SandboxError::Config("-v mounts require a workspace".into())),
+        _ => {}
     }
     if let Some(h) = &config.hostname {
         if !matchlock_protocol::boot::is_valid_hostname(h) {

@@ -24,6 +24,9 @@ pub use overlay::Overlay;
 pub trait Provider: Send + Sync + std::fmt::Debug {
     /// Attributes (symlinks inside the provider are followed).
     fn stat(&self, rel: &str) -> Result<Stat, Errno>;
+    /// Attributes of the path itself: a symlink is reported as a symlink (the guest kernel
+    /// resolves it, in the guest's own namespace).
+    fn lstat(&self, rel: &str) -> Result<Stat, Errno>;
     /// Opens (with `O_CREAT`, creates) a file or directory.
     fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno>;
     /// Makes a directory.
@@ -49,6 +52,9 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 impl Provider for HostFs {
     fn stat(&self, rel: &str) -> Result<Stat, Errno> {
         HostFs::stat(self, rel)
+    }
+    fn lstat(&self, rel: &str) -> Result<Stat, Errno> {
+        HostFs::lstat(self, rel)
     }
     fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno> {
         HostFs::open(self, rel, flags, mode)
@@ -233,7 +239,7 @@ fn handle(router: &Router, handles: &mut HashMap<u64, File>, next: &mut u64, req
         Ok(Response { fh, stat: Some(stat), ..ok() })
     };
     match op {
-        Op::Lookup | Op::Getattr => Ok(Response { stat: Some(fs.stat(&rel)?), ..ok() }),
+        Op::Lookup | Op::Getattr => Ok(Response { stat: Some(fs.lstat(&rel)?), ..ok() }),
         Op::Setattr => {
             fs.chmod(&rel, req.mode)?;
             Ok(Response { stat: Some(fs.stat(&rel)?), ..ok() })
@@ -242,7 +248,7 @@ fn handle(router: &Router, handles: &mut HashMap<u64, File>, next: &mut u64, req
         Op::Create => open(OFlags::from_bits_retain(req.flags) | OFlags::CREATE, req.mode),
         Op::Mkdir => {
             fs.mkdir(&rel, req.mode)?;
-            Ok(Response { stat: Some(fs.stat(&rel)?), ..ok() })
+            Ok(Response { stat: Some(fs.lstat(&rel)?), ..ok() })
         }
         Op::MkdirAll => {
             let mut prefix = String::new();

@@ -178,6 +178,16 @@ impl Provider for Overlay {
         self.lower.stat(rel)
     }
 
+    fn lstat(&self, rel: &str) -> Result<Stat, Errno> {
+        if self.in_upper(rel) {
+            return self.upper.lstat(rel);
+        }
+        if self.lower_hidden(rel) {
+            return Err(Errno::NOENT);
+        }
+        self.lower.lstat(rel)
+    }
+
     fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno> {
         let writes = flags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC | OFlags::APPEND);
         if flags.contains(OFlags::CREATE) && !self.exists(rel) {

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Args};
 use matchlock_api::config::{
-    parse_add_host, parse_env, parse_env_file, parse_secret, DEFAULT_CPUS, DEFAULT_DISK_SIZE_MB, DEFAULT_MEMORY_MB,
+    parse_add_host, parse_env, parse_env_file, parse_secret, parse_volume, DEFAULT_CPUS, DEFAULT_DISK_SIZE_MB,
+    DEFAULT_MEMORY_MB, DEFAULT_WORKSPACE,
 };
 use matchlock_api::SandboxConfig;
 use matchlock_sandbox::{compose, ComposeError, Sandbox};
@@ -72,6 +73,13 @@ pub struct RunArgs {
     /// DNS servers for /etc/resolv.conf (comma-separated).
     #[arg(long = "dns-servers", env = "MATCHLOCK_RUN_DNS_SERVERS", value_delimiter = ',', value_name = "IP[,IP]")]
     dns_servers: Vec<IpAddr>,
+    /// Serve a host directory in the workspace: `host:guest[:overlay|host_fs|ro]` (overlay,
+    /// the default, never changes the host; host_fs reads and writes it; ro is read-only).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:MODE]")]
+    volume: Vec<String>,
+    /// Where the workspace is mounted in the guest (default /workspace with -v).
+    #[arg(long, env = "MATCHLOCK_RUN_WORKSPACE", value_name = "PATH")]
+    workspace: Option<String>,
     /// Mount an ext4 disk image: `host_path:/guest/path[:ro]` or `@volume:/guest/path[:ro]`.
     #[arg(long = "disk", value_name = "SOURCE:PATH[:ro]")]
     disk: Vec<String>,
@@ -136,6 +144,14 @@ fn build_config(args: &RunArgs) -> Result<SandboxConfig> {
     }
     for spec in &args.disk {
         config.disks.push(matchlock_api::config::parse_disk(spec)?);
+    }
+    if !args.volume.is_empty() || args.workspace.is_some() {
+        let workspace = args.workspace.clone().unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
+        let cwd = std::env::current_dir().context("cannot read the current directory")?;
+        for spec in &args.volume {
+            config.volumes.push(parse_volume(spec, &workspace, &cwd)?);
+        }
+        config.workspace = Some(workspace);
     }
     if !args.dns_servers.is_empty() {
         config.dns_servers.clone_from(&args.dns_servers);

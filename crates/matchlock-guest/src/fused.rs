@@ -1,0 +1,405 @@
+//! The workspace: a FUSE file system whose every operation is a request to the host's VFS
+//! server (vsock port 5001, [`matchlock_protocol::vfs`]). The kernel speaks inodes; the host
+//! speaks absolute guest paths, so this keeps the inode ↔ path table, and moves whole subtrees
+//! in it on rename (open files and working directories keep working: git's `HEAD.lock`
+//! dance, `pwd -P`).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyWrite, Request as FuseRequest, SessionACL, TimeOrNow, WriteFlags,
+};
+use matchlock_protocol::vfs::{read_message, write_message, Op, Request, Response, Stat, MAX_IO};
+use matchlock_protocol::{HOST_CID, VFS_PORT};
+use vsock::VsockStream;
+
+/// How long the kernel may cache attributes and names.
+const TTL: Duration = Duration::from_secs(1);
+
+/// Inodes ↔ absolute guest paths.
+struct Inodes {
+    paths: HashMap<u64, String>,
+    inodes: HashMap<String, u64>,
+    next: u64,
+}
+
+impl Inodes {
+    fn path(&self, ino: INodeNo) -> Result<String, Errno> {
+        self.paths.get(&ino.0).cloned().ok_or(Errno::ENOENT)
+    }
+
+    fn inode(&mut self, path: &str) -> u64 {
+        if let Some(ino) = self.inodes.get(path) {
+            return *ino;
+        }
+        let ino = self.next;
+        self.next += 1;
+        self.paths.insert(ino, path.to_owned());
+        self.inodes.insert(path.to_owned(), ino);
+        ino
+    }
+
+    /// Moves `from` and everything under it to `to`.
+    fn rename(&mut self, from: &str, to: &str) {
+        if let Some(old) = self.inodes.remove(to) {
+            self.paths.remove(&old);
+        }
+        let prefix = format!("{from}/");
+        let moved: Vec<(String, u64)> = self
+            .inodes
+            .iter()
+            .filter(|(p, _)| *p == from || p.starts_with(&prefix))
+            .map(|(p, i)| (p.clone(), *i))
+            .collect();
+        for (path, ino) in moved {
+            let new_path = format!("{to}{}", &path[from.len()..]);
+            self.inodes.remove(&path);
+            self.inodes.insert(new_path.clone(), ino);
+            self.paths.insert(ino, new_path);
+        }
+    }
+}
+
+/// The workspace file system.
+pub struct Workspace {
+    conn: Mutex<VsockStream>,
+    inodes: Mutex<Inodes>,
+}
+
+fn join(parent: &str, name: &OsStr) -> Result<String, Errno> {
+    let name = name.to_str().ok_or(Errno::EINVAL)?;
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(Errno::EINVAL);
+    }
+    Ok(if parent == "/" { format!("/{name}") } else { format!("{parent}/{name}") })
+}
+
+fn attr(ino: u64, stat: &Stat, req: &FuseRequest) -> FileAttr {
+    let kind = match stat.mode & 0o170_000 {
+        0o120_000 => FileType::Symlink,
+        _ if stat.is_dir => FileType::Directory,
+        _ => FileType::RegularFile,
+    };
+    let mtime = UNIX_EPOCH + Duration::from_secs(u64::try_from(stat.mtime).unwrap_or(0));
+    FileAttr {
+        ino: INodeNo(ino),
+        size: stat.size,
+        blocks: stat.size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind,
+        perm: u16::try_from(stat.mode & 0o7777).unwrap_or(0o644),
+        nlink: if stat.is_dir { 2 } else { 1 },
+        // The host owns the files; in the guest they belong to whoever looks at them.
+        uid: req.uid(),
+        gid: req.gid(),
+        rdev: 0,
+        blksize: 128 * 1024,
+        flags: 0,
+    }
+}
+
+fn kind_of(mode: u32, is_dir: bool) -> FileType {
+    match mode & 0o170_000 {
+        0o120_000 => FileType::Symlink,
+        _ if is_dir => FileType::Directory,
+        _ => FileType::RegularFile,
+    }
+}
+
+impl Workspace {
+    /// Connects to the host's VFS server.
+    pub fn connect(root: &str) -> std::io::Result<Self> {
+        let mut last = None;
+        for _ in 0..30 {
+            match VsockStream::connect_with_cid_port(HOST_CID, VFS_PORT) {
+                Ok(conn) => {
+                    let mut inodes = Inodes { paths: HashMap::new(), inodes: HashMap::new(), next: 2 };
+                    inodes.paths.insert(1, root.to_owned());
+                    inodes.inodes.insert(root.to_owned(), 1);
+                    return Ok(Self { conn: Mutex::new(conn), inodes: Mutex::new(inodes) });
+                }
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(last.unwrap_or_else(|| std::io::ErrorKind::NotConnected.into()))
+    }
+
+    fn call(&self, request: &Request) -> Result<Response, Errno> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        write_message(&mut *conn, request).map_err(|_| Errno::EIO)?;
+        let response: Response = read_message(&mut *conn).map_err(|_| Errno::EIO)?.ok_or(Errno::EIO)?;
+        if response.err < 0 {
+            return Err(Errno::from_i32(-response.err));
+        }
+        Ok(response)
+    }
+
+    fn op(&self, op: Op, path: &str, req: &FuseRequest) -> Request {
+        Request { op: op as u8, path: path.to_owned(), uid: req.uid(), gid: req.gid(), ..Request::default() }
+    }
+
+    fn path(&self, ino: INodeNo) -> Result<String, Errno> {
+        self.inodes.lock().unwrap_or_else(|e| e.into_inner()).path(ino)
+    }
+
+    fn entry_of(&self, path: &str, stat: &Stat, req: &FuseRequest) -> FileAttr {
+        let ino = self.inodes.lock().unwrap_or_else(|e| e.into_inner()).inode(path);
+        attr(ino, stat, req)
+    }
+
+    fn stat(&self, path: &str, req: &FuseRequest) -> Result<Stat, Errno> {
+        self.call(&self.op(Op::Getattr, path, req))?.stat.ok_or(Errno::EIO)
+    }
+
+    fn new_entry(&self, path: &str, req: &FuseRequest, reply: ReplyEntry) {
+        match self.stat(path, req) {
+            Ok(stat) => reply.entry(&TTL, &self.entry_of(path, &stat, req), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+macro_rules! tri {
+    ($reply:ident, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return $reply.error(e),
+        }
+    };
+}
+
+impl Filesystem for Workspace {
+    fn init(&mut self, _req: &FuseRequest, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let path = tri!(reply, self.path(parent).and_then(|p| join(&p, name)));
+        self.new_entry(&path, req, reply);
+    }
+
+    fn getattr(&self, req: &FuseRequest, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let path = tri!(reply, self.path(ino));
+        let stat = tri!(reply, self.stat(&path, req));
+        reply.attr(&TTL, &attr(ino.0, &stat, req));
+    }
+
+    fn setattr(
+        &self,
+        req: &FuseRequest,
+        ino: INodeNo,
+        mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let path = tri!(reply, self.path(ino));
+        if let Some(mode) = mode {
+            tri!(reply, self.call(&Request { mode, ..self.op(Op::Setattr, &path, req) }));
+        }
+        if let Some(size) = size {
+            let off = tri!(reply, i64::try_from(size).map_err(|_| Errno::EFBIG));
+            tri!(reply, self.call(&Request { off, ..self.op(Op::Truncate, &path, req) }));
+        }
+        let stat = tri!(reply, self.stat(&path, req));
+        reply.attr(&TTL, &attr(ino.0, &stat, req));
+    }
+
+    fn readlink(&self, req: &FuseRequest, ino: INodeNo, reply: ReplyData) {
+        let path = tri!(reply, self.path(ino));
+        let response = tri!(reply, self.call(&self.op(Op::Readlink, &path, req)));
+        reply.data(&response.data);
+    }
+
+    fn mkdir(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let path = tri!(reply, self.path(parent).and_then(|p| join(&p, name)));
+        tri!(reply, self.call(&Request { mode: mode & !umask, ..self.op(Op::Mkdir, &path, req) }));
+        self.new_entry(&path, req, reply);
+    }
+
+    fn unlink(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let path = tri!(reply, self.path(parent).and_then(|p| join(&p, name)));
+        tri!(reply, self.call(&self.op(Op::Unlink, &path, req)));
+        reply.ok();
+    }
+
+    fn rmdir(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let path = tri!(reply, self.path(parent).and_then(|p| join(&p, name)));
+        tri!(reply, self.call(&self.op(Op::Rmdir, &path, req)));
+        reply.ok();
+    }
+
+    fn symlink(&self, req: &FuseRequest, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let path = tri!(reply, self.path(parent).and_then(|p| join(&p, link_name)));
+        let target = tri!(reply, target.to_str().ok_or(Errno::EINVAL));
+        tri!(reply, self.call(&Request { new_path: target.to_owned(), ..self.op(Op::Symlink, &path, req) }));
+        self.new_entry(&path, req, reply);
+    }
+
+    fn rename(
+        &self,
+        req: &FuseRequest,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if !flags.is_empty() {
+            return reply.error(Errno::EINVAL);
+        }
+        let from = tri!(reply, self.path(parent).and_then(|p| join(&p, name)));
+        let to = tri!(reply, self.path(newparent).and_then(|p| join(&p, newname)));
+        tri!(reply, self.call(&Request { new_path: to.clone(), ..self.op(Op::Rename, &from, req) }));
+        self.inodes.lock().unwrap_or_else(|e| e.into_inner()).rename(&from, &to);
+        reply.ok();
+    }
+
+    fn link(&self, req: &FuseRequest, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let from = tri!(reply, self.path(ino));
+        let to = tri!(reply, self.path(newparent).and_then(|p| join(&p, newname)));
+        tri!(reply, self.call(&Request { new_path: to.clone(), ..self.op(Op::Link, &from, req) }));
+        self.new_entry(&to, req, reply);
+    }
+
+    fn open(&self, req: &FuseRequest, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let path = tri!(reply, self.path(ino));
+        let flags = u32::try_from(flags.0).unwrap_or(0);
+        let response = tri!(reply, self.call(&Request { flags, ..self.op(Op::Open, &path, req) }));
+        reply.opened(FileHandle(response.fh), FopenFlags::empty());
+    }
+
+    fn read(
+        &self,
+        req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let off = tri!(reply, i64::try_from(offset).map_err(|_| Errno::EINVAL));
+        let response = tri!(reply, self.call(&Request { fh: fh.0, off, sz: size, ..self.op(Op::Read, "", req) }));
+        reply.data(&response.data);
+    }
+
+    fn write(
+        &self,
+        req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let off = tri!(reply, i64::try_from(offset).map_err(|_| Errno::EINVAL));
+        let request = Request { fh: fh.0, off, data: data.to_vec(), ..self.op(Op::Write, "", req) };
+        let response = tri!(reply, self.call(&request));
+        reply.written(response.written);
+    }
+
+    fn release(
+        &self,
+        req: &FuseRequest,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        tri!(reply, self.call(&Request { fh: fh.0, ..self.op(Op::Release, "", req) }));
+        reply.ok();
+    }
+
+    fn fsync(&self, req: &FuseRequest, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        tri!(reply, self.call(&Request { fh: fh.0, ..self.op(Op::Fsync, "", req) }));
+        reply.ok();
+    }
+
+    fn readdir(&self, req: &FuseRequest, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let path = tri!(reply, self.path(ino));
+        let response = tri!(reply, self.call(&self.op(Op::Readdir, &path, req)));
+        let mut entries = vec![(ino.0, FileType::Directory, ".".to_owned()), (1, FileType::Directory, "..".to_owned())];
+        {
+            let mut inodes = self.inodes.lock().unwrap_or_else(|e| e.into_inner());
+            for e in response.entries {
+                let Ok(child) = join(&path, OsStr::new(&e.name)) else { continue };
+                entries.push((inodes.inode(&child), kind_of(e.mode, e.is_dir), e.name));
+            }
+        }
+        for (i, (child, kind, name)) in
+            entries.into_iter().enumerate().skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        {
+            if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &FuseRequest,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let path = tri!(reply, self.path(parent).and_then(|p| join(&p, name)));
+        let flags = u32::try_from(flags).unwrap_or(0);
+        let request = Request { flags, mode: mode & !umask, ..self.op(Op::Create, &path, req) };
+        let response = tri!(reply, self.call(&request));
+        let stat = tri!(reply, response.stat.ok_or(Errno::EIO));
+        reply.created(
+            &TTL,
+            &self.entry_of(&path, &stat, req),
+            Generation(0),
+            FileHandle(response.fh),
+            FopenFlags::empty(),
+        );
+    }
+}
+
+/// Mounts the workspace at `mountpoint` and serves it on a background thread for the life
+/// of the VM.
+pub fn mount(mountpoint: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(mountpoint)?;
+    let fs = Workspace::connect(mountpoint)?;
+    let mut config = Config::default();
+    config.mount_options = vec![MountOption::FSName("matchlock".into()), MountOption::Subtype("matchlock".into())];
+    config.acl = SessionACL::All;
+    let session = fuser::spawn_mount2(fs, mountpoint, &config)?;
+    // The session lives as long as the VM: PID 1 never unmounts it.
+    std::mem::forget(session);
+    Ok(())
+}

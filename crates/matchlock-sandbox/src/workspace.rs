@@ -1,0 +1,69 @@
+//! The host side of the workspace: the VFS server the guest's FUSE daemon connects to
+//! (guest-initiated vsock port 5001, i.e. `<vm dir>/vsock.sock_5001`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use matchlock_api::config::{VfsMode, VfsMount};
+use matchlock_vfs::{HostFs, Overlay, Router};
+
+use crate::{io_err, SandboxError};
+
+fn vfs_error(what: String) -> impl FnOnce(rustix::io::Errno) -> SandboxError {
+    move |e| SandboxError::Io { context: what, source: std::io::Error::from_raw_os_error(e.raw_os_error()) }
+}
+
+/// Builds the mount router: overlay mounts get an empty upper directory in the VM directory.
+pub fn router(dir: &Path, mounts: &[VfsMount]) -> Result<Router, SandboxError> {
+    let mut router = Router::default();
+    for (i, mount) in mounts.iter().enumerate() {
+        let host = Path::new(&mount.host_path);
+        if !host.is_dir() {
+            return Err(SandboxError::Config(format!(
+                "cannot mount {}: only directories can be mounted into the workspace",
+                mount.host_path
+            )));
+        }
+        let opened = format!("cannot serve {} at {}", mount.host_path, mount.guest_path);
+        let result = match mount.mode {
+            VfsMode::HostFs => {
+                router.mount(&mount.guest_path, HostFs::new(host, false).map_err(vfs_error(opened.clone()))?)
+            }
+            VfsMode::Readonly => {
+                router.mount(&mount.guest_path, HostFs::new(host, true).map_err(vfs_error(opened.clone()))?)
+            }
+            VfsMode::Overlay => {
+                let upper = dir.join(format!("overlay/mount-{i:03}"));
+                std::fs::create_dir_all(&upper).map_err(io_err(format!("cannot create {}", upper.display())))?;
+                router.mount(&mount.guest_path, Overlay::new(host, &upper).map_err(vfs_error(opened.clone()))?)
+            }
+        };
+        result.map_err(vfs_error(opened))?;
+    }
+    Ok(router)
+}
+
+/// Serves guest VFS connections on `<dir>/vsock.sock_5001` until the task is aborted; each
+/// connection is answered on its own thread (blocking file I/O).
+pub fn serve(dir: &Path, router: Router) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
+    let path = dir.join(format!("vsock.sock_{}", matchlock_protocol::VFS_PORT));
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        tokio::net::UnixListener::bind(&path).map_err(io_err(format!("cannot listen on {}", path.display())))?;
+    let router = Arc::new(router);
+    Ok(tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let Ok(conn) = conn.into_std() else { continue };
+            if conn.set_nonblocking(false).is_err() {
+                continue;
+            }
+            let router = router.clone();
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                if let Err(e) = matchlock_vfs::serve(&mut conn, &router) {
+                    eprintln!("matchlock: workspace connection: {e}");
+                }
+            });
+        }
+    }))
+}

@@ -1,0 +1,139 @@
+//! The workspace file system against real VMs: host directories served over vsock into a
+//! FUSE mount in the guest, in overlay, host_fs and read-only modes.
+
+mod common;
+
+use std::path::Path;
+
+use common::{home, ok, stderr, stdout};
+
+fn write(path: &Path, data: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+}
+
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            }
+            let data = if meta.is_file() { std::fs::read(e.path()).unwrap() } else { Vec::new() };
+            out.push((e.path().display().to_string(), data, meta.permissions().mode()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn host_fs_overlay_and_read_only_mounts() {
+    let h = home();
+    let host = tempfile::tempdir().unwrap();
+    let (repo, data, ro) = (host.path().join("repo"), host.path().join("data"), host.path().join("ro"));
+    write(&repo.join("README"), "hello from the host\n");
+    write(&data.join("keep/original.txt"), "original\n");
+    write(&ro.join("fixed.txt"), "fixed\n");
+    // A symlink inside a mount that points outside of it, and a secret next to the mounts.
+    write(&host.path().join("secret.txt"), "host secret\n");
+    std::os::unix::fs::symlink(host.path().join("secret.txt"), repo.join("escape")).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", repo.join("escape-rel")).unwrap();
+    let data_before = snapshot(&data);
+    let ro_before = snapshot(&ro);
+    let script = r#"
+set -e
+cd /workspace/repo
+cat README
+echo "from the guest" > created.txt
+mkdir -p sub/dir && echo nested > sub/dir/file
+mv created.txt renamed.txt
+echo locked > HEAD.lock && mv HEAD.lock HEAD
+mv sub moved-sub && cat moved-sub/dir/file
+chmod 700 renamed.txt && stat -c %a renamed.txt
+cd moved-sub && pwd -P && cd ..
+dd if=/dev/urandom of=big.bin bs=1M count=4 2>/dev/null && md5sum big.bin
+ls /workspace
+readlink escape-rel
+cat escape 2>&1 || echo "escape-blocked"
+cat escape-rel 2>&1 || echo "escape-rel-blocked"
+ln -s /etc/passwd to-passwd && echo "symlink-made"
+cat ../data/keep/original.txt
+echo changed > ../data/keep/original.txt && rm ../data/keep/original.txt && echo overlay-delete-ok
+echo fresh > ../data/new.txt && cat ../data/new.txt
+ls ../data/keep | wc -l
+echo nope > ../ro/x 2>/dev/null || echo "ro-write-refused"
+rm ../ro/fixed.txt 2>/dev/null || echo "ro-rm-refused"
+cat ../ro/fixed.txt
+"#;
+    let out = h.run(&[
+        "--image",
+        "busybox",
+        "-v",
+        &format!("{}:repo:host_fs", repo.display()),
+        "-v",
+        &format!("{}:/workspace/data", data.display()),
+        "-v",
+        &format!("{}:ro:ro", ro.display()),
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let (o, e) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "stdout:\n{o}\nstderr:\n{e}");
+    assert!(o.starts_with("hello from the host\n"), "{o}");
+    assert!(o.contains("nested\n700\n/workspace/repo/moved-sub\n"), "{o}");
+    let guest_md5 = o.lines().find(|l| l.ends_with("big.bin")).unwrap().split(' ').next().unwrap().to_owned();
+    let host_md5 =
+        String::from_utf8(std::process::Command::new("md5sum").arg(repo.join("big.bin")).output().unwrap().stdout)
+            .unwrap();
+    assert!(host_md5.starts_with(&guest_md5), "byte-exact large file: {guest_md5} vs {host_md5}");
+    assert!(o.contains("data\nrepo\nro\n"), "synthesized workspace root: {o}");
+    assert!(o.contains("escape-blocked") && o.contains("escape-rel-blocked"), "{o}");
+    assert!(!o.contains("host secret"), "a symlink led out of the mount:\n{o}");
+    assert!(o.contains("symlink-made") && o.contains("\n../secret.txt\n"), "symlinks are shown as symlinks:\n{o}");
+    assert!(o.contains("original\noverlay-delete-ok\nfresh\n0\n"), "{o}");
+    assert!(o.contains("ro-write-refused") && o.contains("ro-rm-refused") && o.ends_with("fixed\n"), "{o}");
+    // host_fs changed the host; overlay and ro did not.
+    assert_eq!(std::fs::read_to_string(repo.join("renamed.txt")).unwrap(), "from the guest\n");
+    assert_eq!(std::fs::read_to_string(repo.join("HEAD")).unwrap(), "locked\n");
+    assert_eq!(std::fs::read_to_string(repo.join("moved-sub/dir/file")).unwrap(), "nested\n");
+    assert_eq!(std::fs::read_link(repo.join("to-passwd")).unwrap(), Path::new("/etc/passwd"));
+    assert_eq!(snapshot(&data), data_before, "overlay changed the host directory");
+    assert_eq!(snapshot(&ro), ro_before);
+    assert_eq!(std::fs::read_to_string(host.path().join("secret.txt")).unwrap(), "host secret\n");
+}
+
+#[test]
+fn workspace_flags_are_validated() {
+    let h = home();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = h.run(&["--image", "busybox", "-v", "/nonexistent-matchlock-dir:src", "--", "true"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("host path does not exist: /nonexistent-matchlock-dir"), "{}", stderr(&missing));
+    let outside = h.run(&["--image", "busybox", "-v", &format!("{}:/etc", dir.path().display()), "--", "true"]);
+    assert!(
+        stderr(&outside).contains(r#"guest path must be within workspace: "/etc" not in "/workspace""#),
+        "{}",
+        stderr(&outside)
+    );
+    let alone = h.run(&["--image", "busybox", "--workspace", "/workspace", "--", "true"]);
+    assert!(stderr(&alone).contains("--workspace requires at least one -v mount"), "{}", stderr(&alone));
+    let custom = h.run(&[
+        "--image",
+        "busybox",
+        "--workspace",
+        "/code",
+        "-v",
+        &format!("{}:project:ro", dir.path().display()),
+        "--",
+        "sh",
+        "-c",
+        "ls -d /code/project",
+    ]);
+    assert_eq!(ok(&custom), "/code/project\n");
+}
