@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{home, ok, repo_root, stderr, stdout, Home};
+use common::{debian_image, home, ok, repo_root, stderr, stdout, Home};
 
 const NAMESPACE: &str = "mltestnet";
 const HOST_VETH: &str = "mltestnet0";
@@ -254,20 +254,6 @@ fn run(h: &Home, args: &[&str]) -> Output {
     let out = cmd(h).args(["run", "--dns-servers", DNS]).args(args).output().expect("run matchlock");
     h.assert_no_leftovers();
     out
-}
-
-fn debian_image() -> &'static str {
-    static IMPORTED: OnceLock<()> = OnceLock::new();
-    IMPORTED.get_or_init(|| {
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-        let tarball = cache.join("matchlock/fixtures/debian-net.tar");
-        assert!(tarball.is_file(), "{} missing: run scripts/setup.sh (it builds the test image)", tarball.display());
-        let out = home().import("debian-net", &tarball);
-        assert!(out.status.success(), "import: {}", stderr(&out));
-    });
-    "debian-net"
 }
 
 /// A fresh unique marker so each test finds its own requests in the shared log.

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{home, ok, stderr, stdout};
+use common::{debian_image, home, ok, stderr, stdout};
 
 fn write(path: &Path, data: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -136,4 +136,67 @@ fn workspace_flags_are_validated() {
         "ls -d /code/project",
     ]);
     assert_eq!(ok(&custom), "/code/project\n");
+}
+
+#[test]
+fn git_works_in_a_host_fs_mount() {
+    let h = home();
+    let repo = tempfile::tempdir().unwrap();
+    let script = r#"
+set -e
+export GIT_AUTHOR_NAME=t GIT_AUTHOR_EMAIL=t@t GIT_COMMITTER_NAME=t GIT_COMMITTER_EMAIL=t@t
+cd /workspace/repo
+git init -q -b main .
+echo one > file.txt
+git add file.txt
+git commit -q -m first
+git checkout -q -b feature
+echo two >> file.txt
+git commit -q -am second
+git checkout -q main
+cat file.txt
+git status --porcelain | wc -l
+git log --oneline --all | wc -l
+"#;
+    let out = h.run(&[
+        "--image",
+        debian_image(),
+        "-v",
+        &format!("{}:repo:host_fs", repo.path().display()),
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(ok(&out), "one\n0\n2\n", "{}", stderr(&out));
+    // The repository is a real one on the host.
+    let log = std::process::Command::new("git")
+        .args(["-C", &repo.path().display().to_string(), "log", "--oneline", "feature"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&log.stdout).lines().count(), 2);
+}
+
+#[test]
+fn two_sandboxes_share_a_read_only_mount() {
+    let (h1, h2) = (home(), home());
+    let shared = tempfile::tempdir().unwrap();
+    write(&shared.path().join("dataset.csv"), "a,b\n1,2\n");
+    let spec = format!("{}:data:ro", shared.path().display());
+    let spawn = |h: &common::Home| {
+        h.cmd()
+            .args(["run", "--image", "busybox", "-v", &spec, "--", "sh", "-c"])
+            .arg("cat /workspace/data/dataset.csv; touch /workspace/data/x 2>/dev/null || echo refused")
+            .output()
+            .unwrap()
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| spawn(&h1));
+        let b = s.spawn(|| spawn(&h2));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for out in [a, b] {
+        assert_eq!(ok(&out), "a,b\n1,2\nrefused\n");
+    }
+    assert_eq!(std::fs::read_dir(shared.path()).unwrap().count(), 1);
 }

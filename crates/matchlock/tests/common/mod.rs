@@ -94,6 +94,20 @@ pub struct Home {
     _own_cache: Option<tempfile::TempDir>,
 }
 
+/// The Debian test image (curl, git, python3; built by `scripts/build-test-image.sh`),
+/// imported into the shared store once per test process.
+#[allow(dead_code)]
+pub fn debian_image() -> &'static str {
+    static IMPORTED: OnceLock<()> = OnceLock::new();
+    IMPORTED.get_or_init(|| {
+        let tarball = real_cache().join("fixtures/debian-test.tar");
+        assert!(tarball.is_file(), "{} missing: run scripts/setup.sh (it builds the test image)", tarball.display());
+        let out = home().import("debian-test", &tarball);
+        assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    });
+    "debian-test"
+}
+
 /// A fresh HOME sharing the process-wide cache and images.
 pub fn home() -> Home {
     Home::new(shared().tools.clone())
