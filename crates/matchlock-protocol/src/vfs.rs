@@ -191,14 +191,16 @@ pub fn read_message<T: serde::de::DeserializeOwned>(reader: &mut impl Read) -> R
 
 /// Writes one message.
 pub fn write_message(writer: &mut impl Write, message: &impl Serialize) -> Result<(), WireError> {
-    let mut body = Vec::new();
-    ciborium::into_writer(message, &mut body).map_err(|e| WireError::Malformed(e.to_string()))?;
-    if body.len() > MAX_MESSAGE {
-        return Err(WireError::TooLarge(body.len()));
+    // One buffer, one write: the length prefix and the body travel in the same packet.
+    let mut buf = vec![0u8; 4];
+    ciborium::into_writer(message, &mut buf).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let len = buf.len() - 4;
+    if len > MAX_MESSAGE {
+        return Err(WireError::TooLarge(len));
     }
-    let len = u32::try_from(body.len()).map_err(|_| WireError::TooLarge(body.len()))?;
-    writer.write_all(&len.to_be_bytes())?;
-    writer.write_all(&body)?;
+    let prefix = u32::try_from(len).map_err(|_| WireError::TooLarge(len))?.to_be_bytes();
+    buf[..4].copy_from_slice(&prefix);
+    writer.write_all(&buf)?;
     Ok(())
 }
 
