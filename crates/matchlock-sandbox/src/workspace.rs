@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use matchlock_api::config::{VfsMode, VfsMount};
-use matchlock_vfs::{HostFs, Overlay, Router};
+use matchlock_vfs::{HostFs, Overlay, Provider, Router, SingleFile};
 
 use crate::{io_err, SandboxError};
 
@@ -18,25 +18,30 @@ pub fn router(dir: &Path, mounts: &[VfsMount]) -> Result<Router, SandboxError> {
     let mut router = Router::default();
     for (i, mount) in mounts.iter().enumerate() {
         let host = Path::new(&mount.host_path);
-        if !host.is_dir() {
-            return Err(SandboxError::Config(format!(
-                "cannot mount {}: only directories can be mounted into the workspace",
-                mount.host_path
-            )));
-        }
         let opened = format!("cannot serve {} at {}", mount.host_path, mount.guest_path);
-        let result = match mount.mode {
-            VfsMode::HostFs => {
-                router.mount(&mount.guest_path, HostFs::new(host, false).map_err(vfs_error(opened.clone()))?)
-            }
-            VfsMode::Readonly => {
-                router.mount(&mount.guest_path, HostFs::new(host, true).map_err(vfs_error(opened.clone()))?)
-            }
+        // A single file is served as the one visible name of its parent directory.
+        let (root, file) = if host.is_dir() {
+            (host, None)
+        } else {
+            let name = host.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+                SandboxError::Config(format!("cannot mount {}: not a directory or a file", mount.host_path))
+            })?;
+            (host.parent().unwrap_or(Path::new("/")), Some(name))
+        };
+        let provider: Box<dyn Provider> = match mount.mode {
+            VfsMode::HostFs => Box::new(HostFs::new(root, false).map_err(vfs_error(opened.clone()))?),
+            VfsMode::Readonly => Box::new(HostFs::new(root, true).map_err(vfs_error(opened.clone()))?),
             VfsMode::Overlay => {
                 let upper = dir.join(format!("overlay/mount-{i:03}"));
                 std::fs::create_dir_all(&upper).map_err(io_err(format!("cannot create {}", upper.display())))?;
-                router.mount(&mount.guest_path, Overlay::new(host, &upper).map_err(vfs_error(opened.clone()))?)
+                Box::new(Overlay::new(root, &upper).map_err(vfs_error(opened.clone()))?)
             }
+        };
+        let result = match file {
+            Some(name) => {
+                router.mount(&mount.guest_path, SingleFile::new(provider, name).map_err(vfs_error(opened.clone()))?)
+            }
+            None => router.mount_boxed(&mount.guest_path, provider),
         };
         result.map_err(vfs_error(opened))?;
     }

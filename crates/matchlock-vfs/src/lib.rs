@@ -8,6 +8,7 @@
 
 pub mod hostfs;
 pub mod overlay;
+pub mod single;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -19,6 +20,7 @@ use rustix::io::Errno;
 
 pub use hostfs::HostFs;
 pub use overlay::Overlay;
+pub use single::SingleFile;
 
 /// A file tree served at a mount (paths are relative to the mount root, `""` is the root).
 pub trait Provider: Send + Sync + std::fmt::Debug {
@@ -47,6 +49,45 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn readlink(&self, rel: &str) -> Result<String, Errno>;
     /// Hard-links `from` to `to`.
     fn link(&self, from: &str, to: &str) -> Result<(), Errno>;
+}
+
+impl Provider for Box<dyn Provider> {
+    fn stat(&self, rel: &str) -> Result<Stat, Errno> {
+        (**self).stat(rel)
+    }
+    fn lstat(&self, rel: &str) -> Result<Stat, Errno> {
+        (**self).lstat(rel)
+    }
+    fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno> {
+        (**self).open(rel, flags, mode)
+    }
+    fn mkdir(&self, rel: &str, mode: u32) -> Result<(), Errno> {
+        (**self).mkdir(rel, mode)
+    }
+    fn remove(&self, rel: &str, dir: bool) -> Result<(), Errno> {
+        (**self).remove(rel, dir)
+    }
+    fn rename(&self, from: &str, to: &str) -> Result<(), Errno> {
+        (**self).rename(from, to)
+    }
+    fn readdir(&self, rel: &str) -> Result<Vec<DirEntry>, Errno> {
+        (**self).readdir(rel)
+    }
+    fn chmod(&self, rel: &str, mode: u32) -> Result<(), Errno> {
+        (**self).chmod(rel, mode)
+    }
+    fn truncate(&self, rel: &str, size: u64) -> Result<(), Errno> {
+        (**self).truncate(rel, size)
+    }
+    fn symlink(&self, target: &str, rel: &str) -> Result<(), Errno> {
+        (**self).symlink(target, rel)
+    }
+    fn readlink(&self, rel: &str) -> Result<String, Errno> {
+        (**self).readlink(rel)
+    }
+    fn link(&self, from: &str, to: &str) -> Result<(), Errno> {
+        (**self).link(from, to)
+    }
 }
 
 impl Provider for HostFs {
@@ -125,7 +166,12 @@ pub fn clean_path(path: &str) -> Result<String, Errno> {
 impl Router {
     /// Adds a mount at an absolute guest path.
     pub fn mount(&mut self, guest_path: &str, provider: impl Provider + 'static) -> Result<(), Errno> {
-        self.mounts.insert(clean_path(guest_path)?, Box::new(provider));
+        self.mount_boxed(guest_path, Box::new(provider))
+    }
+
+    /// Adds a mount of an already boxed provider.
+    pub fn mount_boxed(&mut self, guest_path: &str, provider: Box<dyn Provider>) -> Result<(), Errno> {
+        self.mounts.insert(clean_path(guest_path)?, provider);
         Ok(())
     }
 
@@ -208,13 +254,26 @@ fn handle(router: &Router, handles: &mut HashMap<u64, File>, next: &mut u64, req
         Route::Synthetic(children) => {
             return match op {
                 Op::Lookup | Op::Getattr => Ok(Response { stat: Some(synthetic_dir(&req.path)), ..ok() }),
-                Op::Readdir => Ok(Response {
-                    entries: children
+                Op::Readdir => {
+                    let base = clean_path(&req.path)?;
+                    let entries = children
                         .into_iter()
-                        .map(|name| DirEntry { name, is_dir: true, mode: 0o040_755, size: 4096, ino: None })
-                        .collect(),
-                    ..ok()
-                }),
+                        .map(|name| {
+                            let child = if base == "/" { format!("/{name}") } else { format!("{base}/{name}") };
+                            // A mount point shows what is mounted there (a single file is a file).
+                            match router.route(&child) {
+                                Ok(Route::Mount(fs, rel)) if rel.is_empty() => match fs.lstat("") {
+                                    Ok(st) => {
+                                        DirEntry { name, is_dir: st.is_dir, mode: st.mode, size: st.size, ino: st.ino }
+                                    }
+                                    Err(_) => DirEntry { name, is_dir: true, mode: 0o040_755, size: 4096, ino: None },
+                                },
+                                _ => DirEntry { name, is_dir: true, mode: 0o040_755, size: 4096, ino: None },
+                            }
+                        })
+                        .collect();
+                    Ok(Response { entries, ..ok() })
+                }
                 _ => Err(Errno::ACCESS),
             };
         }

@@ -123,6 +123,19 @@ fn workspace_flags_are_validated() {
     );
     let alone = h.run(&["--image", "busybox", "--workspace", "/workspace", "--", "true"]);
     assert!(stderr(&alone).contains("--workspace requires at least one -v mount"), "{}", stderr(&alone));
+    std::fs::write(dir.path().join("notes.txt"), "single file\n").unwrap();
+    let single = h.run(&[
+        "--image",
+        "busybox",
+        "-v",
+        &format!("{}:notes.txt:host_fs", dir.path().join("notes.txt").display()),
+        "--",
+        "sh",
+        "-c",
+        "ls -l /workspace | grep -c '^-'; cat /workspace/notes.txt; echo appended >> /workspace/notes.txt",
+    ]);
+    assert_eq!(ok(&single), "1\nsingle file\n", "a single-file mount is a file");
+    assert_eq!(std::fs::read_to_string(dir.path().join("notes.txt")).unwrap(), "single file\nappended\n");
     let custom = h.run(&[
         "--image",
         "busybox",
