@@ -54,6 +54,9 @@ pub struct SandboxConfig {
     /// Host directories served under the workspace (`-v`).
     #[serde(default)]
     pub volumes: Vec<VfsMount>,
+    /// Rules on workspace operations.
+    #[serde(default)]
+    pub vfs_interception: Option<VfsInterception>,
     /// The network; `None` means no NIC at all (`--no-network`).
     #[serde(default = "default_network")]
     pub network: Option<NetworkConfig>,
@@ -244,6 +247,51 @@ pub fn parse_secret(spec: &str, host: impl Fn(&str) -> Option<String>) -> Result
     Ok(Secret::new(name, value, hosts))
 }
 
+/// Go's `path.Match` without character classes: `*` is any run of non-`/` characters and
+/// `?` one non-`/` character (rule `path` patterns of network and VFS interception).
+pub fn path_matches(pattern: &str, path: &str) -> bool {
+    fn go(p: &[u8], s: &[u8]) -> bool {
+        match p.first() {
+            None => s.is_empty(),
+            Some(b'*') => (0..=s.len()).take_while(|&i| i == 0 || s[i - 1] != b'/').any(|i| go(&p[1..], &s[i..])),
+            Some(b'?') => s.first().is_some_and(|&c| c != b'/') && go(&p[1..], &s[1..]),
+            Some(&c) => s.first() == Some(&c) && go(&p[1..], &s[1..]),
+        }
+    }
+    go(pattern.as_bytes(), path.as_bytes())
+}
+
+/// VFS interception (reference `vfs.interception`): rules on workspace operations.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VfsInterception {
+    /// Emit `file` events (needs the JSON-RPC API).
+    #[serde(default)]
+    pub emit_events: bool,
+    /// The rules, in order.
+    #[serde(default)]
+    pub rules: Vec<VfsRule>,
+}
+
+/// One VFS rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VfsRule {
+    /// Name, for errors.
+    pub name: String,
+    /// `before` (default) or `after`.
+    pub phase: String,
+    /// Operations (`stat open read write create mkdir remove rename readdir chmod truncate
+    /// symlink readlink link`); empty matches all.
+    pub ops: Vec<String>,
+    /// `path.Match` pattern on the absolute guest path; empty matches all.
+    pub path: String,
+    /// `allow` (default) or `block` (EPERM in the guest).
+    pub action: String,
+    /// Callback timeout (callbacks need the JSON-RPC API).
+    pub timeout_ms: u64,
+}
+
 /// Default workspace mount point when `-v` is given without `--workspace`.
 pub const DEFAULT_WORKSPACE: &str = "/workspace";
 
@@ -412,6 +460,7 @@ impl SandboxConfig {
             network: Some(NetworkConfig::default()),
             workspace: None,
             volumes: Vec::new(),
+            vfs_interception: None,
         }
     }
 }
@@ -566,6 +615,15 @@ mod tests {
         assert!(parse_volume(".:/workspacex", "/workspace", &dir).is_err());
         assert!(parse_volume(".:../x", "/workspace", &dir).is_err());
         assert!(parse_volume("nocolon", "/workspace", &dir).is_err());
+    }
+
+    #[test]
+    fn path_patterns() {
+        assert!(path_matches("/v1/*", "/v1/chat"));
+        assert!(!path_matches("/v1/*", "/v1/chat/completions"));
+        assert!(path_matches("/v1/*/completions", "/v1/chat/completions"));
+        assert!(path_matches("/item?", "/item1"));
+        assert!(!path_matches("/item?", "/item/"));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
-use matchlock_api::config::{HookRule, Interception};
+use matchlock_api::config::{path_matches, HookRule, Interception};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -426,32 +426,9 @@ fn set_uri(parts: &mut http::request::Parts, path: Option<&str>, query: Option<&
     }
 }
 
-/// Go's `path.Match` without character classes: `*` is any run of non-`/` characters and
-/// `?` one non-`/` character.
-pub fn path_matches(pattern: &str, path: &str) -> bool {
-    fn go(p: &[u8], s: &[u8]) -> bool {
-        match p.first() {
-            None => s.is_empty(),
-            Some(b'*') => (0..=s.len()).take_while(|&i| i == 0 || s[i - 1] != b'/').any(|i| go(&p[1..], &s[i..])),
-            Some(b'?') => s.first().is_some_and(|&c| c != b'/') && go(&p[1..], &s[1..]),
-            Some(&c) => s.first() == Some(&c) && go(&p[1..], &s[1..]),
-        }
-    }
-    go(pattern.as_bytes(), path.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn path_patterns() {
-        assert!(path_matches("/v1/*", "/v1/chat"));
-        assert!(!path_matches("/v1/*", "/v1/chat/completions"));
-        assert!(path_matches("/v1/*/completions", "/v1/chat/completions"));
-        assert!(path_matches("/item?", "/item1"));
-        assert!(!path_matches("/item?", "/item/"));
-    }
 
     #[test]
     fn compile_drops_inert_rules_and_rejects_bad_ones() {

@@ -275,7 +275,8 @@ impl Sandbox {
         };
         let vfs = match &config.workspace {
             Some(_) => {
-                let router = workspace::router(dir, &config.volumes).map_err(create_failed)?;
+                let router =
+                    workspace::router(dir, &config.volumes, config.vfs_interception.as_ref()).map_err(create_failed)?;
                 Some(workspace::serve(dir, router).map_err(create_failed)?)
             }
             None => None,
@@ -460,6 +461,9 @@ fn validate(config: &SandboxConfig) -> Result<(), SandboxError> {
     match (&config.workspace, config.volumes.is_empty()) {
         (Some(_), true) => return Err(SandboxError::Config("--workspace requires at least one -v mount".into())),
         (None, false) => return Err(SandboxError::Config("-v mounts require a workspace".into())),
+        (None, true) if config.vfs_interception.is_some() => {
+            return Err(SandboxError::Config("VFS rules require -v mounts".into()))
+        }
         _ => {}
     }
     if let Some(h) = &config.hostname {

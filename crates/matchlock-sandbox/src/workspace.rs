@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use matchlock_api::config::{VfsMode, VfsMount};
+use matchlock_api::config::{VfsInterception, VfsMode, VfsMount};
 use matchlock_vfs::{HostFs, Overlay, Provider, Router, SingleFile};
 
 use crate::{io_err, SandboxError};
@@ -14,8 +14,11 @@ fn vfs_error(what: String) -> impl FnOnce(rustix::io::Errno) -> SandboxError {
 }
 
 /// Builds the mount router: overlay mounts get an empty upper directory in the VM directory.
-pub fn router(dir: &Path, mounts: &[VfsMount]) -> Result<Router, SandboxError> {
+pub fn router(dir: &Path, mounts: &[VfsMount], rules: Option<&VfsInterception>) -> Result<Router, SandboxError> {
     let mut router = Router::default();
+    if let Some(rules) = rules {
+        router.set_rules(rules).map_err(|e| SandboxError::Config(e.to_string()))?;
+    }
     for (i, mount) in mounts.iter().enumerate() {
         let host = Path::new(&mount.host_path);
         let opened = format!("cannot serve {} at {}", mount.host_path, mount.guest_path);

@@ -142,10 +142,63 @@ enum Route<'a> {
     Synthetic(Vec<String>),
 }
 
-/// Mounts by guest path.
+/// Mounts by guest path, and the rules on operations through them.
 #[derive(Debug, Default)]
 pub struct Router {
     mounts: BTreeMap<String, Box<dyn Provider>>,
+    blocks: Vec<BlockRule>,
+}
+
+/// A before-phase `block` rule: matching operations fail with EPERM in the guest.
+#[derive(Debug, Clone)]
+struct BlockRule {
+    ops: Vec<String>,
+    path: String,
+}
+
+/// Operation names rules match on.
+const RULE_OPS: [&str; 14] = [
+    "stat", "open", "read", "write", "create", "mkdir", "remove", "rename", "readdir", "chmod", "truncate", "symlink",
+    "readlink", "link",
+];
+
+/// Errors in VFS rules.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VfsRuleError {
+    /// A field has a value the rules do not know.
+    #[error("VFS rule {rule:?}: invalid {field} {value:?}")]
+    Invalid {
+        /// The rule.
+        rule: String,
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: String,
+    },
+    /// The rule needs something only the JSON-RPC API provides.
+    #[error("VFS rule {0:?}: after-phase rules and file events need the JSON-RPC API")]
+    NeedsRpc(String),
+}
+
+/// The rule name of a wire operation (`None`: never blocked, e.g. release).
+fn rule_op(op: Op) -> Option<&'static str> {
+    Some(match op {
+        Op::Lookup | Op::Getattr => "stat",
+        Op::Setattr => "chmod",
+        Op::Read => "read",
+        Op::Write => "write",
+        Op::Create => "create",
+        Op::Mkdir | Op::MkdirAll => "mkdir",
+        Op::Unlink | Op::Rmdir => "remove",
+        Op::Rename => "rename",
+        Op::Open => "open",
+        Op::Readdir => "readdir",
+        Op::Truncate => "truncate",
+        Op::Symlink => "symlink",
+        Op::Readlink => "readlink",
+        Op::Link => "link",
+        Op::Release | Op::Fsync => return None,
+    })
 }
 
 /// Normalizes an absolute guest path: no `.`/`..`/empty components, no NUL.
@@ -173,6 +226,40 @@ impl Router {
     pub fn mount_boxed(&mut self, guest_path: &str, provider: Box<dyn Provider>) -> Result<(), Errno> {
         self.mounts.insert(clean_path(guest_path)?, provider);
         Ok(())
+    }
+
+    /// Installs interception rules: before-phase `block` rules are enforced; `allow` rules
+    /// have no effect.
+    pub fn set_rules(&mut self, config: &matchlock_api::config::VfsInterception) -> Result<(), VfsRuleError> {
+        if config.emit_events {
+            return Err(VfsRuleError::NeedsRpc("emit_events".into()));
+        }
+        for rule in &config.rules {
+            let invalid =
+                |field, value: &str| VfsRuleError::Invalid { rule: rule.name.clone(), field, value: value.to_owned() };
+            match rule.phase.as_str() {
+                "" | "before" => {}
+                "after" => return Err(VfsRuleError::NeedsRpc(rule.name.clone())),
+                other => return Err(invalid("phase", other)),
+            }
+            if let Some(op) = rule.ops.iter().find(|op| !RULE_OPS.contains(&op.as_str())) {
+                return Err(invalid("op", op));
+            }
+            match rule.action.as_str() {
+                "" | "allow" => {}
+                "block" => self.blocks.push(BlockRule { ops: rule.ops.clone(), path: rule.path.clone() }),
+                other => return Err(invalid("action", other)),
+            }
+        }
+        Ok(())
+    }
+
+    fn blocked(&self, op: Op, path: &str) -> bool {
+        let Some(name) = rule_op(op) else { return false };
+        self.blocks.iter().any(|r| {
+            (r.ops.is_empty() || r.ops.iter().any(|o| o == name))
+                && (r.path.is_empty() || matchlock_api::config::path_matches(&r.path, path))
+        })
     }
 
     fn route(&self, path: &str) -> Result<Route<'_>, Errno> {
@@ -209,7 +296,7 @@ fn synthetic_dir(path: &str) -> Stat {
 
 /// Answers requests on one guest connection until it closes.
 pub fn serve(stream: &mut (impl Read + Write), router: &Router) -> Result<(), WireError> {
-    let mut handles: HashMap<u64, File> = HashMap::new();
+    let mut handles: HashMap<u64, (File, String)> = HashMap::new();
     let mut next_handle = 1u64;
     while let Some(request) = wire::read_message::<Request>(stream)? {
         let response = handle(router, &mut handles, &mut next_handle, &request)
@@ -219,13 +306,26 @@ pub fn serve(stream: &mut (impl Read + Write), router: &Router) -> Result<(), Wi
     Ok(())
 }
 
-fn handle(router: &Router, handles: &mut HashMap<u64, File>, next: &mut u64, req: &Request) -> Result<Response, Errno> {
+fn handle(
+    router: &Router,
+    handles: &mut HashMap<u64, (File, String)>,
+    next: &mut u64,
+    req: &Request,
+) -> Result<Response, Errno> {
     let op = Op::from_code(req.op).ok_or(Errno::NOSYS)?;
+    // Rules see the path of the handle for handle operations.
+    let rule_path = match op {
+        Op::Read | Op::Write => handles.get(&req.fh).map_or("", |(_, p)| p.as_str()),
+        _ => req.path.as_str(),
+    };
+    if router.blocked(op, rule_path) || (op == Op::Rename || op == Op::Link) && router.blocked(op, &req.new_path) {
+        return Err(Errno::PERM);
+    }
     let ok = Response::default;
     // Handle operations do not look at paths.
     match op {
         Op::Read => {
-            let file = handles.get(&req.fh).ok_or(Errno::BADF)?;
+            let (file, _) = handles.get(&req.fh).ok_or(Errno::BADF)?;
             let size = req.sz.min(wire::MAX_IO) as usize;
             let mut data = vec![0u8; size];
             let offset = u64::try_from(req.off).map_err(|_| Errno::INVAL)?;
@@ -234,7 +334,7 @@ fn handle(router: &Router, handles: &mut HashMap<u64, File>, next: &mut u64, req
             return Ok(Response { data, ..ok() });
         }
         Op::Write => {
-            let file = handles.get(&req.fh).ok_or(Errno::BADF)?;
+            let (file, _) = handles.get(&req.fh).ok_or(Errno::BADF)?;
             let offset = u64::try_from(req.off).map_err(|_| Errno::INVAL)?;
             file.write_all_at(&req.data, offset).map_err(|e| io_errno(&e))?;
             return Ok(Response { written: u32::try_from(req.data.len()).unwrap_or(u32::MAX), ..ok() });
@@ -244,7 +344,7 @@ fn handle(router: &Router, handles: &mut HashMap<u64, File>, next: &mut u64, req
             return Ok(ok());
         }
         Op::Fsync => {
-            handles.get(&req.fh).ok_or(Errno::BADF)?.sync_all().map_err(|e| io_errno(&e))?;
+            handles.get(&req.fh).ok_or(Errno::BADF)?.0.sync_all().map_err(|e| io_errno(&e))?;
             return Ok(ok());
         }
         _ => {}
@@ -294,7 +394,7 @@ fn handle(router: &Router, handles: &mut HashMap<u64, File>, next: &mut u64, req
         let stat = fs.stat(&rel)?;
         let fh = *next;
         *next += 1;
-        handles.insert(fh, file);
+        handles.insert(fh, (file, req.path.clone()));
         Ok(Response { fh, stat: Some(stat), ..ok() })
     };
     match op {
@@ -425,6 +525,40 @@ mod tests {
         assert_eq!(responses[10].err, -libc_errno(Errno::XDEV), "no rename across mounts");
         assert_eq!(responses[11].err, -libc_errno(Errno::NOSYS));
         assert_eq!(std::fs::read_to_string(dir.path().join("src/a.txt")).unwrap(), "written");
+    }
+
+    #[test]
+    fn block_rules_refuse_matching_operations() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret.env"), "x").unwrap();
+        std::fs::write(dir.path().join("ok.txt"), "y").unwrap();
+        let mut router = Router::default();
+        router.mount("/workspace", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        let rules = matchlock_api::config::VfsInterception {
+            emit_events: false,
+            rules: vec![matchlock_api::config::VfsRule {
+                name: "no-env".into(),
+                ops: vec!["open".into(), "write".into()],
+                path: "/workspace/*.env".into(),
+                action: "block".into(),
+                ..Default::default()
+            }],
+        };
+        router.set_rules(&rules).unwrap();
+        let open = |path: &str| Request { flags: OFlags::RDONLY.bits(), ..req(Op::Open, path) };
+        let responses = exchange(
+            &router,
+            &[open("/workspace/secret.env"), open("/workspace/ok.txt"), req(Op::Getattr, "/workspace/secret.env")],
+        );
+        assert_eq!(responses[0].err, -libc_errno(Errno::PERM));
+        assert_eq!(responses[1].err, 0);
+        assert_eq!(responses[2].err, 0, "stat is not in the rule's ops");
+        let mut after = rules.clone();
+        after.rules[0].phase = "after".into();
+        assert!(matches!(Router::default().set_rules(&after), Err(VfsRuleError::NeedsRpc(_))));
+        let mut bad = rules;
+        bad.rules[0].ops = vec!["explode".into()];
+        assert!(Router::default().set_rules(&bad).is_err());
     }
 
     fn libc_errno(e: Errno) -> i32 {

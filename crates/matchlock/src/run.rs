@@ -80,6 +80,10 @@ pub struct RunArgs {
     /// Where the workspace is mounted in the guest (default /workspace with -v).
     #[arg(long, env = "MATCHLOCK_RUN_WORKSPACE", value_name = "PATH")]
     workspace: Option<String>,
+    /// Rules on workspace operations: a JSON file `{"rules": [{"name", "ops", "path",
+    /// "action": "block"}]}` (the JSON-RPC `vfs.interception` object); blocked → EPERM.
+    #[arg(long = "vfs-rules", value_name = "FILE")]
+    vfs_rules: Option<std::path::PathBuf>,
     /// Mount an ext4 disk image: `host_path:/guest/path[:ro]` or `@volume:/guest/path[:ro]`.
     #[arg(long = "disk", value_name = "SOURCE:PATH[:ro]")]
     disk: Vec<String>,
@@ -152,6 +156,12 @@ fn build_config(args: &RunArgs) -> Result<SandboxConfig> {
             config.volumes.push(parse_volume(spec, &workspace, &cwd)?);
         }
         config.workspace = Some(workspace);
+    }
+    if let Some(file) = &args.vfs_rules {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("cannot read VFS rules {}", file.display()))?;
+        config.vfs_interception =
+            Some(serde_json::from_str(&text).with_context(|| format!("invalid VFS rules in {}", file.display()))?);
     }
     if !args.dns_servers.is_empty() {
         config.dns_servers.clone_from(&args.dns_servers);

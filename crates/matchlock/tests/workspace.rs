@@ -213,3 +213,38 @@ fn two_sandboxes_share_a_read_only_mount() {
     }
     assert_eq!(std::fs::read_dir(shared.path()).unwrap().count(), 1);
 }
+
+#[test]
+fn vfs_block_rules_refuse_operations_with_eperm() {
+    let h = home();
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("app/.env"), "TOKEN=host-only\n");
+    write(&dir.path().join("app/main.py"), "print(1)\n");
+    let rules = dir.path().join("rules.json");
+    std::fs::write(
+        &rules,
+        r#"{"rules": [{"name": "no-dotenv", "ops": ["open", "create", "write"], "path": "/workspace/app/.env", "action": "block"},
+                      {"name": "no-keys", "ops": ["create"], "path": "/workspace/app/*.pem", "action": "block"}]}"#,
+    )
+    .unwrap();
+    let out = h.run(&[
+        "--image",
+        "busybox",
+        "-v",
+        &format!("{}:app:host_fs", dir.path().join("app").display()),
+        "--vfs-rules",
+        &rules.display().to_string(),
+        "--",
+        "sh",
+        "-c",
+        "cat /workspace/app/.env || echo read-blocked; echo k > /workspace/app/key.pem || echo create-blocked; \
+         cat /workspace/app/main.py; echo ok > /workspace/app/new.txt && echo write-ok; ls -a /workspace/app | grep -c env",
+    ]);
+    let (o, e) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{o}\n{e}");
+    assert_eq!(o, "read-blocked\ncreate-blocked\nprint(1)\nwrite-ok\n1\n");
+    assert!(e.contains("Operation not permitted"), "{e}");
+    assert!(!dir.path().join("app/key.pem").exists());
+    let bad = h.run(&["--image", "busybox", "--vfs-rules", &rules.display().to_string(), "--", "true"]);
+    assert!(stderr(&bad).contains("VFS rules require -v mounts"), "{}", stderr(&bad));
+}
