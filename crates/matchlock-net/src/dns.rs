@@ -134,7 +134,7 @@ pub async fn answer_guest(query: &[u8], resolver: &Resolver, policy: Option<&Pol
     let name = name.as_deref().map(|n| n.strip_suffix('.').unwrap_or(n).to_owned());
     if let (Some(policy), Some(name)) = (policy, name.as_deref()) {
         if !policy.name_resolvable(name) {
-            return refusal(&request);
+            return error_response(&request, ResponseCode::Refused);
         }
     }
     let Ok(response) = resolver.exchange(query).await else {
@@ -146,10 +146,6 @@ pub async fn answer_guest(query: &[u8], resolver: &Resolver, policy: Option<&Pol
         }
     }
     Some(response)
-}
-
-fn refusal(request: &Message) -> Option<Vec<u8>> {
-    error_response(request, ResponseCode::Refused)
 }
 
 fn error_response(request: &Message, code: ResponseCode) -> Option<Vec<u8>> {

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -24,15 +23,12 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use crate::hooks::is_event_stream;
-use crate::policy::Blocked;
 use crate::secrets::{self, BodyTransform, SseDataReplacer, StreamReplacer};
-use crate::Shared;
+use crate::{Shared, CONNECT_TIMEOUT};
 
 type Body = BoxBody<Bytes, BoxError>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// How long dialling an upstream may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest response body buffered for a body replacement.
 const MAX_REWRITTEN_BODY: usize = 32 * 1024 * 1024;
 /// Largest request or response header block accepted from the guest.
@@ -193,7 +189,7 @@ async fn proxy(
     let (method, path, request_headers) = (parts.method.clone(), parts.uri.path().to_owned(), parts.headers.clone());
     let injected = match secrets::apply_to_request(&mut parts, &host, shared.policy.secrets()) {
         Ok(injected) => injected,
-        Err(Blocked::SecretToUnauthorizedHost) | Err(_) => return blocked(),
+        Err(_) => return blocked(),
     };
     let sender = match upstreams.get(shared, scheme, &host, port).await {
         Ok(sender) => sender,

@@ -103,6 +103,8 @@ pub(crate) struct Shared {
     udp_flows: Arc<Semaphore>,
 }
 
+/// How long dialling an upstream may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on concurrent forwarded UDP exchanges (DNS included).
 const MAX_UDP_FLOWS: usize = 64;
 /// How long a forwarded UDP exchange waits for answers.
@@ -183,7 +185,7 @@ async fn dns_over_tcp(shared: &Shared, mut stream: DuplexStream) {
 
 /// Non-HTTP TCP: a host socket to the destination, bytes both ways, half-close passed on.
 async fn splice(dst: SocketAddrV4, mut stream: DuplexStream) {
-    let Ok(Ok(mut upstream)) = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(dst)).await else {
+    let Ok(Ok(mut upstream)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await else {
         return;
     };
     let _ = upstream.set_nodelay(true);

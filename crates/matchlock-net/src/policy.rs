@@ -88,9 +88,6 @@ pub enum Blocked {
     /// A request rule blocked the request.
     #[error("blocked by rule {0}")]
     Rule(String),
-    /// The name did not resolve.
-    #[error("cannot resolve {0}")]
-    Unresolvable(String),
 }
 
 /// The network policy of one sandbox, shared by every connection and changed at runtime.

@@ -16,6 +16,8 @@ use rustix::io::Errno;
 
 use matchlock_protocol::vfs::{DirEntry, Stat};
 
+use crate::Provider;
+
 /// Permission bits a guest may set (no setuid, setgid).
 const ALLOWED_MODE: u32 = 0o1777;
 
@@ -23,17 +25,28 @@ fn resolve() -> ResolveFlags {
     ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS
 }
 
-/// Inode numbers the guest sees: FNV-1a 64 of (dev, ino), never 0 or 1.
-pub fn inode_number(dev: u64, ino: u64) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in dev.to_le_bytes().iter().chain(ino.to_le_bytes().iter()) {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
+/// A stable inode number from `bytes`: FNV-1a 64, never 0 or 1 (reserved by FUSE).
+pub fn inode_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    let hash =
+        bytes.into_iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     if hash < 2 {
         hash + 2
     } else {
         hash
+    }
+}
+
+/// Inode numbers the guest sees for host files: [`inode_hash`] of (dev, ino).
+pub fn inode_number(dev: u64, ino: u64) -> u64 {
+    inode_hash(dev.to_le_bytes().into_iter().chain(ino.to_le_bytes()))
+}
+
+/// `rel` as a path `openat2` accepts for the root itself.
+fn dot(rel: &str) -> &str {
+    if rel.is_empty() {
+        "."
+    } else {
+        rel
     }
 }
 
@@ -91,17 +104,18 @@ impl HostFs {
     }
 
     fn path_fd(&self, rel: &str) -> Result<OwnedFd, Errno> {
-        let rel = if rel.is_empty() { "." } else { rel };
-        rfs::openat2(&self.root, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), resolve())
+        rfs::openat2(&self.root, dot(rel), OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), resolve())
     }
+}
 
+impl Provider for HostFs {
     /// Attributes (symlinks inside the root are followed).
-    pub fn stat(&self, rel: &str) -> Result<Stat, Errno> {
+    fn stat(&self, rel: &str) -> Result<Stat, Errno> {
         Ok(to_stat(&rfs::fstat(self.path_fd(rel)?)?))
     }
 
     /// Attributes of the path itself (a symlink is not followed).
-    pub fn lstat(&self, rel: &str) -> Result<Stat, Errno> {
+    fn lstat(&self, rel: &str) -> Result<Stat, Errno> {
         if rel.is_empty() {
             return self.stat(rel);
         }
@@ -110,7 +124,7 @@ impl HostFs {
     }
 
     /// Opens (with `O_CREAT`, creates) a regular file or directory.
-    pub fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno> {
+    fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno> {
         let writes = flags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::CREATE | OFlags::TRUNC | OFlags::APPEND);
         if writes {
             self.writable()?;
@@ -124,8 +138,7 @@ impl HostFs {
             | OFlags::APPEND
             | OFlags::DIRECTORY;
         let flags = (flags & keep) | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
-        let rel = if rel.is_empty() { "." } else { rel };
-        let fd = rfs::openat2(&self.root, rel, flags, Mode::from_raw_mode(mode & 0o777), resolve())?;
+        let fd = rfs::openat2(&self.root, dot(rel), flags, Mode::from_raw_mode(mode & 0o777), resolve())?;
         let kind = FileType::from_raw_mode(rfs::fstat(&fd)?.st_mode);
         if kind != FileType::RegularFile && kind != FileType::Directory {
             return Err(Errno::ACCESS);
@@ -135,21 +148,21 @@ impl HostFs {
     }
 
     /// Makes a directory.
-    pub fn mkdir(&self, rel: &str, mode: u32) -> Result<(), Errno> {
+    fn mkdir(&self, rel: &str, mode: u32) -> Result<(), Errno> {
         self.writable()?;
         let (dir, name) = self.parent(rel)?;
         rfs::mkdirat(&dir, name.as_str(), Mode::from_raw_mode(mode & 0o777))
     }
 
     /// Removes a file (or, with `dir`, an empty directory).
-    pub fn remove(&self, rel: &str, dir: bool) -> Result<(), Errno> {
+    fn remove(&self, rel: &str, dir: bool) -> Result<(), Errno> {
         self.writable()?;
         let (parent, name) = self.parent(rel)?;
         rfs::unlinkat(&parent, name.as_str(), if dir { AtFlags::REMOVEDIR } else { AtFlags::empty() })
     }
 
     /// Renames, replacing the target.
-    pub fn rename(&self, from: &str, to: &str) -> Result<(), Errno> {
+    fn rename(&self, from: &str, to: &str) -> Result<(), Errno> {
         self.writable()?;
         let (from_dir, from_name) = self.parent(from)?;
         let (to_dir, to_name) = self.parent(to)?;
@@ -157,11 +170,10 @@ impl HostFs {
     }
 
     /// Lists a directory.
-    pub fn readdir(&self, rel: &str) -> Result<Vec<DirEntry>, Errno> {
-        let rel = if rel.is_empty() { "." } else { rel };
+    fn readdir(&self, rel: &str) -> Result<Vec<DirEntry>, Errno> {
         let fd = rfs::openat2(
             &self.root,
-            rel,
+            dot(rel),
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
             resolve(),
@@ -182,12 +194,11 @@ impl HostFs {
     }
 
     /// Changes permission bits (never setuid/setgid).
-    pub fn chmod(&self, rel: &str, mode: u32) -> Result<(), Errno> {
+    fn chmod(&self, rel: &str, mode: u32) -> Result<(), Errno> {
         self.writable()?;
-        let rel = if rel.is_empty() { "." } else { rel };
         let fd = rfs::openat2(
             &self.root,
-            rel,
+            dot(rel),
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
             Mode::empty(),
             resolve(),
@@ -196,26 +207,26 @@ impl HostFs {
     }
 
     /// Sets a regular file's size.
-    pub fn truncate(&self, rel: &str, size: u64) -> Result<(), Errno> {
+    fn truncate(&self, rel: &str, size: u64) -> Result<(), Errno> {
         let file = self.open(rel, OFlags::WRONLY, 0)?;
         rfs::ftruncate(file.as_fd(), size)
     }
 
     /// Creates a symlink at `rel` with `target` as its contents.
-    pub fn symlink(&self, target: &str, rel: &str) -> Result<(), Errno> {
+    fn symlink(&self, target: &str, rel: &str) -> Result<(), Errno> {
         self.writable()?;
         let (dir, name) = self.parent(rel)?;
         rfs::symlinkat(target, &dir, name.as_str())
     }
 
     /// A symlink's contents.
-    pub fn readlink(&self, rel: &str) -> Result<String, Errno> {
+    fn readlink(&self, rel: &str) -> Result<String, Errno> {
         let (dir, name) = self.parent(rel)?;
         Ok(rfs::readlinkat(&dir, name.as_str(), Vec::new())?.to_string_lossy().into_owned())
     }
 
     /// Hard-links `from` (inside the root) to `to`.
-    pub fn link(&self, from: &str, to: &str) -> Result<(), Errno> {
+    fn link(&self, from: &str, to: &str) -> Result<(), Errno> {
         self.writable()?;
         let (from_dir, from_name) = self.parent(from)?;
         let (to_dir, to_name) = self.parent(to)?;

@@ -1,9 +1,8 @@
 //! The host side of the workspace file system (reference §3.5 and §5): guest requests name
 //! absolute guest paths; the [`Router`] picks the mount with the longest prefix and hands its
 //! provider a path relative to the mount; [`serve`] answers one guest connection.
-//!
-//! Status: host side only (providers `host_fs` and `readonly`, router, wire protocol, server);
-//! the guest FUSE daemon, the `memory` and `overlay` providers and the `-v` wiring come next.
+//! Providers: [`HostFs`] (`host_fs`, `readonly`), [`Overlay`] (copy-on-write) and
+//! [`SingleFile`] (one host file as a mount). The guest side is `fused` in guest-init.
 #![forbid(unsafe_code)]
 
 pub mod hostfs;
@@ -51,83 +50,6 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn link(&self, from: &str, to: &str) -> Result<(), Errno>;
 }
 
-impl Provider for Box<dyn Provider> {
-    fn stat(&self, rel: &str) -> Result<Stat, Errno> {
-        (**self).stat(rel)
-    }
-    fn lstat(&self, rel: &str) -> Result<Stat, Errno> {
-        (**self).lstat(rel)
-    }
-    fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno> {
-        (**self).open(rel, flags, mode)
-    }
-    fn mkdir(&self, rel: &str, mode: u32) -> Result<(), Errno> {
-        (**self).mkdir(rel, mode)
-    }
-    fn remove(&self, rel: &str, dir: bool) -> Result<(), Errno> {
-        (**self).remove(rel, dir)
-    }
-    fn rename(&self, from: &str, to: &str) -> Result<(), Errno> {
-        (**self).rename(from, to)
-    }
-    fn readdir(&self, rel: &str) -> Result<Vec<DirEntry>, Errno> {
-        (**self).readdir(rel)
-    }
-    fn chmod(&self, rel: &str, mode: u32) -> Result<(), Errno> {
-        (**self).chmod(rel, mode)
-    }
-    fn truncate(&self, rel: &str, size: u64) -> Result<(), Errno> {
-        (**self).truncate(rel, size)
-    }
-    fn symlink(&self, target: &str, rel: &str) -> Result<(), Errno> {
-        (**self).symlink(target, rel)
-    }
-    fn readlink(&self, rel: &str) -> Result<String, Errno> {
-        (**self).readlink(rel)
-    }
-    fn link(&self, from: &str, to: &str) -> Result<(), Errno> {
-        (**self).link(from, to)
-    }
-}
-
-impl Provider for HostFs {
-    fn stat(&self, rel: &str) -> Result<Stat, Errno> {
-        HostFs::stat(self, rel)
-    }
-    fn lstat(&self, rel: &str) -> Result<Stat, Errno> {
-        HostFs::lstat(self, rel)
-    }
-    fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno> {
-        HostFs::open(self, rel, flags, mode)
-    }
-    fn mkdir(&self, rel: &str, mode: u32) -> Result<(), Errno> {
-        HostFs::mkdir(self, rel, mode)
-    }
-    fn remove(&self, rel: &str, dir: bool) -> Result<(), Errno> {
-        HostFs::remove(self, rel, dir)
-    }
-    fn rename(&self, from: &str, to: &str) -> Result<(), Errno> {
-        HostFs::rename(self, from, to)
-    }
-    fn readdir(&self, rel: &str) -> Result<Vec<DirEntry>, Errno> {
-        HostFs::readdir(self, rel)
-    }
-    fn chmod(&self, rel: &str, mode: u32) -> Result<(), Errno> {
-        HostFs::chmod(self, rel, mode)
-    }
-    fn truncate(&self, rel: &str, size: u64) -> Result<(), Errno> {
-        HostFs::truncate(self, rel, size)
-    }
-    fn symlink(&self, target: &str, rel: &str) -> Result<(), Errno> {
-        HostFs::symlink(self, target, rel)
-    }
-    fn readlink(&self, rel: &str) -> Result<String, Errno> {
-        HostFs::readlink(self, rel)
-    }
-    fn link(&self, from: &str, to: &str) -> Result<(), Errno> {
-        HostFs::link(self, from, to)
-    }
-}
 pub use matchlock_protocol::vfs as wire;
 use wire::{DirEntry, Op, Request, Response, Stat, WireError};
 
@@ -290,8 +212,7 @@ impl Router {
 
 /// The attributes of a synthesized directory.
 fn synthetic_dir(path: &str) -> Stat {
-    let hash = path.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    Stat { size: 4096, mode: 0o040_755, mtime: 0, is_dir: true, ino: Some(hash.max(2)) }
+    Stat { size: 4096, mode: 0o040_755, mtime: 0, is_dir: true, ino: Some(hostfs::inode_hash(path.bytes())) }
 }
 
 /// Answers requests on one guest connection until it closes.

@@ -162,6 +162,18 @@ impl Overlay {
         Ok(())
     }
 
+    /// The layer `rel` is read from: the upper one once it is there, else the lower one unless
+    /// a deletion hides it.
+    fn layer(&self, rel: &str) -> Result<&HostFs, Errno> {
+        if self.in_upper(rel) {
+            Ok(&self.upper)
+        } else if self.lower_hidden(rel) {
+            Err(Errno::NOENT)
+        } else {
+            Ok(&self.lower)
+        }
+    }
+
     fn whiteout(&self, rel: &str) {
         self.whiteouts.lock().unwrap_or_else(|e| e.into_inner()).insert(rel.to_owned());
     }
@@ -169,23 +181,11 @@ impl Overlay {
 
 impl Provider for Overlay {
     fn stat(&self, rel: &str) -> Result<Stat, Errno> {
-        if self.in_upper(rel) {
-            return self.upper.stat(rel);
-        }
-        if self.lower_hidden(rel) {
-            return Err(Errno::NOENT);
-        }
-        self.lower.stat(rel)
+        self.layer(rel)?.stat(rel)
     }
 
     fn lstat(&self, rel: &str) -> Result<Stat, Errno> {
-        if self.in_upper(rel) {
-            return self.upper.lstat(rel);
-        }
-        if self.lower_hidden(rel) {
-            return Err(Errno::NOENT);
-        }
-        self.lower.lstat(rel)
+        self.layer(rel)?.lstat(rel)
     }
 
     fn open(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, Errno> {
@@ -309,13 +309,7 @@ impl Provider for Overlay {
     }
 
     fn readlink(&self, rel: &str) -> Result<String, Errno> {
-        if self.in_upper(rel) {
-            self.upper.readlink(rel)
-        } else if self.in_lower(rel) {
-            self.lower.readlink(rel)
-        } else {
-            Err(Errno::NOENT)
-        }
+        self.layer(rel)?.readlink(rel)
     }
 
     fn link(&self, from: &str, to: &str) -> Result<(), Errno> {

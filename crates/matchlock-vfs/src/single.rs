@@ -6,8 +6,8 @@ use std::fs::File;
 use rustix::fs::OFlags;
 use rustix::io::Errno;
 
-use crate::wire::{DirEntry, Stat};
 use crate::Provider;
+use matchlock_protocol::vfs::{DirEntry, Stat};
 
 /// One file of `parent`, served as the mount root.
 #[derive(Debug)]
@@ -18,11 +18,11 @@ pub struct SingleFile {
 
 impl SingleFile {
     /// Serves `name` (a file in `parent`) as the whole mount.
-    pub fn new(parent: impl Provider + 'static, name: &str) -> Result<Self, Errno> {
+    pub fn new(parent: Box<dyn Provider>, name: &str) -> Result<Self, Errno> {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
             return Err(Errno::INVAL);
         }
-        let single = Self { parent: Box::new(parent), name: name.to_owned() };
+        let single = Self { parent, name: name.to_owned() };
         if single.parent.lstat(name)?.is_dir {
             return Err(Errno::ISDIR);
         }
@@ -89,7 +89,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("notes.txt"), "notes").unwrap();
         std::fs::write(dir.path().join("other.txt"), "other").unwrap();
-        let single = SingleFile::new(HostFs::new(dir.path(), false).unwrap(), "notes.txt").unwrap();
+        let single = SingleFile::new(Box::new(HostFs::new(dir.path(), false).unwrap()), "notes.txt").unwrap();
         let mut s = String::new();
         single.open("", OFlags::RDONLY, 0).unwrap().read_to_string(&mut s).unwrap();
         assert_eq!(s, "notes");
@@ -97,6 +97,6 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dir.path().join("notes.txt")).unwrap(), "new");
         assert_eq!(single.stat("other.txt").unwrap_err(), Errno::NOTDIR);
         assert_eq!(single.remove("", false).unwrap_err(), Errno::BUSY);
-        assert!(SingleFile::new(HostFs::new(dir.path(), false).unwrap(), "../x").is_err());
+        assert!(SingleFile::new(Box::new(HostFs::new(dir.path(), false).unwrap()), "../x").is_err());
     }
 }
