@@ -305,13 +305,15 @@ pub enum VfsMode {
     HostFs,
     /// Read-only (EROFS in the guest).
     Readonly,
+    /// A private, initially empty tree (no host directory), discarded with the sandbox.
+    Memory,
 }
 
 /// A host directory served at a guest path under the workspace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VfsMount {
-    /// Absolute host path.
+    /// Absolute host path (empty for [`VfsMode::Memory`]).
     pub host_path: String,
     /// Absolute guest path, inside the workspace.
     pub guest_path: String,

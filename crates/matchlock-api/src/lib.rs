@@ -3,5 +3,6 @@
 
 pub mod config;
 pub mod paths;
+pub mod rpc;
 
 pub use config::{EnvError, SandboxConfig};

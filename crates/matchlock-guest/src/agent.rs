@@ -16,7 +16,7 @@ use std::thread;
 use std::time::Duration;
 
 use matchlock_protocol::exec::{ExecMode, ExecRequest, GuestMessage, HostMessage};
-use matchlock_protocol::frame::{read_frame, write_frame};
+use matchlock_protocol::frame::{read_frame, write_frame, FrameType};
 use matchlock_protocol::{
     ECHO_PORT, EXEC_PORT, FORWARD_MAX_CHUNK, FORWARD_OK, FORWARD_PORT, FORWARD_REFUSED, HOST_CID, READY_PORT,
 };
@@ -179,8 +179,12 @@ impl Sender {
 fn handle(mut stream: VsockStream, disks: &[String]) -> Result<(), ConnError> {
     let Some(frame) = read_frame(&mut stream)? else { return Ok(()) };
     let sender = Sender(Arc::new(Mutex::new(stream.try_clone()?)));
-    if frame.kind == matchlock_protocol::frame::FrameType::Quiesce {
-        return quiesce(&sender, disks);
+    match frame.kind {
+        FrameType::Quiesce => return quiesce(&sender, disks),
+        FrameType::WriteFile | FrameType::ReadFile | FrameType::ListFiles => {
+            return Ok(crate::files::serve(&mut stream, &frame)?);
+        }
+        _ => {}
     }
     let (mode, request) = match ExecRequest::from_frame(&frame) {
         Ok(r) => r,

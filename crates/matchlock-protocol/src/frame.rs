@@ -29,6 +29,17 @@ pub enum FrameType {
     ExecStream = 11,
     /// Run a command with stdin forwarded from the host.
     ExecPipe = 12,
+    /// Write a file (host -> guest, JSON [`crate::files::FileRequest`]); the content
+    /// follows as `Stdin` chunks ended by an empty one; answered with `FileResult`.
+    WriteFile = 14,
+    /// Read a regular file (host -> guest, JSON [`crate::files::FileRequest`]); the
+    /// content comes back as `Stdout` chunks, then `FileResult`.
+    ReadFile = 15,
+    /// List a directory (host -> guest, JSON [`crate::files::FileRequest`]); answered
+    /// with `FileResult` carrying the entries.
+    ListFiles = 16,
+    /// The outcome of a file request (guest -> host, JSON [`crate::files::FileResult`]).
+    FileResult = 17,
     /// Prepare for the VM to stop: sync, and remount the extra disks read-only so they
     /// are clean on the host (host -> guest, empty; answered with `Exit`).
     Quiesce = 32,
@@ -48,6 +59,10 @@ impl TryFrom<u8> for FrameType {
             10 => Self::Exit,
             11 => Self::ExecStream,
             12 => Self::ExecPipe,
+            14 => Self::WriteFile,
+            15 => Self::ReadFile,
+            16 => Self::ListFiles,
+            17 => Self::FileResult,
             32 => Self::Quiesce,
             other => return Err(FrameError::UnknownType(other)),
         })

@@ -5,11 +5,13 @@
 //!
 //! - [`frame`]: the length-prefixed frame format used on the exec port.
 //! - [`exec`]: the typed exec request and the messages exchanged while it runs.
+//! - [`files`]: writing, reading and listing guest files through the agent.
 //! - [`boot`]: the `matchlock.*` kernel command-line parameters read by guest-init.
 #![forbid(unsafe_code)]
 
 pub mod boot;
 pub mod exec;
+pub mod files;
 pub mod frame;
 pub mod vfs;
 

@@ -57,10 +57,16 @@ async fn send(w: &mut (impl AsyncWrite + Unpin), msg: &HostMessage) -> Result<()
 
 impl Sandbox {
     /// Runs `request` and relays its stdio until it exits; returns its exit code.
-    pub async fn exec(&mut self, mode: ExecMode, request: &ExecRequest, io: ExecIo<'_>) -> Result<i32, SandboxError> {
-        let machine = self.machine.as_mut().expect("a live sandbox has a machine");
+    /// Several commands may run at once.
+    pub async fn exec(&self, mode: ExecMode, request: &ExecRequest, io: ExecIo<'_>) -> Result<i32, SandboxError> {
+        let machine = self.machine.as_ref().expect("a live sandbox has a machine");
         let stream = machine.connect(EXEC_PORT).await?;
-        relay_exec(stream, mode, request, io, machine.exited()).await
+        let stopped = machine.stopped();
+        relay_exec(stream, mode, request, io, async move {
+            stopped.await;
+            "the VM exited (see its logs/vm.log)".to_owned()
+        })
+        .await
     }
 }
 

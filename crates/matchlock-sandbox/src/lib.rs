@@ -4,6 +4,7 @@
 mod boot_disk;
 mod command;
 mod exec;
+mod files;
 pub mod gc;
 pub mod network;
 pub mod relay;
@@ -11,7 +12,7 @@ pub mod volumes;
 mod workspace;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use matchlock_api::paths::{cache_dir, state_dir, vm_dir};
@@ -71,6 +72,9 @@ pub enum SandboxError {
     /// A named volume operation failed (`named volume not found: x`, …).
     #[error("{0}")]
     Volume(String),
+    /// A guest file operation failed (the guest's message).
+    #[error("{0}")]
+    File(String),
     /// The exec relay of another process's sandbox failed.
     #[error("{0}")]
     Relay(String),
@@ -112,7 +116,8 @@ pub struct Sandbox {
     image: ImageRecord,
     config: SandboxConfig,
     machine: Option<QemuMachine>,
-    state: StateDb,
+    /// Behind a mutex only so that a sandbox can be shared between tasks (`Sync`).
+    state: std::sync::Mutex<StateDb>,
     relay: Option<tokio::task::JoinHandle<()>>,
     network: Option<Arc<network::Network>>,
     vfs: Option<tokio::task::JoinHandle<()>>,
@@ -155,7 +160,18 @@ impl Drop for DirGuard {
 impl Sandbox {
     /// Boots a sandbox for `config`, owned by this process: it is registered in `state`
     /// as running with this process as its owner. On any failure nothing is left behind.
-    pub async fn create(config: SandboxConfig, store: &Store, mut state: StateDb) -> Result<Self, SandboxError> {
+    pub async fn create(config: SandboxConfig, store: &Store, state: StateDb) -> Result<Self, SandboxError> {
+        Self::create_with_events(config, store, state, None).await
+    }
+
+    /// As [`Sandbox::create`]; workspace operations are also reported to `file_events`
+    /// when the configuration asks for events (`vfs_interception.emit_events`).
+    pub async fn create_with_events(
+        config: SandboxConfig,
+        store: &Store,
+        mut state: StateDb,
+        file_events: Option<matchlock_vfs::EventSink>,
+    ) -> Result<Self, SandboxError> {
         let started = Instant::now();
         validate(&config)?;
         let image = store.resolve(&config.image)?.ok_or_else(|| SandboxError::ImageNotFound(config.image.clone()))?;
@@ -188,7 +204,8 @@ impl Sandbox {
             "image_rootfs": image.rootfs,
         });
         state.register(&row, "qemu", &resources)?;
-        let booted = Self::boot(&id, &dir, &config, &image, boot_disk, kernel, qemu, &upper, &mut state).await;
+        let booted =
+            Self::boot(&id, &dir, &config, &image, boot_disk, kernel, qemu, &upper, &mut state, file_events).await;
         let (machine, network, vfs, prepared) = match booted {
             Ok(ok) => ok,
             Err((phase, e)) => {
@@ -207,7 +224,7 @@ impl Sandbox {
             image,
             config,
             machine: Some(machine),
-            state,
+            state: std::sync::Mutex::new(state),
             relay: None,
             network: network.clone(),
             vfs,
@@ -235,6 +252,7 @@ impl Sandbox {
         qemu: PathBuf,
         upper: &std::path::Path,
         state: &mut StateDb,
+        file_events: Option<matchlock_vfs::EventSink>,
     ) -> Result<
         (QemuMachine, Option<network::Network>, Option<tokio::task::JoinHandle<()>>, Instant),
         (Phase, SandboxError),
@@ -275,8 +293,9 @@ impl Sandbox {
         };
         let vfs = match &config.workspace {
             Some(_) => {
-                let router =
-                    workspace::router(dir, &config.volumes, config.vfs_interception.as_ref()).map_err(create_failed)?;
+                let rules = config.vfs_interception.as_ref();
+                let events = file_events.filter(|_| rules.is_some_and(|r| r.emit_events));
+                let router = workspace::router(dir, &config.volumes, rules, events).map_err(create_failed)?;
                 Some(workspace::serve(dir, router).map_err(create_failed)?)
             }
             None => None,
@@ -385,7 +404,7 @@ impl Sandbox {
     /// `stopped` with its logs until `matchlock rm`.
     pub async fn close(mut self, remove: bool) -> Result<(), SandboxError> {
         let id = self.id.clone();
-        let _ = self.state.transition(&id, Phase::Stopping, None);
+        let _ = self.state.get_mut().unwrap_or_else(PoisonError::into_inner).transition(&id, Phase::Stopping, None);
         if let Some(relay) = self.relay.take() {
             relay.abort();
         }
@@ -396,29 +415,27 @@ impl Sandbox {
         if self.config.disks.iter().any(|d| !d.read_only) {
             // Writes to volumes must reach their files before the VM goes.
             let synced = self.quiesce_guest().await;
-            let _ =
-                self.state.record_cleanup(&id, "guest_sync", synced.as_ref().err().map(ToString::to_string).as_deref());
+            let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+            let _ = state.record_cleanup(&id, "guest_sync", synced.as_ref().err().map(ToString::to_string).as_deref());
         }
         let machine_result = match self.machine.take() {
             Some(machine) => machine.shutdown().await.map_err(SandboxError::from),
             None => Ok(()),
         };
-        let _ = self.state.record_cleanup(
-            &id,
-            "machine_close",
-            machine_result.as_ref().err().map(|e| e.to_string()).as_deref(),
-        );
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let _ =
+            state.record_cleanup(&id, "machine_close", machine_result.as_ref().err().map(|e| e.to_string()).as_deref());
         if self.network.take().is_some() {
-            let _ = self.state.record_cleanup(&id, "network_close", None);
+            let _ = state.record_cleanup(&id, "network_close", None);
         }
-        let _ = self.state.transition(&id, Phase::Stopped, None);
-        let _ = self.state.set_status(&id, Status::Stopped);
-        let _ = self.state.transition(&id, Phase::Cleaning, None);
-        let cleaned = gc::release_disks(&mut self.state, &id, &self.dir);
-        let _ = self.state.transition(&id, if cleaned.is_ok() { Phase::Cleaned } else { Phase::CleanupFailed }, None);
+        let _ = state.transition(&id, Phase::Stopped, None);
+        let _ = state.set_status(&id, Status::Stopped);
+        let _ = state.transition(&id, Phase::Cleaning, None);
+        let cleaned = gc::release_disks(state, &id, &self.dir);
+        let _ = state.transition(&id, if cleaned.is_ok() { Phase::Cleaned } else { Phase::CleanupFailed }, None);
         if remove {
             std::fs::remove_dir_all(&self.dir).map_err(io_err(format!("cannot remove {}", self.dir.display())))?;
-            self.state.delete(&id)?;
+            state.delete(&id)?;
         }
         machine_result?;
         cleaned

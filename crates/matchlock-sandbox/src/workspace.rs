@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use matchlock_api::config::{VfsInterception, VfsMode, VfsMount};
-use matchlock_vfs::{HostFs, Overlay, Provider, Router, SingleFile};
+use matchlock_vfs::{EventSink, HostFs, Overlay, Provider, Router, SingleFile};
 
 use crate::{io_err, SandboxError};
 
@@ -14,14 +14,35 @@ fn vfs_error(what: String) -> impl FnOnce(rustix::io::Errno) -> SandboxError {
 }
 
 /// Builds the mount router: overlay mounts get an empty upper directory in the VM directory.
-pub fn router(dir: &Path, mounts: &[VfsMount], rules: Option<&VfsInterception>) -> Result<Router, SandboxError> {
+pub fn router(
+    dir: &Path,
+    mounts: &[VfsMount],
+    rules: Option<&VfsInterception>,
+    events: Option<EventSink>,
+) -> Result<Router, SandboxError> {
     let mut router = Router::default();
     if let Some(rules) = rules {
         router.set_rules(rules).map_err(|e| SandboxError::Config(e.to_string()))?;
     }
+    if let Some(sink) = events {
+        router.set_event_sink(sink);
+    }
     for (i, mount) in mounts.iter().enumerate() {
-        let host = Path::new(&mount.host_path);
         let opened = format!("cannot serve {} at {}", mount.host_path, mount.guest_path);
+        let scratch = |kind: &str| -> Result<std::path::PathBuf, SandboxError> {
+            let path = dir.join(format!("{kind}/mount-{i:03}"));
+            std::fs::create_dir_all(&path).map_err(io_err(format!("cannot create {}", path.display())))?;
+            Ok(path)
+        };
+        if mount.mode == VfsMode::Memory {
+            // A private, empty tree in the VM directory, gone with the sandbox.
+            let root = scratch("memory")?;
+            router
+                .mount(&mount.guest_path, HostFs::new(&root, false).map_err(vfs_error(opened.clone()))?)
+                .map_err(vfs_error(opened))?;
+            continue;
+        }
+        let host = Path::new(&mount.host_path);
         // A single file is served as the one visible name of its parent directory.
         let (root, file) = if host.is_dir() {
             (host, None)
@@ -32,13 +53,9 @@ pub fn router(dir: &Path, mounts: &[VfsMount], rules: Option<&VfsInterception>) 
             (host.parent().unwrap_or(Path::new("/")), Some(name))
         };
         let provider: Box<dyn Provider> = match mount.mode {
-            VfsMode::HostFs => Box::new(HostFs::new(root, false).map_err(vfs_error(opened.clone()))?),
+            VfsMode::HostFs | VfsMode::Memory => Box::new(HostFs::new(root, false).map_err(vfs_error(opened.clone()))?),
             VfsMode::Readonly => Box::new(HostFs::new(root, true).map_err(vfs_error(opened.clone()))?),
-            VfsMode::Overlay => {
-                let upper = dir.join(format!("overlay/mount-{i:03}"));
-                std::fs::create_dir_all(&upper).map_err(io_err(format!("cannot create {}", upper.display())))?;
-                Box::new(Overlay::new(root, &upper).map_err(vfs_error(opened.clone()))?)
-            }
+            VfsMode::Overlay => Box::new(Overlay::new(root, &scratch("overlay")?).map_err(vfs_error(opened.clone()))?),
         };
         let result = match file {
             Some(name) => {

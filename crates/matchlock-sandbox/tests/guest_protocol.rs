@@ -47,7 +47,7 @@ async fn malformed_frames_close_only_their_connection() {
     store.import("busybox", &mut std::fs::File::open(fixtures.join("busybox.tar")).unwrap()).unwrap();
 
     let state = matchlock_sandbox::open_state().unwrap();
-    let mut sandbox = Sandbox::create(SandboxConfig::new("busybox"), &store, state).await.unwrap();
+    let sandbox = Sandbox::create(SandboxConfig::new("busybox"), &store, state).await.unwrap();
 
     // Unknown frame type, an absurd length, and a truncated frame: each connection is
     // dropped by the agent without an answer.

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 
+use matchlock_api::rpc::FileEvent;
 use rustix::fs::OFlags;
 use rustix::io::Errno;
 
@@ -64,11 +65,25 @@ enum Route<'a> {
     Synthetic(Vec<String>),
 }
 
+/// Receives a `file` event after each operation (see [`Router::set_event_sink`]).
+pub type EventSink = Box<dyn Fn(FileEvent) + Send + Sync>;
+
 /// Mounts by guest path, and the rules on operations through them.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Router {
     mounts: BTreeMap<String, Box<dyn Provider>>,
     blocks: Vec<BlockRule>,
+    events: Option<EventSink>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("mounts", &self.mounts)
+            .field("blocks", &self.blocks)
+            .field("events", &self.events.is_some())
+            .finish()
+    }
 }
 
 /// A before-phase `block` rule: matching operations fail with EPERM in the guest.
@@ -79,9 +94,9 @@ struct BlockRule {
 }
 
 /// Operation names rules match on.
-const RULE_OPS: [&str; 14] = [
+const RULE_OPS: [&str; 16] = [
     "stat", "open", "read", "write", "create", "mkdir", "remove", "rename", "readdir", "chmod", "truncate", "symlink",
-    "readlink", "link",
+    "readlink", "link", "close", "sync",
 ];
 
 /// Errors in VFS rules.
@@ -97,9 +112,6 @@ pub enum VfsRuleError {
         /// The value.
         value: String,
     },
-    /// The rule needs something only the JSON-RPC API provides.
-    #[error("VFS rule {0:?}: after-phase rules and file events need the JSON-RPC API")]
-    NeedsRpc(String),
 }
 
 /// The rule name of a wire operation (`None`: never blocked, e.g. release).
@@ -121,6 +133,15 @@ fn rule_op(op: Op) -> Option<&'static str> {
         Op::Link => "link",
         Op::Release | Op::Fsync => return None,
     })
+}
+
+/// The rule name for an op spelling, with the reference's aliases.
+fn canonical_op(op: &str) -> String {
+    match op.to_ascii_lowercase().as_str() {
+        "read_dir" => "readdir".to_owned(),
+        "removeall" | "remove_all" => "remove".to_owned(),
+        other => other.to_owned(),
+    }
 }
 
 /// Normalizes an absolute guest path: no `.`/`..`/empty components, no NUL.
@@ -151,29 +172,33 @@ impl Router {
     }
 
     /// Installs interception rules: before-phase `block` rules are enforced; `allow` rules
-    /// have no effect.
+    /// and after-phase rules block nothing (after-phase work happens on the `file` events).
     pub fn set_rules(&mut self, config: &matchlock_api::config::VfsInterception) -> Result<(), VfsRuleError> {
-        if config.emit_events {
-            return Err(VfsRuleError::NeedsRpc("emit_events".into()));
-        }
         for rule in &config.rules {
             let invalid =
                 |field, value: &str| VfsRuleError::Invalid { rule: rule.name.clone(), field, value: value.to_owned() };
-            match rule.phase.as_str() {
-                "" | "before" => {}
-                "after" => return Err(VfsRuleError::NeedsRpc(rule.name.clone())),
+            let before = match rule.phase.as_str() {
+                "" | "before" => true,
+                "after" => false,
                 other => return Err(invalid("phase", other)),
-            }
-            if let Some(op) = rule.ops.iter().find(|op| !RULE_OPS.contains(&op.as_str())) {
+            };
+            let ops: Vec<String> = rule.ops.iter().map(|op| canonical_op(op)).collect();
+            if let Some(op) = ops.iter().find(|op| !RULE_OPS.contains(&op.as_str())) {
                 return Err(invalid("op", op));
             }
             match rule.action.as_str() {
                 "" | "allow" => {}
-                "block" => self.blocks.push(BlockRule { ops: rule.ops.clone(), path: rule.path.clone() }),
+                "block" if before => self.blocks.push(BlockRule { ops, path: rule.path.clone() }),
+                "block" => {}
                 other => return Err(invalid("action", other)),
             }
         }
         Ok(())
+    }
+
+    /// Sends a `file` event to `sink` after every operation that succeeded.
+    pub fn set_event_sink(&mut self, sink: EventSink) {
+        self.events = Some(sink);
     }
 
     fn blocked(&self, op: Op, path: &str) -> bool {
@@ -220,8 +245,15 @@ pub fn serve(stream: &mut (impl Read + Write), router: &Router) -> Result<(), Wi
     let mut handles: HashMap<u64, (File, String)> = HashMap::new();
     let mut next_handle = 1u64;
     while let Some(request) = wire::read_message::<Request>(stream)? {
-        let response = handle(router, &mut handles, &mut next_handle, &request)
-            .unwrap_or_else(|e| Response::error(e.raw_os_error()));
+        // The handle's path, for events on handle operations (gone after a release).
+        let handle_path = handles.get(&request.fh).map(|(_, p)| p.clone());
+        let response = handle(router, &mut handles, &mut next_handle, &request);
+        if let (Some(sink), Ok(response)) = (&router.events, &response) {
+            if let Some(event) = file_event(&request, response, handle_path) {
+                sink(event);
+            }
+        }
+        let response = response.unwrap_or_else(|e| Response::error(e.raw_os_error()));
         wire::write_message(stream, &response)?;
     }
     Ok(())
@@ -360,6 +392,31 @@ fn handle(
     }
 }
 
+/// The event for a successful operation; lookups and attribute reads, which the guest
+/// kernel issues constantly, and releases are not reported.
+fn file_event(req: &Request, response: &Response, handle_path: Option<String>) -> Option<FileEvent> {
+    let op = Op::from_code(req.op)?;
+    let name = match op {
+        Op::Lookup | Op::Getattr | Op::Release => return None,
+        Op::Fsync => "sync",
+        other => rule_op(other)?,
+    };
+    let path = match op {
+        Op::Read | Op::Write | Op::Fsync => handle_path?,
+        _ => req.path.clone(),
+    };
+    let size = match op {
+        Op::Write => u64::from(response.written),
+        Op::Read => response.data.len() as u64,
+        _ => response.stat.as_ref().map_or(0, |s| s.size),
+    };
+    let mode = match op {
+        Op::Create | Op::Mkdir | Op::MkdirAll | Op::Setattr => Some(req.mode & 0o7777),
+        _ => response.stat.as_ref().map(|s| s.mode & 0o7777),
+    };
+    Some(FileEvent { op: name.to_owned(), path, size, mode, uid: Some(req.uid), gid: Some(req.gid) })
+}
+
 fn io_errno(e: &std::io::Error) -> Errno {
     e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error)
 }
@@ -474,12 +531,34 @@ mod tests {
         assert_eq!(responses[0].err, -libc_errno(Errno::PERM));
         assert_eq!(responses[1].err, 0);
         assert_eq!(responses[2].err, 0, "stat is not in the rule's ops");
-        let mut after = rules.clone();
-        after.rules[0].phase = "after".into();
-        assert!(matches!(Router::default().set_rules(&after), Err(VfsRuleError::NeedsRpc(_))));
         let mut bad = rules;
         bad.rules[0].ops = vec!["explode".into()];
         assert!(Router::default().set_rules(&bad).is_err());
+    }
+
+    #[test]
+    fn events_follow_successful_operations() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut router = Router::default();
+        router.mount("/workspace", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        router.set_event_sink(Box::new(move |e| tx.lock().unwrap().send(e).unwrap()));
+        let create = Request { flags: OFlags::WRONLY.bits(), mode: 0o600, uid: 7, ..req(Op::Create, "/workspace/a") };
+        exchange(
+            &router,
+            &[
+                create,
+                Request { fh: 1, data: b"12345".to_vec(), ..req(Op::Write, "") },
+                Request { fh: 1, ..req(Op::Release, "") },
+                req(Op::Getattr, "/workspace/a"),
+                req(Op::Unlink, "/workspace/missing"),
+            ],
+        );
+        let events: Vec<FileEvent> = rx.try_iter().collect();
+        let summary: Vec<(&str, &str, u64)> = events.iter().map(|e| (e.op.as_str(), e.path.as_str(), e.size)).collect();
+        assert_eq!(summary, [("create", "/workspace/a", 0), ("write", "/workspace/a", 5)]);
+        assert_eq!((events[0].mode, events[0].uid), (Some(0o600), Some(7)));
     }
 
     fn libc_errno(e: Errno) -> i32 {

@@ -156,6 +156,10 @@ pub trait Machine: Send {
     /// Resolves when the VM has exited on its own; returns a description of how.
     fn exited(&mut self) -> impl Future<Output = String> + Send;
 
+    /// Resolves once the VM has stopped; unlike [`Machine::exited`] it needs no exclusive
+    /// access, so concurrent commands can each watch for it.
+    fn stopped(&self) -> impl Future<Output = ()> + Send + 'static;
+
     /// Stops the VM and every helper process, and removes their sockets.
     fn shutdown(self) -> impl Future<Output = Result<(), VmError>> + Send;
 }

@@ -1,5 +1,6 @@
 //! QEMU `microvm` backend (KVM or TCG), with vsock from `vhost-device-vsock`.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -49,8 +50,13 @@ fn check_option_path(p: &Path) -> Result<String, VmError> {
 const CONSOLE_LOG_LIMIT: u64 = 16 * 1024 * 1024;
 
 /// Copies the serial console into `log` until EOF, keeping at most [`CONSOLE_LOG_LIMIT`]
-/// bytes; output beyond that is read and dropped so the guest never blocks on it.
-async fn capture_console(mut console: tokio::process::ChildStdout, log: std::fs::File) {
+/// bytes; output beyond that (or after a failed log write) is read and dropped so the guest
+/// never blocks on it. `stopped` turns true at EOF, i.e. when QEMU has exited.
+async fn capture_console(
+    mut console: tokio::process::ChildStdout,
+    log: std::fs::File,
+    stopped: tokio::sync::watch::Sender<bool>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut log = tokio::fs::File::from_std(log);
     let mut kept = 0u64;
@@ -63,7 +69,8 @@ async fn capture_console(mut console: tokio::process::ChildStdout, log: std::fs:
         if kept < CONSOLE_LOG_LIMIT {
             let take = n.min((CONSOLE_LOG_LIMIT - kept) as usize);
             if log.write_all(&buf[..take]).await.is_err() {
-                break;
+                kept = CONSOLE_LOG_LIMIT;
+                continue;
             }
             kept += take as u64;
             if kept == CONSOLE_LOG_LIMIT {
@@ -72,6 +79,7 @@ async fn capture_console(mut console: tokio::process::ChildStdout, log: std::fs:
         }
     }
     let _ = log.flush().await;
+    let _ = stopped.send(true);
 }
 
 /// Console log of a VM directory.
@@ -188,8 +196,16 @@ impl Backend for QemuBackend {
                 .stdout(Stdio::null())
                 .stderr(log_file(&spec.dir.join("logs/vhost-vsock.log"))?),
         )?;
-        let mut machine =
-            QemuMachine { dir: spec.dir.clone(), qemu: None, vhost: Some(vhost), console: None, exit: None };
+        let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
+        let mut machine = QemuMachine {
+            dir: spec.dir.clone(),
+            qemu: None,
+            vhost: Some(vhost),
+            console: None,
+            exit: None,
+            stopped,
+            stopped_tx: Some(stopped_tx),
+        };
         match self.boot(&mut machine, &spec, &args, &vhost_sock, ready).await {
             Ok(()) => {
                 let _ = std::fs::remove_file(&ready_path);
@@ -236,7 +252,8 @@ impl QemuBackend {
                 .stderr(log_file(&spec.dir.join("logs/qemu.log"))?),
         )?;
         let console = qemu.stdout.take().expect("stdout is piped");
-        machine.console = Some(tokio::spawn(capture_console(console, log_file(&console_log(&spec.dir))?)));
+        let stopped = machine.stopped_tx.take().expect("one console per machine");
+        machine.console = Some(tokio::spawn(capture_console(console, log_file(&console_log(&spec.dir))?, stopped)));
         machine.qemu = Some(qemu);
 
         tokio::select! {
@@ -289,6 +306,9 @@ pub struct QemuMachine {
     /// Copies the serial console to `logs/vm.log`; ends when QEMU exits.
     console: Option<tokio::task::JoinHandle<()>>,
     exit: Option<String>,
+    /// Turns true once QEMU has exited (its console reached EOF).
+    stopped: tokio::sync::watch::Receiver<bool>,
+    stopped_tx: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl QemuMachine {
@@ -354,6 +374,14 @@ impl Machine for QemuMachine {
 
     async fn exited(&mut self) -> String {
         self.wait_qemu().await
+    }
+
+    fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stopped = self.stopped.clone();
+        async move {
+            // An error means the console task is gone, which it only is once QEMU exited.
+            let _ = stopped.wait_for(|s| *s).await;
+        }
     }
 
     async fn shutdown(mut self) -> Result<(), VmError> {

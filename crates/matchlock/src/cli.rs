@@ -131,6 +131,8 @@ enum Command {
     /// Manage the guest kernel.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// Serve the JSON-RPC API on stdin/stdout (what the SDKs drive): one sandbox per process.
+    Rpc,
     /// Print version information.
     Version,
     /// Check that this host can run sandboxes.
@@ -244,6 +246,7 @@ pub async fn dispatch(cli: Cli) -> Result<u8> {
         Command::PortForward { address, id, ports } => crate::vms::port_forward(&id, &ports, &address).await,
         Command::Rm { stopped, id } => crate::vms::rm(id, stopped),
         Command::Prune => crate::vms::prune(),
+        Command::Rpc => crate::rpc::serve().await,
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),
         Command::Pull { tag, force, reference } => crate::images::pull(&reference, tag.as_deref(), force).await,
         Command::Volume(cmd) => crate::volumes::dispatch(cmd),

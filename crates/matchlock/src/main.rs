@@ -13,6 +13,7 @@ mod cli;
 mod forward;
 mod host;
 mod images;
+mod rpc;
 mod run;
 mod session;
 mod terminal;

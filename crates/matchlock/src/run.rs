@@ -160,8 +160,12 @@ fn build_config(args: &RunArgs) -> Result<SandboxConfig> {
     if let Some(file) = &args.vfs_rules {
         let text =
             std::fs::read_to_string(file).with_context(|| format!("cannot read VFS rules {}", file.display()))?;
-        config.vfs_interception =
-            Some(serde_json::from_str(&text).with_context(|| format!("invalid VFS rules in {}", file.display()))?);
+        let rules: matchlock_api::config::VfsInterception =
+            serde_json::from_str(&text).with_context(|| format!("invalid VFS rules in {}", file.display()))?;
+        if rules.emit_events {
+            bail!("invalid VFS rules in {}: emit_events needs a JSON-RPC client (matchlock rpc)", file.display());
+        }
+        config.vfs_interception = Some(rules);
     }
     if !args.dns_servers.is_empty() {
         config.dns_servers.clone_from(&args.dns_servers);
