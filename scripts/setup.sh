@@ -44,6 +44,9 @@ python3 tests/fixtures/make_images.py "$CACHE/fixtures"
 log "network test image (Debian minbase with curl and python3, by debootstrap; cached)"
 scripts/build-test-image.sh
 
+log "the original project's Python SDK from PyPI (for the SDK compatibility tests; cached)"
+PIP_ROOT_USER_ACTION=ignore scripts/install-python-sdk.sh >/dev/null
+
 if [ $demo -eq 1 ]; then
   log "running a sandbox: $MATCHLOCK run --image matchlock-busybox -- sh -c '...'"
   "$MATCHLOCK" run --image matchlock-busybox -- sh -c 'echo "hello from $(hostname), kernel $(uname -r)"'

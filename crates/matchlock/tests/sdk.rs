@@ -1,0 +1,154 @@
+//! `matchlock rpc`: the wire protocol driven directly (no VM needed for most checks), and
+//! the original project's Python SDK from PyPI, unchanged, against real VMs.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use common::{debian_image, home, repo_root, Home};
+use serde_json::{json, Value};
+
+/// A `matchlock rpc` process.
+struct Rpc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Rpc {
+    fn start(h: &Home) -> Self {
+        let mut child = h
+            .cmd()
+            .arg("rpc")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn rpc");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Self { child, stdin, stdout }
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.stdin.as_mut().unwrap().write_all(bytes).unwrap();
+        self.stdin.as_mut().unwrap().flush().unwrap();
+    }
+
+    fn send(&mut self, message: &Value) {
+        let mut line = message.to_string().into_bytes();
+        line.push(b'\n');
+        self.send_raw(&line);
+    }
+
+    fn recv(&mut self) -> Value {
+        let mut line = String::new();
+        assert!(self.stdout.read_line(&mut line).unwrap() > 0, "rpc closed its output");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad output line {line:?}: {e}"))
+    }
+
+    /// Sends a request and returns its response, collecting notifications meanwhile.
+    fn call(&mut self, id: u64, method: &str, params: Value) -> (Value, Vec<Value>) {
+        self.send(&json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id}));
+        let mut notifications = Vec::new();
+        loop {
+            let m = self.recv();
+            if m.get("id").and_then(Value::as_u64) == Some(id) {
+                return (m, notifications);
+            }
+            notifications.push(m);
+        }
+    }
+
+    fn finish(mut self) -> std::process::ExitStatus {
+        drop(self.stdin.take());
+        self.child.wait().unwrap()
+    }
+}
+
+fn error_code(response: &Value) -> i64 {
+    response["error"]["code"].as_i64().unwrap_or_else(|| panic!("not an error: {response}"))
+}
+
+#[test]
+fn protocol_errors_are_answered_and_the_server_keeps_serving() {
+    let h = home();
+    let mut rpc = Rpc::start(&h);
+    rpc.send_raw(b"this is not json\n");
+    assert_eq!(rpc.recv(), json!({"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}}));
+    rpc.send_raw(b"\n   \n");
+    rpc.send_raw(br#"{"jsonrpc":"2.0","method":"exec","id":"seven"}"#);
+    rpc.send_raw(b"\n");
+    assert_eq!(error_code(&rpc.recv()), -32700, "a string id is a parse error");
+    // A line over the 10 MiB limit is refused without taking the server down.
+    let mut long = vec![b'x'; 10 * 1024 * 1024 + 10];
+    long.push(b'\n');
+    rpc.send_raw(&long);
+    assert_eq!(error_code(&rpc.recv()), -32700);
+    let (r, _) = rpc.call(1, "no_such_method", json!({}));
+    assert_eq!(r["error"], json!({"code": -32601, "message": "Method not found"}));
+    let (r, _) = rpc.call(2, "exec", json!({"command": "true"}));
+    assert_eq!(r["error"], json!({"code": -32000, "message": "VM not created"}));
+    let (r, _) = rpc.call(3, "create", json!({}));
+    assert_eq!(r["error"], json!({"code": -32602, "message": "image is required (e.g., alpine:latest)"}));
+    let (r, _) = rpc.call(4, "create", json!({"image": "busybox", "id": "vm-mine"}));
+    assert_eq!(r["error"]["message"], "id is internal-only and cannot be set");
+    let (r, _) = rpc.call(5, "create", json!({"image": "busybox", "resources": {"cpus": "many"}}));
+    assert_eq!(error_code(&r), -32602, "{r}");
+    let (r, _) = rpc.call(6, "create", json!({"image": "busybox", "network": {"no_network": true, "intercept": true}}));
+    assert!(r["error"]["message"].as_str().unwrap().contains("no_network cannot be combined"), "{r}");
+    let (r, _) = rpc.call(7, "create", json!({"image": "busybox", "vfs": {"workspace": "/w", "mounts": {"/x": {}}}}));
+    assert!(r["error"]["message"].as_str().unwrap().contains("within workspace"), "{r}");
+    let (r, _) = rpc.call(8, "create", json!({"image": "no-such-image"}));
+    assert_eq!(error_code(&r), -32000, "{r}");
+    let (r, _) = rpc.call(9, "cancel", json!({"id": 12345}));
+    assert_eq!(r["result"], json!({"cancelled": false}));
+    // Input for unknown commands is ignored, never answered.
+    rpc.send(&json!({"jsonrpc": "2.0", "method": "exec_pipe.stdin", "params": {"id": 99, "data": "aGk="}}));
+    let (r, _) = rpc.call(10, "log", json!({}));
+    assert_eq!(r["error"]["message"], "VM not created");
+    assert!(rpc.finish().success());
+    h.assert_no_leftovers();
+}
+
+#[test]
+fn stdin_eof_without_close_removes_the_sandbox() {
+    let h = home();
+    let mut rpc = Rpc::start(&h);
+    let (r, _) = rpc.call(1, "create", json!({"image": "busybox", "network": {"no_network": true}}));
+    let id = r["result"]["id"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned();
+    let (r, _) = rpc.call(2, "exec", json!({"command": "echo $((6 * 7))"}));
+    assert_eq!(r["result"]["stdout"], "NDIK", "{r}");
+    assert!(rpc.finish().success());
+    h.assert_no_leftovers();
+    assert!(!String::from_utf8_lossy(&h.ml(&["list"]).stdout).contains(&id));
+}
+
+/// Runs tests/sdk/test_python_sdk.py (unittest) with the PyPI SDK against this build.
+#[test]
+fn python_sdk_suite() {
+    let h = home();
+    let image = debian_image();
+    let sdk = Command::new("bash").arg(repo_root().join("scripts/install-python-sdk.sh")).output().unwrap();
+    assert!(sdk.status.success(), "{}", String::from_utf8_lossy(&sdk.stderr));
+    let mut python = Command::new("python3");
+    for (key, value) in h.cmd().get_envs() {
+        if let Some(value) = value {
+            python.env(key, value);
+        }
+    }
+    let out = python
+        .arg(repo_root().join("tests/sdk/test_python_sdk.py"))
+        .env("PYTHONPATH", String::from_utf8_lossy(&sdk.stdout).trim())
+        .env("MATCHLOCK_BIN", env!("CARGO_BIN_EXE_matchlock"))
+        .env("MATCHLOCK_TEST_IMAGE", image)
+        .env("MATCHLOCK_TEST_BUSYBOX", "busybox")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "Python SDK suite failed:\n{log}");
+    assert!(log.contains("OK"), "{log}");
+    h.assert_no_leftovers();
+}
