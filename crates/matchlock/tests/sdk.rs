@@ -48,16 +48,14 @@ impl Rpc {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad output line {line:?}: {e}"))
     }
 
-    /// Sends a request and returns its response, collecting notifications meanwhile.
-    fn call(&mut self, id: u64, method: &str, params: Value) -> (Value, Vec<Value>) {
+    /// Sends a request and returns its response (notifications meanwhile are skipped).
+    fn call(&mut self, id: u64, method: &str, params: &Value) -> Value {
         self.send(&json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id}));
-        let mut notifications = Vec::new();
         loop {
             let m = self.recv();
             if m.get("id").and_then(Value::as_u64) == Some(id) {
-                return (m, notifications);
+                return m;
             }
-            notifications.push(m);
         }
     }
 
@@ -86,27 +84,27 @@ fn protocol_errors_are_answered_and_the_server_keeps_serving() {
     long.push(b'\n');
     rpc.send_raw(&long);
     assert_eq!(error_code(&rpc.recv()), -32700);
-    let (r, _) = rpc.call(1, "no_such_method", json!({}));
+    let r = rpc.call(1, "no_such_method", &json!({}));
     assert_eq!(r["error"], json!({"code": -32601, "message": "Method not found"}));
-    let (r, _) = rpc.call(2, "exec", json!({"command": "true"}));
+    let r = rpc.call(2, "exec", &json!({"command": "true"}));
     assert_eq!(r["error"], json!({"code": -32000, "message": "VM not created"}));
-    let (r, _) = rpc.call(3, "create", json!({}));
+    let r = rpc.call(3, "create", &json!({}));
     assert_eq!(r["error"], json!({"code": -32602, "message": "image is required (e.g., alpine:latest)"}));
-    let (r, _) = rpc.call(4, "create", json!({"image": "busybox", "id": "vm-mine"}));
+    let r = rpc.call(4, "create", &json!({"image": "busybox", "id": "vm-mine"}));
     assert_eq!(r["error"]["message"], "id is internal-only and cannot be set");
-    let (r, _) = rpc.call(5, "create", json!({"image": "busybox", "resources": {"cpus": "many"}}));
+    let r = rpc.call(5, "create", &json!({"image": "busybox", "resources": {"cpus": "many"}}));
     assert_eq!(error_code(&r), -32602, "{r}");
-    let (r, _) = rpc.call(6, "create", json!({"image": "busybox", "network": {"no_network": true, "intercept": true}}));
+    let r = rpc.call(6, "create", &json!({"image": "busybox", "network": {"no_network": true, "intercept": true}}));
     assert!(r["error"]["message"].as_str().unwrap().contains("no_network cannot be combined"), "{r}");
-    let (r, _) = rpc.call(7, "create", json!({"image": "busybox", "vfs": {"workspace": "/w", "mounts": {"/x": {}}}}));
+    let r = rpc.call(7, "create", &json!({"image": "busybox", "vfs": {"workspace": "/w", "mounts": {"/x": {}}}}));
     assert!(r["error"]["message"].as_str().unwrap().contains("within workspace"), "{r}");
-    let (r, _) = rpc.call(8, "create", json!({"image": "no-such-image"}));
+    let r = rpc.call(8, "create", &json!({"image": "no-such-image"}));
     assert_eq!(error_code(&r), -32000, "{r}");
-    let (r, _) = rpc.call(9, "cancel", json!({"id": 12345}));
+    let r = rpc.call(9, "cancel", &json!({"id": 12345}));
     assert_eq!(r["result"], json!({"cancelled": false}));
     // Input for unknown commands is ignored, never answered.
     rpc.send(&json!({"jsonrpc": "2.0", "method": "exec_pipe.stdin", "params": {"id": 99, "data": "aGk="}}));
-    let (r, _) = rpc.call(10, "log", json!({}));
+    let r = rpc.call(10, "log", &json!({}));
     assert_eq!(r["error"]["message"], "VM not created");
     assert!(rpc.finish().success());
     h.assert_no_leftovers();
@@ -116,9 +114,9 @@ fn protocol_errors_are_answered_and_the_server_keeps_serving() {
 fn stdin_eof_without_close_removes_the_sandbox() {
     let h = home();
     let mut rpc = Rpc::start(&h);
-    let (r, _) = rpc.call(1, "create", json!({"image": "busybox", "network": {"no_network": true}}));
+    let r = rpc.call(1, "create", &json!({"image": "busybox", "network": {"no_network": true}}));
     let id = r["result"]["id"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned();
-    let (r, _) = rpc.call(2, "exec", json!({"command": "echo $((6 * 7))"}));
+    let r = rpc.call(2, "exec", &json!({"command": "echo $((6 * 7))"}));
     assert_eq!(r["result"]["stdout"], "NDIK", "{r}");
     assert!(rpc.finish().success());
     h.assert_no_leftovers();
