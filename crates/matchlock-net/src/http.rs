@@ -114,9 +114,14 @@ pub(crate) async fn serve_https(shared: Arc<Shared>, dst: SocketAddrV4, stream: 
     }
 }
 
+/// Why policy refused a request; carried on the `403` response for the event.
+#[derive(Debug, Clone, Copy)]
+struct BlockReason(&'static str);
+
 /// The `403 Blocked by policy` answer.
-fn blocked() -> Response<Body> {
+fn blocked(reason: &'static str) -> Response<Body> {
     let mut response = Response::new(full("Blocked by policy"));
+    response.extensions_mut().insert(BlockReason(reason));
     *response.status_mut() = StatusCode::FORBIDDEN;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -162,7 +167,45 @@ fn claimed_host(req: &Request<Incoming>) -> Option<String> {
     Some(raw)
 }
 
+/// Proxies one request and reports it as a `network` event when someone listens.
 async fn proxy(
+    shared: &Shared,
+    upstreams: &Upstreams,
+    scheme: Scheme,
+    dst: SocketAddrV4,
+    tls_name: Option<&str>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let Some(events) = shared.events.clone() else {
+        return forward(shared, upstreams, scheme, dst, tls_name, req).await;
+    };
+    let started = std::time::Instant::now();
+    let (host, _) = target(scheme, dst, tls_name, &req);
+    let method = req.method().to_string();
+    let scheme_name = if scheme == Scheme::Https { "https" } else { "http" };
+    let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str).to_owned();
+    let url = format!("{scheme_name}://{host}{path}");
+    let length = |headers: &HeaderMap| {
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let request_bytes = length(req.headers());
+    let response = forward(shared, upstreams, scheme, dst, tls_name, req).await;
+    let reason = response.extensions().get::<BlockReason>().map(|r| r.0.to_owned());
+    (events.0)(matchlock_api::rpc::NetworkEvent {
+        method,
+        url,
+        host,
+        status_code: response.status().as_u16(),
+        request_bytes,
+        response_bytes: length(response.headers()),
+        duration_ms: started.elapsed().as_millis() as u64,
+        blocked: reason.is_some(),
+        block_reason: reason,
+    });
+    response
+}
+
+async fn forward(
     shared: &Shared,
     upstreams: &Upstreams,
     scheme: Scheme,
@@ -174,26 +217,26 @@ async fn proxy(
     // Over TLS the server name decided the policy: a different Host would smuggle past it.
     if let (Some(name), Some(claimed)) = (tls_name, claimed_host(&req)) {
         if !claimed.eq_ignore_ascii_case(name) {
-            return blocked();
+            return blocked("Host header does not match the TLS server name");
         }
     }
     if shared.policy.check_host(&host).is_err() {
-        return blocked();
+        return blocked("host not in the allow-list");
     }
     let upgrade = req.headers().contains_key(header::UPGRADE) && req.version() == Version::HTTP_11;
     let guest_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     if shared.hooks.before(&host, &mut parts).await.is_err() {
-        return blocked();
+        return blocked("blocked by an interception rule");
     }
     let (method, path, request_headers) = (parts.method.clone(), parts.uri.path().to_owned(), parts.headers.clone());
     let injected = match secrets::apply_to_request(&mut parts, &host, shared.policy.secrets()) {
         Ok(injected) => injected,
-        Err(_) => return blocked(),
+        Err(_) => return blocked("secret placeholder sent to a host the secret is not for"),
     };
     let sender = match upstreams.get(shared, scheme, &host, port).await {
         Ok(sender) => sender,
-        Err(UpstreamError::Blocked) => return blocked(),
+        Err(UpstreamError::Blocked) => return blocked("address blocked (private, reserved or loopback)"),
         Err(UpstreamError::Failed(reason)) => return bad_gateway(&reason),
     };
     let http2 = matches!(sender, Sender::Http2(_));
@@ -234,7 +277,7 @@ async fn proxy(
     secrets::scrub_headers(&mut parts.headers, &injected);
     let mut body = body.map_err(BoxError::from).boxed();
     match shared.hooks.after(&host, method.as_str(), &path, &request_headers, &mut parts).await {
-        Err(_) => return blocked(),
+        Err(_) => return blocked("blocked by an interception rule"),
         Ok(changes) => {
             if let Some(new_body) = changes.body {
                 parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));

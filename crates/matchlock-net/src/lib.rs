@@ -73,6 +73,18 @@ pub struct Options {
     pub upstream_tls: Arc<rustls::ClientConfig>,
     /// Request/response rules.
     pub hooks: hooks::Hooks,
+    /// Receives one `network` event per intercepted HTTP request.
+    pub events: Option<EventSink>,
+}
+
+/// Where `network` events go (the JSON-RPC `event` notification).
+#[derive(Clone)]
+pub struct EventSink(pub Arc<dyn Fn(matchlock_api::rpc::NetworkEvent) + Send + Sync>);
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSink")
+    }
 }
 
 /// The upstream TLS configuration: the host's trust store plus, for private CAs, a PEM bundle.
@@ -101,6 +113,7 @@ pub(crate) struct Shared {
     intercept: bool,
     hooks: hooks::Hooks,
     udp_flows: Arc<Semaphore>,
+    events: Option<EventSink>,
 }
 
 /// How long dialling an upstream may take.
@@ -247,6 +260,7 @@ async fn serve(listener: UnixListener, options: Options) {
         intercept: options.intercept,
         hooks: options.hooks,
         udp_flows: Arc::new(Semaphore::new(MAX_UDP_FLOWS)),
+        events: options.events,
     });
     let config = StackConfig {
         gateway: GATEWAY,

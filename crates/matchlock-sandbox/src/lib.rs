@@ -124,6 +124,21 @@ pub struct Sandbox {
     timings: Vec<(&'static str, Duration)>,
 }
 
+/// Observers of what a sandbox does (the JSON-RPC `event` notifications).
+#[derive(Default)]
+pub struct Events {
+    /// Workspace operations, when the configuration sets `vfs_interception.emit_events`.
+    pub file: Option<matchlock_vfs::EventSink>,
+    /// Intercepted HTTP requests.
+    pub network: Option<matchlock_net::EventSink>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events").field("file", &self.file.is_some()).field("network", &self.network.is_some()).finish()
+    }
+}
+
 /// Opens the state database at `~/.matchlock/state.db`.
 pub fn open_state() -> Result<StateDb, SandboxError> {
     Ok(StateDb::open(&state_dir().join("state.db"))?)
@@ -161,16 +176,15 @@ impl Sandbox {
     /// Boots a sandbox for `config`, owned by this process: it is registered in `state`
     /// as running with this process as its owner. On any failure nothing is left behind.
     pub async fn create(config: SandboxConfig, store: &Store, state: StateDb) -> Result<Self, SandboxError> {
-        Self::create_with_events(config, store, state, None).await
+        Self::create_with_events(config, store, state, Events::default()).await
     }
 
-    /// As [`Sandbox::create`]; workspace operations are also reported to `file_events`
-    /// when the configuration asks for events (`vfs_interception.emit_events`).
+    /// As [`Sandbox::create`], reporting what the sandbox does to `events`.
     pub async fn create_with_events(
         config: SandboxConfig,
         store: &Store,
         mut state: StateDb,
-        file_events: Option<matchlock_vfs::EventSink>,
+        events: Events,
     ) -> Result<Self, SandboxError> {
         let started = Instant::now();
         validate(&config)?;
@@ -204,8 +218,7 @@ impl Sandbox {
             "image_rootfs": image.rootfs,
         });
         state.register(&row, "qemu", &resources)?;
-        let booted =
-            Self::boot(&id, &dir, &config, &image, boot_disk, kernel, qemu, &upper, &mut state, file_events).await;
+        let booted = Self::boot(&id, &dir, &config, &image, boot_disk, kernel, qemu, &upper, &mut state, events).await;
         let (machine, network, vfs, prepared) = match booted {
             Ok(ok) => ok,
             Err((phase, e)) => {
@@ -252,7 +265,7 @@ impl Sandbox {
         qemu: PathBuf,
         upper: &std::path::Path,
         state: &mut StateDb,
-        file_events: Option<matchlock_vfs::EventSink>,
+        events: Events,
     ) -> Result<
         (QemuMachine, Option<network::Network>, Option<tokio::task::JoinHandle<()>>, Instant),
         (Phase, SandboxError),
@@ -294,8 +307,8 @@ impl Sandbox {
         let vfs = match &config.workspace {
             Some(_) => {
                 let rules = config.vfs_interception.as_ref();
-                let events = file_events.filter(|_| rules.is_some_and(|r| r.emit_events));
-                let router = workspace::router(dir, &config.volumes, rules, events).map_err(create_failed)?;
+                let file_events = events.file.filter(|_| rules.is_some_and(|r| r.emit_events));
+                let router = workspace::router(dir, &config.volumes, rules, file_events).map_err(create_failed)?;
                 Some(workspace::serve(dir, router).map_err(create_failed)?)
             }
             None => None,
@@ -305,7 +318,8 @@ impl Sandbox {
         let (network, nic) = match &config.network {
             Some(net) => {
                 let (network, nic) =
-                    network::start(id, dir, net, &config.dns_servers, ca.map(|(ca, _)| ca)).map_err(create_failed)?;
+                    network::start(id, dir, net, &config.dns_servers, ca.map(|(ca, _)| ca), events.network)
+                        .map_err(create_failed)?;
                 cmdline.push(' ');
                 cmdline.push_str(&network::kernel_ip_param());
                 (Some(network), Some(nic))

@@ -72,6 +72,7 @@ pub fn start(
     config: &NetworkConfig,
     dns_servers: &[std::net::IpAddr],
     ca: Option<Arc<CertAuthority>>,
+    events: Option<matchlock_net::EventSink>,
 ) -> Result<(Network, Nic), SandboxError> {
     let hash = id.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))).to_be_bytes();
     let mac = [0x02, 0x4d, hash[0], hash[1], hash[2], hash[3]];
@@ -100,6 +101,7 @@ pub fn start(
         mtu: config.mtu as usize,
         gateway_mac: [0x02, 0x4d, 0x4c, 0x00, 0x00, 0x01],
         upstream_tls: Arc::new(upstream_tls),
+        events,
     };
     let engine = Engine::start(listener, options).map_err(|e| SandboxError::Network(Box::new(e)))?;
     let nic = Nic { socket: Some(socket), mac, mtu: config.mtu };

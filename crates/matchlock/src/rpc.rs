@@ -13,10 +13,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use matchlock_api::rpc::{code, Binding, CreateParams, ExecParams, ExecResult, ExitResult, FileEvent, FileInfo};
+use matchlock_api::rpc::{
+    code, Binding, CreateParams, ExecParams, ExecResult, ExitResult, FileEvent, FileInfo, NetworkEvent,
+};
 use matchlock_api::SandboxConfig;
 use matchlock_protocol::exec::{ExecMode, ExecRequest, WindowSize};
-use matchlock_sandbox::{compose, Control, ExecIo, Sandbox};
+use matchlock_sandbox::{compose, Control, Events, ExecIo, Sandbox};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -366,15 +368,7 @@ async fn create(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
     let mut store = crate::cli::open_store().map_err(vm_failed)?;
     crate::images::image_for_run(&mut store, &config.image, false).await.map_err(vm_failed)?;
     let state = matchlock_sandbox::open_state().map_err(|e| vm_failed(e.into()))?;
-    let out = server.out.clone();
-    let events: matchlock_vfs::EventSink = Box::new(move |event: FileEvent| {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
-        let message = json!({"jsonrpc": "2.0", "method": "event",
-            "params": {"type": "file", "timestamp": now, "file": event}});
-        // Dropped when the output queue is full, as the reference drops events.
-        let _ = out.try_send(message.to_string());
-    });
-    let sandbox = Sandbox::create_with_events(config, &store, state, Some(events))
+    let sandbox = Sandbox::create_with_events(config, &store, state, event_sinks(&server.out))
         .await
         .map_err(|e| RpcError::new(code::VM_FAILED, chain(&e)))?;
     let vm_id = sandbox.id().to_owned();
@@ -387,6 +381,27 @@ async fn create(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
         }
     }
     Ok(json!({"id": vm_id}))
+}
+
+/// Sinks that turn file and network events into `event` notifications (timestamps in
+/// Unix ms for files and Unix seconds for network, as the reference). Events are dropped
+/// when the output queue is full, as the reference drops them.
+fn event_sinks(out: &mpsc::Sender<String>) -> Events {
+    fn since_epoch() -> Duration {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+    }
+    let files = out.clone();
+    let network = out.clone();
+    Events {
+        file: Some(Box::new(move |event: FileEvent| {
+            let params = json!({"type": "file", "timestamp": since_epoch().as_millis() as u64, "file": event});
+            let _ = files.try_send(json!({"jsonrpc": "2.0", "method": "event", "params": params}).to_string());
+        })),
+        network: Some(matchlock_net::EventSink(Arc::new(move |event: NetworkEvent| {
+            let params = json!({"type": "network", "timestamp": since_epoch().as_secs(), "network": event});
+            let _ = network.try_send(json!({"jsonrpc": "2.0", "method": "event", "params": params}).to_string());
+        }))),
+    }
 }
 
 /// Starts the image's ENTRYPOINT + CMD with empty stdin, its output appended to vm.log;

@@ -725,3 +725,98 @@ wget -qO- http://other.test/echo/{m}-cb; echo
     let after = calls.iter().find(|c| c["callback_id"] == "cb-after").expect("after callback");
     assert_eq!(after["status_code"], 200);
 }
+
+/// The PyPI Python SDK (tests/sdk/test_python_network.py): allow-list, secrets, rules and
+/// callbacks, checked here on the server side too.
+#[test]
+fn python_sdk_network_interception_and_secrets() {
+    let net = testnet();
+    let h = home();
+    let m = marker("py");
+    let secret = format!("py-secret-{m}");
+    let sdk = Command::new("bash").arg(repo_root().join("scripts/install-python-sdk.sh")).output().unwrap();
+    assert!(sdk.status.success(), "{}", String::from_utf8_lossy(&sdk.stderr));
+    let mut python = Command::new("python3");
+    for (key, value) in cmd(&h).get_envs() {
+        if let Some(value) = value {
+            python.env(key, value);
+        }
+    }
+    let out = python
+        .arg(repo_root().join("tests/sdk/test_python_network.py"))
+        .env("PYTHONPATH", String::from_utf8_lossy(&sdk.stdout).trim())
+        .env("MATCHLOCK_BIN", env!("CARGO_BIN_EXE_matchlock"))
+        .env("MATCHLOCK_TEST_BUSYBOX", "busybox")
+        .env("NET_DNS", DNS)
+        .env("NET_MARKER", &m)
+        .env("NET_SECRET", &secret)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "Python SDK network suite failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let r = &net.requests_with(&format!("/echo/{m}\""))[0];
+    assert_eq!(r["headers"]["authorization"], format!("Bearer {secret}"), "the secret reached api.test: {r}");
+    assert!(net.requests_with(&format!("{m}-leak")).is_empty(), "the placeholder went to other.test");
+    assert_eq!(net.requests_with(&secret).len(), 1, "the secret went only to api.test");
+    h.assert_no_leftovers();
+}
+
+/// `event` notifications of type `network` for allowed and blocked requests (raw JSON-RPC).
+#[test]
+fn rpc_network_events() {
+    let _net = testnet();
+    let h = home();
+    let m = marker("ev");
+    let mut child = cmd(&h).arg("rpc").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let mut output = BufReader::new(child.stdout.take().unwrap());
+    let mut call = |id: u64, method: &str, params: serde_json::Value| {
+        let request = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id});
+        input.write_all(format!("{request}\n").as_bytes()).unwrap();
+        let mut events = Vec::new();
+        loop {
+            let mut line = String::new();
+            assert!(output.read_line(&mut line).unwrap() > 0, "rpc ended");
+            let message: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if message["id"] == id {
+                return (message, events);
+            }
+            if message["method"] == "event" {
+                events.push(message["params"].clone());
+            }
+        }
+    };
+    let (r, _) = call(
+        1,
+        "create",
+        serde_json::json!({"image": "busybox",
+            "network": {"allowed_hosts": ["api.test"], "block_private_ips": true, "dns_servers": [DNS]}}),
+    );
+    assert!(r["result"]["id"].is_string(), "{r}");
+    let script = format!("wget -qO- http://api.test/echo/{m} >/dev/null; wget -qO- http://{OTHER}/echo/{m}; true");
+    let (r, mut events) = call(2, "exec", serde_json::json!({"command": script}));
+    assert_eq!(r["result"]["exit_code"], 0, "{r}");
+    let (_, more) = call(3, "exec", serde_json::json!({"command": "true"}));
+    events.extend(more);
+    let network: Vec<&serde_json::Value> = events.iter().filter(|e| e["type"] == "network").collect();
+    let allowed = network.iter().find(|e| e["network"]["host"] == "api.test").expect("api.test event");
+    assert_eq!(allowed["network"]["url"], format!("http://api.test/echo/{m}"));
+    assert_eq!(
+        (allowed["network"]["status_code"].as_u64(), allowed["network"]["blocked"].as_bool()),
+        (Some(200), Some(false))
+    );
+    assert!(allowed["network"]["response_bytes"].as_u64().unwrap() > 0, "{allowed}");
+    assert!(allowed["timestamp"].as_u64().unwrap() > 1_700_000_000, "Unix seconds");
+    // By address: a name outside the allow-list is already refused by DNS.
+    let blocked = network.iter().find(|e| e["network"]["host"] == OTHER).expect("blocked request event");
+    assert_eq!(
+        (blocked["network"]["status_code"].as_u64(), blocked["network"]["blocked"].as_bool()),
+        (Some(403), Some(true))
+    );
+    assert!(blocked["network"]["block_reason"].as_str().unwrap().contains("allow-list"), "{blocked}");
+    let (r, _) = call(4, "close", serde_json::json!({"timeout_seconds": 2}));
+    assert_eq!(r["result"], serde_json::json!({}));
+    drop(input);
+    assert!(child.wait().unwrap().success());
+    assert!(h.processes().is_empty());
+}
