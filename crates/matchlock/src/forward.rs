@@ -20,6 +20,20 @@ pub struct Binding {
 
 /// Parses `[LOCAL:]REMOTE` specs and `--address` values (IP literals or `localhost`).
 pub fn parse(specs: &[String], addresses: &[String]) -> Result<Vec<Binding>> {
+    let ips = parse_addresses(addresses)?;
+    let forwards: Vec<PortForward> = specs.iter().map(|s| parse_publish(s)).collect::<Result<_, _>>()?;
+    Ok(bindings(&ips, &forwards))
+}
+
+/// Every forward on every address.
+pub fn bindings(ips: &[IpAddr], forwards: &[PortForward]) -> Vec<Binding> {
+    ips.iter()
+        .flat_map(|ip| forwards.iter().map(|f| Binding { local: SocketAddr::new(*ip, f.local), remote: f.remote }))
+        .collect()
+}
+
+/// Parses listen addresses (IP literals or `localhost`), without duplicates.
+pub fn parse_addresses(addresses: &[String]) -> Result<Vec<IpAddr>> {
     let mut ips: Vec<IpAddr> = Vec::new();
     for address in addresses {
         let ip = if address == "localhost" {
@@ -31,11 +45,7 @@ pub fn parse(specs: &[String], addresses: &[String]) -> Result<Vec<Binding>> {
             ips.push(ip);
         }
     }
-    let forwards: Vec<PortForward> = specs.iter().map(|s| parse_publish(s)).collect::<Result<_, _>>()?;
-    Ok(ips
-        .iter()
-        .flat_map(|ip| forwards.iter().map(|f| Binding { local: SocketAddr::new(*ip, f.local), remote: f.remote }))
-        .collect())
+    Ok(ips)
 }
 
 /// Binds every listener (before the sandbox boots: a busy port fails fast).

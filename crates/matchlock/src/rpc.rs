@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use matchlock_api::config::PortForward;
 use matchlock_api::rpc::{
     code, Binding, CreateParams, ExecParams, ExecResult, ExitResult, FileEvent, FileInfo, NetworkEvent,
 };
@@ -752,9 +753,12 @@ async fn port_forward(server: &Arc<Server>, params_value: Option<Value>) -> Repl
     }
     let live = server.live().await?;
     let addresses = if p.addresses.is_empty() { vec!["127.0.0.1".to_owned()] } else { p.addresses };
-    let specs: Vec<String> = p.forwards.iter().map(|f| format!("{}:{}", f.local_port, f.remote_port)).collect();
-    let bindings =
-        crate::forward::parse(&specs, &addresses).map_err(|e| RpcError::new(code::INVALID_PARAMS, format!("{e:#}")))?;
+    let ips = crate::forward::parse_addresses(&addresses)
+        .map_err(|e| RpcError::new(code::INVALID_PARAMS, format!("{e:#}")))?;
+    // Local port 0 picks a free port (reported in the bindings).
+    let forwards: Vec<PortForward> =
+        p.forwards.iter().map(|f| PortForward { local: f.local_port, remote: f.remote_port }).collect();
+    let bindings = crate::forward::bindings(&ips, &forwards);
     // The new set replaces the old one, whose ports may be reused.
     lock(&server.forwards).take();
     let listeners =
