@@ -2,8 +2,8 @@
 //! process. One JSON object per line each way; every output line is written whole by one
 //! writer task. `create` and `close` run in the reader loop, stdin/resize notifications
 //! are applied inline (in order), `cancel` inline, everything else concurrently, each
-//! request cancellable by id. Stdin EOF without `close` tears the sandbox down and
-//! removes it; after `close` the stopped sandbox stays for `matchlock rm`.
+//! request cancellable by id. Stdin EOF (or SIGINT/SIGTERM/SIGHUP) without `close` tears
+//! the sandbox down and removes it; after `close` the stopped sandbox stays for `matchlock rm`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -95,8 +95,10 @@ struct Server {
     out: mpsc::Sender<String>,
     live: tokio::sync::RwLock<Option<Arc<Live>>>,
     inflight: Mutex<HashMap<u64, InFlight>>,
+    /// Requests sent without an id (they cannot be cancelled, only stopped at teardown).
+    anonymous: Mutex<Vec<JoinHandle<()>>>,
     forwards: Mutex<Option<crate::forward::Forwarding>>,
-    entrypoint: Mutex<Option<JoinHandle<()>>>,
+    entrypoint: Mutex<Option<JoinHandle<Option<i32>>>>,
     /// The directory of the last sandbox, for `log` after `close`.
     last_dir: Mutex<Option<PathBuf>>,
 }
@@ -127,8 +129,9 @@ impl Server {
         self.live.read().await.clone().ok_or_else(|| RpcError::new(code::VM_FAILED, "VM not created"))
     }
 
-    /// Cancels every concurrent request and waits (briefly) for them to finish.
-    async fn cancel_all(&self) {
+    /// Cancels every concurrent request (each answers -32003) and waits for them to end;
+    /// what does not end within a few seconds, and the entrypoint, are aborted.
+    async fn stop_requests(&self) {
         let tasks: Vec<JoinHandle<()>> = lock(&self.inflight)
             .drain()
             .filter_map(|(_, mut f)| {
@@ -137,21 +140,27 @@ impl Server {
                 }
                 f.task
             })
+            .chain(lock(&self.anonymous).drain(..))
             .collect();
-        for task in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        for mut task in tasks {
+            if tokio::time::timeout(Duration::from_secs(5), &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+        let entrypoint = lock(&self.entrypoint).take();
+        if let Some(entrypoint) = entrypoint {
+            entrypoint.abort();
+            let _ = entrypoint.await;
         }
     }
 
     /// Stops everything; `remove` also deletes the sandbox's directory and state rows.
     async fn shutdown(&self, remove: bool) -> Result<(), RpcError> {
-        self.cancel_all().await;
+        self.stop_requests().await;
         lock(&self.forwards).take();
-        if let Some(entrypoint) = lock(&self.entrypoint).take() {
-            entrypoint.abort();
-        }
         let Some(live) = self.live.write().await.take() else { return Ok(()) };
-        // Requests hold clones only while they run, and they have all finished.
+        // Requests and the entrypoint hold clones only while they run, and they have ended.
         let live = Arc::try_unwrap(live).map_err(|_| RpcError::new(code::VM_FAILED, "sandbox still in use"))?;
         *lock(&self.last_dir) = Some(live.sandbox.dir().to_owned());
         live.sandbox.close(remove).await.map_err(|e| RpcError::new(code::VM_FAILED, chain(&e)))
@@ -176,19 +185,27 @@ pub async fn serve() -> Result<u8> {
         out,
         live: tokio::sync::RwLock::new(None),
         inflight: Mutex::new(HashMap::new()),
+        anonymous: Mutex::new(Vec::new()),
         forwards: Mutex::new(None),
         entrypoint: Mutex::new(None),
         last_dir: Mutex::new(None),
     });
+    let mut signals = crate::session::StopSignals::new()?;
     let mut input = BufReader::new(tokio::io::stdin());
     let mut closed = false;
     loop {
         let line = tokio::select! {
             line = read_line(&mut input) => line,
             _ = &mut broken => break,
+            () = signals.recv() => break,
         };
         let Some(line) = line? else { break };
-        if dispatch(&server, line).await {
+        // A stop signal during `create` or `close` abandons it; the teardown below runs.
+        let done = tokio::select! {
+            done = dispatch(&server, line) => done,
+            () = signals.recv() => break,
+        };
+        if done {
             closed = true;
             break;
         }
@@ -334,7 +351,12 @@ fn spawn_request(server: &Arc<Server>, id: Option<u64>, method: String, params: 
                 inflight.insert(id, InFlight { cancel: Some(cancel_tx), task: Some(task) });
             }
         }
-        None => drop(cancel_tx),
+        None => {
+            drop(cancel_tx);
+            let mut anonymous = lock(&server.anonymous);
+            anonymous.retain(|t| !t.is_finished());
+            anonymous.push(task);
+        }
     }
 }
 
@@ -430,9 +452,7 @@ async fn launch_entrypoint(server: &Arc<Server>, live: Arc<Live>) -> Result<(), 
         }
         Ok(_) => Ok(()),
         Err(_) => {
-            *lock(&server.entrypoint) = Some(tokio::spawn(async move {
-                let _ = task.await;
-            }));
+            *lock(&server.entrypoint) = Some(task);
             Ok(())
         }
     }

@@ -7,6 +7,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use common::{debian_image, home, repo_root, Home};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use serde_json::{json, Value};
 
 /// A `matchlock rpc` process.
@@ -148,5 +150,47 @@ fn python_sdk_suite() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "Python SDK suite failed:\n{log}");
     assert!(log.contains("OK"), "{log}");
+    h.assert_no_leftovers();
+}
+
+#[test]
+fn long_running_entrypoint_then_close_and_stop_signal_teardown() {
+    let h = home();
+    let mut rpc = Rpc::start(&h);
+    let create = json!({"image": "busybox", "launch_entrypoint": true, "network": {"no_network": true},
+        "image_config": {"entrypoint": ["sh", "-c", "echo serving; sleep 300"]}});
+    let r = rpc.call(1, "create", &create);
+    let id = r["result"]["id"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let r = rpc.call(2, "log", &json!({}));
+        let log = B64.decode(r["result"]["content"].as_str().unwrap_or_default()).unwrap();
+        if String::from_utf8_lossy(&log).contains("serving\n") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the entrypoint's output never reached the log: {r}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+                                                                           // An exec in flight when close arrives is cancelled and answered.
+    rpc.send(&json!({"jsonrpc": "2.0", "method": "exec", "params": {"command": "sleep 300"}, "id": 3}));
+    let started = std::time::Instant::now();
+    rpc.send(&json!({"jsonrpc": "2.0", "method": "close", "params": {"timeout_seconds": 2}, "id": 4}));
+    let (first, second) = (rpc.recv(), rpc.recv());
+    assert_eq!((first["id"].as_u64(), error_code(&first)), (Some(3), -32003), "{first}");
+    assert_eq!((second["id"].as_u64(), &second["result"]), (Some(4), &json!({})), "{second}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "close took {:?}", started.elapsed());
+    assert!(rpc.finish().success());
+    assert!(h.processes().is_empty(), "{:?}", h.processes());
+    let listed = String::from_utf8_lossy(&h.ml(&["list"]).stdout).into_owned();
+    assert!(listed.contains(&id) && listed.contains("stopped"), "{listed}");
+    assert!(h.ml(&["rm", &id]).status.success());
+
+    // SIGTERM (as `Popen.terminate()` sends) tears the sandbox down and removes it.
+    let mut rpc = Rpc::start(&h);
+    let r = rpc.call(1, "create", &json!({"image": "busybox", "network": {"no_network": true}}));
+    assert!(r["result"]["id"].is_string(), "{r}");
+    let pid = nix::unistd::Pid::from_raw(rpc.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(rpc.finish().success());
     h.assert_no_leftovers();
 }
