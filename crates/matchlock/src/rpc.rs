@@ -50,16 +50,9 @@ impl RpcError {
 
 type Reply = Result<Value, RpcError>;
 
-/// The error chain of `e`, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
+/// The error and its causes, `: `-separated.
+fn chain(e: impl std::error::Error + Send + Sync + 'static) -> String {
+    format!("{:#}", anyhow::Error::new(e))
 }
 
 fn params<T: DeserializeOwned + Default>(value: Option<Value>) -> Result<T, RpcError> {
@@ -163,7 +156,7 @@ impl Server {
         // Requests and the entrypoint hold clones only while they run, and they have ended.
         let live = Arc::try_unwrap(live).map_err(|_| RpcError::new(code::VM_FAILED, "sandbox still in use"))?;
         *lock(&self.last_dir) = Some(live.sandbox.dir().to_owned());
-        live.sandbox.close(remove).await.map_err(|e| RpcError::new(code::VM_FAILED, chain(&e)))
+        live.sandbox.close(remove).await.map_err(|e| RpcError::new(code::VM_FAILED, chain(e)))
     }
 }
 
@@ -393,7 +386,7 @@ async fn create(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
     let state = matchlock_sandbox::open_state().map_err(|e| vm_failed(e.into()))?;
     let sandbox = Sandbox::create_with_events(config, &store, state, event_sinks(&server.out))
         .await
-        .map_err(|e| RpcError::new(code::VM_FAILED, chain(&e)))?;
+        .map_err(|e| RpcError::new(code::VM_FAILED, chain(e)))?;
     let vm_id = sandbox.id().to_owned();
     let live = Arc::new(Live { sandbox, inputs: Mutex::new(HashMap::new()) });
     *server.live.write().await = Some(live.clone());
@@ -485,7 +478,7 @@ fn exec_request(live: &Live, p: &ExecParams, window: Option<WindowSize>) -> Resu
     Ok(request)
 }
 
-fn exec_failed(e: &matchlock_sandbox::SandboxError) -> RpcError {
+fn exec_failed(e: matchlock_sandbox::SandboxError) -> RpcError {
     RpcError::new(code::EXEC_FAILED, chain(e))
 }
 
@@ -527,7 +520,7 @@ async fn exec(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
     let (mut stdout, mut stderr) = (Capped::default(), Capped::default());
     let (_control_tx, control) = mpsc::channel(1);
     let io = ExecIo { stdin: None, stdout: Box::new(&mut stdout), stderr: Box::new(&mut stderr), control };
-    let exit_code = live.sandbox.exec(ExecMode::Stream, &request, io).await.map_err(|e| exec_failed(&e))?;
+    let exit_code = live.sandbox.exec(ExecMode::Stream, &request, io).await.map_err(exec_failed)?;
     let result = ExecResult {
         exit_code,
         stdout: B64.encode(&stdout.0),
@@ -618,7 +611,7 @@ async fn exec_streaming(server: &Arc<Server>, id: Option<u64>, params_value: Opt
     // All output is out before the result.
     let _ = stdout_task.await;
     let _ = stderr_task.await;
-    let exit_code = result.map_err(|e| exec_failed(&e))?;
+    let exit_code = result.map_err(exec_failed)?;
     let result = ExitResult { exit_code, duration_ms: started.elapsed().as_millis() as u64 };
     Ok(serde_json::to_value(result).expect("result serializes"))
 }
@@ -640,7 +633,7 @@ struct FileParams {
     mode: u32,
 }
 
-fn file_failed(e: &matchlock_sandbox::SandboxError) -> RpcError {
+fn file_failed(e: matchlock_sandbox::SandboxError) -> RpcError {
     RpcError::new(code::FILE_FAILED, chain(e))
 }
 
@@ -658,7 +651,7 @@ async fn write_file(server: &Arc<Server>, params_value: Option<Value>) -> Reply 
         .decode(p.content.as_deref().unwrap_or_default())
         .map_err(|_| RpcError::new(code::INVALID_PARAMS, "invalid base64 content"))?;
     let live = server.live().await?;
-    live.sandbox.write_file(&p.path, &content, p.mode).await.map_err(|e| file_failed(&e))?;
+    live.sandbox.write_file(&p.path, &content, p.mode).await.map_err(file_failed)?;
     Ok(json!({}))
 }
 
@@ -666,7 +659,7 @@ async fn read_file(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
     let p: FileParams = params(params_value)?;
     required_path(&p)?;
     let live = server.live().await?;
-    let content = live.sandbox.read_file(&p.path).await.map_err(|e| file_failed(&e))?;
+    let content = live.sandbox.read_file(&p.path).await.map_err(file_failed)?;
     Ok(json!({"content": B64.encode(content)}))
 }
 
@@ -674,7 +667,7 @@ async fn list_files(server: &Arc<Server>, params_value: Option<Value>) -> Reply 
     let p: FileParams = params(params_value)?;
     required_path(&p)?;
     let live = server.live().await?;
-    let entries = live.sandbox.list_files(&p.path).await.map_err(|e| file_failed(&e))?;
+    let entries = live.sandbox.list_files(&p.path).await.map_err(file_failed)?;
     let files: Vec<FileInfo> = entries
         .into_iter()
         .map(|e| FileInfo {

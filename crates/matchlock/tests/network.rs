@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{debian_image, home, ok, repo_root, stderr, stdout, Home};
+use common::{debian_image, home, ok, python_sdk_command, repo_root, stderr, stdout, Home};
 
 const NAMESPACE: &str = "mltestnet";
 const HOST_VETH: &str = "mltestnet0";
@@ -734,23 +734,10 @@ fn python_sdk_network_interception_and_secrets() {
     let h = home();
     let m = marker("py");
     let secret = format!("py-secret-{m}");
-    let sdk = Command::new("bash").arg(repo_root().join("scripts/install-python-sdk.sh")).output().unwrap();
-    assert!(sdk.status.success(), "{}", String::from_utf8_lossy(&sdk.stderr));
-    let mut python = Command::new("python3");
-    for (key, value) in cmd(&h).get_envs() {
-        if let Some(value) = value {
-            python.env(key, value);
-        }
-    }
-    let out = python
-        .arg(repo_root().join("tests/sdk/test_python_network.py"))
-        .env("PYTHONPATH", String::from_utf8_lossy(&sdk.stdout).trim())
-        .env("MATCHLOCK_BIN", env!("CARGO_BIN_EXE_matchlock"))
-        .env("MATCHLOCK_TEST_BUSYBOX", "busybox")
+    let out = python_sdk_command(&cmd(&h), "tests/sdk/test_python_network.py")
         .env("NET_DNS", DNS)
         .env("NET_MARKER", &m)
         .env("NET_SECRET", &secret)
-        .stdin(Stdio::null())
         .output()
         .unwrap();
     assert!(out.status.success(), "Python SDK network suite failed:\n{}", String::from_utf8_lossy(&out.stderr));

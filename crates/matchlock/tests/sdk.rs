@@ -4,11 +4,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 
-use common::{debian_image, home, repo_root, Home};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use common::{debian_image, home, python_sdk_command, Home};
 use serde_json::{json, Value};
 
 /// A `matchlock rpc` process.
@@ -130,21 +130,8 @@ fn stdin_eof_without_close_removes_the_sandbox() {
 fn python_sdk_suite() {
     let h = home();
     let image = debian_image();
-    let sdk = Command::new("bash").arg(repo_root().join("scripts/install-python-sdk.sh")).output().unwrap();
-    assert!(sdk.status.success(), "{}", String::from_utf8_lossy(&sdk.stderr));
-    let mut python = Command::new("python3");
-    for (key, value) in h.cmd().get_envs() {
-        if let Some(value) = value {
-            python.env(key, value);
-        }
-    }
-    let out = python
-        .arg(repo_root().join("tests/sdk/test_python_sdk.py"))
-        .env("PYTHONPATH", String::from_utf8_lossy(&sdk.stdout).trim())
-        .env("MATCHLOCK_BIN", env!("CARGO_BIN_EXE_matchlock"))
+    let out = python_sdk_command(&h.cmd(), "tests/sdk/test_python_sdk.py")
         .env("MATCHLOCK_TEST_IMAGE", image)
-        .env("MATCHLOCK_TEST_BUSYBOX", "busybox")
-        .stdin(Stdio::null())
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
@@ -171,7 +158,7 @@ fn long_running_entrypoint_then_close_and_stop_signal_teardown() {
         assert!(std::time::Instant::now() < deadline, "the entrypoint's output never reached the log: {r}");
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-                                                                           // An exec in flight when close arrives is cancelled and answered.
+    // An exec in flight when close arrives is cancelled and answered.
     rpc.send(&json!({"jsonrpc": "2.0", "method": "exec", "params": {"command": "sleep 300"}, "id": 3}));
     let started = std::time::Instant::now();
     rpc.send(&json!({"jsonrpc": "2.0", "method": "close", "params": {"timeout_seconds": 2}, "id": 4}));

@@ -372,3 +372,24 @@ impl Drop for Registry {
 pub fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).expect("kill");
 }
+
+/// `python3 <script>` with this HOME's environment, the PyPI Python SDK on `PYTHONPATH`
+/// (installed by scripts/install-python-sdk.sh) and `MATCHLOCK_BIN` set to this build.
+#[allow(dead_code)]
+pub fn python_sdk_command(h: &Command, script: &str) -> Command {
+    let sdk = Command::new("bash").arg(repo_root().join("scripts/install-python-sdk.sh")).output().unwrap();
+    assert!(sdk.status.success(), "{}", String::from_utf8_lossy(&sdk.stderr));
+    let mut python = Command::new("python3");
+    for (key, value) in h.get_envs() {
+        if let Some(value) = value {
+            python.env(key, value);
+        }
+    }
+    python
+        .arg(repo_root().join(script))
+        .env("PYTHONPATH", String::from_utf8_lossy(&sdk.stdout).trim())
+        .env("MATCHLOCK_BIN", env!("CARGO_BIN_EXE_matchlock"))
+        .env("MATCHLOCK_TEST_BUSYBOX", "busybox")
+        .stdin(Stdio::null());
+    python
+}
