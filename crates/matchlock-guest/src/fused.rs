@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
     LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyWrite, Request as FuseRequest, SessionACL, TimeOrNow, WriteFlags,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request as FuseRequest, SessionACL, TimeOrNow, WriteFlags,
 };
 use matchlock_protocol::vfs::{read_message, write_message, Op, Request, Response, Stat, MAX_IO};
 use matchlock_protocol::{HOST_CID, VFS_PORT};
@@ -86,7 +86,7 @@ fn attr(ino: u64, stat: &Stat, req: &FuseRequest) -> FileAttr {
         _ if stat.is_dir => FileType::Directory,
         _ => FileType::RegularFile,
     };
-    let mtime = UNIX_EPOCH + Duration::from_secs(u64::try_from(stat.mtime).unwrap_or(0));
+    let mtime = UNIX_EPOCH + Duration::new(u64::try_from(stat.mtime).unwrap_or(0), stat.mtime_nsec.min(999_999_999));
     FileAttr {
         ino: INodeNo(ino),
         size: stat.size,
@@ -104,6 +104,19 @@ fn attr(ino: u64, stat: &Stat, req: &FuseRequest) -> FileAttr {
         rdev: 0,
         blksize: 128 * 1024,
         flags: 0,
+    }
+}
+
+/// A FUSE time as nanoseconds since the epoch (`Now` is the guest's clock, which
+/// guest-init set from the host's).
+fn epoch_ns(time: TimeOrNow) -> i64 {
+    let at = match time {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    };
+    match at.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_nanos()).unwrap_or(i64::MAX),
     }
 }
 
@@ -204,8 +217,8 @@ impl Filesystem for Workspace {
         _uid: Option<u32>,
         _gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -222,8 +235,20 @@ impl Filesystem for Workspace {
             let off = tri!(reply, i64::try_from(size).map_err(|_| Errno::EFBIG));
             tri!(reply, self.call(&Request { off, ..self.op(Op::Truncate, &path, req) }));
         }
+        if atime.is_some() || mtime.is_some() {
+            let (atime_ns, mtime_ns) = (atime.map(epoch_ns), mtime.map(epoch_ns));
+            tri!(reply, self.call(&Request { atime_ns, mtime_ns, ..self.op(Op::Utimens, &path, req) }));
+        }
+        // uid/gid changes are not applied: the host owns the files (see `attr`).
         let stat = tri!(reply, self.stat(&path, req));
         reply.attr(&TTL, &attr(ino.0, &stat, req));
+    }
+
+    fn statfs(&self, req: &FuseRequest, ino: INodeNo, reply: ReplyStatfs) {
+        let path = tri!(reply, self.path(ino));
+        let response = tri!(reply, self.call(&self.op(Op::Statfs, &path, req)));
+        let st = response.statfs.unwrap_or_default();
+        reply.statfs(st.blocks, st.bfree, st.bavail, st.files, st.ffree, st.bsize, st.namelen, st.frsize);
     }
 
     fn readlink(&self, req: &FuseRequest, ino: INodeNo, reply: ReplyData) {

@@ -46,12 +46,16 @@ pub enum Op {
     MkdirAll = 14,
     /// Set a file's size to `off`.
     Truncate = 15,
-    /// Create a symlink at `new_path` pointing to `path`... (reference: unsupported)
+    /// Create a symlink at `path` whose target is `new_path` (reference: unsupported).
     Symlink = 16,
     /// Read a symlink.
     Readlink = 17,
     /// Hard-link `path` to `new_path`.
     Link = 18,
+    /// Set the access and/or modification time (`atime_ns`, `mtime_ns`); returns the stat.
+    Utimens = 19,
+    /// File system statistics of the mount holding `path`.
+    Statfs = 20,
 }
 
 impl Op {
@@ -60,7 +64,7 @@ impl Op {
         use Op::*;
         [
             Lookup, Getattr, Setattr, Read, Write, Create, Mkdir, Unlink, Rmdir, Rename, Open, Release, Readdir, Fsync,
-            MkdirAll, Truncate, Symlink, Readlink, Link,
+            MkdirAll, Truncate, Symlink, Readlink, Link, Utimens, Statfs,
         ]
         .get(usize::from(code))
         .copied()
@@ -94,6 +98,12 @@ pub struct Request {
     pub uid: u32,
     /// Caller's gid.
     pub gid: u32,
+    /// New access time, nanoseconds since the epoch (`Utimens`; absent: unchanged).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub atime_ns: Option<i64>,
+    /// New modification time, nanoseconds since the epoch (`Utimens`; absent: unchanged).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtime_ns: Option<i64>,
 }
 
 /// File attributes.
@@ -106,6 +116,8 @@ pub struct Stat {
     pub mode: u32,
     /// Modification time, Unix seconds.
     pub mtime: i64,
+    /// Nanoseconds of the modification time.
+    pub mtime_nsec: u32,
     /// Whether it is a directory.
     pub is_dir: bool,
     /// Stable inode number.
@@ -149,6 +161,31 @@ pub struct Response {
     /// Directory entries.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub entries: Vec<DirEntry>,
+    /// File system statistics (`Statfs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statfs: Option<FsStats>,
+}
+
+/// File system statistics, as `statvfs(3)` reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FsStats {
+    /// Size in fragments.
+    pub blocks: u64,
+    /// Free fragments.
+    pub bfree: u64,
+    /// Fragments free for unprivileged users.
+    pub bavail: u64,
+    /// Inodes.
+    pub files: u64,
+    /// Free inodes.
+    pub ffree: u64,
+    /// Preferred I/O size.
+    pub bsize: u32,
+    /// Longest file name.
+    pub namelen: u32,
+    /// Fragment size.
+    pub frsize: u32,
 }
 
 impl Response {
@@ -221,6 +258,7 @@ mod tests {
         let garbage = [0, 0, 0, 3, 0xff, 0xff, 0xff];
         assert!(matches!(read_message::<Request>(&mut &garbage[..]), Err(WireError::Malformed(_))));
         assert_eq!(Op::from_code(18), Some(Op::Link));
-        assert_eq!(Op::from_code(19), None);
+        assert_eq!(Op::from_code(20), Some(Op::Statfs));
+        assert_eq!(Op::from_code(21), None);
     }
 }

@@ -14,7 +14,7 @@ use std::path::Path;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
-use matchlock_protocol::vfs::{DirEntry, Stat};
+use matchlock_protocol::vfs::{DirEntry, FsStats, Stat};
 
 use crate::Provider;
 
@@ -56,6 +56,7 @@ fn to_stat(st: &rfs::Stat) -> Stat {
         size: u64::try_from(st.st_size).unwrap_or(0),
         mode: st.st_mode,
         mtime: st.st_mtime,
+        mtime_nsec: u32::try_from(st.st_mtime_nsec).unwrap_or(0),
         is_dir: kind == FileType::Directory,
         ino: Some(inode_number(st.st_dev, st.st_ino)),
     }
@@ -204,6 +205,37 @@ impl Provider for HostFs {
             resolve(),
         )?;
         rfs::fchmod(&fd, Mode::from_raw_mode(mode & ALLOWED_MODE))
+    }
+
+    fn set_times(&self, rel: &str, atime_ns: Option<i64>, mtime_ns: Option<i64>) -> Result<(), Errno> {
+        self.writable()?;
+        let fd = rfs::openat2(
+            &self.root,
+            dot(rel),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+            resolve(),
+        )?;
+        let time = |ns: Option<i64>| match ns {
+            Some(ns) => rfs::Timespec { tv_sec: ns.div_euclid(1_000_000_000), tv_nsec: ns.rem_euclid(1_000_000_000) },
+            None => rfs::Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_OMIT },
+        };
+        rfs::futimens(&fd, &rfs::Timestamps { last_access: time(atime_ns), last_modification: time(mtime_ns) })
+    }
+
+    fn statfs(&self) -> Result<FsStats, Errno> {
+        let st = rfs::fstatvfs(&self.root)?;
+        let small = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(FsStats {
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: st.f_files,
+            ffree: st.f_ffree,
+            bsize: small(st.f_bsize),
+            namelen: small(st.f_namemax),
+            frsize: small(st.f_frsize),
+        })
     }
 
     /// Sets a regular file's size.

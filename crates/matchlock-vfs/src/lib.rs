@@ -49,10 +49,15 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn readlink(&self, rel: &str) -> Result<String, Errno>;
     /// Hard-links `from` to `to`.
     fn link(&self, from: &str, to: &str) -> Result<(), Errno>;
+    /// Sets the access and/or modification time (nanoseconds since the epoch; `None`
+    /// leaves that time unchanged).
+    fn set_times(&self, rel: &str, atime_ns: Option<i64>, mtime_ns: Option<i64>) -> Result<(), Errno>;
+    /// Statistics of the file system holding the tree.
+    fn statfs(&self) -> Result<FsStats, Errno>;
 }
 
 pub use matchlock_protocol::vfs as wire;
-use wire::{DirEntry, Op, Request, Response, Stat, WireError};
+use wire::{DirEntry, FsStats, Op, Request, Response, Stat, WireError};
 
 /// Most handles one guest connection may hold open.
 pub const MAX_HANDLES: usize = 4096;
@@ -118,7 +123,7 @@ pub enum VfsRuleError {
 fn rule_op(op: Op) -> Option<&'static str> {
     Some(match op {
         Op::Lookup | Op::Getattr => "stat",
-        Op::Setattr => "chmod",
+        Op::Setattr | Op::Utimens => "chmod",
         Op::Read => "read",
         Op::Write => "write",
         Op::Create => "create",
@@ -131,7 +136,7 @@ fn rule_op(op: Op) -> Option<&'static str> {
         Op::Symlink => "symlink",
         Op::Readlink => "readlink",
         Op::Link => "link",
-        Op::Release | Op::Fsync => return None,
+        Op::Release | Op::Fsync | Op::Statfs => return None,
     })
 }
 
@@ -237,7 +242,7 @@ impl Router {
 
 /// The attributes of a synthesized directory.
 fn synthetic_dir(path: &str) -> Stat {
-    Stat { size: 4096, mode: 0o040_755, mtime: 0, is_dir: true, ino: Some(hostfs::inode_hash(path.bytes())) }
+    Stat { size: 4096, mode: 0o040_755, is_dir: true, ino: Some(hostfs::inode_hash(path.bytes())), ..Stat::default() }
 }
 
 /// Answers requests on one guest connection until it closes.
@@ -307,6 +312,15 @@ fn handle(
         Route::Synthetic(children) => {
             return match op {
                 Op::Lookup | Op::Getattr => Ok(Response { stat: Some(synthetic_dir(&req.path)), ..ok() }),
+                // `df` asks about the FUSE mount point, often a synthesized directory:
+                // answer for the first mount beneath it.
+                Op::Statfs => {
+                    let base = clean_path(&req.path)?;
+                    let prefix = if base == "/" { "/".to_owned() } else { format!("{base}/") };
+                    let first = router.mounts.iter().find(|(m, _)| m.starts_with(&prefix)).map(|(_, fs)| fs);
+                    let statfs = first.ok_or(Errno::NOENT)?.statfs()?;
+                    Ok(Response { statfs: Some(statfs), ..ok() })
+                }
                 Op::Readdir => {
                     let base = clean_path(&req.path)?;
                     let entries = children
@@ -388,6 +402,11 @@ fn handle(
             Ok(ok())
         }
         Op::Readlink => Ok(Response { data: fs.readlink(&rel)?.into_bytes(), ..ok() }),
+        Op::Utimens => {
+            fs.set_times(&rel, req.atime_ns, req.mtime_ns)?;
+            Ok(Response { stat: Some(fs.lstat(&rel)?), ..ok() })
+        }
+        Op::Statfs => Ok(Response { statfs: Some(fs.statfs()?), ..ok() }),
         Op::Read | Op::Write | Op::Release | Op::Fsync => Err(Errno::BADF),
     }
 }
@@ -534,6 +553,39 @@ mod tests {
         let mut bad = rules;
         bad.rules[0].ops = vec!["explode".into()];
         assert!(Router::default().set_rules(&bad).is_err());
+    }
+
+    #[test]
+    fn times_and_statfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let upper = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), "x").unwrap();
+        let mut router = Router::default();
+        router.mount("/w/host", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        router.mount("/w/over", Overlay::new(dir.path(), upper.path()).unwrap()).unwrap();
+        router.mount("/w/ro", HostFs::new(dir.path(), true).unwrap()).unwrap();
+        let utimens = |path: &str, mtime_ns| Request { mtime_ns: Some(mtime_ns), ..req(Op::Utimens, path) };
+        let responses = exchange(
+            &router,
+            &[
+                utimens("/w/host/f", 1_577_934_245_123_456_789),
+                utimens("/w/over/f", 86_400_000_000_000),
+                utimens("/w/ro/f", 0),
+                req(Op::Statfs, "/w/host"),
+                req(Op::Statfs, "/w"),
+            ],
+        );
+        let stat = responses[0].stat.as_ref().unwrap();
+        assert_eq!((stat.mtime, stat.mtime_nsec), (1_577_934_245, 123_456_789));
+        assert_eq!(responses[1].stat.as_ref().unwrap().mtime, 86_400, "the overlay copy changed");
+        let host_mtime = std::fs::metadata(dir.path().join("f")).unwrap().modified().unwrap();
+        assert_eq!(host_mtime.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(), 1_577_934_245);
+        assert_eq!(responses[2].err, -libc_errno(Errno::ROFS));
+        let st = responses[3].statfs.as_ref().unwrap();
+        assert!(st.blocks > 0 && st.bsize > 0 && st.namelen > 0, "{st:?}");
+        let synthesized = responses[4].statfs.as_ref().unwrap();
+        // Free counts move with the rest of the machine; the size does not.
+        assert_eq!((synthesized.blocks, synthesized.bsize), (st.blocks, st.bsize), "answers for a mount beneath it");
     }
 
     #[test]

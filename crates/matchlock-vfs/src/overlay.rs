@@ -16,7 +16,7 @@ use rustix::fs::OFlags;
 use rustix::io::Errno;
 
 use crate::{HostFs, Provider};
-use matchlock_protocol::vfs::{DirEntry, Stat};
+use matchlock_protocol::vfs::{DirEntry, FsStats, Stat};
 
 /// Mode bits of a file type.
 const TYPE_MASK: u32 = 0o170_000;
@@ -298,6 +298,16 @@ impl Provider for Overlay {
     fn truncate(&self, rel: &str, size: u64) -> Result<(), Errno> {
         self.copy_up(rel)?;
         self.upper.truncate(rel, size)
+    }
+
+    fn set_times(&self, rel: &str, atime_ns: Option<i64>, mtime_ns: Option<i64>) -> Result<(), Errno> {
+        self.copy_up(rel)?;
+        self.upper.set_times(rel, atime_ns, mtime_ns)
+    }
+
+    /// The writable layer's file system: where the guest's writes go.
+    fn statfs(&self) -> Result<FsStats, Errno> {
+        self.upper.statfs()
     }
 
     fn symlink(&self, target: &str, rel: &str) -> Result<(), Errno> {

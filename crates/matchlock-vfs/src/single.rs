@@ -7,7 +7,7 @@ use rustix::fs::OFlags;
 use rustix::io::Errno;
 
 use crate::Provider;
-use matchlock_protocol::vfs::{DirEntry, Stat};
+use matchlock_protocol::vfs::{DirEntry, FsStats, Stat};
 
 /// One file of `parent`, served as the mount root.
 #[derive(Debug)]
@@ -65,6 +65,12 @@ impl Provider for SingleFile {
     }
     fn truncate(&self, rel: &str, size: u64) -> Result<(), Errno> {
         self.parent.truncate(self.target(rel)?, size)
+    }
+    fn set_times(&self, rel: &str, atime_ns: Option<i64>, mtime_ns: Option<i64>) -> Result<(), Errno> {
+        self.parent.set_times(self.target(rel)?, atime_ns, mtime_ns)
+    }
+    fn statfs(&self) -> Result<FsStats, Errno> {
+        self.parent.statfs()
     }
     fn symlink(&self, _target: &str, _rel: &str) -> Result<(), Errno> {
         Err(Errno::NOTDIR)

@@ -61,6 +61,8 @@ readlink escape-rel
 cat escape 2>&1 || echo "escape-blocked"
 cat escape-rel 2>&1 || echo "escape-rel-blocked"
 ln -s /etc/passwd to-passwd && echo "symlink-made"
+touch -d "2020-01-02 03:04:05" renamed.txt && stat -c mtime=%Y renamed.txt
+df -k /workspace/repo | tail -1 | awk '{ print ($2 > 0 ? "df-size-ok" : "df-size-zero") }'
 cat ../data/keep/original.txt
 echo changed > ../data/keep/original.txt && rm ../data/keep/original.txt && echo overlay-delete-ok
 echo fresh > ../data/new.txt && cat ../data/new.txt
@@ -96,6 +98,9 @@ cat ../ro/fixed.txt
     assert!(o.contains("escape-blocked") && o.contains("escape-rel-blocked"), "{o}");
     assert!(!o.contains("host secret"), "a symlink led out of the mount:\n{o}");
     assert!(o.contains("symlink-made") && o.contains("\n../secret.txt\n"), "symlinks are shown as symlinks:\n{o}");
+    assert!(o.contains("\nmtime=1577934245\n") && o.contains("\ndf-size-ok\n"), "utimens and statfs:\n{o}");
+    let mtime = std::fs::metadata(repo.join("renamed.txt")).unwrap().modified().unwrap();
+    assert_eq!(mtime.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(), 1_577_934_245, "the host file's mtime");
     assert!(o.contains("original\noverlay-delete-ok\nfresh\n0\n"), "{o}");
     assert!(o.contains("ro-write-refused") && o.contains("ro-rm-refused") && o.ends_with("fixed\n"), "{o}");
     // host_fs changed the host; overlay and ro did not.
