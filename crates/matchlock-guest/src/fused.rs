@@ -426,5 +426,19 @@ pub fn mount(mountpoint: &str) -> std::io::Result<()> {
     let session = fuser::spawn_mount2(fs, mountpoint, &config)?;
     // The session lives as long as the VM: PID 1 never unmounts it.
     std::mem::forget(session);
+    raise_readahead(mountpoint);
     Ok(())
+}
+
+/// Sequential reads through FUSE go at the pace of the readahead window (128 KiB by
+/// default); each request is a round trip to the host, so a window as large as one
+/// request may carry ([`MAX_IO`]) makes large reads ~1.5x faster. Best effort.
+fn raise_readahead(mountpoint: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mountpoint) else { return };
+    let dev = meta.dev();
+    let bdi = format!("/sys/class/bdi/{}:{}/read_ahead_kb", nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    if let Err(e) = std::fs::write(&bdi, (MAX_IO / 1024).to_string()) {
+        eprintln!("guest-init: cannot raise the workspace readahead ({bdi}): {e}");
+    }
 }
