@@ -5,6 +5,7 @@ mod boot_disk;
 mod command;
 mod exec;
 mod files;
+pub mod logfile;
 pub mod gc;
 pub mod network;
 pub mod relay;

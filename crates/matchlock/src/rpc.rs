@@ -427,9 +427,7 @@ async fn launch_entrypoint(server: &Arc<Server>, live: Arc<Live>) -> Result<(), 
     let log = live.sandbox.dir().join("logs/vm.log");
     let request = composed.into_request(None);
     let mut task = tokio::spawn(async move {
-        let mut options = tokio::fs::OpenOptions::new();
-        options.create(true).append(true);
-        let (Ok(stdout), Ok(stderr)) = (options.open(&log).await, options.open(&log).await) else { return None };
+        let Ok((stdout, stderr)) = matchlock_sandbox::logfile::command_log(&log) else { return None };
         let (_control_tx, control) = mpsc::channel(1);
         let io = ExecIo {
             stdin: Some(Box::new(tokio::io::empty())),

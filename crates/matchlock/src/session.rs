@@ -108,14 +108,8 @@ where
     ) = match output {
         Output::Terminal => (Box::new(tokio::io::stdout()), Box::new(tokio::io::stderr())),
         Output::Log(path) => {
-            let open = || {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("cannot open {}", path.display()))
-            };
-            (Box::new(tokio::fs::File::from_std(open()?)), Box::new(tokio::fs::File::from_std(open()?)))
+            let (stdout, stderr) = matchlock_sandbox::logfile::command_log(path)?;
+            (Box::new(stdout), Box::new(stderr))
         }
     };
     let io = ExecIo {
