@@ -76,6 +76,19 @@ impl HostFs {
         Ok(Self { root, read_only })
     }
 
+    /// A descriptor of `rel` itself (never a symlink's target) for changing its metadata;
+    /// fails on a read-only mount.
+    fn node_for_metadata(&self, rel: &str) -> Result<OwnedFd, Errno> {
+        self.writable()?;
+        rfs::openat2(
+            &self.root,
+            dot(rel),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+            resolve(),
+        )
+    }
+
     fn writable(&self) -> Result<(), Errno> {
         if self.read_only {
             Err(Errno::ROFS)
@@ -196,26 +209,11 @@ impl Provider for HostFs {
 
     /// Changes permission bits (never setuid/setgid).
     fn chmod(&self, rel: &str, mode: u32) -> Result<(), Errno> {
-        self.writable()?;
-        let fd = rfs::openat2(
-            &self.root,
-            dot(rel),
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-            Mode::empty(),
-            resolve(),
-        )?;
-        rfs::fchmod(&fd, Mode::from_raw_mode(mode & ALLOWED_MODE))
+        rfs::fchmod(self.node_for_metadata(rel)?, Mode::from_raw_mode(mode & ALLOWED_MODE))
     }
 
     fn set_times(&self, rel: &str, atime_ns: Option<i64>, mtime_ns: Option<i64>) -> Result<(), Errno> {
-        self.writable()?;
-        let fd = rfs::openat2(
-            &self.root,
-            dot(rel),
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-            Mode::empty(),
-            resolve(),
-        )?;
+        let fd = self.node_for_metadata(rel)?;
         let time = |ns: Option<i64>| match ns {
             Some(ns) => rfs::Timespec { tv_sec: ns.div_euclid(1_000_000_000), tv_nsec: ns.rem_euclid(1_000_000_000) },
             None => rfs::Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_OMIT },
