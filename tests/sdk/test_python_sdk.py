@@ -85,6 +85,9 @@ class SharedSandbox(unittest.TestCase):
         self.assertIn("/dev/pts/", out.getvalue())
         self.assertIn("33 101", out.getvalue())
         out = io.StringIO()
+        r = self.client.exec_interactive("sleep 2; stty size", stdout=out, resize=[(50, 132)])
+        self.assertEqual((r.exit_code, out.getvalue().strip()), (0, "50 132"), "resized while running")
+        out = io.StringIO()
         r = self.client.exec_pipe("id -u", stdout=out, user="nobody")
         self.assertEqual(out.getvalue(), "65534\n")
 
