@@ -181,3 +181,27 @@ fn long_running_entrypoint_then_close_and_stop_signal_teardown() {
     assert!(rpc.finish().success());
     h.assert_no_leftovers();
 }
+
+#[test]
+fn a_vm_that_dies_mid_command_fails_the_command_and_close_cleans_up() {
+    let h = home();
+    let mut rpc = Rpc::start(&h);
+    let r = rpc.call(1, "create", &json!({"image": "busybox", "network": {"no_network": true}}));
+    assert!(r["result"]["id"].is_string(), "{r}");
+    rpc.send(&json!({"jsonrpc": "2.0", "method": "exec", "params": {"command": "sleep 300"}, "id": 2}));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The VM crashes: its QEMU process is killed.
+    let (qemu, _) = h.pids().into_iter().find(|(_, c)| c.contains("qemu-system")).expect("a QEMU process");
+    let started = std::time::Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let r = rpc.recv();
+    assert_eq!((r["id"].as_u64(), error_code(&r)), (Some(2), -32001), "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("VM"), "{r}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
+    let r = rpc.call(3, "exec", &json!({"command": "true"}));
+    assert!(r.get("error").is_some(), "{r}");
+    let r = rpc.call(4, "close", &json!({}));
+    assert!(r.get("result").is_some() || r.get("error").is_some(), "{r}");
+    assert!(rpc.finish().success());
+    assert!(h.processes().is_empty(), "{:?}", h.processes());
+}
