@@ -14,7 +14,8 @@
 //! ```
 //!
 //! Every call is cancellable by dropping its future: the SDK then sends `cancel` for it,
-//! and a running command is stopped in the guest.
+//! and a running command is stopped in the guest. A client dropped without
+//! [`Client::close`] closes the server's stdin, and the server stops and removes the sandbox.
 #![forbid(unsafe_code)]
 
 mod options;
@@ -135,8 +136,10 @@ struct Pending {
     notifications: Option<mpsc::UnboundedSender<Notification>>,
 }
 
+/// What the reader task shares with the client. The request channel is deliberately not
+/// here: when the client and its calls are gone, the channel closes, `matchlock rpc` sees
+/// EOF and tears the sandbox down.
 struct Inner {
-    outgoing: mpsc::UnboundedSender<String>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
     events: Mutex<Option<mpsc::Sender<Event>>>,
@@ -146,15 +149,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl Inner {
-    fn send(&self, method: &str, params: &Value, id: Option<u64>) -> Result<(), Error> {
-        let mut message = json!({"jsonrpc": "2.0", "method": method, "params": params});
-        if let Some(id) = id {
-            message["id"] = json!(id);
-        }
-        self.outgoing.send(message.to_string()).map_err(|_| Error::Closed)
+/// Queues one message for `matchlock rpc`'s stdin.
+fn send(outgoing: &mpsc::UnboundedSender<String>, method: &str, params: &Value, id: Option<u64>) -> Result<(), Error> {
+    let mut message = json!({"jsonrpc": "2.0", "method": method, "params": params});
+    if let Some(id) = id {
+        message["id"] = json!(id);
     }
+    outgoing.send(message.to_string()).map_err(|_| Error::Closed)
+}
 
+impl Inner {
     fn dispatch(&self, message: &Value) {
         if let Some(id) = message.get("id").and_then(Value::as_u64) {
             let Some(pending) = lock(&self.pending).remove(&id) else { return };
@@ -197,6 +201,7 @@ impl Inner {
 /// A request in flight: dropping it before the answer cancels it on the server.
 struct Call {
     inner: Arc<Inner>,
+    outgoing: mpsc::UnboundedSender<String>,
     id: u64,
     reply: Option<oneshot::Receiver<Result<Value, Error>>>,
 }
@@ -214,7 +219,7 @@ impl Drop for Call {
     fn drop(&mut self) {
         if self.id != 0 && lock(&self.inner.pending).remove(&self.id).is_some() {
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            let _ = self.inner.send("cancel", &json!({"id": self.id}), Some(id));
+            let _ = send(&self.outgoing, "cancel", &json!({"id": self.id}), Some(id));
         }
     }
 }
@@ -222,6 +227,7 @@ impl Drop for Call {
 /// A connection to one `matchlock rpc` process, which holds at most one sandbox.
 pub struct Client {
     inner: Arc<Inner>,
+    outgoing: mpsc::UnboundedSender<String>,
     child: tokio::sync::Mutex<Child>,
     binary: PathBuf,
     /// Environment changes of the command it was started with (for CLI calls).
@@ -268,14 +274,15 @@ impl Client {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
+            // Dropped without `close`, the client closes the process's stdin instead:
+            // `matchlock rpc` then stops and removes the sandbox itself.
+            .kill_on_drop(false)
             .spawn()
             .map_err(|source| Error::Spawn { binary: binary.clone(), source })?;
         let mut stdin = child.stdin.take().ok_or(Error::Closed)?;
         let stdout = child.stdout.take().ok_or(Error::Closed)?;
         let (outgoing, mut lines) = mpsc::unbounded_channel::<String>();
         let inner = Arc::new(Inner {
-            outgoing,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             events: Mutex::new(None),
@@ -298,7 +305,7 @@ impl Client {
             }
             reader.fail_all();
         });
-        Ok(Self { inner, child: tokio::sync::Mutex::new(child), binary, env, vm_id: Mutex::new(None) })
+        Ok(Self { inner, outgoing, child: tokio::sync::Mutex::new(child), binary, env, vm_id: Mutex::new(None) })
     }
 
     fn call_with(
@@ -310,8 +317,8 @@ impl Client {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         lock(&self.inner.pending).insert(id, Pending { reply, notifications: notify });
-        let call = Call { inner: self.inner.clone(), id, reply: Some(rx) };
-        self.inner.send(method, params, Some(id))?;
+        let call = Call { inner: self.inner.clone(), outgoing: self.outgoing.clone(), id, reply: Some(rx) };
+        send(&self.outgoing, method, params, Some(id))?;
         Ok(call)
     }
 
@@ -459,10 +466,10 @@ impl Client {
                     match n {
                         Ok(0) | Err(_) => {
                             stdin = None;
-                            self.inner.send(&eof_method, &json!({"id": id}), None)?;
+                            send(&self.outgoing, &eof_method, &json!({"id": id}), None)?;
                         }
                         Ok(n) => {
-                            self.inner.send(&stdin_method, &json!({"id": id, "data": B64.encode(&buf[..n])}), None)?;
+                            send(&self.outgoing, &stdin_method, &json!({"id": id, "data": B64.encode(&buf[..n])}), None)?;
                         }
                     }
                 }

@@ -128,3 +128,18 @@ async fn create_errors_are_typed() {
     c.close().await.unwrap();
     h.assert_no_leftovers();
 }
+
+#[tokio::test]
+async fn a_dropped_client_leaves_nothing_behind() {
+    let h = home();
+    let c = client(&h).await;
+    c.create(CreateOptions::new("busybox").no_network()).await.unwrap();
+    assert_eq!(c.exec("echo up").await.unwrap().stdout, b"up\n");
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(h.processes().is_empty() && std::fs::read_dir(h.vms_dir()).map_or(true, |d| d.count() == 0)) {
+        assert!(Instant::now() < deadline, "left behind: {:?}", h.processes());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    h.assert_no_leftovers();
+}
