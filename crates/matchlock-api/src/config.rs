@@ -344,6 +344,12 @@ pub fn is_valid_workspace(path: &str) -> bool {
         && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_.-".contains(&b))
 }
 
+/// Whether `path` is `workspace` or lies beneath it, and is itself a valid mount path.
+pub fn is_within_workspace(path: &str, workspace: &str) -> bool {
+    path.strip_prefix(workspace).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        && is_valid_workspace(path)
+}
+
 /// Parses `-v host:guest[:mode]`: the host path is made absolute and must exist; a relative
 /// guest path is joined onto `workspace`, an absolute one must lie inside it.
 pub fn parse_volume(spec: &str, workspace: &str, cwd: &std::path::Path) -> Result<VfsMount, VolumeSpecError> {
@@ -365,8 +371,7 @@ pub fn parse_volume(spec: &str, workspace: &str, cwd: &std::path::Path) -> Resul
         host_path.canonicalize().map_err(|_| VolumeSpecError::HostMissing(host_path.display().to_string()))?;
     let guest_path = if guest.starts_with('/') { guest.to_owned() } else { format!("{workspace}/{guest}") };
     let guest_path = guest_path.trim_end_matches('/').to_owned();
-    let inside = guest_path.strip_prefix(workspace).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
-    if !inside || !is_valid_workspace(&guest_path) {
+    if !is_within_workspace(&guest_path, workspace) {
         return Err(VolumeSpecError::OutsideWorkspace(guest_path, workspace.to_owned()));
     }
     Ok(VfsMount { host_path: host_path.display().to_string(), guest_path, mode })

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    is_valid_workspace, HookRule, Interception, NetworkConfig, SandboxConfig, Secret, VfsInterception, VfsMode,
-    VfsMount, DEFAULT_MTU,
+    is_valid_workspace, is_within_workspace, HookRule, Interception, NetworkConfig, SandboxConfig, Secret,
+    VfsInterception, VfsMode, VfsMount, DEFAULT_MTU,
 };
 
 /// JSON-RPC error codes.
@@ -338,8 +338,7 @@ fn apply_vfs(vfs: &VfsParams, config: &mut SandboxConfig) -> Result<(), String> 
     }
     for (guest, mount) in &vfs.mounts {
         let guest_path = guest.trim_end_matches('/');
-        let inside = guest_path.strip_prefix(workspace).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
-        if !inside || !is_valid_workspace(guest_path) {
+        if !is_within_workspace(guest_path, workspace) {
             return Err(format!("mount path {guest:?} must be within workspace {workspace:?}"));
         }
         if mount.upper.is_some() || mount.lower.is_some() {

@@ -23,17 +23,18 @@ pub fn serve(stream: &mut VsockStream, frame: &Frame) -> Result<(), FrameError> 
         Err(e) => return reply(stream, Err(format!("invalid file request: {e}"))),
     };
     let outcome = match frame.kind {
-        FrameType::WriteFile => write(stream, &request)?,
-        FrameType::ReadFile => read(stream, &request)?,
+        FrameType::WriteFile => write(stream, &request)?.map(|()| None),
+        FrameType::ReadFile => read(stream, &request)?.map(|()| None),
         FrameType::ListFiles => list(&request).map(Some),
         _ => Err(format!("not a file request: {:?}", frame.kind)),
     };
-    reply(stream, outcome.map(|files| files.unwrap_or_default()))
+    reply(stream, outcome)
 }
 
-fn reply(stream: &mut VsockStream, outcome: Result<Vec<FileEntry>, String>) -> Result<(), FrameError> {
+/// Ends a request: the entries of a listing, or why it failed.
+fn reply(stream: &mut VsockStream, outcome: Result<Option<Vec<FileEntry>>, String>) -> Result<(), FrameError> {
     let result = match outcome {
-        Ok(files) => FileResult { files: Some(files), error: None },
+        Ok(files) => FileResult { files, error: None },
         Err(e) => FileResult { files: None, error: Some(e) },
     };
     write_frame(stream, FrameType::FileResult, &serde_json::to_vec(&result)?)
@@ -45,10 +46,7 @@ fn describe(path: &str, what: &str, e: &io::Error) -> String {
 
 /// Receives the content and writes it: parents created, truncated, mode applied.
 /// The content is always drained, so the connection stays in step on errors.
-fn write(
-    stream: &mut VsockStream,
-    request: &FileRequest,
-) -> Result<Result<Option<Vec<FileEntry>>, String>, FrameError> {
+fn write(stream: &mut VsockStream, request: &FileRequest) -> Result<Result<(), String>, FrameError> {
     let path = request.path.as_str();
     let mode = if request.mode == 0 { 0o644 } else { request.mode & 0o7777 };
     let mut file: Result<File, String> = (|| {
@@ -86,13 +84,12 @@ fn write(
         }
     }
     Ok(file.and_then(|f| {
-        f.set_permissions(fs::Permissions::from_mode(mode)).map_err(|e| describe(path, "cannot chmod", &e))?;
-        Ok(None)
+        f.set_permissions(fs::Permissions::from_mode(mode)).map_err(|e| describe(path, "cannot chmod", &e))
     }))
 }
 
 /// Sends a regular file's content as `Stdout` chunks.
-fn read(stream: &mut VsockStream, request: &FileRequest) -> Result<Result<Option<Vec<FileEntry>>, String>, FrameError> {
+fn read(stream: &mut VsockStream, request: &FileRequest) -> Result<Result<(), String>, FrameError> {
     let path = request.path.as_str();
     let mut file = match File::open(path) {
         Ok(f) => f,
@@ -112,7 +109,7 @@ fn read(stream: &mut VsockStream, request: &FileRequest) -> Result<Result<Option
     let mut sent: u64 = 0;
     loop {
         let n = match file.read(&mut buf) {
-            Ok(0) => return Ok(Ok(None)),
+            Ok(0) => return Ok(Ok(())),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Ok(Err(describe(path, "cannot read", &e))),

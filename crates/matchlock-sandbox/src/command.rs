@@ -61,7 +61,15 @@ pub fn compose(image: &ImageConfig, config: &SandboxConfig) -> Result<Composed, 
     } else {
         image.cmd.clone()
     };
-    let argv: Vec<String> = entrypoint.into_iter().chain(args).collect();
+    compose_command(image, config, entrypoint.into_iter().chain(args).collect())
+}
+
+/// `argv` with the environment, working directory and user [`compose`] gives it.
+pub fn compose_command(
+    image: &ImageConfig,
+    config: &SandboxConfig,
+    argv: Vec<String>,
+) -> Result<Composed, ComposeError> {
     if argv.is_empty() {
         return Err(ComposeError::NoCommand);
     }

@@ -3,13 +3,13 @@
 
 use matchlock_protocol::files::{FileEntry, FileRequest, FileResult, MAX_READ_FILE};
 use matchlock_protocol::frame::tokio_io::{read_frame, write_frame};
-use matchlock_protocol::frame::{FrameError, FrameType, MAX_PAYLOAD_LEN};
+use matchlock_protocol::frame::{FrameError, FrameType};
 use matchlock_protocol::EXEC_PORT;
 use tokio::net::UnixStream;
 
 use crate::{Sandbox, SandboxError};
 
-/// Content chunk size sent to the guest.
+/// Content chunk size sent to the guest (below the frame limit).
 const CHUNK: usize = 256 * 1024;
 
 impl Sandbox {
@@ -17,7 +17,7 @@ impl Sandbox {
     /// means 0644).
     pub async fn write_file(&self, path: &str, content: &[u8], mode: u32) -> Result<(), SandboxError> {
         let mut conn = self.file_request(FrameType::WriteFile, path, mode).await?;
-        for chunk in content.chunks(CHUNK.min(MAX_PAYLOAD_LEN)) {
+        for chunk in content.chunks(CHUNK) {
             write_frame(&mut conn, FrameType::Stdin, chunk).await?;
         }
         write_frame(&mut conn, FrameType::Stdin, &[]).await?;

@@ -28,7 +28,7 @@ use matchlock_state::{Phase, StateDb, StateError, Status, Vm};
 use matchlock_vm::qemu::{QemuBackend, QemuMachine};
 use matchlock_vm::{accel, device_name, kernel, tools, Backend, Disk, Machine, MachineSpec, VmError};
 
-pub use command::{compose, ComposeError, Composed};
+pub use command::{compose, compose_command, ComposeError, Composed};
 pub use exec::{exec_via_relay, Control, ExecIo};
 
 /// How long a guest may take to signal readiness (TCG boots take ~2 s here).

@@ -1,5 +1,6 @@
-//! Command output appended to a VM's log (`run -d`, an RPC sandbox's entrypoint), capped:
-//! the guest decides how much it prints, the host decides how much disk it gets.
+//! Capped writers for what the guest prints: command output appended to a VM's log
+//! (`run -d`, an RPC sandbox's entrypoint) and output collected in memory (RPC `exec`).
+//! The guest decides how much it prints, the host decides how much it keeps.
 
 use std::path::Path;
 use std::pin::Pin;
@@ -14,15 +15,32 @@ use crate::{io_err, SandboxError};
 /// Most command output kept in one VM log; the rest is dropped.
 pub const COMMAND_LOG_LIMIT: u64 = 64 * 1024 * 1024;
 
-/// An appending writer that stops storing once the writers sharing its budget have
-/// stored [`COMMAND_LOG_LIMIT`] bytes; later output is accepted and dropped.
+/// A writer that stores at most `limit` bytes (counted across the writers sharing its
+/// budget) and accepts and drops the rest.
 #[derive(Debug)]
-pub struct CappedLog {
-    file: tokio::fs::File,
+pub struct Capped<W> {
+    inner: W,
     used: Arc<AtomicU64>,
+    limit: u64,
 }
 
-/// Two writers (stdout, stderr) appending to `path` with one shared budget.
+impl<W> Capped<W> {
+    /// A writer of its own budget.
+    pub fn new(inner: W, limit: u64) -> Self {
+        Self { inner, used: Arc::new(AtomicU64::new(0)), limit }
+    }
+
+    /// The inner writer.
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+}
+
+/// Command output appended to a VM log.
+pub type CappedLog = Capped<tokio::fs::File>;
+
+/// Two writers (stdout, stderr) appending to `path` with one shared budget of
+/// [`COMMAND_LOG_LIMIT`].
 pub fn command_log(path: &Path) -> Result<(CappedLog, CappedLog), SandboxError> {
     let open = || {
         std::fs::OpenOptions::new()
@@ -32,28 +50,29 @@ pub fn command_log(path: &Path) -> Result<(CappedLog, CappedLog), SandboxError> 
             .map(tokio::fs::File::from_std)
             .map_err(io_err(format!("cannot open {}", path.display())))
     };
-    let used = Arc::new(AtomicU64::new(0));
-    Ok((CappedLog { file: open()?, used: used.clone() }, CappedLog { file: open()?, used }))
+    let stdout = Capped::new(open()?, COMMAND_LOG_LIMIT);
+    let stderr = Capped { inner: open()?, used: stdout.used.clone(), limit: COMMAND_LOG_LIMIT };
+    Ok((stdout, stderr))
 }
 
-impl AsyncWrite for CappedLog {
+impl<W: AsyncWrite + Unpin> AsyncWrite for Capped<W> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let room = COMMAND_LOG_LIMIT.saturating_sub(self.used.load(Ordering::Relaxed));
+        let room = self.limit.saturating_sub(self.used.load(Ordering::Relaxed));
         let take = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
         if take == 0 {
             return Poll::Ready(Ok(buf.len()));
         }
-        let written = std::task::ready!(Pin::new(&mut self.file).poll_write(cx, &buf[..take]))?;
+        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &buf[..take]))?;
         self.used.fetch_add(written as u64, Ordering::Relaxed);
         Poll::Ready(Ok(written))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_flush(cx)
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_shutdown(cx)
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

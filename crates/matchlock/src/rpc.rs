@@ -17,9 +17,9 @@ use matchlock_api::config::PortForward;
 use matchlock_api::rpc::{
     code, Binding, CreateParams, ExecParams, ExecResult, ExitResult, FileEvent, FileInfo, NetworkEvent,
 };
-use matchlock_api::SandboxConfig;
 use matchlock_protocol::exec::{ExecMode, ExecRequest, WindowSize};
-use matchlock_sandbox::{compose, Control, Events, ExecIo, Sandbox};
+use matchlock_sandbox::logfile::Capped;
+use matchlock_sandbox::{compose, compose_command, Control, Events, ExecIo, Sandbox};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -31,7 +31,7 @@ const MAX_LINE: usize = 10 * 1024 * 1024;
 /// Output lines queued for stdout; `event` notifications are dropped when it is full.
 const OUTPUT_QUEUE: usize = 1024;
 /// Most bytes of each stream `exec` collects; the rest is dropped.
-const MAX_EXEC_OUTPUT: usize = 64 * 1024 * 1024;
+const MAX_EXEC_OUTPUT: u64 = 64 * 1024 * 1024;
 /// How long a launched entrypoint must survive for `create` to succeed.
 const ENTRYPOINT_GRACE: Duration = Duration::from_millis(500);
 
@@ -455,12 +455,10 @@ fn exec_request(live: &Live, p: &ExecParams, window: Option<WindowSize>) -> Resu
     if p.command.is_empty() {
         return Err(RpcError::new(code::INVALID_PARAMS, "command is required"));
     }
-    let config: &SandboxConfig = live.sandbox.config();
-    let mut shell = config.clone();
-    shell.entrypoint = Some(Vec::new());
-    shell.command = vec!["sh".into(), "-c".into(), p.command.clone()];
+    let config = live.sandbox.config();
     let image = &live.sandbox.image().config;
-    let composed = compose(image, &shell).map_err(|e| RpcError::new(code::EXEC_FAILED, e.to_string()))?;
+    let argv = vec!["sh".into(), "-c".into(), p.command.clone()];
+    let composed = compose_command(image, config, argv).map_err(|e| RpcError::new(code::EXEC_FAILED, e.to_string()))?;
     let working_dir = if !p.working_dir.is_empty() {
         p.working_dir.clone()
     } else if config.workdir.is_none() && image.working_dir.is_empty() {
@@ -480,49 +478,20 @@ fn exec_failed(e: matchlock_sandbox::SandboxError) -> RpcError {
     RpcError::new(code::EXEC_FAILED, chain(e))
 }
 
-/// Collects at most [`MAX_EXEC_OUTPUT`] bytes, dropping the rest.
-#[derive(Default)]
-struct Capped(Vec<u8>);
-
-impl tokio::io::AsyncWrite for Capped {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let room = MAX_EXEC_OUTPUT.saturating_sub(self.0.len());
-        self.0.extend_from_slice(&buf[..buf.len().min(room)]);
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
 async fn exec(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
     let p: ExecParams = params(params_value)?;
     let live = server.live().await?;
     let request = exec_request(&live, &p, None)?;
     let started = Instant::now();
-    let (mut stdout, mut stderr) = (Capped::default(), Capped::default());
+    let mut stdout = Capped::new(Vec::new(), MAX_EXEC_OUTPUT);
+    let mut stderr = Capped::new(Vec::new(), MAX_EXEC_OUTPUT);
     let (_control_tx, control) = mpsc::channel(1);
     let io = ExecIo { stdin: None, stdout: Box::new(&mut stdout), stderr: Box::new(&mut stderr), control };
     let exit_code = live.sandbox.exec(ExecMode::Stream, &request, io).await.map_err(exec_failed)?;
     let result = ExecResult {
         exit_code,
-        stdout: B64.encode(&stdout.0),
-        stderr: B64.encode(&stderr.0),
+        stdout: B64.encode(stdout.into_inner()),
+        stderr: B64.encode(stderr.into_inner()),
         duration_ms: started.elapsed().as_millis() as u64,
     };
     Ok(serde_json::to_value(result).expect("result serializes"))

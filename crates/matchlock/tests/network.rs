@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{debian_image, home, ok, python_sdk_command, repo_root, stderr, stdout, Home};
+use common::{debian_image, home, ok, python_sdk_command, repo_root, stderr, stdout, Home, Rpc};
 
 const NAMESPACE: &str = "mltestnet";
 const HOST_VETH: &str = "mltestnet0";
@@ -754,25 +754,8 @@ fn rpc_network_events() {
     let _net = testnet();
     let h = home();
     let m = marker("ev");
-    let mut child = cmd(&h).arg("rpc").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    let mut input = child.stdin.take().unwrap();
-    let mut output = BufReader::new(child.stdout.take().unwrap());
-    let mut call = |id: u64, method: &str, params: serde_json::Value| {
-        let request = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id});
-        input.write_all(format!("{request}\n").as_bytes()).unwrap();
-        let mut events = Vec::new();
-        loop {
-            let mut line = String::new();
-            assert!(output.read_line(&mut line).unwrap() > 0, "rpc ended");
-            let message: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if message["id"] == id {
-                return (message, events);
-            }
-            if message["method"] == "event" {
-                events.push(message["params"].clone());
-            }
-        }
-    };
+    let mut rpc = Rpc::start(cmd(&h));
+    let mut call = |id, method, params| rpc.call_collecting(id, method, &params);
     let (r, _) = call(
         1,
         "create",
@@ -785,7 +768,12 @@ fn rpc_network_events() {
     assert_eq!(r["result"]["exit_code"], 0, "{r}");
     let (_, more) = call(3, "exec", serde_json::json!({"command": "true"}));
     events.extend(more);
-    let network: Vec<&serde_json::Value> = events.iter().filter(|e| e["type"] == "network").collect();
+    let network: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["method"] == "event")
+        .map(|e| &e["params"])
+        .filter(|e| e["type"] == "network")
+        .collect();
     let allowed = network.iter().find(|e| e["network"]["host"] == "api.test").expect("api.test event");
     assert_eq!(allowed["network"]["url"], format!("http://api.test/echo/{m}"));
     assert_eq!(
@@ -803,7 +791,6 @@ fn rpc_network_events() {
     assert!(blocked["network"]["block_reason"].as_str().unwrap().contains("allow-list"), "{blocked}");
     let (r, _) = call(4, "close", serde_json::json!({"timeout_seconds": 2}));
     assert_eq!(r["result"], serde_json::json!({}));
-    drop(input);
-    assert!(child.wait().unwrap().success());
+    assert!(rpc.finish().success());
     assert!(h.processes().is_empty());
 }

@@ -3,69 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Stdio};
-
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use common::{debian_image, home, python_sdk_command, Home};
+use common::{debian_image, home, python_sdk_command, Rpc};
 use serde_json::{json, Value};
-
-/// A `matchlock rpc` process.
-struct Rpc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Rpc {
-    fn start(h: &Home) -> Self {
-        let mut child = h
-            .cmd()
-            .arg("rpc")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn rpc");
-        let stdin = child.stdin.take();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Self { child, stdin, stdout }
-    }
-
-    fn send_raw(&mut self, bytes: &[u8]) {
-        self.stdin.as_mut().unwrap().write_all(bytes).unwrap();
-        self.stdin.as_mut().unwrap().flush().unwrap();
-    }
-
-    fn send(&mut self, message: &Value) {
-        let mut line = message.to_string().into_bytes();
-        line.push(b'\n');
-        self.send_raw(&line);
-    }
-
-    fn recv(&mut self) -> Value {
-        let mut line = String::new();
-        assert!(self.stdout.read_line(&mut line).unwrap() > 0, "rpc closed its output");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad output line {line:?}: {e}"))
-    }
-
-    /// Sends a request and returns its response (notifications meanwhile are skipped).
-    fn call(&mut self, id: u64, method: &str, params: &Value) -> Value {
-        self.send(&json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id}));
-        loop {
-            let m = self.recv();
-            if m.get("id").and_then(Value::as_u64) == Some(id) {
-                return m;
-            }
-        }
-    }
-
-    fn finish(mut self) -> std::process::ExitStatus {
-        drop(self.stdin.take());
-        self.child.wait().unwrap()
-    }
-}
 
 fn error_code(response: &Value) -> i64 {
     response["error"]["code"].as_i64().unwrap_or_else(|| panic!("not an error: {response}"))
@@ -74,7 +15,7 @@ fn error_code(response: &Value) -> i64 {
 #[test]
 fn protocol_errors_are_answered_and_the_server_keeps_serving() {
     let h = home();
-    let mut rpc = Rpc::start(&h);
+    let mut rpc = Rpc::start(h.cmd());
     rpc.send_raw(b"this is not json\n");
     assert_eq!(rpc.recv(), json!({"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}}));
     rpc.send_raw(b"\n   \n");
@@ -115,7 +56,7 @@ fn protocol_errors_are_answered_and_the_server_keeps_serving() {
 #[test]
 fn stdin_eof_without_close_removes_the_sandbox() {
     let h = home();
-    let mut rpc = Rpc::start(&h);
+    let mut rpc = Rpc::start(h.cmd());
     let r = rpc.call(1, "create", &json!({"image": "busybox", "network": {"no_network": true}}));
     let id = r["result"]["id"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned();
     let r = rpc.call(2, "exec", &json!({"command": "echo $((6 * 7))"}));
@@ -143,7 +84,7 @@ fn python_sdk_suite() {
 #[test]
 fn long_running_entrypoint_then_close_and_stop_signal_teardown() {
     let h = home();
-    let mut rpc = Rpc::start(&h);
+    let mut rpc = Rpc::start(h.cmd());
     let create = json!({"image": "busybox", "launch_entrypoint": true, "network": {"no_network": true},
         "image_config": {"entrypoint": ["sh", "-c", "echo serving; sleep 300"]}});
     let r = rpc.call(1, "create", &create);
@@ -173,7 +114,7 @@ fn long_running_entrypoint_then_close_and_stop_signal_teardown() {
     assert!(h.ml(&["rm", &id]).status.success());
 
     // SIGTERM (as `Popen.terminate()` sends) tears the sandbox down and removes it.
-    let mut rpc = Rpc::start(&h);
+    let mut rpc = Rpc::start(h.cmd());
     let r = rpc.call(1, "create", &json!({"image": "busybox", "network": {"no_network": true}}));
     assert!(r["result"]["id"].is_string(), "{r}");
     let pid = nix::unistd::Pid::from_raw(rpc.child.id() as i32);
@@ -185,7 +126,7 @@ fn long_running_entrypoint_then_close_and_stop_signal_teardown() {
 #[test]
 fn a_vm_that_dies_mid_command_fails_the_command_and_close_cleans_up() {
     let h = home();
-    let mut rpc = Rpc::start(&h);
+    let mut rpc = Rpc::start(h.cmd());
     let r = rpc.call(1, "create", &json!({"image": "busybox", "network": {"no_network": true}}));
     assert!(r["result"]["id"].is_string(), "{r}");
     rpc.send(&json!({"jsonrpc": "2.0", "method": "exec", "params": {"command": "sleep 300"}, "id": 2}));

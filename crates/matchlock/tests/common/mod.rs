@@ -8,8 +8,11 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+
+use serde_json::{json, Value};
 use std::sync::OnceLock;
 
 pub struct Shared {
@@ -228,7 +231,7 @@ impl Home {
     }
 
     /// Starts `matchlock <args>` with stdout and stderr piped.
-    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+    pub fn spawn(&self, args: &[&str]) -> Child {
         self.cmd().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn matchlock")
     }
 
@@ -240,7 +243,7 @@ impl Home {
 
 /// Starts `cmd` as a session leader with a new pseudo-terminal of `rows`x`cols` as its
 /// controlling terminal and stdio; returns it and the terminal's master side.
-pub fn spawn_in_pty(mut cmd: Command, rows: u16, cols: u16) -> (std::process::Child, std::fs::File) {
+pub fn spawn_in_pty(mut cmd: Command, rows: u16, cols: u16) -> (Child, std::fs::File) {
     use std::os::unix::process::CommandExt;
     let ws = nix::pty::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
     let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
@@ -300,7 +303,7 @@ pub fn ok(out: &Output) -> String {
 /// A real OCI registry (Debian's docker-registry) on a loopback port, optionally with
 /// htpasswd authentication. Killed when dropped.
 pub struct Registry {
-    child: std::process::Child,
+    child: Child,
     /// `127.0.0.1:<port>`.
     pub addr: String,
     /// Its storage (for tampering with blobs).
@@ -369,7 +372,7 @@ impl Drop for Registry {
 }
 
 /// Sends `signal` to a child process.
-pub fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
+pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).expect("kill");
 }
 
@@ -392,4 +395,69 @@ pub fn python_sdk_command(h: &Command, script: &str) -> Command {
         .env("MATCHLOCK_TEST_BUSYBOX", "busybox")
         .stdin(Stdio::null());
     python
+}
+
+#[allow(dead_code)]
+/// A `matchlock rpc` process.
+pub struct Rpc {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+#[allow(dead_code)]
+impl Rpc {
+    /// Starts `<cmd> rpc` (a `matchlock` command with its environment).
+    pub fn start(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .arg("rpc")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn rpc");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Self { child, stdin, stdout }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stdin.as_mut().unwrap().write_all(bytes).unwrap();
+        self.stdin.as_mut().unwrap().flush().unwrap();
+    }
+
+    pub fn send(&mut self, message: &Value) {
+        let mut line = message.to_string().into_bytes();
+        line.push(b'\n');
+        self.send_raw(&line);
+    }
+
+    pub fn recv(&mut self) -> Value {
+        let mut line = String::new();
+        assert!(self.stdout.read_line(&mut line).unwrap() > 0, "rpc closed its output");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad output line {line:?}: {e}"))
+    }
+
+    /// Sends a request and returns its response (notifications meanwhile are skipped).
+    pub fn call(&mut self, id: u64, method: &str, params: &Value) -> Value {
+        self.call_collecting(id, method, params).0
+    }
+
+    /// Sends a request; returns its response and the notifications that came before it.
+    pub fn call_collecting(&mut self, id: u64, method: &str, params: &Value) -> (Value, Vec<Value>) {
+        self.send(&json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id}));
+        let mut notifications = Vec::new();
+        loop {
+            let m = self.recv();
+            if m.get("id").and_then(Value::as_u64) == Some(id) {
+                return (m, notifications);
+            }
+            notifications.push(m);
+        }
+    }
+
+    pub fn finish(mut self) -> std::process::ExitStatus {
+        drop(self.stdin.take());
+        self.child.wait().unwrap()
+    }
 }
