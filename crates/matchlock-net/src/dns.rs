@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use tokio::net::UdpSocket;
 
 use crate::policy::Policy;
@@ -74,6 +74,24 @@ impl Resolver {
         Err(DnsError::NoAnswer)
     }
 
+    /// Asks the servers one question with a query built here (a fresh id, nothing else of
+    /// whoever asked), and returns the answer if it answers exactly that question.
+    pub async fn ask(&self, question: &Query, recursion_desired: bool) -> Result<Message, DnsError> {
+        let mut message = Message::new();
+        message
+            .set_id(rand::random())
+            .set_message_type(MessageType::Query)
+            .set_op_code(OpCode::Query)
+            .set_recursion_desired(recursion_desired)
+            .add_query(question.clone());
+        let query = message.to_vec().map_err(|_| DnsError::BadName(question.name().to_utf8()))?;
+        let answer = Message::from_vec(&self.exchange(&query).await?).map_err(|_| DnsError::NoAnswer)?;
+        if answer.message_type() != MessageType::Response || answer.queries() != [question.clone()] {
+            return Err(DnsError::NoAnswer);
+        }
+        Ok(answer)
+    }
+
     /// The IPv4 addresses of `name`, from the sandbox's servers (cached up to the TTL, ≤ 60 s).
     pub async fn lookup_ipv4(&self, name: &str) -> Result<Vec<Ipv4Addr>, DnsError> {
         if let Ok(ip) = name.parse::<Ipv4Addr>() {
@@ -85,15 +103,7 @@ impl Resolver {
             }
         }
         let fqdn = Name::from_utf8(name).map_err(|_| DnsError::BadName(name.to_owned()))?;
-        let mut message = Message::new();
-        message
-            .set_id(rand::random())
-            .set_message_type(MessageType::Query)
-            .set_op_code(OpCode::Query)
-            .set_recursion_desired(true)
-            .add_query(Query::query(fqdn, RecordType::A));
-        let query = message.to_vec().map_err(|_| DnsError::BadName(name.to_owned()))?;
-        let answer = Message::from_vec(&self.exchange(&query).await?).map_err(|_| DnsError::NoAnswer)?;
+        let answer = self.ask(&Query::query(fqdn, RecordType::A), true).await?;
         let (ips, ttl) = a_records(&answer);
         if ips.is_empty() {
             return Err(DnsError::NoAddress(name.to_owned()));
@@ -125,27 +135,58 @@ fn a_records(message: &Message) -> (Vec<Ipv4Addr>, Duration) {
 }
 
 /// Answers one query from the guest. `None` drops it (unparsable garbage).
+///
+/// Only a standard query with exactly one question of class IN is answered; anything else is
+/// refused. The guest's message is never forwarded: the host asks its servers the checked
+/// question with a query of its own ([`Resolver::ask`]) and builds the guest's answer from the
+/// parsed records (no flag, extra record or EDNS option of the guest reaches a server).
 pub async fn answer_guest(query: &[u8], resolver: &Resolver, policy: Option<&Policy>) -> Option<Vec<u8>> {
     let request = Message::from_vec(query).ok()?;
     if request.message_type() != MessageType::Query {
         return None;
     }
-    let name = request.queries().first().map(|q| q.name().to_utf8());
-    let name = name.as_deref().map(|n| n.strip_suffix('.').unwrap_or(n).to_owned());
-    if let (Some(policy), Some(name)) = (policy, name.as_deref()) {
-        if !policy.name_resolvable(name) {
-            return error_response(&request, ResponseCode::Refused);
-        }
+    let question = match single_question(&request) {
+        Some(question) => question,
+        None => return error_response(&request, ResponseCode::Refused),
+    };
+    let name = question.name().to_utf8();
+    let name = name.strip_suffix('.').unwrap_or(&name);
+    if policy.is_some_and(|policy| !policy.name_resolvable(name)) {
+        return error_response(&request, ResponseCode::Refused);
     }
-    let Ok(response) = resolver.exchange(query).await else {
+    let Ok(upstream) = resolver.ask(question, request.recursion_desired()).await else {
         return error_response(&request, ResponseCode::ServFail);
     };
-    if let (Some(policy), Some(name), Ok(parsed)) = (policy, name.as_deref(), Message::from_vec(&response)) {
-        for ip in a_records(&parsed).0 {
+    if let Some(policy) = policy {
+        for ip in a_records(&upstream).0 {
             policy.remember_answer(ip, name);
         }
     }
-    Some(response)
+    let mut response = Message::new();
+    response
+        .set_id(request.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(request.recursion_desired())
+        .set_recursion_available(upstream.recursion_available())
+        .set_authoritative(upstream.authoritative())
+        .set_truncated(upstream.truncated())
+        .set_response_code(upstream.response_code())
+        .add_query(question.clone())
+        .add_answers(upstream.answers().iter().cloned())
+        .add_name_servers(upstream.name_servers().iter().cloned());
+    response.to_vec().ok()
+}
+
+/// The query's one question, if it is a standard query of exactly one class-IN question that
+/// is not a zone transfer.
+fn single_question(request: &Message) -> Option<&Query> {
+    if request.op_code() != OpCode::Query {
+        return None;
+    }
+    let [question] = request.queries() else { return None };
+    let transfer = matches!(question.query_type(), RecordType::AXFR | RecordType::IXFR);
+    (question.query_class() == DNSClass::IN && !transfer).then_some(question)
 }
 
 fn error_response(request: &Message, code: ResponseCode) -> Option<Vec<u8>> {
@@ -177,5 +218,97 @@ mod tests {
         assert_eq!(answer.id(), 7);
         assert!(started.elapsed() < Duration::from_secs(1));
         assert!(answer_guest(b"\x00\x01garbage", &resolver, Some(&policy)).await.is_none());
+    }
+
+    /// A real name server on loopback that records every query it receives and answers each
+    /// with one A record for its question.
+    async fn recording_server() -> (SocketAddr, std::sync::Arc<Mutex<Vec<Vec<u8>>>>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                log.lock().unwrap().push(buf[..n].to_vec());
+                let query = Message::from_vec(&buf[..n]).unwrap();
+                let mut answer = Message::new();
+                answer.set_id(query.id()).set_message_type(MessageType::Response).add_queries(query.queries().to_vec());
+                let name = query.queries()[0].name().clone();
+                answer.add_answer(hickory_proto::rr::Record::from_rdata(
+                    name,
+                    30,
+                    RData::A(hickory_proto::rr::rdata::A(Ipv4Addr::new(198, 51, 100, 10))),
+                ));
+                socket.send_to(&answer.to_vec().unwrap(), peer).await.unwrap();
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn only_one_checked_question_is_asked_and_nothing_of_the_guest_is_forwarded() {
+        let (server, seen) = recording_server().await;
+        let resolver = Resolver { servers: vec![server], cache: Mutex::default() };
+        let policy = Policy::new(vec!["api.test".into()], true, vec![]);
+
+        // Positive control: a plain query is answered through the server.
+        let answer = answer_guest(&query("api.test"), &resolver, Some(&policy)).await.unwrap();
+        let answer = Message::from_vec(&answer).unwrap();
+        assert_eq!((answer.id(), answer.response_code(), answer.answers().len()), (7, ResponseCode::NoError, 1));
+        assert_eq!(seen.lock().unwrap().len(), 1);
+
+        // Smuggling a second name behind an allowed one: refused, the server asked nothing.
+        let mut two = Message::new();
+        two.set_id(8)
+            .add_query(Query::query(Name::from_utf8("api.test").unwrap(), RecordType::A))
+            .add_query(Query::query(Name::from_utf8("exfil-DATA.evil.test").unwrap(), RecordType::A));
+        let answer =
+            Message::from_vec(&answer_guest(&two.to_vec().unwrap(), &resolver, Some(&policy)).await.unwrap()).unwrap();
+        assert_eq!(answer.response_code(), ResponseCode::Refused);
+        // Another class, a zone transfer, and no question at all: refused too.
+        let mut chaos = Query::query(Name::from_utf8("api.test").unwrap(), RecordType::TXT);
+        chaos.set_query_class(DNSClass::CH);
+        let axfr = Query::query(Name::from_utf8("api.test").unwrap(), RecordType::AXFR);
+        for q in [Some(chaos), Some(axfr), None] {
+            let mut m = Message::new();
+            m.set_id(9);
+            if let Some(q) = q {
+                m.add_query(q);
+            }
+            let answer =
+                Message::from_vec(&answer_guest(&m.to_vec().unwrap(), &resolver, Some(&policy)).await.unwrap())
+                    .unwrap();
+            assert_eq!(answer.response_code(), ResponseCode::Refused);
+        }
+        assert_eq!(seen.lock().unwrap().len(), 1, "refused queries never reach the server");
+
+        // Extra records, EDNS options and odd flags of the guest stay on the host: the server
+        // receives a query of the host's own, with only the checked question.
+        let mut crafted = Message::new();
+        crafted
+            .set_id(10)
+            .set_checking_disabled(true)
+            .set_authentic_data(true)
+            .add_query(Query::query(Name::from_utf8("api.test").unwrap(), RecordType::A))
+            .add_additional(hickory_proto::rr::Record::from_rdata(
+                Name::from_utf8("exfil-EXTRA.evil.test").unwrap(),
+                1,
+                RData::A(hickory_proto::rr::rdata::A(Ipv4Addr::new(1, 2, 3, 4))),
+            ));
+        let mut edns = hickory_proto::op::Edns::new();
+        edns.options_mut().insert(hickory_proto::rr::rdata::opt::EdnsOption::Unknown(65001, b"exfil-EDNS".to_vec()));
+        crafted.set_edns(edns);
+        let raw = crafted.to_vec().unwrap();
+        let answer = Message::from_vec(&answer_guest(&raw, &resolver, Some(&policy)).await.unwrap()).unwrap();
+        assert_eq!((answer.id(), answer.answers().len()), (10, 1));
+        let received = seen.lock().unwrap().last().unwrap().clone();
+        assert!(!received.windows(5).any(|w| w == b"exfil"), "guest bytes reached the server");
+        let received = Message::from_vec(&received).unwrap();
+        assert_ne!(received.id(), 10, "the host picks its own id");
+        let [question] = received.queries() else { panic!("one question: {received:?}") };
+        assert_eq!((question.name().to_utf8().as_str(), question.query_type()), ("api.test.", RecordType::A));
+        assert!(received.additionals().is_empty() && received.extensions().is_none());
+        assert!(!received.checking_disabled() && !received.authentic_data());
     }
 }

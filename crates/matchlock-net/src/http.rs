@@ -1,6 +1,14 @@
 //! HTTP and HTTPS interception: the guest's requests are parsed, checked, rewritten (secrets)
 //! and re-sent by the host; responses stream back unbuffered.
 //!
+//! Each request has exactly one [`Destination`], decided before any policy or secret step from
+//! everything that names a host (SNI, absolute-form or HTTP/2 authority, the `Host` header):
+//! they must all agree, on the port the guest dialled. The upstream connection goes to the
+//! address and port the guest dialled, only if that address is one of the decided name's, and
+//! the upstream `Host`/`:authority` is written from the decision, never copied from the guest.
+//! Responses from a secret's hosts are decoded if compressed and scrubbed of the values
+//! (headers, body, trailers, WebSocket messages); what cannot be scrubbed is refused.
+//!
 //! Port 80 is served as HTTP/1.1; port 443 is TLS terminated with a certificate from the
 //! sandbox CA for the ClientHello's server name, then HTTP/2 or HTTP/1.1 by ALPN. Upstream
 //! connections are verified against the host's trust store, negotiate HTTP/2 where the server
@@ -12,7 +20,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
@@ -23,7 +31,9 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use crate::hooks::is_event_stream;
-use crate::secrets::{self, BodyTransform, SseDataReplacer, StreamReplacer};
+#[cfg(test)]
+use crate::secrets::Secret;
+use crate::secrets::{self, BodyTransform, Scrubber, SseDataReplacer, StreamReplacer};
 use crate::{Shared, CONNECT_TIMEOUT};
 
 type Body = BoxBody<Bytes, BoxError>;
@@ -33,6 +43,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const MAX_REWRITTEN_BODY: usize = 32 * 1024 * 1024;
 /// Largest request or response header block accepted from the guest.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Largest WebSocket message relayed from an upstream whose messages are scrubbed.
+const MAX_SCRUBBED_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// Headers that belong to one connection, never forwarded.
 const HOP_BY_HOP: [&str; 8] = [
@@ -52,9 +64,139 @@ enum Scheme {
     Https,
 }
 
-/// Upstream connections of one guest connection.
+impl Scheme {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            Self::Http => 80,
+            Self::Https => 443,
+        }
+    }
+}
+
+/// Where one request goes, decided once: the one host every claim of the request names,
+/// reached at the address and port the guest dialled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Destination {
+    scheme: Scheme,
+    /// Lowercase name without a trailing dot, or an IPv4 literal.
+    host: String,
+    /// The address and port the guest dialled.
+    addr: SocketAddrV4,
+}
+
+impl Destination {
+    /// `host[:port]` as the upstream sees it (the port only when not the scheme's default).
+    fn authority(&self) -> String {
+        if self.addr.port() == self.scheme.default_port() {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.addr.port())
+        }
+    }
+}
+
+/// Why a request names no single destination; answered before any policy or secret step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Malformed: `400 Bad Request`.
+    Bad(&'static str),
+    /// Names another host or port than the connection's: `421 Misdirected Request`.
+    Misdirected(&'static str),
+}
+
+impl Refusal {
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Bad(r) | Self::Misdirected(r) => r,
+        }
+    }
+
+    fn response(self) -> Response<Body> {
+        let status = match self {
+            Self::Bad(_) => StatusCode::BAD_REQUEST,
+            Self::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
+        };
+        refused(status, self.reason())
+    }
+}
+
+/// Decides the destination of a request on a connection the guest dialled to `dst` (with
+/// `tls_name` from the ClientHello over TLS). Every `Host` header, the request target's
+/// authority and the server name must name the same host (ASCII case and one trailing dot
+/// ignored), on the dialled port (the scheme's default when none is given); exactly one `Host`
+/// in HTTP/1.1, at most one otherwise; no userinfo; no CONNECT.
+fn decide<B>(
+    scheme: Scheme,
+    dst: SocketAddrV4,
+    tls_name: Option<&str>,
+    req: &Request<B>,
+) -> Result<Destination, Refusal> {
+    if req.method() == Method::CONNECT {
+        return Err(Refusal::Bad("CONNECT is not supported: connections go where the guest dials"));
+    }
+    let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
+    let required = usize::from(req.version() == Version::HTTP_11);
+    if hosts.len() > 1 || hosts.len() < required {
+        return Err(Refusal::Bad("exactly one Host header is required"));
+    }
+    let mut names: Vec<String> = Vec::new();
+    if let Some(name) = tls_name {
+        names.push(normalise(name).ok_or(Refusal::Bad("malformed TLS server name"))?);
+    }
+    if let Some(authority) = req.uri().authority() {
+        if req.uri().scheme_str().is_some_and(|s| !s.eq_ignore_ascii_case(scheme.name())) {
+            return Err(Refusal::Misdirected("the request's scheme differs from the connection's"));
+        }
+        names.push(claimed(authority.as_str(), scheme, dst.port())?);
+    }
+    for host in hosts {
+        let host = host.to_str().map_err(|_| Refusal::Bad("malformed Host header"))?;
+        names.push(claimed(host, scheme, dst.port())?);
+    }
+    match names.split_first() {
+        None => Ok(Destination { scheme, host: dst.ip().to_string(), addr: dst }),
+        Some((first, rest)) if rest.iter().all(|n| n == first) => {
+            Ok(Destination { scheme, host: first.clone(), addr: dst })
+        }
+        Some(_) => Err(Refusal::Misdirected("the request names more than one host")),
+    }
+}
+
+/// The host an authority (`Host` value or request-target authority) names, if it is on the
+/// dialled port and carries no userinfo.
+fn claimed(raw: &str, scheme: Scheme, dialled_port: u16) -> Result<String, Refusal> {
+    if raw.contains('@') {
+        return Err(Refusal::Bad("userinfo is not allowed in the authority"));
+    }
+    let authority: http::uri::Authority = raw.parse().map_err(|_| Refusal::Bad("malformed authority"))?;
+    let port = match authority.port() {
+        Some(port) => port.as_u16(),
+        None if authority.as_str().ends_with(':') => return Err(Refusal::Bad("malformed authority")),
+        None => scheme.default_port(),
+    };
+    if port != dialled_port {
+        return Err(Refusal::Misdirected("the request names another port than the connection's"));
+    }
+    normalise(authority.host()).ok_or(Refusal::Bad("malformed authority"))
+}
+
+/// A host name compared as DNS compares it: ASCII lowercase, one trailing dot dropped.
+fn normalise(name: &str) -> Option<String> {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+    valid.then_some(name)
+}
+
+/// Upstream connections of one guest connection, by host (the address is the connection's).
 #[derive(Default)]
-struct Upstreams(Mutex<HashMap<(String, u16), Sender>>);
+struct Upstreams(Mutex<HashMap<String, Sender>>);
 
 #[derive(Clone)]
 enum Sender {
@@ -84,7 +226,13 @@ pub(crate) async fn serve_https(shared: Arc<Shared>, dst: SocketAddrV4, stream: 
     let Ok(start) = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await else {
         return;
     };
-    let server_name = start.client_hello().server_name().map_or_else(|| dst.ip().to_string(), str::to_owned);
+    let server_name = match start.client_hello().server_name() {
+        Some(name) => match normalise(name) {
+            Some(name) => name,
+            None => return,
+        },
+        None => dst.ip().to_string(),
+    };
     if shared.policy.check_host(&server_name).is_err() {
         return; // closes the handshake: no certificate for hosts the guest may not reach
     }
@@ -114,18 +262,25 @@ pub(crate) async fn serve_https(shared: Arc<Shared>, dst: SocketAddrV4, stream: 
     }
 }
 
-/// Why policy refused a request; carried on the `403` response for the event.
+/// Why the host refused a request; carried on the response for the event.
 #[derive(Debug, Clone, Copy)]
 struct BlockReason(&'static str);
 
-/// The `403 Blocked by policy` answer.
-fn blocked(reason: &'static str) -> Response<Body> {
-    let mut response = Response::new(full("Blocked by policy"));
+/// A refusal with `status`; the connection is closed after it.
+fn refused(status: StatusCode, reason: &'static str) -> Response<Body> {
+    let body =
+        if status == StatusCode::FORBIDDEN { "Blocked by policy".to_owned() } else { format!("matchlock: {reason}\n") };
+    let mut response = Response::new(full(body));
     response.extensions_mut().insert(BlockReason(reason));
-    *response.status_mut() = StatusCode::FORBIDDEN;
+    *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
+}
+
+/// The `403 Blocked by policy` answer.
+fn blocked(reason: &'static str) -> Response<Body> {
+    refused(StatusCode::FORBIDDEN, reason)
 }
 
 fn bad_gateway(reason: &str) -> Response<Body> {
@@ -138,35 +293,6 @@ fn full(body: impl Into<Bytes>) -> Body {
     Full::new(body.into()).map_err(|never| match never {}).boxed()
 }
 
-/// Host and port a request is for.
-fn target(scheme: Scheme, dst: SocketAddrV4, tls_name: Option<&str>, req: &Request<Incoming>) -> (String, u16) {
-    if let Some(name) = tls_name {
-        return (name.to_owned(), dst.port());
-    }
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
-    let default_port = if scheme == Scheme::Https { 443 } else { dst.port() };
-    match authority {
-        Some(authority) => match authority.parse::<http::uri::Authority>() {
-            Ok(a) => (a.host().to_owned(), a.port_u16().unwrap_or(default_port)),
-            Err(_) => (authority, default_port),
-        },
-        None => (dst.ip().to_string(), dst.port()),
-    }
-}
-
-/// The name the request claims (Host header or HTTP/2 authority), without port.
-fn claimed_host(req: &Request<Incoming>) -> Option<String> {
-    let raw = req.uri().authority().map(|a| a.host().to_owned()).or_else(|| {
-        let host = req.headers().get(header::HOST)?.to_str().ok()?;
-        Some(host.parse::<http::uri::Authority>().map_or_else(|_| host.to_owned(), |a| a.host().to_owned()))
-    })?;
-    Some(raw)
-}
-
 /// Proxies one request and reports it as a `network` event when someone listens.
 async fn proxy(
     shared: &Shared,
@@ -176,25 +302,34 @@ async fn proxy(
     tls_name: Option<&str>,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let decided = decide(scheme, dst, tls_name, &req);
     let Some(events) = shared.events.clone() else {
-        return forward(shared, upstreams, scheme, dst, tls_name, req).await;
+        return match decided {
+            Ok(dest) => forward(shared, upstreams, &dest, req).await,
+            Err(refusal) => refusal.response(),
+        };
     };
     let started = std::time::Instant::now();
-    let (host, _) = target(scheme, dst, tls_name, &req);
+    let host = match &decided {
+        Ok(dest) => dest.authority(),
+        Err(_) => tls_name.map_or_else(|| dst.ip().to_string(), str::to_owned),
+    };
     let method = req.method().to_string();
-    let scheme_name = if scheme == Scheme::Https { "https" } else { "http" };
     let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str).to_owned();
-    let url = format!("{scheme_name}://{host}{path}");
+    let url = format!("{}://{host}{path}", scheme.name());
     let length = |headers: &HeaderMap| {
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(0)
     };
     let request_bytes = length(req.headers());
-    let response = forward(shared, upstreams, scheme, dst, tls_name, req).await;
+    let response = match decided {
+        Ok(dest) => forward(shared, upstreams, &dest, req).await,
+        Err(refusal) => refusal.response(),
+    };
     let reason = response.extensions().get::<BlockReason>().map(|r| r.0.to_owned());
     (events.0)(matchlock_api::rpc::NetworkEvent {
         method,
         url,
-        host,
+        host: host.split(':').next().unwrap_or_default().to_owned(),
         status_code: response.status().as_u16(),
         request_bytes,
         response_bytes: length(response.headers()),
@@ -205,43 +340,54 @@ async fn proxy(
     response
 }
 
+/// Whether the guest asks for a WebSocket (the only upgrade relayed; others are dropped and
+/// the request is served as plain HTTP/1.1).
+fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req
+            .headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket"))))
+}
+
 async fn forward(
     shared: &Shared,
     upstreams: &Upstreams,
-    scheme: Scheme,
-    dst: SocketAddrV4,
-    tls_name: Option<&str>,
+    dest: &Destination,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
-    let (host, port) = target(scheme, dst, tls_name, &req);
-    // Over TLS the server name decided the policy: a different Host would smuggle past it.
-    if let (Some(name), Some(claimed)) = (tls_name, claimed_host(&req)) {
-        if !claimed.eq_ignore_ascii_case(name) {
-            return blocked("Host header does not match the TLS server name");
-        }
-    }
-    if shared.policy.check_host(&host).is_err() {
+    if shared.policy.check_host(&dest.host).is_err() {
         return blocked("host not in the allow-list");
     }
-    let upgrade = req.headers().contains_key(header::UPGRADE) && req.version() == Version::HTTP_11;
+    let upgrade = is_websocket_upgrade(&req);
     let guest_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    if shared.hooks.before(&host, &mut parts).await.is_err() {
+    if shared.hooks.before(&dest.host, &mut parts).await.is_err() {
         return blocked("blocked by an interception rule");
     }
     let (method, path, request_headers) = (parts.method.clone(), parts.uri.path().to_owned(), parts.headers.clone());
-    let injected = match secrets::apply_to_request(&mut parts, &host, shared.policy.secrets()) {
-        Ok(injected) => injected,
-        Err(_) => return blocked("secret placeholder sent to a host the secret is not for"),
-    };
-    let sender = match upstreams.get(shared, scheme, &host, port).await {
+    if secrets::apply_to_request(&mut parts, &dest.host, shared.policy.secrets()).is_err() {
+        return blocked("secret placeholder sent to a host the secret is not for");
+    }
+    // Everything this host sends back is scrubbed of the values it may have been given.
+    let scrubbed = secrets::for_destination(&dest.host, shared.policy.secrets());
+    if !scrubbed.is_empty() {
+        parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    }
+    let sender = match upstreams.get(shared, dest).await {
         Ok(sender) => sender,
-        Err(UpstreamError::Blocked) => return blocked("address blocked (private, reserved or loopback)"),
+        Err(UpstreamError::Blocked) => {
+            return blocked("address blocked (the host's own, private, reserved or loopback)")
+        }
+        Err(UpstreamError::Misdirected) => {
+            return Refusal::Misdirected("the dialled address is not one of the host's addresses").response()
+        }
         Err(UpstreamError::Failed(reason)) => return bad_gateway(&reason),
     };
     let http2 = matches!(sender, Sender::Http2(_));
-    let upstream_req =
-        rewrite_request(parts, body.map_err(BoxError::from).boxed(), scheme, &host, port, http2, upgrade);
+    let upstream_req = rewrite_request(parts, body.map_err(BoxError::from).boxed(), dest, http2, upgrade);
     let response = match sender {
         Sender::Http1(sender) => {
             let mut sender = sender.lock().await;
@@ -255,28 +401,51 @@ async fn forward(
     let mut response = match response {
         Ok(r) => r,
         Err(e) => {
-            upstreams.forget(&host, port).await;
+            upstreams.forget(&dest.host).await;
             return bad_gateway(&e.to_string());
         }
     };
+    // A reason phrase the guest would see verbatim: never copied.
+    response.extensions_mut().remove::<hyper::ext::ReasonPhrase>();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(guest_upgrade) = guest_upgrade {
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(async move {
-                if let (Ok(guest), Ok(upstream)) = (guest_upgrade.await, upstream_upgrade.await) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(guest), &mut TokioIo::new(upstream)).await;
-                }
-            });
-            upstreams.forget(&host, port).await;
-            let (parts, _) = response.into_parts();
-            return Response::from_parts(parts, full(Bytes::new()));
+        let Some(guest_upgrade) = guest_upgrade else {
+            return bad_gateway("upstream switched protocols without being asked");
+        };
+        upstreams.forget(&dest.host).await;
+        if !scrubbed.is_empty() && response.headers().contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+            return bad_gateway("upstream WebSocket extensions cannot be scrubbed");
         }
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let scrubber = (!scrubbed.is_empty()).then(|| Scrubber::new(&scrubbed));
+        tokio::spawn(async move {
+            if let (Ok(guest), Ok(upstream)) = (guest_upgrade.await, upstream_upgrade.await) {
+                let (mut guest, mut upstream) = (TokioIo::new(guest), TokioIo::new(upstream));
+                match scrubber {
+                    None => {
+                        let _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await;
+                    }
+                    Some(scrubber) => relay_websocket(guest, upstream, scrubber).await,
+                }
+            }
+        });
+        let (mut parts, _) = response.into_parts();
+        secrets::scrub_headers(&mut parts.headers, &scrubbed);
+        return Response::from_parts(parts, full(Bytes::new()));
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    secrets::scrub_headers(&mut parts.headers, &injected);
     let mut body = body.map_err(BoxError::from).boxed();
-    match shared.hooks.after(&host, method.as_str(), &path, &request_headers, &mut parts).await {
+    if !scrubbed.is_empty() {
+        secrets::scrub_headers(&mut parts.headers, &scrubbed);
+        match decoded(body, &parts.headers) {
+            Ok(plain) => body = plain,
+            Err(encoding) => return bad_gateway(&format!("a response in {encoding:?} encoding cannot be scrubbed")),
+        }
+        if parts.headers.remove(header::CONTENT_ENCODING).is_some() {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+    }
+    match shared.hooks.after(&dest.host, method.as_str(), &path, &request_headers, &mut parts).await {
         Err(_) => return blocked("blocked by an interception rule"),
         Ok(changes) => {
             if let Some(new_body) = changes.body {
@@ -297,15 +466,100 @@ async fn forward(
             }
         }
     }
-    let pairs: Vec<(Vec<u8>, Vec<u8>)> =
-        injected.iter().map(|s| (s.value.as_bytes().to_vec(), s.placeholder.as_bytes().to_vec())).collect();
-    let body = if pairs.is_empty() {
-        body
-    } else {
+    if !scrubbed.is_empty() {
+        // After the rules too: a rule's headers or body may not bring a value back either.
+        secrets::scrub_headers(&mut parts.headers, &scrubbed);
         parts.headers.remove(header::CONTENT_LENGTH);
-        replace_in_body(body, StreamReplacer::new(pairs))
-    };
+        body = replace_in_body(body, Scrubber::new(&scrubbed));
+    }
     Response::from_parts(parts, body)
+}
+
+/// The body with its `Content-Encoding` undone (the codings in reverse order), so it can be
+/// scrubbed; `Err` names a coding this host cannot decode.
+fn decoded(body: Body, headers: &HeaderMap) -> Result<Body, String> {
+    use async_compression::tokio::bufread::{BrotliDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder};
+    use futures_util::TryStreamExt;
+    use tokio::io::{AsyncRead, BufReader};
+    let mut codings = Vec::new();
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let value = value.to_str().map_err(|_| "unreadable".to_owned())?;
+        for coding in value.split(',').map(|c| c.trim().to_ascii_lowercase()).filter(|c| !c.is_empty()) {
+            if coding != "identity" {
+                codings.push(coding);
+            }
+        }
+    }
+    if codings.is_empty() {
+        return Ok(body);
+    }
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let mut reader: Box<dyn AsyncRead + Send + Sync + Unpin> = Box::new(tokio_util::io::StreamReader::new(stream));
+    for coding in codings.iter().rev() {
+        let buffered = BufReader::new(reader);
+        reader = match coding.as_str() {
+            "gzip" | "x-gzip" => Box::new(GzipDecoder::new(buffered)),
+            "deflate" => Box::new(ZlibDecoder::new(buffered)),
+            "br" => Box::new(BrotliDecoder::new(buffered)),
+            "zstd" => Box::new(ZstdDecoder::new(buffered)),
+            other => return Err(other.to_owned()),
+        };
+    }
+    let frames = tokio_util::io::ReaderStream::new(reader).map_ok(Frame::data).map_err(BoxError::from);
+    Ok(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
+}
+
+/// A WebSocket whose upstream may echo secret values: both sides are spoken as WebSocket
+/// (no extensions: compression was refused), each upstream message is scrubbed whole before
+/// it reaches the guest; the guest's messages pass as they are. Messages are bounded.
+async fn relay_websocket<G, U>(guest: G, upstream: U, scrubber: Scrubber)
+where
+    G: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_SCRUBBED_MESSAGE))
+        .max_frame_size(Some(MAX_SCRUBBED_MESSAGE));
+    let guest = WebSocketStream::from_raw_socket(guest, Role::Server, Some(config)).await;
+    let upstream = WebSocketStream::from_raw_socket(upstream, Role::Client, Some(config)).await;
+    let (mut to_guest, mut from_guest) = guest.split();
+    let (mut to_upstream, mut from_upstream) = upstream.split();
+    let outbound = async {
+        while let Some(Ok(message)) = from_guest.next().await {
+            if to_upstream.send(message).await.is_err() {
+                break;
+            }
+        }
+        let _ = to_upstream.close().await;
+    };
+    let inbound = async {
+        while let Some(Ok(message)) = from_upstream.next().await {
+            let scrub = |data: &[u8]| Bytes::from(scrubber.scrub(data));
+            let message = match message {
+                Message::Text(text) => match String::from_utf8(scrubber.scrub(text.as_bytes())) {
+                    Ok(text) => Message::text(text),
+                    Err(_) => break,
+                },
+                Message::Binary(data) => Message::Binary(scrub(&data)),
+                Message::Ping(data) => Message::Ping(scrub(&data)),
+                Message::Pong(data) => Message::Pong(scrub(&data)),
+                Message::Close(frame) => Message::Close(frame.map(|f| CloseFrame {
+                    code: f.code,
+                    reason: String::from_utf8(scrubber.scrub(f.reason.as_bytes())).unwrap_or_default().into(),
+                })),
+                Message::Frame(_) => break,
+            };
+            if to_guest.send(message).await.is_err() {
+                break;
+            }
+        }
+        let _ = to_guest.close().await;
+    };
+    tokio::join!(outbound, inbound);
 }
 
 /// The whole body, unless it fails or exceeds `max` bytes.
@@ -324,13 +578,15 @@ async fn collect_limited(mut body: Body, max: usize) -> Option<Vec<u8>> {
 
 /// A streaming body with literal replacements applied.
 fn replace_in_body(body: Body, replacer: impl BodyTransform + 'static) -> Body {
-    ReplacingBody { inner: body, replacer: Box::new(replacer), finished: false }.boxed()
+    ReplacingBody { inner: body, replacer: Box::new(replacer), finished: false, trailers: None }.boxed()
 }
 
 struct ReplacingBody {
     inner: Body,
     replacer: Box<dyn BodyTransform>,
     finished: bool,
+    /// Trailers waiting behind the released tail.
+    trailers: Option<HeaderMap>,
 }
 
 impl hyper::body::Body for ReplacingBody {
@@ -344,7 +600,7 @@ impl hyper::body::Body for ReplacingBody {
         use std::task::Poll;
         loop {
             if self.finished {
-                return Poll::Ready(None);
+                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
             match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -355,7 +611,18 @@ impl hyper::body::Body for ReplacingBody {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
                     }
-                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    Err(frame) => {
+                        // Held-back data goes out before the trailers, which end the stream.
+                        let Ok(mut trailers) = frame.into_trailers() else { continue };
+                        self.replacer.trailers(&mut trailers);
+                        self.finished = true;
+                        let tail = self.replacer.finish();
+                        if tail.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        self.trailers = Some(trailers);
+                        return Poll::Ready(Some(Ok(Frame::data(tail))));
+                    }
                 },
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => {
@@ -387,33 +654,29 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// The request as the upstream should see it: origin-form and Host for HTTP/1.1, absolute URI
-/// for HTTP/2, connection headers dropped (kept for an upgrade).
+/// The request as the upstream should see it: `Host` (HTTP/1.1, origin-form) or the
+/// authority (HTTP/2) written from the decided destination, whatever the guest sent;
+/// connection headers dropped (kept for a WebSocket upgrade).
 fn rewrite_request(
     mut parts: http::request::Parts,
     body: Body,
-    scheme: Scheme,
-    host: &str,
-    port: u16,
+    dest: &Destination,
     http2: bool,
     upgrade: bool,
 ) -> Request<Body> {
-    let default_port = if scheme == Scheme::Https { 443 } else { 80 };
-    let authority = if port == default_port { host.to_owned() } else { format!("{host}:{port}") };
+    let authority = dest.authority();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let upgrade_headers =
         upgrade.then(|| (parts.headers.get(header::UPGRADE).cloned(), parts.headers.get(header::CONNECTION).cloned()));
     strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
     if http2 {
-        parts.headers.remove(header::HOST);
-        let scheme = if scheme == Scheme::Https { "https" } else { "http" };
-        parts.uri = format!("{scheme}://{authority}{path}").parse().unwrap_or_else(|_| Uri::from_static("/"));
+        parts.uri =
+            format!("{}://{authority}{path}", dest.scheme.name()).parse().unwrap_or_else(|_| Uri::from_static("/"));
         parts.version = Version::HTTP_2;
     } else {
-        if !parts.headers.contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(&authority) {
-                parts.headers.insert(header::HOST, v);
-            }
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(header::HOST, v);
         }
         parts.uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
         parts.version = Version::HTTP_11;
@@ -427,13 +690,13 @@ fn rewrite_request(
 
 enum UpstreamError {
     Blocked,
+    Misdirected,
     Failed(String),
 }
 
 impl Upstreams {
-    async fn get(&self, shared: &Shared, scheme: Scheme, host: &str, port: u16) -> Result<Sender, UpstreamError> {
-        let key = (host.to_owned(), port);
-        if let Some(sender) = self.0.lock().await.get(&key) {
+    async fn get(&self, shared: &Shared, dest: &Destination) -> Result<Sender, UpstreamError> {
+        if let Some(sender) = self.0.lock().await.get(&dest.host) {
             let alive = match sender {
                 Sender::Http1(s) => !s.lock().await.is_closed(),
                 Sender::Http2(s) => !s.is_closed(),
@@ -442,45 +705,55 @@ impl Upstreams {
                 return Ok(sender.clone());
             }
         }
-        let sender = connect(shared, scheme, host, port).await?;
-        self.0.lock().await.insert(key, sender.clone());
+        let sender = connect(shared, dest).await?;
+        self.0.lock().await.insert(dest.host.clone(), sender.clone());
         Ok(sender)
     }
 
-    async fn forget(&self, host: &str, port: u16) {
-        self.0.lock().await.remove(&(host.to_owned(), port));
+    async fn forget(&self, host: &str) {
+        self.0.lock().await.remove(host);
     }
 }
 
-/// Dials `host:port`: resolved on the host, every address checked before it is dialled.
-async fn dial(shared: &Shared, host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
-    let ips: Vec<Ipv4Addr> =
-        shared.resolver.lookup_ipv4(host).await.map_err(|e| UpstreamError::Failed(e.to_string()))?;
-    let allowed: Vec<Ipv4Addr> = ips.into_iter().filter(|ip| shared.policy.check_address(*ip).is_ok()).collect();
-    if allowed.is_empty() {
+/// Whether `ip` is an address of `host`: the literal itself, an answer the sandbox's DNS gave
+/// the guest for it, or one the host's own lookup (same servers) finds.
+async fn has_address(shared: &Shared, host: &str, ip: Ipv4Addr) -> bool {
+    if let Ok(literal) = host.parse::<Ipv4Addr>() {
+        return literal == ip;
+    }
+    if shared.policy.answered(ip, host) {
+        return true;
+    }
+    shared.resolver.lookup_ipv4(host).await.is_ok_and(|ips| ips.contains(&ip))
+}
+
+/// Dials what the guest dialled, under the decided name: the address must pass the policy and
+/// be one of that name's addresses.
+async fn dial(shared: &Shared, dest: &Destination) -> Result<TcpStream, UpstreamError> {
+    let ip = *dest.addr.ip();
+    if shared.policy.check_address(ip).is_err() {
         return Err(UpstreamError::Blocked);
     }
-    let mut last = String::from("no address");
-    for ip in allowed {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((ip, port))).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Ok(Err(e)) => last = e.to_string(),
-            Err(_) => last = "connect timed out".into(),
-        }
+    if !has_address(shared, &dest.host, ip).await {
+        return Err(UpstreamError::Misdirected);
     }
-    Err(UpstreamError::Failed(last))
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest.addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(UpstreamError::Failed(e.to_string())),
+        Err(_) => Err(UpstreamError::Failed("connect timed out".into())),
+    }
 }
 
-async fn connect(shared: &Shared, scheme: Scheme, host: &str, port: u16) -> Result<Sender, UpstreamError> {
-    let tcp = dial(shared, host, port).await?;
+async fn connect(shared: &Shared, dest: &Destination) -> Result<Sender, UpstreamError> {
+    let tcp = dial(shared, dest).await?;
     let failed = |e: &dyn std::fmt::Display| UpstreamError::Failed(e.to_string());
-    match scheme {
+    match dest.scheme {
         Scheme::Http => handshake_http1(TokioIo::new(tcp)).await.map_err(|e| failed(&e)),
         Scheme::Https => {
-            let name = ServerName::try_from(host.to_owned()).map_err(|e| failed(&e))?;
+            let name = ServerName::try_from(dest.host.clone()).map_err(|e| failed(&e))?;
             let connector = tokio_rustls::TlsConnector::from(shared.upstream_tls.clone());
             let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
                 .await
@@ -550,5 +823,127 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CloseNotifyOpti
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIALLED: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80);
+    const DIALLED_TLS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 443);
+
+    fn request(version: Version, target: &str, hosts: &[&str]) -> Request<()> {
+        let mut builder = Request::builder().version(version).uri(target);
+        for host in hosts {
+            builder = builder.header(header::HOST, *host);
+        }
+        builder.body(()).unwrap()
+    }
+
+    fn plain(target: &str, hosts: &[&str]) -> Result<Destination, Refusal> {
+        decide(Scheme::Http, DIALLED, None, &request(Version::HTTP_11, target, hosts))
+    }
+
+    fn tls(sni: &str, version: Version, target: &str, hosts: &[&str]) -> Result<Destination, Refusal> {
+        decide(Scheme::Https, DIALLED_TLS, Some(sni), &request(version, target, hosts))
+    }
+
+    #[test]
+    fn one_destination_from_every_claim() {
+        let api = |addr| {
+            Ok(Destination {
+                scheme: if addr == DIALLED { Scheme::Http } else { Scheme::Https },
+                host: "api.test".into(),
+                addr,
+            })
+        };
+        assert_eq!(plain("/x", &["api.test"]), api(DIALLED));
+        assert_eq!(plain("/x", &["API.Test."]), api(DIALLED), "case and a trailing dot are DNS-equal");
+        assert_eq!(plain("/x", &["api.test:80"]), api(DIALLED), "the default port is the dialled one");
+        assert_eq!(plain("http://api.test/x", &["api.test"]), api(DIALLED));
+        assert_eq!(tls("api.test", Version::HTTP_11, "/x", &["api.test"]), api(DIALLED_TLS));
+        assert_eq!(tls("api.test", Version::HTTP_2, "https://api.test/x", &[]), api(DIALLED_TLS));
+        assert_eq!(tls("api.test", Version::HTTP_2, "https://api.test:443/x", &["api.test"]), api(DIALLED_TLS));
+        let bare = decide(Scheme::Http, DIALLED, None, &request(Version::HTTP_10, "/x", &[])).unwrap();
+        assert_eq!(bare.host, "198.51.100.10", "HTTP/1.0 without Host: the dialled address is the name");
+        assert_eq!(api(DIALLED_TLS).unwrap().authority(), "api.test");
+    }
+
+    #[test]
+    fn a_request_naming_another_host_or_port_is_refused() {
+        let misdirected = |r: Result<Destination, Refusal>| assert!(matches!(r, Err(Refusal::Misdirected(_))), "{r:?}");
+        let bad = |r: Result<Destination, Refusal>| assert!(matches!(r, Err(Refusal::Bad(_))), "{r:?}");
+        // Foreign Host behind an approved authority, every shape of it.
+        misdirected(tls("api.test", Version::HTTP_11, "/t1", &["evil.test"]));
+        misdirected(tls("api.test", Version::HTTP_11, "https://api.test/t1", &["evil.test"]));
+        misdirected(plain("http://api.test/t2", &["evil.test"]));
+        misdirected(tls("api.test", Version::HTTP_2, "https://api.test/x", &["evil.test"]));
+        misdirected(tls("api.test", Version::HTTP_2, "https://evil.test/x", &[]));
+        bad(plain("/x", &["api.test", "evil.test"]));
+        bad(plain("/x", &["api.test", "api.test"]));
+        bad(tls("api.test", Version::HTTP_2, "https://api.test/x", &["api.test", "api.test"]));
+        bad(plain("/x", &["evil.test@api.test"]));
+        bad(plain("http://user@api.test/x", &["api.test"]));
+        // Proxy-form (or Host) to another port than the dialled one.
+        misdirected(plain("http://api.test:7779/x", &["api.test:7779"]));
+        misdirected(plain("http://api.test:7779/x", &["api.test"]));
+        misdirected(plain("/x", &["api.test:7779"]));
+        misdirected(tls("api.test", Version::HTTP_11, "/x", &["api.test:80"]));
+        misdirected(plain("https://api.test/x", &["api.test"]));
+        // HTTP/1.1 needs its one Host; malformed claims; CONNECT.
+        bad(plain("/x", &[]));
+        bad(plain("/x", &["api.test:"]));
+        bad(plain("/x", &["api test"]));
+        let connect = Request::builder().method(Method::CONNECT).uri("api.test:443").body(()).unwrap();
+        bad(decide(Scheme::Http, DIALLED, None, &connect));
+    }
+
+    async fn read_all(body: Body) -> Vec<u8> {
+        body.collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    #[tokio::test]
+    async fn compressed_responses_are_decoded_for_scrubbing() {
+        use async_compression::tokio::bufread::{BrotliEncoder, GzipEncoder, ZlibEncoder, ZstdEncoder};
+        use tokio::io::AsyncReadExt;
+        let plain = b"Authorization: Bearer real-value".repeat(100);
+        let mut encoded: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut buf = Vec::new();
+        GzipEncoder::new(&plain[..]).read_to_end(&mut buf).await.unwrap();
+        encoded.push(("gzip", std::mem::take(&mut buf)));
+        ZlibEncoder::new(&plain[..]).read_to_end(&mut buf).await.unwrap();
+        encoded.push(("deflate", std::mem::take(&mut buf)));
+        BrotliEncoder::new(&plain[..]).read_to_end(&mut buf).await.unwrap();
+        encoded.push(("br", std::mem::take(&mut buf)));
+        ZstdEncoder::new(&plain[..]).read_to_end(&mut buf).await.unwrap();
+        encoded.push(("zstd", std::mem::take(&mut buf)));
+        let mut twice = Vec::new();
+        GzipEncoder::new(&encoded[3].1[..]).read_to_end(&mut twice).await.unwrap();
+        encoded.push(("zstd, gzip", twice));
+        for (coding, bytes) in encoded {
+            assert_ne!(bytes, plain, "{coding} encodes");
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_ENCODING, HeaderValue::from_str(coding).unwrap());
+            let body = decoded(full(bytes), &headers).unwrap_or_else(|e| panic!("{coding}: {e}"));
+            assert_eq!(read_all(body).await, plain, "{coding}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("compress"));
+        assert_eq!(decoded(full("x"), &headers).err().as_deref(), Some("compress"), "unknown codings are refused");
+    }
+
+    #[tokio::test]
+    async fn trailers_are_scrubbed_after_the_held_back_tail() {
+        let secret = Secret::new("K", "real-value", vec!["api.test".into()]);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-echo", HeaderValue::from_static("real-value"));
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"tail real-"))), Ok(Frame::trailers(trailers))];
+        let body = BodyExt::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(frames)));
+        let collected = replace_in_body(body, Scrubber::new(&[&secret])).collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers kept");
+        assert_eq!(trailers["x-echo"], secret.placeholder.as_str());
+        assert_eq!(collected.to_bytes(), Bytes::from_static(b"tail real-"));
     }
 }

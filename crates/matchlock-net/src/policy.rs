@@ -60,6 +60,18 @@ pub fn is_always_blocked(ip: Ipv4Addr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.octets()[0] == 0
 }
 
+/// Whether `ip` is assigned to one of this host's own interfaces, read at the moment of the
+/// check (interfaces come and go: a veth, a VPN, a new DHCP lease). If the host's addresses
+/// cannot be read, every address counts as the host's: the check fails closed.
+pub fn is_host_address(ip: Ipv4Addr) -> bool {
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addresses) => addresses
+            .filter_map(|interface| interface.address)
+            .any(|address| address.as_sockaddr_in().is_some_and(|a| a.ip() == ip)),
+        Err(_) => true,
+    }
+}
+
 /// Private, link-local (incl. the 169.254.169.254 metadata service), CGNAT and other
 /// non-public ranges, blocked when `block_private_ips` is on.
 pub fn is_private(ip: Ipv4Addr) -> bool {
@@ -82,6 +94,9 @@ pub enum Blocked {
     /// The destination address is private, loopback or otherwise reserved.
     #[error("address {0} is private or reserved")]
     PrivateAddress(Ipv4Addr),
+    /// The destination is one of the host's own addresses.
+    #[error("address {0} belongs to the host")]
+    HostAddress(Ipv4Addr),
     /// A secret's placeholder was sent to a host the secret is not for.
     #[error("secret placeholder sent to unauthorized host")]
     SecretToUnauthorizedHost,
@@ -161,10 +176,13 @@ impl Policy {
         }
     }
 
-    /// Checks an address about to be dialled.
+    /// Checks an address about to be dialled: never the host itself (loopback or any address
+    /// of its interfaces), never a non-unicast address, private ranges unless allowed.
     pub fn check_address(&self, ip: Ipv4Addr) -> Result<(), Blocked> {
         if is_always_blocked(ip) || (self.block_private_ips && is_private(ip)) {
             Err(Blocked::PrivateAddress(ip))
+        } else if is_host_address(ip) {
+            Err(Blocked::HostAddress(ip))
         } else {
             Ok(())
         }
@@ -182,6 +200,11 @@ impl Policy {
             map.clear();
         }
         map.insert(ip, name.to_owned());
+    }
+
+    /// Whether the sandbox's DNS answered `ip` for `name`.
+    pub fn answered(&self, ip: Ipv4Addr, name: &str) -> bool {
+        self.resolved.lock().unwrap_or_else(|e| e.into_inner()).get(&ip).is_some_and(|n| n == name)
     }
 
     /// Non-HTTP TCP under interception: the address must be an allowed host's resolved address
@@ -257,5 +280,20 @@ mod tests {
         );
         policy.remove_hosts(&["db.test".into()]);
         assert!(policy.check_passthrough(ip).is_ok(), "empty list allows all");
+    }
+
+    #[test]
+    fn the_hosts_own_addresses_are_never_dialled() {
+        let open = Policy::new(vec![], false, vec![]);
+        let own: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
+            .unwrap()
+            .filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
+            .filter(|ip| !ip.is_loopback())
+            .collect();
+        assert!(!own.is_empty(), "this host has a non-loopback address");
+        for ip in own {
+            assert_eq!(open.check_address(ip), Err(Blocked::HostAddress(ip)), "{ip}");
+        }
+        assert!(open.check_address("203.0.113.77".parse().unwrap()).is_ok(), "a remote address still passes");
     }
 }

@@ -1,12 +1,13 @@
 //! Secret substitution: placeholders out, real values in, only towards the secret's hosts.
 //!
 //! Requests: in header values and the query string, a placeholder becomes the real value when
-//! the request goes to one of the secret's hosts; a placeholder anywhere in the headers or URL
-//! of a request to any other host blocks the request. Responses from a host that received a
-//! value are scrubbed back (value → placeholder) so an echoing server cannot hand it to the guest.
+//! the request's decided destination is one of the secret's hosts; a placeholder anywhere in
+//! the headers or URL of a request to any other host blocks the request. Everything a secret's
+//! hosts send back (headers, body, trailers, WebSocket messages) is scrubbed (value →
+//! placeholder) so an echoing server cannot hand the value to the guest.
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, ACCEPT_ENCODING};
+use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Uri};
 pub use matchlock_api::config::Secret;
@@ -15,6 +16,12 @@ use crate::policy::{glob_matches, Blocked};
 
 fn for_host(secret: &Secret, host: &str) -> bool {
     secret.hosts.is_empty() || secret.hosts.iter().any(|p| glob_matches(p, host))
+}
+
+/// The secrets whose values may be sent to `host`: exactly those a response from it may carry
+/// back, so exactly those its responses are scrubbed of.
+pub fn for_destination<'a>(host: &str, secrets: &'a [Secret]) -> Vec<&'a Secret> {
+    secrets.iter().filter(|s| for_host(s, host)).collect()
 }
 
 /// Replaces or polices placeholders in a request to `host`. Returns the secrets that were
@@ -49,10 +56,6 @@ pub fn apply_to_request<'a>(parts: &mut Parts, host: &str, secrets: &'a [Secret]
                 return Err(Blocked::SecretToUnauthorizedHost);
             }
         }
-    }
-    if !injected.is_empty() {
-        // The response is scrubbed of the values, which compressed bodies would defeat.
-        parts.headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
     Ok(injected)
 }
@@ -91,18 +94,64 @@ pub fn replace_all(haystack: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8
     Some(out)
 }
 
-/// Scrubs injected values from response headers.
-pub fn scrub_headers(headers: &mut HeaderMap, injected: &[&Secret]) {
+/// Scrubs secret values out of response headers or trailers: in values they become the
+/// placeholder; a header whose name carries a value (names arrive lowercased, so compared
+/// without case) is dropped.
+pub fn scrub_headers(headers: &mut HeaderMap, secrets: &[&Secret]) {
+    let carrying: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            secrets.iter().any(|s| contains(name.as_str().as_bytes(), s.value.to_ascii_lowercase().as_bytes()))
+        })
+        .cloned()
+        .collect();
+    for name in carrying {
+        headers.remove(name);
+    }
     for value in headers.values_mut() {
-        for secret in injected {
+        for secret in secrets {
             if let Some(replaced) =
                 replace_all(value.as_bytes(), secret.value.as_bytes(), secret.placeholder.as_bytes())
             {
-                if let Ok(v) = HeaderValue::from_bytes(&replaced) {
-                    *value = v;
-                }
+                *value = HeaderValue::from_bytes(&replaced).unwrap_or(HeaderValue::from_static(""));
             }
         }
+    }
+}
+
+/// The scrubber of a response stream from one of the secrets' hosts: values become placeholders
+/// in the body (across chunk boundaries) and in trailers.
+#[derive(Debug)]
+pub struct Scrubber {
+    secrets: Vec<Secret>,
+    replacer: StreamReplacer,
+}
+
+impl Scrubber {
+    /// Scrubs the values of `secrets`.
+    pub fn new(secrets: &[&Secret]) -> Self {
+        let pairs = secrets.iter().map(|s| (s.value.as_bytes().to_vec(), s.placeholder.as_bytes().to_vec())).collect();
+        Self { secrets: secrets.iter().map(|s| (*s).clone()).collect(), replacer: StreamReplacer::new(pairs) }
+    }
+
+    /// One whole message scrubbed (a WebSocket message).
+    pub fn scrub(&self, data: &[u8]) -> Vec<u8> {
+        self.replacer.replace(data)
+    }
+}
+
+impl BodyTransform for Scrubber {
+    fn push(&mut self, chunk: &[u8]) -> Bytes {
+        self.replacer.push(chunk)
+    }
+
+    fn finish(&mut self) -> Bytes {
+        self.replacer.finish()
+    }
+
+    fn trailers(&mut self, trailers: &mut HeaderMap) {
+        let secrets: Vec<&Secret> = self.secrets.iter().collect();
+        scrub_headers(trailers, &secrets);
     }
 }
 
@@ -112,6 +161,8 @@ pub trait BodyTransform: Send + Sync {
     fn push(&mut self, chunk: &[u8]) -> Bytes;
     /// Releases whatever is held back at the end of the stream.
     fn finish(&mut self) -> Bytes;
+    /// Rewrites the trailers (after `finish`); unchanged by default.
+    fn trailers(&mut self, _trailers: &mut HeaderMap) {}
 }
 
 /// Streaming replace-all of literal byte strings across chunk boundaries: holds back just enough
@@ -246,6 +297,30 @@ mod tests {
         assert!(apply_to_request(&mut parts, "evil.test", std::slice::from_ref(&s)).is_err());
         let mut parts = request("/", "none");
         assert!(apply_to_request(&mut parts, "evil.test", std::slice::from_ref(&s)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn scrubbing_covers_header_values_names_and_trailers() {
+        let s = Secret::new("KEY", "Real-Value", vec!["api.test".into()]);
+        let mut headers = HeaderMap::new();
+        headers.insert("x-echo", HeaderValue::from_static("Bearer Real-Value"));
+        headers.insert("x-real-value", HeaderValue::from_static("1"));
+        headers.insert("x-other", HeaderValue::from_static("fine"));
+        scrub_headers(&mut headers, &[&s]);
+        assert_eq!(headers["x-echo"], format!("Bearer {}", s.placeholder).as_str());
+        assert!(!headers.contains_key("x-real-value"), "a name carrying the value is dropped");
+        assert_eq!(headers["x-other"], "fine");
+        let mut scrubber = Scrubber::new(&[&s]);
+        let mut body = scrubber.push(b"a Real-").to_vec();
+        body.extend_from_slice(&scrubber.push(b"Value b"));
+        body.extend_from_slice(&scrubber.finish());
+        assert_eq!(body, format!("a {} b", s.placeholder).as_bytes());
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-trailer", HeaderValue::from_static("Real-Value"));
+        scrubber.trailers(&mut trailers);
+        assert_eq!(trailers["x-trailer"], s.placeholder.as_str());
+        assert_eq!(for_destination("api.test", std::slice::from_ref(&s)).len(), 1);
+        assert!(for_destination("evil.test", std::slice::from_ref(&s)).is_empty());
     }
 
     #[test]
