@@ -77,7 +77,9 @@ fn mke2fs(out: &Path, size_bytes: u64) -> Result<Command, Ext4Error> {
     let file = std::fs::File::create(out).map_err(|source| Ext4Error::Io { path: out.to_owned(), source })?;
     file.set_len(size_bytes).map_err(|source| Ext4Error::Io { path: out.to_owned(), source })?;
     let mut cmd = Command::new("mke2fs");
-    cmd.args(["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0"])
+    cmd.env_clear()
+        .envs(matchlock_api::HELPER_ENV)
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0"])
         .args(["-E", "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
         .env("E2FSPROGS_FAKE_TIME", "0");
     Ok(cmd)
@@ -133,7 +135,7 @@ fn apply_xattrs(image: &Path, xattrs: &[Xattr]) -> Result<(), Ext4Error> {
         std::fs::File::create(&script_path).map_err(|source| Ext4Error::Io { path: script_path.clone(), source })?;
     f.write_all(script.as_bytes()).map_err(|source| Ext4Error::Io { path: script_path.clone(), source })?;
     drop(f);
-    let stderr = run("debugfs", Command::new("debugfs").arg("-w").arg("-f").arg(&script_path).arg(image))?;
+    let stderr = run("debugfs", Command::new("debugfs").env_clear().envs(matchlock_api::HELPER_ENV).arg("-w").arg("-f").arg(&script_path).arg(image))?;
     // debugfs reports per-command failures on stderr but still exits 0.
     let failures: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty()).collect();
     if !failures.is_empty() {

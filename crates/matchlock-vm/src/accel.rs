@@ -161,6 +161,8 @@ async fn probe_kvm(qemu: &Path, kernel: &Path) -> Result<(), String> {
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio", "-kernel"])
         .arg(kernel)
         .args(["-append", "console=ttyS0 panic=-1 reboot=t root=/dev/matchlock-probe"])
+        .env_clear()
+        .envs(matchlock_api::HELPER_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

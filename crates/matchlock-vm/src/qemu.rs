@@ -282,11 +282,11 @@ fn log_file(path: &Path) -> Result<std::fs::File, VmError> {
         .map_err(VmError::io(format!("cannot open {}", path.display())))
 }
 
-/// Spawns a helper that dies with us (the CLI runs a single-threaded runtime, so the
+/// Spawns a helper with the minimal helper environment, that dies with us (the CLI runs a single-threaded runtime, so the
 /// forking thread is the main thread) and that is killed if its handle is dropped.
 fn spawn(cmd: &mut Command) -> Result<Child, VmError> {
     let program = cmd.as_std().get_program().to_string_lossy().into_owned();
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    cmd.stdin(Stdio::null()).kill_on_drop(true).env_clear().envs(matchlock_api::HELPER_ENV);
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory.
     unsafe {
         cmd.pre_exec(|| {

@@ -1,6 +1,7 @@
 //! `matchlock run`: this process owns the sandbox for its whole life.
 
-use std::io::{BufRead, Read};
+use std::collections::HashMap;
+use std::io::{BufRead, Read, Write};
 use std::net::IpAddr;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
@@ -133,7 +134,9 @@ fn host_env(key: &str) -> Option<String> {
     std::env::var(key).ok()
 }
 
-fn build_config(args: &RunArgs) -> Result<SandboxConfig> {
+/// `args` as a sandbox configuration. Secret values come from `handed` (what a detached
+/// owner's parent gave it), else from the host environment.
+fn build_config(args: &RunArgs, handed: &HashMap<String, String>) -> Result<SandboxConfig> {
     let mut config = SandboxConfig::new(args.image.clone());
     for file in &args.env_file {
         let contents = std::fs::read_to_string(file).with_context(|| format!("cannot read env file {file}"))?;
@@ -193,7 +196,7 @@ fn build_config(args: &RunArgs) -> Result<SandboxConfig> {
         }
         network.mtu = args.mtu;
         for spec in &args.secret {
-            let secret = parse_secret(spec, host_env)?;
+            let secret = parse_secret(spec, |name| handed.get(name).cloned().or_else(|| host_env(name)))?;
             if network.secrets.iter().any(|s| s.name == secret.name) {
                 bail!("secret {} given twice", secret.name);
             }
@@ -219,7 +222,8 @@ pub async fn run(args: RunArgs) -> Result<u8> {
     let remove = args.rm && !args.detach && !args.detached_child;
     let mode = session::exec_mode(args.interactive, args.tty)?;
     let deadline = args.timeout.map(|s| Instant::now() + Duration::from_secs(s));
-    let config = build_config(&args)?;
+    let handed = if args.detached_child { secrets_from_parent().await? } else { HashMap::new() };
+    let config = build_config(&args, &handed)?;
     let forwards = crate::forward::parse(&args.publish, &args.address)?;
     let listeners = crate::forward::bind(&forwards).await?;
     let mut store = open_store()?;
@@ -304,7 +308,10 @@ fn spawn_detached() -> Result<u8> {
     argv.insert(run_at + 1, "--detached-child".into());
     let mut cmd = std::process::Command::new("/proc/self/exe");
     // Secret values must not sit in the long-lived owner's command line (world-readable in
-    // /proc): `NAME=VALUE@hosts` becomes `NAME@hosts` with the value in its environment.
+    // /proc) nor in its environment (/proc/<pid>/environ, and inherited by anything it
+    // starts): `NAME=VALUE@hosts` becomes `NAME@hosts`, and every secret's value reaches the
+    // owner through its stdin, which it reads once at start.
+    let mut values = HashMap::new();
     let mut i = 0;
     while i < argv.len() {
         let arg = argv[i].to_string_lossy().into_owned();
@@ -318,15 +325,20 @@ fn spawn_detached() -> Result<u8> {
         };
         let spec = argv[spec_at].to_string_lossy().into_owned();
         let spec = spec.strip_prefix(prefix).unwrap_or(&spec).to_owned();
-        if let (Some((left, hosts)), true) = (spec.rsplit_once('@'), spec.contains('=')) {
-            if let Some((name, value)) = left.split_once('=') {
-                cmd.env(name, value);
-                argv[spec_at] = format!("{prefix}{name}@{hosts}").into();
+        if let Some((left, hosts)) = spec.rsplit_once('@') {
+            let (name, value) = match left.split_once('=') {
+                Some((name, value)) => (name, Some(value.to_owned())),
+                None => (left, host_env(left)),
+            };
+            if let Some(value) = value {
+                values.insert(name.to_owned(), value);
             }
+            cmd.env_remove(name);
+            argv[spec_at] = format!("{prefix}{name}@{hosts}").into();
         }
         i = spec_at + 1;
     }
-    cmd.arg0(&argv[0]).args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.arg0(&argv[0]).args(&argv[1..]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: setsid is async-signal-safe; it detaches the owner from our terminal.
     unsafe {
         cmd.pre_exec(|| {
@@ -335,6 +347,10 @@ fn spawn_detached() -> Result<u8> {
         });
     }
     let mut child = cmd.spawn().context("cannot start the sandbox owner")?;
+    let mut stdin = child.stdin.take().expect("piped");
+    // A pipe write of a few KiB; if the owner died at once, its stderr below says why.
+    let _ = stdin.write_all(&serde_json::to_vec(&values)?);
+    drop(stdin);
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
     let id = line.trim();
@@ -347,6 +363,17 @@ fn spawn_detached() -> Result<u8> {
     let status = child.wait()?;
     eprint!("{err}");
     Ok(status.code().and_then(|c| u8::try_from(c).ok()).filter(|c| *c != 0).unwrap_or(1))
+}
+
+/// In the detached owner: the secret values its parent wrote to stdin (see `spawn_detached`).
+async fn secrets_from_parent() -> Result<HashMap<String, String>> {
+    use tokio::io::AsyncReadExt;
+    let mut text = Vec::new();
+    tokio::io::stdin().take(1 << 20).read_to_end(&mut text).await.context("cannot read the secrets from the parent")?;
+    if text.is_empty() {
+        return Ok(HashMap::new());
+    }
+    serde_json::from_slice(&text).context("malformed secrets from the parent")
 }
 
 /// In the detached owner: hand the id to the waiting parent, then let go of its pipes
