@@ -135,7 +135,16 @@ fn apply_xattrs(image: &Path, xattrs: &[Xattr]) -> Result<(), Ext4Error> {
         std::fs::File::create(&script_path).map_err(|source| Ext4Error::Io { path: script_path.clone(), source })?;
     f.write_all(script.as_bytes()).map_err(|source| Ext4Error::Io { path: script_path.clone(), source })?;
     drop(f);
-    let stderr = run("debugfs", Command::new("debugfs").env_clear().envs(matchlock_api::HELPER_ENV).arg("-w").arg("-f").arg(&script_path).arg(image))?;
+    let stderr = run(
+        "debugfs",
+        Command::new("debugfs")
+            .env_clear()
+            .envs(matchlock_api::HELPER_ENV)
+            .arg("-w")
+            .arg("-f")
+            .arg(&script_path)
+            .arg(image),
+    )?;
     // debugfs reports per-command failures on stderr but still exits 0.
     let failures: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty()).collect();
     if !failures.is_empty() {

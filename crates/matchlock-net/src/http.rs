@@ -46,15 +46,15 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Largest WebSocket message relayed from an upstream whose messages are scrubbed.
 const MAX_SCRUBBED_MESSAGE: usize = 16 * 1024 * 1024;
 
-/// Headers that belong to one connection, never forwarded.
-const HOP_BY_HOP: [&str; 8] = [
+/// Headers that belong to one connection, never forwarded (`Trailer` is end to end: it
+/// announces trailers, which are forwarded, scrubbed).
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "proxy-authenticate",
     "proxy-authorization",
     "te",
-    "trailer",
     "transfer-encoding",
 ];
 

@@ -63,7 +63,10 @@ echo tcp-denied | nc -w 3 {OTHER} 9000; echo "tcp-denied-rc=$?"
     assert!(o.contains(&format!("nameserver {DNS}")), "{o}");
     assert!(o.contains("gateway-ping=ok") && o.contains("remote-ping=no-reply"), "ICMP echo:\n{o}");
     assert!(o.contains(" secret-rc=0") && o.contains(" split-rc=0") && o.contains(" glob-rc=0"), "{o}\n{e}");
-    assert!(o.contains("HTTP/1.1 403 Forbidden"), "a name the host resolves to loopback (DNS rebinding):\n{o}");
+    assert!(
+        o.contains("HTTP/1.1 421 Misdirected Request"),
+        "a name that does not resolve to the dialled address (DNS rebinding to loopback):\n{o}"
+    );
     assert!(net.requests_with(&format!("{m}-rebind")).is_empty());
     for blocked in ["other-rc=1", "leak-rc=1", "metadata-rc=1"] {
         assert!(o.contains(blocked), "{blocked}:\n{o}\n{e}");
@@ -105,8 +108,8 @@ curl -sS https://nowhere.test/; echo "nowhere-rc=$?"
 python3 -c 'import socket; s=socket.socket(2, 2); s.settimeout(2); s.sendto(b"udp", ("{API}", 9001)); print(s.recv(64))' 2>/dev/null || echo udp-dropped
 python3 -c '
 import socket, ssl
-c = ssl.create_default_context().wrap_socket(socket.create_connection(("api.test", 443)), server_hostname="api.test")
-c.sendall(b"GET /echo/{m}-ws HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+c = ssl.create_default_context().wrap_socket(socket.create_connection(("other.test", 443)), server_hostname="other.test")
+c.sendall(b"GET /echo/{m}-ws HTTP/1.1\r\nHost: other.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
 head = b""
 while b"\r\n\r\n" not in head:
     head += c.recv(1)
@@ -144,7 +147,7 @@ python3 -c 'import socket,ssl; c=ssl.create_default_context(); s=c.wrap_socket(s
         o.contains("proto=HTTP/2.0 authority=h2.test path=/h2check"),
         "HTTP/2 upstream for an HTTP/1.1 guest:\n{o}\n{e}"
     );
-    assert!(o.contains("Blocked by policy\nsmuggle=403"), "Host header differing from SNI:\n{o}");
+    assert!(o.contains("\nsmuggle=421"), "Host header differing from SNI:\n{o}");
     let events: Vec<u128> = o
         .lines()
         .filter(|l| l.contains("data: event"))

@@ -287,4 +287,3 @@ pub fn marker(name: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("{name}-{nanos:x}")
 }
-

@@ -1,0 +1,237 @@
+//! A hostile guest against the secrets and egress promises (docs/SECURITY.md): real VMs, the
+//! real test hosts of `testnet`, and assertions on what the servers *really received* (what
+//! the guest sees is scrubbed, so it could lie). Each attack sits next to a positive control
+//! that must still work, so a fix that breaks the feature cannot pass.
+
+mod common;
+mod testnet;
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Write};
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::process::Stdio;
+
+use common::{debian_image, home, ok, repo_root, stderr, stdout};
+use testnet::{cmd, marker, testnet, API, DNS, HOST_SIDE, HOST_VETH, OTHER};
+
+/// Lines `name: seen` printed by tests/fixtures/hostile_guest.py.
+fn reports(out: &str) -> HashMap<String, String> {
+    out.lines().filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+}
+
+/// Nothing ever connected to `listener` (it is non-blocking).
+#[track_caller]
+fn never_reached(listener: &TcpListener, what: &str) {
+    match listener.accept() {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        Ok((_, peer)) => panic!("{what} was reached from {peer}"),
+        Err(e) => panic!("{what}: {e}"),
+    }
+}
+
+#[test]
+fn secrets_and_egress_hold_against_a_hostile_guest() {
+    let net = testnet();
+    let h = home();
+    let m = marker("hostile");
+    let value = format!("real-{m}");
+    // Services on the host's own address: by name through the proxy (:80) and raw TCP.
+    let host_http = TcpListener::bind((HOST_SIDE, 80)).expect("bind the host's port 80");
+    let host_tcp = TcpListener::bind((HOST_SIDE, 0)).unwrap();
+    for l in [&host_http, &host_tcp] {
+        l.set_nonblocking(true).unwrap();
+    }
+    let program = std::fs::read(repo_root().join("tests/fixtures/hostile_guest.py")).unwrap();
+    let mut child = cmd(&h)
+        .args(["run", "-i", "--dns-servers", DNS, "--image", debian_image()])
+        .args(["--allow-host", &format!("api.test,other.test,hostself.test,{HOST_SIDE}")])
+        .args(["--secret", &format!("KEY={value}@api.test"), "-e", &format!("M={m}")])
+        .args(["-e", &format!("HOST_PORT={}", host_tcp.local_addr().unwrap().port()), "--", "python3", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&program).unwrap();
+    let out = child.wait_with_output().unwrap();
+    h.assert_no_leftovers();
+    let (o, e) = (stdout(&out), stderr(&out));
+    assert!(out.status.success() && o.contains("\ndone\n"), "stdout:\n{o}\nstderr:\n{e}");
+    assert!(!o.contains(&value) && !e.contains(&value), "the value reached the guest:\n{o}\n{e}");
+    println!("{o}"); // shown when an assertion below fails
+    let seen = reports(&o);
+    let saw = |name: &str| seen.get(name).unwrap_or_else(|| panic!("no {name} in:\n{o}")).as_str();
+    let placeholder = format!("Bearer SANDBOX_SECRET_");
+
+    // 1. One destination per request.
+    for name in ["tls-foreign-host", "abs-foreign-host", "proxy-other-port"] {
+        assert_eq!(saw(name), "'HTTP/1.1 421 Misdirected Request'", "{name}");
+    }
+    for name in ["curl-abs-foreign-host", "curl-proxy-other-port"] {
+        assert_eq!(saw(name), "'421'", "{name}");
+    }
+    for name in ["two-hosts", "two-hosts-tls", "userinfo-host", "connect"] {
+        assert_eq!(saw(name), "'HTTP/1.1 400 Bad Request'", "{name}");
+    }
+    // Behind a good request, a lone foreign Host is a request to a host outside the allow-list.
+    assert_eq!(saw("pipelined"), "['HTTP/1.1 200 OK', 'HTTP/1.1 403 Forbidden']");
+    assert_eq!(saw("host-case"), "'HTTP/1.1 200 OK'", "Host is compared without case");
+    assert!(saw("http10-no-host").contains("403"), "{}", saw("http10-no-host"));
+    assert_eq!(saw("h2c"), "'HTTP/1.1 200 OK'", "an h2c upgrade is served as HTTP/1.1");
+    assert!(saw("h2-positive").starts_with("[4,") && saw("h2-positive").contains(", 1"), "{}", saw("h2-positive"));
+    // 3. Nothing returns unscrubbed.
+    for name in ["gzip-http", "gzip-https", "deflate-http", "deflate-https"] {
+        assert!(saw(name).contains(&placeholder), "{name}: the echo, decoded and scrubbed: {}", saw(name));
+    }
+    let header_echo = saw("header-echo");
+    assert!(header_echo.starts_with("'HTTP/1.1 200 OK\\r\\n"), "the reason phrase is not copied: {header_echo}");
+    assert!(header_echo.contains(&format!("x-echo: {placeholder}")), "{header_echo}");
+    let trailer_echo = saw("trailer-echo");
+    assert!(trailer_echo.contains(&format!("x-echo: {placeholder}")), "the trailer, scrubbed: {trailer_echo}");
+    let websocket = saw("websocket");
+    assert!(websocket.starts_with("['HTTP/1.1 101 Switching Protocols', (1, '{"), "{websocket}");
+    assert!(
+        websocket.contains(&format!("(1, '{placeholder}")),
+        "the fragmented message, whole and scrubbed: {websocket}"
+    );
+    assert!(!websocket.contains("permessage-deflate"), "no compression extension: {websocket}");
+    assert_eq!(saw("redirect"), "'403'", "the credentials, followed to another host, are blocked");
+    // 6. DNS.
+    assert_eq!(saw("dns-positive"), "{'rcode': 0, 'answers': 1}");
+    assert_eq!(saw("dns-two-questions"), "{'rcode': 5, 'answers': 0}", "REFUSED");
+    // 5. The host itself.
+    assert!(saw("host-http-by-name").contains("403"), "{}", saw("host-http-by-name"));
+    assert!(saw("host-tcp").starts_with("'error"), "{}", saw("host-tcp"));
+    never_reached(&host_http, "the host's port 80 (by an allowed name)");
+    never_reached(&host_tcp, "a host TCP service (by an allowed address)");
+
+    // What the servers really received.
+    let requests = net.requests_with(&m);
+    for attack in [
+        "t1", "t2", "t2curl", "two", "two-tls", "userinfo", "port", "curlport", "pipe2", "h10", "h2evil", "h2auth",
+        "redir", "hostself",
+    ] {
+        let target = format!("{m}-{attack}");
+        let got: Vec<_> = requests
+            .iter()
+            .filter(|r| {
+                r["path"].as_str().is_some_and(|p| p.ends_with(&target)) || r["data"].to_string().contains(&target)
+            })
+            .collect();
+        assert!(got.is_empty(), "attack {attack} reached a server: {got:?}");
+    }
+    for r in &requests {
+        assert!(r.get("raw_port").is_none(), "the raw listener on another port received: {r}");
+        assert_eq!(r["server"], API, "only api.test was reached: {r}");
+        assert_eq!(r["host"], "api.test", "the upstream Host is the decided one: {r}");
+    }
+    for control in ["-pipe1", "-case", "-h2ok", "-h2c", "gzip-echo/", "deflate-echo/", "ws-echo/", "redirect/"] {
+        let got: Vec<_> = requests.iter().filter(|r| r["path"].as_str().unwrap_or("").contains(control)).collect();
+        assert!(!got.is_empty(), "positive control {control} did not reach api.test");
+        for r in got {
+            assert_eq!(r["headers"]["authorization"], format!("Bearer {value}"), "{control}: the real value: {r}");
+        }
+    }
+    let h2c = requests.iter().find(|r| r["path"].as_str().unwrap_or("").contains("-h2c")).unwrap();
+    assert!(h2c["headers"].get("upgrade").is_none(), "the h2c upgrade was dropped: {h2c}");
+    let dns_log = net.log("dnsmasq.log");
+    assert!(!dns_log.contains(&format!("exfil-{m}")), "the smuggled DNS name reached the server");
+    assert!(dns_log.contains("query[A] api.test"), "positive control: the DNS server is asked:\n{dns_log}");
+}
+
+#[test]
+fn helpers_hold_no_secrets() {
+    let net = testnet();
+    let h = home();
+    let m = marker("env");
+    let (given, inherited) = (format!("given-{m}"), format!("inherited-{m}"));
+    let out = cmd(&h)
+        .env("MY_HOST_SECRET", &inherited)
+        .args(["run", "-d", "--dns-servers", DNS, "--image", "busybox", "--allow-host", "api.test"])
+        .args(["--secret", &format!("KEY={given}@api.test"), "--secret", "MY_HOST_SECRET@api.test"])
+        .output()
+        .unwrap();
+    let id = ok(&out).trim().to_owned();
+    let pids = processes_of(&h);
+    let helpers: Vec<&(i32, String)> =
+        pids.iter().filter(|(_, c)| c.contains("qemu-system") || c.contains("vhost-device-vsock")).collect();
+    assert_eq!(helpers.len(), 2, "QEMU and vhost-device-vsock: {pids:?}");
+    assert!(pids.len() >= 3, "the owner too: {pids:?}");
+    for (pid, cmdline) in &pids {
+        let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).into_owned();
+        for secret in [&given, &inherited] {
+            assert!(!environ.contains(secret.as_str()), "a secret in the environment of {cmdline}");
+            assert!(!cmdline.contains(secret.as_str()), "a secret in the command line {cmdline}");
+        }
+    }
+    // Positive control: the owner still has both values and sends them to api.test.
+    let script = format!("wget -qO- http://api.test/echo/{m} --header \"X-A: $KEY\" --header \"X-B: $MY_HOST_SECRET\"");
+    ok(&h.ml(&["exec", &id, "--", "sh", "-c", &script]));
+    let r = &net.requests_with(&format!("/echo/{m}"))[0];
+    assert_eq!(
+        (r["headers"]["x-a"].as_str(), r["headers"]["x-b"].as_str()),
+        (Some(given.as_str()), Some(inherited.as_str()))
+    );
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+}
+
+/// Every process started for `h`: its command line or its environment (HOME) names it.
+fn processes_of(h: &common::Home) -> Vec<(i32, String)> {
+    let home = h.vms_dir().parent().unwrap().parent().unwrap().to_string_lossy().into_owned();
+    let mut found = h.pids();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        if pid != std::process::id() as i32
+            && String::from_utf8_lossy(&environ).contains(&format!("HOME={home}\0"))
+            && !found.iter().any(|(p, _)| *p == pid)
+        {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+        }
+    }
+    found
+}
+
+/// The host's addresses other than the test veth's (its primary interface, say).
+fn host_addresses() -> Vec<Ipv4Addr> {
+    nix::ifaddrs::getifaddrs()
+        .unwrap()
+        .filter(|i| i.interface_name != "lo" && i.interface_name != HOST_VETH)
+        .filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
+        .collect()
+}
+
+#[test]
+fn the_host_is_never_a_destination_without_interception() {
+    let net = testnet();
+    let h = home();
+    let m = marker("self");
+    // Bound on every address: the veth end and the primary interface address both lead here.
+    let tcp = TcpListener::bind("0.0.0.0:0").unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let (tcp_port, udp_port) = (tcp.local_addr().unwrap().port(), udp.local_addr().unwrap().port());
+    let mut targets = vec![HOST_SIDE.to_owned()];
+    targets.extend(host_addresses().iter().map(ToString::to_string));
+    let mut script = format!("curl -sS -m 5 http://other.test/echo/{m} >/dev/null && echo egress-ok\n");
+    for ip in &targets {
+        script += &format!(
+            "python3 -c 'import socket; s=socket.socket(2, 2); [s.sendto(b\"{m}\", (\"{ip}\", {udp_port})) for _ in range(3)]'\n\
+             curl -sS -m 5 http://{ip}:{tcp_port}/{m}; echo \" tcp-{ip}=$?\"\n"
+        );
+    }
+    let out = testnet::run(&h, &["--image", debian_image(), "--", "sh", "-c", &script]);
+    let o = stdout(&out);
+    assert!(o.contains("egress-ok"), "positive control: open egress works:\n{o}\n{}", stderr(&out));
+    for ip in &targets {
+        assert!(!o.contains(&format!(" tcp-{ip}=0")), "{ip}:\n{o}");
+    }
+    never_reached(&tcp, "a host TCP service on all addresses");
+    let mut buf = [0u8; 64];
+    assert_eq!(udp.recv(&mut buf).map_err(|e| e.kind()), Err(ErrorKind::WouldBlock), "a host UDP service was reached");
+    assert_eq!(net.requests_with(&format!("/echo/{m}")).len(), 1);
+    assert!(net.requests().iter().all(|r| r["server"] != OTHER || !r.to_string().contains(&format!("{m}/"))));
+}
