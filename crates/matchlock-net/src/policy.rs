@@ -113,6 +113,8 @@ pub struct Policy {
     secrets: Vec<Secret>,
     /// Addresses the sandbox's DNS answered for allowed names, for non-HTTP ports.
     resolved: Mutex<HashMap<Ipv4Addr, String>>,
+    /// Name → address pairs the user configured for the guest (`--add-host`).
+    pinned: Vec<(String, Ipv4Addr)>,
 }
 
 /// Bound on remembered DNS answers.
@@ -127,7 +129,20 @@ impl Policy {
                 hosts.push(host);
             }
         }
-        Self { allowed_hosts: RwLock::new(hosts), block_private_ips, secrets, resolved: Mutex::new(HashMap::new()) }
+        Self {
+            allowed_hosts: RwLock::new(hosts),
+            block_private_ips,
+            secrets,
+            resolved: Mutex::new(HashMap::new()),
+            pinned: Vec::new(),
+        }
+    }
+
+    /// The policy with the user's own name → address entries (`--add-host`), which count as
+    /// addresses of those names (names compared without case).
+    pub fn with_pinned(mut self, pinned: impl IntoIterator<Item = (String, Ipv4Addr)>) -> Self {
+        self.pinned = pinned.into_iter().map(|(name, ip)| (name.to_ascii_lowercase(), ip)).collect();
+        self
     }
 
     /// The current allow-list.
@@ -202,9 +217,10 @@ impl Policy {
         map.insert(ip, name.to_owned());
     }
 
-    /// Whether the sandbox's DNS answered `ip` for `name`.
+    /// Whether the sandbox's DNS answered `ip` for `name`, or the user pinned `name` to `ip`.
     pub fn answered(&self, ip: Ipv4Addr, name: &str) -> bool {
-        self.resolved.lock().unwrap_or_else(|e| e.into_inner()).get(&ip).is_some_and(|n| n == name)
+        self.pinned.iter().any(|(n, p)| *p == ip && n == name)
+            || self.resolved.lock().unwrap_or_else(|e| e.into_inner()).get(&ip).is_some_and(|n| n == name)
     }
 
     /// Non-HTTP TCP under interception: the address must be an allowed host's resolved address

@@ -318,9 +318,16 @@ impl Sandbox {
         let mut cmdline = params.to_cmdline();
         let (network, nic) = match &config.network {
             Some(net) => {
-                let (network, nic) =
-                    network::start(id, dir, net, &config.dns_servers, ca.map(|(ca, _)| ca), events.network)
-                        .map_err(create_failed)?;
+                let (network, nic) = network::start(
+                    id,
+                    dir,
+                    net,
+                    &config.dns_servers,
+                    &config.add_hosts,
+                    ca.map(|(ca, _)| ca),
+                    events.network,
+                )
+                .map_err(create_failed)?;
                 cmdline.push(' ');
                 cmdline.push_str(&network::kernel_ip_param());
                 (Some(network), Some(nic))

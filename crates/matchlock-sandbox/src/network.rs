@@ -71,12 +71,19 @@ pub fn start(
     dir: &Path,
     config: &NetworkConfig,
     dns_servers: &[std::net::IpAddr],
+    add_hosts: &[(String, std::net::IpAddr)],
     ca: Option<Arc<CertAuthority>>,
     events: Option<matchlock_net::EventSink>,
 ) -> Result<(Network, Nic), SandboxError> {
     let hash = id.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))).to_be_bytes();
     let mac = [0x02, 0x4d, hash[0], hash[1], hash[2], hash[3]];
-    let policy = Arc::new(Policy::new(config.allowed_hosts.clone(), config.block_private_ips, config.secrets.clone()));
+    let pinned = add_hosts.iter().filter_map(|(name, ip)| match ip {
+        std::net::IpAddr::V4(ip) => Some((name.clone(), *ip)),
+        std::net::IpAddr::V6(_) => None,
+    });
+    let policy = Arc::new(
+        Policy::new(config.allowed_hosts.clone(), config.block_private_ips, config.secrets.clone()).with_pinned(pinned),
+    );
     let intercepts = config.intercepts();
     if std::env::var_os(BENCH_QEMU_USERNET_ENV).is_some() && !intercepts {
         eprintln!("matchlock: WARNING: {BENCH_QEMU_USERNET_ENV} is set: QEMU user networking, no address blocking");

@@ -44,7 +44,8 @@ fn secrets_and_egress_hold_against_a_hostile_guest() {
     let program = std::fs::read(repo_root().join("tests/fixtures/hostile_guest.py")).unwrap();
     let mut child = cmd(&h)
         .args(["run", "-i", "--dns-servers", DNS, "--image", debian_image()])
-        .args(["--allow-host", &format!("api.test,other.test,hostself.test,{HOST_SIDE}")])
+        .args(["--allow-host", &format!("api.test,other.test,hostself.test,pinned.test,{HOST_SIDE}")])
+        .args(["--add-host", &format!("pinned.test:{API}")])
         .args(["--secret", &format!("KEY={value}@api.test"), "-e", &format!("M={m}")])
         .args(["-e", &format!("HOST_PORT={}", host_tcp.local_addr().unwrap().port()), "--", "python3", "-"])
         .stdin(Stdio::piped())
@@ -61,7 +62,7 @@ fn secrets_and_egress_hold_against_a_hostile_guest() {
     println!("{o}"); // shown when an assertion below fails
     let seen = reports(&o);
     let saw = |name: &str| seen.get(name).unwrap_or_else(|| panic!("no {name} in:\n{o}")).as_str();
-    let placeholder = format!("Bearer SANDBOX_SECRET_");
+    let placeholder = "Bearer SANDBOX_SECRET_";
 
     // 1. One destination per request.
     for name in ["tls-foreign-host", "abs-foreign-host", "proxy-other-port"] {
@@ -78,10 +79,11 @@ fn secrets_and_egress_hold_against_a_hostile_guest() {
     assert_eq!(saw("host-case"), "'HTTP/1.1 200 OK'", "Host is compared without case");
     assert!(saw("http10-no-host").contains("403"), "{}", saw("http10-no-host"));
     assert_eq!(saw("h2c"), "'HTTP/1.1 200 OK'", "an h2c upgrade is served as HTTP/1.1");
+    assert_eq!(saw("pinned"), "'HTTP/1.1 200 OK'", "a name the user pinned (--add-host) to the dialled address");
     assert!(saw("h2-positive").starts_with("[4,") && saw("h2-positive").contains(", 1"), "{}", saw("h2-positive"));
     // 3. Nothing returns unscrubbed.
     for name in ["gzip-http", "gzip-https", "deflate-http", "deflate-https"] {
-        assert!(saw(name).contains(&placeholder), "{name}: the echo, decoded and scrubbed: {}", saw(name));
+        assert!(saw(name).contains(placeholder), "{name}: the echo, decoded and scrubbed: {}", saw(name));
     }
     let header_echo = saw("header-echo");
     assert!(header_echo.starts_with("'HTTP/1.1 200 OK\\r\\n"), "the reason phrase is not copied: {header_echo}");
@@ -123,7 +125,12 @@ fn secrets_and_egress_hold_against_a_hostile_guest() {
     for r in &requests {
         assert!(r.get("raw_port").is_none(), "the raw listener on another port received: {r}");
         assert_eq!(r["server"], API, "only api.test was reached: {r}");
-        assert_eq!(r["host"], "api.test", "the upstream Host is the decided one: {r}");
+        let pinned = r["path"].as_str().is_some_and(|p| p.ends_with("-pinned"));
+        assert_eq!(
+            r["host"],
+            if pinned { "pinned.test" } else { "api.test" },
+            "the upstream Host is the decided one: {r}"
+        );
     }
     for control in ["-pipe1", "-case", "-h2ok", "-h2c", "gzip-echo/", "deflate-echo/", "ws-echo/", "redirect/"] {
         let got: Vec<_> = requests.iter().filter(|r| r["path"].as_str().unwrap_or("").contains(control)).collect();
@@ -132,6 +139,7 @@ fn secrets_and_egress_hold_against_a_hostile_guest() {
             assert_eq!(r["headers"]["authorization"], format!("Bearer {value}"), "{control}: the real value: {r}");
         }
     }
+    assert_eq!(requests.iter().filter(|r| r["path"].as_str().is_some_and(|p| p.ends_with("-pinned"))).count(), 1);
     let h2c = requests.iter().find(|r| r["path"].as_str().unwrap_or("").contains("-h2c")).unwrap();
     assert!(h2c["headers"].get("upgrade").is_none(), "the h2c upgrade was dropped: {h2c}");
     let dns_log = net.log("dnsmasq.log");
