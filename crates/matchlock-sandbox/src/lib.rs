@@ -30,6 +30,7 @@ use matchlock_vm::{accel, device_name, kernel, tools, Backend, Disk, Machine, Ma
 
 pub use command::{compose, compose_command, ComposeError, Composed};
 pub use exec::{exec_via_relay, Control, ExecIo};
+pub use workspace::MAX_VFS_CONNECTIONS;
 
 /// How long a guest may take to signal readiness (TCG boots take ~2 s here).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);

@@ -52,7 +52,16 @@ pub fn serve(vm_dir: &Path, network: Option<Arc<Network>>) -> Result<tokio::task
         .map_err(io_err(format!("cannot restrict {}", path.display())))?;
     let vsock = matchlock_vm::vsock::host_socket(vm_dir);
     Ok(tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
+        let mut backoff = AcceptBackoff::default();
+        loop {
+            let client = match listener.accept().await {
+                Ok((client, _)) => client,
+                Err(e) => {
+                    backoff.failed("the exec relay", &e).await;
+                    continue;
+                }
+            };
+            backoff.succeeded();
             let vsock = vsock.clone();
             let network = network.clone();
             tokio::spawn(async move {
@@ -202,4 +211,32 @@ pub async fn connect(vm_dir: &Path, port: u32) -> Result<UnixStream, SandboxErro
         return Err(SandboxError::Relay(format!("the sandbox refused the connection: {reply}")));
     }
     Ok(stream)
+}
+
+/// What an accept loop does with a failed `accept` (EMFILE, ECONNABORTED, …): it keeps
+/// serving, after a pause that grows while the failures last (so a flood cannot spin the
+/// loop or the log), and says so once per run of failures.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    /// Longest pause between two attempts.
+    const MAX_PAUSE: Duration = Duration::from_millis(500);
+
+    /// An `accept` succeeded: the next failure starts a new run.
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+
+    /// An `accept` of `what` failed: report the first failure of a run, then pause.
+    pub async fn failed(&mut self, what: &str, error: &std::io::Error) {
+        if self.failures == 0 {
+            eprintln!("matchlock: cannot accept a connection on {what} (still serving): {error}");
+        }
+        self.failures = self.failures.saturating_add(1);
+        let pause = Duration::from_millis(10).saturating_mul(self.failures.min(64)).min(Self::MAX_PAUSE);
+        tokio::time::sleep(pause).await;
+    }
 }

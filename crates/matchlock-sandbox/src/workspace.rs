@@ -7,6 +7,7 @@ use std::sync::Arc;
 use matchlock_api::config::{VfsInterception, VfsMode, VfsMount};
 use matchlock_vfs::{EventSink, HostFs, Overlay, Provider, Router, SingleFile};
 
+use crate::relay::AcceptBackoff;
 use crate::{io_err, SandboxError};
 
 fn vfs_error(what: String) -> impl FnOnce(rustix::io::Errno) -> SandboxError {
@@ -68,27 +69,56 @@ pub fn router(
     Ok(router)
 }
 
-/// Serves guest VFS connections on `<dir>/vsock.sock_5001` until the task is aborted; each
-/// connection is answered on its own thread (blocking file I/O).
+/// Most guest connections to the VFS server served at once (the guest's FUSE daemon needs
+/// one; a reconnect may briefly need a second). Each is served on its own thread (blocking
+/// file I/O), so this also bounds the owner's threads: connections beyond it are closed at
+/// once, and the guest sees them reset.
+pub const MAX_VFS_CONNECTIONS: usize = 8;
+
+/// Serves guest VFS connections on `<dir>/vsock.sock_5001` until the task is aborted.
 pub fn serve(dir: &Path, router: Router) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
     let path = dir.join(format!("vsock.sock_{}", matchlock_protocol::VFS_PORT));
     let _ = std::fs::remove_file(&path);
     let listener =
         tokio::net::UnixListener::bind(&path).map_err(io_err(format!("cannot listen on {}", path.display())))?;
     let router = Arc::new(router);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_VFS_CONNECTIONS));
     Ok(tokio::spawn(async move {
-        while let Ok((conn, _)) = listener.accept().await {
+        let mut backoff = AcceptBackoff::default();
+        let mut refused = 0u64;
+        loop {
+            let conn = match listener.accept().await {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    backoff.failed("the workspace server", &e).await;
+                    continue;
+                }
+            };
+            backoff.succeeded();
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    eprintln!(
+                        "matchlock: workspace: refused {refused} guest connection(s) beyond {MAX_VFS_CONNECTIONS}"
+                    );
+                }
+                continue; // dropped: closed
+            };
             let Ok(conn) = conn.into_std() else { continue };
             if conn.set_nonblocking(false).is_err() {
                 continue;
             }
             let router = router.clone();
-            std::thread::spawn(move || {
+            let spawned = std::thread::Builder::new().name("matchlock-vfs".into()).spawn(move || {
                 let mut conn = conn;
                 if let Err(e) = matchlock_vfs::serve(&mut conn, &router) {
                     eprintln!("matchlock: workspace connection: {e}");
                 }
+                drop(slot);
             });
+            if let Err(e) = spawned {
+                eprintln!("matchlock: workspace: cannot start a connection thread: {e}");
+            }
         }
     }))
 }

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use matchlock_api::rpc::FileEvent;
 use rustix::fs::OFlags;
@@ -59,7 +60,8 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 pub use matchlock_protocol::vfs as wire;
 use wire::{DirEntry, FsStats, Op, Request, Response, Stat, WireError};
 
-/// Most handles one guest connection may hold open.
+/// Most handles a sandbox's guest may hold open at once, across all its connections (each
+/// is an open file in the owner): beyond it, opens fail with `EMFILE` in the guest.
 pub const MAX_HANDLES: usize = 4096;
 
 /// Where a guest path leads.
@@ -79,6 +81,8 @@ pub struct Router {
     mounts: BTreeMap<String, Box<dyn Provider>>,
     blocks: Vec<BlockRule>,
     events: Option<EventSink>,
+    /// Handles open across every connection served from this router.
+    open_handles: AtomicUsize,
 }
 
 impl std::fmt::Debug for Router {
@@ -87,6 +91,7 @@ impl std::fmt::Debug for Router {
             .field("mounts", &self.mounts)
             .field("blocks", &self.blocks)
             .field("events", &self.events.is_some())
+            .field("open_handles", &self.open_handles.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -248,11 +253,22 @@ fn synthetic_dir(path: &str) -> Stat {
 /// Answers requests on one guest connection until it closes.
 pub fn serve(stream: &mut (impl Read + Write), router: &Router) -> Result<(), WireError> {
     let mut handles: HashMap<u64, (File, String)> = HashMap::new();
+    let served = serve_requests(stream, router, &mut handles);
+    // Whatever the guest left open goes back to the sandbox's budget with the connection.
+    router.open_handles.fetch_sub(handles.len(), Ordering::Relaxed);
+    served
+}
+
+fn serve_requests(
+    stream: &mut (impl Read + Write),
+    router: &Router,
+    handles: &mut HashMap<u64, (File, String)>,
+) -> Result<(), WireError> {
     let mut next_handle = 1u64;
     while let Some(request) = wire::read_message::<Request>(stream)? {
         // The handle's path, for events on handle operations (gone after a release).
         let handle_path = handles.get(&request.fh).map(|(_, p)| p.clone());
-        let response = handle(router, &mut handles, &mut next_handle, &request);
+        let response = handle(router, handles, &mut next_handle, &request);
         if let (Some(sink), Ok(response)) = (&router.events, &response) {
             if let Some(event) = file_event(&request, response, handle_path) {
                 sink(event);
@@ -299,6 +315,7 @@ fn handle(
         }
         Op::Release => {
             handles.remove(&req.fh).ok_or(Errno::BADF)?;
+            router.open_handles.fetch_sub(1, Ordering::Relaxed);
             return Ok(ok());
         }
         Op::Fsync => {
@@ -354,11 +371,18 @@ fn handle(
         }
     };
     let mut open = |flags: OFlags, mode: u32| -> Result<Response, Errno> {
-        if handles.len() >= MAX_HANDLES {
+        if router.open_handles.fetch_add(1, Ordering::Relaxed) >= MAX_HANDLES {
+            router.open_handles.fetch_sub(1, Ordering::Relaxed);
             return Err(Errno::MFILE);
         }
-        let file = fs.open(&rel, flags, mode)?;
-        let stat = fs.stat(&rel)?;
+        let opened = fs.open(&rel, flags, mode).and_then(|file| Ok((file, fs.stat(&rel)?)));
+        let (file, stat) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                router.open_handles.fetch_sub(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         let fh = *next;
         *next += 1;
         handles.insert(fh, (file, req.path.clone()));
@@ -478,6 +502,39 @@ mod tests {
 
     fn req(op: Op, path: &str) -> Request {
         Request { op: op as u8, path: path.into(), ..Request::default() }
+    }
+
+    #[test]
+    fn open_handles_share_one_budget_across_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let mut router = Router::default();
+        router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        let open = Request { flags: OFlags::RDONLY.bits(), ..req(Op::Open, "/w/f") };
+        // Two connections that hold what they open (no release): together, at most the budget.
+        let mut first = HashMap::new();
+        let mut second = HashMap::new();
+        let mut next = 1;
+        for _ in 0..MAX_HANDLES / 2 {
+            handle(&router, &mut first, &mut next, &open).unwrap();
+            handle(&router, &mut second, &mut next, &open).unwrap();
+        }
+        assert_eq!(handle(&router, &mut second, &mut next, &open).unwrap_err(), Errno::MFILE);
+        assert_eq!(
+            exchange(&router, std::slice::from_ref(&open))[0].err,
+            -Errno::MFILE.raw_os_error(),
+            "a new connection too"
+        );
+        // A release gives one back; a missing file does not take one.
+        let fh = *first.keys().next().unwrap();
+        handle(&router, &mut first, &mut next, &Request { fh, ..req(Op::Release, "") }).unwrap();
+        assert_eq!(handle(&router, &mut first, &mut next, &req(Op::Open, "/w/missing")).unwrap_err(), Errno::NOENT);
+        handle(&router, &mut first, &mut next, &open).unwrap();
+        // The two connections end (as `serve` ends them), then a new one opens and leaves.
+        router.open_handles.fetch_sub(first.len() + second.len(), Ordering::Relaxed);
+        let responses = exchange(&router, &vec![open.clone(); 10]);
+        assert!(responses.iter().all(|r| r.err == 0), "{responses:?}");
+        assert_eq!(router.open_handles.load(Ordering::Relaxed), 0, "serve gave back what the connection left open");
     }
 
     #[test]

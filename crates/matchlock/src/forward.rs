@@ -66,7 +66,16 @@ pub fn start(vm_dir: &Path, listeners: Vec<(TcpListener, Binding)>) -> Forwardin
         eprintln!("Forwarding {}:{} -> sandbox:{}", binding.local.ip(), binding.local.port(), binding.remote);
         let dir: PathBuf = vm_dir.to_owned();
         tasks.push(tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
+            let mut backoff = matchlock_sandbox::relay::AcceptBackoff::default();
+            loop {
+                let client = match listener.accept().await {
+                    Ok((client, _)) => client,
+                    Err(e) => {
+                        backoff.failed("a port forward", &e).await;
+                        continue;
+                    }
+                };
+                backoff.succeeded();
                 let dir = dir.clone();
                 tokio::spawn(async move {
                     let _ = client.set_nodelay(true);

@@ -24,7 +24,21 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// A sandbox's owner holds many files (disks, sockets, workspace handles): its soft limit on
+/// open files goes up to the hard limit, so every per-sandbox budget (e.g.
+/// `matchlock_vfs::MAX_HANDLES`) stays well below it. Failing to raise it only lowers the
+/// headroom, so it is not an error.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    raise_open_file_limit();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

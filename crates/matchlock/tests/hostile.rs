@@ -243,3 +243,75 @@ fn the_host_is_never_a_destination_without_interception() {
     assert_eq!(net.requests_with(&format!("/echo/{m}")).len(), 1);
     assert!(net.requests().iter().all(|r| r["server"] != OTHER || !r.to_string().contains(&format!("{m}/"))));
 }
+
+/// A guest program that floods the host's workspace server: `conns` vsock connections to it,
+/// held open, then as many open files in the workspace as it can get; it prints what it got,
+/// says `holding` and keeps everything open for `hold` seconds.
+const FLOOD: &str = r#"
+import socket, sys, time
+conns, hold = int(sys.argv[1]), float(sys.argv[2])
+held = []
+for _ in range(conns):
+    try:
+        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        s.settimeout(2)
+        s.connect((2, 5001))
+        held.append(s)
+    except OSError:
+        pass
+files, error = [], None
+for i in range(6000):
+    try:
+        files.append(open("/workspace/f", "rb"))
+    except OSError as e:
+        error = e.errno
+        break
+print(f"connections={len(held)} files={len(files)} errno={error}", flush=True)
+print("holding", flush=True)
+time.sleep(hold)
+"#;
+
+fn count(dir: String) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn a_guest_flooding_the_workspace_server_leaves_the_owner_bounded() {
+    use std::io::BufRead;
+    let h = home();
+    let workspace = tempfile::tempdir().unwrap();
+    std::fs::write(workspace.path().join("f"), "x").unwrap();
+    let mount = format!("{}:/workspace", workspace.path().display());
+    let id = ok(&h.ml(&["run", "-d", "--image", debian_image(), "-v", &mount])).trim().to_owned();
+    let (owner, _) =
+        processes_of(&h).into_iter().find(|(_, c)| c.contains("--detached-child")).expect("the detached owner");
+    let threads_before = count(format!("/proc/{owner}/task"));
+    let mut flood = h
+        .cmd()
+        .args(["exec", &id, "--", "sh", "-c", "ulimit -n 16384 && exec python3 -c \"$0\" \"$@\"", FLOOD, "3000", "8"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(flood.stdout.take().unwrap()).lines();
+    let got = lines.next().expect("the flood's report").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "holding");
+    // While the guest holds everything: the owner's threads and files stay bounded.
+    let threads = count(format!("/proc/{owner}/task"));
+    let fds = count(format!("/proc/{owner}/fd"));
+    assert!(
+        threads <= threads_before + matchlock_sandbox::MAX_VFS_CONNECTIONS,
+        "{got}: the owner went from {threads_before} to {threads} threads"
+    );
+    assert!(fds < 4096 + 256, "{got}: the owner holds {fds} files");
+    let files: usize = got.split("files=").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(got.ends_with("errno=24"), "the handle budget ends in EMFILE in the guest: {got}");
+    assert!((3000..=4096).contains(&files), "up to the budget of 4096 open handles: {got}");
+    // Positive controls: exec works during the flood, the workspace once the guest lets go.
+    assert_eq!(ok(&h.ml(&["exec", &id, "--", "echo", "during"])), "during\n");
+    assert!(flood.wait().unwrap().success());
+    let after = h.ml(&["exec", &id, "--", "sh", "-c", "echo y > /workspace/g && cat /workspace/f /workspace/g"]);
+    assert_eq!(ok(&after), "xy\n");
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+}
