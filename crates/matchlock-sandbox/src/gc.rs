@@ -46,23 +46,50 @@ fn release(state: &mut StateDb, id: &str, dir: &Path) -> Result<Vec<String>, San
         let _ = state.record_cleanup(id, "sockets_remove", error.as_deref());
         removed.push("sockets".to_owned());
     }
+    // The helpers are gone by now (stopped, or killed by reconcile): so is their record.
+    let _ = std::fs::remove_file(helpers_record(dir));
     match first_error {
         Some(e) => Err(e),
         None => Ok(removed),
     }
 }
 
-/// PIDs of processes whose command line mentions `dir` (QEMU, vhost-device-vsock).
+/// The record of a VM's helper processes in its directory: one `pid start-time exe` line each.
+fn helpers_record(dir: &Path) -> std::path::PathBuf {
+    dir.join("helpers")
+}
+
+/// Records the identity of a VM's helper processes (pid, start time, executable), written
+/// once they run, so that [`helper_processes`] finds exactly them later, never a process
+/// that merely mentions the VM (a `tail -f` of its log) or one that reused a pid.
+pub fn record_helpers(dir: &Path, pids: &[u32]) -> Result<(), SandboxError> {
+    let mut record = String::new();
+    for pid in pids {
+        let pid = i32::try_from(*pid).unwrap_or(0);
+        let (Some(start), Ok(exe)) =
+            (matchlock_state::process::start_time(pid), std::fs::read_link(format!("/proc/{pid}/exe")))
+        else {
+            continue; // already gone
+        };
+        record.push_str(&format!("{pid} {start} {}\n", exe.display()));
+    }
+    let path = helpers_record(dir);
+    std::fs::write(&path, record).map_err(crate::io_err(format!("cannot write {}", path.display())))
+}
+
+/// The recorded helpers of the VM in `dir` that still run: same pid, start time and
+/// executable as recorded.
 pub fn helper_processes(dir: &Path) -> Vec<i32> {
-    let marker = format!("{}/", dir.display());
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|p| {
-            let pid: i32 = p.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
-            String::from_utf8_lossy(&cmdline).contains(&marker).then_some(pid)
+    let record = std::fs::read_to_string(helpers_record(dir)).unwrap_or_default();
+    record
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ' ');
+            let pid: i32 = fields.next()?.parse().ok()?;
+            let start: u64 = fields.next()?.parse().ok()?;
+            let exe = fields.next()?;
+            let same_exe = std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == Path::new(exe));
+            (matchlock_state::process::is_alive(pid, start) && same_exe).then_some(pid)
         })
         .filter(|pid| *pid != std::process::id() as i32)
         .collect()

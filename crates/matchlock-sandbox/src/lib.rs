@@ -32,6 +32,8 @@ pub use command::{compose, compose_command, ComposeError, Composed};
 pub use exec::{exec_via_relay, Control, ExecIo};
 pub use workspace::MAX_VFS_CONNECTIONS;
 
+/// Most of the guest's error output kept when quiescing fails.
+const MAX_QUIESCE_ERROR: usize = 4096;
 /// How long a guest may take to signal readiness (TCG boots take ~2 s here).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -351,6 +353,7 @@ impl Sandbox {
         state.transition(id, Phase::Starting, None).map_err(|e| create_failed(e.into()))?;
         let prepared = Instant::now();
         let machine = backend.launch(spec).await.map_err(|e| (Phase::StartFailed, e.into()))?;
+        gc::record_helpers(dir, &machine.helper_pids()).map_err(|e| (Phase::StartFailed, e))?;
         state.transition(id, Phase::Running, None).map_err(|e| (Phase::StartFailed, e.into()))?;
         Ok((machine, network, vfs_guard.disarm(), prepared))
     }
@@ -405,7 +408,11 @@ impl Sandbox {
                 match GuestMessage::from_frame(frame)? {
                     GuestMessage::Exit(0) => return Ok(()),
                     GuestMessage::Exit(_) => break,
-                    GuestMessage::Stderr(e) => errors.push_str(&String::from_utf8_lossy(&e)),
+                    // The guest's words for the failure: the first few KiB are enough.
+                    GuestMessage::Stderr(e) if errors.len() < MAX_QUIESCE_ERROR => {
+                        errors.push_str(&String::from_utf8_lossy(&e[..e.len().min(MAX_QUIESCE_ERROR - errors.len())]));
+                    }
+                    GuestMessage::Stderr(_) => {}
                     GuestMessage::Stdout(_) => {}
                 }
             }

@@ -150,6 +150,10 @@ pub trait Machine: Send {
     /// The directory holding the VM's sockets and logs.
     fn dir(&self) -> &Path;
 
+    /// The process ids of the VM's helper processes (the VMM and its device backends), so
+    /// that a crash can be cleaned up by identity.
+    fn helper_pids(&self) -> Vec<u32>;
+
     /// Opens a connection to a guest vsock port.
     fn connect(&self, port: u32) -> impl Future<Output = Result<UnixStream, VmError>> + Send;
 

@@ -368,6 +368,10 @@ impl Machine for QemuMachine {
         &self.dir
     }
 
+    fn helper_pids(&self) -> Vec<u32> {
+        [&self.qemu, &self.vhost].into_iter().flatten().filter_map(Child::id).collect()
+    }
+
     async fn connect(&self, port: u32) -> Result<UnixStream, VmError> {
         vsock::connect(&vsock::host_socket(&self.dir), port, Duration::from_secs(5)).await
     }

@@ -232,6 +232,51 @@ fn crashed_owner_is_detected_and_gc_reclaims_everything() {
     h.assert_no_leftovers();
 }
 
+/// `gc`, `rm` and `prune` stop a VM's own helpers, found by identity (pid, start time,
+/// executable), never a process that only mentions the VM, like a user's `tail -f` of its log.
+#[test]
+fn gc_rm_and_prune_leave_a_tail_of_the_log_alone() {
+    let h = home();
+    let tail_of = |id: &str| {
+        std::process::Command::new("tail")
+            .arg("-f")
+            .arg(h.vms_dir().join(id).join("logs/vm.log"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let crashed = h.detach(&["--image", "busybox"]);
+    let mut tail = tail_of(&crashed);
+    let record = std::fs::read_to_string(h.vms_dir().join(&crashed).join("helpers")).unwrap();
+    let helpers: Vec<i32> = record.lines().map(|l| l.split(' ').next().unwrap().parse().unwrap()).collect();
+    assert_eq!(helpers.len(), 2, "QEMU and vhost-device-vsock are recorded: {record}");
+    // The owner is killed, its helpers survive it a moment at most (parent-death signal) or
+    // until gc: either way gc must leave the tail alone.
+    let get: serde_json::Value = serde_json::from_str(&ok(&h.ml(&["get", &crashed]))).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(get["pid"].as_i64().unwrap() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("the helpers to be gone", || {
+        helpers.iter().all(|p| !std::path::Path::new(&format!("/proc/{p}/exe")).exists())
+    });
+    assert!(ok(&h.ml(&["gc"])).contains(&format!("{crashed}: cleaned")));
+    assert!(tail.try_wait().unwrap().is_none(), "gc killed a tail of the VM's log");
+    let stopped = h.detach(&["--image", "busybox"]);
+    let mut second = tail_of(&stopped);
+    ok(&h.ml(&["kill", &stopped]));
+    ok(&h.ml(&["rm", &stopped]));
+    assert!(second.try_wait().unwrap().is_none(), "rm killed a tail of the VM's log");
+    assert!(ok(&h.ml(&["prune"])).contains(&format!("Pruned {crashed}")));
+    assert!(tail.try_wait().unwrap().is_none(), "prune killed a tail of the VM's log");
+    for mut t in [tail, second] {
+        t.kill().unwrap();
+        t.wait().unwrap();
+    }
+    h.assert_no_leftovers();
+}
+
 #[test]
 fn two_sandboxes_and_concurrent_cli_calls_share_one_state_db() {
     let h = home();
