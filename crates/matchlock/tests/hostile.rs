@@ -59,6 +59,10 @@ fn secrets_and_egress_hold_against_a_hostile_guest() {
     let (o, e) = (stdout(&out), stderr(&out));
     assert!(out.status.success() && o.contains("\ndone\n"), "stdout:\n{o}\nstderr:\n{e}");
     assert!(!o.contains(&value) && !e.contains(&value), "the value reached the guest:\n{o}\n{e}");
+    assert!(
+        net.requests().iter().filter(|r| r["server"] != API).all(|r| !r.to_string().contains(&value)),
+        "the value left api.test"
+    );
     println!("{o}"); // shown when an assertion below fails
     let seen = reports(&o);
     let saw = |name: &str| seen.get(name).unwrap_or_else(|| panic!("no {name} in:\n{o}")).as_str();
@@ -77,6 +81,8 @@ fn secrets_and_egress_hold_against_a_hostile_guest() {
     // Behind a good request, a lone foreign Host is a request to a host outside the allow-list.
     assert_eq!(saw("pipelined"), "['HTTP/1.1 200 OK', 'HTTP/1.1 403 Forbidden']");
     assert_eq!(saw("host-case"), "'HTTP/1.1 200 OK'", "Host is compared without case");
+    assert_eq!(saw("long"), "'HTTP/1.1 200 OK'");
+    assert_eq!(saw("encoded-other"), "'HTTP/1.1 200 OK'", "an encoded placeholder is only text");
     assert!(saw("http10-no-host").contains("403"), "{}", saw("http10-no-host"));
     assert_eq!(saw("h2c"), "'HTTP/1.1 200 OK'", "an h2c upgrade is served as HTTP/1.1");
     assert_eq!(saw("pinned"), "'HTTP/1.1 200 OK'", "a name the user pinned (--add-host) to the dialled address");
@@ -122,7 +128,13 @@ fn secrets_and_egress_hold_against_a_hostile_guest() {
             .collect();
         assert!(got.is_empty(), "attack {attack} reached a server: {got:?}");
     }
-    for r in &requests {
+    let long = requests.iter().find(|r| r["path"].as_str().is_some_and(|p| p.ends_with("-long"))).unwrap();
+    assert_eq!(long["headers"]["x-long"], vec![value.as_str(); 150].join(","), "every copy replaced");
+    let encoded: Vec<_> = requests.iter().filter(|r| r["path"].as_str().is_some_and(|p| p.ends_with("-enc"))).collect();
+    assert_eq!(encoded.len(), 1);
+    assert_eq!(encoded[0]["server"], OTHER);
+    assert!(encoded[0]["query"].as_str().unwrap().contains("SANDBOX%5FSECRET"), "{:?}", encoded[0]);
+    for r in requests.iter().filter(|r| !r["path"].as_str().is_some_and(|p| p.ends_with("-enc"))) {
         assert!(r.get("raw_port").is_none(), "the raw listener on another port received: {r}");
         assert_eq!(r["server"], API, "only api.test was reached: {r}");
         let pinned = r["path"].as_str().is_some_and(|p| p.ends_with("-pinned"));
