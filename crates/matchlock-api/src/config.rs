@@ -57,6 +57,10 @@ pub struct SandboxConfig {
     /// Rules on workspace operations.
     #[serde(default)]
     pub vfs_interception: Option<VfsInterception>,
+    /// Bytes (in MB) the guest may make the host store through the workspace; the VFS
+    /// default (10 GiB) when absent.
+    #[serde(default)]
+    pub workspace_quota_mb: Option<u64>,
     /// The network; `None` means no NIC at all (`--no-network`).
     #[serde(default = "default_network")]
     pub network: Option<NetworkConfig>,
@@ -468,6 +472,7 @@ impl SandboxConfig {
             workspace: None,
             volumes: Vec::new(),
             vfs_interception: None,
+            workspace_quota_mb: None,
         }
     }
 }

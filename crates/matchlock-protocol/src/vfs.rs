@@ -123,6 +123,9 @@ pub struct Stat {
     /// Stable inode number.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ino: Option<u64>,
+    /// Number of hard links (host-side bookkeeping; absent on the wire when unknown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nlink: Option<u64>,
 }
 
 /// A directory entry.

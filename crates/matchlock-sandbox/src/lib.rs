@@ -312,7 +312,8 @@ impl Sandbox {
             Some(_) => {
                 let rules = config.vfs_interception.as_ref();
                 let file_events = events.file.filter(|_| rules.is_some_and(|r| r.emit_events));
-                let router = workspace::router(dir, &config.volumes, rules, file_events).map_err(create_failed)?;
+                let router = workspace::router(dir, &config.volumes, rules, file_events, config.workspace_quota_mb)
+                    .map_err(create_failed)?;
                 Some(workspace::serve(dir, router).map_err(create_failed)?)
             }
             None => None,

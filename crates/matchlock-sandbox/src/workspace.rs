@@ -20,8 +20,12 @@ pub fn router(
     mounts: &[VfsMount],
     rules: Option<&VfsInterception>,
     events: Option<EventSink>,
+    quota_mb: Option<u64>,
 ) -> Result<Router, SandboxError> {
     let mut router = Router::default();
+    if let Some(mb) = quota_mb {
+        router.set_quota(mb.saturating_mul(1 << 20));
+    }
     if let Some(rules) = rules {
         router.set_rules(rules).map_err(|e| SandboxError::Config(e.to_string()))?;
     }

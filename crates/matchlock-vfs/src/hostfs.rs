@@ -59,6 +59,7 @@ fn to_stat(st: &rfs::Stat) -> Stat {
         mtime_nsec: u32::try_from(st.st_mtime_nsec).unwrap_or(0),
         is_dir: kind == FileType::Directory,
         ino: Some(inode_number(st.st_dev, st.st_ino)),
+        nlink: Some(st.st_nlink),
     }
 }
 

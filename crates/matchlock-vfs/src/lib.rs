@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use matchlock_api::rpc::FileEvent;
 use rustix::fs::OFlags;
@@ -64,6 +64,53 @@ use wire::{DirEntry, FsStats, Op, Request, Response, Stat, WireError};
 /// is an open file in the owner): beyond it, opens fail with `EMFILE` in the guest.
 pub const MAX_HANDLES: usize = 4096;
 
+/// Bytes the guest may make the host store through the workspace unless configured
+/// otherwise (`--workspace-quota`): 10 GiB.
+pub const DEFAULT_QUOTA: u64 = 10 << 30;
+
+/// The sandbox's budget of bytes stored on the host through the workspace: what its writes
+/// and truncations grow files by, less what its truncations and removals free. Beyond it,
+/// writes fail with `ENOSPC` in the guest, and `statfs` reports the budget as the size.
+#[derive(Debug)]
+struct Storage {
+    quota: u64,
+    stored: AtomicU64,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self { quota: DEFAULT_QUOTA, stored: AtomicU64::new(0) }
+    }
+}
+
+impl Storage {
+    /// Takes `bytes` from the budget, or fails with `ENOSPC` and takes nothing.
+    fn charge(&self, bytes: u64) -> Result<(), Errno> {
+        self.stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |stored| {
+                stored.checked_add(bytes).filter(|total| *total <= self.quota)
+            })
+            .map(|_| ())
+            .map_err(|_| Errno::NOSPC)
+    }
+
+    /// Gives `bytes` back.
+    fn credit(&self, bytes: u64) {
+        let _ = self.stored.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some(s.saturating_sub(bytes)));
+    }
+
+    /// `stats` of the host file system, no larger than the budget and its free part.
+    fn bound(&self, mut stats: FsStats) -> FsStats {
+        let unit = u64::from(stats.frsize.max(1));
+        let total = self.quota / unit;
+        let free = self.quota.saturating_sub(self.stored.load(Ordering::Relaxed)) / unit;
+        stats.blocks = stats.blocks.min(total);
+        stats.bfree = stats.bfree.min(free);
+        stats.bavail = stats.bavail.min(free);
+        stats
+    }
+}
+
 /// Where a guest path leads.
 enum Route<'a> {
     /// Into a mount: the provider and the path relative to its root (`""` for the root).
@@ -83,6 +130,8 @@ pub struct Router {
     events: Option<EventSink>,
     /// Handles open across every connection served from this router.
     open_handles: AtomicUsize,
+    /// Bytes stored on the host through this router.
+    storage: Storage,
 }
 
 impl std::fmt::Debug for Router {
@@ -92,6 +141,7 @@ impl std::fmt::Debug for Router {
             .field("blocks", &self.blocks)
             .field("events", &self.events.is_some())
             .field("open_handles", &self.open_handles.load(Ordering::Relaxed))
+            .field("storage", &self.storage)
             .finish()
     }
 }
@@ -206,6 +256,12 @@ impl Router {
         Ok(())
     }
 
+    /// Sets the budget of bytes the guest may make the host store through this router
+    /// (default [`DEFAULT_QUOTA`]).
+    pub fn set_quota(&mut self, bytes: u64) {
+        self.storage.quota = bytes;
+    }
+
     /// Sends a `file` event to `sink` after every operation that succeeded.
     pub fn set_event_sink(&mut self, sink: EventSink) {
         self.events = Some(sink);
@@ -310,7 +366,13 @@ fn handle(
         Op::Write => {
             let (file, _) = handles.get(&req.fh).ok_or(Errno::BADF)?;
             let offset = u64::try_from(req.off).map_err(|_| Errno::INVAL)?;
-            file.write_all_at(&req.data, offset).map_err(|e| io_errno(&e))?;
+            let size = file.metadata().map_err(|e| io_errno(&e))?.len();
+            let growth = offset.saturating_add(req.data.len() as u64).saturating_sub(size);
+            router.storage.charge(growth)?;
+            if let Err(e) = file.write_all_at(&req.data, offset) {
+                router.storage.credit(growth);
+                return Err(io_errno(&e));
+            }
             return Ok(Response { written: u32::try_from(req.data.len()).unwrap_or(u32::MAX), ..ok() });
         }
         Op::Release => {
@@ -335,7 +397,7 @@ fn handle(
                     let base = clean_path(&req.path)?;
                     let prefix = if base == "/" { "/".to_owned() } else { format!("{base}/") };
                     let first = router.mounts.iter().find(|(m, _)| m.starts_with(&prefix)).map(|(_, fs)| fs);
-                    let statfs = first.ok_or(Errno::NOENT)?.statfs()?;
+                    let statfs = router.storage.bound(first.ok_or(Errno::NOENT)?.statfs()?);
                     Ok(Response { statfs: Some(statfs), ..ok() })
                 }
                 Op::Readdir => {
@@ -375,7 +437,11 @@ fn handle(
             router.open_handles.fetch_sub(1, Ordering::Relaxed);
             return Err(Errno::MFILE);
         }
+        let truncated = if flags.contains(OFlags::TRUNC) { freed_by_removal(fs, &rel) } else { 0 };
         let opened = fs.open(&rel, flags, mode).and_then(|file| Ok((file, fs.stat(&rel)?)));
+        if opened.is_ok() {
+            router.storage.credit(truncated);
+        }
         let (file, stat) = match opened {
             Ok(opened) => opened,
             Err(e) => {
@@ -411,13 +477,31 @@ fn handle(
             }
             Ok(ok())
         }
-        Op::Unlink => fs.remove(&rel, false).map(|()| ok()),
+        Op::Unlink => {
+            let freed = freed_by_removal(fs, &rel);
+            fs.remove(&rel, false)?;
+            router.storage.credit(freed);
+            Ok(ok())
+        }
         Op::Rmdir => fs.remove(&rel, true).map(|()| ok()),
-        Op::Rename => fs.rename(&rel, &second()?).map(|()| ok()),
+        Op::Rename => {
+            let to = second()?;
+            let replaced = freed_by_removal(fs, &to);
+            fs.rename(&rel, &to)?;
+            router.storage.credit(replaced);
+            Ok(ok())
+        }
         Op::Link => fs.link(&rel, &second()?).map(|()| ok()),
         Op::Readdir => Ok(Response { entries: fs.readdir(&rel)?, ..ok() }),
         Op::Truncate => {
-            fs.truncate(&rel, u64::try_from(req.off).map_err(|_| Errno::INVAL)?)?;
+            let size = u64::try_from(req.off).map_err(|_| Errno::INVAL)?;
+            let before = fs.stat(&rel)?.size;
+            router.storage.charge(size.saturating_sub(before))?;
+            if let Err(e) = fs.truncate(&rel, size) {
+                router.storage.credit(size.saturating_sub(before));
+                return Err(e);
+            }
+            router.storage.credit(before.saturating_sub(size));
             Ok(ok())
         }
         Op::Symlink => {
@@ -430,8 +514,17 @@ fn handle(
             fs.set_times(&rel, req.atime_ns, req.mtime_ns)?;
             Ok(Response { stat: Some(fs.lstat(&rel)?), ..ok() })
         }
-        Op::Statfs => Ok(Response { statfs: Some(fs.statfs()?), ..ok() }),
+        Op::Statfs => Ok(Response { statfs: Some(router.storage.bound(fs.statfs()?)), ..ok() }),
         Op::Read | Op::Write | Op::Release | Op::Fsync => Err(Errno::BADF),
+    }
+}
+
+/// The bytes removing (or truncating to nothing) `rel` frees: a regular file's size when it
+/// is its only link (removing one of several links frees nothing).
+fn freed_by_removal(fs: &dyn Provider, rel: &str) -> u64 {
+    match fs.lstat(rel) {
+        Ok(stat) if stat.mode & 0o170_000 == 0o100_000 && stat.nlink == Some(1) => stat.size,
+        _ => 0,
     }
 }
 
@@ -502,6 +595,38 @@ mod tests {
 
     fn req(op: Op, path: &str) -> Request {
         Request { op: op as u8, path: path.into(), ..Request::default() }
+    }
+
+    #[test]
+    fn the_quota_bounds_what_the_guest_stores_and_statfs_tells_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut router = Router::default();
+        router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        router.set_quota(1 << 20);
+        let (mut handles, mut next) = (HashMap::new(), 1);
+        let mut call = |r: Request| handle(&router, &mut handles, &mut next, &r);
+        let create = |path: &str| Request { flags: (OFlags::RDWR).bits(), mode: 0o644, ..req(Op::Create, path) };
+        let write = |fh, off: i64, len: usize| Request { fh, off, data: vec![7; len], ..req(Op::Write, "") };
+        let a = call(create("/w/a")).unwrap().fh;
+        call(write(a, 0, 600 << 10)).unwrap();
+        call(write(a, 0, 600 << 10)).expect("rewriting what is stored takes nothing more");
+        let b = call(create("/w/b")).unwrap().fh;
+        assert_eq!(call(write(b, 0, 600 << 10)).unwrap_err(), Errno::NOSPC);
+        assert_eq!(std::fs::metadata(dir.path().join("b")).unwrap().len(), 0, "nothing of a refused write is stored");
+        assert_eq!(call(Request { off: 10 << 20, ..req(Op::Truncate, "/w/b") }).unwrap_err(), Errno::NOSPC);
+        let stats = call(req(Op::Statfs, "/w")).unwrap().statfs.unwrap();
+        let unit = u64::from(stats.frsize);
+        assert_eq!(stats.blocks, (1 << 20) / unit, "df shows the quota");
+        assert_eq!(stats.bavail, ((1 << 20) - (600 << 10)) / unit, "and what is left of it");
+        // A second link freed is not space freed; the last link is.
+        call(Request { new_path: "/w/a2".into(), ..req(Op::Link, "/w/a") }).unwrap();
+        call(req(Op::Unlink, "/w/a2")).unwrap();
+        assert_eq!(call(write(b, 0, 600 << 10)).unwrap_err(), Errno::NOSPC);
+        call(req(Op::Unlink, "/w/a")).unwrap();
+        call(write(b, 0, 600 << 10)).expect("space freed by the removal");
+        call(Request { off: 0, ..req(Op::Truncate, "/w/b") }).unwrap();
+        let c = call(create("/w/c")).unwrap().fh;
+        call(write(c, 0, 900 << 10)).expect("space freed by the truncation");
     }
 
     #[test]

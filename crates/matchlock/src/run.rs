@@ -81,6 +81,10 @@ pub struct RunArgs {
     /// Where the workspace is mounted in the guest (default /workspace with -v).
     #[arg(long, env = "MATCHLOCK_RUN_WORKSPACE", value_name = "PATH")]
     workspace: Option<String>,
+    /// Most MB the guest may store on the host through the workspace (file growth, less what
+    /// it deletes); writes beyond fail with ENOSPC, and df shows it as the size.
+    #[arg(long, value_name = "MB", default_value_t = matchlock_vfs::DEFAULT_QUOTA >> 20)]
+    workspace_quota: u64,
     /// Rules on workspace operations: a JSON file `{"rules": [{"name", "ops", "path",
     /// "action": "block"}]}` (the JSON-RPC `vfs.interception` object); blocked → EPERM.
     #[arg(long = "vfs-rules", value_name = "FILE")]
@@ -159,6 +163,7 @@ fn build_config(args: &RunArgs, handed: &HashMap<String, String>) -> Result<Sand
             config.volumes.push(parse_volume(spec, &workspace, &cwd)?);
         }
         config.workspace = Some(workspace);
+        config.workspace_quota_mb = Some(args.workspace_quota);
     }
     if let Some(file) = &args.vfs_rules {
         let text =

@@ -327,3 +327,64 @@ fn a_guest_flooding_the_workspace_server_leaves_the_owner_bounded() {
     ok(&h.ml(&["kill", &id]));
     ok(&h.ml(&["rm", &id]));
 }
+
+/// Bytes under `dir`, recursively.
+fn stored_under(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                stored_under(&e.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn a_guest_cannot_store_more_than_its_workspace_quota_on_the_host() {
+    let h = home();
+    let (shared, lower) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(lower.path().join("keep"), "lower").unwrap();
+    // Both mounts share the one budget: the overlay takes it all, then host_fs gets nothing.
+    let script = "dd if=/dev/zero of=/workspace/o/big bs=1M count=64 2>&1 | grep -e 'No space' -e 'records out'; \
+                  df -m /workspace/o | tail -1 | awk '{print \"size=\" $2}'; \
+                  dd if=/dev/zero of=/workspace/h/big bs=1M count=64 2>&1 | grep -e 'No space' -e 'records out'; \
+                  rm /workspace/o/big /workspace/h/big; \
+                  dd if=/dev/zero of=/workspace/h/after bs=1M count=8 2>/dev/null && echo after-ok";
+    let out = testnet::run(
+        &h,
+        &[
+            "--image",
+            "busybox",
+            "--workspace-quota",
+            "16",
+            "-v",
+            &format!("{}:/workspace/o:overlay", lower.path().display()),
+            "-v",
+            &format!("{}:/workspace/h:host_fs", shared.path().display()),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    let o = stdout(&out);
+    let lines: Vec<&str> = o.lines().collect();
+    assert!(
+        lines[0].contains("No space left on device"),
+        "the overlay write stops at the quota:\n{o}\n{}",
+        stderr(&out)
+    );
+    assert_eq!(lines[1], "16+0 records out", "exactly the quota was stored:\n{o}");
+    assert_eq!(lines[2], "size=16", "df shows the quota:\n{o}");
+    assert!(lines[3].contains("No space left on device") && lines[4] == "0+0 records out", "host_fs too:\n{o}");
+    assert!(o.contains("after-ok"), "removals give the space back:\n{o}");
+    let listing: Vec<_> = std::fs::read_dir(shared.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(std::fs::metadata(shared.path().join("after")).map(|m| m.len()).ok(), Some(8 << 20), "{listing:?}");
+    assert_eq!(stored_under(lower.path()), 5, "the overlay's host directory is untouched");
+}
