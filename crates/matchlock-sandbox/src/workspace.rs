@@ -90,6 +90,7 @@ pub fn serve(dir: &Path, router: Router) -> Result<tokio::task::JoinHandle<()>, 
     Ok(tokio::spawn(async move {
         let mut backoff = AcceptBackoff::default();
         let mut refused = 0u64;
+        let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
         loop {
             let conn = match listener.accept().await {
                 Ok((conn, _)) => conn,
@@ -112,11 +113,15 @@ pub fn serve(dir: &Path, router: Router) -> Result<tokio::task::JoinHandle<()>, 
             if conn.set_nonblocking(false).is_err() {
                 continue;
             }
-            let router = router.clone();
+            let (router, failures) = (router.clone(), failures.clone());
             let spawned = std::thread::Builder::new().name("matchlock-vfs".into()).spawn(move || {
                 let mut conn = conn;
                 if let Err(e) = matchlock_vfs::serve(&mut conn, &router) {
-                    eprintln!("matchlock: workspace connection: {e}");
+                    // The guest decides how often this happens: the 1st, 2nd, 4th, 8th … only.
+                    let n = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        eprintln!("matchlock: workspace connection failed ({n} so far): {e}");
+                    }
                 }
                 drop(slot);
             });
