@@ -9,3 +9,5 @@ cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 # VM tests boot real guests: two at a time is what 2 cores allow.
 cargo test --locked --workspace -- --test-threads=2
+# Every fuzz target briefly (scripts/fuzz.sh <seconds> for longer runs); a crash fails.
+scripts/fuzz.sh 20
