@@ -11,3 +11,5 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo test --locked --workspace -- --test-threads=2
 # Every fuzz target briefly (scripts/fuzz.sh <seconds> for longer runs); a crash fails.
 scripts/fuzz.sh 20
+# A short fault campaign (bench/faults 50 for the full one): random SIGKILLs, then gc, no leaks.
+bench/faults 5
