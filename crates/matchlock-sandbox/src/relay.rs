@@ -54,14 +54,7 @@ pub fn serve(vm_dir: &Path, network: Option<Arc<Network>>) -> Result<tokio::task
     Ok(tokio::spawn(async move {
         let mut backoff = AcceptBackoff::default();
         loop {
-            let client = match listener.accept().await {
-                Ok((client, _)) => client,
-                Err(e) => {
-                    backoff.failed("the exec relay", &e).await;
-                    continue;
-                }
-            };
-            backoff.succeeded();
+            let (client, _) = backoff.accept("the exec relay", || listener.accept()).await;
             let vsock = vsock.clone();
             let network = network.clone();
             tokio::spawn(async move {
@@ -213,7 +206,7 @@ pub async fn connect(vm_dir: &Path, port: u32) -> Result<UnixStream, SandboxErro
     Ok(stream)
 }
 
-/// What an accept loop does with a failed `accept` (EMFILE, ECONNABORTED, …): it keeps
+/// How an accept loop lives through failed `accept`s (EMFILE, ECONNABORTED, …): it keeps
 /// serving, after a pause that grows while the failures last (so a flood cannot spin the
 /// loop or the log), and says so once per run of failures.
 #[derive(Debug, Default)]
@@ -225,18 +218,28 @@ impl AcceptBackoff {
     /// Longest pause between two attempts.
     const MAX_PAUSE: Duration = Duration::from_millis(500);
 
-    /// An `accept` succeeded: the next failure starts a new run.
-    pub fn succeeded(&mut self) {
-        self.failures = 0;
-    }
-
-    /// An `accept` of `what` failed: report the first failure of a run, then pause.
-    pub async fn failed(&mut self, what: &str, error: &std::io::Error) {
-        if self.failures == 0 {
-            eprintln!("matchlock: cannot accept a connection on {what} (still serving): {error}");
+    /// Calls `accept` until it succeeds, pausing after each failure; `what` names the
+    /// listener in the one report of a run of failures.
+    pub async fn accept<T, F, Fut>(&mut self, what: &str, mut accept: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<T>>,
+    {
+        loop {
+            match accept().await {
+                Ok(accepted) => {
+                    self.failures = 0;
+                    return accepted;
+                }
+                Err(error) => {
+                    if self.failures == 0 {
+                        eprintln!("matchlock: cannot accept a connection on {what} (still serving): {error}");
+                    }
+                    self.failures = self.failures.saturating_add(1);
+                    let pause = Duration::from_millis(10).saturating_mul(self.failures.min(64)).min(Self::MAX_PAUSE);
+                    tokio::time::sleep(pause).await;
+                }
+            }
         }
-        self.failures = self.failures.saturating_add(1);
-        let pause = Duration::from_millis(10).saturating_mul(self.failures.min(64)).min(Self::MAX_PAUSE);
-        tokio::time::sleep(pause).await;
     }
 }

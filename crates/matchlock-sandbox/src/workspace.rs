@@ -92,14 +92,7 @@ pub fn serve(dir: &Path, router: Router) -> Result<tokio::task::JoinHandle<()>, 
         let mut refused = 0u64;
         let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
         loop {
-            let conn = match listener.accept().await {
-                Ok((conn, _)) => conn,
-                Err(e) => {
-                    backoff.failed("the workspace server", &e).await;
-                    continue;
-                }
-            };
-            backoff.succeeded();
+            let (conn, _) = backoff.accept("the workspace server", || listener.accept()).await;
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 refused += 1;
                 if refused.is_power_of_two() {

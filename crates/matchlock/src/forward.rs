@@ -68,14 +68,7 @@ pub fn start(vm_dir: &Path, listeners: Vec<(TcpListener, Binding)>) -> Forwardin
         tasks.push(tokio::spawn(async move {
             let mut backoff = matchlock_sandbox::relay::AcceptBackoff::default();
             loop {
-                let client = match listener.accept().await {
-                    Ok((client, _)) => client,
-                    Err(e) => {
-                        backoff.failed("a port forward", &e).await;
-                        continue;
-                    }
-                };
-                backoff.succeeded();
+                let (client, _) = backoff.accept("a port forward", || listener.accept()).await;
                 let dir = dir.clone();
                 tokio::spawn(async move {
                     let _ = client.set_nodelay(true);
