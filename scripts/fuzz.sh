@@ -15,7 +15,7 @@ CARGO_FUZZ_VERSION=0.13.2
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(frames vfs_requests dns_queries rpc_create)
+[ ${#targets[@]} -gt 0 ] || targets=(frames vfs_requests dns_queries rpc_create stack_frames http_requests scrub_stream image_archives)
 if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
   echo "==> installing cargo-fuzz $CARGO_FUZZ_VERSION (one time)" >&2
   cargo install --quiet --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"

@@ -33,7 +33,7 @@ use tokio::sync::Mutex;
 use crate::hooks::is_event_stream;
 #[cfg(test)]
 use crate::secrets::Secret;
-use crate::secrets::{self, BodyTransform, Scrubber, SseDataReplacer, StreamReplacer};
+use crate::secrets::{self, BodyTransform, Replacements, Scrubber, SseDataReplacer};
 use crate::{Shared, CONNECT_TIMEOUT};
 
 type Body = BoxBody<Bytes, BoxError>;
@@ -459,7 +459,7 @@ async fn forward(
                     let Some(collected) = collect_limited(body, MAX_REWRITTEN_BODY).await else {
                         return bad_gateway("response too large or broken for body replacement");
                     };
-                    let rewritten = StreamReplacer::new(changes.replacements).replace(&collected);
+                    let rewritten = Replacements::new(changes.replacements).apply(&collected);
                     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
                     body = full(rewritten);
                 }

@@ -123,9 +123,35 @@ const MAX_UDP_FLOWS: usize = 64;
 /// How long a forwarded UDP exchange waits for answers.
 const UDP_IDLE: Duration = Duration::from_secs(30);
 
-struct Handler(Arc<Shared>);
+/// Where one sandbox's guest flows go: DNS answered, HTTP(S) intercepted, other TCP spliced and
+/// UDP forwarded, each under the sandbox's policy. The [`Stack`] hands it every flow; the fuzz
+/// targets drive it directly.
+#[derive(Clone)]
+pub struct Flows(Arc<Shared>);
 
-impl FlowHandler for Handler {
+impl std::fmt::Debug for Flows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flows").field("intercept", &self.0.intercept).finish_non_exhaustive()
+    }
+}
+
+impl Flows {
+    /// The flow handler of a sandbox with `options` (its network settings).
+    pub fn new(options: Options) -> Self {
+        Self(Arc::new(Shared {
+            policy: options.policy,
+            resolver: dns::Resolver::new(&options.dns_servers),
+            ca: options.ca,
+            upstream_tls: options.upstream_tls,
+            intercept: options.intercept,
+            hooks: options.hooks,
+            udp_flows: Arc::new(Semaphore::new(MAX_UDP_FLOWS)),
+            events: options.events,
+        }))
+    }
+}
+
+impl FlowHandler for Flows {
     fn accept_tcp(&self, dst: SocketAddrV4) -> bool {
         let shared = &self.0;
         match dst.port() {
@@ -252,16 +278,6 @@ async fn serve(listener: UnixListener, options: Options) {
     let Ok(listener) = tokio::net::UnixListener::from_std(listener) else { return };
     let Ok((link, _)) = listener.accept().await else { return };
     drop(listener);
-    let shared = Arc::new(Shared {
-        policy: options.policy,
-        resolver: dns::Resolver::new(&options.dns_servers),
-        ca: options.ca,
-        upstream_tls: options.upstream_tls,
-        intercept: options.intercept,
-        hooks: options.hooks,
-        udp_flows: Arc::new(Semaphore::new(MAX_UDP_FLOWS)),
-        events: options.events,
-    });
     let config = StackConfig {
         gateway: GATEWAY,
         guest: GUEST,
@@ -269,5 +285,5 @@ async fn serve(listener: UnixListener, options: Options) {
         mtu: options.mtu,
         gateway_mac: options.gateway_mac,
     };
-    let _ = Stack::new(link, Handler(shared), config).run().await;
+    let _ = Stack::new(link, Flows::new(options), config).run().await;
 }

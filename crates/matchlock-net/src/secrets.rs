@@ -6,6 +6,7 @@
 //! hosts send back (headers, body, trailers, WebSocket messages) is scrubbed (value →
 //! placeholder) so an echoing server cannot hand the value to the guest.
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
@@ -108,45 +109,87 @@ pub fn scrub_headers(headers: &mut HeaderMap, secrets: &[&Secret]) {
     for name in carrying {
         headers.remove(name);
     }
+    let scrubber = Scrubber::new(secrets);
     for value in headers.values_mut() {
-        for secret in secrets {
-            if let Some(replaced) =
-                replace_all(value.as_bytes(), secret.value.as_bytes(), secret.placeholder.as_bytes())
-            {
-                *value = HeaderValue::from_bytes(&replaced).unwrap_or(HeaderValue::from_static(""));
-            }
+        if scrubber.values.is_match(value.as_bytes()) {
+            *value = HeaderValue::from_bytes(&scrubber.scrub(value.as_bytes())).unwrap_or(HeaderValue::from_static(""));
         }
     }
 }
 
 /// The scrubber of a response stream from one of the secrets' hosts: values become placeholders
 /// in the body (across chunk boundaries) and in trailers.
+///
+/// All values are matched at once, leftmost-longest, on the upstream's bytes: a value that
+/// contains another is replaced whole (replacing the shorter one first would hand the guest
+/// the rest of the longer one), and a placeholder is never scanned again.
 #[derive(Debug)]
 pub struct Scrubber {
     secrets: Vec<Secret>,
-    replacer: StreamReplacer,
+    values: AhoCorasick,
+    placeholders: Vec<Vec<u8>>,
+    /// The longest value, less one: how much of a chunk's tail can still start a match.
+    hold_back: usize,
+    /// Upstream bytes not released yet.
+    pending: BytesMut,
 }
 
 impl Scrubber {
-    /// Scrubs the values of `secrets`.
+    /// Scrubs the values of `secrets` (empty values are ignored).
     pub fn new(secrets: &[&Secret]) -> Self {
-        let pairs = secrets.iter().map(|s| (s.value.as_bytes().to_vec(), s.placeholder.as_bytes().to_vec())).collect();
-        Self { secrets: secrets.iter().map(|s| (*s).clone()).collect(), replacer: StreamReplacer::new(pairs) }
+        let secrets: Vec<Secret> = secrets.iter().filter(|s| !s.value.is_empty()).map(|s| (*s).clone()).collect();
+        let values = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(secrets.iter().map(|s| s.value.as_bytes()))
+            .expect("literal patterns always build");
+        Self {
+            values,
+            placeholders: secrets.iter().map(|s| s.placeholder.as_bytes().to_vec()).collect(),
+            hold_back: secrets.iter().map(|s| s.value.len() - 1).max().unwrap_or(0),
+            pending: BytesMut::new(),
+            secrets,
+        }
     }
 
-    /// One whole message scrubbed (a WebSocket message).
+    /// One whole message scrubbed (a WebSocket message, a header value).
     pub fn scrub(&self, data: &[u8]) -> Vec<u8> {
-        self.replacer.replace(data)
+        self.values.replace_all_bytes(data, &self.placeholders)
     }
 }
 
 impl BodyTransform for Scrubber {
     fn push(&mut self, chunk: &[u8]) -> Bytes {
-        self.replacer.push(chunk)
+        self.pending.extend_from_slice(chunk);
+        // Held back: the tail from the first position where the bytes so far could still
+        // become a value (only the last `hold_back` positions can). A match starting before
+        // that point is final: every value starting there is decided.
+        let len = self.pending.len();
+        let open = (len.saturating_sub(self.hold_back)..len)
+            .find(|&p| {
+                self.secrets
+                    .iter()
+                    .any(|s| s.value.len() > len - p && s.value.as_bytes().starts_with(&self.pending[p..]))
+            })
+            .unwrap_or(len);
+        let mut out = Vec::with_capacity(len);
+        let mut done = 0;
+        for m in self.values.find_iter(&self.pending[..]) {
+            if m.start() >= open {
+                break;
+            }
+            out.extend_from_slice(&self.pending[done..m.start()]);
+            out.extend_from_slice(&self.placeholders[m.pattern().as_usize()]);
+            done = m.end();
+        }
+        let cut = open.max(done);
+        out.extend_from_slice(&self.pending[done..cut]);
+        let _ = self.pending.split_to(cut);
+        Bytes::from(out)
     }
 
     fn finish(&mut self) -> Bytes {
-        self.replacer.finish()
+        let rest = self.pending.split();
+        Bytes::from(self.scrub(&rest))
     }
 
     fn trailers(&mut self, trailers: &mut HeaderMap) {
@@ -165,26 +208,21 @@ pub trait BodyTransform: Send + Sync {
     fn trailers(&mut self, _trailers: &mut HeaderMap) {}
 }
 
-/// Streaming replace-all of literal byte strings across chunk boundaries: holds back just enough
-/// of each chunk's tail to catch a match split between chunks.
+/// Interception rules' literal body replacements: each `find` (non-empty) replaced everywhere
+/// by its `replace`, one pair after the other (the original's semantics).
 #[derive(Debug, Default)]
-pub struct StreamReplacer {
+pub struct Replacements {
     pairs: Vec<(Vec<u8>, Vec<u8>)>,
-    pending: BytesMut,
 }
 
-impl StreamReplacer {
-    /// Replaces each `find` (non-empty) with its `replace`, in order.
+impl Replacements {
+    /// The pairs, applied in order.
     pub fn new(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
-        Self { pairs: pairs.into_iter().filter(|(f, _)| !f.is_empty()).collect(), pending: BytesMut::new() }
+        Self { pairs: pairs.into_iter().filter(|(f, _)| !f.is_empty()).collect() }
     }
 
-    fn hold_back(&self) -> usize {
-        self.pairs.iter().map(|(f, _)| f.len() - 1).max().unwrap_or(0)
-    }
-
-    /// `data` with every pair replaced (no streaming).
-    pub fn replace(&self, data: &[u8]) -> Vec<u8> {
+    /// `data` with every pair replaced.
+    pub fn apply(&self, data: &[u8]) -> Vec<u8> {
         let mut out = data.to_vec();
         for (find, replace) in &self.pairs {
             if let Some(r) = replace_all(&out, find, replace) {
@@ -195,36 +233,18 @@ impl StreamReplacer {
     }
 }
 
-impl BodyTransform for StreamReplacer {
-    fn push(&mut self, chunk: &[u8]) -> Bytes {
-        self.pending.extend_from_slice(chunk);
-        let replaced = self.replace(&self.pending);
-        let keep = self.hold_back().min(replaced.len());
-        // Only hold back a tail that could still start a match.
-        let cut = (replaced.len() - keep..replaced.len())
-            .find(|&i| self.pairs.iter().any(|(f, _)| f.starts_with(&replaced[i..]) && replaced.len() - i < f.len()))
-            .unwrap_or(replaced.len());
-        self.pending = BytesMut::from(&replaced[cut..]);
-        Bytes::copy_from_slice(&replaced[..cut])
-    }
-
-    fn finish(&mut self) -> Bytes {
-        self.pending.split().freeze()
-    }
-}
-
 /// Server-sent events: replacements apply to the payload of each `data:` line, released line
 /// by line (events keep streaming), line endings kept.
 #[derive(Debug)]
 pub struct SseDataReplacer {
-    replacer: StreamReplacer,
+    replacements: Replacements,
     line: Vec<u8>,
 }
 
 impl SseDataReplacer {
     /// Applies `pairs` to every `data:` payload.
     pub fn new(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
-        Self { replacer: StreamReplacer::new(pairs), line: Vec::new() }
+        Self { replacements: Replacements::new(pairs), line: Vec::new() }
     }
 
     fn line_out(&self, line: &[u8]) -> Vec<u8> {
@@ -232,7 +252,7 @@ impl SseDataReplacer {
             Some(payload) => {
                 let body_end = payload.iter().rposition(|&b| b != b'\n' && b != b'\r').map_or(0, |i| i + 1);
                 let mut out = b"data:".to_vec();
-                out.extend_from_slice(&self.replacer.replace(&payload[..body_end]));
+                out.extend_from_slice(&self.replacements.apply(&payload[..body_end]));
                 out.extend_from_slice(&payload[body_end..]);
                 out
             }
@@ -334,15 +354,38 @@ mod tests {
     }
 
     #[test]
-    fn stream_replacer_catches_matches_split_across_chunks() {
-        let mut r = StreamReplacer::new(vec![(b"real-value".to_vec(), b"PLACEHOLDER".to_vec())]);
+    fn scrubber_catches_values_split_across_chunks() {
+        let s = Secret::new("KEY", "real-value", vec!["api.test".into()]);
+        let mut r = Scrubber::new(&[&s]);
         let mut out = Vec::new();
         for chunk in [&b"abc real-"[..], b"val", b"ue def real", b"-valu", b"e"] {
             out.extend_from_slice(&r.push(chunk));
         }
         out.extend_from_slice(&r.finish());
-        assert_eq!(out, b"abc PLACEHOLDER def PLACEHOLDER");
-        let mut r = StreamReplacer::new(vec![(b"xyz".to_vec(), b"1".to_vec())]);
-        assert_eq!(&r.push(b"hello"), &b"hello"[..], "nothing held back without a partial match");
+        assert_eq!(out, format!("abc {p} def {p}", p = s.placeholder).as_bytes());
+        let released = r.push(b"hello world");
+        assert_eq!(&released, &b"hello world"[..], "nothing held back without a partial match");
+        assert_eq!(&r.push(b" and real"), &b" and "[..], "a tail that may become a value is held back");
+    }
+
+    /// Found by the `scrub_stream` fuzz target: with one value inside another, replacing the
+    /// shorter first left the rest of the longer one for the guest to read.
+    #[test]
+    fn a_value_inside_another_never_reveals_the_longer_one() {
+        let long = Secret::new("LONG", "qjgyimmmogg", vec!["api.test".into()]);
+        let short = Secret::new("SHORT", "m", vec!["api.test".into()]);
+        for order in [[&short, &long], [&long, &short]] {
+            let whole = Scrubber::new(&order).scrub(b"<qjgyimmmogg>");
+            assert_eq!(whole, format!("<{}>", long.placeholder).as_bytes());
+            let mut streamed = Scrubber::new(&order);
+            let mut out = streamed.push(b"<qjgyimm").to_vec();
+            out.extend_from_slice(&streamed.push(b"mogg>"));
+            out.extend_from_slice(&streamed.finish());
+            assert_eq!(out, whole, "streaming gives the same answer as the whole body");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("x-echo", HeaderValue::from_static("qjgyimmmogg m"));
+        scrub_headers(&mut headers, &[&short, &long]);
+        assert_eq!(headers["x-echo"], format!("{} {}", long.placeholder, short.placeholder).as_str());
     }
 }
