@@ -55,6 +55,20 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn set_times(&self, rel: &str, atime_ns: Option<i64>, mtime_ns: Option<i64>) -> Result<(), Errno>;
     /// Statistics of the file system holding the tree.
     fn statfs(&self) -> Result<FsStats, Errno>;
+    /// Bytes of host storage that removing (or truncating to nothing) `rel` frees: a regular
+    /// file's size when it is its only link.
+    fn stored_bytes(&self, rel: &str) -> u64 {
+        match self.lstat(rel) {
+            Ok(stat) if stat.mode & 0o170_000 == 0o100_000 && stat.nlink == Some(1) => stat.size,
+            _ => 0,
+        }
+    }
+    /// Bytes a change to `rel` (a write, truncation, attribute change or link; with `deep`, a
+    /// rename) makes the provider copy into host storage before it happens: none unless the
+    /// provider copies on write.
+    fn copy_up_bytes(&self, _rel: &str, _deep: bool) -> u64 {
+        0
+    }
 }
 
 pub use matchlock_protocol::vfs as wire;
@@ -437,18 +451,24 @@ fn handle(
             router.open_handles.fetch_sub(1, Ordering::Relaxed);
             return Err(Errno::MFILE);
         }
-        let truncated = if flags.contains(OFlags::TRUNC) { freed_by_removal(fs, &rel) } else { 0 };
-        let opened = fs.open(&rel, flags, mode).and_then(|file| Ok((file, fs.stat(&rel)?)));
-        if opened.is_ok() {
-            router.storage.credit(truncated);
+        let writes = flags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC | OFlags::APPEND);
+        let copied = if writes { fs.copy_up_bytes(&rel, false) } else { 0 };
+        if let Err(e) = router.storage.charge(copied) {
+            router.open_handles.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
         }
+        // Truncation frees what was stored, and what a copy-up just copied.
+        let truncated = if flags.contains(OFlags::TRUNC) { fs.stored_bytes(&rel) + copied } else { 0 };
+        let opened = fs.open(&rel, flags, mode).and_then(|file| Ok((file, fs.stat(&rel)?)));
         let (file, stat) = match opened {
             Ok(opened) => opened,
             Err(e) => {
+                router.storage.credit(copied);
                 router.open_handles.fetch_sub(1, Ordering::Relaxed);
                 return Err(e);
             }
         };
+        router.storage.credit(truncated);
         let fh = *next;
         *next += 1;
         handles.insert(fh, (file, req.path.clone()));
@@ -457,7 +477,7 @@ fn handle(
     match op {
         Op::Lookup | Op::Getattr => Ok(Response { stat: Some(fs.lstat(&rel)?), ..ok() }),
         Op::Setattr => {
-            fs.chmod(&rel, req.mode)?;
+            copying_up(router, fs, &rel, false, || fs.chmod(&rel, req.mode))?;
             Ok(Response { stat: Some(fs.stat(&rel)?), ..ok() })
         }
         Op::Open => open(OFlags::from_bits_retain(req.flags) - OFlags::CREATE, req.mode),
@@ -478,7 +498,7 @@ fn handle(
             Ok(ok())
         }
         Op::Unlink => {
-            let freed = freed_by_removal(fs, &rel);
+            let freed = fs.stored_bytes(&rel);
             fs.remove(&rel, false)?;
             router.storage.credit(freed);
             Ok(ok())
@@ -486,21 +506,28 @@ fn handle(
         Op::Rmdir => fs.remove(&rel, true).map(|()| ok()),
         Op::Rename => {
             let to = second()?;
-            let replaced = freed_by_removal(fs, &to);
-            fs.rename(&rel, &to)?;
+            let replaced = fs.stored_bytes(&to);
+            copying_up(router, fs, &rel, true, || fs.rename(&rel, &to))?;
             router.storage.credit(replaced);
             Ok(ok())
         }
-        Op::Link => fs.link(&rel, &second()?).map(|()| ok()),
+        Op::Link => {
+            let to = second()?;
+            copying_up(router, fs, &rel, false, || fs.link(&rel, &to)).map(|()| ok())
+        }
         Op::Readdir => Ok(Response { entries: fs.readdir(&rel)?, ..ok() }),
         Op::Truncate => {
             let size = u64::try_from(req.off).map_err(|_| Errno::INVAL)?;
             let before = fs.stat(&rel)?.size;
-            router.storage.charge(size.saturating_sub(before))?;
+            // A copy-up stores `before` bytes first; growth beyond them is stored too.
+            let copied = fs.copy_up_bytes(&rel, false);
+            let charged = copied + size.saturating_sub(before);
+            router.storage.charge(charged)?;
             if let Err(e) = fs.truncate(&rel, size) {
-                router.storage.credit(size.saturating_sub(before));
+                router.storage.credit(charged);
                 return Err(e);
             }
+            // Shrinking frees what was stored (or just copied) beyond `size`.
             router.storage.credit(before.saturating_sub(size));
             Ok(ok())
         }
@@ -511,7 +538,7 @@ fn handle(
         }
         Op::Readlink => Ok(Response { data: fs.readlink(&rel)?.into_bytes(), ..ok() }),
         Op::Utimens => {
-            fs.set_times(&rel, req.atime_ns, req.mtime_ns)?;
+            copying_up(router, fs, &rel, false, || fs.set_times(&rel, req.atime_ns, req.mtime_ns))?;
             Ok(Response { stat: Some(fs.lstat(&rel)?), ..ok() })
         }
         Op::Statfs => Ok(Response { statfs: Some(router.storage.bound(fs.statfs()?)), ..ok() }),
@@ -519,13 +546,18 @@ fn handle(
     }
 }
 
-/// The bytes removing (or truncating to nothing) `rel` frees: a regular file's size when it
-/// is its only link (removing one of several links frees nothing).
-fn freed_by_removal(fs: &dyn Provider, rel: &str) -> u64 {
-    match fs.lstat(rel) {
-        Ok(stat) if stat.mode & 0o170_000 == 0o100_000 && stat.nlink == Some(1) => stat.size,
-        _ => 0,
-    }
+/// Runs `change` on `rel` with its copy-up charged to the sandbox's budget first (`ENOSPC`,
+/// and nothing done, when it does not fit); a failed change gives the charge back.
+fn copying_up(
+    router: &Router,
+    fs: &dyn Provider,
+    rel: &str,
+    deep: bool,
+    change: impl FnOnce() -> Result<(), Errno>,
+) -> Result<(), Errno> {
+    let copied = fs.copy_up_bytes(rel, deep);
+    router.storage.charge(copied)?;
+    change().inspect_err(|_| router.storage.credit(copied))
 }
 
 /// The event for a successful operation; lookups and attribute reads, which the guest
@@ -627,6 +659,51 @@ mod tests {
         call(Request { off: 0, ..req(Op::Truncate, "/w/b") }).unwrap();
         let c = call(create("/w/c")).unwrap().fh;
         call(write(c, 0, 900 << 10)).expect("space freed by the truncation");
+    }
+
+    #[test]
+    fn overlay_copy_ups_are_charged_and_lower_files_free_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lower, upper) = (dir.path().join("lower"), dir.path().join("upper"));
+        std::fs::create_dir_all(lower.join("tree")).unwrap();
+        std::fs::create_dir(&upper).unwrap();
+        std::fs::write(lower.join("big"), vec![1; 700 << 10]).unwrap();
+        std::fs::write(lower.join("tree/x"), vec![1; 200 << 10]).unwrap();
+        std::fs::write(lower.join("tree/y"), vec![1; 200 << 10]).unwrap();
+        let mut router = Router::default();
+        router.mount("/w", Overlay::new(&lower, &upper).unwrap()).unwrap();
+        router.set_quota(1 << 20);
+        let (mut handles, mut next) = (HashMap::new(), 1);
+        let mut call = |r: Request| handle(&router, &mut handles, &mut next, &r);
+        let open = |path: &str, flags: OFlags| Request { flags: flags.bits(), ..req(Op::Open, path) };
+        let write = |fh, off: i64, len: usize| Request { fh, off, data: vec![7; len], ..req(Op::Write, "") };
+        let used = |call: &mut dyn FnMut(Request) -> Result<Response, Errno>| {
+            let stats = call(req(Op::Statfs, "/w")).unwrap().statfs.unwrap();
+            (stats.blocks - stats.bavail) * u64::from(stats.frsize)
+        };
+        // Reading stores nothing; opening for writing copies the file up, and that is charged.
+        call(open("/w/big", OFlags::RDONLY)).unwrap();
+        assert_eq!(used(&mut call), 0);
+        let big = call(open("/w/big", OFlags::WRONLY)).unwrap().fh;
+        assert_eq!(used(&mut call), 700 << 10, "the copy-up is charged");
+        assert_eq!(call(write(big, 700 << 10, 400 << 10)).unwrap_err(), Errno::NOSPC);
+        // Renaming a directory not up yet copies all of it: 400 KiB more than fits.
+        assert_eq!(
+            call(Request { new_path: "/w/moved".into(), ..req(Op::Rename, "/w/tree") }).unwrap_err(),
+            Errno::NOSPC
+        );
+        assert!(!upper.join("moved").exists() && !upper.join("tree").exists(), "a refused copy-up copies nothing");
+        // Deleting a file only the lower layer has frees nothing (a whiteout is written).
+        call(req(Op::Unlink, "/w/tree/x")).unwrap();
+        assert_eq!(used(&mut call), 700 << 10);
+        // Truncating what was copied up frees it; removing the copy frees the rest.
+        call(open("/w/big", OFlags::WRONLY | OFlags::TRUNC)).unwrap();
+        assert_eq!(used(&mut call), 0, "a truncating open frees what its copy-up stored");
+        call(write(big, 0, 100 << 10)).unwrap();
+        call(Request { new_path: "/w/moved".into(), ..req(Op::Rename, "/w/tree") }).expect("now it fits");
+        assert_eq!(used(&mut call), 300 << 10, "the rename copied tree/y (x is deleted)");
+        call(req(Op::Unlink, "/w/big")).unwrap();
+        assert_eq!(used(&mut call), 200 << 10);
     }
 
     #[test]

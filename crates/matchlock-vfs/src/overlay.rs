@@ -322,6 +322,34 @@ impl Provider for Overlay {
         self.layer(rel)?.readlink(rel)
     }
 
+    /// Only what the upper layer holds: removing a lower file writes a whiteout, frees nothing.
+    fn stored_bytes(&self, rel: &str) -> u64 {
+        if self.in_upper(rel) {
+            self.upper.stored_bytes(rel)
+        } else {
+            0
+        }
+    }
+
+    /// What [`Self::copy_up`] (or, with `deep`, [`Self::copy_up_deep`]) would copy: a file
+    /// not up yet, a directory not up yet with all its lower files, and with `deep` the lower
+    /// files of a directory already partly up.
+    fn copy_up_bytes(&self, rel: &str, deep: bool) -> u64 {
+        if rel.is_empty() || !self.in_lower(rel) {
+            return 0;
+        }
+        let Ok(stat) = self.lower.lstat(rel) else { return 0 };
+        let up = self.in_upper(rel);
+        if !stat.is_dir {
+            return if !up && stat.mode & TYPE_MASK == 0o100_000 { stat.size } else { 0 };
+        }
+        if up && (!deep || self.opaque.lock().unwrap_or_else(|e| e.into_inner()).contains(rel)) {
+            return 0;
+        }
+        let children = self.lower.readdir(rel).unwrap_or_default();
+        children.iter().map(|entry| self.copy_up_bytes(&format!("{rel}/{}", entry.name), deep)).sum()
+    }
+
     fn link(&self, from: &str, to: &str) -> Result<(), Errno> {
         if self.exists(to) {
             return Err(Errno::EXIST);

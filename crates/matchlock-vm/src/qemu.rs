@@ -48,37 +48,53 @@ fn check_option_path(p: &Path) -> Result<String, VmError> {
 
 /// Most console output kept per VM; the guest decides how much it prints, so it is capped.
 const CONSOLE_LOG_LIMIT: u64 = 16 * 1024 * 1024;
+/// Most output kept of each helper's own log (QEMU's and vhost-device-vsock's stderr): what
+/// the guest makes them complain about is capped too.
+const HELPER_LOG_LIMIT: u64 = 1024 * 1024;
 
-/// Copies the serial console into `log` until EOF, keeping at most [`CONSOLE_LOG_LIMIT`]
-/// bytes; output beyond that (or after a failed log write) is read and dropped so the guest
-/// never blocks on it. `stopped` turns true at EOF, i.e. when QEMU has exited.
-async fn capture_console(
-    mut console: tokio::process::ChildStdout,
-    log: std::fs::File,
-    stopped: tokio::sync::watch::Sender<bool>,
-) {
+/// Copies `from` into `log` until EOF, keeping at most `limit` bytes; output beyond that (or
+/// after a failed log write) is read and dropped so the writer never blocks on it.
+async fn capture_capped(mut from: impl tokio::io::AsyncRead + Unpin, log: std::fs::File, limit: u64) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut log = tokio::fs::File::from_std(log);
     let mut kept = 0u64;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let n = match console.read(&mut buf).await {
+        let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if kept < CONSOLE_LOG_LIMIT {
-            let take = n.min((CONSOLE_LOG_LIMIT - kept) as usize);
+        if kept < limit {
+            let take = n.min(usize::try_from(limit - kept).unwrap_or(usize::MAX));
             if log.write_all(&buf[..take]).await.is_err() {
-                kept = CONSOLE_LOG_LIMIT;
+                kept = limit;
                 continue;
             }
             kept += take as u64;
-            if kept == CONSOLE_LOG_LIMIT {
-                let _ = log.write_all(b"\n[matchlock: console output beyond 16 MiB dropped]\n").await;
+            if kept == limit {
+                let note = format!("\n[matchlock: output beyond {} KiB dropped]\n", limit >> 10);
+                let _ = log.write_all(note.as_bytes()).await;
             }
         }
     }
     let _ = log.flush().await;
+}
+
+/// A helper's stderr into its log ([`HELPER_LOG_LIMIT`]), until the helper exits.
+fn capture_stderr(child: &mut Child, log: std::fs::File) {
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(capture_capped(stderr, log, HELPER_LOG_LIMIT));
+    }
+}
+
+/// The serial console into the VM's log ([`CONSOLE_LOG_LIMIT`]); `stopped` turns true at EOF,
+/// i.e. when QEMU has exited.
+async fn capture_console(
+    console: tokio::process::ChildStdout,
+    log: std::fs::File,
+    stopped: tokio::sync::watch::Sender<bool>,
+) {
+    capture_capped(console, log, CONSOLE_LOG_LIMIT).await;
     let _ = stopped.send(true);
 }
 
@@ -185,7 +201,7 @@ impl Backend for QemuBackend {
 
         let vhost_sock = spec.dir.join("vhost.sock");
         let vsock_uds = vsock::host_socket(&spec.dir);
-        let vhost = spawn(
+        let mut vhost = spawn(
             Command::new(&self.vhost_vsock)
                 .arg("--vm")
                 .arg(format!(
@@ -194,8 +210,9 @@ impl Backend for QemuBackend {
                     check_option_path(&vsock_uds)?
                 ))
                 .stdout(Stdio::null())
-                .stderr(log_file(&spec.dir.join("logs/vhost-vsock.log"))?),
+                .stderr(Stdio::piped()),
         )?;
+        capture_stderr(&mut vhost, log_file(&spec.dir.join("logs/vhost-vsock.log"))?);
         let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
         let mut machine = QemuMachine {
             dir: spec.dir.clone(),
@@ -249,8 +266,9 @@ impl QemuBackend {
             Command::new(&self.qemu)
                 .args(args)
                 .stdout(Stdio::piped())
-                .stderr(log_file(&spec.dir.join("logs/qemu.log"))?),
+                .stderr(Stdio::piped()),
         )?;
+        capture_stderr(&mut qemu, log_file(&spec.dir.join("logs/qemu.log"))?);
         let console = qemu.stdout.take().expect("stdout is piped");
         let stopped = machine.stopped_tx.take().expect("one console per machine");
         machine.console = Some(tokio::spawn(capture_console(console, log_file(&console_log(&spec.dir))?, stopped)));
