@@ -262,12 +262,7 @@ impl QemuBackend {
             sleep(Duration::from_millis(2)).await;
         }
 
-        let mut qemu = spawn(
-            Command::new(&self.qemu)
-                .args(args)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        )?;
+        let mut qemu = spawn(Command::new(&self.qemu).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()))?;
         capture_stderr(&mut qemu, log_file(&spec.dir.join("logs/qemu.log"))?);
         let console = qemu.stdout.take().expect("stdout is piped");
         let stopped = machine.stopped_tx.take().expect("one console per machine");

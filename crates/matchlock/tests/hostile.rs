@@ -350,8 +350,13 @@ fn a_guest_cannot_store_more_than_its_workspace_quota_on_the_host() {
     let h = home();
     let (shared, lower) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     std::fs::write(lower.path().join("keep"), "lower").unwrap();
-    // Both mounts share the one budget: the overlay takes it all, then host_fs gets nothing.
-    let script = "dd if=/dev/zero of=/workspace/o/big bs=1M count=64 2>&1 | grep -e 'No space' -e 'records out'; \
+    std::fs::write(lower.path().join("seed"), vec![1u8; 12 << 20]).unwrap();
+    // Writing into a lower file copies it up first, and the copy counts: 12 MiB + 4 fit in 16.
+    // Removing the copy frees it. Then both mounts share the one budget: the overlay takes
+    // it all, then host_fs gets nothing.
+    let script = "dd if=/dev/zero of=/workspace/o/seed bs=1M seek=12 count=8 conv=notrunc 2>&1 | grep -e 'No space' -e 'records out'; \
+                  rm /workspace/o/seed; \
+                  dd if=/dev/zero of=/workspace/o/big bs=1M count=64 2>&1 | grep -e 'No space' -e 'records out'; \
                   df -m /workspace/o | tail -1 | awk '{print \"size=\" $2}'; \
                   dd if=/dev/zero of=/workspace/h/big bs=1M count=64 2>&1 | grep -e 'No space' -e 'records out'; \
                   rm /workspace/o/big /workspace/h/big; \
@@ -374,7 +379,10 @@ fn a_guest_cannot_store_more_than_its_workspace_quota_on_the_host() {
         ],
     );
     let o = stdout(&out);
-    let lines: Vec<&str> = o.lines().collect();
+    let mut lines: Vec<&str> = o.lines().collect();
+    assert!(lines[0].contains("No space left on device"), "the copy-up is charged:\n{o}\n{}", stderr(&out));
+    assert_eq!(lines[1], "4+0 records out", "12 MiB copied up + 4 MiB written = the quota:\n{o}");
+    lines.drain(..2);
     assert!(
         lines[0].contains("No space left on device"),
         "the overlay write stops at the quota:\n{o}\n{}",
@@ -386,5 +394,5 @@ fn a_guest_cannot_store_more_than_its_workspace_quota_on_the_host() {
     assert!(o.contains("after-ok"), "removals give the space back:\n{o}");
     let listing: Vec<_> = std::fs::read_dir(shared.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(std::fs::metadata(shared.path().join("after")).map(|m| m.len()).ok(), Some(8 << 20), "{listing:?}");
-    assert_eq!(stored_under(lower.path()), 5, "the overlay's host directory is untouched");
+    assert_eq!(stored_under(lower.path()), 5 + (12 << 20), "the overlay's host directory is untouched");
 }
