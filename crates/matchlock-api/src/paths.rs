@@ -19,9 +19,103 @@ pub fn state_dir() -> PathBuf {
     home().join(".matchlock")
 }
 
-/// The directory of one VM.
-pub fn vm_dir(id: &str) -> PathBuf {
-    state_dir().join("vms").join(id)
+/// The directory holding every VM's directory.
+pub fn vms_dir() -> PathBuf {
+    state_dir().join("vms")
+}
+
+/// One VM's directory (`~/.matchlock/vms/<id>`): the one place the names of its files are
+/// spelled. Sockets follow Firecracker's hybrid vsock model, which every backend provides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDir(PathBuf);
+
+impl VmDir {
+    /// The directory of VM `id`.
+    pub fn of(id: &str) -> Self {
+        Self(vms_dir().join(id))
+    }
+
+    /// A VM directory at `path` (tests, and directories found by listing [`vms_dir`]).
+    pub fn at(path: impl Into<PathBuf>) -> Self {
+        Self(path.into())
+    }
+
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// `logs/`: every log of the VM.
+    pub fn logs(&self) -> PathBuf {
+        self.0.join("logs")
+    }
+
+    /// `logs/vm.log`: the guest's console, and a detached command's output.
+    pub fn console_log(&self) -> PathBuf {
+        self.0.join("logs/vm.log")
+    }
+
+    /// `logs/owner.log`: the detached owner process's own log.
+    pub fn owner_log(&self) -> PathBuf {
+        self.0.join("logs/owner.log")
+    }
+
+    /// `logs/<helper>.log`: a helper process's own output (`qemu`, `vhost-vsock`).
+    pub fn helper_log(&self, helper: &str) -> PathBuf {
+        self.0.join(format!("logs/{helper}.log"))
+    }
+
+    /// `upper.ext4`: the VM's writable root disk.
+    pub fn upper_disk(&self) -> PathBuf {
+        self.0.join("upper.ext4")
+    }
+
+    /// `upper-seed.tar`: files written into the upper disk when it is created (the CA).
+    pub fn upper_seed(&self) -> PathBuf {
+        self.0.join("upper-seed.tar")
+    }
+
+    /// `helpers`: the identities of the VM's helper processes, recorded at launch.
+    pub fn helpers(&self) -> PathBuf {
+        self.0.join("helpers")
+    }
+
+    /// `exec.sock`: the exec relay other processes reach the sandbox through.
+    pub fn exec_socket(&self) -> PathBuf {
+        self.0.join("exec.sock")
+    }
+
+    /// `net.sock`: where the VMM's NIC meets the host's network stack.
+    pub fn net_socket(&self) -> PathBuf {
+        self.0.join("net.sock")
+    }
+
+    /// `vsock.sock`: the host connects here (then `CONNECT <port>`) to reach a guest port.
+    pub fn vsock_host(&self) -> PathBuf {
+        self.0.join("vsock.sock")
+    }
+
+    /// `vsock.sock_<port>`: guest connections to host `port` arrive here.
+    pub fn vsock_listener(&self, port: u32) -> PathBuf {
+        self.0.join(format!("vsock.sock_{port}"))
+    }
+
+    /// `<name>.sock`: a backend's private socket (QEMU's `vhost.sock`).
+    pub fn backend_socket(&self, name: &str) -> PathBuf {
+        self.0.join(format!("{name}.sock"))
+    }
+
+    /// The Unix sockets in the directory (whatever created them).
+    pub fn sockets(&self) -> Vec<PathBuf> {
+        use std::os::unix::fs::FileTypeExt;
+        let entries = std::fs::read_dir(&self.0).into_iter().flatten().flatten();
+        entries.filter(|e| e.file_type().is_ok_and(|t| t.is_socket())).map(|e| e.path()).collect()
+    }
+
+    /// `<kind>/mount-<index>`: host-side data of workspace mount `index` (`overlay`, `memory`).
+    pub fn workspace_data(&self, kind: &str, index: usize) -> PathBuf {
+        self.0.join(format!("{kind}/mount-{index:03}"))
+    }
 }
 
 /// Opens (creating if needed) `path` and takes an advisory lock on it: exclusive, or

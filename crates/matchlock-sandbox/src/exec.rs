@@ -1,13 +1,11 @@
 //! Running one command in a sandbox and relaying its stdio.
 
 use std::future::Future;
-use std::path::Path;
 use std::time::Duration;
 
 use matchlock_protocol::exec::{ExecMode, ExecRequest, GuestMessage, HostMessage, WindowSize};
 use matchlock_protocol::frame::tokio_io::{read_frame, write_frame};
 use matchlock_protocol::EXEC_PORT;
-use matchlock_vm::Machine;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -73,7 +71,7 @@ impl Sandbox {
 /// Runs `request` in the sandbox whose directory is `vm_dir`, through the exec relay its
 /// owner process serves; returns the exit code.
 pub async fn exec_via_relay(
-    vm_dir: &Path,
+    vm_dir: &matchlock_api::paths::VmDir,
     mode: ExecMode,
     request: &ExecRequest,
     io: ExecIo<'_>,

@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use matchlock_api::paths::VmDir;
+
 use matchlock_state::{Phase, StateDb, Status, Vm};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -11,14 +13,14 @@ use crate::SandboxError;
 
 /// Removes the writable disk and the sockets of a VM directory (logs stay), recording
 /// the cleanup steps; returns the names of what was removed.
-pub fn release_disks(state: &mut StateDb, id: &str, dir: &Path) -> Result<(), SandboxError> {
+pub fn release_disks(state: &mut StateDb, id: &str, dir: &VmDir) -> Result<(), SandboxError> {
     release(state, id, dir).map(|_| ())
 }
 
-fn release(state: &mut StateDb, id: &str, dir: &Path) -> Result<Vec<String>, SandboxError> {
+fn release(state: &mut StateDb, id: &str, dir: &VmDir) -> Result<Vec<String>, SandboxError> {
     let mut removed = Vec::new();
     let mut first_error = None;
-    let upper = dir.join("upper.ext4");
+    let upper = dir.upper_disk();
     if upper.exists() {
         let result = std::fs::remove_file(&upper);
         let _ = state.record_cleanup(id, "rootfs_remove", result.as_ref().err().map(ToString::to_string).as_deref());
@@ -27,15 +29,7 @@ fn release(state: &mut StateDb, id: &str, dir: &Path) -> Result<Vec<String>, San
             Err(e) => first_error = Some(crate::io_err(format!("cannot remove {}", upper.display()))(e)),
         }
     }
-    let sockets: Vec<_> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            e.file_name().to_string_lossy().ends_with(".sock") || e.file_name().to_string_lossy().contains(".sock_")
-        })
-        .map(|e| e.path())
-        .collect();
+    let sockets = dir.sockets();
     if !sockets.is_empty() {
         let mut error = None;
         for s in &sockets {
@@ -47,22 +41,18 @@ fn release(state: &mut StateDb, id: &str, dir: &Path) -> Result<Vec<String>, San
         removed.push("sockets".to_owned());
     }
     // The helpers are gone by now (stopped, or killed by reconcile): so is their record.
-    let _ = std::fs::remove_file(helpers_record(dir));
+    let _ = std::fs::remove_file(dir.helpers());
     match first_error {
         Some(e) => Err(e),
         None => Ok(removed),
     }
 }
 
-/// The record of a VM's helper processes in its directory: one `pid start-time exe` line each.
-fn helpers_record(dir: &Path) -> std::path::PathBuf {
-    dir.join("helpers")
-}
-
-/// Records the identity of a VM's helper processes (pid, start time, executable), written
+/// Records the identity of a VM's helper processes (pid, start time, executable) in
+/// [`VmDir::helpers`], one `pid start-time exe` line each, written
 /// once they run, so that [`helper_processes`] finds exactly them later, never a process
 /// that merely mentions the VM (a `tail -f` of its log) or one that reused a pid.
-pub fn record_helpers(dir: &Path, pids: &[u32]) -> Result<(), SandboxError> {
+pub fn record_helpers(dir: &VmDir, pids: &[u32]) -> Result<(), SandboxError> {
     let mut record = String::new();
     for pid in pids {
         let pid = i32::try_from(*pid).unwrap_or(0);
@@ -73,14 +63,14 @@ pub fn record_helpers(dir: &Path, pids: &[u32]) -> Result<(), SandboxError> {
         };
         record.push_str(&format!("{pid} {start} {}\n", exe.display()));
     }
-    let path = helpers_record(dir);
+    let path = dir.helpers();
     std::fs::write(&path, record).map_err(crate::io_err(format!("cannot write {}", path.display())))
 }
 
 /// The recorded helpers of the VM in `dir` that still run: same pid, start time and
 /// executable as recorded.
-pub fn helper_processes(dir: &Path) -> Vec<i32> {
-    let record = std::fs::read_to_string(helpers_record(dir)).unwrap_or_default();
+pub fn helper_processes(dir: &VmDir) -> Vec<i32> {
+    let record = std::fs::read_to_string(dir.helpers()).unwrap_or_default();
     record
         .lines()
         .filter_map(|line| {
@@ -118,12 +108,12 @@ pub enum Reconciled {
 /// Reclaims the resources of `vm` if its owner is gone (or `force_running`): leftover
 /// VMM/helper processes, the writable disk and sockets. Records the steps and moves
 /// the lifecycle to `cleaned`.
-pub fn reconcile(state: &mut StateDb, vm: &Vm, dir: &Path, force_running: bool) -> Result<Reconciled, SandboxError> {
+pub fn reconcile(state: &mut StateDb, vm: &Vm, dir: &VmDir, force_running: bool) -> Result<Reconciled, SandboxError> {
     let owner_alive = vm.status == Status::Running && vm.owner_alive();
     if owner_alive && !force_running {
         return Ok(Reconciled::Skipped("VM is running".into()));
     }
-    state.ensure_lifecycle(&vm.id, "qemu")?;
+    state.ensure_lifecycle(&vm.id)?;
     let mut cleaned = Vec::new();
     if owner_alive {
         kill_all(&[vm.pid]);

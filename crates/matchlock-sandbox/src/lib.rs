@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use matchlock_api::paths::{cache_dir, state_dir, vm_dir};
+use matchlock_api::paths::{cache_dir, state_dir, VmDir};
 use matchlock_api::SandboxConfig;
 use matchlock_image::{ImageRecord, Store, StoreError};
 use matchlock_protocol::boot::BootParams;
@@ -25,8 +25,7 @@ use matchlock_protocol::frame::tokio_io::{read_frame, write_frame};
 use matchlock_protocol::frame::FrameType;
 use matchlock_protocol::EXEC_PORT;
 use matchlock_state::{Phase, StateDb, StateError, Status, Vm};
-use matchlock_vm::qemu::{QemuBackend, QemuMachine};
-use matchlock_vm::{accel, device_name, kernel, tools, Backend, Disk, Machine, MachineSpec, VmError};
+use matchlock_vm::{device_name, kernel, tools, Backend, Disk, Machine, MachineSpec, VmError};
 
 pub use command::{compose, compose_command, ComposeError, Composed};
 pub use exec::{exec_via_relay, Control, ExecIo};
@@ -116,10 +115,10 @@ pub fn new_vm_id() -> Result<String, SandboxError> {
 #[derive(Debug)]
 pub struct Sandbox {
     id: String,
-    dir: PathBuf,
+    dir: VmDir,
     image: ImageRecord,
     config: SandboxConfig,
-    machine: Option<QemuMachine>,
+    machine: Option<Box<dyn Machine>>,
     /// Behind a mutex only so that a sandbox can be shared between tasks (`Sync`).
     state: std::sync::Mutex<StateDb>,
     relay: Option<tokio::task::JoinHandle<()>>,
@@ -166,12 +165,12 @@ impl Drop for AbortOnDrop {
 }
 
 /// Removes a VM directory unless disarmed: a failed create leaves nothing behind.
-struct DirGuard(Option<PathBuf>);
+struct DirGuard(Option<VmDir>);
 
 impl Drop for DirGuard {
     fn drop(&mut self) {
         if let Some(dir) = self.0.take() {
-            let _ = std::fs::remove_dir_all(dir);
+            let _ = std::fs::remove_dir_all(dir.path());
         }
     }
 }
@@ -195,14 +194,21 @@ impl Sandbox {
         let image = store.resolve(&config.image)?.ok_or_else(|| SandboxError::ImageNotFound(config.image.clone()))?;
         let kernel = kernel::locate()?;
         let guest_init = tools::guest_init()?;
-        let qemu = tools::qemu()?;
+        let backend = matchlock_vm::host_backend(&kernel).await?;
+        let max_disks = backend.capabilities().max_disks.saturating_sub(FIXED_DISKS);
+        if config.disks.len() > max_disks {
+            return Err(SandboxError::Config(format!(
+                "at most {max_disks} --disk mounts are supported by the {} backend",
+                backend.name()
+            )));
+        }
         let boot_disk = boot_disk::ensure(&guest_init, &cache_dir().join("boot"))?;
 
         let id = new_vm_id()?;
-        let dir = vm_dir(&id);
-        std::fs::create_dir_all(dir.join("logs")).map_err(io_err(format!("cannot create {}", dir.display())))?;
+        let dir = VmDir::of(&id);
+        std::fs::create_dir_all(dir.logs()).map_err(io_err(format!("cannot create {}", dir.path().display())))?;
         let mut guard = DirGuard(Some(dir.clone()));
-        let upper = dir.join("upper.ext4");
+        let upper = dir.upper_disk();
         let me = std::process::id() as i32;
         let row = Vm {
             id: id.clone(),
@@ -215,14 +221,15 @@ impl Sandbox {
             updated_at: String::new(),
         };
         let resources = serde_json::json!({
-            "state_dir": dir,
+            "state_dir": dir.path(),
             "rootfs_path": upper,
-            "vsock_path": matchlock_vm::vsock::host_socket(&dir),
-            "exec_socket": relay::socket_path(&dir),
+            "vsock_path": dir.vsock_host(),
+            "exec_socket": dir.exec_socket(),
             "image_rootfs": image.rootfs,
         });
-        state.register(&row, "qemu", &resources)?;
-        let booted = Self::boot(&id, &dir, &config, &image, boot_disk, kernel, qemu, &upper, &mut state, events).await;
+        state.register(&row, backend.name(), &resources)?;
+        let booted =
+            Self::boot(&*backend, &id, &dir, &config, &image, boot_disk, kernel, &upper, &mut state, events).await;
         let (machine, network, vfs, prepared) = match booted {
             Ok(ok) => ok,
             Err((phase, e)) => {
@@ -247,7 +254,8 @@ impl Sandbox {
             vfs,
             timings,
         };
-        match relay::serve(&sandbox.dir, network) {
+        let guest = sandbox.machine.as_ref().expect("just booted").connector();
+        match relay::serve(&sandbox.dir, guest, network) {
             Ok(task) => sandbox.relay = Some(task),
             Err(e) => {
                 let _ = sandbox.close(true).await;
@@ -260,18 +268,18 @@ impl Sandbox {
     /// Creates the upper disk and boots; on error, says which failure phase applies.
     #[allow(clippy::too_many_arguments)]
     async fn boot(
+        backend: &dyn Backend,
         id: &str,
-        dir: &std::path::Path,
+        dir: &VmDir,
         config: &SandboxConfig,
         image: &ImageRecord,
         boot_disk: PathBuf,
         kernel: PathBuf,
-        qemu: PathBuf,
         upper: &std::path::Path,
         state: &mut StateDb,
         events: Events,
     ) -> Result<
-        (QemuMachine, Option<network::Network>, Option<tokio::task::JoinHandle<()>>, Instant),
+        (Box<dyn Machine>, Option<network::Network>, Option<tokio::task::JoinHandle<()>>, Instant),
         (Phase, SandboxError),
     > {
         let create_failed = |e: SandboxError| (Phase::CreateFailed, e);
@@ -338,10 +346,8 @@ impl Sandbox {
             }
             None => (None, None),
         };
-        let accel = accel::select(&qemu, &kernel).await.map_err(|e| create_failed(e.into()))?;
-        let backend = QemuBackend::new(qemu, accel).map_err(|e| create_failed(e.into()))?;
         let spec = MachineSpec {
-            dir: dir.to_owned(),
+            dir: dir.clone(),
             kernel,
             cmdline,
             disks,
@@ -365,7 +371,7 @@ impl Sandbox {
     }
 
     /// The VM directory.
-    pub fn dir(&self) -> &std::path::Path {
+    pub fn dir(&self) -> &VmDir {
         &self.dir
     }
 
@@ -442,7 +448,7 @@ impl Sandbox {
         if let Some(vfs) = self.vfs.take() {
             vfs.abort();
         }
-        let _ = std::fs::remove_file(relay::socket_path(&self.dir));
+        let _ = std::fs::remove_file(self.dir.exec_socket());
         if self.config.disks.iter().any(|d| !d.read_only) {
             // Writes to volumes must reach their files before the VM goes.
             let synced = self.quiesce_guest().await;
@@ -465,7 +471,8 @@ impl Sandbox {
         let cleaned = gc::release_disks(state, &id, &self.dir);
         let _ = state.transition(&id, if cleaned.is_ok() { Phase::Cleaned } else { Phase::CleanupFailed }, None);
         if remove {
-            std::fs::remove_dir_all(&self.dir).map_err(io_err(format!("cannot remove {}", self.dir.display())))?;
+            let path = self.dir.path();
+            std::fs::remove_dir_all(path).map_err(io_err(format!("cannot remove {}", path.display())))?;
             state.delete(&id)?;
         }
         machine_result?;
@@ -473,9 +480,8 @@ impl Sandbox {
     }
 }
 
-/// Most `--disk`s a VM takes: QEMU's microvm has 8 virtio-mmio slots, and the boot
-/// disk, image, writable disk and vsock (and later the network) use the others.
-pub const MAX_EXTRA_DISKS: usize = 3;
+/// Disks every VM has before its `--disk`s: the boot disk, the image, the writable disk.
+const FIXED_DISKS: usize = 3;
 
 /// The host file behind a `--disk` source (`@name` or a path to an ext4 image).
 fn resolve_disk(source: &str) -> Result<PathBuf, SandboxError> {
@@ -490,9 +496,6 @@ fn resolve_disk(source: &str) -> Result<PathBuf, SandboxError> {
 }
 
 fn validate(config: &SandboxConfig) -> Result<(), SandboxError> {
-    if config.disks.len() > MAX_EXTRA_DISKS {
-        return Err(SandboxError::Config(format!("at most {MAX_EXTRA_DISKS} --disk mounts are supported")));
-    }
     let host_cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     if !(config.cpus.is_finite() && config.cpus > 0.0) {
         return Err(SandboxError::Config(format!("--cpus must be positive, got {}", config.cpus)));

@@ -1,10 +1,10 @@
 //! The sandbox's NIC: the host-side network engine, its CA and the guest's addressing.
 
 use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 
 use matchlock_api::config::NetworkConfig;
+use matchlock_api::paths::VmDir;
 use matchlock_net::{CertAuthority, Engine, Options, Policy};
 use matchlock_vm::Nic;
 
@@ -38,14 +38,14 @@ pub fn kernel_ip_param() -> String {
 /// writable disk with it (`matchlock/ca.crt`, outside the overlay, read by guest-init).
 pub fn prepare_ca(
     config: &NetworkConfig,
-    dir: &Path,
+    dir: &VmDir,
 ) -> Result<Option<(Arc<CertAuthority>, std::path::PathBuf)>, SandboxError> {
     if !config.intercepts() {
         return Ok(None);
     }
     let ca = CertAuthority::generate().map_err(|e| SandboxError::Network(Box::new(e)))?;
     let pem = ca.certificate_pem();
-    let tar_path = dir.join("upper-seed.tar");
+    let tar_path = dir.upper_seed();
     let file = std::fs::File::create(&tar_path).map_err(io_err(format!("cannot create {}", tar_path.display())))?;
     let mut tar = tar::Builder::new(file);
     let mut add = |path: &str, data: &[u8], mode: u32, kind: tar::EntryType| {
@@ -65,10 +65,10 @@ pub fn prepare_ca(
     Ok(Some((Arc::new(ca), tar_path)))
 }
 
-/// Starts the engine listening at `<dir>/net.sock` and returns it with the NIC for the VM.
+/// Starts the engine listening at [`VmDir::net_socket`] and returns it with the NIC for the VM.
 pub fn start(
     id: &str,
-    dir: &Path,
+    dir: &VmDir,
     config: &NetworkConfig,
     dns_servers: &[std::net::IpAddr],
     add_hosts: &[(String, std::net::IpAddr)],
@@ -90,7 +90,7 @@ pub fn start(
         let nic = Nic { socket: None, mac, mtu: config.mtu };
         return Ok((Network { _engine: None, policy, intercepts }, nic));
     }
-    let socket = dir.join("net.sock");
+    let socket = dir.net_socket();
     let _ = std::fs::remove_file(&socket);
     let listener = std::os::unix::net::UnixListener::bind(&socket)
         .map_err(io_err(format!("cannot listen on {}", socket.display())))?;

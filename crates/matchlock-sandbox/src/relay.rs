@@ -9,8 +9,10 @@
 //! only the sandbox's user may use it.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use matchlock_api::paths::VmDir;
+use matchlock_vm::Connector;
 
 use std::sync::Arc;
 
@@ -35,30 +37,28 @@ pub struct AllowListReply {
     pub error: Option<String>,
 }
 
-/// Path of the relay socket of a VM directory.
-pub fn socket_path(vm_dir: &Path) -> PathBuf {
-    vm_dir.join("exec.sock")
-}
-
 /// Ports a relay client may reach.
 const RELAYED_PORTS: [u32; 3] = [EXEC_PORT, ECHO_PORT, FORWARD_PORT];
 
 /// Binds the relay socket and serves it until the returned task is aborted.
-pub fn serve(vm_dir: &Path, network: Option<Arc<Network>>) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
-    let path = socket_path(vm_dir);
+pub fn serve(
+    vm_dir: &VmDir,
+    guest: Connector,
+    network: Option<Arc<Network>>,
+) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
+    let path = vm_dir.exec_socket();
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(io_err(format!("cannot listen on {}", path.display())))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err(format!("cannot restrict {}", path.display())))?;
-    let vsock = matchlock_vm::vsock::host_socket(vm_dir);
     Ok(tokio::spawn(async move {
         let mut backoff = AcceptBackoff::default();
         loop {
             let (client, _) = backoff.accept("the exec relay", || listener.accept()).await;
-            let vsock = vsock.clone();
+            let guest = guest.clone();
             let network = network.clone();
             tokio::spawn(async move {
-                let _ = splice(client, &vsock, network.as_deref()).await;
+                let _ = splice(client, &guest, network.as_deref()).await;
             });
         }
     }))
@@ -81,7 +81,7 @@ fn change_allow_list(network: Option<&Network>, request: &str) -> AllowListReply
     reply
 }
 
-async fn splice(client: UnixStream, vsock: &Path, network: Option<&Network>) -> std::io::Result<()> {
+async fn splice(client: UnixStream, guest: &Connector, network: Option<&Network>) -> std::io::Result<()> {
     let mut client = BufReader::new(client);
     let mut line = String::new();
     let read = tokio::time::timeout(Duration::from_secs(5), (&mut client).take(64 * 1024).read_line(&mut line)).await;
@@ -99,7 +99,7 @@ async fn splice(client: UnixStream, vsock: &Path, network: Option<&Network>) -> 
         client.get_mut().write_all(b"ERR unsupported request\n").await?;
         return Ok(());
     };
-    let mut guest = match matchlock_vm::vsock::connect(vsock, port, Duration::from_secs(5)).await {
+    let mut guest = match guest(port).await {
         Ok(g) => g,
         Err(e) => {
             client.get_mut().write_all(format!("ERR {e}\n").as_bytes()).await?;
@@ -116,8 +116,8 @@ async fn splice(client: UnixStream, vsock: &Path, network: Option<&Network>) -> 
 }
 
 /// Changes the allow-list of the sandbox in `vm_dir` through its relay (`add` or delete).
-pub async fn allow_list(vm_dir: &Path, add: bool, hosts: &[String]) -> Result<AllowListReply, SandboxError> {
-    let path = socket_path(vm_dir);
+pub async fn allow_list(vm_dir: &VmDir, add: bool, hosts: &[String]) -> Result<AllowListReply, SandboxError> {
+    let path = vm_dir.exec_socket();
     let relay_err = |e: std::io::Error| {
         SandboxError::Relay(format!("cannot reach the sandbox's exec relay {}: {e}", path.display()))
     };
@@ -131,7 +131,7 @@ pub async fn allow_list(vm_dir: &Path, add: bool, hosts: &[String]) -> Result<Al
 
 /// Relays `client` to `127.0.0.1:<port>` inside the guest of the sandbox in `vm_dir`, each
 /// direction's end passed on as a half-close (chunked, see [`FORWARD_PORT`]).
-pub async fn forward<S>(vm_dir: &Path, port: u16, client: S) -> Result<(), SandboxError>
+pub async fn forward<S>(vm_dir: &VmDir, port: u16, client: S) -> Result<(), SandboxError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -170,7 +170,7 @@ where
     Ok(())
 }
 
-async fn open_forward(vm_dir: &Path, port: u16) -> Result<UnixStream, SandboxError> {
+async fn open_forward(vm_dir: &VmDir, port: u16) -> Result<UnixStream, SandboxError> {
     let mut stream = connect(vm_dir, FORWARD_PORT).await?;
     let failed = |e: std::io::Error| SandboxError::Relay(format!("port forward to sandbox port {port} failed: {e}"));
     stream.write_all(&port.to_be_bytes()).await.map_err(failed)?;
@@ -183,8 +183,8 @@ async fn open_forward(vm_dir: &Path, port: u16) -> Result<UnixStream, SandboxErr
 }
 
 /// Connects to `port` of the guest through the relay of the sandbox in `vm_dir`.
-pub async fn connect(vm_dir: &Path, port: u32) -> Result<UnixStream, SandboxError> {
-    let path = socket_path(vm_dir);
+pub async fn connect(vm_dir: &VmDir, port: u32) -> Result<UnixStream, SandboxError> {
+    let path = vm_dir.exec_socket();
     let connect_err = |e| SandboxError::Relay(format!("cannot reach the sandbox's exec relay {}: {e}", path.display()));
     let mut stream = UnixStream::connect(&path).await.map_err(connect_err)?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(connect_err)?;

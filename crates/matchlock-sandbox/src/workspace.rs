@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use matchlock_api::config::{VfsInterception, VfsMode, VfsMount};
+use matchlock_api::paths::VmDir;
 use matchlock_vfs::{EventSink, HostFs, Overlay, Provider, Router, SingleFile};
 
 use crate::relay::AcceptBackoff;
@@ -16,7 +17,7 @@ fn vfs_error(what: String) -> impl FnOnce(rustix::io::Errno) -> SandboxError {
 
 /// Builds the mount router: overlay mounts get an empty upper directory in the VM directory.
 pub fn router(
-    dir: &Path,
+    dir: &VmDir,
     mounts: &[VfsMount],
     rules: Option<&VfsInterception>,
     events: Option<EventSink>,
@@ -35,7 +36,7 @@ pub fn router(
     for (i, mount) in mounts.iter().enumerate() {
         let opened = format!("cannot serve {} at {}", mount.host_path, mount.guest_path);
         let scratch = |kind: &str| -> Result<std::path::PathBuf, SandboxError> {
-            let path = dir.join(format!("{kind}/mount-{i:03}"));
+            let path = dir.workspace_data(kind, i);
             std::fs::create_dir_all(&path).map_err(io_err(format!("cannot create {}", path.display())))?;
             Ok(path)
         };
@@ -79,9 +80,10 @@ pub fn router(
 /// once, and the guest sees them reset.
 pub const MAX_VFS_CONNECTIONS: usize = 8;
 
-/// Serves guest VFS connections on `<dir>/vsock.sock_5001` until the task is aborted.
-pub fn serve(dir: &Path, router: Router) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
-    let path = dir.join(format!("vsock.sock_{}", matchlock_protocol::VFS_PORT));
+/// Serves guest VFS connections to host port [`matchlock_protocol::VFS_PORT`] until the task
+/// is aborted.
+pub fn serve(dir: &VmDir, router: Router) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
+    let path = dir.vsock_listener(matchlock_protocol::VFS_PORT);
     let _ = std::fs::remove_file(&path);
     let listener =
         tokio::net::UnixListener::bind(&path).map_err(io_err(format!("cannot listen on {}", path.display())))?;

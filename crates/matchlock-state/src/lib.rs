@@ -374,11 +374,12 @@ impl StateDb {
         lifecycle::history(&self.conn, id)
     }
 
-    /// Creates a lifecycle record for a VM that has none (rows from a crash mid-register).
-    pub fn ensure_lifecycle(&mut self, id: &str, backend: &str) -> Result<(), StateError> {
+    /// Creates a lifecycle record for a VM that has none (rows from a crash mid-register):
+    /// its backend was never recorded, so it is `unknown`.
+    pub fn ensure_lifecycle(&mut self, id: &str) -> Result<(), StateError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if lifecycle::head(&tx, id)?.is_none() {
-            lifecycle::append(&tx, &Record::new(id, backend, serde_json::json!({})))?;
+            lifecycle::append(&tx, &Record::new(id, "unknown", serde_json::json!({})))?;
         }
         tx.commit()?;
         Ok(())

@@ -16,7 +16,11 @@ pub mod vsock;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
+
+pub use matchlock_api::paths::VmDir;
 
 use tokio::net::UnixStream;
 
@@ -36,7 +40,7 @@ pub struct Disk {
 #[derive(Debug, Clone)]
 pub struct MachineSpec {
     /// Per-VM directory for sockets and logs.
-    pub dir: PathBuf,
+    pub dir: VmDir,
     /// Uncompressed kernel with a PVH entry.
     pub kernel: PathBuf,
     /// Extra kernel command-line words (the backend adds console and root).
@@ -133,39 +137,77 @@ impl VmError {
     }
 }
 
-/// A way to run micro-VMs.
-pub trait Backend {
-    /// A running VM of this backend.
-    type Machine: Machine;
+/// A boxed future: the traits below are object-safe, so orchestration holds a
+/// `Box<dyn Backend>` and `Box<dyn Machine>` and never names a VMM.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-    /// Short name (`qemu`, `firecracker`).
+/// Opens connections to one machine's guest ports. Cheap to clone and free of the machine's
+/// borrow, so that tasks serving the machine (the exec relay) can hold one.
+pub type Connector = Arc<dyn Fn(u32) -> BoxFuture<'static, Result<UnixStream, VmError>> + Send + Sync>;
+
+/// How a backend's NIC carries the guest's Ethernet frames to the host's network stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NicTransport {
+    /// A Unix stream socket the host listens on: a 4-byte big-endian length, then the frame
+    /// ([`Nic::socket`]).
+    UnixStream,
+}
+
+/// What a backend can do: orchestration asks instead of assuming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Most virtio-blk disks a machine can have (root, image and upper disks included).
+    pub max_disks: usize,
+    /// How the NIC reaches the host's network stack.
+    pub nic: NicTransport,
+    /// Whether a running machine can be saved and restored.
+    pub snapshots: bool,
+}
+
+/// A way to run micro-VMs.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Short name (`qemu`, `firecracker`), recorded with each VM.
     fn name(&self) -> &'static str;
 
+    /// What machines of this backend support.
+    fn capabilities(&self) -> Capabilities;
+
     /// Boots `spec` and returns once the guest agent is ready.
-    fn launch(&self, spec: MachineSpec) -> impl Future<Output = Result<Self::Machine, VmError>> + Send;
+    fn launch(&self, spec: MachineSpec) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>>;
 }
 
 /// A running VM.
-pub trait Machine: Send {
-    /// The directory holding the VM's sockets and logs.
-    fn dir(&self) -> &Path;
+pub trait Machine: Send + Sync + std::fmt::Debug {
+    /// The VM's directory (sockets and logs).
+    fn dir(&self) -> &VmDir;
 
     /// The process ids of the VM's helper processes (the VMM and its device backends), so
     /// that a crash can be cleaned up by identity.
     fn helper_pids(&self) -> Vec<u32>;
 
+    /// What opens connections to the guest's vsock ports.
+    fn connector(&self) -> Connector;
+
     /// Opens a connection to a guest vsock port.
-    fn connect(&self, port: u32) -> impl Future<Output = Result<UnixStream, VmError>> + Send;
+    fn connect(&self, port: u32) -> BoxFuture<'static, Result<UnixStream, VmError>> {
+        (self.connector())(port)
+    }
 
     /// Resolves when the VM has exited on its own; returns a description of how.
-    fn exited(&mut self) -> impl Future<Output = String> + Send;
+    fn exited(&mut self) -> BoxFuture<'_, String>;
 
     /// Resolves once the VM has stopped; unlike [`Machine::exited`] it needs no exclusive
     /// access, so concurrent commands can each watch for it.
-    fn stopped(&self) -> impl Future<Output = ()> + Send + 'static;
+    fn stopped(&self) -> BoxFuture<'static, ()>;
 
     /// Stops the VM and every helper process, and removes their sockets.
-    fn shutdown(self) -> impl Future<Output = Result<(), VmError>> + Send;
+    fn shutdown(self: Box<Self>) -> BoxFuture<'static, Result<(), VmError>>;
+}
+
+/// The backend for this host: QEMU's `microvm`, on KVM when it is usable (probed once with
+/// `kernel`, cached), else TCG. The only place a backend is chosen.
+pub async fn host_backend(kernel: &Path) -> Result<Box<dyn Backend>, VmError> {
+    Ok(Box::new(qemu::QemuBackend::detect(kernel).await?))
 }
 
 #[cfg(test)]

@@ -1,17 +1,19 @@
 //! QEMU `microvm` backend (KVM or TCG), with vsock from `vhost-device-vsock`.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use matchlock_protocol::READY_PORT;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
 
 use crate::accel::Accel;
-use crate::{tools, vsock, Backend, Machine, MachineSpec, VmError};
+use crate::{
+    tools, vsock, Backend, BoxFuture, Capabilities, Connector, Machine, MachineSpec, NicTransport, VmDir, VmError,
+};
 
 /// How long to wait for `vhost-device-vsock` to create its socket.
 const HELPER_START_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,10 +28,18 @@ pub struct QemuBackend {
     accel: Accel,
 }
 
+/// virtio-mmio transports of QEMU's `microvm` machine; the vsock device takes one, the NIC
+/// another, disks the rest.
+const MICROVM_TRANSPORTS: usize = 8;
+
 impl QemuBackend {
-    /// A backend using the given accelerator (see [`crate::accel::select`]).
-    pub fn new(qemu: PathBuf, accel: Accel) -> Result<Self, VmError> {
-        Ok(Self { qemu, vhost_vsock: tools::vhost_device_vsock()?, accel })
+    /// The backend for this host: its QEMU and vhost-device-vsock ([`tools`]), on KVM when
+    /// usable with `kernel` (probed once, cached), else TCG ([`crate::accel::select`]).
+    pub async fn detect(kernel: &Path) -> Result<Self, VmError> {
+        let qemu = tools::qemu()?;
+        let vhost_vsock = tools::vhost_device_vsock()?;
+        let accel = crate::accel::select(&qemu, kernel).await?;
+        Ok(Self { qemu, vhost_vsock, accel })
     }
 
     /// The accelerator in use.
@@ -98,11 +108,6 @@ async fn capture_console(
     let _ = stopped.send(true);
 }
 
-/// Console log of a VM directory.
-pub fn console_log(dir: &Path) -> PathBuf {
-    dir.join("logs/vm.log")
-}
-
 fn tail(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap_or_default();
     let start = bytes.len().saturating_sub(CONSOLE_TAIL);
@@ -149,7 +154,7 @@ impl QemuBackend {
                 spec.cmdline
             ),
             "-chardev",
-            &format!("socket,id=vsock,path={}", check_option_path(&spec.dir.join("vhost.sock"))?),
+            &format!("socket,id=vsock,path={}", check_option_path(&spec.dir.backend_socket("vhost"))?),
             "-device",
             "vhost-user-vsock-device,chardev=vsock",
         ]
@@ -185,22 +190,37 @@ impl QemuBackend {
 }
 
 impl Backend for QemuBackend {
-    type Machine = QemuMachine;
-
     fn name(&self) -> &'static str {
         "qemu"
     }
 
-    async fn launch(&self, spec: MachineSpec) -> Result<QemuMachine, VmError> {
-        std::fs::create_dir_all(spec.dir.join("logs")).map_err(VmError::io("cannot create the VM directory"))?;
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { max_disks: MICROVM_TRANSPORTS - 2, nic: NicTransport::UnixStream, snapshots: false }
+    }
+
+    fn launch(&self, spec: MachineSpec) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>> {
+        Box::pin(async move { Ok(Box::new(self.start(spec).await?) as Box<dyn Machine>) })
+    }
+}
+
+impl QemuBackend {
+    async fn start(&self, spec: MachineSpec) -> Result<QemuMachine, VmError> {
+        if spec.disks.len() > self.capabilities().max_disks {
+            return Err(VmError::InvalidSpec(format!(
+                "{} disks, but microvm has room for {}",
+                spec.disks.len(),
+                self.capabilities().max_disks
+            )));
+        }
+        std::fs::create_dir_all(spec.dir.logs()).map_err(VmError::io("cannot create the VM directory"))?;
         let args = self.qemu_args(&spec)?;
-        let ready_path = vsock::listener_socket(&spec.dir, READY_PORT);
+        let ready_path = spec.dir.vsock_listener(READY_PORT);
         let _ = std::fs::remove_file(&ready_path);
         let ready =
             UnixListener::bind(&ready_path).map_err(VmError::io("cannot listen for the guest's ready signal"))?;
 
-        let vhost_sock = spec.dir.join("vhost.sock");
-        let vsock_uds = vsock::host_socket(&spec.dir);
+        let vhost_sock = spec.dir.backend_socket("vhost");
+        let vsock_uds = spec.dir.vsock_host();
         let mut vhost = spawn(
             Command::new(&self.vhost_vsock)
                 .arg("--vm")
@@ -212,7 +232,7 @@ impl Backend for QemuBackend {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped()),
         )?;
-        capture_stderr(&mut vhost, log_file(&spec.dir.join("logs/vhost-vsock.log"))?);
+        capture_stderr(&mut vhost, log_file(&spec.dir.helper_log("vhost-vsock"))?);
         let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
         let mut machine = QemuMachine {
             dir: spec.dir.clone(),
@@ -230,7 +250,7 @@ impl Backend for QemuBackend {
             }
             Err(e) => {
                 // Leave nothing running: stop and reap the helpers before reporting.
-                let _ = machine.shutdown().await;
+                let _ = Box::new(machine).shutdown().await;
                 let _ = std::fs::remove_file(&ready_path);
                 Err(e)
             }
@@ -253,7 +273,7 @@ impl QemuBackend {
             if let Some(status) = machine.vhost.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 return Err(VmError::BootFailed {
                     status: format!("vhost-device-vsock {status}"),
-                    details: tail(&spec.dir.join("logs/vhost-vsock.log")),
+                    details: tail(&spec.dir.helper_log("vhost-vsock")),
                 });
             }
             if started.elapsed() > HELPER_START_TIMEOUT {
@@ -263,10 +283,10 @@ impl QemuBackend {
         }
 
         let mut qemu = spawn(Command::new(&self.qemu).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()))?;
-        capture_stderr(&mut qemu, log_file(&spec.dir.join("logs/qemu.log"))?);
+        capture_stderr(&mut qemu, log_file(&spec.dir.helper_log("qemu"))?);
         let console = qemu.stdout.take().expect("stdout is piped");
         let stopped = machine.stopped_tx.take().expect("one console per machine");
-        machine.console = Some(tokio::spawn(capture_console(console, log_file(&console_log(&spec.dir))?, stopped)));
+        machine.console = Some(tokio::spawn(capture_console(console, log_file(&spec.dir.console_log())?, stopped)));
         machine.qemu = Some(qemu);
 
         tokio::select! {
@@ -277,11 +297,11 @@ impl QemuBackend {
                 if let Some(console) = machine.console.take() {
                     let _ = console.await;
                 }
-                let details = format!("{}{}", tail(&spec.dir.join("logs/qemu.log")), tail(&console_log(&spec.dir)));
+                let details = format!("{}{}", tail(&spec.dir.helper_log("qemu")), tail(&spec.dir.console_log()));
                 return Err(VmError::BootFailed { status, details });
             }
             () = sleep(spec.boot_timeout) => {
-                return Err(VmError::BootTimeout(spec.boot_timeout, tail(&console_log(&spec.dir))));
+                return Err(VmError::BootTimeout(spec.boot_timeout, tail(&spec.dir.console_log())));
             }
         }
         Ok(())
@@ -313,7 +333,7 @@ fn spawn(cmd: &mut Command) -> Result<Child, VmError> {
 /// A running QEMU VM.
 #[derive(Debug)]
 pub struct QemuMachine {
-    dir: PathBuf,
+    dir: VmDir,
     qemu: Option<Child>,
     vhost: Option<Child>,
     /// Copies the serial console to `logs/vm.log`; ends when QEMU exits.
@@ -377,7 +397,7 @@ impl Drop for QemuMachine {
 }
 
 impl Machine for QemuMachine {
-    fn dir(&self) -> &Path {
+    fn dir(&self) -> &VmDir {
         &self.dir
     }
 
@@ -385,35 +405,40 @@ impl Machine for QemuMachine {
         [&self.qemu, &self.vhost].into_iter().flatten().filter_map(Child::id).collect()
     }
 
-    async fn connect(&self, port: u32) -> Result<UnixStream, VmError> {
-        vsock::connect(&vsock::host_socket(&self.dir), port, Duration::from_secs(5)).await
+    fn connector(&self) -> Connector {
+        let host = self.dir.vsock_host();
+        Arc::new(move |port| {
+            let host = host.clone();
+            Box::pin(async move { vsock::connect(&host, port, Duration::from_secs(5)).await })
+        })
     }
 
-    async fn exited(&mut self) -> String {
-        self.wait_qemu().await
+    fn exited(&mut self) -> BoxFuture<'_, String> {
+        Box::pin(self.wait_qemu())
     }
 
-    fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+    fn stopped(&self) -> BoxFuture<'static, ()> {
         let mut stopped = self.stopped.clone();
-        async move {
+        Box::pin(async move {
             // An error means the console task is gone, which it only is once QEMU exited.
             let _ = stopped.wait_for(|s| *s).await;
-        }
+        })
     }
 
-    async fn shutdown(mut self) -> Result<(), VmError> {
-        if let Some(mut qemu) = self.qemu.take() {
-            stop(&mut qemu).await;
-        }
-        if let Some(console) = self.console.take() {
-            let _ = console.await;
-        }
-        if let Some(mut vhost) = self.vhost.take() {
-            stop(&mut vhost).await;
-        }
-        for sock in ["vhost.sock", "vsock.sock"] {
-            let _ = std::fs::remove_file(self.dir.join(sock));
-        }
-        Ok(())
+    fn shutdown(mut self: Box<Self>) -> BoxFuture<'static, Result<(), VmError>> {
+        Box::pin(async move {
+            if let Some(mut qemu) = self.qemu.take() {
+                stop(&mut qemu).await;
+            }
+            if let Some(console) = self.console.take() {
+                let _ = console.await;
+            }
+            if let Some(mut vhost) = self.vhost.take() {
+                stop(&mut vhost).await;
+            }
+            let _ = std::fs::remove_file(self.dir.backend_socket("vhost"));
+            let _ = std::fs::remove_file(self.dir.vsock_host());
+            Ok(())
+        })
     }
 }

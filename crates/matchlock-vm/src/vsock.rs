@@ -1,7 +1,7 @@
 //! Host side of Firecracker's hybrid vsock: Unix sockets standing in for vsock ports.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -9,16 +9,6 @@ use tokio::net::UnixStream;
 use tokio::time::{sleep, timeout, Instant};
 
 use crate::VmError;
-
-/// The Unix socket the host connects to for host-initiated connections.
-pub fn host_socket(dir: &Path) -> PathBuf {
-    dir.join("vsock.sock")
-}
-
-/// The Unix socket where guest-initiated connections to host `port` arrive.
-pub fn listener_socket(dir: &Path, port: u32) -> PathBuf {
-    dir.join(format!("vsock.sock_{port}"))
-}
 
 /// One `CONNECT` attempt: returns the stream once the device answered `OK`.
 async fn connect_once(uds: &Path, port: u32) -> io::Result<UnixStream> {

@@ -1,8 +1,8 @@
 //! Port forwards (`run -p`, `port-forward`): host TCP listeners whose connections are relayed
 //! to a port on the guest's loopback through the sandbox's exec relay.
 
+use matchlock_api::paths::VmDir;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use matchlock_api::config::{parse_publish, PortForward};
@@ -60,11 +60,11 @@ pub async fn bind(bindings: &[Binding]) -> Result<Vec<(TcpListener, Binding)>> {
 }
 
 /// Serves the listeners for the sandbox in `vm_dir` until the returned guard drops.
-pub fn start(vm_dir: &Path, listeners: Vec<(TcpListener, Binding)>) -> Forwarding {
+pub fn start(vm_dir: &VmDir, listeners: Vec<(TcpListener, Binding)>) -> Forwarding {
     let mut tasks = Vec::new();
     for (listener, binding) in listeners {
         eprintln!("Forwarding {}:{} -> sandbox:{}", binding.local.ip(), binding.local.port(), binding.remote);
-        let dir: PathBuf = vm_dir.to_owned();
+        let dir = vm_dir.clone();
         tasks.push(tokio::spawn(async move {
             let mut backoff = matchlock_sandbox::relay::AcceptBackoff::default();
             loop {

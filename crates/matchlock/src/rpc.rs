@@ -14,6 +14,7 @@ use anyhow::Result;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use matchlock_api::config::PortForward;
+use matchlock_api::paths::VmDir;
 use matchlock_api::rpc::{
     code, Binding, CreateParams, ExecParams, ExecResult, ExitResult, FileEvent, FileInfo, NetworkEvent,
 };
@@ -93,7 +94,7 @@ struct Server {
     forwards: Mutex<Option<crate::forward::Forwarding>>,
     entrypoint: Mutex<Option<JoinHandle<Option<i32>>>>,
     /// The directory of the last sandbox, for `log` after `close`.
-    last_dir: Mutex<Option<PathBuf>>,
+    last_dir: Mutex<Option<VmDir>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -155,7 +156,7 @@ impl Server {
         let Some(live) = self.live.write().await.take() else { return Ok(()) };
         // Requests and the entrypoint hold clones only while they run, and they have ended.
         let live = Arc::try_unwrap(live).map_err(|_| RpcError::new(code::VM_FAILED, "sandbox still in use"))?;
-        *lock(&self.last_dir) = Some(live.sandbox.dir().to_owned());
+        *lock(&self.last_dir) = Some(live.sandbox.dir().clone());
         live.sandbox.close(remove).await.map_err(|e| RpcError::new(code::VM_FAILED, chain(e)))
     }
 }
@@ -424,7 +425,7 @@ fn event_sinks(out: &mpsc::Sender<String>) -> Events {
 /// fails if it exits non-zero within [`ENTRYPOINT_GRACE`].
 async fn launch_entrypoint(server: &Arc<Server>, live: Arc<Live>) -> Result<(), RpcError> {
     let Ok(composed) = compose(&live.sandbox.image().config, live.sandbox.config()) else { return Ok(()) };
-    let log = live.sandbox.dir().join("logs/vm.log");
+    let log = live.sandbox.dir().console_log();
     let request = composed.into_request(None);
     let mut task = tokio::spawn(async move {
         let Ok((stdout, stderr)) = matchlock_sandbox::logfile::command_log(&log) else { return None };
@@ -651,10 +652,10 @@ async fn list_files(server: &Arc<Server>, params_value: Option<Value>) -> Reply 
 /// The log file of the live sandbox, else of the last one.
 async fn log_path(server: &Server) -> Option<PathBuf> {
     let dir = match server.live.read().await.as_ref() {
-        Some(live) => Some(live.sandbox.dir().to_owned()),
+        Some(live) => Some(live.sandbox.dir().clone()),
         None => lock(&server.last_dir).clone(),
     };
-    dir.map(|d| d.join("logs/vm.log"))
+    dir.map(|d| d.console_log())
 }
 
 async fn log(server: &Arc<Server>) -> Reply {

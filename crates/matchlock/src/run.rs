@@ -252,7 +252,7 @@ pub async fn run(args: RunArgs) -> Result<u8> {
     };
     let output = if args.detached_child {
         detach_from_parent(&sandbox)?;
-        Output::Log(sandbox.dir().join("logs/vm.log"))
+        Output::Log(sandbox.dir().console_log())
     } else {
         if !remove {
             let id = sandbox.id();
@@ -386,7 +386,7 @@ async fn secrets_from_parent() -> Result<HashMap<String, String>> {
 fn detach_from_parent(sandbox: &Sandbox) -> Result<()> {
     use std::os::fd::AsRawFd;
     println!("{}", sandbox.id());
-    let log_path = sandbox.dir().join("logs/owner.log");
+    let log_path = sandbox.dir().owner_log();
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
     nix::unistd::dup2(null.as_raw_fd(), 1)?;

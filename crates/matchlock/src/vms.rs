@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use matchlock_api::paths::vm_dir;
+use matchlock_api::paths::{vms_dir, VmDir};
 use matchlock_api::SandboxConfig;
 use matchlock_protocol::exec::ExecMode;
 use matchlock_sandbox::gc::{reconcile, Reconciled};
@@ -47,14 +47,14 @@ fn lookup(state: &StateDb, id: &str) -> Result<Vm> {
 }
 
 /// The VM directory of a running sandbox whose relay is up.
-fn running_vm_dir(id: &str) -> Result<std::path::PathBuf> {
+fn running_vm_dir(id: &str) -> Result<VmDir> {
     let state = open_state()?;
     let vm = lookup(&state, id)?;
     if vm.status != Status::Running {
         bail!("VM {} is not running (status: {})", vm.id, vm.status);
     }
-    let dir = vm_dir(&vm.id);
-    if !relay::socket_path(&dir).exists() {
+    let dir = VmDir::of(&vm.id);
+    if !dir.exec_socket().exists() {
         bail!("exec socket not found for {} (was it started with --rm=false?)", vm.id);
     }
     Ok(dir)
@@ -214,7 +214,7 @@ pub fn inspect(id: &str) -> Result<u8> {
 pub async fn log(id: &str, follow: bool) -> Result<u8> {
     let state = open_state()?;
     state.get(id)?.ok_or_else(|| anyhow!("VM not found {id}: VM {id} not found"))?;
-    let path = vm_dir(id).join("logs/vm.log");
+    let path = VmDir::of(id).console_log();
     let mut offset = 0u64;
     let mut signals = StopSignals::new()?;
     loop {
@@ -277,12 +277,12 @@ pub async fn kill_vms(id: Option<String>, all: bool) -> Result<u8> {
 
 /// Reclaims leftovers of a VM that is not running, then deletes its rows and directory.
 fn remove(state: &mut StateDb, vm: &Vm) -> Result<()> {
-    let dir = vm_dir(&vm.id);
+    let dir = VmDir::of(&vm.id);
     if let Reconciled::Skipped(_) = reconcile(state, vm, &dir, false)? {
         bail!("VM is running {}", vm.id);
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    if dir.path().exists() {
+        std::fs::remove_dir_all(dir.path()).with_context(|| format!("cannot remove {}", dir.path().display()))?;
     }
     state.delete(&vm.id)?;
     Ok(())
@@ -328,7 +328,7 @@ pub fn gc(id: Option<&str>, force_running: bool) -> Result<u8> {
     }
     let mut failed = false;
     for vm in &vms {
-        match reconcile(&mut state, vm, &vm_dir(&vm.id), force_running) {
+        match reconcile(&mut state, vm, &VmDir::of(&vm.id), force_running) {
             Ok(Reconciled::Skipped(why)) => println!("{}: skipped ({why})", vm.id),
             Ok(Reconciled::Cleaned(items)) if items.is_empty() => println!("{}: no resources to clean", vm.id),
             Ok(Reconciled::Cleaned(items)) => println!("{}: cleaned {}", vm.id, items.join(", ")),
@@ -341,7 +341,7 @@ pub fn gc(id: Option<&str>, force_running: bool) -> Result<u8> {
     // VM directories without a state row (a crash before registering).
     if id.is_none() {
         let known: std::collections::HashSet<_> = vms.iter().map(|v| v.id.clone()).collect();
-        for entry in std::fs::read_dir(matchlock_api::paths::state_dir().join("vms")).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(vms_dir()).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with("vm-") && !known.contains(&name) && state.get(&name)?.is_none() {
                 // A directory younger than a minute may belong to a sandbox being created.
@@ -349,7 +349,7 @@ pub fn gc(id: Option<&str>, force_running: bool) -> Result<u8> {
                     .metadata()
                     .and_then(|m| m.modified())
                     .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60));
-                let pids = matchlock_sandbox::gc::helper_processes(&entry.path());
+                let pids = matchlock_sandbox::gc::helper_processes(&VmDir::at(entry.path()));
                 if old && pids.is_empty() && std::fs::remove_dir_all(entry.path()).is_ok() {
                     outln!("{name}: cleaned orphaned directory")?;
                 }
