@@ -272,11 +272,14 @@ impl Drop for Engine {
 }
 
 async fn serve(listener: UnixListener, options: Options) {
-    if listener.set_nonblocking(true).is_err() {
-        return;
-    }
-    let Ok(listener) = tokio::net::UnixListener::from_std(listener) else { return };
-    let Ok((link, _)) = listener.accept().await else { return };
+    let listener = match listener.set_nonblocking(true).and_then(|()| tokio::net::UnixListener::from_std(listener)) {
+        Ok(listener) => listener,
+        Err(e) => return tracing::error!("network: cannot listen for the VMM: {e}"),
+    };
+    let link = match listener.accept().await {
+        Ok((link, _)) => link,
+        Err(e) => return tracing::error!("network: the VMM's link failed: {e}"),
+    };
     drop(listener);
     let config = StackConfig {
         gateway: GATEWAY,
@@ -285,5 +288,9 @@ async fn serve(listener: UnixListener, options: Options) {
         mtu: options.mtu,
         gateway_mac: options.gateway_mac,
     };
-    let _ = Stack::new(link, Flows::new(options), config).run().await;
+    match Stack::new(link, Flows::new(options), config).run().await {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => tracing::debug!("network: the VMM closed the link"),
+        Err(e) => tracing::warn!("network: the engine stopped: {e}"),
+        Ok(()) => {}
+    }
 }

@@ -9,6 +9,7 @@ pub mod gc;
 pub mod logfile;
 pub mod network;
 pub mod relay;
+mod sampled;
 pub mod volumes;
 mod workspace;
 
@@ -100,6 +101,13 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxE
     move |source| SandboxError::Io { context, source }
 }
 
+/// Logs the error of a step whose failure must not stop what follows (cleanup, recording).
+fn logged<T, E: std::fmt::Display>(result: Result<T, E>, step: &str) {
+    if let Err(e) = result {
+        tracing::warn!("{step} failed: {e}");
+    }
+}
+
 /// A new random VM id: `vm-` and 8 hex digits.
 pub fn new_vm_id() -> Result<String, SandboxError> {
     let mut bytes = [0u8; 4];
@@ -170,7 +178,7 @@ struct DirGuard(Option<VmDir>);
 impl Drop for DirGuard {
     fn drop(&mut self) {
         if let Some(dir) = self.0.take() {
-            let _ = std::fs::remove_dir_all(dir.path());
+            logged(std::fs::remove_dir_all(dir.path()), "removing the directory of a failed create");
         }
     }
 }
@@ -195,6 +203,11 @@ impl Sandbox {
         let kernel = kernel::locate()?;
         let guest_init = tools::guest_init()?;
         let backend = matchlock_vm::host_backend(&kernel).await?;
+        tracing::debug!(
+            "create: image, kernel and the {} backend found after {} ms",
+            backend.name(),
+            started.elapsed().as_millis()
+        );
         let max_disks = backend.capabilities().max_disks.saturating_sub(FIXED_DISKS);
         if config.disks.len() > max_disks {
             return Err(SandboxError::Config(format!(
@@ -233,9 +246,9 @@ impl Sandbox {
         let (machine, network, vfs, prepared) = match booted {
             Ok(ok) => ok,
             Err((phase, e)) => {
-                let _ = state.transition(&id, phase, Some(&e.to_string()));
+                logged(state.transition(&id, phase, Some(&e.to_string())), "recording the failed create");
                 // The directory goes with the guard; a failed create leaves no row either.
-                let _ = state.delete(&id);
+                logged(state.delete(&id), "deleting the state rows of a failed create");
                 return Err(e);
             }
         };
@@ -258,7 +271,7 @@ impl Sandbox {
         match relay::serve(&sandbox.dir, guest, network) {
             Ok(task) => sandbox.relay = Some(task),
             Err(e) => {
-                let _ = sandbox.close(true).await;
+                logged(sandbox.close(true).await, "closing a sandbox whose relay failed");
                 return Err(e);
             }
         }
@@ -288,7 +301,13 @@ impl Sandbox {
             None => None,
         };
         let seed = ca.as_ref().map(|(_, tar)| tar.as_path());
+        let disk_started = Instant::now();
         let upper_created = matchlock_image::ext4::create_empty(upper, config.disk_size_mb * 1024 * 1024, seed);
+        tracing::debug!(
+            "create: writable disk ({} MB) in {} ms",
+            config.disk_size_mb,
+            disk_started.elapsed().as_millis()
+        );
         if let Some(seed) = seed {
             let _ = std::fs::remove_file(seed);
         }
@@ -359,7 +378,9 @@ impl Sandbox {
         state.transition(id, Phase::Created, None).map_err(|e| create_failed(e.into()))?;
         state.transition(id, Phase::Starting, None).map_err(|e| create_failed(e.into()))?;
         let prepared = Instant::now();
+        tracing::debug!("create: disks, workspace and network ready; launching the VM");
         let machine = backend.launch(spec).await.map_err(|e| (Phase::StartFailed, e.into()))?;
+        tracing::debug!("create: VM {id} booted in {} ms", prepared.elapsed().as_millis());
         gc::record_helpers(dir, &machine.helper_pids()).map_err(|e| (Phase::StartFailed, e))?;
         state.transition(id, Phase::Running, None).map_err(|e| (Phase::StartFailed, e.into()))?;
         Ok((machine, network, vfs_guard.disarm(), prepared))
@@ -441,7 +462,10 @@ impl Sandbox {
     /// `stopped` with its logs until `matchlock rm`.
     pub async fn close(mut self, remove: bool) -> Result<(), SandboxError> {
         let id = self.id.clone();
-        let _ = self.state.get_mut().unwrap_or_else(PoisonError::into_inner).transition(&id, Phase::Stopping, None);
+        logged(
+            self.state.get_mut().unwrap_or_else(PoisonError::into_inner).transition(&id, Phase::Stopping, None),
+            "recording stopping",
+        );
         if let Some(relay) = self.relay.take() {
             relay.abort();
         }
@@ -453,7 +477,10 @@ impl Sandbox {
             // Writes to volumes must reach their files before the VM goes.
             let synced = self.quiesce_guest().await;
             let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-            let _ = state.record_cleanup(&id, "guest_sync", synced.as_ref().err().map(ToString::to_string).as_deref());
+            logged(
+                state.record_cleanup(&id, "guest_sync", synced.as_ref().err().map(ToString::to_string).as_deref()),
+                "recording the guest sync",
+            );
         }
         let machine_result = match self.machine.take() {
             Some(machine) => machine.shutdown().await.map_err(SandboxError::from),
@@ -463,13 +490,16 @@ impl Sandbox {
         let _ =
             state.record_cleanup(&id, "machine_close", machine_result.as_ref().err().map(|e| e.to_string()).as_deref());
         if self.network.take().is_some() {
-            let _ = state.record_cleanup(&id, "network_close", None);
+            logged(state.record_cleanup(&id, "network_close", None), "recording the network close");
         }
-        let _ = state.transition(&id, Phase::Stopped, None);
-        let _ = state.set_status(&id, Status::Stopped);
-        let _ = state.transition(&id, Phase::Cleaning, None);
+        logged(state.transition(&id, Phase::Stopped, None), "recording stopped");
+        logged(state.set_status(&id, Status::Stopped), "recording the stopped status");
+        logged(state.transition(&id, Phase::Cleaning, None), "recording cleaning");
         let cleaned = gc::release_disks(state, &id, &self.dir);
-        let _ = state.transition(&id, if cleaned.is_ok() { Phase::Cleaned } else { Phase::CleanupFailed }, None);
+        logged(
+            state.transition(&id, if cleaned.is_ok() { Phase::Cleaned } else { Phase::CleanupFailed }, None),
+            "recording the cleanup",
+        );
         if remove {
             let path = self.dir.path();
             std::fs::remove_dir_all(path).map_err(io_err(format!("cannot remove {}", path.display())))?;

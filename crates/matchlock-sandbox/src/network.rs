@@ -86,7 +86,7 @@ pub fn start(
     );
     let intercepts = config.intercepts();
     if std::env::var_os(BENCH_QEMU_USERNET_ENV).is_some() && !intercepts {
-        eprintln!("matchlock: WARNING: {BENCH_QEMU_USERNET_ENV} is set: QEMU user networking, no address blocking");
+        tracing::warn!("{BENCH_QEMU_USERNET_ENV} is set: QEMU user networking, no address blocking");
         let nic = Nic { socket: None, mac, mtu: config.mtu };
         return Ok((Network { _engine: None, policy, intercepts }, nic));
     }

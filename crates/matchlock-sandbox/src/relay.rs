@@ -212,6 +212,8 @@ pub async fn connect(vm_dir: &VmDir, port: u32) -> Result<UnixStream, SandboxErr
 #[derive(Debug, Default)]
 pub struct AcceptBackoff {
     failures: u32,
+    /// Runs of failures, logged sampled (a guest can make them come and go).
+    runs: crate::sampled::Sampled,
 }
 
 impl AcceptBackoff {
@@ -233,7 +235,9 @@ impl AcceptBackoff {
                 }
                 Err(error) => {
                     if self.failures == 0 {
-                        eprintln!("matchlock: cannot accept a connection on {what} (still serving): {error}");
+                        if let Some(n) = self.runs.record() {
+                            tracing::warn!("cannot accept a connection on {what} (still serving; {n} times): {error}");
+                        }
                     }
                     self.failures = self.failures.saturating_add(1);
                     let pause = Duration::from_millis(10).saturating_mul(self.failures.min(64)).min(Self::MAX_PAUSE);

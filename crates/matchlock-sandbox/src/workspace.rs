@@ -9,6 +9,7 @@ use matchlock_api::paths::VmDir;
 use matchlock_vfs::{EventSink, HostFs, Overlay, Provider, Router, SingleFile};
 
 use crate::relay::AcceptBackoff;
+use crate::sampled::Sampled;
 use crate::{io_err, SandboxError};
 
 fn vfs_error(what: String) -> impl FnOnce(rustix::io::Errno) -> SandboxError {
@@ -91,16 +92,13 @@ pub fn serve(dir: &VmDir, router: Router) -> Result<tokio::task::JoinHandle<()>,
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_VFS_CONNECTIONS));
     Ok(tokio::spawn(async move {
         let mut backoff = AcceptBackoff::default();
-        let mut refused = 0u64;
-        let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let refused = Sampled::default();
+        let failures = Arc::new(Sampled::default());
         loop {
             let (conn, _) = backoff.accept("the workspace server", || listener.accept()).await;
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                refused += 1;
-                if refused.is_power_of_two() {
-                    eprintln!(
-                        "matchlock: workspace: refused {refused} guest connection(s) beyond {MAX_VFS_CONNECTIONS}"
-                    );
+                if let Some(n) = refused.record() {
+                    tracing::warn!("workspace: refused {n} guest connection(s) beyond {MAX_VFS_CONNECTIONS}");
                 }
                 continue; // dropped: closed
             };
@@ -112,16 +110,15 @@ pub fn serve(dir: &VmDir, router: Router) -> Result<tokio::task::JoinHandle<()>,
             let spawned = std::thread::Builder::new().name("matchlock-vfs".into()).spawn(move || {
                 let mut conn = conn;
                 if let Err(e) = matchlock_vfs::serve(&mut conn, &router) {
-                    // The guest decides how often this happens: the 1st, 2nd, 4th, 8th … only.
-                    let n = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    if n.is_power_of_two() {
-                        eprintln!("matchlock: workspace connection failed ({n} so far): {e}");
+                    // The guest decides how often this happens.
+                    if let Some(n) = failures.record() {
+                        tracing::warn!("workspace connection failed ({n} so far): {e}");
                     }
                 }
                 drop(slot);
             });
             if let Err(e) = spawned {
-                eprintln!("matchlock: workspace: cannot start a connection thread: {e}");
+                tracing::error!("workspace: cannot start a connection thread: {e}");
             }
         }
     }))

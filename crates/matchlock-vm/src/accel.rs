@@ -91,7 +91,7 @@ pub async fn select(qemu: &Path, kernel: &Path) -> Result<Accel, VmError> {
     if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         let cache = cache_dir().join("accel-probe.json");
         if !cache.exists() {
-            eprintln!("matchlock: /dev/kvm is not usable ({e}); using TCG software emulation (slow)");
+            tracing::warn!("/dev/kvm is not usable ({e}); using TCG software emulation (slow)");
             let _ = std::fs::create_dir_all(cache_dir());
             let _ = std::fs::write(&cache, "{}");
         }
@@ -101,7 +101,9 @@ pub async fn select(qemu: &Path, kernel: &Path) -> Result<Accel, VmError> {
         Ok(()) => Ok(Accel::Kvm),
         Err(KvmVerdict { reason, fresh }) => {
             if fresh {
-                eprintln!("matchlock: KVM cannot boot the guest kernel on this host ({reason}); using TCG software emulation (slow)");
+                tracing::warn!(
+                    "KVM cannot boot the guest kernel on this host ({reason}); using TCG software emulation (slow)"
+                );
             }
             Ok(Accel::Tcg)
         }

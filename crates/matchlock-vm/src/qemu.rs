@@ -281,17 +281,30 @@ impl QemuBackend {
             }
             sleep(Duration::from_millis(2)).await;
         }
+        tracing::debug!("boot: vhost-device-vsock up after {} ms", started.elapsed().as_millis());
 
+        let qemu_started = Instant::now();
         let mut qemu = spawn(Command::new(&self.qemu).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()))?;
         capture_stderr(&mut qemu, log_file(&spec.dir.helper_log("qemu"))?);
         let console = qemu.stdout.take().expect("stdout is piped");
         let stopped = machine.stopped_tx.take().expect("one console per machine");
         machine.console = Some(tokio::spawn(capture_console(console, log_file(&spec.dir.console_log())?, stopped)));
         machine.qemu = Some(qemu);
+        tracing::debug!(
+            "boot: QEMU started ({}, {} vCPUs, {} MB, {} disks); waiting for the guest agent",
+            self.accel.qemu_name(),
+            spec.vcpus,
+            spec.memory_mb,
+            spec.disks.len()
+        );
 
         tokio::select! {
             accepted = ready.accept() => {
                 accepted.map_err(VmError::io("ready socket failed"))?;
+                tracing::debug!(
+                    "boot: guest agent ready {} ms after QEMU started (kernel and guest-init: see logs/vm.log)",
+                    qemu_started.elapsed().as_millis()
+                );
             }
             status = machine.wait_qemu() => {
                 if let Some(console) = machine.console.take() {
@@ -315,8 +328,8 @@ fn log_file(path: &Path) -> Result<std::fs::File, VmError> {
         .map_err(VmError::io(format!("cannot open {}", path.display())))
 }
 
-/// Spawns a helper with the minimal helper environment, that dies with us (the CLI runs a single-threaded runtime, so the
-/// forking thread is the main thread) and that is killed if its handle is dropped.
+/// Spawns a helper with the minimal helper environment, that dies with us (whatever thread
+/// asks: see [`spawn_on_lifetime_thread`]) and that is killed if its handle is dropped.
 fn spawn(cmd: &mut Command) -> Result<Child, VmError> {
     let program = cmd.as_std().get_program().to_string_lossy().into_owned();
     cmd.stdin(Stdio::null()).kill_on_drop(true).env_clear().envs(matchlock_api::HELPER_ENV);
@@ -327,7 +340,42 @@ fn spawn(cmd: &mut Command) -> Result<Child, VmError> {
             Ok(())
         });
     }
-    cmd.spawn().map_err(|source| VmError::Spawn { program, source })
+    spawn_on_lifetime_thread(cmd).map_err(|source| VmError::Spawn { program, source })
+}
+
+type SpawnJob = (Command, tokio::runtime::Handle, std::sync::mpsc::Sender<std::io::Result<Child>>);
+
+/// Forks `cmd` from one thread that lives as long as the process. `PR_SET_PDEATHSIG` fires
+/// when the *thread* that forked the child exits, not the process: a helper forked from a
+/// runtime worker or a blocking-pool thread would be killed when that thread retires. The
+/// caller's runtime is entered there so the child is reaped by it.
+fn spawn_on_lifetime_thread(cmd: &mut Command) -> std::io::Result<Child> {
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (jobs, queue) = std::sync::mpsc::channel::<SpawnJob>();
+        // The thread is never joined: it ends with the process.
+        let started = std::thread::Builder::new().name("matchlock-spawner".into()).spawn(move || {
+            for (mut cmd, runtime, reply) in queue {
+                let _entered = runtime.enter();
+                let _ = reply.send(cmd.spawn());
+            }
+        });
+        if let Err(e) = started {
+            tracing::error!("cannot start the helper spawner thread: {e}");
+        }
+        std::sync::Mutex::new(jobs)
+    });
+    let gone = || std::io::Error::other("the helper spawner thread is gone");
+    let (reply, answer) = std::sync::mpsc::channel();
+    let job = std::mem::replace(cmd, Command::new(cmd.as_std().get_program()));
+    spawner
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .send((job, tokio::runtime::Handle::current(), reply))
+        .map_err(|_| gone())?;
+    // A fork takes microseconds; waiting for it here does not hold up the runtime.
+    answer.recv().map_err(|_| gone())?
 }
 
 /// A running QEMU VM.

@@ -11,6 +11,10 @@ use matchlock_image::{format_size, Store};
 #[derive(Debug, Parser)]
 #[command(name = "matchlock", version, about, propagate_version = true)]
 pub struct Cli {
+    /// Log level or `RUST_LOG`-style filter for matchlock's own log on stderr (`debug` tells
+    /// where boot time goes); default `RUST_LOG`, else `warn`.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }

@@ -47,6 +47,10 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if let Err(e) = init_logging(cli.log_level.as_deref()) {
+        eprintln!("Error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -65,6 +69,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// matchlock's own log on stderr (the detached owner's goes to `logs/owner.log`): `--log-level`,
+/// else `RUST_LOG`, else warnings and errors only.
+fn init_logging(level: Option<&str>) -> Result<(), String> {
+    use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+    let filter = match level {
+        Some(level) => EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?,
+        None => EnvFilter::builder().with_default_directive(LevelFilter::WARN.into()).from_env_lossy(),
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    Ok(())
 }
 
 /// Whether the error is stdout going away (the reader of a pipe exited).
