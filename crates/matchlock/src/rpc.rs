@@ -36,32 +36,114 @@ const MAX_EXEC_OUTPUT: u64 = 64 * 1024 * 1024;
 /// How long a launched entrypoint must survive for `create` to succeed.
 const ENTRYPOINT_GRACE: Duration = Duration::from_millis(500);
 
-/// A JSON-RPC error.
+/// A JSON-RPC error: `message` is the whole chain `: `-separated (what the SDKs show),
+/// `data.causes` the same chain as a list, outermost first.
 #[derive(Debug)]
 struct RpcError {
     code: i64,
     message: String,
+    causes: Vec<String>,
 }
 
 impl RpcError {
     fn new(code: i64, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: message.into(), causes: Vec::new() }
+    }
+
+    /// `error` and its sources.
+    fn from_error(code: i64, error: &(dyn std::error::Error + 'static)) -> Self {
+        let causes: Vec<String> = std::iter::successors(Some(error), |e| e.source()).map(ToString::to_string).collect();
+        Self { code, message: causes.join(": "), causes }
+    }
+
+    /// An `anyhow` error and its chain.
+    fn from_anyhow(code: i64, error: &anyhow::Error) -> Self {
+        let causes: Vec<String> = error.chain().map(ToString::to_string).collect();
+        Self { code, message: causes.join(": "), causes }
+    }
+
+    fn to_json(&self) -> Value {
+        let mut error = json!({"code": self.code, "message": self.message});
+        if !self.causes.is_empty() {
+            error["data"] = json!({"causes": self.causes});
+        }
+        error
     }
 }
 
 type Reply = Result<Value, RpcError>;
 
-/// The error and its causes, `: `-separated.
-fn chain(e: impl std::error::Error + Send + Sync + 'static) -> String {
-    format!("{:#}", anyhow::Error::new(e))
-}
-
 fn params<T: DeserializeOwned + Default>(value: Option<Value>) -> Result<T, RpcError> {
     match value {
         None | Some(Value::Null) => Ok(T::default()),
-        Some(v) => {
-            serde_json::from_value(v).map_err(|e| RpcError::new(code::INVALID_PARAMS, format!("invalid params: {e}")))
-        }
+        Some(v) => serde_json::from_value(v).map_err(|e| {
+            let mut error = RpcError::from_error(code::INVALID_PARAMS, &e);
+            error.message = format!("invalid params: {}", error.message);
+            error
+        }),
+    }
+}
+
+/// Every method of the API, parsed once from a request's `method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    /// Boots the session's sandbox (in the reader loop: requests after it see it).
+    Create,
+    /// Stops the sandbox and ends the session.
+    Close,
+    /// Cancels a running request by id.
+    Cancel,
+    /// Input for a running `exec_pipe`/`exec_tty`: applied in order, never answered.
+    Input(InputKind),
+    /// Everything else: run concurrently, cancellable.
+    Call(Call),
+}
+
+/// Input notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputKind {
+    Stdin,
+    StdinEof,
+    Resize,
+}
+
+/// Methods that run concurrently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Exec,
+    ExecStreaming(ExecMode),
+    WriteFile,
+    ReadFile,
+    ListFiles,
+    Log,
+    LogStream,
+    AllowList { add: bool },
+    PortForward,
+}
+
+impl Method {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "create" => Self::Create,
+            "close" => Self::Close,
+            "cancel" => Self::Cancel,
+            "exec_pipe.stdin" | "exec_tty.stdin" => Self::Input(InputKind::Stdin),
+            "exec_pipe.stdin_eof" | "exec_tty.stdin_eof" => Self::Input(InputKind::StdinEof),
+            "exec_tty.resize" => Self::Input(InputKind::Resize),
+            "exec" => Self::Call(Call::Exec),
+            "exec_stream" => Self::Call(Call::ExecStreaming(ExecMode::Stream)),
+            "exec_pipe" => Self::Call(Call::ExecStreaming(ExecMode::Pipe)),
+            "exec_tty" => Self::Call(Call::ExecStreaming(ExecMode::Tty)),
+            "write_file" => Self::Call(Call::WriteFile),
+            "read_file" => Self::Call(Call::ReadFile),
+            "list_files" => Self::Call(Call::ListFiles),
+            "log" => Self::Call(Call::Log),
+            "log_stream" => Self::Call(Call::LogStream),
+            "allow_list_add" => Self::Call(Call::AllowList { add: true }),
+            "allow_list_delete" => Self::Call(Call::AllowList { add: false }),
+            "port_forward" => Self::Call(Call::PortForward),
+            _ => return None,
+        })
     }
 }
 
@@ -110,7 +192,7 @@ impl Server {
         let Some(id) = id else { return };
         let message = match reply {
             Ok(result) => json!({"jsonrpc": "2.0", "result": result, "id": id}),
-            Err(e) => json!({"jsonrpc": "2.0", "error": {"code": e.code, "message": e.message}, "id": id}),
+            Err(e) => json!({"jsonrpc": "2.0", "error": e.to_json(), "id": id}),
         };
         self.send(message).await;
     }
@@ -157,16 +239,27 @@ impl Server {
         // Requests and the entrypoint hold clones only while they run, and they have ended.
         let live = Arc::try_unwrap(live).map_err(|_| RpcError::new(code::VM_FAILED, "sandbox still in use"))?;
         *lock(&self.last_dir) = Some(live.sandbox.dir().clone());
-        live.sandbox.close(remove).await.map_err(|e| RpcError::new(code::VM_FAILED, chain(e)))
+        live.sandbox.close(remove).await.map_err(|e| RpcError::from_error(code::VM_FAILED, &e))
     }
 }
 
-/// Serves the JSON-RPC API on stdin/stdout until stdin ends or `close`.
+/// Serves the JSON-RPC API on stdin/stdout until stdin ends, `close` or a stop signal.
 pub async fn serve() -> Result<u8> {
+    let mut signals = crate::session::StopSignals::new()?;
+    serve_on(tokio::io::stdin(), tokio::io::stdout(), Some(&mut signals)).await?;
+    Ok(0)
+}
+
+/// Serves the API on `input`/`output` until `input` ends, `close`, or (with `signals`) a
+/// stop signal.
+async fn serve_on(
+    input: impl AsyncRead + Unpin,
+    mut stdout: impl tokio::io::AsyncWrite + Unpin + Send + 'static,
+    mut signals: Option<&mut crate::session::StopSignals>,
+) -> Result<()> {
     let (out, mut lines) = mpsc::channel::<String>(OUTPUT_QUEUE);
     let (broken_tx, mut broken) = oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
-        let mut stdout = tokio::io::stdout();
         while let Some(mut line) = lines.recv().await {
             line.push('\n');
             if stdout.write_all(line.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
@@ -184,20 +277,19 @@ pub async fn serve() -> Result<u8> {
         entrypoint: Mutex::new(None),
         last_dir: Mutex::new(None),
     });
-    let mut signals = crate::session::StopSignals::new()?;
-    let mut input = BufReader::new(tokio::io::stdin());
+    let mut input = BufReader::new(input);
     let mut closed = false;
     loop {
         let line = tokio::select! {
             line = read_line(&mut input) => line,
             _ = &mut broken => break,
-            () = signals.recv() => break,
+            () = stop_signal(signals.as_deref_mut()) => break,
         };
         let Some(line) = line? else { break };
         // A stop signal during `create` or `close` abandons it; the teardown below runs.
         let done = tokio::select! {
             done = dispatch(&server, line) => done,
-            () = signals.recv() => break,
+            () = stop_signal(signals.as_deref_mut()) => break,
         };
         if done {
             closed = true;
@@ -205,10 +297,20 @@ pub async fn serve() -> Result<u8> {
         }
     }
     // Without `close` nothing of the sandbox is kept.
-    let _ = server.shutdown(!closed).await;
+    if let Err(e) = server.shutdown(!closed).await {
+        tracing::warn!("rpc: tearing the sandbox down failed: {}", e.message);
+    }
     drop(server);
     let _ = writer.await;
-    Ok(0)
+    Ok(())
+}
+
+/// The next stop signal, or never without signal handling.
+async fn stop_signal(signals: Option<&mut crate::session::StopSignals>) {
+    match signals {
+        Some(signals) => signals.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes: `Ok(None)` at EOF, `Err(())` inside
@@ -268,51 +370,53 @@ async fn dispatch(server: &Arc<Server>, line: Result<Vec<u8>, ()>) -> bool {
             return false;
         }
     };
-    let Some(Value::String(method)) = request.remove("method") else {
+    let Some(Value::String(name)) = request.remove("method") else {
         server.respond(id, Err(RpcError::new(code::INVALID_REQUEST, "method is required"))).await;
         return false;
     };
+    let Some(method) = Method::parse(&name) else {
+        server.respond(id, Err(RpcError::new(code::METHOD_NOT_FOUND, "Method not found"))).await;
+        return false;
+    };
     let params = request.remove("params");
-    match method.as_str() {
-        "create" => {
+    match method {
+        Method::Create => {
             let reply = create(server, params).await;
             server.respond(id, reply).await;
         }
-        "close" => {
+        Method::Close => {
             let reply = server.shutdown(false).await.map(|()| json!({}));
             server.respond(id, reply).await;
             return true;
         }
-        "cancel" => {
+        Method::Cancel => {
             let target = params.as_ref().and_then(|p| p.get("id")).and_then(Value::as_u64);
             let cancel = target.and_then(|t| lock(&server.inflight).get_mut(&t).and_then(|f| f.cancel.take()));
             let cancelled = cancel.is_some_and(|c| c.send(()).is_ok());
             server.respond(id, Ok(json!({"cancelled": cancelled}))).await;
         }
-        "exec_pipe.stdin" | "exec_pipe.stdin_eof" | "exec_tty.stdin" | "exec_tty.stdin_eof" | "exec_tty.resize" => {
-            route_input(server, &method, params.as_ref()).await;
-        }
-        _ => spawn_request(server, id, method, params),
+        Method::Input(kind) => route_input(server, kind, params.as_ref()).await,
+        Method::Call(call) => spawn_request(server, id, call, params),
     }
     false
 }
 
 /// Delivers stdin/resize notifications to their command, in order; never answered.
-async fn route_input(server: &Server, method: &str, params: Option<&Value>) {
+async fn route_input(server: &Server, kind: InputKind, params: Option<&Value>) {
     let Some(p) = params else { return };
     let Some(target) = p.get("id").and_then(Value::as_u64) else { return };
-    let input = if method.ends_with(".stdin") {
-        match p.get("data").and_then(Value::as_str).map(|d| B64.decode(d)) {
+    let input = match kind {
+        InputKind::Stdin => match p.get("data").and_then(Value::as_str).map(|d| B64.decode(d)) {
             Some(Ok(data)) => Input::Data(data),
             _ => return,
-        }
-    } else if method.ends_with("_eof") {
-        Input::Eof
-    } else {
-        let dim = |k| p.get(k).and_then(Value::as_u64).and_then(|v| u16::try_from(v).ok()).filter(|v| *v > 0);
-        match (dim("rows"), dim("cols")) {
-            (Some(rows), Some(cols)) => Input::Resize(WindowSize { rows, cols }),
-            _ => return,
+        },
+        InputKind::StdinEof => Input::Eof,
+        InputKind::Resize => {
+            let dim = |k| p.get(k).and_then(Value::as_u64).and_then(|v| u16::try_from(v).ok()).filter(|v| *v > 0);
+            match (dim("rows"), dim("cols")) {
+                (Some(rows), Some(cols)) => Input::Resize(WindowSize { rows, cols }),
+                _ => return,
+            }
         }
     };
     let Some(live) = server.live.read().await.clone() else { return };
@@ -323,11 +427,11 @@ async fn route_input(server: &Server, method: &str, params: Option<&Value>) {
 }
 
 /// Runs a request concurrently, cancellable through `cancel` under its id.
-fn spawn_request(server: &Arc<Server>, id: Option<u64>, method: String, params: Option<Value>) {
+fn spawn_request(server: &Arc<Server>, id: Option<u64>, call: Call, params: Option<Value>) {
     let (cancel_tx, cancel_rx) = oneshot::channel();
     let s = server.clone();
     let task = tokio::spawn(async move {
-        let work = handle(&s, id, &method, params);
+        let work = handle(&s, id, call, params);
         let reply = tokio::select! {
             reply = work => reply,
             Ok(()) = cancel_rx => Err(RpcError::new(code::CANCELLED, "request cancelled")),
@@ -354,21 +458,17 @@ fn spawn_request(server: &Arc<Server>, id: Option<u64>, method: String, params: 
     }
 }
 
-async fn handle(server: &Arc<Server>, id: Option<u64>, method: &str, params: Option<Value>) -> Reply {
-    match method {
-        "exec" => exec(server, params).await,
-        "exec_stream" => exec_streaming(server, id, params, ExecMode::Stream).await,
-        "exec_pipe" => exec_streaming(server, id, params, ExecMode::Pipe).await,
-        "exec_tty" => exec_streaming(server, id, params, ExecMode::Tty).await,
-        "write_file" => write_file(server, params).await,
-        "read_file" => read_file(server, params).await,
-        "list_files" => list_files(server, params).await,
-        "log" => log(server).await,
-        "log_stream" => log_stream(server, id).await,
-        "allow_list_add" => allow_list(server, params, true).await,
-        "allow_list_delete" => allow_list(server, params, false).await,
-        "port_forward" => port_forward(server, params).await,
-        _ => Err(RpcError::new(code::METHOD_NOT_FOUND, "Method not found")),
+async fn handle(server: &Arc<Server>, id: Option<u64>, call: Call, params: Option<Value>) -> Reply {
+    match call {
+        Call::Exec => exec(server, params).await,
+        Call::ExecStreaming(mode) => exec_streaming(server, id, params, mode).await,
+        Call::WriteFile => write_file(server, params).await,
+        Call::ReadFile => read_file(server, params).await,
+        Call::ListFiles => list_files(server, params).await,
+        Call::Log => log(server).await,
+        Call::LogStream => log_stream(server, id).await,
+        Call::AllowList { add } => allow_list(server, params, add).await,
+        Call::PortForward => port_forward(server, params).await,
     }
 }
 
@@ -381,19 +481,21 @@ async fn create(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
             format!("sandbox {} already exists in this session", live.sandbox.id()),
         ));
     }
-    let vm_failed = |e: anyhow::Error| RpcError::new(code::VM_FAILED, format!("{e:#}"));
+    let vm_failed = |e: anyhow::Error| RpcError::from_anyhow(code::VM_FAILED, &e);
     let mut store = crate::cli::open_store().map_err(vm_failed)?;
     crate::images::image_for_run(&mut store, &config.image, false).await.map_err(vm_failed)?;
     let state = matchlock_sandbox::open_state().map_err(|e| vm_failed(e.into()))?;
     let sandbox = Sandbox::create_with_events(config, &store, state, event_sinks(&server.out))
         .await
-        .map_err(|e| RpcError::new(code::VM_FAILED, chain(e)))?;
+        .map_err(|e| RpcError::from_error(code::VM_FAILED, &e))?;
     let vm_id = sandbox.id().to_owned();
     let live = Arc::new(Live { sandbox, inputs: Mutex::new(HashMap::new()) });
     *server.live.write().await = Some(live.clone());
     if p.launch_entrypoint {
         if let Err(e) = launch_entrypoint(server, live).await {
-            let _ = server.shutdown(true).await;
+            if let Err(teardown) = server.shutdown(true).await {
+                tracing::warn!("rpc: tearing down after a failed entrypoint: {}", teardown.message);
+            }
             return Err(e);
         }
     }
@@ -475,8 +577,8 @@ fn exec_request(live: &Live, p: &ExecParams, window: Option<WindowSize>) -> Resu
     Ok(request)
 }
 
-fn exec_failed(e: matchlock_sandbox::SandboxError) -> RpcError {
-    RpcError::new(code::EXEC_FAILED, chain(e))
+fn exec_failed(e: &matchlock_sandbox::SandboxError) -> RpcError {
+    RpcError::from_error(code::EXEC_FAILED, e)
 }
 
 async fn exec(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
@@ -488,7 +590,7 @@ async fn exec(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
     let mut stderr = Capped::new(Vec::new(), MAX_EXEC_OUTPUT);
     let (_control_tx, control) = mpsc::channel(1);
     let io = ExecIo { stdin: None, stdout: Box::new(&mut stdout), stderr: Box::new(&mut stderr), control };
-    let exit_code = live.sandbox.exec(ExecMode::Stream, &request, io).await.map_err(exec_failed)?;
+    let exit_code = live.sandbox.exec(ExecMode::Stream, &request, io).await.map_err(|e| exec_failed(&e))?;
     let result = ExecResult {
         exit_code,
         stdout: B64.encode(stdout.into_inner()),
@@ -579,7 +681,7 @@ async fn exec_streaming(server: &Arc<Server>, id: Option<u64>, params_value: Opt
     // All output is out before the result.
     let _ = stdout_task.await;
     let _ = stderr_task.await;
-    let exit_code = result.map_err(exec_failed)?;
+    let exit_code = result.map_err(|e| exec_failed(&e))?;
     let result = ExitResult { exit_code, duration_ms: started.elapsed().as_millis() as u64 };
     Ok(serde_json::to_value(result).expect("result serializes"))
 }
@@ -601,8 +703,8 @@ struct FileParams {
     mode: u32,
 }
 
-fn file_failed(e: matchlock_sandbox::SandboxError) -> RpcError {
-    RpcError::new(code::FILE_FAILED, chain(e))
+fn file_failed(e: &matchlock_sandbox::SandboxError) -> RpcError {
+    RpcError::from_error(code::FILE_FAILED, e)
 }
 
 fn required_path(p: &FileParams) -> Result<(), RpcError> {
@@ -619,7 +721,7 @@ async fn write_file(server: &Arc<Server>, params_value: Option<Value>) -> Reply 
         .decode(p.content.as_deref().unwrap_or_default())
         .map_err(|_| RpcError::new(code::INVALID_PARAMS, "invalid base64 content"))?;
     let live = server.live().await?;
-    live.sandbox.write_file(&p.path, &content, p.mode).await.map_err(file_failed)?;
+    live.sandbox.write_file(&p.path, &content, p.mode).await.map_err(|e| file_failed(&e))?;
     Ok(json!({}))
 }
 
@@ -627,7 +729,7 @@ async fn read_file(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
     let p: FileParams = params(params_value)?;
     required_path(&p)?;
     let live = server.live().await?;
-    let content = live.sandbox.read_file(&p.path).await.map_err(file_failed)?;
+    let content = live.sandbox.read_file(&p.path).await.map_err(|e| file_failed(&e))?;
     Ok(json!({"content": B64.encode(content)}))
 }
 
@@ -635,7 +737,7 @@ async fn list_files(server: &Arc<Server>, params_value: Option<Value>) -> Reply 
     let p: FileParams = params(params_value)?;
     required_path(&p)?;
     let live = server.live().await?;
-    let entries = live.sandbox.list_files(&p.path).await.map_err(file_failed)?;
+    let entries = live.sandbox.list_files(&p.path).await.map_err(|e| file_failed(&e))?;
     let files: Vec<FileInfo> = entries
         .into_iter()
         .map(|e| FileInfo {
@@ -734,16 +836,15 @@ async fn port_forward(server: &Arc<Server>, params_value: Option<Value>) -> Repl
     }
     let live = server.live().await?;
     let addresses = if p.addresses.is_empty() { vec!["127.0.0.1".to_owned()] } else { p.addresses };
-    let ips = crate::forward::parse_addresses(&addresses)
-        .map_err(|e| RpcError::new(code::INVALID_PARAMS, format!("{e:#}")))?;
+    let ips =
+        crate::forward::parse_addresses(&addresses).map_err(|e| RpcError::from_anyhow(code::INVALID_PARAMS, &e))?;
     // Local port 0 picks a free port (reported in the bindings).
     let forwards: Vec<PortForward> =
         p.forwards.iter().map(|f| PortForward { local: f.local_port, remote: f.remote_port }).collect();
     let bindings = crate::forward::bindings(&ips, &forwards);
     // The new set replaces the old one, whose ports may be reused.
     lock(&server.forwards).take();
-    let listeners =
-        crate::forward::bind(&bindings).await.map_err(|e| RpcError::new(code::VM_FAILED, format!("{e:#}")))?;
+    let listeners = crate::forward::bind(&bindings).await.map_err(|e| RpcError::from_anyhow(code::VM_FAILED, &e))?;
     let mut realized = Vec::new();
     for (listener, binding) in &listeners {
         let local = listener.local_addr().map_or(binding.local, |a| a);
@@ -755,4 +856,101 @@ async fn port_forward(server: &Arc<Server>, params_value: Option<Value>) -> Repl
     }
     *lock(&server.forwards) = Some(crate::forward::start(live.sandbox.dir(), listeners));
     Ok(json!({"bindings": realized}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a session over in-memory streams: `input` is sent, then EOF; returns every line
+    /// the server wrote, parsed.
+    async fn session(input: &[u8]) -> Vec<Value> {
+        let (mut client, server_in) = tokio::io::duplex(64 << 10);
+        let (server_out, mut client_out) = tokio::io::duplex(64 << 10);
+        let send = async {
+            // The server may stop reading (after `close`): what it leaves unread is dropped.
+            let _ = client.write_all(input).await;
+            drop(client);
+        };
+        let mut out = String::new();
+        let (_, served, _) =
+            tokio::join!(send, serve_on(server_in, server_out, None), client_out.read_to_string(&mut out));
+        served.unwrap();
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    fn error_code(reply: &Value) -> i64 {
+        reply["error"]["code"].as_i64().unwrap_or_else(|| panic!("not an error: {reply}"))
+    }
+
+    #[tokio::test]
+    async fn malformed_lines_get_parse_errors_and_the_session_goes_on() {
+        let mut input = b"not json\n{\"id\": \"seven\", \"method\": \"log\"}\n[1,2]\n\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        input.extend_from_slice(b"\n{\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"cancel\",\"params\":{\"id\":1}}\n");
+        let replies = session(&input).await;
+        assert_eq!(replies.len(), 5, "{replies:?}");
+        for reply in &replies[..4] {
+            assert_eq!(error_code(reply), code::PARSE);
+            assert!(reply.get("id").is_none(), "a parse error carries no id: {reply}");
+        }
+        assert_eq!(replies[4], json!({"jsonrpc": "2.0", "result": {"cancelled": false}, "id": 9}));
+    }
+
+    #[tokio::test]
+    async fn unknown_methods_missing_methods_and_no_sandbox_are_errors_with_their_id() {
+        let replies = session(
+            b"{\"id\":1,\"method\":\"reboot\"}\n{\"id\":2}\n{\"id\":3,\"method\":\"exec\",\"params\":{\"command\":\"true\"}}\n\
+              {\"method\":\"reboot\"}\n{\"method\":\"exec_pipe.stdin\",\"params\":{\"id\":5,\"data\":\"aGk=\"}}\n",
+        )
+        .await;
+        assert_eq!(replies.len(), 3, "notifications are never answered: {replies:?}");
+        let by_id = |id: u64| replies.iter().find(|r| r["id"] == id).unwrap_or_else(|| panic!("no reply {id}"));
+        assert_eq!(error_code(by_id(1)), code::METHOD_NOT_FOUND);
+        assert_eq!(error_code(by_id(2)), code::INVALID_REQUEST);
+        assert_eq!(error_code(by_id(3)), code::VM_FAILED);
+        assert_eq!(by_id(3)["error"]["message"], "VM not created");
+    }
+
+    #[tokio::test]
+    async fn invalid_params_carry_their_cause_chain_in_data() {
+        let replies = session(b"{\"id\":1,\"method\":\"create\",\"params\":{\"image\":7}}\n").await;
+        assert_eq!(error_code(&replies[0]), code::INVALID_PARAMS);
+        let message = replies[0]["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("invalid params: invalid type"), "{message}");
+        let causes = replies[0]["error"]["data"]["causes"].as_array().expect("data.causes");
+        assert!(causes[0].as_str().unwrap().contains("expected a string"), "{causes:?}");
+    }
+
+    #[tokio::test]
+    async fn close_answers_then_ends_the_session_unread_requests_unanswered() {
+        let replies = session(b"{\"id\":1,\"method\":\"close\"}\n{\"id\":2,\"method\":\"log\"}\n").await;
+        assert_eq!(replies, [json!({"jsonrpc": "2.0", "result": {}, "id": 1})]);
+    }
+
+    #[tokio::test]
+    async fn requests_are_answered_in_order_when_they_run_inline() {
+        let mut input = Vec::new();
+        for id in 1..=50 {
+            input.extend_from_slice(
+                format!("{{\"id\":{id},\"method\":\"cancel\",\"params\":{{\"id\":{id}}}}}\n").as_bytes(),
+            );
+        }
+        let ids: Vec<u64> = session(&input).await.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, (1..=50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn every_method_name_parses_to_one_method() {
+        for (name, method) in [
+            ("create", Method::Create),
+            ("exec_tty", Method::Call(Call::ExecStreaming(ExecMode::Tty))),
+            ("exec_tty.resize", Method::Input(InputKind::Resize)),
+            ("exec_pipe.stdin_eof", Method::Input(InputKind::StdinEof)),
+            ("allow_list_delete", Method::Call(Call::AllowList { add: false })),
+        ] {
+            assert_eq!(Method::parse(name), Some(method), "{name}");
+        }
+        assert_eq!(Method::parse("Create"), None, "names are case-sensitive");
+    }
 }
