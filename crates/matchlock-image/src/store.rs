@@ -422,7 +422,8 @@ impl Store {
         if let Some(found) = self.get(reference)? {
             return Ok(Some(found));
         }
-        match crate::registry::normalize(reference) {
+        // Docker's defaults, as `registry::normalize` applies them.
+        match reference.parse::<oci_client::Reference>() {
             Ok(full) => self.get(&full.whole()),
             Err(_) => Ok(None),
         }

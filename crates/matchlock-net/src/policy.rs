@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::{Mutex, RwLock};
 
-use crate::secrets::Secret;
+use matchlock_api::config::Secret;
 
 /// Matches `host` against one allow-list glob (reference semantics, case-sensitive).
 ///

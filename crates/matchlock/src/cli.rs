@@ -2,10 +2,11 @@
 
 use std::io::IsTerminal;
 
+use crate::images::open_store;
+use crate::volumes::VolumeCommand;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use matchlock_api::paths::cache_dir;
-use matchlock_image::{format_size, Store};
+use matchlock_image::format_size;
 
 /// Run untrusted code in micro-VMs booted from OCI images.
 #[derive(Debug, Parser)]
@@ -173,42 +174,6 @@ struct ImportArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum VolumeCommand {
-    /// Create a volume.
-    Create {
-        /// Size in MB.
-        #[arg(long, default_value_t = 10240)]
-        size: u64,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Name (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
-        name: String,
-    },
-    /// List volumes.
-    #[command(alias = "list")]
-    Ls {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Remove a volume.
-    #[command(alias = "remove")]
-    Rm {
-        /// Name.
-        name: String,
-    },
-    /// Copy a volume (mode, owner and modification time kept).
-    #[command(alias = "copy")]
-    Cp {
-        /// Source volume.
-        source: String,
-        /// New volume.
-        dest: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
 enum SetupCommand {
     /// Debian packages, vhost-device-vsock and the guest kernel (idempotent).
     Linux {
@@ -227,12 +192,6 @@ enum KernelCommand {
     Build,
     /// Print the path of the kernel that `run` boots.
     Path,
-}
-
-/// The image store under the cache directory.
-pub fn open_store() -> Result<Store> {
-    let root = cache_dir().join("images");
-    Store::open(&root).with_context(|| format!("cannot open the image store at {}", root.display()))
 }
 
 /// Runs a parsed command line; returns the process exit code.

@@ -6,8 +6,6 @@ use anyhow::{bail, Context, Result};
 use matchlock_image::registry::{self, PullEvent, PullSummary};
 use matchlock_image::{format_size, ImageRecord, Store};
 
-use crate::cli::open_store;
-
 fn mb(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
 }
@@ -104,4 +102,10 @@ pub fn gc() -> Result<u8> {
     let removed = open_store()?.gc()?;
     outln!("Removed {removed} unreferenced blobs")?;
     Ok(0)
+}
+
+/// The image store under the cache directory.
+pub fn open_store() -> Result<Store> {
+    let root = matchlock_api::paths::cache_dir().join("images");
+    Store::open(&root).with_context(|| format!("cannot open the image store at {}", root.display()))
 }

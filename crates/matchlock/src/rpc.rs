@@ -482,7 +482,7 @@ async fn create(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
         ));
     }
     let vm_failed = |e: anyhow::Error| RpcError::from_anyhow(code::VM_FAILED, &e);
-    let mut store = crate::cli::open_store().map_err(vm_failed)?;
+    let mut store = crate::images::open_store().map_err(vm_failed)?;
     crate::images::image_for_run(&mut store, &config.image, false).await.map_err(vm_failed)?;
     let state = matchlock_sandbox::open_state().map_err(|e| vm_failed(e.into()))?;
     let sandbox = Sandbox::create_with_events(config, &store, state, event_sinks(&server.out))

@@ -16,7 +16,7 @@ use matchlock_api::config::{
 use matchlock_api::SandboxConfig;
 use matchlock_sandbox::{compose, ComposeError, Sandbox};
 
-use crate::cli::open_store;
+use crate::images::open_store;
 use crate::session::{self, Output, StopSignals};
 
 /// Arguments of `matchlock run`.

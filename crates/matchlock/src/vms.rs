@@ -14,7 +14,7 @@ use matchlock_state::{short_time, StateDb, Status, Vm};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::cli::open_store;
+use crate::images::open_store;
 use crate::session::{self, Output, StopSignals};
 
 /// Arguments of `matchlock exec`.

@@ -4,10 +4,47 @@ use anyhow::Result;
 use matchlock_image::format_size;
 use matchlock_sandbox::volumes::{self, Volume};
 
-use crate::cli::VolumeCommand;
+use clap::Subcommand;
 
 fn json(v: &Volume) -> serde_json::Value {
     serde_json::json!({ "name": v.name, "size": format_size(v.size), "path": v.path })
+}
+
+/// `matchlock volume`.
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume.
+    Create {
+        /// Size in MB.
+        #[arg(long, default_value_t = 10240)]
+        size: u64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Name (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
+        name: String,
+    },
+    /// List volumes.
+    #[command(alias = "list")]
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a volume.
+    #[command(alias = "remove")]
+    Rm {
+        /// Name.
+        name: String,
+    },
+    /// Copy a volume (mode, owner and modification time kept).
+    #[command(alias = "copy")]
+    Cp {
+        /// Source volume.
+        source: String,
+        /// New volume.
+        dest: String,
+    },
 }
 
 /// Runs a `volume` subcommand.
