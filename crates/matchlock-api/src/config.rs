@@ -105,6 +105,47 @@ pub struct Interception {
     pub callback_socket: Option<String>,
 }
 
+/// When a rule applies: to the request (`before`, the default; `""` too, as the SDKs send
+/// it) or to the response / after the operation (`after`). Anything else is refused when
+/// the configuration is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RulePhase {
+    /// On the request, before it is sent (or before the file operation).
+    #[default]
+    #[serde(alias = "")]
+    Before,
+    /// On the response (or after the file operation).
+    After,
+}
+
+/// What a network interception rule does: `allow` (the default, `""` too), `block`, or
+/// `mutate` (edits only; the same as `allow` for whether the request goes out).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    /// Let it through (with the rule's edits).
+    #[default]
+    #[serde(alias = "")]
+    Allow,
+    /// Refuse it.
+    Block,
+    /// Let it through with the rule's edits.
+    Mutate,
+}
+
+/// What a VFS rule does: `allow` (the default, `""` too) or `block` (`EPERM`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VfsAction {
+    /// Let the operation happen.
+    #[default]
+    #[serde(alias = "")]
+    Allow,
+    /// Refuse it with `EPERM`.
+    Block,
+}
+
 /// One interception rule (the JSON shape the SDKs send).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -112,7 +153,7 @@ pub struct HookRule {
     /// Name, for events and errors.
     pub name: String,
     /// `before` (request) or `after` (response); default `before`.
-    pub phase: String,
+    pub phase: RulePhase,
     /// Host globs; empty matches every host.
     pub hosts: Vec<String>,
     /// Methods; empty matches every method.
@@ -120,7 +161,7 @@ pub struct HookRule {
     /// `path.Match`-style pattern on the URL path; empty matches every path.
     pub path: String,
     /// `allow`, `block` or `mutate`; default `allow`.
-    pub action: String,
+    pub action: RuleAction,
     /// Consult the callback socket with this id.
     pub callback_id: String,
     /// Callback timeout in milliseconds (default 2000).
@@ -284,14 +325,14 @@ pub struct VfsRule {
     /// Name, for errors.
     pub name: String,
     /// `before` (default) or `after`.
-    pub phase: String,
+    pub phase: RulePhase,
     /// Operations (`stat open read write create mkdir remove rename readdir chmod truncate
     /// symlink readlink link`); empty matches all.
     pub ops: Vec<String>,
     /// `path.Match` pattern on the absolute guest path; empty matches all.
     pub path: String,
     /// `allow` (default) or `block` (EPERM in the guest).
-    pub action: String,
+    pub action: VfsAction,
     /// Callback timeout (callbacks need the JSON-RPC API).
     pub timeout_ms: u64,
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
-use matchlock_api::config::{path_matches, HookRule, Interception};
+use matchlock_api::config::{path_matches, HookRule, Interception, RuleAction, RulePhase as Phase};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -22,12 +22,6 @@ use crate::policy::{glob_matches, Blocked};
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest callback answer read.
 const MAX_CALLBACK_REPLY: u64 = 16 * 1024 * 1024;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Before,
-    After,
-}
 
 #[derive(Debug, Clone)]
 struct Rule {
@@ -102,19 +96,7 @@ impl Hooks {
         let Some(config) = config else { return Ok(Self::default()) };
         let mut rules = Vec::new();
         for r in &config.rules {
-            let invalid =
-                |field, value: &str| RuleError::Invalid { rule: r.name.clone(), field, value: value.to_owned() };
-            let phase = match r.phase.as_str() {
-                "" | "before" => Phase::Before,
-                "after" => Phase::After,
-                other => return Err(invalid("phase", other)),
-            };
-            let block = match r.action.as_str() {
-                "" | "allow" | "mutate" => false,
-                "block" => true,
-                other => return Err(invalid("action", other)),
-            };
-            let rule = compile(r, phase, block)?;
+            let rule = compile(r, r.phase, r.action == RuleAction::Block)?;
             let mutates = !rule.set_headers.is_empty()
                 || !rule.delete_headers.is_empty()
                 || !rule.set_query.is_empty()
@@ -433,11 +415,14 @@ mod tests {
     #[test]
     fn compile_drops_inert_rules_and_rejects_bad_ones() {
         let inert = HookRule { name: "nothing".into(), ..HookRule::default() };
-        let blocker = HookRule { name: "b".into(), action: "block".into(), ..HookRule::default() };
+        let blocker = HookRule { name: "b".into(), action: RuleAction::Block, ..HookRule::default() };
         let hooks = Hooks::new(Some(&Interception { rules: vec![inert, blocker], callback_socket: None })).unwrap();
         assert_eq!(hooks.rules.len(), 1);
-        let bad = HookRule { name: "x".into(), phase: "during".into(), ..HookRule::default() };
-        assert!(Hooks::new(Some(&Interception { rules: vec![bad], callback_socket: None })).is_err());
+        // Phases and actions are checked once, where the configuration is read.
+        let bad = serde_json::from_str::<HookRule>(r#"{"name": "x", "phase": "during"}"#).unwrap_err();
+        assert!(bad.to_string().contains("unknown variant `during`"), "{bad}");
+        let sdk_default: HookRule = serde_json::from_str(r#"{"name": "y", "phase": "", "action": ""}"#).unwrap();
+        assert_eq!((sdk_default.phase, sdk_default.action), (Phase::Before, RuleAction::Allow));
         assert_eq!(canonical("x-api-KEY"), "X-Api-Key");
     }
 
@@ -456,7 +441,7 @@ mod tests {
         };
         let block = HookRule {
             name: "no-admin".into(),
-            action: "block".into(),
+            action: RuleAction::Block,
             path: "/admin/*".into(),
             ..HookRule::default()
         };

@@ -2,7 +2,7 @@
 //! everything else the guest does in the workspace.
 //! `cargo run -p matchlock-sdk --example vfs_hooks [image]`
 
-use matchlock_sdk::{Client, CreateOptions, Event, VfsInterception, VfsRule};
+use matchlock_sdk::{Client, CreateOptions, Event, VfsAction, VfsInterception, VfsRule};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,7 +13,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         name: "no-keys".into(),
         ops: vec!["create".into()],
         path: "/workspace/*.pem".into(),
-        action: "block".into(),
+        action: VfsAction::Block,
         ..VfsRule::default()
     };
     let rules = VfsInterception { emit_events: true, rules: vec![block_keys] };

@@ -29,7 +29,9 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-pub use matchlock_api::config::{BodyReplacement, HookRule, VfsInterception, VfsRule};
+pub use matchlock_api::config::{
+    BodyReplacement, HookRule, RuleAction, RulePhase, VfsAction, VfsInterception, VfsRule,
+};
 pub use matchlock_api::rpc::{Binding, FileEvent, FileInfo, NetworkEvent};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};

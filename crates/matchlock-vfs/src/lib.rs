@@ -15,6 +15,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use matchlock_api::config::{RulePhase, VfsAction};
 use matchlock_api::rpc::FileEvent;
 use rustix::fs::OFlags;
 use rustix::io::Errno;
@@ -251,20 +252,12 @@ impl Router {
         for rule in &config.rules {
             let invalid =
                 |field, value: &str| VfsRuleError::Invalid { rule: rule.name.clone(), field, value: value.to_owned() };
-            let before = match rule.phase.as_str() {
-                "" | "before" => true,
-                "after" => false,
-                other => return Err(invalid("phase", other)),
-            };
             let ops: Vec<String> = rule.ops.iter().map(|op| canonical_op(op)).collect();
             if let Some(op) = ops.iter().find(|op| !RULE_OPS.contains(&op.as_str())) {
                 return Err(invalid("op", op));
             }
-            match rule.action.as_str() {
-                "" | "allow" => {}
-                "block" if before => self.blocks.push(BlockRule { ops, path: rule.path.clone() }),
-                "block" => {}
-                other => return Err(invalid("action", other)),
+            if (rule.phase, rule.action) == (RulePhase::Before, VfsAction::Block) {
+                self.blocks.push(BlockRule { ops, path: rule.path.clone() });
             }
         }
         Ok(())
@@ -796,7 +789,7 @@ mod tests {
                 name: "no-env".into(),
                 ops: vec!["open".into(), "write".into()],
                 path: "/workspace/*.env".into(),
-                action: "block".into(),
+                action: VfsAction::Block,
                 ..Default::default()
             }],
         };

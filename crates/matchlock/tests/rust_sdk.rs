@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{debian_image, home, Home};
-use matchlock_sdk::{codes, Client, CreateOptions, Event, ExecOptions, VfsInterception, VfsRule};
+use matchlock_sdk::{codes, Client, CreateOptions, Event, ExecOptions, VfsAction, VfsInterception, VfsRule};
 
 async fn client(h: &Home) -> Client {
     Client::from_command(h.cmd()).await.expect("start matchlock rpc")
@@ -24,7 +24,7 @@ async fn core_flows() {
             name: "no-pem".into(),
             ops: vec!["create".into()],
             path: "/workspace/*.pem".into(),
-            action: "block".into(),
+            action: VfsAction::Block,
             ..VfsRule::default()
         }],
     };
