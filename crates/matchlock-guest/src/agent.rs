@@ -32,11 +32,11 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Size of the output chunks sent to the host.
 const CHUNK: usize = 32 * 1024;
 /// File descriptor on which the launcher receives the request.
-pub const REQUEST_FD: i32 = 3;
+pub(crate) const REQUEST_FD: i32 = 3;
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
-pub enum AgentError {
+pub(crate) enum AgentError {
     /// The exec port could not be bound.
     #[error("cannot listen on vsock port {EXEC_PORT}")]
     Listen(#[source] io::Error),
@@ -44,7 +44,7 @@ pub enum AgentError {
 
 /// Listens on the exec port, tells the host it is ready, and serves forever. `disks`
 /// are the mount points of the extra disks, remounted read-only on quiesce.
-pub fn serve(disks: Vec<String>) -> Result<(), AgentError> {
+pub(crate) fn serve(disks: Vec<String>) -> Result<(), AgentError> {
     let disks: Arc<[String]> = disks.into();
     let listener = VsockListener::bind_with_cid_port(VMADDR_CID_ANY, EXEC_PORT).map_err(AgentError::Listen)?;
     match VsockListener::bind_with_cid_port(VMADDR_CID_ANY, ECHO_PORT) {

@@ -17,7 +17,7 @@ use vsock::VsockStream;
 const CHUNK: usize = 256 * 1024;
 
 /// Serves one file request whose first frame is `frame`.
-pub fn serve(stream: &mut VsockStream, frame: &Frame) -> Result<(), FrameError> {
+pub(crate) fn serve(stream: &mut VsockStream, frame: &Frame) -> Result<(), FrameError> {
     let request: FileRequest = match serde_json::from_slice(&frame.payload) {
         Ok(r) => r,
         Err(e) => return reply(stream, Err(format!("invalid file request: {e}"))),

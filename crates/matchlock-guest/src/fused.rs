@@ -67,7 +67,7 @@ impl Inodes {
 }
 
 /// The workspace file system.
-pub struct Workspace {
+pub(crate) struct Workspace {
     conn: Mutex<VsockStream>,
     inodes: Mutex<Inodes>,
 }
@@ -130,7 +130,7 @@ fn kind_of(mode: u32, is_dir: bool) -> FileType {
 
 impl Workspace {
     /// Connects to the host's VFS server.
-    pub fn connect(root: &str) -> std::io::Result<Self> {
+    pub(crate) fn connect(root: &str) -> std::io::Result<Self> {
         let mut last = None;
         for _ in 0..30 {
             match VsockStream::connect_with_cid_port(HOST_CID, VFS_PORT) {
@@ -417,7 +417,7 @@ impl Filesystem for Workspace {
 
 /// Mounts the workspace at `mountpoint` and serves it on a background thread for the life
 /// of the VM.
-pub fn mount(mountpoint: &str) -> std::io::Result<()> {
+pub(crate) fn mount(mountpoint: &str) -> std::io::Result<()> {
     std::fs::create_dir_all(mountpoint)?;
     let fs = Workspace::connect(mountpoint)?;
     let mut config = Config::default();

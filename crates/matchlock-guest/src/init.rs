@@ -22,7 +22,7 @@ const STAGING: &str = "/run/matchlock";
 
 /// Errors that stop the guest from booting.
 #[derive(Debug, thiserror::Error)]
-pub enum InitError {
+pub(crate) enum InitError {
     /// /proc/cmdline could not be read.
     #[error("cannot read the kernel command line")]
     Cmdline(#[source] std::io::Error),
@@ -59,7 +59,7 @@ pub enum InitError {
 
 /// Entry point for PID 1. Never returns normally: on a fatal error the VM is rebooted,
 /// which ends it (the host runs QEMU with `-no-reboot`).
-pub fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
     if let Err(e) = run() {
         eprintln!("matchlock-init: FATAL: {}", sys::error_chain(&e));
     }
@@ -233,7 +233,7 @@ fn write_file(path: &str, contents: &str) -> Result<(), InitError> {
 }
 
 /// /etc/hosts in the reference format.
-pub fn hosts_file(params: &BootParams) -> String {
+pub(crate) fn hosts_file(params: &BootParams) -> String {
     let mut s = format!("127.0.0.1 localhost localhost.localdomain {}\n", params.hostname);
     for (host, ip) in &params.add_hosts {
         s.push_str(&format!("{ip} {host}\n"));

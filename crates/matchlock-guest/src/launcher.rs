@@ -110,7 +110,7 @@ fn supervise(child: Pid, forward: Forward, set: &SigSet) -> ! {
 }
 
 /// Entry point of the `matchlock-launcher` role.
-pub fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
     // SAFETY: the agent hands us fd 3 holding the request; nothing else owns it.
     let mut request_pipe = unsafe { fs::File::from_raw_fd(REQUEST_FD) };
     let mut raw = Vec::new();

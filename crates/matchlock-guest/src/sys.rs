@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use matchlock_protocol::exec::WindowSize;
 
 /// Formats an error with its whole `source()` chain.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -18,7 +18,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Sets the window size of a terminal.
-pub fn set_window_size(fd: BorrowedFd<'_>, ws: WindowSize) -> io::Result<()> {
+pub(crate) fn set_window_size(fd: BorrowedFd<'_>, ws: WindowSize) -> io::Result<()> {
     let winsize = libc::winsize { ws_row: ws.rows, ws_col: ws.cols, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which is valid for the call.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &winsize) };
@@ -29,7 +29,7 @@ pub fn set_window_size(fd: BorrowedFd<'_>, ws: WindowSize) -> io::Result<()> {
 }
 
 /// Makes the terminal on stdin the controlling terminal of the calling session leader.
-pub fn set_controlling_terminal() -> io::Result<()> {
+pub(crate) fn set_controlling_terminal() -> io::Result<()> {
     // SAFETY: TIOCSCTTY takes an integer argument and touches no memory of ours.
     let rc = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
     if rc < 0 {
@@ -39,7 +39,7 @@ pub fn set_controlling_terminal() -> io::Result<()> {
 }
 
 /// Brings the loopback interface up.
-pub fn loopback_up() -> io::Result<()> {
+pub(crate) fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket(2) call; the result is checked and owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -88,7 +88,7 @@ const DENIED_SYSCALLS: [libc::c_long; 5] = [
 /// Restricts the calling process before it executes a command: drops
 /// [`DROPPED_CAPABILITIES`] from the bounding set, sets no_new_privs, and installs a
 /// seccomp filter denying [`DENIED_SYSCALLS`]. Inherited by everything it starts.
-pub fn harden() -> io::Result<()> {
+pub(crate) fn harden() -> io::Result<()> {
     for cap in DROPPED_CAPABILITIES {
         // SAFETY: PR_CAPBSET_DROP takes an integer and touches no memory of ours.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {

@@ -3,7 +3,7 @@
 
 /// The identity a command runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
+pub(crate) struct Identity {
     /// User id.
     pub uid: u32,
     /// Primary group id.
@@ -16,7 +16,7 @@ pub struct Identity {
 
 /// Errors resolving a user spec.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum UserError {
+pub(crate) enum UserError {
     /// The user name is not in /etc/passwd.
     #[error("unable to find user {0}: no matching entries in passwd file")]
     UnknownUser(String),
@@ -58,7 +58,7 @@ fn group_entries(group: &str) -> impl Iterator<Item = (&str, u32, Vec<&str>)> {
 }
 
 /// Resolves `spec` with the contents of /etc/passwd and /etc/group (either may be empty).
-pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, UserError> {
+pub(crate) fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, UserError> {
     let (user_part, group_part) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),

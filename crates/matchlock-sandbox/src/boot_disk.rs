@@ -11,7 +11,7 @@ use crate::{io_err, SandboxError};
 const DIRS: [&str; 4] = ["proc", "sys", "dev", "run"];
 
 /// Returns the cached boot disk for `guest_init`, building it if needed.
-pub fn ensure(guest_init: &Path, cache: &Path) -> Result<PathBuf, SandboxError> {
+pub(crate) fn ensure(guest_init: &Path, cache: &Path) -> Result<PathBuf, SandboxError> {
     let binary = std::fs::read(guest_init).map_err(io_err(format!("cannot read {}", guest_init.display())))?;
     let hash = hex::encode(Sha256::digest(&binary));
     let disk = cache.join(format!("boot-{}.ext4", &hash[..16]));

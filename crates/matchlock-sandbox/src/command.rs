@@ -13,7 +13,7 @@ pub enum ComposeError {
 }
 
 /// Where the guest finds the sandbox CA (guest-init also appends it to the system bundle).
-pub const GUEST_CA_PATH: &str = "/etc/ssl/certs/matchlock-ca.crt";
+pub(crate) const GUEST_CA_PATH: &str = "/etc/ssl/certs/matchlock-ca.crt";
 
 /// Variables that point TLS clients at the sandbox CA under interception.
 const CA_ENV: [&str; 4] = ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"];
@@ -39,7 +39,7 @@ impl Composed {
 }
 
 /// Merges env lists: later entries override earlier ones, first-seen order is kept.
-pub fn merge_env<'a>(layers: impl IntoIterator<Item = (&'a String, &'a String)>) -> Vec<(String, String)> {
+pub(crate) fn merge_env<'a>(layers: impl IntoIterator<Item = (&'a String, &'a String)>) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
     for (k, v) in layers {
         match out.iter_mut().find(|(key, _)| key == k) {

@@ -5,11 +5,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Counts occurrences of one guest-triggerable event and says which to log: the 1st, 2nd,
 /// 4th, 8th … (each logged line carries the count so far).
 #[derive(Debug, Default)]
-pub struct Sampled(AtomicU64);
+pub(crate) struct Sampled(AtomicU64);
 
 impl Sampled {
     /// Records one occurrence; `Some(count)` when this one should be logged.
-    pub fn record(&self) -> Option<u64> {
+    pub(crate) fn record(&self) -> Option<u64> {
         let n = self.0.fetch_add(1, Ordering::Relaxed) + 1;
         n.is_power_of_two().then_some(n)
     }

@@ -17,7 +17,7 @@ fn vfs_error(what: String) -> impl FnOnce(rustix::io::Errno) -> SandboxError {
 }
 
 /// Builds the mount router: overlay mounts get an empty upper directory in the VM directory.
-pub fn router(
+pub(crate) fn router(
     dir: &VmDir,
     mounts: &[VfsMount],
     rules: Option<&VfsInterception>,
@@ -83,7 +83,7 @@ pub const MAX_VFS_CONNECTIONS: usize = 8;
 
 /// Serves guest VFS connections to host port [`matchlock_protocol::VFS_PORT`] until the task
 /// is aborted.
-pub fn serve(dir: &VmDir, router: Router) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
+pub(crate) fn serve(dir: &VmDir, router: Router) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
     let path = dir.vsock_listener(matchlock_protocol::VFS_PORT);
     let _ = std::fs::remove_file(&path);
     let listener =

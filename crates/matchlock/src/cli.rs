@@ -11,7 +11,7 @@ use matchlock_image::format_size;
 /// Run untrusted code in micro-VMs booted from OCI images.
 #[derive(Debug, Parser)]
 #[command(name = "matchlock", version, about, propagate_version = true)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Log level or `RUST_LOG`-style filter for matchlock's own log on stderr (`debug` tells
     /// where boot time goes); default `RUST_LOG`, else `warn`.
     #[arg(long, global = true, value_name = "LEVEL")]
@@ -22,7 +22,7 @@ pub struct Cli {
 
 /// `matchlock allow-list`.
 #[derive(Debug, Subcommand)]
-pub enum AllowListCommand {
+pub(crate) enum AllowListCommand {
     /// Add hosts (globs, comma-separated) to the allow-list.
     Add {
         /// The sandbox.
@@ -195,7 +195,7 @@ enum KernelCommand {
 }
 
 /// Runs a parsed command line; returns the process exit code.
-pub async fn dispatch(cli: Cli) -> Result<u8> {
+pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Run(args) => crate::run::run(*args).await,
         Command::Exec(args) => crate::vms::exec(args).await,

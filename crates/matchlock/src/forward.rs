@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 
 /// One listener to bind.
 #[derive(Debug, Clone, Copy)]
-pub struct Binding {
+pub(crate) struct Binding {
     /// Host address and port.
     pub local: SocketAddr,
     /// Guest port.
@@ -19,21 +19,21 @@ pub struct Binding {
 }
 
 /// Parses `[LOCAL:]REMOTE` specs and `--address` values (IP literals or `localhost`).
-pub fn parse(specs: &[String], addresses: &[String]) -> Result<Vec<Binding>> {
+pub(crate) fn parse(specs: &[String], addresses: &[String]) -> Result<Vec<Binding>> {
     let ips = parse_addresses(addresses)?;
     let forwards: Vec<PortForward> = specs.iter().map(|s| parse_publish(s)).collect::<Result<_, _>>()?;
     Ok(bindings(&ips, &forwards))
 }
 
 /// Every forward on every address.
-pub fn bindings(ips: &[IpAddr], forwards: &[PortForward]) -> Vec<Binding> {
+pub(crate) fn bindings(ips: &[IpAddr], forwards: &[PortForward]) -> Vec<Binding> {
     ips.iter()
         .flat_map(|ip| forwards.iter().map(|f| Binding { local: SocketAddr::new(*ip, f.local), remote: f.remote }))
         .collect()
 }
 
 /// Parses listen addresses (IP literals or `localhost`), without duplicates.
-pub fn parse_addresses(addresses: &[String]) -> Result<Vec<IpAddr>> {
+pub(crate) fn parse_addresses(addresses: &[String]) -> Result<Vec<IpAddr>> {
     let mut ips: Vec<IpAddr> = Vec::new();
     for address in addresses {
         let ip = if address == "localhost" {
@@ -49,7 +49,7 @@ pub fn parse_addresses(addresses: &[String]) -> Result<Vec<IpAddr>> {
 }
 
 /// Binds every listener (before the sandbox boots: a busy port fails fast).
-pub async fn bind(bindings: &[Binding]) -> Result<Vec<(TcpListener, Binding)>> {
+pub(crate) async fn bind(bindings: &[Binding]) -> Result<Vec<(TcpListener, Binding)>> {
     let mut listeners = Vec::new();
     for binding in bindings {
         let listener =
@@ -60,7 +60,7 @@ pub async fn bind(bindings: &[Binding]) -> Result<Vec<(TcpListener, Binding)>> {
 }
 
 /// Serves the listeners for the sandbox in `vm_dir` until the returned guard drops.
-pub fn start(vm_dir: &VmDir, listeners: Vec<(TcpListener, Binding)>) -> Forwarding {
+pub(crate) fn start(vm_dir: &VmDir, listeners: Vec<(TcpListener, Binding)>) -> Forwarding {
     let mut tasks = Vec::new();
     for (listener, binding) in listeners {
         eprintln!("Forwarding {}:{} -> sandbox:{}", binding.local.ip(), binding.local.port(), binding.remote);
@@ -84,7 +84,7 @@ pub fn start(vm_dir: &VmDir, listeners: Vec<(TcpListener, Binding)>) -> Forwardi
 
 /// Running listeners; dropping it stops them.
 #[derive(Debug)]
-pub struct Forwarding(Vec<JoinHandle<()>>);
+pub(crate) struct Forwarding(Vec<JoinHandle<()>>);
 
 impl Drop for Forwarding {
     fn drop(&mut self) {

@@ -117,7 +117,7 @@ async fn checks() -> Vec<Check> {
 }
 
 /// `matchlock diagnose [--json]`.
-pub async fn diagnose(json: bool) -> Result<u8> {
+pub(crate) async fn diagnose(json: bool) -> Result<u8> {
     let checks = checks().await;
     let ok = checks.iter().all(|c| c.status != Verdict::Fail);
     if json {
@@ -144,7 +144,7 @@ pub async fn diagnose(json: bool) -> Result<u8> {
 const INSTALL_DEPS: &str = include_str!("../../../scripts/install-deps.sh");
 
 /// `matchlock setup linux`.
-pub fn setup_linux(skip_packages: bool, skip_kernel: bool) -> Result<u8> {
+pub(crate) fn setup_linux(skip_packages: bool, skip_kernel: bool) -> Result<u8> {
     if !skip_packages {
         let status =
             Command::new("bash").arg("-c").arg(INSTALL_DEPS).status().context("cannot run the dependency installer")?;

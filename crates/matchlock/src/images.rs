@@ -33,7 +33,7 @@ fn progress_printer() -> impl FnMut(PullEvent) {
 }
 
 /// Pulls with progress on stderr.
-pub async fn pull_with_progress(
+pub(crate) async fn pull_with_progress(
     store: &mut Store,
     reference: &str,
     alias: Option<&str>,
@@ -46,7 +46,7 @@ pub async fn pull_with_progress(
 }
 
 /// The image for `run --image`: the store's, or pulled when missing (always with `--pull`).
-pub async fn image_for_run(store: &mut Store, reference: &str, force_pull: bool) -> Result<ImageRecord> {
+pub(crate) async fn image_for_run(store: &mut Store, reference: &str, force_pull: bool) -> Result<ImageRecord> {
     if !force_pull {
         if let Some(image) = store.resolve(reference)? {
             return Ok(image);
@@ -58,7 +58,7 @@ pub async fn image_for_run(store: &mut Store, reference: &str, force_pull: bool)
 }
 
 /// `matchlock pull`.
-pub async fn pull(reference: &str, tag: Option<&str>, force: bool) -> Result<u8> {
+pub(crate) async fn pull(reference: &str, tag: Option<&str>, force: bool) -> Result<u8> {
     let mut store = open_store()?;
     outln!("Pulling {reference}...")?;
     let summary = pull_with_progress(&mut store, reference, tag, force).await?;
@@ -71,7 +71,7 @@ pub async fn pull(reference: &str, tag: Option<&str>, force: bool) -> Result<u8>
 }
 
 /// `matchlock image ls`.
-pub fn list() -> Result<u8> {
+pub(crate) fn list() -> Result<u8> {
     let store = open_store()?;
     let rows: Vec<Vec<String>> = store
         .list()?
@@ -83,7 +83,7 @@ pub fn list() -> Result<u8> {
 }
 
 /// `matchlock image rm`.
-pub fn remove(tag: &str) -> Result<u8> {
+pub(crate) fn remove(tag: &str) -> Result<u8> {
     let mut store = open_store()?;
     let full = registry::normalize(tag).map(|r| r.whole()).ok();
     let local = matchlock_image::store::normalize_tag(tag).ok();
@@ -98,14 +98,14 @@ pub fn remove(tag: &str) -> Result<u8> {
 }
 
 /// `matchlock image gc`.
-pub fn gc() -> Result<u8> {
+pub(crate) fn gc() -> Result<u8> {
     let removed = open_store()?.gc()?;
     outln!("Removed {removed} unreferenced blobs")?;
     Ok(0)
 }
 
 /// The image store under the cache directory.
-pub fn open_store() -> Result<Store> {
+pub(crate) fn open_store() -> Result<Store> {
     let root = matchlock_api::paths::cache_dir().join("images");
     Store::open(&root).with_context(|| format!("cannot open the image store at {}", root.display()))
 }

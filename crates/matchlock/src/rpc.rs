@@ -244,7 +244,7 @@ impl Server {
 }
 
 /// Serves the JSON-RPC API on stdin/stdout until stdin ends, `close` or a stop signal.
-pub async fn serve() -> Result<u8> {
+pub(crate) async fn serve() -> Result<u8> {
     let mut signals = crate::session::StopSignals::new()?;
     serve_on(tokio::io::stdin(), tokio::io::stdout(), Some(&mut signals)).await?;
     Ok(0)

@@ -21,7 +21,7 @@ use crate::session::{self, Output, StopSignals};
 
 /// Arguments of `matchlock run`.
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// Image to boot (as imported: `name[:tag]`).
     #[arg(long, env = "MATCHLOCK_RUN_IMAGE")]
     image: String,
@@ -214,7 +214,7 @@ fn build_config(args: &RunArgs, handed: &HashMap<String, String>) -> Result<Sand
 /// Boots the sandbox, runs the command, and tears down (or, with `--rm=false`, keeps the
 /// sandbox until a stop signal). Returns the exit code. With `MATCHLOCK_TIMING` set,
 /// prints how long each phase took on stderr.
-pub async fn run(args: RunArgs) -> Result<u8> {
+pub(crate) async fn run(args: RunArgs) -> Result<u8> {
     if args.detach && (args.interactive || args.tty) {
         bail!("--detach cannot be combined with -t/--tty or -i/--interactive");
     }

@@ -16,7 +16,7 @@ use crate::terminal;
 
 /// Where command output goes.
 #[derive(Debug, Clone)]
-pub enum Output {
+pub(crate) enum Output {
     /// The user's stdout/stderr.
     Terminal,
     /// Appended to a log file (detached sandboxes).
@@ -25,7 +25,7 @@ pub enum Output {
 
 /// The signals that stop a command or a sandbox.
 #[derive(Debug)]
-pub struct StopSignals {
+pub(crate) struct StopSignals {
     int: Signal,
     term: Signal,
     hup: Signal,
@@ -33,7 +33,7 @@ pub struct StopSignals {
 
 impl StopSignals {
     /// Starts listening for SIGINT, SIGTERM and SIGHUP.
-    pub fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         Ok(Self {
             int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
             term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
@@ -42,7 +42,7 @@ impl StopSignals {
     }
 
     /// Resolves at the next stop signal.
-    pub async fn recv(&mut self) {
+    pub(crate) async fn recv(&mut self) {
         tokio::select! {
             _ = self.int.recv() => {}
             _ = self.term.recv() => {}
@@ -53,7 +53,7 @@ impl StopSignals {
 
 /// Why a session ended early.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Interruptions {
+pub(crate) struct Interruptions {
     /// A stop signal arrived.
     pub stopped: bool,
     /// The deadline passed.
@@ -62,7 +62,7 @@ pub struct Interruptions {
 
 /// The exec mode for `-i` / `-t`: `-it` is a TTY (and needs one), `-i` a pipe, and
 /// anything else a plain stream (`-t` alone has no effect).
-pub fn exec_mode(interactive: bool, tty: bool) -> Result<ExecMode> {
+pub(crate) fn exec_mode(interactive: bool, tty: bool) -> Result<ExecMode> {
     match (interactive, tty) {
         (true, true) if !std::io::stdin().is_terminal() => {
             anyhow::bail!("-it requires a TTY (stdin is not a terminal)")
@@ -74,7 +74,7 @@ pub fn exec_mode(interactive: bool, tty: bool) -> Result<ExecMode> {
 }
 
 /// Sleeps until `deadline`, or forever without one.
-pub async fn until(deadline: Option<Instant>) {
+pub(crate) async fn until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
@@ -82,14 +82,14 @@ pub async fn until(deadline: Option<Instant>) {
 }
 
 /// The initial terminal size for TTY mode.
-pub fn initial_window(mode: ExecMode) -> Option<WindowSize> {
+pub(crate) fn initial_window(mode: ExecMode) -> Option<WindowSize> {
     (mode == ExecMode::Tty).then(|| terminal::window_size().unwrap_or(WindowSize { rows: 24, cols: 80 }))
 }
 
 /// Runs `exec` with this process's stdio (or a log), turning stop signals and the
 /// deadline into a graceful stop (SIGTERM, then SIGKILL after 5 s) and SIGWINCH into
 /// resizes. Returns the command's result and what interrupted it.
-pub async fn run<F, Fut>(
+pub(crate) async fn run<F, Fut>(
     mode: ExecMode,
     output: &Output,
     signals: &mut StopSignals,

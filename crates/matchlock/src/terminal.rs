@@ -9,13 +9,13 @@ use nix::sys::termios::{self, SetArg, Termios};
 
 /// Puts stdin's terminal into raw mode until dropped.
 #[derive(Debug)]
-pub struct RawMode {
+pub(crate) struct RawMode {
     saved: Termios,
 }
 
 impl RawMode {
     /// Enters raw mode.
-    pub fn enter() -> Result<Self> {
+    pub(crate) fn enter() -> Result<Self> {
         let stdin = std::io::stdin();
         let saved = termios::tcgetattr(stdin.as_fd()).context("cannot read the terminal settings")?;
         let mut raw = saved.clone();
@@ -32,7 +32,7 @@ impl Drop for RawMode {
 }
 
 /// The size of the terminal on stdout (or stdin), if there is one.
-pub fn window_size() -> Option<WindowSize> {
+pub(crate) fn window_size() -> Option<WindowSize> {
     let fd = if std::io::stdout().is_terminal() { libc::STDOUT_FILENO } else { libc::STDIN_FILENO };
     // SAFETY: `winsize` is plain old data; all-zero is valid.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };

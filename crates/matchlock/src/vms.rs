@@ -19,7 +19,7 @@ use crate::session::{self, Output, StopSignals};
 
 /// Arguments of `matchlock exec`.
 #[derive(Debug, Args)]
-pub struct ExecArgs {
+pub(crate) struct ExecArgs {
     /// Keep stdin open and forward it to the command.
     #[arg(short = 'i', long)]
     interactive: bool,
@@ -61,7 +61,7 @@ fn running_vm_dir(id: &str) -> Result<VmDir> {
 }
 
 /// `matchlock allow-list add|delete`.
-pub async fn allow_list(id: &str, add: bool, hosts: &[String]) -> Result<u8> {
+pub(crate) async fn allow_list(id: &str, add: bool, hosts: &[String]) -> Result<u8> {
     let hosts: Vec<String> = hosts.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
     if hosts.is_empty() {
         bail!("no hosts given");
@@ -86,7 +86,7 @@ pub async fn allow_list(id: &str, add: bool, hosts: &[String]) -> Result<u8> {
 }
 
 /// `matchlock port-forward`: serves until a stop signal.
-pub async fn port_forward(id: &str, ports: &[String], addresses: &[String]) -> Result<u8> {
+pub(crate) async fn port_forward(id: &str, ports: &[String], addresses: &[String]) -> Result<u8> {
     let dir = running_vm_dir(id)?;
     let bindings = crate::forward::parse(ports, addresses)?;
     let listeners = crate::forward::bind(&bindings).await?;
@@ -97,7 +97,7 @@ pub async fn port_forward(id: &str, ports: &[String], addresses: &[String]) -> R
 }
 
 /// `matchlock exec`.
-pub async fn exec(args: ExecArgs) -> Result<u8> {
+pub(crate) async fn exec(args: ExecArgs) -> Result<u8> {
     let mode = session::exec_mode(args.interactive, args.tty)?;
     let mut command = args.command.clone();
     if command.is_empty() {
@@ -132,7 +132,7 @@ pub async fn exec(args: ExecArgs) -> Result<u8> {
 }
 
 /// Prints rows as a table with two spaces between columns.
-pub fn print_table(header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
+pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -159,7 +159,7 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()>
 }
 
 /// `matchlock list`.
-pub fn list(running_only: bool) -> Result<u8> {
+pub(crate) fn list(running_only: bool) -> Result<u8> {
     let state = open_state()?;
     let rows: Vec<Vec<String>> = state
         .reconcile_statuses()?
@@ -188,7 +188,7 @@ fn vm_json(vm: &Vm) -> Result<serde_json::Value> {
 }
 
 /// `matchlock get`.
-pub fn get(id: &str) -> Result<u8> {
+pub(crate) fn get(id: &str) -> Result<u8> {
     let state = open_state()?;
     let vm = state.get(id)?.ok_or_else(|| anyhow!("VM {id} not found"))?;
     let vm = state.reconcile_statuses()?.into_iter().find(|v| v.id == vm.id).unwrap_or(vm);
@@ -197,7 +197,7 @@ pub fn get(id: &str) -> Result<u8> {
 }
 
 /// `matchlock inspect`.
-pub fn inspect(id: &str) -> Result<u8> {
+pub(crate) fn inspect(id: &str) -> Result<u8> {
     let state = open_state()?;
     let vm = state.get(id)?.ok_or_else(|| anyhow!("VM {id} not found"))?;
     let vm = state.reconcile_statuses()?.into_iter().find(|v| v.id == vm.id).unwrap_or(vm);
@@ -211,7 +211,7 @@ pub fn inspect(id: &str) -> Result<u8> {
 }
 
 /// `matchlock log [-f]`.
-pub async fn log(id: &str, follow: bool) -> Result<u8> {
+pub(crate) async fn log(id: &str, follow: bool) -> Result<u8> {
     let state = open_state()?;
     state.get(id)?.ok_or_else(|| anyhow!("VM not found {id}: VM {id} not found"))?;
     let path = VmDir::of(id).console_log();
@@ -261,7 +261,7 @@ async fn stop_owner(vm: &Vm) -> Result<()> {
 }
 
 /// `matchlock kill`.
-pub async fn kill_vms(id: Option<String>, all: bool) -> Result<u8> {
+pub(crate) async fn kill_vms(id: Option<String>, all: bool) -> Result<u8> {
     let state = open_state()?;
     let targets: Vec<Vm> = match (id, all) {
         (Some(id), _) => vec![lookup(&state, &id)?],
@@ -289,7 +289,7 @@ fn remove(state: &mut StateDb, vm: &Vm) -> Result<()> {
 }
 
 /// `matchlock rm`.
-pub fn rm(id: Option<String>, stopped: bool) -> Result<u8> {
+pub(crate) fn rm(id: Option<String>, stopped: bool) -> Result<u8> {
     let mut state = open_state()?;
     let targets: Vec<Vm> = match (id, stopped) {
         (Some(id), _) => vec![lookup(&state, &id)?],
@@ -304,7 +304,7 @@ pub fn rm(id: Option<String>, stopped: bool) -> Result<u8> {
 }
 
 /// `matchlock prune`.
-pub fn prune() -> Result<u8> {
+pub(crate) fn prune() -> Result<u8> {
     let mut state = open_state()?;
     let mut n = 0;
     for vm in state.reconcile_statuses()?.into_iter().filter(|v| v.status != Status::Running) {
@@ -317,7 +317,7 @@ pub fn prune() -> Result<u8> {
 }
 
 /// `matchlock gc`.
-pub fn gc(id: Option<&str>, force_running: bool) -> Result<u8> {
+pub(crate) fn gc(id: Option<&str>, force_running: bool) -> Result<u8> {
     let mut state = open_state()?;
     let mut vms = state.reconcile_statuses()?;
     if let Some(id) = &id {

@@ -12,7 +12,7 @@ fn json(v: &Volume) -> serde_json::Value {
 
 /// `matchlock volume`.
 #[derive(Debug, Subcommand)]
-pub enum VolumeCommand {
+pub(crate) enum VolumeCommand {
     /// Create a volume.
     Create {
         /// Size in MB.
@@ -48,7 +48,7 @@ pub enum VolumeCommand {
 }
 
 /// Runs a `volume` subcommand.
-pub fn dispatch(cmd: VolumeCommand) -> Result<u8> {
+pub(crate) fn dispatch(cmd: VolumeCommand) -> Result<u8> {
     match cmd {
         VolumeCommand::Create { size, json: as_json, name } => {
             let volume = volumes::create(&name, size)?;

@@ -15,7 +15,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use serde_json::{json, Value};
 use std::sync::OnceLock;
 
-pub struct Shared {
+pub(crate) struct Shared {
     _cache: tempfile::TempDir,
     pub fixtures: PathBuf,
     tools: Tools,
@@ -30,7 +30,7 @@ struct Tools {
     vhost_vsock: PathBuf,
 }
 
-pub fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
 }
 
@@ -64,7 +64,7 @@ fn build_guest_init() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-pub fn shared() -> &'static Shared {
+pub(crate) fn shared() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         let vhost_vsock = real_cache().join("tools/bin/vhost-device-vsock");
@@ -90,7 +90,7 @@ pub fn shared() -> &'static Shared {
 }
 
 /// A HOME of one test.
-pub struct Home {
+pub(crate) struct Home {
     pub dir: tempfile::TempDir,
     tools: Tools,
     /// An image store of its own, when the test needs one.
@@ -100,7 +100,7 @@ pub struct Home {
 /// The Debian test image (curl, git, python3; built by `scripts/build-test-image.sh`),
 /// imported into the shared store once per test process.
 #[allow(dead_code)]
-pub fn debian_image() -> &'static str {
+pub(crate) fn debian_image() -> &'static str {
     static IMPORTED: OnceLock<()> = OnceLock::new();
     IMPORTED.get_or_init(|| {
         let tarball = real_cache().join("fixtures/debian-test.tar");
@@ -112,12 +112,12 @@ pub fn debian_image() -> &'static str {
 }
 
 /// A fresh HOME sharing the process-wide cache and images.
-pub fn home() -> Home {
+pub(crate) fn home() -> Home {
     Home::new(shared().tools.clone())
 }
 
 /// A fresh HOME with an empty cache (image store) of its own.
-pub fn isolated_home() -> Home {
+pub(crate) fn isolated_home() -> Home {
     let mut tools = shared().tools.clone();
     let cache = tempfile::Builder::new().prefix("matchlock-test-cache-").tempdir().expect("temp cache");
     tools.cache = cache.path().to_owned();
@@ -127,7 +127,7 @@ pub fn isolated_home() -> Home {
 }
 
 /// The fixture image tarballs.
-pub fn fixture(name: &str) -> PathBuf {
+pub(crate) fn fixture(name: &str) -> PathBuf {
     shared().fixtures.join(name)
 }
 
@@ -138,7 +138,7 @@ impl Home {
     }
 
     /// A `matchlock` command with this HOME and the shared cache and tools.
-    pub fn cmd(&self) -> Command {
+    pub(crate) fn cmd(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_matchlock"));
         cmd.env("HOME", self.dir.path())
             .env("XDG_CACHE_HOME", &self.tools.cache)
@@ -153,35 +153,35 @@ impl Home {
         cmd
     }
 
-    pub fn import(&self, tag: &str, tarball: &Path) -> Output {
+    pub(crate) fn import(&self, tag: &str, tarball: &Path) -> Output {
         let input = std::fs::File::open(tarball).expect("tarball");
         self.cmd().args(["image", "import", tag]).stdin(input).output().expect("run")
     }
 
     /// `matchlock run <args>`, asserting that it leaves nothing behind.
-    pub fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         let out = self.cmd().arg("run").args(args).output().expect("run matchlock");
         self.assert_no_leftovers();
         out
     }
 
     /// The image store's blob directory.
-    pub fn blobs_dir(&self) -> PathBuf {
+    pub(crate) fn blobs_dir(&self) -> PathBuf {
         self.cache_dir().join("images/blobs")
     }
 
     /// This HOME's `~/.cache/matchlock`.
-    pub fn cache_dir(&self) -> PathBuf {
+    pub(crate) fn cache_dir(&self) -> PathBuf {
         self.tools.cache.join("matchlock")
     }
 
-    pub fn vms_dir(&self) -> PathBuf {
+    pub(crate) fn vms_dir(&self) -> PathBuf {
         self.dir.path().join(".matchlock/vms")
     }
 
     /// (pid, command line) of processes whose command line mentions this HOME
     /// (QEMU, vhost-device-vsock).
-    pub fn pids(&self) -> Vec<(i32, String)> {
+    pub(crate) fn pids(&self) -> Vec<(i32, String)> {
         let marker = self.dir.path().to_string_lossy().into_owned();
         std::fs::read_dir("/proc")
             .into_iter()
@@ -197,13 +197,13 @@ impl Home {
     }
 
     /// Command lines of [`Self::pids`].
-    pub fn processes(&self) -> Vec<String> {
+    pub(crate) fn processes(&self) -> Vec<String> {
         self.pids().into_iter().map(|(_, c)| c).collect()
     }
 
     /// No VM directory and no helper process of this HOME remain.
     #[track_caller]
-    pub fn assert_no_leftovers(&self) {
+    pub(crate) fn assert_no_leftovers(&self) {
         let dirs: Vec<_> =
             std::fs::read_dir(self.vms_dir()).into_iter().flatten().flatten().map(|e| e.path()).collect();
         assert!(dirs.is_empty(), "VM directories left behind: {dirs:?}");
@@ -223,7 +223,7 @@ impl Drop for Home {
 impl Home {
     /// `matchlock run -d <args>`: returns the id of the detached sandbox.
     #[track_caller]
-    pub fn detach(&self, args: &[&str]) -> String {
+    pub(crate) fn detach(&self, args: &[&str]) -> String {
         let out = self.cmd().args(["run", "-d"]).args(args).output().expect("run -d");
         let id = ok(&out).trim().to_owned();
         assert!(id.starts_with("vm-") && !id.contains('\n'), "run -d printed {id:?}");
@@ -231,19 +231,19 @@ impl Home {
     }
 
     /// Starts `matchlock <args>` with stdout and stderr piped.
-    pub fn spawn(&self, args: &[&str]) -> Child {
+    pub(crate) fn spawn(&self, args: &[&str]) -> Child {
         self.cmd().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn matchlock")
     }
 
     /// `matchlock <args>`.
-    pub fn ml(&self, args: &[&str]) -> Output {
+    pub(crate) fn ml(&self, args: &[&str]) -> Output {
         self.cmd().args(args).output().expect("run matchlock")
     }
 }
 
 /// Starts `cmd` as a session leader with a new pseudo-terminal of `rows`x`cols` as its
 /// controlling terminal and stdio; returns it and the terminal's master side.
-pub fn spawn_in_pty(mut cmd: Command, rows: u16, cols: u16) -> (Child, std::fs::File) {
+pub(crate) fn spawn_in_pty(mut cmd: Command, rows: u16, cols: u16) -> (Child, std::fs::File) {
     use std::os::unix::process::CommandExt;
     let ws = nix::pty::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
     let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
@@ -265,7 +265,7 @@ pub fn spawn_in_pty(mut cmd: Command, rows: u16, cols: u16) -> (Child, std::fs::
 }
 
 /// Reads the terminal until `marker` appears (or the terminal closes).
-pub fn read_until(master: &std::fs::File, marker: &str) -> std::thread::JoinHandle<String> {
+pub(crate) fn read_until(master: &std::fs::File, marker: &str) -> std::thread::JoinHandle<String> {
     use std::io::Read;
     let mut master = master.try_clone().unwrap();
     let marker = marker.to_owned();
@@ -285,24 +285,24 @@ pub fn read_until(master: &std::fs::File, marker: &str) -> std::thread::JoinHand
     })
 }
 
-pub fn stdout(out: &Output) -> String {
+pub(crate) fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-pub fn stderr(out: &Output) -> String {
+pub(crate) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Asserts success and returns stdout.
 #[track_caller]
-pub fn ok(out: &Output) -> String {
+pub(crate) fn ok(out: &Output) -> String {
     assert!(out.status.success(), "exit {:?}\nstdout: {}\nstderr: {}", out.status.code(), stdout(out), stderr(out));
     stdout(out)
 }
 
 /// A real OCI registry (Debian's docker-registry) on a loopback port, optionally with
 /// htpasswd authentication. Killed when dropped.
-pub struct Registry {
+pub(crate) struct Registry {
     child: Child,
     /// `127.0.0.1:<port>`.
     pub addr: String,
@@ -311,7 +311,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn start(credentials: Option<(&str, &str)>) -> Self {
+    pub(crate) fn start(credentials: Option<(&str, &str)>) -> Self {
         let root = tempfile::Builder::new().prefix("matchlock-test-registry-").tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
@@ -347,7 +347,7 @@ impl Registry {
     }
 
     /// Pushes an image (`oci-archive:<path>` or `docker-archive:<path>`) to `repo:tag`.
-    pub fn push(&self, source: &str, target: &str, credentials: Option<&str>) {
+    pub(crate) fn push(&self, source: &str, target: &str, credentials: Option<&str>) {
         let mut cmd = Command::new("skopeo");
         cmd.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"]);
         if let Some(c) = credentials {
@@ -358,7 +358,7 @@ impl Registry {
     }
 
     /// Path of a blob in the registry's storage.
-    pub fn blob_path(&self, digest: &str) -> PathBuf {
+    pub(crate) fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
         self.root.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
     }
@@ -372,14 +372,14 @@ impl Drop for Registry {
 }
 
 /// Sends `signal` to a child process.
-pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
+pub(crate) fn signal(child: &Child, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).expect("kill");
 }
 
 /// `python3 <script>` with this HOME's environment, the PyPI Python SDK on `PYTHONPATH`
 /// (installed by scripts/install-python-sdk.sh) and `MATCHLOCK_BIN` set to this build.
 #[allow(dead_code)]
-pub fn python_sdk_command(h: &Command, script: &str) -> Command {
+pub(crate) fn python_sdk_command(h: &Command, script: &str) -> Command {
     let sdk = Command::new("bash").arg(repo_root().join("scripts/install-python-sdk.sh")).output().unwrap();
     assert!(sdk.status.success(), "{}", String::from_utf8_lossy(&sdk.stderr));
     let mut python = Command::new("python3");
@@ -399,7 +399,7 @@ pub fn python_sdk_command(h: &Command, script: &str) -> Command {
 
 #[allow(dead_code)]
 /// A `matchlock rpc` process.
-pub struct Rpc {
+pub(crate) struct Rpc {
     pub child: Child,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
@@ -408,7 +408,7 @@ pub struct Rpc {
 #[allow(dead_code)]
 impl Rpc {
     /// Starts `<cmd> rpc` (a `matchlock` command with its environment).
-    pub fn start(mut cmd: Command) -> Self {
+    pub(crate) fn start(mut cmd: Command) -> Self {
         let mut child = cmd
             .arg("rpc")
             .stdin(Stdio::piped())
@@ -421,30 +421,30 @@ impl Rpc {
         Self { child, stdin, stdout }
     }
 
-    pub fn send_raw(&mut self, bytes: &[u8]) {
+    pub(crate) fn send_raw(&mut self, bytes: &[u8]) {
         self.stdin.as_mut().unwrap().write_all(bytes).unwrap();
         self.stdin.as_mut().unwrap().flush().unwrap();
     }
 
-    pub fn send(&mut self, message: &Value) {
+    pub(crate) fn send(&mut self, message: &Value) {
         let mut line = message.to_string().into_bytes();
         line.push(b'\n');
         self.send_raw(&line);
     }
 
-    pub fn recv(&mut self) -> Value {
+    pub(crate) fn recv(&mut self) -> Value {
         let mut line = String::new();
         assert!(self.stdout.read_line(&mut line).unwrap() > 0, "rpc closed its output");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad output line {line:?}: {e}"))
     }
 
     /// Sends a request and returns its response (notifications meanwhile are skipped).
-    pub fn call(&mut self, id: u64, method: &str, params: &Value) -> Value {
+    pub(crate) fn call(&mut self, id: u64, method: &str, params: &Value) -> Value {
         self.call_collecting(id, method, params).0
     }
 
     /// Sends a request; returns its response and the notifications that came before it.
-    pub fn call_collecting(&mut self, id: u64, method: &str, params: &Value) -> (Value, Vec<Value>) {
+    pub(crate) fn call_collecting(&mut self, id: u64, method: &str, params: &Value) -> (Value, Vec<Value>) {
         self.send(&json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id}));
         let mut notifications = Vec::new();
         loop {
@@ -456,7 +456,7 @@ impl Rpc {
         }
     }
 
-    pub fn finish(mut self) -> std::process::ExitStatus {
+    pub(crate) fn finish(mut self) -> std::process::ExitStatus {
         drop(self.stdin.take());
         self.child.wait().unwrap()
     }

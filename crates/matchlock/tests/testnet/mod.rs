@@ -16,28 +16,28 @@ use std::time::{Duration, Instant};
 
 use crate::common::{repo_root, Home};
 
-pub const NAMESPACE: &str = "mltestnet";
-pub const HOST_VETH: &str = "mltestnet0";
-pub const DNS: &str = "198.51.100.53";
-pub const API: &str = "198.51.100.10";
-pub const OTHER: &str = "198.51.100.11";
-pub const GLOB: &str = "198.51.100.12";
+pub(crate) const NAMESPACE: &str = "mltestnet";
+pub(crate) const HOST_VETH: &str = "mltestnet0";
+pub(crate) const DNS: &str = "198.51.100.53";
+pub(crate) const API: &str = "198.51.100.10";
+pub(crate) const OTHER: &str = "198.51.100.11";
+pub(crate) const GLOB: &str = "198.51.100.12";
 /// The HTTP/2-only TLS server (`h2.test`), inside the namespace.
-pub const H2: &str = "198.51.100.13";
+pub(crate) const H2: &str = "198.51.100.13";
 /// The host's own end of the veth: an address of the host, never reachable from a guest.
-pub const HOST_SIDE: &str = "198.51.100.1";
+pub(crate) const HOST_SIDE: &str = "198.51.100.1";
 
 /// The test hosts; they live as long as the test process.
-pub struct TestNet {
+pub(crate) struct TestNet {
     dir: tempfile::TempDir,
     _servers: Vec<Child>,
 }
 
-pub fn sh(args: &[&str]) -> Output {
+pub(crate) fn sh(args: &[&str]) -> Output {
     Command::new(args[0]).args(&args[1..]).output().expect("run command")
 }
 
-pub fn must(args: &[&str]) {
+pub(crate) fn must(args: &[&str]) {
     let out = sh(args);
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
@@ -72,7 +72,7 @@ fn spawn_here(args: &[&str], log: &Path) -> Child {
     cmd.spawn().expect("spawn in namespace")
 }
 
-pub fn testnet() -> &'static TestNet {
+pub(crate) fn testnet() -> &'static TestNet {
     static NET: OnceLock<TestNet> = OnceLock::new();
     NET.get_or_init(|| {
         let dir = tempfile::Builder::new().prefix("matchlock-testnet-").tempdir().unwrap();
@@ -235,7 +235,7 @@ fn start_h2_server(cert: &Path, key: &Path) {
 }
 
 /// Runs `f` on a thread inside the test namespace (its sockets are the namespace's).
-pub fn in_namespace<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) fn in_namespace<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
         let ns = std::fs::File::open(format!("/var/run/netns/{NAMESPACE}")).expect("the test namespace");
         nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the test namespace");
@@ -247,16 +247,16 @@ pub fn in_namespace<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
 
 impl TestNet {
     /// The test hosts' own log files (dnsmasq.log has every query the DNS server received).
-    pub fn log(&self, name: &str) -> String {
+    pub(crate) fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
 
-    pub fn ca(&self) -> PathBuf {
+    pub(crate) fn ca(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
     }
 
     /// Requests the test servers received, as parsed JSON lines.
-    pub fn requests(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn requests(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.path().join("requests.log"))
             .unwrap_or_default()
             .lines()
@@ -264,26 +264,26 @@ impl TestNet {
             .collect()
     }
 
-    pub fn requests_with(&self, marker: &str) -> Vec<serde_json::Value> {
+    pub(crate) fn requests_with(&self, marker: &str) -> Vec<serde_json::Value> {
         self.requests().into_iter().filter(|r| r.to_string().contains(marker)).collect()
     }
 }
 
 /// A `matchlock` command that trusts the test CA upstream and resolves through the test DNS.
-pub fn cmd(h: &Home) -> Command {
+pub(crate) fn cmd(h: &Home) -> Command {
     let mut cmd = h.cmd();
     cmd.env("MATCHLOCK_UPSTREAM_CA", testnet().ca());
     cmd
 }
 
-pub fn run(h: &Home, args: &[&str]) -> Output {
+pub(crate) fn run(h: &Home, args: &[&str]) -> Output {
     let out = cmd(h).args(["run", "--dns-servers", DNS]).args(args).output().expect("run matchlock");
     h.assert_no_leftovers();
     out
 }
 
 /// A fresh unique marker so each test finds its own requests in the shared log.
-pub fn marker(name: &str) -> String {
+pub(crate) fn marker(name: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("{name}-{nanos:x}")
 }
