@@ -138,6 +138,9 @@ enum Command {
     Kernel(KernelCommand),
     /// Serve the JSON-RPC API on stdin/stdout (what the SDKs drive): one sandbox per process.
     Rpc,
+    /// Internal: the owner of a `run -d` sandbox (its arguments arrive on stdin).
+    #[command(hide = true)]
+    DetachedOwner,
     /// Print version information.
     Version,
     /// Check that this host can run sandboxes.
@@ -210,6 +213,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Rm { stopped, id } => crate::vms::rm(id, stopped),
         Command::Prune => crate::vms::prune(),
         Command::Rpc => crate::rpc::serve().await,
+        Command::DetachedOwner => crate::run::detached_owner().await,
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),
         Command::Pull { tag, force, reference } => crate::images::pull(&reference, tag.as_deref(), force).await,
         Command::Volume(cmd) => crate::volumes::dispatch(cmd),

@@ -71,12 +71,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// The `--log-level` given, for processes this one starts (a detached owner).
+static LOG_FILTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The `--log-level` this process was started with, if any.
+pub(crate) fn log_filter() -> Option<&'static str> {
+    LOG_FILTER.get().map(String::as_str)
+}
+
 /// matchlock's own log on stderr (the detached owner's goes to `logs/owner.log`): `--log-level`,
 /// else `RUST_LOG`, else warnings and errors only.
 fn init_logging(level: Option<&str>) -> Result<(), String> {
     use tracing_subscriber::filter::{EnvFilter, LevelFilter};
     let filter = match level {
-        Some(level) => EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?,
+        Some(level) => {
+            let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
+            let _ = LOG_FILTER.set(level.to_owned());
+            filter
+        }
         None => EnvFilter::builder().with_default_directive(LevelFilter::WARN.into()).from_env_lossy(),
     };
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();

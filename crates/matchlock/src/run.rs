@@ -20,7 +20,7 @@ use crate::images::open_store;
 use crate::session::{self, Output, StopSignals};
 
 /// Arguments of `matchlock run`.
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RunArgs {
     /// Image to boot (as imported: `name[:tag]`).
     #[arg(long, env = "MATCHLOCK_RUN_IMAGE")]
@@ -126,8 +126,9 @@ pub(crate) struct RunArgs {
     /// Let commands keep every capability (no capability drop, no_new_privs or seccomp).
     #[arg(long, env = "MATCHLOCK_RUN_PRIVILEGED")]
     privileged: bool,
-    /// Internal: this process is the owner of a detached sandbox.
-    #[arg(long = "detached-child", hide = true)]
+    /// Set in the owner of a detached sandbox (`detached-owner`), never on the command line.
+    #[arg(skip)]
+    #[serde(skip)]
     detached_child: bool,
     /// Command and arguments (default: the image's CMD).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -221,14 +222,39 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8> {
     if args.timeout == Some(0) {
         bail!("--timeout must be at least 1 second");
     }
-    if args.detach && !args.detached_child {
-        return spawn_detached();
+    if args.detach {
+        return spawn_detached(&args);
     }
+    run_sandbox(args, &HashMap::new()).await
+}
+
+/// `matchlock detached-owner` (hidden): the owner of a `run -d` sandbox. Its parsed `run`
+/// arguments and the secret values arrive on stdin (see [`spawn_detached`]).
+pub(crate) async fn detached_owner() -> Result<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut text = Vec::new();
+    tokio::io::stdin().take(16 << 20).read_to_end(&mut text).await.context("cannot read the run from the parent")?;
+    let handed: DetachedRun = serde_json::from_slice(&text).context("malformed run from the parent")?;
+    let mut args = handed.args;
+    args.detached_child = true;
+    run_sandbox(args, &handed.secrets).await
+}
+
+/// What a `run -d` hands its detached owner, on the owner's stdin.
+#[derive(serde::Deserialize)]
+struct DetachedRun {
+    args: RunArgs,
+    /// Values of secrets given as `NAME@hosts` (taken from the parent's environment).
+    secrets: HashMap<String, String>,
+}
+
+/// Boots the sandbox of `args` and runs its command (as the owner of a detached sandbox
+/// too); `handed` holds the secret values a detached owner's parent gave it.
+async fn run_sandbox(args: RunArgs, handed: &HashMap<String, String>) -> Result<u8> {
     let remove = args.rm && !args.detach && !args.detached_child;
     let mode = session::exec_mode(args.interactive, args.tty)?;
     let deadline = args.timeout.map(|s| Instant::now() + Duration::from_secs(s));
-    let handed = if args.detached_child { secrets_from_parent().await? } else { HashMap::new() };
-    let config = build_config(&args, &handed)?;
+    let config = build_config(&args, handed)?;
     let forwards = crate::forward::parse(&args.publish, &args.address)?;
     let listeners = crate::forward::bind(&forwards).await?;
     let mut store = open_store()?;
@@ -305,45 +331,28 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8> {
     Ok(if remove { u8::try_from(code).unwrap_or(255) } else { 0 })
 }
 
-/// `run -d`: starts this command again as a session leader that owns the sandbox, and
-/// returns its id once the sandbox is ready.
-fn spawn_detached() -> Result<u8> {
-    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let run_at = argv.iter().position(|a| a == "run").context("cannot find `run` in the command line")?;
-    argv.insert(run_at + 1, "--detached-child".into());
+/// `run -d`: starts `matchlock detached-owner` as a session leader that owns the sandbox,
+/// and returns its id once the sandbox is ready. The parsed arguments go to the owner on its
+/// stdin, with the values of `NAME@hosts` secrets: no secret value sits in the long-lived
+/// owner's command line (world-readable in /proc) or its environment (/proc/<pid>/environ,
+/// inherited by anything it starts), which loses those variables.
+fn spawn_detached(args: &RunArgs) -> Result<u8> {
     let mut cmd = std::process::Command::new("/proc/self/exe");
-    // Secret values must not sit in the long-lived owner's command line (world-readable in
-    // /proc) nor in its environment (/proc/<pid>/environ, and inherited by anything it
-    // starts): `NAME=VALUE@hosts` becomes `NAME@hosts`, and every secret's value reaches the
-    // owner through its stdin, which it reads once at start.
-    let mut values = HashMap::new();
-    let mut i = 0;
-    while i < argv.len() {
-        let arg = argv[i].to_string_lossy().into_owned();
-        let (spec_at, prefix) = match arg.strip_prefix("--secret=") {
-            Some(_) => (i, "--secret="),
-            None if arg == "--secret" && i + 1 < argv.len() => (i + 1, ""),
-            None => {
-                i += 1;
-                continue;
+    let mut secrets = HashMap::new();
+    for spec in &args.secret {
+        let Some((left, _hosts)) = spec.rsplit_once('@') else { continue };
+        let name = left.split_once('=').map_or(left, |(name, _)| name);
+        if name == left {
+            if let Some(value) = host_env(name) {
+                secrets.insert(name.to_owned(), value);
             }
-        };
-        let spec = argv[spec_at].to_string_lossy().into_owned();
-        let spec = spec.strip_prefix(prefix).unwrap_or(&spec).to_owned();
-        if let Some((left, hosts)) = spec.rsplit_once('@') {
-            let (name, value) = match left.split_once('=') {
-                Some((name, value)) => (name, Some(value.to_owned())),
-                None => (left, host_env(left)),
-            };
-            if let Some(value) = value {
-                values.insert(name.to_owned(), value);
-            }
-            cmd.env_remove(name);
-            argv[spec_at] = format!("{prefix}{name}@{hosts}").into();
         }
-        i = spec_at + 1;
+        cmd.env_remove(name);
     }
-    cmd.arg0(&argv[0]).args(&argv[1..]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if let Some(filter) = crate::log_filter() {
+        cmd.env("RUST_LOG", filter);
+    }
+    cmd.arg0("matchlock").arg("detached-owner").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: setsid is async-signal-safe; it detaches the owner from our terminal.
     unsafe {
         cmd.pre_exec(|| {
@@ -353,8 +362,10 @@ fn spawn_detached() -> Result<u8> {
     }
     let mut child = cmd.spawn().context("cannot start the sandbox owner")?;
     let mut stdin = child.stdin.take().expect("piped");
-    // A pipe write of a few KiB; if the owner died at once, its stderr below says why.
-    let _ = stdin.write_all(&serde_json::to_vec(&values)?);
+    // The shape of [`DetachedRun`].
+    let handed = serde_json::to_vec(&serde_json::json!({"args": args, "secrets": secrets}))?;
+    // If the owner died at once, its stderr below says why.
+    let _ = stdin.write_all(&handed);
     drop(stdin);
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
@@ -368,17 +379,6 @@ fn spawn_detached() -> Result<u8> {
     let status = child.wait()?;
     eprint!("{err}");
     Ok(status.code().and_then(|c| u8::try_from(c).ok()).filter(|c| *c != 0).unwrap_or(1))
-}
-
-/// In the detached owner: the secret values its parent wrote to stdin (see `spawn_detached`).
-async fn secrets_from_parent() -> Result<HashMap<String, String>> {
-    use tokio::io::AsyncReadExt;
-    let mut text = Vec::new();
-    tokio::io::stdin().take(1 << 20).read_to_end(&mut text).await.context("cannot read the secrets from the parent")?;
-    if text.is_empty() {
-        return Ok(HashMap::new());
-    }
-    serde_json::from_slice(&text).context("malformed secrets from the parent")
 }
 
 /// In the detached owner: hand the id to the waiting parent, then let go of its pipes

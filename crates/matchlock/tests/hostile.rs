@@ -296,7 +296,7 @@ fn a_guest_flooding_the_workspace_server_leaves_the_owner_bounded() {
     let mount = format!("{}:/workspace", workspace.path().display());
     let id = ok(&h.ml(&["run", "-d", "--image", debian_image(), "-v", &mount])).trim().to_owned();
     let (owner, _) =
-        processes_of(&h).into_iter().find(|(_, c)| c.contains("--detached-child")).expect("the detached owner");
+        processes_of(&h).into_iter().find(|(_, c)| c.contains("detached-owner")).expect("the detached owner");
     let threads_before = count(format!("/proc/{owner}/task"));
     let mut flood = h
         .cmd()
