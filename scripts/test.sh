@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --no-demo
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
+scripts/deny.sh
 # VM tests boot real guests: two at a time is what 2 cores allow.
 cargo test --locked --workspace -- --test-threads=2
 # Every fuzz target briefly (scripts/fuzz.sh <seconds> for longer runs); a crash fails.
