@@ -13,7 +13,7 @@ mod sampled;
 pub mod volumes;
 mod workspace;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -288,7 +288,7 @@ impl Sandbox {
         image: &ImageRecord,
         boot_disk: PathBuf,
         kernel: PathBuf,
-        upper: &std::path::Path,
+        upper: &Path,
         state: &mut StateDb,
         events: Events,
     ) -> Result<
@@ -302,7 +302,15 @@ impl Sandbox {
         };
         let seed = ca.as_ref().map(|(_, tar)| tar.as_path());
         let disk_started = Instant::now();
-        let upper_created = matchlock_image::ext4::create_empty(upper, config.disk_size_mb * 1024 * 1024, seed);
+        // mke2fs runs for tens of milliseconds: not on the runtime's thread.
+        let (upper_path, seed_path, size) = (upper.to_owned(), seed.map(Path::to_owned), config.disk_size_mb << 20);
+        let upper_created = tokio::task::spawn_blocking(move || {
+            matchlock_image::ext4::create_empty(&upper_path, size, seed_path.as_deref())
+        })
+        .await
+        .map_err(|e| {
+            create_failed(SandboxError::Io { context: "creating the writable disk".into(), source: e.into() })
+        })?;
         tracing::debug!(
             "create: writable disk ({} MB) in {} ms",
             config.disk_size_mb,
