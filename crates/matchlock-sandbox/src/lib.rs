@@ -5,6 +5,7 @@ mod boot_disk;
 mod command;
 mod exec;
 mod files;
+pub mod forward;
 pub mod gc;
 pub mod logfile;
 pub mod network;

@@ -10,7 +10,6 @@ macro_rules! outln {
 }
 
 mod cli;
-mod forward;
 mod host;
 mod images;
 mod rpc;

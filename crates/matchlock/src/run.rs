@@ -255,8 +255,8 @@ async fn run_sandbox(args: RunArgs, handed: &HashMap<String, String>) -> Result<
     let mode = session::exec_mode(args.interactive, args.tty)?;
     let deadline = args.timeout.map(|s| Instant::now() + Duration::from_secs(s));
     let config = build_config(&args, handed)?;
-    let forwards = crate::forward::parse(&args.publish, &args.address)?;
-    let listeners = crate::forward::bind(&forwards).await?;
+    let forwards = matchlock_sandbox::forward::parse(&args.publish, &args.address)?;
+    let listeners = matchlock_sandbox::forward::bind(&forwards).await?;
     let mut store = open_store()?;
     // Resolve the image and the command before booting: bad input fails fast.
     let image = crate::images::image_for_run(&mut store, &config.image, args.pull).await?;
@@ -287,7 +287,8 @@ async fn run_sandbox(args: RunArgs, handed: &HashMap<String, String>) -> Result<
         Output::Terminal
     };
 
-    let _forwarding = crate::forward::start(sandbox.dir(), listeners);
+    crate::vms::announce_forwards(&listeners);
+    let _forwarding = matchlock_sandbox::forward::start(sandbox.dir(), listeners);
     let mut timings = sandbox.timings().to_vec();
     let mut code = 0;
     let mut interrupted = session::Interruptions::default();

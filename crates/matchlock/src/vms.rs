@@ -88,10 +88,11 @@ pub(crate) async fn allow_list(id: &str, add: bool, hosts: &[String]) -> Result<
 /// `matchlock port-forward`: serves until a stop signal.
 pub(crate) async fn port_forward(id: &str, ports: &[String], addresses: &[String]) -> Result<u8> {
     let dir = running_vm_dir(id)?;
-    let bindings = crate::forward::parse(ports, addresses)?;
-    let listeners = crate::forward::bind(&bindings).await?;
+    let bindings = matchlock_sandbox::forward::parse(ports, addresses)?;
+    let listeners = matchlock_sandbox::forward::bind(&bindings).await?;
     let mut signals = StopSignals::new()?;
-    let _forwarding = crate::forward::start(&dir, listeners);
+    announce_forwards(&listeners);
+    let _forwarding = matchlock_sandbox::forward::start(&dir, listeners);
     signals.recv().await;
     Ok(0)
 }
@@ -358,4 +359,11 @@ pub(crate) fn gc(id: Option<&str>, force_running: bool) -> Result<u8> {
     }
     outln!("Reconciled {} VMs", vms.len())?;
     Ok(u8::from(failed))
+}
+
+/// Tells the user which host ports lead into the sandbox.
+pub(crate) fn announce_forwards(listeners: &[(tokio::net::TcpListener, matchlock_sandbox::forward::Binding)]) {
+    for (_, binding) in listeners {
+        eprintln!("Forwarding {}:{} -> sandbox:{}", binding.local.ip(), binding.local.port(), binding.remote);
+    }
 }
