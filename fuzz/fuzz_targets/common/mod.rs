@@ -37,7 +37,7 @@ pub fn flows() -> Flows {
     })
 }
 
-/// A fresh single-threaded runtime (one per input: no task outlives it).
+/// A single-threaded runtime with time and I/O.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime")
 }
