@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use matchlock_api::config::{HookRule, Interception, Secret};
+use matchlock_api::config::{HookRule, Interception, RuleAction, Secret};
 use matchlock_net::{hooks::Hooks, CertAuthority, Flows, Options, Policy};
 
 /// The flow handler every network target drives.
 pub fn flows() -> Flows {
     let secret = Secret::new("API_KEY", "real-secret-value", vec!["api.test".into()]);
     let rules = vec![
-        HookRule { name: "no-admin".into(), action: "block".into(), path: "/admin*".into(), ..HookRule::default() },
+        HookRule { name: "no-admin".into(), action: RuleAction::Block, path: "/admin*".into(), ..HookRule::default() },
         HookRule {
             name: "headers".into(),
             hosts: vec!["*.allowed.test".into()],
