@@ -407,16 +407,21 @@ async fn forward(
     };
     // A reason phrase the guest would see verbatim: never copied.
     response.extensions_mut().remove::<hyper::ext::ReasonPhrase>();
+    // One scrubber for the whole response: headers, body, trailers or WebSocket messages.
+    let scrubber = (!scrubbed.is_empty()).then(|| Scrubber::new(&scrubbed));
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(guest_upgrade) = guest_upgrade else {
             return bad_gateway("upstream switched protocols without being asked");
         };
         upstreams.forget(&dest.host).await;
-        if !scrubbed.is_empty() && response.headers().contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+        if scrubber.is_some() && response.headers().contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
             return bad_gateway("upstream WebSocket extensions cannot be scrubbed");
         }
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        let scrubber = (!scrubbed.is_empty()).then(|| Scrubber::new(&scrubbed));
+        let (mut parts, _) = response.into_parts();
+        if let Some(scrubber) = &scrubber {
+            scrubber.scrub_headers(&mut parts.headers);
+        }
         tokio::spawn(async move {
             if let (Ok(guest), Ok(upstream)) = (guest_upgrade.await, upstream_upgrade.await) {
                 let (mut guest, mut upstream) = (TokioIo::new(guest), TokioIo::new(upstream));
@@ -428,15 +433,13 @@ async fn forward(
                 }
             }
         });
-        let (mut parts, _) = response.into_parts();
-        secrets::scrub_headers(&mut parts.headers, &scrubbed);
         return Response::from_parts(parts, full(Bytes::new()));
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let mut body = body.map_err(BoxError::from).boxed();
-    if !scrubbed.is_empty() {
-        secrets::scrub_headers(&mut parts.headers, &scrubbed);
+    if let Some(scrubber) = &scrubber {
+        scrubber.scrub_headers(&mut parts.headers);
         match decoded(body, &parts.headers) {
             Ok(plain) => body = plain,
             Err(encoding) => return bad_gateway(&format!("a response in {encoding:?} encoding cannot be scrubbed")),
@@ -466,11 +469,11 @@ async fn forward(
             }
         }
     }
-    if !scrubbed.is_empty() {
+    if let Some(scrubber) = scrubber {
         // After the rules too: a rule's headers or body may not bring a value back either.
-        secrets::scrub_headers(&mut parts.headers, &scrubbed);
+        scrubber.scrub_headers(&mut parts.headers);
         parts.headers.remove(header::CONTENT_LENGTH);
-        body = replace_in_body(body, Scrubber::new(&scrubbed));
+        body = replace_in_body(body, scrubber);
     }
     Response::from_parts(parts, body)
 }

@@ -95,28 +95,6 @@ pub fn replace_all(haystack: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8
     Some(out)
 }
 
-/// Scrubs secret values out of response headers or trailers: in values they become the
-/// placeholder; a header whose name carries a value (names arrive lowercased, so compared
-/// without case) is dropped.
-pub fn scrub_headers(headers: &mut HeaderMap, secrets: &[&Secret]) {
-    let carrying: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            secrets.iter().any(|s| contains(name.as_str().as_bytes(), s.value.to_ascii_lowercase().as_bytes()))
-        })
-        .cloned()
-        .collect();
-    for name in carrying {
-        headers.remove(name);
-    }
-    let scrubber = Scrubber::new(secrets);
-    for value in headers.values_mut() {
-        if scrubber.values.is_match(value.as_bytes()) {
-            *value = HeaderValue::from_bytes(&scrubber.scrub(value.as_bytes())).unwrap_or(HeaderValue::from_static(""));
-        }
-    }
-}
-
 /// The scrubber of a response stream from one of the secrets' hosts: values become placeholders
 /// in the body (across chunk boundaries) and in trailers.
 ///
@@ -125,7 +103,10 @@ pub fn scrub_headers(headers: &mut HeaderMap, secrets: &[&Secret]) {
 /// the rest of the longer one), and a placeholder is never scanned again.
 #[derive(Debug)]
 pub struct Scrubber {
-    secrets: Vec<Secret>,
+    /// The values, as given.
+    literals: Vec<Vec<u8>>,
+    /// The values in lowercase, for header names.
+    lowercase: Vec<Vec<u8>>,
     values: AhoCorasick,
     placeholders: Vec<Vec<u8>>,
     /// The longest value, less one: how much of a chunk's tail can still start a match.
@@ -137,17 +118,38 @@ pub struct Scrubber {
 impl Scrubber {
     /// Scrubs the values of `secrets` (empty values are ignored).
     pub fn new(secrets: &[&Secret]) -> Self {
-        let secrets: Vec<Secret> = secrets.iter().filter(|s| !s.value.is_empty()).map(|s| (*s).clone()).collect();
+        let secrets: Vec<&&Secret> = secrets.iter().filter(|s| !s.value.is_empty()).collect();
+        let literals: Vec<Vec<u8>> = secrets.iter().map(|s| s.value.as_bytes().to_vec()).collect();
         let values = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
-            .build(secrets.iter().map(|s| s.value.as_bytes()))
+            .build(&literals)
             .expect("literal patterns always build");
         Self {
             values,
             placeholders: secrets.iter().map(|s| s.placeholder.as_bytes().to_vec()).collect(),
-            hold_back: secrets.iter().map(|s| s.value.len() - 1).max().unwrap_or(0),
+            hold_back: literals.iter().map(|v| v.len() - 1).max().unwrap_or(0),
+            lowercase: literals.iter().map(|v| v.to_ascii_lowercase()).collect(),
+            literals,
             pending: BytesMut::new(),
-            secrets,
+        }
+    }
+
+    /// Scrubs response headers or trailers: in values, secret values become placeholders; a
+    /// header whose name carries a value (names arrive lowercased, so compared without case)
+    /// is dropped.
+    pub fn scrub_headers(&self, headers: &mut HeaderMap) {
+        let carrying: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| self.lowercase.iter().any(|v| contains(name.as_str().as_bytes(), v)))
+            .cloned()
+            .collect();
+        for name in carrying {
+            headers.remove(name);
+        }
+        for value in headers.values_mut() {
+            if self.values.is_match(value.as_bytes()) {
+                *value = HeaderValue::from_bytes(&self.scrub(value.as_bytes())).unwrap_or(HeaderValue::from_static(""));
+            }
         }
     }
 
@@ -165,11 +167,7 @@ impl BodyTransform for Scrubber {
         // that point is final: every value starting there is decided.
         let len = self.pending.len();
         let open = (len.saturating_sub(self.hold_back)..len)
-            .find(|&p| {
-                self.secrets
-                    .iter()
-                    .any(|s| s.value.len() > len - p && s.value.as_bytes().starts_with(&self.pending[p..]))
-            })
+            .find(|&p| self.literals.iter().any(|v| v.len() > len - p && v.starts_with(&self.pending[p..])))
             .unwrap_or(len);
         let mut out = Vec::with_capacity(len);
         let mut done = 0;
@@ -193,8 +191,7 @@ impl BodyTransform for Scrubber {
     }
 
     fn trailers(&mut self, trailers: &mut HeaderMap) {
-        let secrets: Vec<&Secret> = self.secrets.iter().collect();
-        scrub_headers(trailers, &secrets);
+        self.scrub_headers(trailers);
     }
 }
 
@@ -326,7 +323,7 @@ mod tests {
         headers.insert("x-echo", HeaderValue::from_static("Bearer Real-Value"));
         headers.insert("x-real-value", HeaderValue::from_static("1"));
         headers.insert("x-other", HeaderValue::from_static("fine"));
-        scrub_headers(&mut headers, &[&s]);
+        Scrubber::new(&[&s]).scrub_headers(&mut headers);
         assert_eq!(headers["x-echo"], format!("Bearer {}", s.placeholder).as_str());
         assert!(!headers.contains_key("x-real-value"), "a name carrying the value is dropped");
         assert_eq!(headers["x-other"], "fine");
@@ -385,7 +382,7 @@ mod tests {
         }
         let mut headers = HeaderMap::new();
         headers.insert("x-echo", HeaderValue::from_static("qjgyimmmogg m"));
-        scrub_headers(&mut headers, &[&short, &long]);
+        Scrubber::new(&[&short, &long]).scrub_headers(&mut headers);
         assert_eq!(headers["x-echo"], format!("{} {}", long.placeholder, short.placeholder).as_str());
     }
 }
