@@ -368,6 +368,7 @@ fn spawn_on_lifetime_thread(cmd: &mut Command) -> std::io::Result<Child> {
     });
     let gone = || std::io::Error::other("the helper spawner thread is gone");
     let (reply, answer) = std::sync::mpsc::channel();
+    // The command moves to the spawner thread; the caller keeps an empty one it never uses.
     let job = std::mem::replace(cmd, Command::new(cmd.as_std().get_program()));
     spawner
         .lock()
