@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Installs the host dependencies of matchlock on Debian 12, idempotently: Debian packages
-# (QEMU and e2fsprogs from bookworm-backports) and vhost-device-vsock (built with cargo,
-# pinned). Used by scripts/setup.sh and embedded in `matchlock setup linux`.
+# (QEMU and e2fsprogs from bookworm-backports). Used by scripts/setup.sh and embedded in
+# `matchlock setup linux`.
 set -euo pipefail
 
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/matchlock"
 TOOLS="$CACHE/tools"
-VHOST_DEVICE_VSOCK_VERSION=0.3.0
 
 log() { printf '==> %s\n' "$*" >&2; }
 
@@ -53,15 +52,4 @@ SRC
   as_root systemctl disable --now docker-registry >/dev/null 2>&1 || true
 }
 
-install_vhost_device_vsock() {
-  local bin="$TOOLS/bin/vhost-device-vsock"
-  if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "$VHOST_DEVICE_VSOCK_VERSION"; then
-    log "vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION: present"
-    return
-  fi
-  log "building vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION (one time, ~2 min)"
-  cargo install --quiet --locked --root "$TOOLS" vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION"
-}
-
 install_debian_packages
-install_vhost_device_vsock

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything matchlock needs on a Debian 12 host, idempotently and cached:
-# Debian packages, vhost-device-vsock, the guest kernel, guest-init and the test image.
+# Debian packages, the guest kernel, guest-init and the test image.
 # Usage: scripts/setup.sh [--deps-only] [--no-demo]
-#   --deps-only  only the system dependencies (packages, vhost-device-vsock)
+#   --deps-only  only the system dependencies (packages)
 #   --no-demo    everything but the demo sandbox at the end
 set -euo pipefail
 

@@ -60,7 +60,7 @@ impl VmDir {
         self.0.join("logs/owner.log")
     }
 
-    /// `logs/<helper>.log`: a helper process's own output (`qemu`, `vhost-vsock`).
+    /// `logs/<helper>.log`: a helper process's own output (`qemu`).
     pub fn helper_log(&self, helper: &str) -> PathBuf {
         self.0.join(format!("logs/{helper}.log"))
     }
@@ -90,17 +90,13 @@ impl VmDir {
         self.0.join("net.sock")
     }
 
-    /// `vsock.sock`: the host connects here (then `CONNECT <port>`) to reach a guest port.
-    pub fn vsock_host(&self) -> PathBuf {
-        self.0.join("vsock.sock")
+    /// `port-<port>.sock`: guest connections to host `port` arrive here, whatever the
+    /// backend's transport.
+    pub fn port_listener(&self, port: u32) -> PathBuf {
+        self.0.join(format!("port-{port}.sock"))
     }
 
-    /// `vsock.sock_<port>`: guest connections to host `port` arrive here.
-    pub fn vsock_listener(&self, port: u32) -> PathBuf {
-        self.0.join(format!("vsock.sock_{port}"))
-    }
-
-    /// `<name>.sock`: a backend's private socket (QEMU's `vhost.sock`).
+    /// `<name>.sock`: a backend's private socket (QEMU's `mux.sock` and `qmp.sock`).
     pub fn backend_socket(&self, name: &str) -> PathBuf {
         self.0.join(format!("{name}.sock"))
     }

@@ -18,13 +18,14 @@ use std::time::Duration;
 use matchlock_protocol::exec::{ExecMode, ExecRequest, GuestMessage, HostMessage};
 use matchlock_protocol::frame::{read_frame, write_frame, FrameType};
 use matchlock_protocol::{
-    ECHO_PORT, EXEC_PORT, FORWARD_MAX_CHUNK, FORWARD_OK, FORWARD_PORT, FORWARD_REFUSED, HOST_CID, READY_PORT,
+    ECHO_PORT, EXEC_PORT, FORWARD_MAX_CHUNK, FORWARD_OK, FORWARD_PORT, FORWARD_REFUSED, READY_PORT,
 };
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use vsock::{VsockListener, VsockStream, VMADDR_CID_ANY};
+use std::os::unix::net::UnixStream;
 
+use crate::mux::{self, Listener};
 use crate::{sys, LAUNCHER_ARGV0};
 
 /// Grace period between SIGTERM and SIGKILL when a command is cancelled.
@@ -38,7 +39,7 @@ pub(crate) const REQUEST_FD: i32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AgentError {
     /// The exec port could not be bound.
-    #[error("cannot listen on vsock port {EXEC_PORT}")]
+    #[error("cannot listen on port {EXEC_PORT}")]
     Listen(#[source] io::Error),
 }
 
@@ -46,39 +47,34 @@ pub(crate) enum AgentError {
 /// are the mount points of the extra disks, remounted read-only on quiesce.
 pub(crate) fn serve(disks: Vec<String>) -> Result<(), AgentError> {
     let disks: Arc<[String]> = disks.into();
-    let listener = VsockListener::bind_with_cid_port(VMADDR_CID_ANY, EXEC_PORT).map_err(AgentError::Listen)?;
-    match VsockListener::bind_with_cid_port(VMADDR_CID_ANY, ECHO_PORT) {
+    let listener = mux::listen(EXEC_PORT).map_err(AgentError::Listen)?;
+    match mux::listen(ECHO_PORT) {
         Ok(echo) => {
             thread::spawn(move || serve_echo(&echo));
         }
         Err(e) => eprintln!("guest-agent: echo port: {e}"),
     }
-    match VsockListener::bind_with_cid_port(VMADDR_CID_ANY, FORWARD_PORT) {
+    match mux::listen(FORWARD_PORT) {
         Ok(forward) => {
             thread::spawn(move || serve_forwards(&forward));
         }
         Err(e) => eprintln!("guest-agent: forward port: {e}"),
     }
     signal_ready();
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                let disks = Arc::clone(&disks);
-                thread::spawn(move || {
-                    if let Err(e) = handle(stream, &disks) {
-                        eprintln!("guest-agent: connection: {}", sys::error_chain(&e));
-                    }
-                });
+    while let Some(stream) = listener.accept() {
+        let disks = Arc::clone(&disks);
+        thread::spawn(move || {
+            if let Err(e) = handle(stream, &disks) {
+                eprintln!("guest-agent: connection: {}", sys::error_chain(&e));
             }
-            Err(e) => eprintln!("guest-agent: accept: {e}"),
-        }
+        });
     }
     Ok(())
 }
 
 /// Echoes bytes back on each connection (the latency floor for benchmarks).
-fn serve_echo(listener: &VsockListener) {
-    for conn in listener.incoming().flatten() {
+fn serve_echo(listener: &Listener) {
+    while let Some(conn) = listener.accept() {
         thread::spawn(move || {
             let mut conn = conn;
             let mut buf = [0u8; 4096];
@@ -92,8 +88,8 @@ fn serve_echo(listener: &VsockListener) {
 }
 
 /// Port forwards from the host: each connection names a guest TCP port on loopback.
-fn serve_forwards(listener: &VsockListener) {
-    for conn in listener.incoming().flatten() {
+fn serve_forwards(listener: &Listener) {
+    while let Some(conn) = listener.accept() {
         thread::spawn(move || {
             let mut host = conn;
             let mut port = [0u8; 2];
@@ -115,7 +111,7 @@ fn serve_forwards(listener: &VsockListener) {
 
 /// Relays a forward: host chunks to the guest socket (an empty chunk is the host's
 /// half-close), guest bytes to host chunks (its EOF becomes an empty chunk).
-fn relay_both_ways(host: VsockStream, guest: std::net::TcpStream) {
+fn relay_both_ways(host: UnixStream, guest: std::net::TcpStream) {
     let (Ok(mut host_reader), Ok(mut guest_writer)) = (host.try_clone(), guest.try_clone()) else { return };
     let upstream = thread::spawn(move || {
         let mut len = [0u8; 4];
@@ -146,7 +142,7 @@ fn relay_both_ways(host: VsockStream, guest: std::net::TcpStream) {
 /// Connects to the host's ready port; the connection itself is the signal.
 fn signal_ready() {
     for _ in 0..50 {
-        match VsockStream::connect_with_cid_port(HOST_CID, READY_PORT) {
+        match mux::connect(READY_PORT) {
             Ok(_) => return,
             Err(_) => thread::sleep(Duration::from_millis(20)),
         }
@@ -165,7 +161,7 @@ enum ConnError {
 
 /// Serialises frames from several pump threads onto the connection.
 #[derive(Clone)]
-struct Sender(Arc<Mutex<VsockStream>>);
+struct Sender(Arc<Mutex<UnixStream>>);
 
 impl Sender {
     fn send(&self, msg: &GuestMessage) -> Result<(), ConnError> {
@@ -176,11 +172,20 @@ impl Sender {
     }
 }
 
-fn handle(mut stream: VsockStream, disks: &[String]) -> Result<(), ConnError> {
+fn handle(mut stream: UnixStream, disks: &[String]) -> Result<(), ConnError> {
     let Some(frame) = read_frame(&mut stream)? else { return Ok(()) };
     let sender = Sender(Arc::new(Mutex::new(stream.try_clone()?)));
     match frame.kind {
         FrameType::Quiesce => return quiesce(&sender, disks),
+        FrameType::Restored => {
+            let outcome = serde_json::from_slice(&frame.payload)
+                .map_err(|e| format!("invalid restore message: {e}"))
+                .and_then(|r| crate::init::apply_restored(&r));
+            if let Err(e) = &outcome {
+                sender.send(&GuestMessage::Stderr(format!("matchlock: {e}\n").into_bytes()))?;
+            }
+            return sender.send(&GuestMessage::Exit(i32::from(outcome.is_err())));
+        }
         FrameType::WriteFile | FrameType::ReadFile | FrameType::ListFiles => {
             return Ok(crate::files::serve(&mut stream, &frame)?);
         }
@@ -291,13 +296,16 @@ fn start(mode: ExecMode, request: &ExecRequest) -> io::Result<Running> {
 fn pump(mut from: File, to: Sender, wrap: fn(Vec<u8>) -> GuestMessage) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         let mut buf = vec![0u8; CHUNK];
+        let mut connected = true;
         loop {
             match from.read(&mut buf) {
                 // EIO: the PTY's last slave descriptor closed.
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if to.send(&wrap(buf[..n].to_vec())).is_err() {
-                        break;
+                    // Without a host (the connection is gone) the output is read and
+                    // dropped: a command that outlives its exec never blocks on it.
+                    if connected && to.send(&wrap(buf[..n].to_vec())).is_err() {
+                        connected = false;
                     }
                 }
             }
@@ -305,10 +313,11 @@ fn pump(mut from: File, to: Sender, wrap: fn(Vec<u8>) -> GuestMessage) -> thread
     })
 }
 
-fn run(mut stream: VsockStream, sender: &Sender, running: Running) -> Result<(), ConnError> {
+fn run(mut stream: UnixStream, sender: &Sender, running: Running) -> Result<(), ConnError> {
     let Running { mut child, stdin, stdout, stderr, pty } = running;
     let pid = Pid::from_raw(child.id() as i32);
     let finished = Arc::new(AtomicBool::new(false));
+    let session = mux::session();
     let out_pump = pump(stdout, sender.clone(), GuestMessage::Stdout);
     let err_pump = stderr.map(|e| pump(e, sender.clone(), GuestMessage::Stderr));
 
@@ -353,7 +362,9 @@ fn run(mut stream: VsockStream, sender: &Sender, running: Running) -> Result<(),
             }
         }
         drop(stdin);
-        if !finished_r.load(Ordering::SeqCst) {
+        // A closed connection cancels the command, unless the VM was restored from a
+        // snapshot: then the host that ran it is gone and the command runs on, detached.
+        if !finished_r.load(Ordering::SeqCst) && mux::session() == session {
             cancel(pid, &finished_r);
         }
     });

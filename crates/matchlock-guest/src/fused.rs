@@ -1,5 +1,5 @@
 //! The workspace: a FUSE file system whose every operation is a request to the host's VFS
-//! server (vsock port 5001, [`matchlock_protocol::vfs`]). The kernel speaks inodes; the host
+//! server (host port 5001, [`matchlock_protocol::vfs`]). The kernel speaks inodes; the host
 //! speaks absolute guest paths, so this keeps the inode ↔ path table, and moves whole subtrees
 //! in it on rename (open files and working directories keep working: git's `HEAD.lock`
 //! dance, `pwd -P`).
@@ -16,8 +16,9 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request as FuseRequest, SessionACL, TimeOrNow, WriteFlags,
 };
 use matchlock_protocol::vfs::{read_message, write_message, Op, Request, Response, Stat, MAX_IO};
-use matchlock_protocol::{HOST_CID, VFS_PORT};
-use vsock::VsockStream;
+use std::os::unix::net::UnixStream;
+
+use matchlock_protocol::VFS_PORT;
 
 /// How long the kernel may cache attributes and names.
 const TTL: Duration = Duration::from_secs(1);
@@ -68,7 +69,7 @@ impl Inodes {
 
 /// The workspace file system.
 pub(crate) struct Workspace {
-    conn: Mutex<VsockStream>,
+    conn: Mutex<UnixStream>,
     inodes: Mutex<Inodes>,
 }
 
@@ -133,7 +134,7 @@ impl Workspace {
     pub(crate) fn connect(root: &str) -> std::io::Result<Self> {
         let mut last = None;
         for _ in 0..30 {
-            match VsockStream::connect_with_cid_port(HOST_CID, VFS_PORT) {
+            match crate::mux::connect(VFS_PORT) {
                 Ok(conn) => {
                     let mut inodes = Inodes { paths: HashMap::new(), inodes: HashMap::new(), next: 2 };
                     inodes.paths.insert(1, root.to_owned());
@@ -147,10 +148,22 @@ impl Workspace {
         Err(last.unwrap_or_else(|| std::io::ErrorKind::NotConnected.into()))
     }
 
+    /// One request and its response. A broken connection (the host of a VM restored from a
+    /// snapshot is a new process) is re-opened once: requests name paths, not handles, so
+    /// the new server answers them the same.
     fn call(&self, request: &Request) -> Result<Response, Errno> {
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        write_message(&mut *conn, request).map_err(|_| Errno::EIO)?;
-        let response: Response = read_message(&mut *conn).map_err(|_| Errno::EIO)?.ok_or(Errno::EIO)?;
+        let exchange = |conn: &mut UnixStream| -> Option<Response> {
+            write_message(&mut *conn, request).ok()?;
+            read_message(&mut *conn).ok()?
+        };
+        let response = match exchange(&mut conn) {
+            Some(response) => response,
+            None => {
+                *conn = crate::mux::connect(VFS_PORT).map_err(|_| Errno::EIO)?;
+                exchange(&mut conn).ok_or(Errno::EIO)?
+            }
+        };
         if response.err < 0 {
             return Err(Errno::from_i32(-response.err));
         }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use matchlock_protocol::boot::{BootParams, BootParamsError};
+use matchlock_protocol::boot::{is_valid_hostname, BootParams, BootParamsError, Restored, RESTORED_ENTROPY};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::time::{clock_gettime, clock_settime, ClockId};
 
@@ -52,6 +52,9 @@ pub(crate) enum InitError {
         #[source]
         source: std::io::Error,
     },
+    /// The pipe to the host cannot be opened.
+    #[error("cannot open the host pipe")]
+    HostPipe(#[source] std::io::Error),
     /// The exec agent failed.
     #[error("exec agent failed")]
     Agent(#[from] agent::AgentError),
@@ -76,6 +79,7 @@ fn run() -> Result<(), InitError> {
     set_clock(params.epoch_ms);
     let sandbox_ca = assemble_root(&params)?;
     mount_base_filesystems()?;
+    crate::mux::start().map_err(InitError::HostPipe)?;
     if let Some(ca) = sandbox_ca {
         if let Err(e) = install_ca(&ca) {
             eprintln!("matchlock-init: cannot install the sandbox CA: {}", sys::error_chain(&e));
@@ -250,6 +254,52 @@ fn write_identity_files(params: &BootParams) -> Result<(), InitError> {
     write_file("/etc/hosts", &hosts_file(params))?;
     let resolv: String = params.dns.iter().map(|ip| format!("nameserver {ip}\n")).collect();
     write_file("/etc/resolv.conf", &resolv)
+}
+
+/// Takes on a restored sandbox's identity: clock, fresh entropy and a reseeded RNG, then
+/// hostname and /etc files (the boot parameters of the saved VM, under the new name).
+pub(crate) fn apply_restored(restored: &Restored) -> Result<(), String> {
+    let now = nix::sys::time::TimeSpec::from_duration(Duration::from_millis(restored.epoch_ms));
+    clock_settime(ClockId::CLOCK_REALTIME, now).map_err(|e| format!("cannot set the clock: {e}"))?;
+    reseed(&restored.entropy[..restored.entropy.len().min(RESTORED_ENTROPY)])
+        .map_err(|e| format!("cannot reseed the RNG: {e}"))?;
+    if !is_valid_hostname(&restored.hostname) {
+        return Err(format!("invalid hostname {:?}", restored.hostname));
+    }
+    let cmdline = fs::read_to_string("/proc/cmdline").map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
+    let mut params = BootParams::from_cmdline(&cmdline).map_err(|e| e.to_string())?;
+    params.hostname.clone_from(&restored.hostname);
+    write_identity_files(&params).map_err(|e| sys::error_chain(&e))?;
+    match &restored.ca_pem {
+        Some(pem) => install_ca(pem.as_bytes()).map_err(|e| sys::error_chain(&e)),
+        None => Ok(()),
+    }
+}
+
+/// Credits `entropy` to the kernel's pool and reseeds the CRNG at once: every machine
+/// restored from one snapshot starts with the same RNG state until this runs.
+fn reseed(entropy: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // <linux/random.h>: RNDADDENTROPY = _IOW('R', 0x03, int[2]); RNDRESEEDCRNG = _IO('R', 0x07).
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let random = fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + entropy.len().next_multiple_of(4));
+    info.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
+    info.extend_from_slice(entropy);
+    info.resize(8 + entropy.len().next_multiple_of(4), 0);
+    // SAFETY: `info` is a valid rand_pool_info of `buf_size` bytes that outlives the call;
+    // the kernel only reads it.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Moves PID 1 (and so every command) into `/sys/fs/cgroup/init` and applies the CPU quota.

@@ -11,6 +11,7 @@ mod files;
 mod fused;
 mod init;
 mod launcher;
+mod mux;
 mod sys;
 mod users;
 
@@ -25,7 +26,7 @@ fn main() -> ExitCode {
     let role = Path::new(&argv0).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     match role.as_str() {
         LAUNCHER_ARGV0 => launcher::main(),
-        "guest-agent" => match agent::serve(Vec::new()) {
+        "guest-agent" => match mux::start().map_err(agent::AgentError::Listen).and_then(|()| agent::serve(Vec::new())) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("guest-agent: {}", sys::error_chain(&e));

@@ -27,6 +27,24 @@ pub struct BootParams {
     pub workspace: Option<String>,
 }
 
+/// What a VM restored from a snapshot learns about the sandbox it now is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Restored {
+    /// The new sandbox's hostname (validated by the guest: [`is_valid_hostname`]).
+    pub hostname: String,
+    /// Host wall clock now, in milliseconds since the Unix epoch.
+    pub epoch_ms: u64,
+    /// Host entropy mixed into the guest's pool before its RNG is reseeded, so that
+    /// machines restored from one snapshot draw different numbers.
+    pub entropy: Vec<u8>,
+    /// The new sandbox's CA (PEM), when its network intercepts TLS: trusted in addition to
+    /// the saved one.
+    pub ca_pem: Option<String>,
+}
+
+/// Bytes of host entropy in [`Restored::entropy`] (the guest takes at most this many).
+pub const RESTORED_ENTROPY: usize = 64;
+
 /// Whether `path` can be a mount point given on the kernel command line: absolute,
 /// normalised, not `/`, and free of spaces, commas and control characters.
 pub fn is_valid_mount_path(path: &str) -> bool {

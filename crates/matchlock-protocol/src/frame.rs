@@ -43,6 +43,10 @@ pub enum FrameType {
     /// Prepare for the VM to stop: sync, and remount the extra disks read-only so they
     /// are clean on the host (host -> guest, empty; answered with `Exit`).
     Quiesce = 32,
+    /// The VM was restored from a snapshot: take on this sandbox's identity, clock and
+    /// fresh entropy before anything else runs (host -> guest, JSON
+    /// [`crate::boot::Restored`]; answered with `Exit`).
+    Restored = 33,
 }
 
 impl TryFrom<u8> for FrameType {
@@ -64,6 +68,7 @@ impl TryFrom<u8> for FrameType {
             16 => Self::ListFiles,
             17 => Self::FileResult,
             32 => Self::Quiesce,
+            33 => Self::Restored,
             other => return Err(FrameError::UnknownType(other)),
         })
     }

@@ -7,12 +7,14 @@
 //! - [`exec`]: the typed exec request and the messages exchanged while it runs.
 //! - [`files`]: writing, reading and listing guest files through the agent.
 //! - [`boot`]: the `matchlock.*` kernel command-line parameters read by guest-init.
+//! - [`mux`]: streams to numbered ports over one pipe (the QEMU backend's transport).
 #![forbid(unsafe_code)]
 
 pub mod boot;
 pub mod exec;
 pub mod files;
 pub mod frame;
+pub mod mux;
 pub mod vfs;
 
 /// The vsock context id of the host.

@@ -11,6 +11,7 @@ pub mod logfile;
 pub mod network;
 pub mod relay;
 mod sampled;
+pub mod snapshot;
 pub mod volumes;
 mod workspace;
 
@@ -28,6 +29,7 @@ use matchlock_protocol::frame::FrameType;
 use matchlock_protocol::EXEC_PORT;
 use matchlock_state::{Phase, StateDb, StateError, Status, Vm};
 use matchlock_vm::{device_name, kernel, tools, Backend, Disk, Machine, MachineSpec, VmError};
+use snapshot::SnapshotMeta;
 
 pub use command::{compose, compose_command, ComposeError, Composed};
 pub use exec::{exec_via_relay, Control, ExecIo};
@@ -134,6 +136,10 @@ pub struct Sandbox {
     network: Option<Arc<network::Network>>,
     vfs: Option<tokio::task::JoinHandle<()>>,
     timings: Vec<(&'static str, Duration)>,
+    /// What the machine was started from, recorded in its snapshots.
+    backend: &'static str,
+    kernel: PathBuf,
+    boot_disk: PathBuf,
 }
 
 /// Observers of what a sandbox does (the JSON-RPC `event` notifications).
@@ -195,8 +201,27 @@ impl Sandbox {
     pub async fn create_with_events(
         config: SandboxConfig,
         store: &Store,
+        state: StateDb,
+        events: Events,
+    ) -> Result<Self, SandboxError> {
+        Self::start(config, store, state, events, None).await
+    }
+
+    /// A new sandbox from the snapshot `name` ([`Sandbox::snapshot`]): the saved machine
+    /// resumes with its processes, under a new id with its own writable disk, network stack
+    /// (connections of the saved one are gone), clock and entropy.
+    pub async fn restore(name: &str, store: &Store, state: StateDb, events: Events) -> Result<Self, SandboxError> {
+        let (dir, meta) = snapshot::load(name)?;
+        let config = meta.config.clone();
+        Self::start(config, store, state, events, Some((dir, meta))).await
+    }
+
+    async fn start(
+        config: SandboxConfig,
+        store: &Store,
         mut state: StateDb,
         events: Events,
+        from: Option<(PathBuf, SnapshotMeta)>,
     ) -> Result<Self, SandboxError> {
         let started = Instant::now();
         validate(&config)?;
@@ -217,6 +242,9 @@ impl Sandbox {
             )));
         }
         let boot_disk = boot_disk::ensure(&guest_init, &cache_dir().join("boot"))?;
+        if let Some((_, meta)) = &from {
+            check_restorable(meta, backend.name(), &image, &kernel, &boot_disk)?;
+        }
 
         let id = new_vm_id()?;
         let dir = VmDir::of(&id);
@@ -237,13 +265,13 @@ impl Sandbox {
         let resources = serde_json::json!({
             "state_dir": dir.path(),
             "rootfs_path": upper,
-            "vsock_path": dir.vsock_host(),
+            "vsock_path": dir.backend_socket("mux"),
             "exec_socket": dir.exec_socket(),
             "image_rootfs": image.rootfs,
         });
         state.register(&row, backend.name(), &resources)?;
-        let booted =
-            Self::boot(&*backend, &id, &dir, &config, &image, boot_disk, kernel, &upper, &mut state, events).await;
+        let start = Start { backend: &*backend, id: &id, dir: &dir, config: &config, image: &image, from: from.as_ref() };
+        let booted = start.boot(boot_disk.clone(), kernel.clone(), &upper, &mut state, events).await;
         let (machine, network, vfs, prepared) = match booted {
             Ok(ok) => ok,
             Err((phase, e)) => {
@@ -267,6 +295,9 @@ impl Sandbox {
             network: network.clone(),
             vfs,
             timings,
+            backend: backend.name(),
+            kernel,
+            boot_disk,
         };
         let guest = sandbox.machine.as_ref().expect("just booted").connector();
         match relay::serve(&sandbox.dir, guest, network) {
@@ -278,15 +309,97 @@ impl Sandbox {
         }
         Ok(sandbox)
     }
+}
 
-    /// Creates the upper disk and boots; on error, says which failure phase applies.
-    #[allow(clippy::too_many_arguments)]
+/// What a sandbox starts from, for [`Start::boot`].
+struct Start<'a> {
+    backend: &'a dyn Backend,
+    id: &'a str,
+    dir: &'a VmDir,
+    config: &'a SandboxConfig,
+    image: &'a ImageRecord,
+    /// The snapshot to resume instead of a cold boot.
+    from: Option<&'a (PathBuf, SnapshotMeta)>,
+}
+
+/// Gives a restored guest its new identity, clock and entropy before anything else runs.
+async fn tell_restored(machine: &dyn Machine, hostname: String, ca_pem: Option<String>) -> Result<(), SandboxError> {
+    let mut entropy = vec![0u8; matchlock_protocol::boot::RESTORED_ENTROPY];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(io_err("cannot open /dev/urandom"))?,
+        &mut entropy,
+    )
+    .map_err(io_err("cannot read /dev/urandom"))?;
+    let epoch_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let message = matchlock_protocol::boot::Restored { hostname, epoch_ms, entropy, ca_pem };
+    let payload = serde_json::to_vec(&message).expect("the message serializes");
+    let mut conn = machine.connect(EXEC_PORT).await?;
+    write_frame(&mut conn, FrameType::Restored, &payload).await?;
+    let mut errors = String::new();
+    while let Some(frame) = read_frame(&mut conn).await? {
+        match GuestMessage::from_frame(frame)? {
+            GuestMessage::Exit(0) => return Ok(()),
+            GuestMessage::Exit(_) => break,
+            GuestMessage::Stderr(e) if errors.len() < MAX_QUIESCE_ERROR => errors.push_str(&String::from_utf8_lossy(&e)),
+            _ => {}
+        }
+    }
+    Err(SandboxError::VmStopped(format!("the restored guest refused its new identity: {}", errors.trim())))
+}
+
+/// A snapshot resumes only on the machine it was saved from: same backend, and the image,
+/// kernel and guest-init it has in memory and mounted.
+fn check_restorable(
+    meta: &SnapshotMeta,
+    backend: &str,
+    image: &ImageRecord,
+    kernel: &Path,
+    boot_disk: &Path,
+) -> Result<(), SandboxError> {
+    let changed = |what: &str| {
+        Err(SandboxError::Config(format!(
+            "snapshot {} cannot be restored: {what} changed since it was taken",
+            meta.name
+        )))
+    };
+    if meta.backend != backend {
+        return changed("the VM backend");
+    }
+    if meta.image_rootfs != image.rootfs {
+        return changed(&format!("the image {}", meta.image));
+    }
+    if meta.kernel != kernel {
+        return changed("the guest kernel");
+    }
+    if meta.boot_disk != boot_disk {
+        return changed("guest-init");
+    }
+    Ok(())
+}
+
+impl Start<'_> {
+    /// Creates the VM's writable disk (with the CA seeded); mke2fs runs for tens of
+    /// milliseconds: not on the runtime's thread.
+    async fn create_upper(&self, upper: &Path, seed: Option<&Path>) -> Result<(), SandboxError> {
+        let disk_started = Instant::now();
+        let (upper_path, seed_path, size) = (upper.to_owned(), seed.map(Path::to_owned), self.config.disk_size_mb << 20);
+        let created = tokio::task::spawn_blocking(move || {
+            matchlock_image::ext4::create_empty(&upper_path, size, seed_path.as_deref())
+        })
+        .await
+        .map_err(|e| SandboxError::Io { context: "creating the writable disk".into(), source: e.into() })?;
+        tracing::debug!(
+            "create: writable disk ({} MB) in {} ms",
+            self.config.disk_size_mb,
+            disk_started.elapsed().as_millis()
+        );
+        created.map_err(|source| SandboxError::Disk { what: "the writable disk".into(), source })
+    }
+
+    /// Creates the upper disk and boots (or resumes the snapshot); on error, says which
+    /// failure phase applies.
     async fn boot(
-        backend: &dyn Backend,
-        id: &str,
-        dir: &VmDir,
-        config: &SandboxConfig,
-        image: &ImageRecord,
+        &self,
         boot_disk: PathBuf,
         kernel: PathBuf,
         upper: &Path,
@@ -296,32 +409,20 @@ impl Sandbox {
         (Box<dyn Machine>, Option<network::Network>, Option<tokio::task::JoinHandle<()>>, Instant),
         (Phase, SandboxError),
     > {
+        let (id, dir, config, image) = (self.id, self.dir, self.config, self.image);
         let create_failed = |e: SandboxError| (Phase::CreateFailed, e);
         let ca = match &config.network {
             Some(net) => network::prepare_ca(net, dir).map_err(create_failed)?,
             None => None,
         };
-        let seed = ca.as_ref().map(|(_, tar)| tar.as_path());
-        let disk_started = Instant::now();
-        // mke2fs runs for tens of milliseconds: not on the runtime's thread.
-        let (upper_path, seed_path, size) = (upper.to_owned(), seed.map(Path::to_owned), config.disk_size_mb << 20);
-        let upper_created = tokio::task::spawn_blocking(move || {
-            matchlock_image::ext4::create_empty(&upper_path, size, seed_path.as_deref())
-        })
-        .await
-        .map_err(|e| {
-            create_failed(SandboxError::Io { context: "creating the writable disk".into(), source: e.into() })
-        })?;
-        tracing::debug!(
-            "create: writable disk ({} MB) in {} ms",
-            config.disk_size_mb,
-            disk_started.elapsed().as_millis()
-        );
-        if let Some(seed) = seed {
-            let _ = std::fs::remove_file(seed);
+        // A restored machine has its disk from the snapshot (and its CA comes another way).
+        let seed = ca.as_ref().map(|(_, tar)| tar.as_path()).filter(|_| self.from.is_none());
+        if self.from.is_none() {
+            self.create_upper(upper, seed).await.map_err(create_failed)?;
         }
-        upper_created
-            .map_err(|source| create_failed(SandboxError::Disk { what: "the writable disk".into(), source }))?;
+        if let Some((_, tar)) = &ca {
+            let _ = std::fs::remove_file(tar);
+        }
         let mut disks = vec![Disk { path: boot_disk, read_only: true, persistent: false }];
         // The image's layers, squashed once into one read-only disk shared by every VM.
         disks.push(Disk { path: image.rootfs.clone(), read_only: true, persistent: false });
@@ -358,13 +459,15 @@ impl Sandbox {
         let mut cmdline = params.to_cmdline();
         let (network, nic) = match &config.network {
             Some(net) => {
+                // A restored guest keeps the NIC address it has in memory.
+                let mac_of = self.from.map_or(id, |(_, meta)| meta.source.as_str());
                 let (network, nic) = network::start(
-                    id,
+                    mac_of,
                     dir,
                     net,
                     &config.dns_servers,
                     &config.add_hosts,
-                    ca.map(|(ca, _)| ca),
+                    ca.as_ref().map(|(ca, _)| Arc::clone(ca)),
                     events.network,
                 )
                 .map_err(create_failed)?;
@@ -388,13 +491,29 @@ impl Sandbox {
         state.transition(id, Phase::Starting, None).map_err(|e| create_failed(e.into()))?;
         let prepared = Instant::now();
         tracing::debug!("create: disks, workspace and network ready; launching the VM");
-        let machine = backend.launch(spec).await.map_err(|e| (Phase::StartFailed, e.into()))?;
-        tracing::debug!("create: VM {id} booted in {} ms", prepared.elapsed().as_millis());
+        let start_failed = |e: SandboxError| (Phase::StartFailed, e);
+        let machine = match self.from {
+            None => self.backend.launch(spec).await.map_err(|e| start_failed(e.into()))?,
+            Some((from, _)) => {
+                let machine = self.backend.restore(spec, from.clone()).await.map_err(|e| start_failed(e.into()))?;
+                let hostname = config.hostname.clone().unwrap_or_else(|| id.to_owned());
+                let ca_pem = ca.as_ref().map(|(ca, _)| ca.certificate_pem());
+                let told = tell_restored(&*machine, hostname, ca_pem).await;
+                if let Err(e) = told {
+                    logged(machine.shutdown().await, "stopping a restored VM that refused its identity");
+                    return Err(start_failed(e));
+                }
+                machine
+            }
+        };
+        tracing::debug!("create: VM {id} started in {} ms", prepared.elapsed().as_millis());
         gc::record_helpers(dir, &machine.helper_pids()).map_err(|e| (Phase::StartFailed, e))?;
         state.transition(id, Phase::Running, None).map_err(|e| (Phase::StartFailed, e.into()))?;
         Ok((machine, network, vfs_guard.disarm(), prepared))
     }
+}
 
+impl Sandbox {
     /// The VM id.
     pub fn id(&self) -> &str {
         &self.id
@@ -458,6 +577,40 @@ impl Sandbox {
         tokio::time::timeout(Duration::from_secs(10), work)
             .await
             .unwrap_or_else(|_| Err(SandboxError::VmStopped("quiescing the guest timed out".into())))
+    }
+
+    /// Saves the running sandbox as snapshot `name`: its memory, devices and writable disk,
+    /// while the guest is paused for a moment; the sandbox then runs on as before. Sandboxes
+    /// with writable `--disk` volumes cannot be saved (the volume is not theirs to copy).
+    pub async fn snapshot(&self, name: &str) -> Result<SnapshotMeta, SandboxError> {
+        if !snapshot::is_valid_name(name) && !name.starts_with(snapshot::FORK_PREFIX) {
+            return Err(SandboxError::Config(format!("invalid snapshot name {name:?} (letters, digits, '.', '_', '-')")));
+        }
+        if snapshot::snapshots_dir().join(name).exists() {
+            return Err(SandboxError::Config(format!("snapshot {name} exists (remove it first)")));
+        }
+        let partial = snapshot::partial_dir(name)?;
+        let machine = self.machine.as_ref().expect("a live sandbox has a machine");
+        let meta = SnapshotMeta {
+            name: name.to_owned(),
+            source: self.id.clone(),
+            created_at: 0,
+            backend: self.backend.to_owned(),
+            config: self.config.clone(),
+            image: self.image.tag.clone(),
+            image_rootfs: self.image.rootfs.clone(),
+            kernel: self.kernel.clone(),
+            boot_disk: self.boot_disk.clone(),
+            size: 0,
+        };
+        let saved = match machine.snapshot(partial.clone()).await {
+            Ok(()) => snapshot::commit(&partial, meta),
+            Err(e) => Err(e.into()),
+        };
+        if saved.is_err() {
+            logged(std::fs::remove_dir_all(&partial), "removing a failed snapshot");
+        }
+        saved
     }
 
     /// How long creation took, by phase: `prepare` (image, disks, accelerator) and

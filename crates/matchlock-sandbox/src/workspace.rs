@@ -84,7 +84,7 @@ pub const MAX_VFS_CONNECTIONS: usize = 8;
 /// Serves guest VFS connections to host port [`matchlock_protocol::VFS_PORT`] until the task
 /// is aborted.
 pub(crate) fn serve(dir: &VmDir, router: Router) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
-    let path = dir.vsock_listener(matchlock_protocol::VFS_PORT);
+    let path = dir.port_listener(matchlock_protocol::VFS_PORT);
     let _ = std::fs::remove_file(&path);
     let listener =
         tokio::net::UnixListener::bind(&path).map_err(io_err(format!("cannot listen on {}", path.display())))?;

@@ -1,50 +1,21 @@
 //! The guest agent under hostile input, on a real VM: a malformed frame closes that
 //! connection only, and the sandbox keeps serving.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use matchlock_api::SandboxConfig;
-use matchlock_image::Store;
 use matchlock_protocol::exec::{ExecMode, ExecRequest, GuestMessage};
 use matchlock_protocol::frame::tokio_io::read_frame;
 use matchlock_protocol::EXEC_PORT;
 use matchlock_sandbox::{ExecIo, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-/// Points matchlock at the real kernel and tools, and a private HOME and cache.
-fn isolate(home: &Path) {
-    let kernel = matchlock_vm::kernel::locate().expect("guest kernel: run scripts/setup.sh");
-    let vhost = matchlock_vm::tools::vhost_device_vsock().expect("vhost-device-vsock: run scripts/setup.sh");
-    let guest_init = match std::env::var_os("MATCHLOCK_GUEST_INIT") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let out = Command::new("bash").arg(repo_root().join("scripts/build-guest.sh")).output().unwrap();
-            assert!(out.status.success(), "build-guest.sh failed");
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        }
-    };
-    std::env::set_var("MATCHLOCK_KERNEL", kernel);
-    std::env::set_var("MATCHLOCK_VHOST_VSOCK", vhost);
-    std::env::set_var("MATCHLOCK_GUEST_INIT", guest_init);
-    std::env::set_var("HOME", home);
-    std::env::set_var("XDG_CACHE_HOME", home.join("cache"));
-}
+mod common;
+use common::{busybox_store, isolate};
 
 #[tokio::test(flavor = "current_thread")]
 async fn malformed_frames_close_only_their_connection() {
     let home = tempfile::tempdir().unwrap();
     isolate(home.path());
-    let fixtures = home.path().join("fixtures");
-    let status =
-        Command::new("python3").arg(repo_root().join("tests/fixtures/make_images.py")).arg(&fixtures).status().unwrap();
-    assert!(status.success());
-    let mut store = Store::open(&home.path().join("images")).unwrap();
-    store.import("busybox", &mut std::fs::File::open(fixtures.join("busybox.tar")).unwrap()).unwrap();
+    let store = busybox_store(home.path());
 
     let state = matchlock_sandbox::open_state().unwrap();
     let sandbox = Sandbox::create(SandboxConfig::new("busybox"), &store, state).await.unwrap();

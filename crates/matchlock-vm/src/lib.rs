@@ -1,18 +1,19 @@
 //! Virtual machines for matchlock.
 //!
 //! A [`Backend`] boots a [`MachineSpec`] — kernel, command line, virtio-blk disks, a
-//! vsock device — and hands back a [`Machine`] once the guest agent has signalled that
-//! it is ready. Host <-> guest traffic uses Firecracker's hybrid vsock model on Unix
-//! sockets: the host connects to `<dir>/vsock.sock` and writes `CONNECT <port>\n`;
-//! guest-initiated connections to host port P arrive at `<dir>/vsock.sock_P`. The QEMU
-//! backend gets this model from `vhost-device-vsock`; a Firecracker backend gets it
-//! natively, so the same kernel, disks and protocol fit both.
+//! host <-> guest transport — and hands back a [`Machine`] once the guest agent has signalled
+//! that it is ready. Both sides speak "connect to port N": the host opens streams to guest
+//! ports with [`Machine::connect`]; guest connections to host port P arrive at the Unix
+//! listener [`VmDir::port_listener`]`(P)`. The QEMU backend carries these streams over one
+//! virtio-serial port ([`mux`]), which QEMU can snapshot; a Firecracker backend would map
+//! the same model onto its hybrid vsock (`CONNECT <port>` on a Unix socket).
 
 pub mod accel;
 pub mod kernel;
+pub mod mux;
+mod qmp;
 pub mod qemu;
 pub mod tools;
-pub mod vsock;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -118,7 +119,7 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
-    /// A vsock connection to the guest failed.
+    /// A connection to a guest port failed.
     #[error("cannot connect to guest port {port}")]
     Connect {
         /// Guest port.
@@ -174,6 +175,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// Boots `spec` and returns once the guest agent is ready.
     fn launch(&self, spec: MachineSpec) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>>;
+
+    /// Resumes the snapshot in directory `from` ([`Machine::snapshot`]) as a new machine:
+    /// `spec` must describe the same machine (memory, CPUs, disks in the same order and
+    /// modes; writable scratch disks get the snapshot's content). Returns once the guest has
+    /// dropped the old host's streams and answered. Backends without
+    /// [`Capabilities::snapshots`] refuse.
+    fn restore(&self, spec: MachineSpec, from: PathBuf) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>>;
 }
 
 /// A running VM.
@@ -185,13 +193,18 @@ pub trait Machine: Send + Sync + std::fmt::Debug {
     /// that a crash can be cleaned up by identity.
     fn helper_pids(&self) -> Vec<u32>;
 
-    /// What opens connections to the guest's vsock ports.
+    /// What opens connections to the guest's ports.
     fn connector(&self) -> Connector;
 
-    /// Opens a connection to a guest vsock port.
+    /// Opens a connection to a guest port.
     fn connect(&self, port: u32) -> BoxFuture<'static, Result<UnixStream, VmError>> {
         (self.connector())(port)
     }
+
+    /// Saves the running machine into the existing directory `to`: memory, device state and
+    /// its writable scratch disks, captured at one instant, while the guest is paused. The
+    /// machine then runs on, its streams intact. Volumes (persistent writable disks) refuse.
+    fn snapshot(&self, to: PathBuf) -> BoxFuture<'_, Result<(), VmError>>;
 
     /// Resolves when the VM has exited on its own; returns a description of how.
     fn exited(&mut self) -> BoxFuture<'_, String>;

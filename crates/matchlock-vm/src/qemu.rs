@@ -1,4 +1,5 @@
-//! QEMU `microvm` backend (KVM or TCG), with vsock from `vhost-device-vsock`.
+//! QEMU `microvm` backend (KVM or TCG). Host and guest talk over one virtio-serial port
+//! carrying the stream multiplexer ([`crate::mux`]), a device QEMU can save and restore.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -11,11 +12,13 @@ use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
 
 use crate::accel::Accel;
+use crate::mux::Mux;
+use crate::qmp::Qmp;
 use crate::{
-    tools, vsock, Backend, BoxFuture, Capabilities, Connector, Machine, MachineSpec, NicTransport, VmDir, VmError,
+    tools, Backend, BoxFuture, Capabilities, Connector, Machine, MachineSpec, NicTransport, VmDir, VmError,
 };
 
-/// How long to wait for `vhost-device-vsock` to create its socket.
+/// How long to wait for QEMU to create its sockets.
 const HELPER_START_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of console output quoted in boot errors.
 const CONSOLE_TAIL: usize = 2000;
@@ -24,22 +27,20 @@ const CONSOLE_TAIL: usize = 2000;
 #[derive(Debug, Clone)]
 pub struct QemuBackend {
     qemu: PathBuf,
-    vhost_vsock: PathBuf,
     accel: Accel,
 }
 
-/// virtio-mmio transports of QEMU's `microvm` machine; the vsock device takes one, the NIC
+/// virtio-mmio transports of QEMU's `microvm` machine; the serial pipe takes one, the NIC
 /// another, disks the rest.
 const MICROVM_TRANSPORTS: usize = 8;
 
 impl QemuBackend {
-    /// The backend for this host: its QEMU and vhost-device-vsock ([`tools`]), on KVM when
-    /// usable with `kernel` (probed once, cached), else TCG ([`crate::accel::select`]).
+    /// The backend for this host: its QEMU ([`tools`]), on KVM when usable with `kernel`
+    /// (probed once, cached), else TCG ([`crate::accel::select`]).
     pub async fn detect(kernel: &Path) -> Result<Self, VmError> {
         let qemu = tools::qemu()?;
-        let vhost_vsock = tools::vhost_device_vsock()?;
         let accel = crate::accel::select(&qemu, kernel).await?;
-        Ok(Self { qemu, vhost_vsock, accel })
+        Ok(Self { qemu, accel })
     }
 
     /// The accelerator in use.
@@ -58,8 +59,8 @@ fn check_option_path(p: &Path) -> Result<String, VmError> {
 
 /// Most console output kept per VM; the guest decides how much it prints, so it is capped.
 const CONSOLE_LOG_LIMIT: u64 = 16 * 1024 * 1024;
-/// Most output kept of each helper's own log (QEMU's and vhost-device-vsock's stderr): what
-/// the guest makes them complain about is capped too.
+/// Most output kept of QEMU's own log (its stderr): what the guest makes it complain about is
+/// capped too.
 const HELPER_LOG_LIMIT: u64 = 1024 * 1024;
 
 /// Copies `from` into `log` until EOF, keeping at most `limit` bytes; output beyond that (or
@@ -123,8 +124,11 @@ fn tail(path: &Path) -> String {
 }
 
 impl QemuBackend {
-    fn qemu_args(&self, spec: &MachineSpec) -> Result<Vec<String>, VmError> {
+    /// QEMU's command line. Guest RAM is the file `ram`: shared (a fresh boot, so that a
+    /// snapshot can skip it and copy the file), or a snapshot's, mapped copy-on-write.
+    fn qemu_args(&self, spec: &MachineSpec, ram: &Path, restoring: bool) -> Result<Vec<String>, VmError> {
         let mem = format!("{}M", spec.memory_mb);
+        let backing = if restoring { "share=off,readonly=on,rom=off" } else { "share=on" };
         let mut args: Vec<String> = [
             "-M",
             "microvm,acpi=off,x-option-roms=off,rtc=off,pcie=off",
@@ -137,7 +141,7 @@ impl QemuBackend {
             "-m",
             &mem,
             "-object",
-            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            &format!("memory-backend-file,id=mem,size={mem},mem-path={},{backing}", check_option_path(ram)?),
             "-numa",
             "node,memdev=mem",
             "-nodefaults",
@@ -153,10 +157,14 @@ impl QemuBackend {
                 "console=ttyS0 reboot=t panic=-1 quiet root=/dev/vda ro rootfstype=ext4 rootwait init=/init {}",
                 spec.cmdline
             ),
-            "-chardev",
-            &format!("socket,id=vsock,path={}", check_option_path(&spec.dir.backend_socket("vhost"))?),
             "-device",
-            "vhost-user-vsock-device,chardev=vsock",
+            "virtio-serial-device,max_ports=2",
+            "-chardev",
+            &format!("socket,id=mux,path={},server=on,wait=off", check_option_path(&spec.dir.backend_socket("mux"))?),
+            "-device",
+            &format!("virtserialport,chardev=mux,name={}", matchlock_protocol::mux::PORT_NAME),
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", check_option_path(&spec.dir.backend_socket("qmp"))?),
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -185,6 +193,9 @@ impl QemuBackend {
             args.push("-device".into());
             args.push(format!("virtio-net-device,netdev=net0,mac={mac},host_mtu={}", nic.mtu));
         }
+        if restoring {
+            args.extend(["-incoming".to_owned(), "defer".to_owned()]);
+        }
         Ok(args)
     }
 }
@@ -195,16 +206,83 @@ impl Backend for QemuBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { max_disks: MICROVM_TRANSPORTS - 2, nic: NicTransport::UnixStream, snapshots: false }
+        Capabilities { max_disks: MICROVM_TRANSPORTS - 2, nic: NicTransport::UnixStream, snapshots: true }
     }
 
     fn launch(&self, spec: MachineSpec) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>> {
-        Box::pin(async move { Ok(Box::new(self.start(spec).await?) as Box<dyn Machine>) })
+        Box::pin(async move { Ok(Box::new(self.start(spec, None).await?) as Box<dyn Machine>) })
+    }
+
+    fn restore(&self, spec: MachineSpec, from: PathBuf) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>> {
+        Box::pin(async move { Ok(Box::new(self.start(spec, Some(&from)).await?) as Box<dyn Machine>) })
     }
 }
 
+/// The shared guest RAM file of a fresh boot: on tmpfs, private to the user, and unlinked
+/// once QEMU has mapped it (the owner keeps a descriptor for snapshots).
+fn fresh_ram(dir: &VmDir, memory_mb: u64) -> Result<(PathBuf, std::fs::File), VmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = dir.path().file_name().map_or_else(|| "vm".into(), |n| n.to_string_lossy().into_owned());
+    let path = PathBuf::from(format!("{RAM_DIR}/matchlock-{}-{name}.ram", nix::unistd::getuid()));
+    let _ = std::fs::remove_file(&path);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(VmError::io(format!("cannot create the guest RAM file {}", path.display())))?;
+    file.set_len(memory_mb << 20).map_err(VmError::io("cannot size the guest RAM file"))?;
+    Ok((path, file))
+}
+
+/// Where fresh guest RAM lives (tmpfs).
+pub const RAM_DIR: &str = "/dev/shm";
+
+/// Files of a snapshot directory.
+const SNAPSHOT_RAM: &str = "ram";
+const SNAPSHOT_STATE: &str = "state";
+
+fn snapshot_disk(index: usize) -> String {
+    format!("disk-{index}")
+}
+
+/// Copies `from` into a new file `to`, holes kept (RAM files and disks are mostly holes).
+fn copy_sparse(from: &std::fs::File, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::os::fd::AsRawFd;
+    let len = from.metadata()?.len();
+    let out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
+    out.set_len(len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at: i64 = 0;
+    while (at as u64) < len {
+        let data = match nix::unistd::lseek(from.as_raw_fd(), at, nix::unistd::Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = nix::unistd::lseek(from.as_raw_fd(), data, nix::unistd::Whence::SeekHole)?;
+        let mut pos = data as u64;
+        while pos < hole as u64 {
+            let want = buf.len().min((hole as u64 - pos) as usize);
+            let n = from.read_at(&mut buf[..want], pos)?;
+            if n == 0 {
+                break;
+            }
+            if buf[..n].iter().any(|&b| b != 0) {
+                out.write_all_at(&buf[..n], pos)?;
+            }
+            pos += n as u64;
+        }
+        at = hole;
+    }
+    Ok(())
+}
+
 impl QemuBackend {
-    async fn start(&self, spec: MachineSpec) -> Result<QemuMachine, VmError> {
+    /// Boots `spec`, or with `restore` resumes the snapshot in that directory.
+    async fn start(&self, spec: MachineSpec, restore: Option<&Path>) -> Result<QemuMachine, VmError> {
         if spec.disks.len() > self.capabilities().max_disks {
             return Err(VmError::InvalidSpec(format!(
                 "{} disks, but microvm has room for {}",
@@ -213,77 +291,44 @@ impl QemuBackend {
             )));
         }
         std::fs::create_dir_all(spec.dir.logs()).map_err(VmError::io("cannot create the VM directory"))?;
-        let args = self.qemu_args(&spec)?;
-        let ready_path = spec.dir.vsock_listener(READY_PORT);
-        let _ = std::fs::remove_file(&ready_path);
-        let ready =
-            UnixListener::bind(&ready_path).map_err(VmError::io("cannot listen for the guest's ready signal"))?;
-
-        let vhost_sock = spec.dir.backend_socket("vhost");
-        let vsock_uds = spec.dir.vsock_host();
-        let mut vhost = spawn(
-            Command::new(&self.vhost_vsock)
-                .arg("--vm")
-                .arg(format!(
-                    "guest-cid=3,socket={},uds-path={}",
-                    check_option_path(&vhost_sock)?,
-                    check_option_path(&vsock_uds)?
-                ))
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped()),
-        )?;
-        capture_stderr(&mut vhost, log_file(&spec.dir.helper_log("vhost-vsock"))?);
+        for socket in ["mux", "qmp"] {
+            let _ = std::fs::remove_file(spec.dir.backend_socket(socket));
+        }
         let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
         let mut machine = QemuMachine {
             dir: spec.dir.clone(),
             qemu: None,
-            vhost: Some(vhost),
+            mux: None,
             console: None,
             exit: None,
             stopped,
             stopped_tx: Some(stopped_tx),
+            ram: None,
+            ram_path: None,
+            memory_mb: spec.memory_mb,
+            disks: spec.disks.clone(),
+            snapshotting: tokio::sync::Mutex::new(()),
         };
-        match self.boot(&mut machine, &spec, &args, &vhost_sock, ready).await {
-            Ok(()) => {
-                let _ = std::fs::remove_file(&ready_path);
-                Ok(machine)
-            }
+        let started = match restore {
+            None => self.boot(&mut machine, &spec).await,
+            Some(from) => self.resume(&mut machine, &spec, from).await,
+        };
+        if let Some(path) = machine.ram_path.take() {
+            // QEMU has mapped it (or failed): the name is no longer needed.
+            let _ = std::fs::remove_file(path);
+        }
+        match started {
+            Ok(()) => Ok(machine),
             Err(e) => {
-                // Leave nothing running: stop and reap the helpers before reporting.
+                // Leave nothing running: stop and reap QEMU before reporting.
                 let _ = Box::new(machine).shutdown().await;
-                let _ = std::fs::remove_file(&ready_path);
                 Err(e)
             }
         }
     }
-}
 
-impl QemuBackend {
-    /// Starts QEMU once the vsock device is up, then waits for the guest's ready signal.
-    async fn boot(
-        &self,
-        machine: &mut QemuMachine,
-        spec: &MachineSpec,
-        args: &[String],
-        vhost_sock: &Path,
-        ready: UnixListener,
-    ) -> Result<(), VmError> {
-        let started = Instant::now();
-        while !vhost_sock.exists() {
-            if let Some(status) = machine.vhost.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                return Err(VmError::BootFailed {
-                    status: format!("vhost-device-vsock {status}"),
-                    details: tail(&spec.dir.helper_log("vhost-vsock")),
-                });
-            }
-            if started.elapsed() > HELPER_START_TIMEOUT {
-                return Err(VmError::Missing("vhost-device-vsock did not create its socket".into()));
-            }
-            sleep(Duration::from_millis(2)).await;
-        }
-        tracing::debug!("boot: vhost-device-vsock up after {} ms", started.elapsed().as_millis());
-
-        let qemu_started = Instant::now();
+    /// Spawns QEMU with `args`, its console and log captured.
+    fn spawn_qemu(&self, machine: &mut QemuMachine, spec: &MachineSpec, args: &[String]) -> Result<(), VmError> {
         let mut qemu = spawn(Command::new(&self.qemu).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()))?;
         capture_stderr(&mut qemu, log_file(&spec.dir.helper_log("qemu"))?);
         let console = qemu.stdout.take().expect("stdout is piped");
@@ -291,35 +336,138 @@ impl QemuBackend {
         machine.console = Some(tokio::spawn(capture_console(console, log_file(&spec.dir.console_log())?, stopped)));
         machine.qemu = Some(qemu);
         tracing::debug!(
-            "boot: QEMU started ({}, {} vCPUs, {} MB, {} disks); waiting for the guest agent",
+            "QEMU started ({}, {} vCPUs, {} MB, {} disks)",
             self.accel.qemu_name(),
             spec.vcpus,
             spec.memory_mb,
             spec.disks.len()
         );
+        Ok(())
+    }
 
-        tokio::select! {
-            accepted = ready.accept() => {
-                accepted.map_err(VmError::io("ready socket failed"))?;
-                tracing::debug!(
-                    "boot: guest agent ready {} ms after QEMU started (kernel and guest-init: see logs/vm.log)",
-                    qemu_started.elapsed().as_millis()
-                );
+    /// Joins QEMU's serial pipe and starts the multiplexer on it.
+    async fn join_pipe(machine: &mut QemuMachine, spec: &MachineSpec) -> Result<Mux, VmError> {
+        let mux_socket = spec.dir.backend_socket("mux");
+        let pipe = tokio::select! {
+            pipe = connect_when_listening(&mux_socket) => pipe?,
+            status = machine.wait_qemu() => {
+                return Err(VmError::BootFailed { status, details: tail(&spec.dir.helper_log("qemu")) });
             }
+        };
+        let mux = Mux::start(pipe, spec.dir.clone());
+        machine.mux = Some(mux.clone());
+        Ok(mux)
+    }
+
+    /// Waits for `work` unless QEMU exits or the boot timeout passes first.
+    async fn unless_exited<T>(
+        machine: &mut QemuMachine,
+        spec: &MachineSpec,
+        work: impl std::future::Future<Output = Result<T, VmError>>,
+    ) -> Result<T, VmError> {
+        tokio::select! {
+            done = work => done,
             status = machine.wait_qemu() => {
                 if let Some(console) = machine.console.take() {
                     let _ = console.await;
                 }
                 let details = format!("{}{}", tail(&spec.dir.helper_log("qemu")), tail(&spec.dir.console_log()));
-                return Err(VmError::BootFailed { status, details });
+                Err(VmError::BootFailed { status, details })
             }
-            () = sleep(spec.boot_timeout) => {
-                return Err(VmError::BootTimeout(spec.boot_timeout, tail(&spec.dir.console_log())));
-            }
+            () = sleep(spec.boot_timeout) => Err(VmError::BootTimeout(spec.boot_timeout, tail(&spec.dir.console_log()))),
         }
+    }
+
+    /// A cold boot: starts QEMU, joins its serial pipe, then waits for the guest's ready
+    /// signal.
+    async fn boot(&self, machine: &mut QemuMachine, spec: &MachineSpec) -> Result<(), VmError> {
+        let (ram_path, ram) = fresh_ram(&spec.dir, spec.memory_mb)?;
+        machine.ram_path = Some(ram_path.clone());
+        machine.ram = Some(ram);
+        let args = self.qemu_args(spec, &ram_path, false)?;
+        let ready_path = spec.dir.port_listener(READY_PORT);
+        let _ = std::fs::remove_file(&ready_path);
+        let ready =
+            UnixListener::bind(&ready_path).map_err(VmError::io("cannot listen for the guest's ready signal"))?;
+        let qemu_started = Instant::now();
+        self.spawn_qemu(machine, spec, &args)?;
+        let result = async {
+            Self::join_pipe(machine, spec).await?;
+            let ready = async { ready.accept().await.map(|_| ()).map_err(VmError::io("ready socket failed")) };
+            Self::unless_exited(machine, spec, ready).await
+        }
+        .await;
+        let _ = std::fs::remove_file(&ready_path);
+        result?;
+        tracing::debug!(
+            "boot: guest agent ready {} ms after QEMU started (kernel and guest-init: see logs/vm.log)",
+            qemu_started.elapsed().as_millis()
+        );
+        Ok(())
+    }
+
+    /// A restore: the snapshot's writable disks copied to the spec's, QEMU started on the
+    /// snapshot's RAM (copy-on-write) and device state, then a new pipe session: the guest
+    /// drops the old host's streams and answers.
+    async fn resume(&self, machine: &mut QemuMachine, spec: &MachineSpec, from: &Path) -> Result<(), VmError> {
+        let started = Instant::now();
+        for (i, disk) in spec.disks.iter().enumerate().filter(|(_, d)| !d.read_only && !d.persistent) {
+            let saved = from.join(snapshot_disk(i));
+            let copied = std::fs::File::open(&saved).and_then(|f| {
+                let _ = std::fs::remove_file(&disk.path);
+                copy_sparse(&f, &disk.path)
+            });
+            copied.map_err(VmError::io(format!("cannot copy the snapshot's {}", saved.display())))?;
+        }
+        let args = self.qemu_args(spec, &from.join(SNAPSHOT_RAM), true)?;
+        self.spawn_qemu(machine, spec, &args)?;
+        let state = check_option_path(&from.join(SNAPSHOT_STATE))?;
+        let qmp_socket = spec.dir.backend_socket("qmp");
+        let incoming = async {
+            let mut qmp = connect_qmp(&qmp_socket).await?;
+            qmp.execute("migrate-set-capabilities", ignore_shared()).await?;
+            qmp.execute("migrate-incoming", serde_json::json!({ "uri": format!("file:{state}") })).await?;
+            qmp.wait_running().await
+        };
+        Self::unless_exited(machine, spec, incoming).await?;
+        let mux = Self::join_pipe(machine, spec).await?;
+        Self::unless_exited(machine, spec, async { mux.ready().await.map_err(VmError::io("the restored guest did not answer")) })
+            .await?;
+        tracing::debug!("restore: guest running again {} ms after the restore began", started.elapsed().as_millis());
         Ok(())
     }
 }
+
+/// The migration capability that leaves shared RAM out of the saved state.
+fn ignore_shared() -> serde_json::Value {
+    serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+}
+
+async fn connect_qmp(path: &Path) -> Result<Qmp, VmError> {
+    let started = Instant::now();
+    while !path.exists() {
+        if started.elapsed() > HELPER_START_TIMEOUT {
+            return Err(VmError::Missing(format!("QEMU did not create {}", path.display())));
+        }
+        sleep(Duration::from_millis(2)).await;
+    }
+    Qmp::connect(path).await
+}
+
+/// Connects to a socket QEMU is about to create.
+async fn connect_when_listening(path: &Path) -> Result<tokio::net::UnixStream, VmError> {
+    let started = Instant::now();
+    loop {
+        match tokio::net::UnixStream::connect(path).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if started.elapsed() > HELPER_START_TIMEOUT => {
+                return Err(VmError::Io { context: format!("cannot connect to {}", path.display()), source: e })
+            }
+            Err(_) => sleep(Duration::from_millis(2)).await,
+        }
+    }
+}
+
 fn log_file(path: &Path) -> Result<std::fs::File, VmError> {
     std::fs::OpenOptions::new()
         .create(true)
@@ -384,16 +532,48 @@ fn spawn_on_lifetime_thread(cmd: &mut Command) -> std::io::Result<Child> {
 pub struct QemuMachine {
     dir: VmDir,
     qemu: Option<Child>,
-    vhost: Option<Child>,
+    /// The serial pipe's streams.
+    mux: Option<Mux>,
     /// Copies the serial console to `logs/vm.log`; ends when QEMU exits.
     console: Option<tokio::task::JoinHandle<()>>,
     exit: Option<String>,
     /// Turns true once QEMU has exited (its console reached EOF).
     stopped: tokio::sync::watch::Receiver<bool>,
     stopped_tx: Option<tokio::sync::watch::Sender<bool>>,
+    /// The shared guest RAM of a cold-booted machine (a restored one maps its snapshot's).
+    ram: Option<std::fs::File>,
+    /// The RAM file's name until QEMU has mapped it.
+    ram_path: Option<PathBuf>,
+    memory_mb: u64,
+    disks: Vec<crate::Disk>,
+    snapshotting: tokio::sync::Mutex<()>,
 }
 
 impl QemuMachine {
+    /// While the VM is stopped: device state (and RAM not shared) to `to/state`, the shared
+    /// RAM and the writable scratch disks copied beside it.
+    async fn save(&self, qmp: &mut Qmp, to: &Path) -> Result<(), VmError> {
+        let state = check_option_path(&to.join(SNAPSHOT_STATE))?;
+        qmp.execute("migrate", serde_json::json!({ "uri": format!("file:{state}") })).await?;
+        qmp.wait_migration().await?;
+        let copy_err = |what: &str| VmError::io(format!("cannot copy the guest's {what} into the snapshot"));
+        let ram_to = to.join(SNAPSHOT_RAM);
+        match &self.ram {
+            Some(ram) => copy_sparse(ram, &ram_to).map_err(copy_err("RAM"))?,
+            // A restored machine's RAM is private: the state holds all of it, the RAM file
+            // only has to be the right size.
+            None => {
+                let f = std::fs::File::create(&ram_to).map_err(copy_err("RAM"))?;
+                f.set_len(self.memory_mb << 20).map_err(copy_err("RAM"))?;
+            }
+        }
+        for (i, disk) in self.disks.iter().enumerate().filter(|(_, d)| !d.read_only && !d.persistent) {
+            let from = std::fs::File::open(&disk.path).map_err(copy_err("disk"))?;
+            copy_sparse(&from, &to.join(snapshot_disk(i))).map_err(copy_err("disk"))?;
+        }
+        Ok(())
+    }
+
     async fn wait_qemu(&mut self) -> String {
         if let Some(exit) = &self.exit {
             return exit.clone();
@@ -439,8 +619,8 @@ impl Drop for QemuMachine {
     /// A machine dropped without [`Machine::shutdown`] (e.g. a boot interrupted by Ctrl-C)
     /// takes its processes with it before the caller goes on.
     fn drop(&mut self) {
-        for child in [self.qemu.as_mut(), self.vhost.as_mut()].into_iter().flatten() {
-            kill_and_reap(child);
+        if let Some(qemu) = self.qemu.as_mut() {
+            kill_and_reap(qemu);
         }
     }
 }
@@ -451,14 +631,17 @@ impl Machine for QemuMachine {
     }
 
     fn helper_pids(&self) -> Vec<u32> {
-        [&self.qemu, &self.vhost].into_iter().flatten().filter_map(Child::id).collect()
+        self.qemu.iter().filter_map(Child::id).collect()
     }
 
     fn connector(&self) -> Connector {
-        let host = self.dir.vsock_host();
+        let mux = self.mux.clone();
         Arc::new(move |port| {
-            let host = host.clone();
-            Box::pin(async move { vsock::connect(&host, port, Duration::from_secs(5)).await })
+            let mux = mux.clone();
+            Box::pin(async move {
+                let mux = mux.ok_or_else(|| VmError::Connect { port, source: std::io::ErrorKind::NotConnected.into() })?;
+                mux.connect(port).await.map_err(|source| VmError::Connect { port, source })
+            })
         })
     }
 
@@ -474,6 +657,35 @@ impl Machine for QemuMachine {
         })
     }
 
+    fn snapshot(&self, to: PathBuf) -> BoxFuture<'_, Result<(), VmError>> {
+        Box::pin(async move {
+            // QMP takes one client at a time; snapshots of one machine queue.
+            let _one_at_a_time = self.snapshotting.lock().await;
+            if let Some(disk) = self.disks.iter().find(|d| d.persistent && !d.read_only) {
+                return Err(VmError::InvalidSpec(format!(
+                    "the writable disk {} is a volume: a snapshot cannot copy it",
+                    disk.path.display()
+                )));
+            }
+            let mux = self.mux.clone().ok_or_else(|| VmError::Missing("the VM is not running".into()))?;
+            let mut qmp = connect_qmp(&self.dir.backend_socket("qmp")).await?;
+            qmp.execute("migrate-set-capabilities", ignore_shared()).await?;
+            let started = Instant::now();
+            mux.pause().await.map_err(VmError::io("cannot pause the guest's pipe"))?;
+            let saved = match qmp.execute("stop", serde_json::json!({})).await {
+                Ok(_) => {
+                    let saved = self.save(&mut qmp, &to).await;
+                    let resumed = qmp.execute("cont", serde_json::json!({})).await;
+                    saved.and(resumed.map(|_| ()))
+                }
+                Err(e) => Err(e),
+            };
+            let resumed = mux.resume().await.map_err(VmError::io("cannot resume the guest's pipe"));
+            tracing::debug!("snapshot: guest paused for {} ms", started.elapsed().as_millis());
+            saved.and(resumed)
+        })
+    }
+
     fn shutdown(mut self: Box<Self>) -> BoxFuture<'static, Result<(), VmError>> {
         Box::pin(async move {
             if let Some(mut qemu) = self.qemu.take() {
@@ -482,11 +694,13 @@ impl Machine for QemuMachine {
             if let Some(console) = self.console.take() {
                 let _ = console.await;
             }
-            if let Some(mut vhost) = self.vhost.take() {
-                stop(&mut vhost).await;
+            self.mux = None;
+            for socket in ["mux", "qmp"] {
+                let _ = std::fs::remove_file(self.dir.backend_socket(socket));
             }
-            let _ = std::fs::remove_file(self.dir.backend_socket("vhost"));
-            let _ = std::fs::remove_file(self.dir.vsock_host());
+            if let Some(path) = self.ram_path.take() {
+                let _ = std::fs::remove_file(path);
+            }
             Ok(())
         })
     }

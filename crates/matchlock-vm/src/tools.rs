@@ -19,20 +19,6 @@ pub fn qemu() -> Result<PathBuf, VmError> {
         .ok_or_else(|| VmError::Missing("qemu-system-x86_64 not found: run scripts/setup.sh".into()))
 }
 
-/// `vhost-device-vsock` (override: `MATCHLOCK_VHOST_VSOCK`; then the setup script's
-/// install location, then `PATH`).
-pub fn vhost_device_vsock() -> Result<PathBuf, VmError> {
-    if let Some(p) = std::env::var_os("MATCHLOCK_VHOST_VSOCK") {
-        return Ok(PathBuf::from(p));
-    }
-    let cached = cache_dir().join("tools/bin/vhost-device-vsock");
-    if cached.is_file() {
-        return Ok(cached);
-    }
-    on_path("vhost-device-vsock")
-        .ok_or_else(|| VmError::Missing("vhost-device-vsock not found: run scripts/setup.sh".into()))
-}
-
 /// The static `guest-init` binary (override: `MATCHLOCK_GUEST_INIT`; then next to the
 /// running executable, then `~/.cache/matchlock/guest-init`).
 pub fn guest_init() -> Result<PathBuf, VmError> {

@@ -178,9 +178,9 @@ struct ImportArgs {
 
 #[derive(Debug, Subcommand)]
 enum SetupCommand {
-    /// Debian packages, vhost-device-vsock and the guest kernel (idempotent).
+    /// Debian packages and the guest kernel (idempotent).
     Linux {
-        /// Do not install packages or vhost-device-vsock.
+        /// Do not install packages.
         #[arg(long)]
         skip_packages: bool,
         /// Do not build the guest kernel.

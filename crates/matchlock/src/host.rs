@@ -80,10 +80,6 @@ async fn checks() -> Vec<Check> {
         },
         Err(e) => check("qemu", Verdict::Fail, e.to_string(), Some("scripts/setup.sh")),
     });
-    out.push(match tools::vhost_device_vsock() {
-        Ok(p) => check("vhost-device-vsock", Verdict::Pass, p.display().to_string(), None),
-        Err(e) => check("vhost-device-vsock", Verdict::Fail, e.to_string(), Some("scripts/setup.sh")),
-    });
     let kernel = kernel::locate();
     out.push(match &kernel {
         Ok(k) => check("kernel", Verdict::Pass, k.display().to_string(), None),

@@ -174,8 +174,8 @@ fn helpers_hold_no_secrets() {
     let id = ok(&out).trim().to_owned();
     let pids = processes_of(&h);
     let helpers: Vec<&(i32, String)> =
-        pids.iter().filter(|(_, c)| c.contains("qemu-system") || c.contains("vhost-device-vsock")).collect();
-    assert_eq!(helpers.len(), 2, "QEMU and vhost-device-vsock: {pids:?}");
+        pids.iter().filter(|(_, c)| c.contains("qemu-system")).collect();
+    assert_eq!(helpers.len(), 1, "QEMU: {pids:?}");
     assert!(pids.len() >= 3, "the owner too: {pids:?}");
     for (pid, cmdline) in &pids {
         let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).into_owned();
@@ -256,12 +256,22 @@ fn the_host_is_never_a_destination_without_interception() {
     assert!(net.requests().iter().all(|r| r["server"] != OTHER || !r.to_string().contains(&format!("{m}/"))));
 }
 
-/// A guest program that floods the host's workspace server: `conns` vsock connections to it,
-/// held open, then as many open files in the workspace as it can get; it prints what it got,
-/// says `holding` and keeps everything open for `hold` seconds.
+/// A guest program that floods the host's workspace server: `conns` vsock connections to it
+/// and the host pipe's device opened (both must fail: only guest-init holds the pipe), then
+/// as many open files in the workspace as it can get; it prints what it got, says `holding`
+/// and keeps everything open for `hold` seconds.
 const FLOOD: &str = r#"
-import socket, sys, time
+import glob, os, socket, sys, time
 conns, hold = int(sys.argv[1]), float(sys.argv[2])
+ports = glob.glob("/dev/vport*")
+opened = 0
+for p in ports:
+    try:
+        os.open(p, os.O_RDWR)
+        opened += 1
+    except OSError:
+        pass
+print(f"ports={len(ports)} opened={opened}", flush=True)
 held = []
 for _ in range(conns):
     try:
@@ -306,7 +316,10 @@ fn a_guest_flooding_the_workspace_server_leaves_the_owner_bounded() {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(flood.stdout.take().unwrap()).lines();
+    let ports = lines.next().expect("the flood's port report").unwrap();
+    assert_eq!(ports, "ports=1 opened=0", "a workload cannot open the host pipe");
     let got = lines.next().expect("the flood's report").unwrap();
+    assert!(got.starts_with("connections=0 "), "no vsock path to host ports: {got}");
     assert_eq!(lines.next().unwrap().unwrap(), "holding");
     // While the guest holds everything: the owner's threads and files stay bounded.
     let threads = count(format!("/proc/{owner}/task"));

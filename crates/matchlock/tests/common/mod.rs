@@ -3,7 +3,7 @@
 //! All tests of a process share one private cache directory (image store, boot disk,
 //! accelerator probe), with the fixture images imported once; each test gets its own
 //! HOME, so its VM state is its own and "nothing left behind" can be checked exactly.
-//! The kernel, guest-init and vhost-device-vsock come from the project's setup
+//! The kernel and guest-init come from the project's setup
 //! (`scripts/setup.sh`); a missing one is a test failure, never a skip.
 
 #![allow(dead_code)]
@@ -27,7 +27,6 @@ struct Tools {
     cache: PathBuf,
     kernel: PathBuf,
     guest_init: PathBuf,
-    vhost_vsock: PathBuf,
 }
 
 pub(crate) fn repo_root() -> PathBuf {
@@ -67,8 +66,6 @@ fn build_guest_init() -> PathBuf {
 pub(crate) fn shared() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
-        let vhost_vsock = real_cache().join("tools/bin/vhost-device-vsock");
-        assert!(vhost_vsock.is_file(), "{} missing: run scripts/setup.sh first", vhost_vsock.display());
         let kernel = find_kernel();
         let guest_init = build_guest_init();
         let cache = tempfile::Builder::new().prefix("matchlock-test-cache-").tempdir().expect("temp cache");
@@ -79,7 +76,7 @@ pub(crate) fn shared() -> &'static Shared {
             .status()
             .expect("run make_images.py");
         assert!(status.success(), "building fixture images failed");
-        let tools = Tools { cache: cache.path().to_owned(), kernel, guest_init, vhost_vsock };
+        let tools = Tools { cache: cache.path().to_owned(), kernel, guest_init };
         let setup = Home::new(tools.clone());
         for (tag, file) in [("busybox", "busybox.tar"), ("layered", "layered.tar"), ("nonroot", "nonroot.tar")] {
             let out = setup.import(tag, &fixtures.join(file));
@@ -144,7 +141,6 @@ impl Home {
             .env("XDG_CACHE_HOME", &self.tools.cache)
             .env("MATCHLOCK_KERNEL", &self.tools.kernel)
             .env("MATCHLOCK_GUEST_INIT", &self.tools.guest_init)
-            .env("MATCHLOCK_VHOST_VSOCK", &self.tools.vhost_vsock)
             // Tests never reach the internet: Docker Hub names go to a closed local port
             // unless a test points them at its own registry.
             .env("MATCHLOCK_REGISTRY_MIRROR", "127.0.0.1:9")
@@ -180,7 +176,7 @@ impl Home {
     }
 
     /// (pid, command line) of processes whose command line mentions this HOME
-    /// (QEMU, vhost-device-vsock).
+    /// (QEMU).
     pub(crate) fn pids(&self) -> Vec<(i32, String)> {
         let marker = self.dir.path().to_string_lossy().into_owned();
         std::fs::read_dir("/proc")

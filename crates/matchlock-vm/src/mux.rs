@@ -1,0 +1,447 @@
+//! Host end of the stream multiplexer ([`matchlock_protocol::mux`]) on the VM's serial pipe.
+//!
+//! Every stream is handed to the rest of the host as a plain [`UnixStream`]: a stream the
+//! host opens is one end of a socket pair, a stream the guest opens to host port P is a
+//! connection to `<dir>/vsock.sock_P` ([`VmDir::port_listener`]), the listeners the host
+//! already serves. The guest is hostile: its frames are validated, each stream holds at
+//! most [`WINDOW`] unconsumed bytes, it may have [`MAX_GUEST_STREAMS`] streams open, and a
+//! malformed frame ends the pipe (every stream with it).
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use matchlock_api::paths::VmDir;
+use matchlock_protocol::mux::{
+    frame, frame_u32, opened_by_host, payload_u32, Header, Kind, HEADER_LEN, MAX_DATA, WINDOW,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+/// Streams the guest may have open at once.
+pub const MAX_GUEST_STREAMS: usize = 64;
+/// Frames queued for the pipe before senders wait.
+const WRITE_QUEUE: usize = 256;
+/// How long the guest has to accept a stream the host opens.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the writer task is asked to do.
+enum Out {
+    Frame(Vec<u8>),
+    /// Send `Pause` and hold every later frame until `Resume`.
+    Pause,
+    Resume,
+}
+
+/// One open stream, as the reader sees it.
+struct Entry {
+    /// Bytes from the guest for the local socket; `None` once the guest closed its side.
+    inbound: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// Bytes queued on `inbound` not yet written to the local socket.
+    unconsumed: Arc<AtomicUsize>,
+    /// What the host may still send (the guest's grants).
+    credit: Arc<Semaphore>,
+    /// The host-side bridge is done sending.
+    local_done: bool,
+}
+
+#[derive(Default)]
+struct Streams {
+    open: HashMap<u32, Entry>,
+    /// Host-opened streams waiting for `Accept`/`Refuse`.
+    pending: HashMap<u32, oneshot::Sender<bool>>,
+    guest_opened: usize,
+}
+
+struct Inner {
+    out: mpsc::Sender<Out>,
+    streams: Mutex<Streams>,
+    next_id: AtomicU32,
+    dir: VmDir,
+    /// The guest answered this session's `Hello`.
+    ready: watch::Sender<bool>,
+    paused: Mutex<Option<oneshot::Sender<()>>>,
+    /// The pipe is gone: no stream can be opened any more.
+    closed: watch::Sender<bool>,
+}
+
+/// The multiplexer on one VM's pipe. Cloning shares it.
+#[derive(Clone)]
+pub struct Mux {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Mux {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mux").field("dir", &self.inner.dir.path()).finish_non_exhaustive()
+    }
+}
+
+fn lock(streams: &Mutex<Streams>) -> std::sync::MutexGuard<'_, Streams> {
+    streams.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Mux {
+    /// Starts a session on `pipe` (sends `Hello`); guest-opened streams go to `dir`'s port
+    /// listeners. The tasks end when the pipe closes.
+    pub fn start(pipe: UnixStream, dir: VmDir) -> Self {
+        let (rd, wr) = pipe.into_split();
+        let (out, queue) = mpsc::channel(WRITE_QUEUE);
+        let inner = Arc::new(Inner {
+            out,
+            streams: Mutex::new(Streams::default()),
+            next_id: AtomicU32::new(2),
+            dir,
+            ready: watch::channel(false).0,
+            paused: Mutex::new(None),
+            closed: watch::channel(false).0,
+        });
+        tokio::spawn(write_loop(wr, queue));
+        let reader = Arc::clone(&inner);
+        tokio::spawn(async move {
+            if let Err(e) = reader.read_loop(rd).await {
+                tracing::warn!("vm pipe of {}: {e}", reader.dir.path().display());
+            }
+            reader.close_all();
+        });
+        let _ = inner.out.try_send(Out::Frame(frame(0, Kind::Hello, &[])));
+        Self { inner }
+    }
+
+    /// Resolves once the guest answered this session's `Hello` (a restored VM is ready).
+    pub async fn ready(&self) -> Result<(), io::Error> {
+        let mut ready = self.inner.ready.subscribe();
+        let mut closed = self.inner.closed.subscribe();
+        tokio::select! {
+            r = ready.wait_for(|r| *r) => r.map(|_| ()).map_err(|_| gone()),
+            _ = closed.wait_for(|c| *c) => Err(gone()),
+        }
+    }
+
+    /// Opens a stream to guest `port`.
+    pub async fn connect(&self, port: u32) -> io::Result<UnixStream> {
+        let id = self.inner.next_id.fetch_add(2, Ordering::Relaxed);
+        let (answer, accepted) = oneshot::channel();
+        lock(&self.inner.streams).pending.insert(id, answer);
+        self.inner.send(frame_u32(id, Kind::Open, port)).await?;
+        let accepted = match tokio::time::timeout(OPEN_TIMEOUT, accepted).await {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(_)) => return Err(gone()),
+            Err(_) => {
+                lock(&self.inner.streams).pending.remove(&id);
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("guest port {port} did not answer")));
+            }
+        };
+        if !accepted {
+            return Err(io::Error::new(io::ErrorKind::ConnectionRefused, format!("nothing listens on guest port {port}")));
+        }
+        let (ours, theirs) = UnixStream::pair()?;
+        match self.inner.register(id, false) {
+            Some((inbound, unconsumed, credit)) => {
+                tokio::spawn(Arc::clone(&self.inner).bridge(id, ours, inbound, unconsumed, credit));
+                Ok(theirs)
+            }
+            None => Err(gone()),
+        }
+    }
+
+    /// Asks the guest to stop sending; resolves once nothing is in flight either way.
+    pub async fn pause(&self) -> io::Result<()> {
+        let (done, paused) = oneshot::channel();
+        *self.inner.paused.lock().unwrap_or_else(PoisonError::into_inner) = Some(done);
+        self.inner.out.send(Out::Pause).await.map_err(|_| gone())?;
+        tokio::time::timeout(Duration::from_secs(5), paused)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the guest did not pause its pipe"))?
+            .map_err(|_| gone())
+    }
+
+    /// Ends a [`Mux::pause`]: the session and its streams go on.
+    pub async fn resume(&self) -> io::Result<()> {
+        self.inner.out.send(Out::Resume).await.map_err(|_| gone())
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the VM's pipe is closed")
+}
+
+async fn write_loop(mut pipe: OwnedWriteHalf, mut queue: mpsc::Receiver<Out>) {
+    let mut held = VecDeque::new();
+    let mut paused = false;
+    while let Some(out) = queue.recv().await {
+        let result = match out {
+            Out::Frame(f) if paused => {
+                held.push_back(f);
+                Ok(())
+            }
+            Out::Frame(f) => pipe.write_all(&f).await,
+            Out::Pause => {
+                paused = true;
+                pipe.write_all(&frame(0, Kind::Pause, &[])).await
+            }
+            Out::Resume => {
+                paused = false;
+                let mut r = pipe.write_all(&frame(0, Kind::Resume, &[])).await;
+                while let (Ok(()), Some(f)) = (&r, held.pop_front()) {
+                    r = pipe.write_all(&f).await;
+                }
+                r
+            }
+        };
+        if result.is_err() {
+            break;
+        }
+    }
+}
+
+/// Why the reader gave up on the pipe.
+#[derive(Debug, thiserror::Error)]
+enum PipeError {
+    #[error("read failed")]
+    Io(#[from] io::Error),
+    #[error("malformed frame from the guest")]
+    Frame(#[from] matchlock_protocol::mux::MuxError),
+    #[error("the guest sent {0:?} on stream {1}, which it may not")]
+    Protocol(Kind, u32),
+}
+
+impl Inner {
+    async fn send(&self, f: Vec<u8>) -> io::Result<()> {
+        self.out.send(Out::Frame(f)).await.map_err(|_| gone())
+    }
+
+    /// Adds stream `id` to the open set; `None` once the pipe is gone.
+    #[allow(clippy::type_complexity)]
+    fn register(
+        &self,
+        id: u32,
+        guest_opened: bool,
+    ) -> Option<(mpsc::UnboundedReceiver<Vec<u8>>, Arc<AtomicUsize>, Arc<Semaphore>)> {
+        if *self.closed.borrow() {
+            return None;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let unconsumed = Arc::new(AtomicUsize::new(0));
+        let credit = Arc::new(Semaphore::new(WINDOW as usize));
+        let mut streams = lock(&self.streams);
+        if guest_opened {
+            streams.guest_opened += 1;
+        }
+        streams.open.insert(
+            id,
+            Entry { inbound: Some(tx), unconsumed: Arc::clone(&unconsumed), credit: Arc::clone(&credit), local_done: false },
+        );
+        Some((rx, unconsumed, credit))
+    }
+
+    /// Forgets stream `id` once neither side will send on it.
+    fn finish_if_done(streams: &mut Streams, id: u32) {
+        if streams.open.get(&id).is_some_and(|e| e.inbound.is_none() && e.local_done) {
+            streams.open.remove(&id);
+            if !opened_by_host(id) {
+                streams.guest_opened -= 1;
+            }
+        }
+    }
+
+    fn reset(streams: &mut Streams, id: u32) {
+        if let Some(entry) = streams.open.get_mut(&id) {
+            entry.inbound = None;
+            entry.credit.close();
+            entry.local_done = true;
+        }
+        Self::finish_if_done(streams, id);
+    }
+
+    /// Ends every stream: the pipe is gone.
+    fn close_all(&self) {
+        let _ = self.closed.send(true);
+        let mut streams = lock(&self.streams);
+        streams.pending.clear();
+        let ids: Vec<u32> = streams.open.keys().copied().collect();
+        for id in ids {
+            Self::reset(&mut streams, id);
+        }
+    }
+
+    async fn read_loop(self: &Arc<Self>, mut pipe: OwnedReadHalf) -> Result<(), PipeError> {
+        let mut header = [0u8; HEADER_LEN];
+        let mut payload = vec![0u8; MAX_DATA];
+        loop {
+            match pipe.read_exact(&mut header).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            let h = Header::decode(&header)?;
+            let body = &mut payload[..h.len as usize];
+            pipe.read_exact(body).await?;
+            // Until the guest answers this session's Hello, what arrives belongs to no stream.
+            if !*self.ready.borrow() && h.kind != Kind::Hello {
+                continue;
+            }
+            self.dispatch(h, body).await?;
+        }
+    }
+
+    async fn dispatch(self: &Arc<Self>, h: Header, body: &[u8]) -> Result<(), PipeError> {
+        let id = h.stream;
+        match h.kind {
+            Kind::Hello => {
+                let _ = self.ready.send(true);
+            }
+            Kind::Paused => {
+                if let Some(done) = self.paused.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                    let _ = done.send(());
+                }
+            }
+            Kind::Pause | Kind::Resume => return Err(PipeError::Protocol(h.kind, id)),
+            Kind::Open => {
+                if opened_by_host(id) {
+                    return Err(PipeError::Protocol(h.kind, id));
+                }
+                let refuse = {
+                    let streams = lock(&self.streams);
+                    streams.open.contains_key(&id) || streams.guest_opened >= MAX_GUEST_STREAMS
+                };
+                if refuse {
+                    self.send(frame(id, Kind::Refuse, &[])).await?;
+                    return Ok(());
+                }
+                let Some((inbound, unconsumed, credit)) = self.register(id, true) else { return Ok(()) };
+                let port = payload_u32(body);
+                let inner = Arc::clone(self);
+                tokio::spawn(async move {
+                    match UnixStream::connect(inner.dir.port_listener(port)).await {
+                        Ok(local) => {
+                            if inner.send(frame(id, Kind::Accept, &[])).await.is_ok() {
+                                inner.bridge(id, local, inbound, unconsumed, credit).await;
+                            }
+                        }
+                        Err(_) => {
+                            Self::reset(&mut lock(&inner.streams), id);
+                            let _ = inner.send(frame(id, Kind::Refuse, &[])).await;
+                        }
+                    }
+                });
+            }
+            Kind::Accept | Kind::Refuse => {
+                let waiting = lock(&self.streams).pending.remove(&id);
+                match waiting {
+                    Some(answer) => {
+                        let _ = answer.send(h.kind == Kind::Accept);
+                    }
+                    // An answer to a stream we gave up on: tell the guest it is gone.
+                    None if h.kind == Kind::Accept => self.send(frame(id, Kind::Reset, &[])).await?,
+                    None => {}
+                }
+            }
+            Kind::Data => {
+                let overran = {
+                    let mut streams = lock(&self.streams);
+                    let Some(entry) = streams.open.get_mut(&id) else { return Ok(()) };
+                    let Some(inbound) = &entry.inbound else { return Ok(()) };
+                    let queued = entry.unconsumed.fetch_add(body.len(), Ordering::AcqRel) + body.len();
+                    let overran = queued > WINDOW as usize || inbound.send(body.to_vec()).is_err();
+                    if overran {
+                        Self::reset(&mut streams, id);
+                    }
+                    overran
+                };
+                if overran {
+                    // Beyond its window: the guest ignores flow control. The stream ends.
+                    tracing::warn!("guest overran the window of stream {id}: reset");
+                    self.send(frame(id, Kind::Reset, &[])).await?;
+                }
+            }
+            Kind::Credit => {
+                let grant = payload_u32(body) as usize;
+                let overgranted = {
+                    let mut streams = lock(&self.streams);
+                    let Some(entry) = streams.open.get(&id) else { return Ok(()) };
+                    let over = entry.credit.available_permits() + grant > WINDOW as usize;
+                    if over {
+                        Self::reset(&mut streams, id);
+                    } else {
+                        entry.credit.add_permits(grant);
+                    }
+                    over
+                };
+                if overgranted {
+                    tracing::warn!("guest granted more than the window on stream {id}: reset");
+                    self.send(frame(id, Kind::Reset, &[])).await?;
+                }
+            }
+            Kind::Close => {
+                let mut streams = lock(&self.streams);
+                if let Some(entry) = streams.open.get_mut(&id) {
+                    entry.inbound = None;
+                }
+                Self::finish_if_done(&mut streams, id);
+            }
+            Kind::Reset => Self::reset(&mut lock(&self.streams), id),
+        }
+        Ok(())
+    }
+
+    /// Pumps one stream between `local` and the pipe until both directions are done.
+    async fn bridge(
+        self: Arc<Self>,
+        id: u32,
+        local: UnixStream,
+        mut inbound: mpsc::UnboundedReceiver<Vec<u8>>,
+        unconsumed: Arc<AtomicUsize>,
+        credit: Arc<Semaphore>,
+    ) {
+        let (mut rd, mut wr) = local.into_split();
+        let outbound = async {
+            let mut buf = vec![0u8; MAX_DATA];
+            loop {
+                let Ok(first) = credit.acquire().await else { break };
+                first.forget();
+                let extra = credit.available_permits().min(MAX_DATA - 1);
+                if let Ok(more) = credit.try_acquire_many(extra as u32) {
+                    more.forget();
+                }
+                let want = extra + 1;
+                match rd.read(&mut buf[..want]).await {
+                    Ok(n) if n > 0 => {
+                        credit.add_permits(want - n);
+                        if self.send(frame(id, Kind::Data, &buf[..n])).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => {
+                        let _ = self.send(frame(id, Kind::Close, &[])).await;
+                        break;
+                    }
+                }
+            }
+            let mut streams = lock(&self.streams);
+            if let Some(entry) = streams.open.get_mut(&id) {
+                entry.local_done = true;
+            }
+            Self::finish_if_done(&mut streams, id);
+        };
+        let inbound = async {
+            while let Some(chunk) = inbound.recv().await {
+                if wr.write_all(&chunk).await.is_err() {
+                    Self::reset(&mut lock(&self.streams), id);
+                    let _ = self.send(frame(id, Kind::Reset, &[])).await;
+                    return;
+                }
+                unconsumed.fetch_sub(chunk.len(), Ordering::AcqRel);
+                if self.send(frame_u32(id, Kind::Credit, chunk.len() as u32)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.shutdown().await;
+        };
+        tokio::join!(outbound, inbound);
+    }
+}
