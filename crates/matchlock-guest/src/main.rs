@@ -26,13 +26,15 @@ fn main() -> ExitCode {
     let role = Path::new(&argv0).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     match role.as_str() {
         LAUNCHER_ARGV0 => launcher::main(),
-        "guest-agent" => match mux::start().map_err(agent::AgentError::Listen).and_then(|()| agent::serve(Vec::new())) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("guest-agent: {}", sys::error_chain(&e));
-                ExitCode::FAILURE
+        "guest-agent" => {
+            match mux::start().map_err(agent::AgentError::Listen).and_then(|()| agent::serve(Vec::new())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("guest-agent: {}", sys::error_chain(&e));
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         _ => init::main(),
     }
 }

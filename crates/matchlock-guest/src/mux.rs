@@ -95,8 +95,8 @@ struct Mux {
     pending: Mutex<HashMap<u32, mpsc::Sender<Option<UnixStream>>>>,
     listeners: Mutex<HashMap<u32, mpsc::Sender<UnixStream>>>,
     next_id: Mutex<u32>,
-    /// A session was started before: a `Hello` now means a new host.
-    had_session: AtomicBool,
+    /// The current session's id: a `Hello` with another means a new host.
+    session: Mutex<Option<Vec<u8>>>,
     /// How many times a new host took over (restores).
     restores: AtomicU64,
 }
@@ -117,7 +117,9 @@ fn find_port() -> io::Result<String> {
 /// Opens the port and starts the reader and writer threads.
 pub(crate) fn start() -> io::Result<()> {
     let path = find_port()?;
-    let port = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+    let mut port = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+    // What the host sent before the port was open is gone: ask for its Hello again.
+    port.write_all(&frame(0, Kind::Paused, &[]))?;
     let mux = Arc::new(Mux {
         port,
         outbox: Mutex::new(Outbox { queue: VecDeque::new(), held: true }),
@@ -126,7 +128,7 @@ pub(crate) fn start() -> io::Result<()> {
         pending: Mutex::new(HashMap::new()),
         listeners: Mutex::new(HashMap::new()),
         next_id: Mutex::new(1),
-        had_session: AtomicBool::new(false),
+        session: Mutex::new(None),
         restores: AtomicU64::new(0),
     });
     if MUX.set(Arc::clone(&mux)).is_err() {
@@ -261,7 +263,7 @@ impl Mux {
     fn dispatch(self: &Arc<Self>, h: Header, body: &[u8]) {
         let id = h.stream;
         match h.kind {
-            Kind::Hello => self.new_session(),
+            Kind::Hello => self.new_session(body),
             Kind::Pause => self.queue(frame(0, Kind::Paused, &[])),
             Kind::Resume => {
                 relock(&self.outbox).held = false;
@@ -284,10 +286,8 @@ impl Mux {
             Kind::Open => {}
             Kind::Accept | Kind::Refuse => {
                 let Some(waiting) = relock(&self.pending).remove(&id) else { return };
-                let stream = (h.kind == Kind::Accept)
-                    .then(UnixStream::pair)
-                    .and_then(Result::ok)
-                    .map(|(ours, theirs)| {
+                let stream =
+                    (h.kind == Kind::Accept).then(UnixStream::pair).and_then(Result::ok).map(|(ours, theirs)| {
                         self.open_stream(id, ours);
                         theirs
                     });
@@ -315,12 +315,14 @@ impl Mux {
         }
     }
 
-    /// The host's `Hello`. A first one starts the session with what was queued for it; a
-    /// later one is a new host: every stream of the old session ends, its frames are dropped.
-    fn new_session(&self) {
-        if !self.had_session.swap(true, Ordering::AcqRel) {
+    /// The host's `Hello`. The first starts the session with what was queued for it; the
+    /// same id again is only answered; another id is a new host: every stream of the old
+    /// session ends and its frames are dropped.
+    fn new_session(&self, id: &[u8]) {
+        let previous = relock(&self.session).replace(id.to_vec());
+        if previous.as_deref() == Some(id) || previous.is_none() {
             let mut outbox = relock(&self.outbox);
-            outbox.queue.push_front(frame(0, Kind::Hello, &[]));
+            outbox.queue.push_front(frame(0, Kind::Hello, id));
             outbox.held = false;
             drop(outbox);
             self.ready.notify_one();
@@ -336,7 +338,7 @@ impl Mux {
         }
         let mut outbox = relock(&self.outbox);
         outbox.queue.clear();
-        outbox.queue.push_back(frame(0, Kind::Hello, &[]));
+        outbox.queue.push_back(frame(0, Kind::Hello, id));
         outbox.held = false;
         drop(outbox);
         self.ready.notify_one();

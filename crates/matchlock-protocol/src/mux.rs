@@ -6,9 +6,12 @@
 //! big-endian) and at most [`MAX_DATA`] bytes. Streams the host opens have even ids, streams
 //! the guest opens odd ones; id 0 carries session control.
 //!
-//! A session starts with the host's [`Kind::Hello`], which resets every stream the guest
-//! knows and is answered by the guest's own `Hello`: this is how a VM restored from a
-//! snapshot drops the connections of the process that saved it. Before a snapshot the host
+//! A session starts with the host's [`Kind::Hello`] carrying a random session id; the guest
+//! answers with the same `Hello`. A `Hello` with a new id resets every stream the guest
+//! knows: this is how a VM restored from a snapshot drops the connections of the process
+//! that saved it. The guest drops what reaches its port before it opens it, so when it does
+//! it announces itself with an unsolicited `Paused`, which a host still waiting for its
+//! answer takes as a cue to send its `Hello` again (same id: no reset). Before a snapshot the host
 //! sends [`Kind::Pause`]; the guest answers [`Kind::Paused`] and sends nothing more until
 //! [`Kind::Resume`] (same session) or `Hello` (a new one), so the saved pipe holds no
 //! half-sent frame in either direction.
@@ -26,7 +29,7 @@ pub const WINDOW: u32 = 256 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
-    /// Start of a session (stream 0, no payload).
+    /// Start of a session (stream 0): 8-byte session id.
     Hello = 1,
     /// Host: stop sending after your answer (stream 0).
     Pause = 2,
@@ -117,6 +120,7 @@ impl Header {
         let len = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]);
         let len_ok = match kind {
             Kind::Open | Kind::Credit => len == 4,
+            Kind::Hello => len == 8,
             Kind::Data => len >= 1 && len as usize <= MAX_DATA,
             _ => len == 0,
         };
@@ -172,7 +176,8 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_bad_ones_are_refused() {
-        for (stream, kind, len) in [(0, Kind::Hello, 0), (2, Kind::Open, 4), (3, Kind::Data, 65536), (5, Kind::Credit, 4)]
+        for (stream, kind, len) in
+            [(0, Kind::Hello, 8), (2, Kind::Open, 4), (3, Kind::Data, 65536), (5, Kind::Credit, 4)]
         {
             let h = Header { stream, kind, len };
             assert_eq!(Header::decode(&h.encode()), Ok(h));

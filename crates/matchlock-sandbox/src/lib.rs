@@ -270,7 +270,8 @@ impl Sandbox {
             "image_rootfs": image.rootfs,
         });
         state.register(&row, backend.name(), &resources)?;
-        let start = Start { backend: &*backend, id: &id, dir: &dir, config: &config, image: &image, from: from.as_ref() };
+        let start =
+            Start { backend: &*backend, id: &id, dir: &dir, config: &config, image: &image, from: from.as_ref() };
         let booted = start.boot(boot_disk.clone(), kernel.clone(), &upper, &mut state, events).await;
         let (machine, network, vfs, prepared) = match booted {
             Ok(ok) => ok,
@@ -340,7 +341,9 @@ async fn tell_restored(machine: &dyn Machine, hostname: String, ca_pem: Option<S
         match GuestMessage::from_frame(frame)? {
             GuestMessage::Exit(0) => return Ok(()),
             GuestMessage::Exit(_) => break,
-            GuestMessage::Stderr(e) if errors.len() < MAX_QUIESCE_ERROR => errors.push_str(&String::from_utf8_lossy(&e)),
+            GuestMessage::Stderr(e) if errors.len() < MAX_QUIESCE_ERROR => {
+                errors.push_str(&String::from_utf8_lossy(&e))
+            }
             _ => {}
         }
     }
@@ -382,7 +385,8 @@ impl Start<'_> {
     /// milliseconds: not on the runtime's thread.
     async fn create_upper(&self, upper: &Path, seed: Option<&Path>) -> Result<(), SandboxError> {
         let disk_started = Instant::now();
-        let (upper_path, seed_path, size) = (upper.to_owned(), seed.map(Path::to_owned), self.config.disk_size_mb << 20);
+        let (upper_path, seed_path, size) =
+            (upper.to_owned(), seed.map(Path::to_owned), self.config.disk_size_mb << 20);
         let created = tokio::task::spawn_blocking(move || {
             matchlock_image::ext4::create_empty(&upper_path, size, seed_path.as_deref())
         })
@@ -584,7 +588,9 @@ impl Sandbox {
     /// with writable `--disk` volumes cannot be saved (the volume is not theirs to copy).
     pub async fn snapshot(&self, name: &str) -> Result<SnapshotMeta, SandboxError> {
         if !snapshot::is_valid_name(name) && !name.starts_with(snapshot::FORK_PREFIX) {
-            return Err(SandboxError::Config(format!("invalid snapshot name {name:?} (letters, digits, '.', '_', '-')")));
+            return Err(SandboxError::Config(format!(
+                "invalid snapshot name {name:?} (letters, digits, '.', '_', '-')"
+            )));
         }
         if snapshot::snapshots_dir().join(name).exists() {
             return Err(SandboxError::Config(format!("snapshot {name} exists (remove it first)")));

@@ -81,7 +81,13 @@ pub(crate) fn partial_dir(name: &str) -> Result<PathBuf, SandboxError> {
 /// Bytes stored under `dir` (allocated blocks: the files are sparse).
 fn stored(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
 }
 
 /// Completes a snapshot written into `partial`: its metadata, then renamed to `name`.
@@ -99,7 +105,8 @@ pub(crate) fn commit(partial: &Path, mut meta: SnapshotMeta) -> Result<SnapshotM
         .mode(0o600)
         .open(&path)
         .map_err(io_err(format!("cannot create {}", path.display())))?;
-    serde_json::to_writer_pretty(&mut file, &meta).map_err(|e| io_err("cannot write the snapshot metadata")(e.into()))?;
+    serde_json::to_writer_pretty(&mut file, &meta)
+        .map_err(|e| io_err("cannot write the snapshot metadata")(e.into()))?;
     std::fs::rename(partial, &target).map_err(io_err(format!("cannot move the snapshot to {}", target.display())))?;
     Ok(meta)
 }

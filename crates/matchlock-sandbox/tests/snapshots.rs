@@ -50,8 +50,9 @@ async fn restored_sandboxes_keep_running_processes_and_then_diverge() {
     let home = tempfile::tempdir().unwrap();
     isolate(home.path());
     let store = busybox_store(home.path());
-    let source =
-        Arc::new(Sandbox::create(SandboxConfig::new("busybox"), &store, matchlock_sandbox::open_state().unwrap()).await.unwrap());
+    let source = Arc::new(
+        Sandbox::create(SandboxConfig::new("busybox"), &store, matchlock_sandbox::open_state().unwrap()).await.unwrap(),
+    );
 
     // A command in flight during the snapshot: it counts into /tmp/ticks.
     let ticker = {
@@ -78,7 +79,8 @@ async fn restored_sandboxes_keep_running_processes_and_then_diverge() {
 
     // An old snapshot: the restored clock must be the host's, not the saved one.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let restore = || async { Sandbox::restore("t1", &store, matchlock_sandbox::open_state().unwrap(), Events::default()).await };
+    let restore =
+        || async { Sandbox::restore("t1", &store, matchlock_sandbox::open_state().unwrap(), Events::default()).await };
     let a = restore().await.unwrap();
     let b = restore().await.unwrap();
     for child in [&a, &b] {

@@ -11,8 +11,8 @@
 pub mod accel;
 pub mod kernel;
 pub mod mux;
-mod qmp;
 pub mod qemu;
+mod qmp;
 pub mod tools;
 
 use std::future::Future;
@@ -146,6 +146,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// borrow, so that tasks serving the machine (the exec relay) can hold one.
 pub type Connector = Arc<dyn Fn(u32) -> BoxFuture<'static, Result<UnixStream, VmError>> + Send + Sync>;
 
+/// Saves one machine into a directory ([`Machine::snapshot`]).
+pub type Snapshotter = Arc<dyn Fn(PathBuf) -> BoxFuture<'static, Result<(), VmError>> + Send + Sync>;
+
 /// How a backend's NIC carries the guest's Ethernet frames to the host's network stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NicTransport {
@@ -204,7 +207,12 @@ pub trait Machine: Send + Sync + std::fmt::Debug {
     /// Saves the running machine into the existing directory `to`: memory, device state and
     /// its writable scratch disks, captured at one instant, while the guest is paused. The
     /// machine then runs on, its streams intact. Volumes (persistent writable disks) refuse.
-    fn snapshot(&self, to: PathBuf) -> BoxFuture<'_, Result<(), VmError>>;
+    fn snapshot(&self, to: PathBuf) -> BoxFuture<'static, Result<(), VmError>> {
+        (self.snapshotter())(to)
+    }
+
+    /// What takes [`Machine::snapshot`]s, free of the machine's borrow (for the exec relay).
+    fn snapshotter(&self) -> Snapshotter;
 
     /// Resolves when the VM has exited on its own; returns a description of how.
     fn exited(&mut self) -> BoxFuture<'_, String>;

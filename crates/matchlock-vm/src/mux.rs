@@ -65,6 +65,8 @@ struct Inner {
     /// The guest answered this session's `Hello`.
     ready: watch::Sender<bool>,
     paused: Mutex<Option<oneshot::Sender<()>>>,
+    /// This session's id, in every `Hello`.
+    session: [u8; 8],
     /// The pipe is gone: no stream can be opened any more.
     closed: watch::Sender<bool>,
 }
@@ -98,6 +100,7 @@ impl Mux {
             dir,
             ready: watch::channel(false).0,
             paused: Mutex::new(None),
+            session: session_id(),
             closed: watch::channel(false).0,
         });
         tokio::spawn(write_loop(wr, queue));
@@ -108,7 +111,7 @@ impl Mux {
             }
             reader.close_all();
         });
-        let _ = inner.out.try_send(Out::Frame(frame(0, Kind::Hello, &[])));
+        let _ = inner.out.try_send(Out::Frame(frame(0, Kind::Hello, &inner.session)));
         Self { inner }
     }
 
@@ -137,7 +140,10 @@ impl Mux {
             }
         };
         if !accepted {
-            return Err(io::Error::new(io::ErrorKind::ConnectionRefused, format!("nothing listens on guest port {port}")));
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("nothing listens on guest port {port}"),
+            ));
         }
         let (ours, theirs) = UnixStream::pair()?;
         match self.inner.register(id, false) {
@@ -164,6 +170,17 @@ impl Mux {
     pub async fn resume(&self) -> io::Result<()> {
         self.inner.out.send(Out::Resume).await.map_err(|_| gone())
     }
+}
+
+/// A random session id (the clock and pid when the kernel's generator cannot be read).
+fn session_id() -> [u8; 8] {
+    let mut id = [0u8; 8];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| io::Read::read_exact(&mut f, &mut id));
+    if read.is_err() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        id = (now.as_nanos() as u64 ^ u64::from(std::process::id()) << 32).to_be_bytes();
+    }
+    id
 }
 
 fn gone() -> io::Error {
@@ -234,7 +251,12 @@ impl Inner {
         }
         streams.open.insert(
             id,
-            Entry { inbound: Some(tx), unconsumed: Arc::clone(&unconsumed), credit: Arc::clone(&credit), local_done: false },
+            Entry {
+                inbound: Some(tx),
+                unconsumed: Arc::clone(&unconsumed),
+                credit: Arc::clone(&credit),
+                local_done: false,
+            },
         );
         Some((rx, unconsumed, credit))
     }
@@ -260,7 +282,7 @@ impl Inner {
 
     /// Ends every stream: the pipe is gone.
     fn close_all(&self) {
-        let _ = self.closed.send(true);
+        let _ = self.closed.send_replace(true);
         let mut streams = lock(&self.streams);
         streams.pending.clear();
         let ids: Vec<u32> = streams.open.keys().copied().collect();
@@ -275,14 +297,17 @@ impl Inner {
         loop {
             match pipe.read_exact(&mut header).await {
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                // QEMU exited.
+                Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => {
+                    return Ok(())
+                }
                 Err(e) => return Err(e.into()),
             }
             let h = Header::decode(&header)?;
             let body = &mut payload[..h.len as usize];
             pipe.read_exact(body).await?;
             // Until the guest answers this session's Hello, what arrives belongs to no stream.
-            if !*self.ready.borrow() && h.kind != Kind::Hello {
+            if !*self.ready.borrow() && !matches!(h.kind, Kind::Hello | Kind::Paused) {
                 continue;
             }
             self.dispatch(h, body).await?;
@@ -293,11 +318,19 @@ impl Inner {
         let id = h.stream;
         match h.kind {
             Kind::Hello => {
-                let _ = self.ready.send(true);
+                if body == self.session {
+                    let _ = self.ready.send_replace(true);
+                }
             }
             Kind::Paused => {
-                if let Some(done) = self.paused.lock().unwrap_or_else(PoisonError::into_inner).take() {
-                    let _ = done.send(());
+                let waiting = self.paused.lock().unwrap_or_else(PoisonError::into_inner).take();
+                match waiting {
+                    Some(done) => {
+                        let _ = done.send(());
+                    }
+                    // The guest opened its port: it may have dropped our Hello.
+                    None if !*self.ready.borrow() => self.send(frame(0, Kind::Hello, &self.session)).await?,
+                    None => {}
                 }
             }
             Kind::Pause | Kind::Resume => return Err(PipeError::Protocol(h.kind, id)),

@@ -15,7 +15,7 @@ use crate::accel::Accel;
 use crate::mux::Mux;
 use crate::qmp::Qmp;
 use crate::{
-    tools, Backend, BoxFuture, Capabilities, Connector, Machine, MachineSpec, NicTransport, VmDir, VmError,
+    tools, Backend, BoxFuture, Capabilities, Connector, Machine, MachineSpec, NicTransport, Snapshotter, VmDir, VmError,
 };
 
 /// How long to wait for QEMU to create its sockets.
@@ -249,8 +249,8 @@ fn snapshot_disk(index: usize) -> String {
 
 /// Copies `from` into a new file `to`, holes kept (RAM files and disks are mostly holes).
 fn copy_sparse(from: &std::fs::File, to: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let len = from.metadata()?.len();
     let out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
     out.set_len(len)?;
@@ -307,7 +307,7 @@ impl QemuBackend {
             ram_path: None,
             memory_mb: spec.memory_mb,
             disks: spec.disks.clone(),
-            snapshotting: tokio::sync::Mutex::new(()),
+            snapshotting: Arc::new(tokio::sync::Mutex::new(())),
         };
         let started = match restore {
             None => self.boot(&mut machine, &spec).await,
@@ -383,7 +383,7 @@ impl QemuBackend {
     async fn boot(&self, machine: &mut QemuMachine, spec: &MachineSpec) -> Result<(), VmError> {
         let (ram_path, ram) = fresh_ram(&spec.dir, spec.memory_mb)?;
         machine.ram_path = Some(ram_path.clone());
-        machine.ram = Some(ram);
+        machine.ram = Some(Arc::new(ram));
         let args = self.qemu_args(spec, &ram_path, false)?;
         let ready_path = spec.dir.port_listener(READY_PORT);
         let _ = std::fs::remove_file(&ready_path);
@@ -427,12 +427,16 @@ impl QemuBackend {
             let mut qmp = connect_qmp(&qmp_socket).await?;
             qmp.execute("migrate-set-capabilities", ignore_shared()).await?;
             qmp.execute("migrate-incoming", serde_json::json!({ "uri": format!("file:{state}") })).await?;
-            qmp.wait_running().await
+            qmp.wait_migration().await?;
+            // The saved VM was stopped, so the loaded one is paused until told.
+            qmp.execute("cont", serde_json::json!({})).await.map(|_| ())
         };
         Self::unless_exited(machine, spec, incoming).await?;
         let mux = Self::join_pipe(machine, spec).await?;
-        Self::unless_exited(machine, spec, async { mux.ready().await.map_err(VmError::io("the restored guest did not answer")) })
-            .await?;
+        Self::unless_exited(machine, spec, async {
+            mux.ready().await.map_err(VmError::io("the restored guest did not answer"))
+        })
+        .await?;
         tracing::debug!("restore: guest running again {} ms after the restore began", started.elapsed().as_millis());
         Ok(())
     }
@@ -527,38 +531,65 @@ fn spawn_on_lifetime_thread(cmd: &mut Command) -> std::io::Result<Child> {
     answer.recv().map_err(|_| gone())?
 }
 
-/// A running QEMU VM.
-#[derive(Debug)]
-pub struct QemuMachine {
+/// What saving a running machine needs; shared with whoever may ask for a snapshot.
+#[derive(Clone)]
+struct Saver {
     dir: VmDir,
-    qemu: Option<Child>,
-    /// The serial pipe's streams.
     mux: Option<Mux>,
-    /// Copies the serial console to `logs/vm.log`; ends when QEMU exits.
-    console: Option<tokio::task::JoinHandle<()>>,
-    exit: Option<String>,
-    /// Turns true once QEMU has exited (its console reached EOF).
-    stopped: tokio::sync::watch::Receiver<bool>,
-    stopped_tx: Option<tokio::sync::watch::Sender<bool>>,
-    /// The shared guest RAM of a cold-booted machine (a restored one maps its snapshot's).
-    ram: Option<std::fs::File>,
-    /// The RAM file's name until QEMU has mapped it.
-    ram_path: Option<PathBuf>,
+    ram: Option<Arc<std::fs::File>>,
     memory_mb: u64,
     disks: Vec<crate::Disk>,
-    snapshotting: tokio::sync::Mutex<()>,
+    /// QMP takes one client at a time: snapshots of one machine queue.
+    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
 }
 
-impl QemuMachine {
+impl Saver {
+    async fn snapshot(&self, to: PathBuf) -> Result<(), VmError> {
+        // QMP takes one client at a time; snapshots of one machine queue.
+        let _one_at_a_time = self.one_at_a_time.lock().await;
+        if let Some(disk) = self.disks.iter().find(|d| d.persistent && !d.read_only) {
+            return Err(VmError::InvalidSpec(format!(
+                "the writable disk {} is a volume: a snapshot cannot copy it",
+                disk.path.display()
+            )));
+        }
+        let mux = self.mux.clone().ok_or_else(|| VmError::Missing("the VM is not running".into()))?;
+        let mut qmp = connect_qmp(&self.dir.backend_socket("qmp")).await?;
+        qmp.execute("migrate-set-capabilities", ignore_shared()).await?;
+        let started = Instant::now();
+        mux.pause().await.map_err(VmError::io("cannot pause the guest's pipe"))?;
+        let saved = match qmp.execute("stop", serde_json::json!({})).await {
+            Ok(_) => {
+                let saved = self.save(&mut qmp, &to).await;
+                let resumed = qmp.execute("cont", serde_json::json!({})).await;
+                saved.and(resumed.map(|_| ()))
+            }
+            Err(e) => Err(e),
+        };
+        let resumed = mux.resume().await.map_err(VmError::io("cannot resume the guest's pipe"));
+        tracing::debug!("snapshot: guest paused for {} ms", started.elapsed().as_millis());
+        saved.and(resumed)
+    }
+
     /// While the VM is stopped: device state (and RAM not shared) to `to/state`, the shared
     /// RAM and the writable scratch disks copied beside it.
     async fn save(&self, qmp: &mut Qmp, to: &Path) -> Result<(), VmError> {
         let state = check_option_path(&to.join(SNAPSHOT_STATE))?;
         qmp.execute("migrate", serde_json::json!({ "uri": format!("file:{state}") })).await?;
         qmp.wait_migration().await?;
+        let saver = self.clone();
+        let to = to.to_owned();
+        // Copying blocks for tens of milliseconds: not on the runtime's threads.
+        tokio::task::spawn_blocking(move || saver.copy_files(&to))
+            .await
+            .map_err(|e| VmError::Io { context: "copying the snapshot".into(), source: e.into() })?
+    }
+
+    /// The shared RAM and the writable scratch disks into the snapshot `to`.
+    fn copy_files(&self, to: &Path) -> Result<(), VmError> {
         let copy_err = |what: &str| VmError::io(format!("cannot copy the guest's {what} into the snapshot"));
         let ram_to = to.join(SNAPSHOT_RAM);
-        match &self.ram {
+        match self.ram.as_deref() {
             Some(ram) => copy_sparse(ram, &ram_to).map_err(copy_err("RAM"))?,
             // A restored machine's RAM is private: the state holds all of it, the RAM file
             // only has to be the right size.
@@ -573,7 +604,31 @@ impl QemuMachine {
         }
         Ok(())
     }
+}
 
+/// A running QEMU VM.
+#[derive(Debug)]
+pub struct QemuMachine {
+    dir: VmDir,
+    qemu: Option<Child>,
+    /// The serial pipe's streams.
+    mux: Option<Mux>,
+    /// Copies the serial console to `logs/vm.log`; ends when QEMU exits.
+    console: Option<tokio::task::JoinHandle<()>>,
+    exit: Option<String>,
+    /// Turns true once QEMU has exited (its console reached EOF).
+    stopped: tokio::sync::watch::Receiver<bool>,
+    stopped_tx: Option<tokio::sync::watch::Sender<bool>>,
+    /// The shared guest RAM of a cold-booted machine (a restored one maps its snapshot's).
+    ram: Option<Arc<std::fs::File>>,
+    /// The RAM file's name until QEMU has mapped it.
+    ram_path: Option<PathBuf>,
+    memory_mb: u64,
+    disks: Vec<crate::Disk>,
+    snapshotting: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl QemuMachine {
     async fn wait_qemu(&mut self) -> String {
         if let Some(exit) = &self.exit {
             return exit.clone();
@@ -639,7 +694,8 @@ impl Machine for QemuMachine {
         Arc::new(move |port| {
             let mux = mux.clone();
             Box::pin(async move {
-                let mux = mux.ok_or_else(|| VmError::Connect { port, source: std::io::ErrorKind::NotConnected.into() })?;
+                let mux =
+                    mux.ok_or_else(|| VmError::Connect { port, source: std::io::ErrorKind::NotConnected.into() })?;
                 mux.connect(port).await.map_err(|source| VmError::Connect { port, source })
             })
         })
@@ -657,32 +713,18 @@ impl Machine for QemuMachine {
         })
     }
 
-    fn snapshot(&self, to: PathBuf) -> BoxFuture<'_, Result<(), VmError>> {
-        Box::pin(async move {
-            // QMP takes one client at a time; snapshots of one machine queue.
-            let _one_at_a_time = self.snapshotting.lock().await;
-            if let Some(disk) = self.disks.iter().find(|d| d.persistent && !d.read_only) {
-                return Err(VmError::InvalidSpec(format!(
-                    "the writable disk {} is a volume: a snapshot cannot copy it",
-                    disk.path.display()
-                )));
-            }
-            let mux = self.mux.clone().ok_or_else(|| VmError::Missing("the VM is not running".into()))?;
-            let mut qmp = connect_qmp(&self.dir.backend_socket("qmp")).await?;
-            qmp.execute("migrate-set-capabilities", ignore_shared()).await?;
-            let started = Instant::now();
-            mux.pause().await.map_err(VmError::io("cannot pause the guest's pipe"))?;
-            let saved = match qmp.execute("stop", serde_json::json!({})).await {
-                Ok(_) => {
-                    let saved = self.save(&mut qmp, &to).await;
-                    let resumed = qmp.execute("cont", serde_json::json!({})).await;
-                    saved.and(resumed.map(|_| ()))
-                }
-                Err(e) => Err(e),
-            };
-            let resumed = mux.resume().await.map_err(VmError::io("cannot resume the guest's pipe"));
-            tracing::debug!("snapshot: guest paused for {} ms", started.elapsed().as_millis());
-            saved.and(resumed)
+    fn snapshotter(&self) -> Snapshotter {
+        let saver = Saver {
+            dir: self.dir.clone(),
+            mux: self.mux.clone(),
+            ram: self.ram.clone(),
+            memory_mb: self.memory_mb,
+            disks: self.disks.clone(),
+            one_at_a_time: Arc::clone(&self.snapshotting),
+        };
+        Arc::new(move |to| {
+            let saver = saver.clone();
+            Box::pin(async move { saver.snapshot(to).await })
         })
     }
 

@@ -30,7 +30,8 @@ fn failed(what: impl Into<String>) -> VmError {
 impl Qmp {
     /// Connects, reads the greeting and leaves capability negotiation.
     pub(crate) async fn connect(path: &Path) -> Result<Self, VmError> {
-        let stream = UnixStream::connect(path).await.map_err(VmError::io(format!("cannot connect to {}", path.display())))?;
+        let stream =
+            UnixStream::connect(path).await.map_err(VmError::io(format!("cannot connect to {}", path.display())))?;
         let (rd, writer) = stream.into_split();
         let mut qmp = Self { reader: BufReader::new(rd), writer };
         let greeting = qmp.line().await?;
@@ -90,20 +91,6 @@ impl Qmp {
                     return Err(failed(format!("QEMU migration failed: {why}")));
                 }
                 _ => tokio::time::sleep(Duration::from_millis(1)).await,
-            }
-        }
-    }
-
-    /// Waits until the VM runs (an incoming migration starts it once loaded).
-    pub(crate) async fn wait_running(&mut self) -> Result<(), VmError> {
-        loop {
-            let status = self.execute("query-status", json!({})).await?;
-            match status.get("status").and_then(Value::as_str) {
-                Some("running") => return Ok(()),
-                Some("inmigrate" | "prelaunch" | "paused" | "postmigrate" | "finish-migrate") => {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                other => return Err(failed(format!("restored VM is {other:?}, not running"))),
             }
         }
     }

@@ -173,8 +173,7 @@ fn helpers_hold_no_secrets() {
         .unwrap();
     let id = ok(&out).trim().to_owned();
     let pids = processes_of(&h);
-    let helpers: Vec<&(i32, String)> =
-        pids.iter().filter(|(_, c)| c.contains("qemu-system")).collect();
+    let helpers: Vec<&(i32, String)> = pids.iter().filter(|(_, c)| c.contains("qemu-system")).collect();
     assert_eq!(helpers.len(), 1, "QEMU: {pids:?}");
     assert!(pids.len() >= 3, "the owner too: {pids:?}");
     for (pid, cmdline) in &pids {

@@ -26,11 +26,11 @@ pub(crate) fn isolate(home: &Path) {
     std::env::set_var("XDG_CACHE_HOME", home.join("cache"));
 }
 
-
 /// A store under `home` holding the busybox fixture image.
 pub(crate) fn busybox_store(home: &Path) -> Store {
     let fixtures = home.join("fixtures");
-    let status = Command::new("python3").arg(repo_root().join("tests/fixtures/make_images.py")).arg(&fixtures).status().unwrap();
+    let status =
+        Command::new("python3").arg(repo_root().join("tests/fixtures/make_images.py")).arg(&fixtures).status().unwrap();
     assert!(status.success());
     let mut store = Store::open(&home.join("images")).unwrap();
     store.import("busybox", &mut std::fs::File::open(fixtures.join("busybox.tar")).unwrap()).unwrap();
