@@ -209,10 +209,28 @@ impl Sandbox {
 
     /// A new sandbox from the snapshot `name` ([`Sandbox::snapshot`]): the saved machine
     /// resumes with its processes, under a new id with its own writable disk, network stack
-    /// (connections of the saved one are gone), clock and entropy.
-    pub async fn restore(name: &str, store: &Store, state: StateDb, events: Events) -> Result<Self, SandboxError> {
+    /// (connections of the saved one are gone), clock and entropy. Secret values are never
+    /// saved: `secret_values` gives them by name, and every secret of the snapshot needs one.
+    pub async fn restore(
+        name: &str,
+        store: &Store,
+        state: StateDb,
+        events: Events,
+        secret_values: &std::collections::HashMap<String, String>,
+    ) -> Result<Self, SandboxError> {
         let (dir, meta) = snapshot::load(name)?;
-        let config = meta.config.clone();
+        let mut config = meta.config.clone();
+        for secret in config.network.iter_mut().flat_map(|n| n.secrets.iter_mut()) {
+            let given = secret_values.get(&secret.name).filter(|v| !v.is_empty()).cloned();
+            secret.value = given.ok_or_else(|| {
+                SandboxError::Config(format!(
+                    "snapshot {name} sends the secret {0}, whose value is not saved: pass --secret {0}@{1} \
+                     (the value from ${0}) or --secret {0}=VALUE@{1}",
+                    secret.name,
+                    secret.hosts.join(",")
+                ))
+            })?;
+        }
         Self::start(config, store, state, events, Some((dir, meta))).await
     }
 
@@ -300,8 +318,9 @@ impl Sandbox {
             kernel,
             boot_disk,
         };
-        let guest = sandbox.machine.as_ref().expect("just booted").connector();
-        match relay::serve(&sandbox.dir, guest, network) {
+        let machine = sandbox.machine.as_ref().expect("just booted");
+        let snapshots = relay::Snapshots::new(machine.snapshotter(), sandbox.snapshot_template());
+        match relay::serve(&sandbox.dir, machine.connector(), network, snapshots) {
             Ok(task) => sandbox.relay = Some(task),
             Err(e) => {
                 logged(sandbox.close(true).await, "closing a sandbox whose relay failed");
@@ -587,18 +606,14 @@ impl Sandbox {
     /// while the guest is paused for a moment; the sandbox then runs on as before. Sandboxes
     /// with writable `--disk` volumes cannot be saved (the volume is not theirs to copy).
     pub async fn snapshot(&self, name: &str) -> Result<SnapshotMeta, SandboxError> {
-        if !snapshot::is_valid_name(name) && !name.starts_with(snapshot::FORK_PREFIX) {
-            return Err(SandboxError::Config(format!(
-                "invalid snapshot name {name:?} (letters, digits, '.', '_', '-')"
-            )));
-        }
-        if snapshot::snapshots_dir().join(name).exists() {
-            return Err(SandboxError::Config(format!("snapshot {name} exists (remove it first)")));
-        }
-        let partial = snapshot::partial_dir(name)?;
         let machine = self.machine.as_ref().expect("a live sandbox has a machine");
-        let meta = SnapshotMeta {
-            name: name.to_owned(),
+        snapshot::take(&machine.snapshotter(), self.snapshot_template(), name).await
+    }
+
+    /// The metadata of this sandbox's snapshots, but for the name.
+    fn snapshot_template(&self) -> SnapshotMeta {
+        SnapshotMeta {
+            name: String::new(),
             source: self.id.clone(),
             created_at: 0,
             backend: self.backend.to_owned(),
@@ -608,15 +623,7 @@ impl Sandbox {
             kernel: self.kernel.clone(),
             boot_disk: self.boot_disk.clone(),
             size: 0,
-        };
-        let saved = match machine.snapshot(partial.clone()).await {
-            Ok(()) => snapshot::commit(&partial, meta),
-            Err(e) => Err(e.into()),
-        };
-        if saved.is_err() {
-            logged(std::fs::remove_dir_all(&partial), "removing a failed snapshot");
         }
-        saved
     }
 
     /// How long creation took, by phase: `prepare` (image, disks, accelerator) and

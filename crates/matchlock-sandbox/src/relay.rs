@@ -5,7 +5,8 @@
 //! once the owner answers `OK <port>\n`, speaks the guest protocol of that port; the
 //! owner splices bytes both ways. Only the exec, echo and port-forward ports are reachable.
 //! `ALLOW ADD <h1,h2>\n` and `ALLOW DEL <h1,h2>\n` change the network allow-list and are
-//! answered with one JSON line ([`AllowListReply`]). The socket is created with mode 0600:
+//! answered with one JSON line ([`AllowListReply`]); `SNAPSHOT <name>\n` saves the sandbox
+//! and is answered with one JSON line ([`SnapshotReply`]). The socket is created with mode 0600:
 //! only the sandbox's user may use it.
 
 use std::os::unix::fs::PermissionsExt;
@@ -37,6 +38,68 @@ pub struct AllowListReply {
     pub error: Option<String>,
 }
 
+/// The answer to a snapshot request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotReply {
+    /// The snapshot, once saved.
+    pub snapshot: Option<crate::snapshot::SnapshotMeta>,
+    /// Why it was not.
+    pub error: Option<String>,
+}
+
+/// Takes snapshots of the relay's sandbox.
+#[derive(Clone)]
+pub struct Snapshots {
+    machine: matchlock_vm::Snapshotter,
+    template: crate::snapshot::SnapshotMeta,
+}
+
+impl std::fmt::Debug for Snapshots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshots").field("source", &self.template.source).finish_non_exhaustive()
+    }
+}
+
+impl Snapshots {
+    /// Snapshots through `machine`, described by `template` but for the name.
+    pub(crate) fn new(machine: matchlock_vm::Snapshotter, template: crate::snapshot::SnapshotMeta) -> Self {
+        Self { machine, template }
+    }
+
+    async fn take(&self, name: &str) -> SnapshotReply {
+        match crate::snapshot::take(&self.machine, self.template.clone(), name).await {
+            Ok(meta) => SnapshotReply { snapshot: Some(meta), error: None },
+            Err(e) => {
+                let mut chain = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    chain.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                SnapshotReply { snapshot: None, error: Some(chain) }
+            }
+        }
+    }
+}
+
+/// Saves the sandbox in `vm_dir` as snapshot `name`, through its relay.
+pub async fn snapshot(vm_dir: &VmDir, name: &str) -> Result<crate::snapshot::SnapshotMeta, SandboxError> {
+    let path = vm_dir.exec_socket();
+    let relay_err = |e: std::io::Error| {
+        SandboxError::Relay(format!("cannot reach the sandbox's exec relay {}: {e}", path.display()))
+    };
+    let mut stream = UnixStream::connect(&path).await.map_err(relay_err)?;
+    stream.write_all(format!("SNAPSHOT {name}\n").as_bytes()).await.map_err(relay_err)?;
+    let mut line = String::new();
+    BufReader::new(stream).take(1024 * 1024).read_line(&mut line).await.map_err(relay_err)?;
+    let reply: SnapshotReply = serde_json::from_str(&line)
+        .map_err(|e| SandboxError::Relay(format!("bad snapshot reply from the sandbox: {e}")))?;
+    match (reply.snapshot, reply.error) {
+        (Some(meta), None) => Ok(meta),
+        (_, error) => Err(SandboxError::Relay(error.unwrap_or_else(|| "the snapshot failed".into()))),
+    }
+}
+
 /// Ports a relay client may reach.
 const RELAYED_PORTS: [u32; 3] = [EXEC_PORT, ECHO_PORT, FORWARD_PORT];
 
@@ -45,6 +108,7 @@ pub fn serve(
     vm_dir: &VmDir,
     guest: Connector,
     network: Option<Arc<Network>>,
+    snapshots: Snapshots,
 ) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
     let path = vm_dir.exec_socket();
     let _ = std::fs::remove_file(&path);
@@ -57,8 +121,9 @@ pub fn serve(
             let (client, _) = backoff.accept("the exec relay", || listener.accept()).await;
             let guest = guest.clone();
             let network = network.clone();
+            let snapshots = snapshots.clone();
             tokio::spawn(async move {
-                let _ = splice(client, &guest, network.as_deref()).await;
+                let _ = splice(client, &guest, network.as_deref(), &snapshots).await;
             });
         }
     }))
@@ -81,12 +146,23 @@ fn change_allow_list(network: Option<&Network>, request: &str) -> AllowListReply
     reply
 }
 
-async fn splice(client: UnixStream, guest: &Connector, network: Option<&Network>) -> std::io::Result<()> {
+async fn splice(
+    client: UnixStream,
+    guest: &Connector,
+    network: Option<&Network>,
+    snapshots: &Snapshots,
+) -> std::io::Result<()> {
     let mut client = BufReader::new(client);
     let mut line = String::new();
     let read = tokio::time::timeout(Duration::from_secs(5), (&mut client).take(64 * 1024).read_line(&mut line)).await;
     if let Some(request) = line.strip_prefix("ALLOW ") {
         let reply = change_allow_list(network, request.trim_end());
+        let mut json = serde_json::to_vec(&reply).expect("reply serializes");
+        json.push(b'\n');
+        return client.get_mut().write_all(&json).await;
+    }
+    if let Some(name) = line.strip_prefix("SNAPSHOT ") {
+        let reply = snapshots.take(name.trim_end()).await;
         let mut json = serde_json::to_vec(&reply).expect("reply serializes");
         json.push(b'\n');
         return client.get_mut().write_all(&json).await;

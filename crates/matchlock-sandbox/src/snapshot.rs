@@ -111,6 +111,31 @@ pub(crate) fn commit(partial: &Path, mut meta: SnapshotMeta) -> Result<SnapshotM
     Ok(meta)
 }
 
+/// Saves a machine as snapshot `name` ([`crate::Sandbox::snapshot`]); `template` is its
+/// metadata but for the name. A failed snapshot leaves nothing.
+pub(crate) async fn take(
+    machine: &matchlock_vm::Snapshotter,
+    mut template: SnapshotMeta,
+    name: &str,
+) -> Result<SnapshotMeta, SandboxError> {
+    if !name.starts_with(FORK_PREFIX) {
+        check_name(name)?;
+    }
+    if snapshots_dir().join(name).exists() {
+        return Err(SandboxError::Config(format!("snapshot {name} exists (remove it first)")));
+    }
+    let partial = partial_dir(name)?;
+    template.name = name.to_owned();
+    let saved = match machine(partial.clone()).await {
+        Ok(()) => commit(&partial, template),
+        Err(e) => Err(e.into()),
+    };
+    if saved.is_err() {
+        crate::logged(std::fs::remove_dir_all(&partial), "removing a failed snapshot");
+    }
+    saved
+}
+
 /// The snapshot called `name`: its directory and metadata.
 pub fn load(name: &str) -> Result<(PathBuf, SnapshotMeta), SandboxError> {
     let dir = if name.starts_with(FORK_PREFIX) {

@@ -1,6 +1,7 @@
 //! Snapshots on real VMs: a running sandbox saved, the source running on, and two sandboxes
 //! restored from it that keep the saved processes and then diverge.
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -79,8 +80,10 @@ async fn restored_sandboxes_keep_running_processes_and_then_diverge() {
 
     // An old snapshot: the restored clock must be the host's, not the saved one.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let restore =
-        || async { Sandbox::restore("t1", &store, matchlock_sandbox::open_state().unwrap(), Events::default()).await };
+    let restore = || async {
+        Sandbox::restore("t1", &store, matchlock_sandbox::open_state().unwrap(), Events::default(), &HashMap::new())
+            .await
+    };
     let a = restore().await.unwrap();
     let b = restore().await.unwrap();
     for child in [&a, &b] {

@@ -97,6 +97,37 @@ enum Command {
         #[arg(required = true, value_name = "[LOCAL:]REMOTE")]
         ports: Vec<String>,
     },
+    /// Save a running sandbox (memory, devices, disk) as a named snapshot, or manage them.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Snapshot {
+        #[command(subcommand)]
+        action: Option<SnapshotCommand>,
+        /// The running sandbox.
+        #[arg(required = true)]
+        id: Option<String>,
+        /// The snapshot's name (letters, digits, '.', '_', '-').
+        #[arg(required = true)]
+        name: Option<String>,
+    },
+    /// Start a new sandbox from a snapshot, its processes still running; prints its id.
+    Restore {
+        /// Values of the snapshot's secrets (`NAME@hosts` or `NAME=VALUE@hosts`); never saved.
+        #[arg(long = "secret", value_name = "NAME[=VALUE]@HOSTS")]
+        secrets: Vec<String>,
+        /// The snapshot.
+        name: String,
+    },
+    /// Start copies of a running sandbox (copy-on-write memory, own disks); prints their ids.
+    Fork {
+        /// How many.
+        #[arg(short = 'n', long = "count", default_value_t = 1)]
+        count: u32,
+        /// Values of the sandbox's secrets (`NAME@hosts` or `NAME=VALUE@hosts`).
+        #[arg(long = "secret", value_name = "NAME[=VALUE]@HOSTS")]
+        secrets: Vec<String>,
+        /// The running sandbox.
+        id: String,
+    },
     /// Remove stopped sandboxes.
     #[command(alias = "remove")]
     Rm {
@@ -152,6 +183,23 @@ enum Command {
     /// Install and configure what this host needs.
     #[command(subcommand)]
     Setup(SetupCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// List snapshots.
+    #[command(alias = "list")]
+    Ls {
+        /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove snapshots (sandboxes restored from them keep running).
+    Rm {
+        /// The snapshots.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +260,13 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::PortForward { address, id, ports } => crate::vms::port_forward(&id, &ports, &address).await,
         Command::Rm { stopped, id } => crate::vms::rm(id, stopped),
         Command::Prune => crate::vms::prune(),
+        Command::Snapshot { action: Some(SnapshotCommand::Ls { json }), .. } => crate::snapshots::list(json),
+        Command::Snapshot { action: Some(SnapshotCommand::Rm { names }), .. } => crate::snapshots::remove(&names),
+        Command::Snapshot { action: None, id, name } => {
+            crate::snapshots::take(&id.unwrap_or_default(), &name.unwrap_or_default()).await
+        }
+        Command::Restore { secrets, name } => crate::snapshots::restore(&name, &secrets),
+        Command::Fork { count, secrets, id } => crate::snapshots::fork(&id, count, &secrets).await,
         Command::Rpc => crate::rpc::serve().await,
         Command::DetachedOwner => crate::run::detached_owner().await,
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),

@@ -15,6 +15,7 @@ mod images;
 mod rpc;
 mod run;
 mod session;
+mod snapshots;
 mod terminal;
 mod vms;
 mod volumes;

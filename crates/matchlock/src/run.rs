@@ -130,6 +130,9 @@ pub(crate) struct RunArgs {
     #[arg(skip)]
     #[serde(skip)]
     detached_child: bool,
+    /// The snapshot a detached owner resumes instead of booting (`restore`, `fork`).
+    #[arg(skip)]
+    restore: Option<String>,
     /// Command and arguments (default: the image's CMD).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
@@ -269,7 +272,7 @@ async fn run_sandbox(args: RunArgs, handed: &HashMap<String, String>) -> Result<
     let mut signals = StopSignals::new()?;
     let state = matchlock_sandbox::open_state()?;
     let mut sandbox = tokio::select! {
-        created = Sandbox::create(config, &store, state) => created?,
+        created = start_sandbox(args.restore.as_deref(), config, &store, state) => created?,
         () = signals.recv() => bail!("interrupted while booting"),
         () = session::until(deadline) => {
             eprintln!("matchlock: timed out after {} s (while booting)", args.timeout.unwrap_or_default());
@@ -330,6 +333,46 @@ async fn run_sandbox(args: RunArgs, handed: &HashMap<String, String>) -> Result<
         return Ok(124);
     }
     Ok(if remove { u8::try_from(code).unwrap_or(255) } else { 0 })
+}
+
+/// A cold boot of `config`, or the snapshot `restore` resumed with `config`'s secret values.
+async fn start_sandbox(
+    restore: Option<&str>,
+    config: SandboxConfig,
+    store: &matchlock_image::Store,
+    state: matchlock_state::StateDb,
+) -> Result<Sandbox, matchlock_sandbox::SandboxError> {
+    match restore {
+        None => Sandbox::create(config, store, state).await,
+        Some(name) => {
+            let values: HashMap<String, String> = config
+                .network
+                .iter()
+                .flat_map(|n| n.secrets.iter())
+                .map(|s| (s.name.clone(), s.value.clone()))
+                .collect();
+            Sandbox::restore(name, store, state, matchlock_sandbox::Events::default(), &values).await
+        }
+    }
+}
+
+/// `restore NAME` (and each child of `fork`): a detached owner resuming the snapshot `name`
+/// under a new id, printed on stdout. `secrets` are `--secret` specs giving the values of
+/// the secrets the snapshot's sandbox sent.
+pub(crate) fn restore_detached(name: &str, image: &str, secrets: &[String]) -> Result<u8> {
+    use clap::Parser;
+    let mut argv = vec!["run".to_owned(), "-d".into(), "--image".into(), image.to_owned()];
+    for spec in secrets {
+        argv.extend(["--secret".to_owned(), spec.clone()]);
+    }
+    #[derive(clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+    let mut args = Wrapper::try_parse_from(argv)?.run;
+    args.restore = Some(name.to_owned());
+    spawn_detached(&args)
 }
 
 /// `run -d`: starts `matchlock detached-owner` as a session leader that owns the sandbox,

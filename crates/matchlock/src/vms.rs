@@ -47,7 +47,7 @@ fn lookup(state: &StateDb, id: &str) -> Result<Vm> {
 }
 
 /// The VM directory of a running sandbox whose relay is up.
-fn running_vm_dir(id: &str) -> Result<VmDir> {
+pub(crate) fn running_vm_dir(id: &str) -> Result<VmDir> {
     let state = open_state()?;
     let vm = lookup(&state, id)?;
     if vm.status != Status::Running {

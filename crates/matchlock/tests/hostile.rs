@@ -175,7 +175,7 @@ fn helpers_hold_no_secrets() {
     let pids = processes_of(&h);
     let helpers: Vec<&(i32, String)> = pids.iter().filter(|(_, c)| c.contains("qemu-system")).collect();
     assert_eq!(helpers.len(), 1, "QEMU: {pids:?}");
-    assert!(pids.len() >= 3, "the owner too: {pids:?}");
+    assert!(pids.len() >= 2, "the owner too: {pids:?}");
     for (pid, cmdline) in &pids {
         let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).into_owned();
         for secret in [&given, &inherited] {
