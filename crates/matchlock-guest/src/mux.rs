@@ -359,7 +359,7 @@ impl Mux {
 
     /// Starts pumping stream `id` between `ours` and the pipe.
     fn open_stream(self: &Arc<Self>, id: u32, ours: UnixStream) {
-        let (Ok(reader), Ok(writer), Ok(handle)) = (ours.try_clone(), ours.try_clone(), ours.try_clone()) else {
+        let (Ok(reader), Ok(writer)) = (ours.try_clone(), ours.try_clone()) else {
             self.queue(frame(id, Kind::Reset, &[]));
             return;
         };
@@ -368,7 +368,7 @@ impl Mux {
         let alive = Arc::new(AtomicBool::new(true));
         relock(&self.streams).insert(
             id,
-            Stream { inbound: Some(tx), credit: Arc::clone(&credit), alive: Arc::clone(&alive), ours: handle },
+            Stream { inbound: Some(tx), credit: Arc::clone(&credit), alive: Arc::clone(&alive), ours },
         );
         let (mux, out_alive) = (Arc::clone(self), Arc::clone(&alive));
         let spawned = thread::Builder::new().spawn(move || mux.pump_out(id, reader, &credit, &out_alive));

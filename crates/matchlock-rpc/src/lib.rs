@@ -83,6 +83,8 @@ fn params<T: DeserializeOwned + Default>(value: Option<Value>) -> Result<T, RpcE
 enum Method {
     /// Boots the session's sandbox (in the reader loop: requests after it see it).
     Create,
+    /// Resumes a snapshot as the session's sandbox (our extension; like `create`).
+    Restore,
     /// Stops the sandbox and ends the session.
     Close,
     /// Cancels a running request by id.
@@ -111,14 +113,20 @@ enum Call {
     ListFiles,
     Log,
     LogStream,
-    AllowList { add: bool },
+    AllowList {
+        add: bool,
+    },
     PortForward,
+    /// Saves the sandbox as a named snapshot (our extension).
+    Snapshot,
 }
 
 impl Method {
     fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "create" => Self::Create,
+            "restore" => Self::Restore,
+            "snapshot" => Self::Call(Call::Snapshot),
             "close" => Self::Close,
             "cancel" => Self::Cancel,
             "exec_pipe.stdin" | "exec_tty.stdin" => Self::Input(InputKind::Stdin),
@@ -382,6 +390,10 @@ async fn dispatch(server: &Arc<Server>, line: Result<Vec<u8>, ()>) -> bool {
             let reply = create(server, params).await;
             server.respond(id, reply).await;
         }
+        Method::Restore => {
+            let reply = restore(server, params).await;
+            server.respond(id, reply).await;
+        }
         Method::Close => {
             let reply = server.shutdown(false).await.map(|()| json!({}));
             server.respond(id, reply).await;
@@ -467,7 +479,51 @@ async fn handle(server: &Arc<Server>, id: Option<u64>, call: Call, params: Optio
         Call::LogStream => log_stream(server, id).await,
         Call::AllowList { add } => allow_list(server, params, add).await,
         Call::PortForward => port_forward(server, params).await,
+        Call::Snapshot => snapshot(server, params).await,
     }
+}
+
+/// `snapshot` parameters.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotParams {
+    name: String,
+}
+
+async fn snapshot(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
+    let p: SnapshotParams = params(params_value)?;
+    let live = server.live().await?;
+    let meta = live.sandbox.snapshot(&p.name).await.map_err(|e| RpcError::from_error(code::VM_FAILED, &e))?;
+    Ok(serde_json::to_value(meta).expect("metadata serializes"))
+}
+
+/// `restore` parameters: the snapshot, and the values of its secrets by name (never saved).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreParams {
+    name: String,
+    #[serde(default)]
+    secrets: HashMap<String, String>,
+}
+
+async fn restore(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
+    let p: RestoreParams = params(params_value)?;
+    if let Some(live) = server.live.read().await.as_ref() {
+        return Err(RpcError::new(
+            code::VM_FAILED,
+            format!("sandbox {} already exists in this session", live.sandbox.id()),
+        ));
+    }
+    let (_, meta) =
+        matchlock_sandbox::snapshot::load(&p.name).map_err(|e| RpcError::from_error(code::VM_FAILED, &e))?;
+    let store = server.images.store_with(&meta.image).await.map_err(|e| RpcError::from_error(code::VM_FAILED, &*e))?;
+    let state = matchlock_sandbox::open_state().map_err(|e| RpcError::from_error(code::VM_FAILED, &e))?;
+    let sandbox = Sandbox::restore(&p.name, &store, state, event_sinks(&server.out), &p.secrets)
+        .await
+        .map_err(|e| RpcError::from_error(code::VM_FAILED, &e))?;
+    let vm_id = sandbox.id().to_owned();
+    *server.live.write().await = Some(Arc::new(Live { sandbox, inputs: Mutex::new(HashMap::new()) }));
+    Ok(json!({"id": vm_id}))
 }
 
 async fn create(server: &Arc<Server>, params_value: Option<Value>) -> Reply {

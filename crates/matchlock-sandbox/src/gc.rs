@@ -40,6 +40,10 @@ fn release(state: &mut StateDb, id: &str, dir: &VmDir) -> Result<Vec<String>, Sa
         let _ = state.record_cleanup(id, "sockets_remove", error.as_deref());
         removed.push("sockets".to_owned());
     }
+    let ram = matchlock_vm::qemu::ram_file(dir);
+    if std::fs::remove_file(&ram).is_ok() {
+        removed.push("guest RAM".to_owned());
+    }
     // The helpers are gone by now (stopped, or killed by reconcile): so is their record.
     let _ = std::fs::remove_file(dir.helpers());
     match first_error {

@@ -164,6 +164,24 @@ pub fn list() -> Vec<SnapshotMeta> {
     all
 }
 
+/// Removes what a crashed snapshot or fork left (`.partial-*` and `.fork-*` directories
+/// whose process is gone); returns their names.
+pub fn remove_leftovers() -> Vec<String> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(snapshots_dir()).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with(PARTIAL_PREFIX) || name.starts_with(FORK_PREFIX)) {
+            continue;
+        }
+        let pid = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive && std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
+}
+
 /// Deletes the snapshot `name`. Sandboxes restored from it keep running: their memory is
 /// mapped, their disks are copies.
 pub fn remove(name: &str) -> Result<(), SandboxError> {

@@ -347,6 +347,27 @@ impl Client {
         Ok(id)
     }
 
+    /// Resumes the snapshot `name` as this client's sandbox (a matchlock extension), with
+    /// the values of the snapshot's secrets by name (values are never saved).
+    pub async fn restore(&self, name: &str, secrets: &[(&str, &str)]) -> Result<String, Error> {
+        let secrets: serde_json::Map<String, Value> =
+            secrets.iter().map(|(k, v)| ((*k).to_owned(), Value::String((*v).to_owned()))).collect();
+        let result = self.call("restore", json!({"name": name, "secrets": secrets})).await?;
+        let id = result
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::InvalidResponse(format!("restore returned {result}")))?
+            .to_owned();
+        *lock(&self.vm_id) = Some(id.clone());
+        Ok(id)
+    }
+
+    /// Saves the running sandbox as snapshot `name` (a matchlock extension): memory,
+    /// devices and disk; the sandbox runs on. Returns the snapshot's metadata.
+    pub async fn snapshot(&self, name: &str) -> Result<Value, Error> {
+        self.call("snapshot", json!({"name": name})).await
+    }
+
     /// Creates the sandbox and starts the image's ENTRYPOINT + CMD in it.
     pub async fn launch(&self, options: CreateOptions) -> Result<String, Error> {
         self.create(options.launch_entrypoint(true)).await

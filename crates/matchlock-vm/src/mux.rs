@@ -125,6 +125,11 @@ impl Mux {
         }
     }
 
+    /// Resolves once the pipe is gone and every stream with it.
+    pub async fn closed(&self) {
+        let _ = self.inner.closed.subscribe().wait_for(|c| *c).await;
+    }
+
     /// Opens a stream to guest `port`.
     pub async fn connect(&self, port: u32) -> io::Result<UnixStream> {
         let id = self.inner.next_id.fetch_add(2, Ordering::Relaxed);

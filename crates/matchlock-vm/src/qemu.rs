@@ -222,8 +222,7 @@ impl Backend for QemuBackend {
 /// once QEMU has mapped it (the owner keeps a descriptor for snapshots).
 fn fresh_ram(dir: &VmDir, memory_mb: u64) -> Result<(PathBuf, std::fs::File), VmError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let name = dir.path().file_name().map_or_else(|| "vm".into(), |n| n.to_string_lossy().into_owned());
-    let path = PathBuf::from(format!("{RAM_DIR}/matchlock-{}-{name}.ram", nix::unistd::getuid()));
+    let path = ram_file(dir);
     let _ = std::fs::remove_file(&path);
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -237,7 +236,13 @@ fn fresh_ram(dir: &VmDir, memory_mb: u64) -> Result<(PathBuf, std::fs::File), Vm
 }
 
 /// Where fresh guest RAM lives (tmpfs).
-pub const RAM_DIR: &str = "/dev/shm";
+const RAM_DIR: &str = "/dev/shm";
+
+/// The name of a cold-booted VM's RAM file while QEMU starts (`gc` removes it after a crash).
+pub fn ram_file(dir: &VmDir) -> PathBuf {
+    let name = dir.path().file_name().map_or_else(|| "vm".into(), |n| n.to_string_lossy().into_owned());
+    PathBuf::from(format!("{RAM_DIR}/matchlock-{}-{name}.ram", nix::unistd::getuid()))
+}
 
 /// Files of a snapshot directory.
 const SNAPSHOT_RAM: &str = "ram";
@@ -677,6 +682,9 @@ impl Drop for QemuMachine {
         if let Some(qemu) = self.qemu.as_mut() {
             kill_and_reap(qemu);
         }
+        if let Some(path) = self.ram_path.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -736,7 +744,10 @@ impl Machine for QemuMachine {
             if let Some(console) = self.console.take() {
                 let _ = console.await;
             }
-            self.mux = None;
+            if let Some(mux) = self.mux.take() {
+                // QEMU is gone: its pipe ends, and every stream is reset before we return.
+                let _ = tokio::time::timeout(Duration::from_secs(1), mux.closed()).await;
+            }
             for socket in ["mux", "qmp"] {
                 let _ = std::fs::remove_file(self.dir.backend_socket(socket));
             }

@@ -143,3 +143,23 @@ async fn a_dropped_client_leaves_nothing_behind() {
     }
     h.assert_no_leftovers();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_and_restore_through_the_sdk() {
+    let h = home();
+    let source = client(&h).await;
+    source.create(CreateOptions::new("busybox")).await.unwrap();
+    assert_eq!(source.exec("echo kept > /root/f").await.unwrap().exit_code, 0);
+    let meta = source.snapshot("sdk-snap").await.unwrap();
+    assert_eq!(meta["name"], "sdk-snap");
+    let restored = client(&h).await;
+    let id = restored.restore("sdk-snap", &[]).await.unwrap();
+    assert_ne!(Some(id.clone()), source.vm_id());
+    assert_eq!(restored.exec("cat /root/f; hostname").await.unwrap().stdout, format!("kept\n{id}\n").into_bytes());
+    let missing = client(&h).await;
+    let err = missing.restore("no-such", &[]).await.unwrap_err();
+    assert!(err.to_string().contains("snapshot not found"), "{err}");
+    for c in [source, restored, missing] {
+        let _ = c.close().await;
+    }
+}

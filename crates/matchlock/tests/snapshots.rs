@@ -1,0 +1,88 @@
+//! `snapshot`, `restore`, `fork` and `snapshot ls|rm` from the CLI on real VMs, with a secret:
+//! what the snapshot files really hold, and what restoring asks for.
+
+mod common;
+
+use common::{home, ok, stderr, stdout, Home};
+
+/// Every file of snapshot `name`, read whole.
+fn snapshot_files(h: &Home, name: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = h.vms_dir().parent().unwrap().join("snapshots").join(name);
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .collect()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn snapshot_restore_and_fork_from_the_cli() {
+    let h = home();
+    let value = format!("sk-live-{}", std::process::id());
+    let secret = format!("KEY={value}@api.test");
+    let id =
+        h.detach(&["--image", "busybox", "--secret", &secret, "--", "sh", "-c", "echo $KEY > /root/key; sleep 600"]);
+    let placeholder = loop {
+        let out = h.ml(&["exec", &id, "--", "cat", "/root/key"]);
+        if out.status.success() {
+            break stdout(&out).trim().to_owned();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(placeholder.starts_with("SANDBOX_SECRET_"), "the guest sees a placeholder: {placeholder}");
+    ok(&h.ml(&["exec", &id, "--", "sync"]));
+
+    assert_eq!(ok(&h.ml(&["snapshot", &id, "warm"])).trim(), "warm");
+    let bad = h.ml(&["snapshot", &id, "../x"]);
+    assert!(!bad.status.success() && stderr(&bad).contains("invalid snapshot name"), "{}", stderr(&bad));
+    let dup = h.ml(&["snapshot", &id, "warm"]);
+    assert!(stderr(&dup).contains("snapshot warm exists"), "{}", stderr(&dup));
+    let listed = ok(&h.ml(&["snapshot", "ls", "--json"]));
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed[0]["name"], "warm");
+    assert_eq!(listed[0]["source"], id.as_str());
+
+    // What the files really hold: the placeholder (the guest's disk and memory have it: the
+    // positive control that the search works), never the value.
+    let files = snapshot_files(&h, "warm");
+    assert!(files.iter().any(|(_, bytes)| contains(bytes, placeholder.as_bytes())), "the placeholder is saved");
+    for (name, bytes) in &files {
+        assert!(!contains(bytes, value.as_bytes()), "the secret's value is in the snapshot's {name}");
+    }
+
+    // Restoring asks for the value again; with it, the child runs with the saved state.
+    let refused = h.ml(&["restore", "warm"]);
+    assert!(!refused.status.success(), "a restore without the secret's value");
+    assert!(stderr(&refused).contains("--secret KEY@api.test"), "{}", stderr(&refused));
+    let child = ok(&h.ml(&["restore", "warm", "--secret", &secret])).trim().to_owned();
+    assert!(child.starts_with("vm-") && child != id, "{child}");
+    assert_eq!(ok(&h.ml(&["exec", &child, "--", "cat", "/root/key"])).trim(), placeholder);
+    assert_eq!(ok(&h.ml(&["exec", &child, "--", "hostname"])).trim(), child);
+
+    // fork: N children, each its own, the hidden snapshot gone afterwards.
+    let kids = ok(&h.ml(&["fork", &id, "-n", "2", "--secret", &secret]));
+    let kids: Vec<&str> = kids.lines().collect();
+    assert_eq!(kids.len(), 2, "{kids:?}");
+    ok(&h.ml(&["exec", kids[0], "--", "sh", "-c", "echo mine > /root/own"]));
+    assert!(!h.ml(&["exec", kids[1], "--", "test", "-e", "/root/own"]).status.success());
+    let names: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&ok(&h.ml(&["snapshot", "ls", "--json"])))
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["warm"], "fork's own snapshot is removed");
+    let list = ok(&h.ml(&["list", "--running"]));
+    for vm in [&id, &child, &kids[0].to_owned(), &kids[1].to_owned()] {
+        assert!(list.contains(vm.as_str()), "{vm} is listed running: {list}");
+    }
+
+    ok(&h.ml(&["kill", "--all"]));
+    ok(&h.ml(&["prune"]));
+    ok(&h.ml(&["snapshot", "rm", "warm"]));
+    assert_eq!(ok(&h.ml(&["snapshot", "ls", "--json"])).trim(), "[]");
+    h.assert_no_leftovers();
+}
