@@ -23,9 +23,8 @@ use matchlock_protocol::{
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::os::unix::net::UnixStream;
 
-use crate::mux::{self, Listener};
+use crate::mux::{self, Listener, Stream};
 use crate::{sys, LAUNCHER_ARGV0};
 
 /// Grace period between SIGTERM and SIGKILL when a command is cancelled.
@@ -111,7 +110,7 @@ fn serve_forwards(listener: &Listener) {
 
 /// Relays a forward: host chunks to the guest socket (an empty chunk is the host's
 /// half-close), guest bytes to host chunks (its EOF becomes an empty chunk).
-fn relay_both_ways(host: UnixStream, guest: std::net::TcpStream) {
+fn relay_both_ways(host: Stream, guest: std::net::TcpStream) {
     let (Ok(mut host_reader), Ok(mut guest_writer)) = (host.try_clone(), guest.try_clone()) else { return };
     let upstream = thread::spawn(move || {
         let mut len = [0u8; 4];
@@ -161,7 +160,7 @@ enum ConnError {
 
 /// Serialises frames from several pump threads onto the connection.
 #[derive(Clone)]
-struct Sender(Arc<Mutex<UnixStream>>);
+struct Sender(Arc<Mutex<Stream>>);
 
 impl Sender {
     fn send(&self, msg: &GuestMessage) -> Result<(), ConnError> {
@@ -172,7 +171,7 @@ impl Sender {
     }
 }
 
-fn handle(mut stream: UnixStream, disks: &[String]) -> Result<(), ConnError> {
+fn handle(mut stream: Stream, disks: &[String]) -> Result<(), ConnError> {
     let Some(frame) = read_frame(&mut stream)? else { return Ok(()) };
     let sender = Sender(Arc::new(Mutex::new(stream.try_clone()?)));
     match frame.kind {
@@ -313,7 +312,7 @@ fn pump(mut from: File, to: Sender, wrap: fn(Vec<u8>) -> GuestMessage) -> thread
     })
 }
 
-fn run(mut stream: UnixStream, sender: &Sender, running: Running) -> Result<(), ConnError> {
+fn run(mut stream: Stream, sender: &Sender, running: Running) -> Result<(), ConnError> {
     let Running { mut child, stdin, stdout, stderr, pty } = running;
     let pid = Pid::from_raw(child.id() as i32);
     let finished = Arc::new(AtomicBool::new(false));

@@ -2,6 +2,7 @@
 //! (the JSON-RPC `write_file`, `read_file` and `list_files`). See
 //! [`matchlock_protocol::files`] for the exchange.
 
+use crate::mux::Stream;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -11,13 +12,12 @@ use matchlock_protocol::files::{
     go_file_mode, FileEntry, FileRequest, FileResult, MAX_ENTRIES, MAX_READ_FILE, MAX_WRITE_FILE,
 };
 use matchlock_protocol::frame::{read_frame, write_frame, Frame, FrameError, FrameType};
-use std::os::unix::net::UnixStream;
 
 /// Size of the content chunks sent to the host.
 const CHUNK: usize = 256 * 1024;
 
 /// Serves one file request whose first frame is `frame`.
-pub(crate) fn serve(stream: &mut UnixStream, frame: &Frame) -> Result<(), FrameError> {
+pub(crate) fn serve(stream: &mut Stream, frame: &Frame) -> Result<(), FrameError> {
     let request: FileRequest = match serde_json::from_slice(&frame.payload) {
         Ok(r) => r,
         Err(e) => return reply(stream, Err(format!("invalid file request: {e}"))),
@@ -32,7 +32,7 @@ pub(crate) fn serve(stream: &mut UnixStream, frame: &Frame) -> Result<(), FrameE
 }
 
 /// Ends a request: the entries of a listing, or why it failed.
-fn reply(stream: &mut UnixStream, outcome: Result<Option<Vec<FileEntry>>, String>) -> Result<(), FrameError> {
+fn reply(stream: &mut Stream, outcome: Result<Option<Vec<FileEntry>>, String>) -> Result<(), FrameError> {
     let result = match outcome {
         Ok(files) => FileResult { files, error: None },
         Err(e) => FileResult { files: None, error: Some(e) },
@@ -46,7 +46,7 @@ fn describe(path: &str, what: &str, e: &io::Error) -> String {
 
 /// Receives the content and writes it: parents created, truncated, mode applied.
 /// The content is always drained, so the connection stays in step on errors.
-fn write(stream: &mut UnixStream, request: &FileRequest) -> Result<Result<(), String>, FrameError> {
+fn write(stream: &mut Stream, request: &FileRequest) -> Result<Result<(), String>, FrameError> {
     let path = request.path.as_str();
     let mode = if request.mode == 0 { 0o644 } else { request.mode & 0o7777 };
     let mut file: Result<File, String> = (|| {
@@ -89,7 +89,7 @@ fn write(stream: &mut UnixStream, request: &FileRequest) -> Result<Result<(), St
 }
 
 /// Sends a regular file's content as `Stdout` chunks.
-fn read(stream: &mut UnixStream, request: &FileRequest) -> Result<Result<(), String>, FrameError> {
+fn read(stream: &mut Stream, request: &FileRequest) -> Result<Result<(), String>, FrameError> {
     let path = request.path.as_str();
     let mut file = match File::open(path) {
         Ok(f) => f,

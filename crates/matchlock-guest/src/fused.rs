@@ -4,6 +4,7 @@
 //! in it on rename (open files and working directories keep working: git's `HEAD.lock`
 //! dance, `pwd -P`).
 
+use crate::mux::Stream;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
@@ -16,7 +17,6 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request as FuseRequest, SessionACL, TimeOrNow, WriteFlags,
 };
 use matchlock_protocol::vfs::{read_message, write_message, Op, Request, Response, Stat, MAX_IO};
-use std::os::unix::net::UnixStream;
 
 use matchlock_protocol::VFS_PORT;
 
@@ -69,7 +69,7 @@ impl Inodes {
 
 /// The workspace file system.
 pub(crate) struct Workspace {
-    conn: Mutex<UnixStream>,
+    conn: Mutex<Stream>,
     inodes: Mutex<Inodes>,
 }
 
@@ -153,7 +153,7 @@ impl Workspace {
     /// the new server answers them the same.
     fn call(&self, request: &Request) -> Result<Response, Errno> {
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let exchange = |conn: &mut UnixStream| -> Option<Response> {
+        let exchange = |conn: &mut Stream| -> Option<Response> {
             write_message(&mut *conn, request).ok()?;
             read_message(&mut *conn).ok()?
         };

@@ -1,9 +1,11 @@
 //! Guest end of the stream multiplexer ([`matchlock_protocol::mux`]) on the virtio-serial
 //! port named [`PORT_NAME`].
 //!
-//! The rest of guest-init sees ordinary [`UnixStream`]s: each stream is one end of a socket
-//! pair whose other end two threads pump to and from the pipe. Only PID 1 holds the port
-//! (the kernel lets one process open it), so workloads cannot reach the host's ports.
+//! The rest of guest-init sees each stream as a [`Stream`] (`Read`, `Write`, `try_clone`,
+//! `shutdown`): reads take what the reader thread queued for it, writes queue frames for the
+//! writer thread, so a byte crosses one thread hop each way (under TCG every guest context
+//! switch costs). Only PID 1 holds the port (the kernel lets one process open it), so
+//! workloads cannot reach the host's ports.
 //!
 //! One reader thread parses the pipe and never blocks on anything but the pipe; one writer
 //! thread drains a queue to it. Until the host's `Hello` the writer holds everything; on a
@@ -13,7 +15,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
@@ -72,13 +73,93 @@ impl Credit {
 }
 
 /// One stream, as the reader thread sees it.
-struct Stream {
+struct Entry {
+    /// Bytes from the host; `None` once the host closed its side (the reader sees EOF).
     inbound: Option<mpsc::Sender<Vec<u8>>>,
     credit: Arc<Credit>,
-    /// False once reset: its threads may queue nothing more.
+    /// False once reset: nothing more of it may be queued.
     alive: Arc<AtomicBool>,
-    /// Our end of the socket pair, to unblock its threads on a reset.
-    ours: UnixStream,
+}
+
+/// One stream as guest-init uses it. Clones share it; the last one gone resets it.
+pub(crate) struct Stream(Arc<StreamInner>);
+
+struct StreamInner {
+    id: u32,
+    mux: Arc<Mux>,
+    /// Chunks from the host and the rest of the one being read.
+    inbound: Mutex<(mpsc::Receiver<Vec<u8>>, Vec<u8>, usize)>,
+    credit: Arc<Credit>,
+    alive: Arc<AtomicBool>,
+    write_closed: AtomicBool,
+}
+
+impl Stream {
+    /// Another handle on the same stream (a reader and a writer on two threads).
+    pub(crate) fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self(Arc::clone(&self.0)))
+    }
+
+    /// Ends the writing direction (the host reads EOF); reading ends with the host's side.
+    pub(crate) fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        if how != std::net::Shutdown::Read && !self.0.write_closed.swap(true, Ordering::AcqRel) {
+            self.0.mux.queue_for(&self.0.alive, frame(self.0.id, Kind::Close, &[]));
+        }
+        Ok(())
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let inner = &*self.0;
+        let mut inbound = relock(&inner.inbound);
+        let (rx, chunk, at) = &mut *inbound;
+        if *at == chunk.len() {
+            match rx.recv() {
+                Ok(next) => {
+                    // Consumed from the host's window: it may send as much again.
+                    inner.mux.queue_for(&inner.alive, frame_u32(inner.id, Kind::Credit, next.len() as u32));
+                    *chunk = next;
+                    *at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(chunk.len() - *at);
+        buf[..n].copy_from_slice(&chunk[*at..*at + n]);
+        *at += n;
+        Ok(n)
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let inner = &*self.0;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if inner.write_closed.load(Ordering::Acquire) {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let reset = || io::Error::new(io::ErrorKind::ConnectionReset, "the host closed the stream");
+        let take = inner.credit.take(buf.len().min(MAX_DATA)).ok_or_else(reset)?;
+        if inner.mux.queue_for(&inner.alive, frame(inner.id, Kind::Data, &buf[..take])) {
+            Ok(take)
+        } else {
+            Err(reset())
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for StreamInner {
+    /// Nobody uses the stream any more: the host is told it is gone both ways.
+    fn drop(&mut self) {
+        self.mux.reset(self.id, true);
+    }
 }
 
 struct Outbox {
@@ -91,9 +172,9 @@ struct Mux {
     port: File,
     outbox: Mutex<Outbox>,
     ready: Condvar,
-    streams: Mutex<HashMap<u32, Stream>>,
-    pending: Mutex<HashMap<u32, mpsc::Sender<Option<UnixStream>>>>,
-    listeners: Mutex<HashMap<u32, mpsc::Sender<UnixStream>>>,
+    streams: Mutex<HashMap<u32, Entry>>,
+    pending: Mutex<HashMap<u32, mpsc::Sender<Option<Stream>>>>,
+    listeners: Mutex<HashMap<u32, mpsc::Sender<Stream>>>,
     next_id: Mutex<u32>,
     /// The current session's id: a `Hello` with another means a new host.
     session: Mutex<Option<Vec<u8>>>,
@@ -145,11 +226,11 @@ fn mux() -> io::Result<&'static Arc<Mux>> {
 }
 
 /// Streams the host opens to one guest port.
-pub(crate) struct Listener(mpsc::Receiver<UnixStream>);
+pub(crate) struct Listener(mpsc::Receiver<Stream>);
 
 impl Listener {
     /// The next stream; `None` if the mux is gone.
-    pub(crate) fn accept(&self) -> Option<UnixStream> {
+    pub(crate) fn accept(&self) -> Option<Stream> {
         self.0.recv().ok()
     }
 }
@@ -172,7 +253,7 @@ pub(crate) fn listen(port: u32) -> io::Result<Listener> {
 }
 
 /// Opens a stream to host `port`.
-pub(crate) fn connect(port: u32) -> io::Result<UnixStream> {
+pub(crate) fn connect(port: u32) -> io::Result<Stream> {
     let mux = mux()?;
     let id = {
         let mut next = relock(&mux.next_id);
@@ -272,28 +353,22 @@ impl Mux {
             Kind::Paused => {}
             Kind::Open if opened_by_host(id) => {
                 let listener = relock(&self.listeners).get(&payload_u32(body)).cloned();
-                let accepted = listener.and_then(|l| {
-                    let (ours, theirs) = UnixStream::pair().ok()?;
-                    // Accept goes out before the stream's first byte can.
-                    self.queue(frame(id, Kind::Accept, &[]));
-                    self.open_stream(id, ours);
-                    l.send(theirs).ok()
-                });
-                if accepted.is_none() {
-                    self.queue(frame(id, Kind::Refuse, &[]));
+                match listener {
+                    Some(l) => {
+                        // Accept goes out before the stream's first byte can.
+                        self.queue(frame(id, Kind::Accept, &[]));
+                        // A listener that is gone drops the stream, which resets it.
+                        let _ = l.send(self.open_stream(id));
+                    }
+                    None => self.queue(frame(id, Kind::Refuse, &[])),
                 }
             }
             Kind::Open => {}
             Kind::Accept | Kind::Refuse => {
                 let Some(waiting) = relock(&self.pending).remove(&id) else { return };
-                let stream =
-                    (h.kind == Kind::Accept).then(UnixStream::pair).and_then(Result::ok).map(|(ours, theirs)| {
-                        self.open_stream(id, ours);
-                        theirs
-                    });
-                if waiting.send(stream).is_err() && h.kind == Kind::Accept {
-                    self.reset(id, true);
-                }
+                let stream = (h.kind == Kind::Accept).then(|| self.open_stream(id));
+                // A connect that gave up drops the stream, which resets it.
+                let _ = waiting.send(stream);
             }
             Kind::Data => {
                 let streams = relock(&self.streams);
@@ -351,76 +426,25 @@ impl Mux {
             stream.alive.store(false, Ordering::Release);
         }
         stream.credit.close();
-        let _ = stream.ours.shutdown(std::net::Shutdown::Both);
         if tell_host {
             self.queue(frame(id, Kind::Reset, &[]));
         }
     }
 
-    /// Starts pumping stream `id` between `ours` and the pipe.
-    fn open_stream(self: &Arc<Self>, id: u32, ours: UnixStream) {
-        let (Ok(reader), Ok(writer)) = (ours.try_clone(), ours.try_clone()) else {
-            self.queue(frame(id, Kind::Reset, &[]));
-            return;
-        };
+    /// Registers stream `id` and hands out its [`Stream`].
+    fn open_stream(self: &Arc<Self>, id: u32) -> Stream {
         let (tx, rx) = mpsc::channel();
         let credit = Arc::new(Credit::new());
         let alive = Arc::new(AtomicBool::new(true));
-        relock(&self.streams).insert(
+        relock(&self.streams)
+            .insert(id, Entry { inbound: Some(tx), credit: Arc::clone(&credit), alive: Arc::clone(&alive) });
+        Stream(Arc::new(StreamInner {
             id,
-            Stream { inbound: Some(tx), credit: Arc::clone(&credit), alive: Arc::clone(&alive), ours },
-        );
-        let (mux, out_alive) = (Arc::clone(self), Arc::clone(&alive));
-        let spawned = thread::Builder::new().spawn(move || mux.pump_out(id, reader, &credit, &out_alive));
-        let mux = Arc::clone(self);
-        let spawned_in = thread::Builder::new().spawn(move || mux.pump_in(id, writer, &rx, &alive));
-        if spawned.is_err() || spawned_in.is_err() {
-            self.reset(id, true);
-        }
-    }
-
-    /// Local bytes to the host, within the host's grants; local EOF becomes `Close`.
-    fn pump_out(&self, id: u32, mut local: UnixStream, credit: &Credit, alive: &AtomicBool) {
-        let mut buf = vec![0u8; MAX_DATA];
-        while let Some(take) = credit.take(MAX_DATA) {
-            match local.read(&mut buf[..take]) {
-                Ok(n) if n > 0 => {
-                    credit.give(take - n);
-                    if !self.queue_for(alive, frame(id, Kind::Data, &buf[..n])) {
-                        return;
-                    }
-                }
-                _ => {
-                    self.queue_for(alive, frame(id, Kind::Close, &[]));
-                    break;
-                }
-            }
-        }
-        credit.close();
-        self.forget_if_done(id);
-    }
-
-    /// Host bytes to the local socket, granting credit as they are written.
-    fn pump_in(&self, id: u32, mut local: UnixStream, inbound: &mpsc::Receiver<Vec<u8>>, alive: &AtomicBool) {
-        while let Ok(chunk) = inbound.recv() {
-            if local.write_all(&chunk).is_err() {
-                self.reset(id, true);
-                return;
-            }
-            if !self.queue_for(alive, frame_u32(id, Kind::Credit, chunk.len() as u32)) {
-                return;
-            }
-        }
-        let _ = local.shutdown(std::net::Shutdown::Write);
-        self.forget_if_done(id);
-    }
-
-    /// Drops a stream both of whose directions are closed.
-    fn forget_if_done(&self, id: u32) {
-        let mut streams = relock(&self.streams);
-        let done = streams.get(&id).is_some_and(|s| s.inbound.is_none() && relock(&s.credit.avail).is_none());
-        if done {
-            streams.remove(&id);
-        }
+            mux: Arc::clone(self),
+            inbound: Mutex::new((rx, Vec::new(), 0)),
+            credit,
+            alive,
+            write_closed: AtomicBool::new(false),
+        }))
     }
 }

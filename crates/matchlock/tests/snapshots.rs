@@ -9,7 +9,8 @@ use common::{home, ok, stderr, stdout, Home};
 /// hundreds of MB large RAM file).
 fn files_containing(h: &Home, name: &str, needle: &str) -> Vec<String> {
     let dir = h.vms_dir().parent().unwrap().join("snapshots").join(name);
-    let out = std::process::Command::new("grep").args(["-F", "-a", "-l", "-r", "--", needle]).arg(&dir).output().unwrap();
+    let out =
+        std::process::Command::new("grep").args(["-F", "-a", "-l", "-r", "--", needle]).arg(&dir).output().unwrap();
     assert!(out.status.code().is_some_and(|c| c <= 1), "grep failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().map(|l| l.rsplit('/').next().unwrap_or(l).to_owned()).collect()
 }
