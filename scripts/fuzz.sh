@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (libFuzzer through cargo-fuzz) of the parsers that read guest or
-# client bytes: host<->guest frames and messages, the real VFS server over a real directory,
+# client bytes: host<->guest frames and messages, the host end of the host<->guest pipe, the
+# real VFS server over a real directory,
 # the guest DNS path, JSON-RPC create parameters (fuzz/fuzz_targets/). Runs on the stable
 # toolchain: RUSTC_BOOTSTRAP=1 lets cargo-fuzz's unstable flags through (nightly cannot be
 # downloaded here); without a sanitizer (its runtimes need nightly's build of them), so a
@@ -15,7 +16,7 @@ CARGO_FUZZ_VERSION=0.13.2
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(frames vfs_requests dns_queries rpc_create stack_frames http_requests scrub_stream image_archives)
+[ ${#targets[@]} -gt 0 ] || targets=(frames mux_pipe vfs_requests dns_queries rpc_create stack_frames http_requests scrub_stream image_archives)
 if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
   echo "==> installing cargo-fuzz $CARGO_FUZZ_VERSION (one time)" >&2
   cargo install --quiet --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
