@@ -353,20 +353,33 @@ async fn tell_restored(machine: &dyn Machine, hostname: String, ca_pem: Option<S
     let epoch_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let message = matchlock_protocol::boot::Restored { hostname, epoch_ms, entropy, ca_pem };
     let payload = serde_json::to_vec(&message).expect("the message serializes");
-    let mut conn = machine.connect(EXEC_PORT).await?;
-    write_frame(&mut conn, FrameType::Restored, &payload).await?;
+    let conn = machine.connect(EXEC_PORT).await?;
+    agent_control(conn, FrameType::Restored, &payload)
+        .await?
+        .map_err(|errors| SandboxError::VmStopped(format!("the restored guest refused its new identity: {errors}")))
+}
+
+/// Sends one control request (`Quiesce`, `Restored`) to the agent on `conn`: `Ok(Ok)` when
+/// it answers `Exit(0)`, else the first few KiB of what it said went wrong.
+async fn agent_control(
+    mut conn: tokio::net::UnixStream,
+    kind: FrameType,
+    payload: &[u8],
+) -> Result<Result<(), String>, SandboxError> {
+    write_frame(&mut conn, kind, payload).await?;
     let mut errors = String::new();
     while let Some(frame) = read_frame(&mut conn).await? {
         match GuestMessage::from_frame(frame)? {
-            GuestMessage::Exit(0) => return Ok(()),
+            GuestMessage::Exit(0) => return Ok(Ok(())),
             GuestMessage::Exit(_) => break,
+            // The guest's words for the failure: the first few KiB are enough.
             GuestMessage::Stderr(e) if errors.len() < MAX_QUIESCE_ERROR => {
-                errors.push_str(&String::from_utf8_lossy(&e))
+                errors.push_str(&String::from_utf8_lossy(&e[..e.len().min(MAX_QUIESCE_ERROR - errors.len())]));
             }
-            _ => {}
+            GuestMessage::Stderr(_) | GuestMessage::Stdout(_) => {}
         }
     }
-    Err(SandboxError::VmStopped(format!("the restored guest refused its new identity: {}", errors.trim())))
+    Ok(Err(errors.trim().to_owned()))
 }
 
 /// A snapshot resumes only on the machine it was saved from: same backend, and the image,
@@ -580,22 +593,10 @@ impl Sandbox {
     /// are clean on the host (bounded by a few seconds).
     async fn quiesce_guest(&self) -> Result<(), SandboxError> {
         let work = async {
-            let mut conn = self.connect(EXEC_PORT).await?;
-            write_frame(&mut conn, FrameType::Quiesce, &[]).await?;
-            let mut errors = String::new();
-            while let Some(frame) = read_frame(&mut conn).await? {
-                match GuestMessage::from_frame(frame)? {
-                    GuestMessage::Exit(0) => return Ok(()),
-                    GuestMessage::Exit(_) => break,
-                    // The guest's words for the failure: the first few KiB are enough.
-                    GuestMessage::Stderr(e) if errors.len() < MAX_QUIESCE_ERROR => {
-                        errors.push_str(&String::from_utf8_lossy(&e[..e.len().min(MAX_QUIESCE_ERROR - errors.len())]));
-                    }
-                    GuestMessage::Stderr(_) => {}
-                    GuestMessage::Stdout(_) => {}
-                }
-            }
-            Err(SandboxError::VmStopped(format!("quiescing the guest failed: {}", errors.trim())))
+            let conn = self.connect(EXEC_PORT).await?;
+            agent_control(conn, FrameType::Quiesce, &[])
+                .await?
+                .map_err(|errors| SandboxError::VmStopped(format!("quiescing the guest failed: {errors}")))
         };
         tokio::time::timeout(Duration::from_secs(10), work)
             .await
