@@ -17,13 +17,9 @@ pub mod frame;
 pub mod mux;
 pub mod vfs;
 
-/// The vsock context id of the host.
-pub const HOST_CID: u32 = 2;
-/// The vsock context id every guest gets.
-pub const GUEST_CID: u32 = 3;
-/// Guest port of the exec service (host-initiated connections).
+/// Guest port of the exec service (host-opened streams).
 pub const EXEC_PORT: u32 = 5000;
-/// Host port of the VFS server (guest-initiated connections).
+/// Host port of the VFS server (guest-opened streams).
 pub const VFS_PORT: u32 = 5001;
 /// Host port the guest agent connects to once it serves [`EXEC_PORT`].
 pub const READY_PORT: u32 = 5002;
@@ -33,8 +29,8 @@ pub const ECHO_PORT: u32 = 5003;
 /// port, the guest answers one byte ([`FORWARD_OK`] or [`FORWARD_REFUSED`]) and then relays
 /// to and from `127.0.0.1:<port>` in the guest. After the handshake each direction carries
 /// chunks: a 4-byte big-endian length (at most [`FORWARD_MAX_CHUNK`]) and the bytes; an empty
-/// chunk ends that direction (a TCP half-close), so no socket-level half-close is needed on
-/// vsock (VMMs treat it as a full close).
+/// chunk ends that direction (a TCP half-close), so no transport-level half-close is needed
+/// (vsock VMMs treat one as a full close).
 pub const FORWARD_PORT: u32 = 5004;
 /// The forward connected.
 pub const FORWARD_OK: u8 = 0;
