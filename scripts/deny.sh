@@ -9,4 +9,7 @@ if ! cargo deny --version 2>/dev/null | grep -q "$CARGO_DENY_VERSION"; then
   echo "==> installing cargo-deny $CARGO_DENY_VERSION (one time)" >&2
   cargo install --quiet --locked cargo-deny --version "$CARGO_DENY_VERSION"
 fi
+# cargo-deny reads the metadata of every target's dependencies (windows-sys and the like
+# too), which a build on Linux never downloads: fetch them once (crates.io; cached after).
+cargo fetch --locked --quiet
 cargo deny --offline --log-level error check licenses bans sources
