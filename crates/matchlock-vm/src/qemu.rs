@@ -452,15 +452,10 @@ fn ignore_shared() -> serde_json::Value {
     serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
 }
 
+/// Connects to QEMU's QMP socket, waiting while QEMU creates it (the file can exist a moment
+/// before QEMU listens on it).
 async fn connect_qmp(path: &Path) -> Result<Qmp, VmError> {
-    let started = Instant::now();
-    while !path.exists() {
-        if started.elapsed() > HELPER_START_TIMEOUT {
-            return Err(VmError::Missing(format!("QEMU did not create {}", path.display())));
-        }
-        sleep(Duration::from_millis(2)).await;
-    }
-    Qmp::connect(path).await
+    Qmp::start(connect_when_listening(path).await?).await
 }
 
 /// Connects to a socket QEMU is about to create.

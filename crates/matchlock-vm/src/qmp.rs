@@ -1,7 +1,6 @@
 //! A minimal QMP client: the handful of commands snapshots need (stop, cont, migrate to and
 //! from a file, their status). One JSON object per line each way; events are skipped.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -28,10 +27,8 @@ fn failed(what: impl Into<String>) -> VmError {
 }
 
 impl Qmp {
-    /// Connects, reads the greeting and leaves capability negotiation.
-    pub(crate) async fn connect(path: &Path) -> Result<Self, VmError> {
-        let stream =
-            UnixStream::connect(path).await.map_err(VmError::io(format!("cannot connect to {}", path.display())))?;
+    /// On a connected QMP socket: reads the greeting and leaves capability negotiation.
+    pub(crate) async fn start(stream: UnixStream) -> Result<Self, VmError> {
         let (rd, writer) = stream.into_split();
         let mut qmp = Self { reader: BufReader::new(rd), writer };
         let greeting = qmp.line().await?;
