@@ -497,6 +497,16 @@ async fn snapshot(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
     Ok(serde_json::to_value(meta).expect("metadata serializes"))
 }
 
+/// One sandbox per session: `create` and `restore` refuse a second.
+async fn no_sandbox_yet(server: &Arc<Server>) -> Result<(), RpcError> {
+    match server.live.read().await.as_ref() {
+        Some(live) => {
+            Err(RpcError::new(code::VM_FAILED, format!("sandbox {} already exists in this session", live.sandbox.id())))
+        }
+        None => Ok(()),
+    }
+}
+
 /// `restore` parameters: the snapshot, and the values of its secrets by name (never saved).
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -508,12 +518,7 @@ struct RestoreParams {
 
 async fn restore(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
     let p: RestoreParams = params(params_value)?;
-    if let Some(live) = server.live.read().await.as_ref() {
-        return Err(RpcError::new(
-            code::VM_FAILED,
-            format!("sandbox {} already exists in this session", live.sandbox.id()),
-        ));
-    }
+    no_sandbox_yet(server).await?;
     let (_, meta) =
         matchlock_sandbox::snapshot::load(&p.name).map_err(|e| RpcError::from_error(code::VM_FAILED, &e))?;
     let store = server.images.store_with(&meta.image).await.map_err(|e| RpcError::from_error(code::VM_FAILED, &*e))?;
@@ -529,12 +534,7 @@ async fn restore(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
 async fn create(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
     let p: CreateParams = params(params_value)?;
     let config = p.to_config().map_err(|e| RpcError::new(code::INVALID_PARAMS, e))?;
-    if let Some(live) = server.live.read().await.as_ref() {
-        return Err(RpcError::new(
-            code::VM_FAILED,
-            format!("sandbox {} already exists in this session", live.sandbox.id()),
-        ));
-    }
+    no_sandbox_yet(server).await?;
     let store =
         server.images.store_with(&config.image).await.map_err(|e| RpcError::from_error(code::VM_FAILED, &*e))?;
     let state = matchlock_sandbox::open_state().map_err(|e| RpcError::from_error(code::VM_FAILED, &e))?;

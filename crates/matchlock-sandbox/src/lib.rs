@@ -113,13 +113,18 @@ fn logged<T, E: std::fmt::Display>(result: Result<T, E>, step: &str) {
 
 /// A new random VM id: `vm-` and 8 hex digits.
 pub fn new_vm_id() -> Result<String, SandboxError> {
-    let mut bytes = [0u8; 4];
+    Ok(format!("vm-{}", hex::encode(random_bytes(4)?)))
+}
+
+/// `n` bytes from the kernel's generator.
+fn random_bytes(n: usize) -> Result<Vec<u8>, SandboxError> {
+    let mut bytes = vec![0u8; n];
     std::io::Read::read_exact(
         &mut std::fs::File::open("/dev/urandom").map_err(io_err("cannot open /dev/urandom"))?,
         &mut bytes,
     )
     .map_err(io_err("cannot read /dev/urandom"))?;
-    Ok(format!("vm-{}", hex::encode(bytes)))
+    Ok(bytes)
 }
 
 /// A running sandbox.
@@ -344,12 +349,7 @@ struct Start<'a> {
 
 /// Gives a restored guest its new identity, clock and entropy before anything else runs.
 async fn tell_restored(machine: &dyn Machine, hostname: String, ca_pem: Option<String>) -> Result<(), SandboxError> {
-    let mut entropy = vec![0u8; matchlock_protocol::boot::RESTORED_ENTROPY];
-    std::io::Read::read_exact(
-        &mut std::fs::File::open("/dev/urandom").map_err(io_err("cannot open /dev/urandom"))?,
-        &mut entropy,
-    )
-    .map_err(io_err("cannot read /dev/urandom"))?;
+    let entropy = random_bytes(matchlock_protocol::boot::RESTORED_ENTROPY)?;
     let epoch_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let message = matchlock_protocol::boot::Restored { hostname, epoch_ms, entropy, ca_pem };
     let payload = serde_json::to_vec(&message).expect("the message serializes");

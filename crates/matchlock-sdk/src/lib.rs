@@ -337,11 +337,16 @@ impl Client {
 
     /// Creates and boots the sandbox; returns its id (`vm-…`).
     pub async fn create(&self, options: CreateOptions) -> Result<String, Error> {
-        let result = self.call("create", options.to_params()).await?;
+        self.start_sandbox("create", options.to_params()).await
+    }
+
+    /// Calls `method` (`create`, `restore`), which starts the session's sandbox; keeps its id.
+    async fn start_sandbox(&self, method: &str, params: Value) -> Result<String, Error> {
+        let result = self.call(method, params).await?;
         let id = result
             .get("id")
             .and_then(Value::as_str)
-            .ok_or_else(|| Error::InvalidResponse(format!("create returned {result}")))?
+            .ok_or_else(|| Error::InvalidResponse(format!("{method} returned {result}")))?
             .to_owned();
         *lock(&self.vm_id) = Some(id.clone());
         Ok(id)
@@ -352,14 +357,7 @@ impl Client {
     pub async fn restore(&self, name: &str, secrets: &[(&str, &str)]) -> Result<String, Error> {
         let secrets: serde_json::Map<String, Value> =
             secrets.iter().map(|(k, v)| ((*k).to_owned(), Value::String((*v).to_owned()))).collect();
-        let result = self.call("restore", json!({"name": name, "secrets": secrets})).await?;
-        let id = result
-            .get("id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::InvalidResponse(format!("restore returned {result}")))?
-            .to_owned();
-        *lock(&self.vm_id) = Some(id.clone());
-        Ok(id)
+        self.start_sandbox("restore", json!({"name": name, "secrets": secrets})).await
     }
 
     /// Saves the running sandbox as snapshot `name` (a matchlock extension): memory,
