@@ -64,6 +64,9 @@ pub struct SandboxConfig {
     /// The network; `None` means no NIC at all (`--no-network`).
     #[serde(default = "default_network")]
     pub network: Option<NetworkConfig>,
+    /// Boot from scratch: neither resume nor save a warm template (`--cold`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
 }
 
 #[allow(clippy::unnecessary_wraps)]
@@ -514,6 +517,7 @@ impl SandboxConfig {
             volumes: Vec::new(),
             vfs_interception: None,
             workspace_quota_mb: None,
+            cold: false,
         }
     }
 }

@@ -428,9 +428,20 @@ impl Filesystem for Workspace {
     }
 }
 
+/// Where the workspace is mounted, once it is (at most once per VM).
+static MOUNTED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Where the workspace is mounted, if it is.
+pub(crate) fn mounted() -> Option<&'static str> {
+    MOUNTED.get().map(String::as_str)
+}
+
 /// Mounts the workspace at `mountpoint` and serves it on a background thread for the life
 /// of the VM.
 pub(crate) fn mount(mountpoint: &str) -> std::io::Result<()> {
+    if let Some(there) = mounted() {
+        return Err(std::io::Error::other(format!("the workspace is already mounted at {there}")));
+    }
     std::fs::create_dir_all(mountpoint)?;
     let fs = Workspace::connect(mountpoint)?;
     let mut config = Config::default();
@@ -439,6 +450,7 @@ pub(crate) fn mount(mountpoint: &str) -> std::io::Result<()> {
     let session = fuser::spawn_mount2(fs, mountpoint, &config)?;
     // The session lives as long as the VM: PID 1 never unmounts it.
     std::mem::forget(session);
+    let _ = MOUNTED.set(mountpoint.to_owned());
     raise_readahead(mountpoint);
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use matchlock_protocol::boot::{is_valid_hostname, BootParams, BootParamsError, Restored, RESTORED_ENTROPY};
+use matchlock_protocol::boot::{BootParams, BootParamsError, Restored, RESTORED_ENTROPY};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::time::{clock_gettime, clock_settime, ClockId};
 
@@ -256,23 +256,30 @@ fn write_identity_files(params: &BootParams) -> Result<(), InitError> {
     write_file("/etc/resolv.conf", &resolv)
 }
 
-/// Takes on a restored sandbox's identity: clock, fresh entropy and a reseeded RNG, then
-/// hostname and /etc files (the boot parameters of the saved VM, under the new name).
+/// Takes on the identity of the sandbox a restored machine (a snapshot or a warm
+/// template) now is: clock, fresh entropy and a reseeded RNG, then hostname, /etc files,
+/// CA and workspace mount.
 pub(crate) fn apply_restored(restored: &Restored) -> Result<(), String> {
+    restored.validate()?;
     let now = nix::sys::time::TimeSpec::from_duration(Duration::from_millis(restored.epoch_ms));
     clock_settime(ClockId::CLOCK_REALTIME, now).map_err(|e| format!("cannot set the clock: {e}"))?;
     reseed(&restored.entropy[..restored.entropy.len().min(RESTORED_ENTROPY)])
         .map_err(|e| format!("cannot reseed the RNG: {e}"))?;
-    if !is_valid_hostname(&restored.hostname) {
-        return Err(format!("invalid hostname {:?}", restored.hostname));
-    }
     let cmdline = fs::read_to_string("/proc/cmdline").map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
     let mut params = BootParams::from_cmdline(&cmdline).map_err(|e| e.to_string())?;
     params.hostname.clone_from(&restored.hostname);
+    params.dns.clone_from(&restored.dns);
+    params.add_hosts.clone_from(&restored.add_hosts);
     write_identity_files(&params).map_err(|e| sys::error_chain(&e))?;
-    match &restored.ca_pem {
-        Some(pem) => install_ca(pem.as_bytes()).map_err(|e| sys::error_chain(&e)),
-        None => Ok(()),
+    if let Some(pem) = &restored.ca_pem {
+        install_ca(pem.as_bytes()).map_err(|e| sys::error_chain(&e))?;
+    }
+    match &restored.workspace {
+        // A saved sandbox's workspace reconnects by itself on its first request.
+        Some(path) if crate::fused::mounted() != Some(path.as_str()) => {
+            crate::fused::mount(path).map_err(|e| format!("cannot mount the workspace {path}: {e}"))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -27,7 +27,8 @@ pub struct BootParams {
     pub workspace: Option<String>,
 }
 
-/// What a VM restored from a snapshot learns about the sandbox it now is.
+/// What a VM resumed from a snapshot or a warm template learns about the sandbox it now
+/// is, before any command runs.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Restored {
     /// The new sandbox's hostname (validated by the guest: [`is_valid_hostname`]).
@@ -37,9 +38,38 @@ pub struct Restored {
     /// Host entropy mixed into the guest's pool before its RNG is reseeded, so that
     /// machines restored from one snapshot draw different numbers.
     pub entropy: Vec<u8>,
-    /// The new sandbox's CA (PEM), when its network intercepts TLS: trusted in addition to
-    /// the saved one.
+    /// The new sandbox's CA (PEM), when its network intercepts TLS.
     pub ca_pem: Option<String>,
+    /// Name servers for /etc/resolv.conf (at most [`MAX_RESTORED_ENTRIES`]).
+    pub dns: Vec<IpAddr>,
+    /// Extra /etc/hosts entries: (host, ip) (at most [`MAX_RESTORED_ENTRIES`]).
+    pub add_hosts: Vec<(String, IpAddr)>,
+    /// Where the workspace is mounted, if the sandbox has one (mounted now unless the
+    /// saved machine already had it there).
+    pub workspace: Option<String>,
+}
+
+/// At most this many name servers and /etc/hosts entries in a [`Restored`] message.
+pub const MAX_RESTORED_ENTRIES: usize = 256;
+
+impl Restored {
+    /// Checks what the guest will write into its files and mount table: valid names and
+    /// paths, bounded lists.
+    pub fn validate(&self) -> Result<(), String> {
+        if !is_valid_hostname(&self.hostname) {
+            return Err(format!("invalid hostname {:?}", self.hostname));
+        }
+        if self.dns.len() > MAX_RESTORED_ENTRIES || self.add_hosts.len() > MAX_RESTORED_ENTRIES {
+            return Err(format!("more than {MAX_RESTORED_ENTRIES} name servers or hosts entries"));
+        }
+        if let Some((host, _)) = self.add_hosts.iter().find(|(host, _)| !is_valid_hostname(host)) {
+            return Err(format!("invalid hosts entry {host:?}"));
+        }
+        match &self.workspace {
+            Some(path) if !is_valid_mount_path(path) => Err(format!("invalid workspace path {path:?}")),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Bytes of host entropy in [`Restored::entropy`] (the guest takes at most this many).
@@ -198,6 +228,33 @@ impl BootParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn restored() -> Restored {
+        Restored {
+            hostname: "vm-1".into(),
+            epoch_ms: 1,
+            entropy: vec![0; RESTORED_ENTROPY],
+            ca_pem: None,
+            dns: vec!["10.0.0.1".parse().unwrap()],
+            add_hosts: vec![("db".into(), "10.0.0.2".parse().unwrap())],
+            workspace: Some("/workspace".into()),
+        }
+    }
+
+    #[test]
+    fn restored_messages_are_validated() {
+        assert_eq!(restored().validate(), Ok(()));
+        let bad = [
+            Restored { hostname: "a b".into(), ..restored() },
+            Restored { add_hosts: vec![("x\n1.2.3.4 evil".into(), "10.0.0.2".parse().unwrap())], ..restored() },
+            Restored { workspace: Some("/a/../etc".into()), ..restored() },
+            Restored { workspace: Some("/".into()), ..restored() },
+            Restored { dns: vec!["10.0.0.1".parse().unwrap(); MAX_RESTORED_ENTRIES + 1], ..restored() },
+        ];
+        for message in bad {
+            assert!(message.validate().is_err(), "{message:?}");
+        }
+    }
 
     fn sample() -> BootParams {
         BootParams {

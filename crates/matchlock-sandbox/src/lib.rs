@@ -12,6 +12,7 @@ pub mod network;
 pub mod relay;
 mod sampled;
 pub mod snapshot;
+pub mod template;
 pub mod volumes;
 mod workspace;
 
@@ -88,6 +89,9 @@ pub enum SandboxError {
     /// The sandbox network could not start.
     #[error("cannot start the sandbox network")]
     Network(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A warm template did not resume (it was discarded: the next run boots cold).
+    #[error("cannot resume the warm template of this image (discarded: run again, or pass --cold)")]
+    Template(#[source] Box<VmError>),
     /// Host-side I/O failed.
     #[error("{context}")]
     Io {
@@ -105,10 +109,22 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxE
 }
 
 /// Logs the error of a step whose failure must not stop what follows (cleanup, recording).
-fn logged<T, E: std::fmt::Display>(result: Result<T, E>, step: &str) {
+fn logged<T, E: std::error::Error>(result: Result<T, E>, step: &str) {
     if let Err(e) = result {
-        tracing::warn!("{step} failed: {e}");
+        tracing::warn!("{step} failed: {}", error_chain(&e));
     }
+}
+
+/// `e` and its sources, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// A new random VM id: `vm-` and 8 hex digits.
@@ -141,10 +157,8 @@ pub struct Sandbox {
     network: Option<Arc<network::Network>>,
     vfs: Option<tokio::task::JoinHandle<()>>,
     timings: Vec<(&'static str, Duration)>,
-    /// What the machine was started from, recorded in its snapshots.
-    backend: &'static str,
-    kernel: PathBuf,
-    boot_disk: PathBuf,
+    /// The metadata of this sandbox's snapshots, but for their name.
+    snapshot_base: SnapshotMeta,
 }
 
 /// Observers of what a sandbox does (the JSON-RPC `event` notifications).
@@ -252,6 +266,7 @@ impl Sandbox {
         let kernel = kernel::locate()?;
         let guest_init = tools::guest_init()?;
         let backend = matchlock_vm::host_backend(&kernel).await?;
+        let backend_build = backend.build_id();
         tracing::debug!(
             "create: image, kernel and the {} backend found after {} ms",
             backend.name(),
@@ -266,8 +281,23 @@ impl Sandbox {
         }
         let boot_disk = boot_disk::ensure(&guest_init, &cache_dir().join("boot"))?;
         if let Some((_, meta)) = &from {
-            check_restorable(meta, backend.name(), &image, &kernel, &boot_disk)?;
+            check_restorable(meta, &backend_build, &image, &kernel, &boot_disk)?;
         }
+        let warm = match from {
+            None if backend.capabilities().snapshots && template::applies_to(&config) => {
+                let machine = template::Machine {
+                    backend: backend.name(),
+                    backend_build: &backend_build,
+                    kernel: &kernel,
+                    boot_disk: &boot_disk,
+                    image_rootfs: &image.rootfs,
+                };
+                let key = template::key(&config, &machine)?;
+                let found = template::find(&key.name);
+                Some(Warm { key, found })
+            }
+            _ => None,
+        };
 
         let id = new_vm_id()?;
         let dir = VmDir::of(&id);
@@ -293,10 +323,20 @@ impl Sandbox {
             "image_rootfs": image.rootfs,
         });
         state.register(&row, backend.name(), &resources)?;
-        let start =
-            Start { backend: &*backend, id: &id, dir: &dir, config: &config, image: &image, from: from.as_ref() };
-        let booted = start.boot(boot_disk.clone(), kernel.clone(), &upper, &mut state, events).await;
-        let (machine, network, vfs, prepared) = match booted {
+        let start = Start {
+            backend: &*backend,
+            backend_build: &backend_build,
+            id: &id,
+            dir: &dir,
+            config: &config,
+            image: &image,
+            kernel: &kernel,
+            boot_disk: &boot_disk,
+            from: from.as_ref(),
+            warm: warm.as_ref(),
+        };
+        let booted = start.boot(&upper, &mut state, events).await;
+        let (machine, machine_id, network, vfs, prepared) = match booted {
             Ok(ok) => ok,
             Err((phase, e)) => {
                 logged(state.transition(&id, phase, Some(&e.to_string())), "recording the failed create");
@@ -308,6 +348,7 @@ impl Sandbox {
         guard.0 = None;
         let timings = vec![("prepare", prepared - started), ("boot", prepared.elapsed())];
         let network = network.map(Arc::new);
+        let snapshot_base = start.meta(&machine_id, &config);
         let mut sandbox = Self {
             id,
             dir,
@@ -319,12 +360,10 @@ impl Sandbox {
             network: network.clone(),
             vfs,
             timings,
-            backend: backend.name(),
-            kernel,
-            boot_disk,
+            snapshot_base,
         };
         let machine = sandbox.machine.as_ref().expect("just booted");
-        let snapshots = relay::Snapshots::new(machine.snapshotter(), sandbox.snapshot_template());
+        let snapshots = relay::Snapshots::new(machine.snapshotter(), sandbox.snapshot_base.clone());
         match relay::serve(&sandbox.dir, machine.connector(), network, snapshots) {
             Ok(task) => sandbox.relay = Some(task),
             Err(e) => {
@@ -339,19 +378,44 @@ impl Sandbox {
 /// What a sandbox starts from, for [`Start::boot`].
 struct Start<'a> {
     backend: &'a dyn Backend,
+    backend_build: &'a str,
     id: &'a str,
     dir: &'a VmDir,
     config: &'a SandboxConfig,
     image: &'a ImageRecord,
+    kernel: &'a Path,
+    boot_disk: &'a Path,
     /// The snapshot to resume instead of a cold boot.
     from: Option<&'a (PathBuf, SnapshotMeta)>,
+    /// The warm template of this machine: resumed when found, else saved after the boot.
+    warm: Option<&'a Warm>,
+}
+
+/// A sandbox's warm template ([`template`]).
+struct Warm {
+    key: template::Key,
+    /// Its directory and metadata, when it has been saved.
+    found: Option<(PathBuf, SnapshotMeta)>,
 }
 
 /// Gives a restored guest its new identity, clock and entropy before anything else runs.
-async fn tell_restored(machine: &dyn Machine, hostname: String, ca_pem: Option<String>) -> Result<(), SandboxError> {
+async fn tell_restored(
+    machine: &dyn Machine,
+    config: &SandboxConfig,
+    hostname: String,
+    ca_pem: Option<String>,
+) -> Result<(), SandboxError> {
     let entropy = random_bytes(matchlock_protocol::boot::RESTORED_ENTROPY)?;
     let epoch_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let message = matchlock_protocol::boot::Restored { hostname, epoch_ms, entropy, ca_pem };
+    let message = matchlock_protocol::boot::Restored {
+        hostname,
+        epoch_ms,
+        entropy,
+        ca_pem,
+        dns: config.dns_servers.clone(),
+        add_hosts: config.add_hosts.clone(),
+        workspace: config.workspace.clone(),
+    };
     let payload = serde_json::to_vec(&message).expect("the message serializes");
     let conn = machine.connect(EXEC_PORT).await?;
     agent_control(conn, FrameType::Restored, &payload)
@@ -382,11 +446,11 @@ async fn agent_control(
     Ok(Err(errors.trim().to_owned()))
 }
 
-/// A snapshot resumes only on the machine it was saved from: same backend, and the image,
-/// kernel and guest-init it has in memory and mounted.
+/// A snapshot resumes only on the machine it was saved from: same backend build, and the
+/// image, kernel and guest-init it has in memory and mounted.
 fn check_restorable(
     meta: &SnapshotMeta,
-    backend: &str,
+    backend_build: &str,
     image: &ImageRecord,
     kernel: &Path,
     boot_disk: &Path,
@@ -397,8 +461,8 @@ fn check_restorable(
             meta.name
         )))
     };
-    if meta.backend != backend {
-        return changed("the VM backend");
+    if meta.backend_build != backend_build {
+        return changed("the VM backend (its binary or accelerator)");
     }
     if meta.image_rootfs != image.rootfs {
         return changed(&format!("the image {}", meta.image));
@@ -432,34 +496,65 @@ impl Start<'_> {
         created.map_err(|source| SandboxError::Disk { what: "the writable disk".into(), source })
     }
 
-    /// Creates the upper disk and boots (or resumes the snapshot); on error, says which
-    /// failure phase applies.
+    /// The metadata of snapshots of this machine (first booted as `machine_id`) running
+    /// `config`, but for the name.
+    fn meta(&self, machine_id: &str, config: &SandboxConfig) -> SnapshotMeta {
+        SnapshotMeta {
+            name: String::new(),
+            source: self.id.to_owned(),
+            machine_id: machine_id.to_owned(),
+            created_at: 0,
+            backend: self.backend.name().to_owned(),
+            backend_build: self.backend_build.to_owned(),
+            config: config.clone(),
+            image: self.image.tag.clone(),
+            image_rootfs: self.image.rootfs.clone(),
+            kernel: self.kernel.to_owned(),
+            boot_disk: self.boot_disk.to_owned(),
+            size: 0,
+        }
+    }
+
+    /// The saved machine to resume instead of booting: a snapshot, or a found template.
+    fn resumed(&self) -> Option<&(PathBuf, SnapshotMeta)> {
+        self.from.or_else(|| self.warm.and_then(|warm| warm.found.as_ref()))
+    }
+
+    /// Creates the upper disk and boots (or resumes the snapshot or template); on error,
+    /// says which failure phase applies. Returns the machine and its first id.
     async fn boot(
         &self,
-        boot_disk: PathBuf,
-        kernel: PathBuf,
         upper: &Path,
         state: &mut StateDb,
         events: Events,
     ) -> Result<
-        (Box<dyn Machine>, Option<network::Network>, Option<tokio::task::JoinHandle<()>>, Instant),
+        (Box<dyn Machine>, String, Option<network::Network>, Option<tokio::task::JoinHandle<()>>, Instant),
         (Phase, SandboxError),
     > {
         let (id, dir, config, image) = (self.id, self.dir, self.config, self.image);
         let create_failed = |e: SandboxError| (Phase::CreateFailed, e);
+        let resumed = self.resumed();
+        // A template to save: booted without the sandbox's identity, which comes after.
+        let saving = self.warm.filter(|warm| warm.found.is_none());
+        let identity_later = resumed.is_some() || saving.is_some();
+        let booted_config = match saving {
+            Some(_) => template::neutral(config),
+            None => config.clone(),
+        };
         let ca = match &config.network {
             Some(net) => network::prepare_ca(net, dir).map_err(create_failed)?,
             None => None,
         };
-        // A restored machine has its disk from the snapshot (and its CA comes another way).
-        let seed = ca.as_ref().map(|(_, tar)| tar.as_path()).filter(|_| self.from.is_none());
-        if self.from.is_none() {
+        // A resumed machine has its disk from the snapshot; it learns its CA (like the
+        // rest of its identity) once running.
+        let seed = ca.as_ref().map(|(_, tar)| tar.as_path()).filter(|_| !identity_later);
+        if resumed.is_none() {
             self.create_upper(upper, seed).await.map_err(create_failed)?;
         }
         if let Some((_, tar)) = &ca {
             let _ = std::fs::remove_file(tar);
         }
-        let mut disks = vec![Disk { path: boot_disk, read_only: true, persistent: false }];
+        let mut disks = vec![Disk { path: self.boot_disk.to_owned(), read_only: true, persistent: false }];
         // The image's layers, squashed once into one read-only disk shared by every VM.
         disks.push(Disk { path: image.rootfs.clone(), read_only: true, persistent: false });
         disks.push(Disk { path: upper.to_owned(), read_only: false, persistent: false });
@@ -470,16 +565,16 @@ impl Start<'_> {
             disks.push(Disk { path, read_only: mount.read_only, persistent: true });
         }
         let params = BootParams {
-            hostname: config.hostname.clone().unwrap_or_else(|| id.to_owned()),
-            dns: config.dns_servers.clone(),
+            hostname: booted_config.hostname.clone().unwrap_or_else(|| id.to_owned()),
+            dns: booted_config.dns_servers.clone(),
             cpus: config.cpus,
             lowers: vec![device_name(1)],
             upper: device_name(2),
-            add_hosts: config.add_hosts.clone(),
+            add_hosts: booted_config.add_hosts.clone(),
             epoch_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             privileged: config.privileged,
             disks: mounts,
-            workspace: config.workspace.clone(),
+            workspace: booted_config.workspace.clone(),
         };
         let vfs = match &config.workspace {
             Some(_) => {
@@ -493,12 +588,12 @@ impl Start<'_> {
         };
         let vfs_guard = AbortOnDrop(vfs);
         let mut cmdline = params.to_cmdline();
+        // A resumed guest keeps the NIC address it has in memory.
+        let machine_id = resumed.map_or(id, |(_, meta)| meta.machine_id.as_str()).to_owned();
         let (network, nic) = match &config.network {
             Some(net) => {
-                // A restored guest keeps the NIC address it has in memory.
-                let mac_of = self.from.map_or(id, |(_, meta)| meta.source.as_str());
                 let (network, nic) = network::start(
-                    mac_of,
+                    &machine_id,
                     dir,
                     net,
                     &config.dns_servers,
@@ -515,7 +610,7 @@ impl Start<'_> {
         };
         let spec = MachineSpec {
             dir: dir.clone(),
-            kernel,
+            kernel: self.kernel.to_owned(),
             cmdline,
             disks,
             vcpus: config.cpus.ceil() as u32,
@@ -528,24 +623,45 @@ impl Start<'_> {
         let prepared = Instant::now();
         tracing::debug!("create: disks, workspace and network ready; launching the VM");
         let start_failed = |e: SandboxError| (Phase::StartFailed, e);
-        let machine = match self.from {
+        let machine = match resumed {
             None => self.backend.launch(spec).await.map_err(|e| start_failed(e.into()))?,
-            Some((from, _)) => {
-                let machine = self.backend.restore(spec, from.clone()).await.map_err(|e| start_failed(e.into()))?;
-                let hostname = config.hostname.clone().unwrap_or_else(|| id.to_owned());
-                let ca_pem = ca.as_ref().map(|(ca, _)| ca.certificate_pem());
-                let told = tell_restored(&*machine, hostname, ca_pem).await;
-                if let Err(e) = told {
-                    logged(machine.shutdown().await, "stopping a restored VM that refused its identity");
-                    return Err(start_failed(e));
-                }
-                machine
-            }
+            Some((from, _)) => match self.backend.restore(spec, from.clone()).await {
+                Ok(machine) => machine,
+                Err(e) => return Err(start_failed(self.resume_failed(e))),
+            },
         };
         tracing::debug!("create: VM {id} started in {} ms", prepared.elapsed().as_millis());
+        if let Some(warm) = saving {
+            let saved_at = Instant::now();
+            match template::save(&machine.snapshotter(), &warm.key, self.meta(id, &booted_config)).await {
+                Ok(()) => tracing::debug!("create: warm template saved in {} ms", saved_at.elapsed().as_millis()),
+                // Only later runs lose: they boot cold and try again.
+                Err(e) => logged(Err::<(), _>(e), &format!("saving the warm template of {}", image.tag)),
+            }
+        }
+        if identity_later {
+            let hostname = config.hostname.clone().unwrap_or_else(|| id.to_owned());
+            let ca_pem = ca.as_ref().map(|(ca, _)| ca.certificate_pem());
+            if let Err(e) = tell_restored(&*machine, config, hostname, ca_pem).await {
+                logged(machine.shutdown().await, "stopping a resumed VM that refused its identity");
+                return Err(start_failed(e));
+            }
+        }
         gc::record_helpers(dir, &machine.helper_pids()).map_err(|e| (Phase::StartFailed, e))?;
         state.transition(id, Phase::Running, None).map_err(|e| (Phase::StartFailed, e.into()))?;
-        Ok((machine, network, vfs_guard.disarm(), prepared))
+        Ok((machine, machine_id, network, vfs_guard.disarm(), prepared))
+    }
+
+    /// What a failed resume reports; a template that does not resume is discarded, so the
+    /// next run boots cold and saves a new one.
+    fn resume_failed(&self, e: VmError) -> SandboxError {
+        match self.warm.filter(|_| self.from.is_none()) {
+            Some(warm) => {
+                template::discard(&warm.key.name);
+                SandboxError::Template(Box::new(e))
+            }
+            None => e.into(),
+        }
     }
 }
 
@@ -608,23 +724,7 @@ impl Sandbox {
     /// with writable `--disk` volumes cannot be saved (the volume is not theirs to copy).
     pub async fn snapshot(&self, name: &str) -> Result<SnapshotMeta, SandboxError> {
         let machine = self.machine.as_ref().expect("a live sandbox has a machine");
-        snapshot::take(&machine.snapshotter(), self.snapshot_template(), name).await
-    }
-
-    /// The metadata of this sandbox's snapshots, but for the name.
-    fn snapshot_template(&self) -> SnapshotMeta {
-        SnapshotMeta {
-            name: String::new(),
-            source: self.id.clone(),
-            created_at: 0,
-            backend: self.backend.to_owned(),
-            config: self.config.clone(),
-            image: self.image.tag.clone(),
-            image_rootfs: self.image.rootfs.clone(),
-            kernel: self.kernel.clone(),
-            boot_disk: self.boot_disk.clone(),
-            size: 0,
-        }
+        snapshot::take(&machine.snapshotter(), self.snapshot_base.clone(), name).await
     }
 
     /// How long creation took, by phase: `prepare` (image, disks, accelerator) and

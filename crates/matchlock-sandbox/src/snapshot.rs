@@ -20,10 +20,14 @@ pub struct SnapshotMeta {
     pub name: String,
     /// The sandbox it was taken of.
     pub source: String,
+    /// The machine's first id (a restored machine keeps the NIC address it was booted with).
+    pub machine_id: String,
     /// Seconds since the Unix epoch when it was taken.
     pub created_at: u64,
     /// The backend that saved it (`qemu`).
     pub backend: String,
+    /// The backend's build ([`matchlock_vm::Backend::build_id`]).
+    pub backend_build: String,
     /// The configuration of the saved sandbox; restored sandboxes run with it.
     pub config: SandboxConfig,
     /// The image's tag and its root file system (the guest has it mounted: it must not change).
@@ -64,13 +68,12 @@ fn check_name(name: &str) -> Result<(), SandboxError> {
     }
 }
 
-/// Creates a private directory for a snapshot being written.
-pub(crate) fn partial_dir(name: &str) -> Result<PathBuf, SandboxError> {
-    let root = snapshots_dir();
+/// Creates a private directory under `root` for a snapshot being written.
+pub(crate) fn partial_dir(root: &Path, name: &str) -> Result<PathBuf, SandboxError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(&root)
+        .create(root)
         .map_err(io_err(format!("cannot create {}", root.display())))?;
     let dir = root.join(format!("{PARTIAL_PREFIX}{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -90,23 +93,29 @@ fn stored(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Completes a snapshot written into `partial`: its metadata, then renamed to `name`.
-pub(crate) fn commit(partial: &Path, mut meta: SnapshotMeta) -> Result<SnapshotMeta, SandboxError> {
-    let target = snapshots_dir().join(&meta.name);
+/// Writes a new file readable by the user only.
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), SandboxError> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(contents))
+        .map_err(io_err(format!("cannot write {}", path.display())))
+}
+
+/// Completes a snapshot written into `partial`: its metadata, then renamed to
+/// `root/<name>`.
+pub(crate) fn commit(partial: &Path, root: &Path, mut meta: SnapshotMeta) -> Result<SnapshotMeta, SandboxError> {
+    let target = root.join(&meta.name);
     if target.exists() {
         return Err(SandboxError::Config(format!("snapshot {} exists (remove it first)", meta.name)));
     }
     meta.created_at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     meta.size = stored(partial);
-    let path = partial.join("meta.json");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io_err(format!("cannot create {}", path.display())))?;
-    serde_json::to_writer_pretty(&mut file, &meta)
-        .map_err(|e| io_err("cannot write the snapshot metadata")(e.into()))?;
+    let json = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
+    write_private(&partial.join("meta.json"), &json)?;
     std::fs::rename(partial, &target).map_err(io_err(format!("cannot move the snapshot to {}", target.display())))?;
     Ok(meta)
 }
@@ -124,10 +133,11 @@ pub(crate) async fn take(
     if snapshots_dir().join(name).exists() {
         return Err(SandboxError::Config(format!("snapshot {name} exists (remove it first)")));
     }
-    let partial = partial_dir(name)?;
+    let root = snapshots_dir();
+    let partial = partial_dir(&root, name)?;
     template.name = name.to_owned();
     let saved = match machine(partial.clone()).await {
-        Ok(()) => commit(&partial, template),
+        Ok(()) => commit(&partial, &root, template),
         Err(e) => Err(e.into()),
     };
     if saved.is_err() {
@@ -167,8 +177,13 @@ pub fn list() -> Vec<SnapshotMeta> {
 /// Removes what a crashed snapshot or fork left (`.partial-*` and `.fork-*` directories
 /// whose process is gone); returns their names.
 pub fn remove_leftovers() -> Vec<String> {
+    remove_leftovers_in(&snapshots_dir())
+}
+
+/// [`remove_leftovers`] under `root`.
+pub(crate) fn remove_leftovers_in(root: &Path) -> Vec<String> {
     let mut removed = Vec::new();
-    for entry in std::fs::read_dir(snapshots_dir()).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if !(name.starts_with(PARTIAL_PREFIX) || name.starts_with(FORK_PREFIX)) {
             continue;

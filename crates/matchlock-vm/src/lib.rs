@@ -176,6 +176,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// What machines of this backend support.
     fn capabilities(&self) -> Capabilities;
 
+    /// Identifies the VMM build and accelerator: a saved machine restores only under the
+    /// build that saved it.
+    fn build_id(&self) -> String;
+
     /// Boots `spec` and returns once the guest agent is ready.
     fn launch(&self, spec: MachineSpec) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>>;
 

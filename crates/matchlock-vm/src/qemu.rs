@@ -209,6 +209,12 @@ impl Backend for QemuBackend {
         Capabilities { max_disks: MICROVM_TRANSPORTS - 2, nic: NicTransport::UnixStream, snapshots: true }
     }
 
+    fn build_id(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let binary = std::fs::metadata(&self.qemu).map_or((0, 0, 0), |m| (m.len(), m.mtime(), m.ino()));
+        format!("{} {binary:?} {}", self.qemu.display(), self.accel.qemu_name())
+    }
+
     fn launch(&self, spec: MachineSpec) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>> {
         Box::pin(async move { Ok(Box::new(self.start(spec, None).await?) as Box<dyn Machine>) })
     }

@@ -126,6 +126,10 @@ pub(crate) struct RunArgs {
     /// Let commands keep every capability (no capability drop, no_new_privs or seccomp).
     #[arg(long, env = "MATCHLOCK_RUN_PRIVILEGED")]
     privileged: bool,
+    /// Boot from scratch: neither resume nor save a warm template of the image (also
+    /// `MATCHLOCK_COLD=1` for every sandbox).
+    #[arg(long)]
+    cold: bool,
     /// Set in the owner of a detached sandbox (`detached-owner`), never on the command line.
     #[arg(skip)]
     #[serde(skip)]
@@ -191,6 +195,7 @@ fn build_config(args: &RunArgs, handed: &HashMap<String, String>) -> Result<Sand
     config.entrypoint = args.entrypoint.as_ref().map(|e| if e.is_empty() { Vec::new() } else { vec![e.clone()] });
     config.command.clone_from(&args.command);
     config.privileged = args.privileged;
+    config.cold = args.cold;
     if args.no_network {
         config.network = None;
     } else if let Some(network) = config.network.as_mut() {

@@ -344,6 +344,9 @@ pub(crate) fn gc(id: Option<&str>, force_running: bool) -> Result<u8> {
         for name in matchlock_sandbox::snapshot::remove_leftovers() {
             println!("snapshot {name}: removed an unfinished snapshot");
         }
+        for name in matchlock_sandbox::template::remove_stale() {
+            println!("template {name}: removed (its kernel, guest-init or image changed, or it was unfinished)");
+        }
         let known: std::collections::HashSet<_> = vms.iter().map(|v| v.id.clone()).collect();
         for entry in std::fs::read_dir(vms_dir()).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

@@ -1,0 +1,162 @@
+//! Warm templates on real VMs: the first run of a machine saves one, later runs resume it
+//! and must behave exactly like a cold boot; inputs that change make a new one; a broken
+//! one is discarded with a clear error and nothing left behind.
+
+mod common;
+
+use common::{fixture, isolated_home, ok, stderr, stdout, Home};
+
+/// A HOME with a store of its own (so that its templates directory is its own) holding
+/// the busybox fixture.
+fn own_home() -> Home {
+    let h = isolated_home();
+    ok(&h.import("busybox", &fixture("busybox.tar")));
+    h
+}
+
+/// The complete templates of `h`, by directory name.
+fn templates(h: &Home) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(h.cache_dir().join("templates"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("meta.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// `run` with `args`; returns (exit code, stdout, stderr).
+fn run(h: &Home, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = h.run(args);
+    (out.status.code(), stdout(&out), stderr(&out))
+}
+
+/// The guest's kernel command line tells which boot it is running: a resumed template
+/// still has the command line it was booted with.
+const CMDLINE: &[&str] = &["cat", "/proc/cmdline"];
+
+#[test]
+fn warm_runs_behave_like_cold_runs() {
+    let h = own_home();
+    let workspace = tempfile::tempdir().unwrap();
+    std::fs::write(workspace.path().join("hello.txt"), "from the host\n").unwrap();
+    let volume = format!("{}:/workspace", workspace.path().display());
+    let scenarios: Vec<Vec<&str>> = vec![
+        vec!["--hostname", "box1", "--", "sh", "-c", "hostname; cat /etc/hostname /etc/hosts"],
+        vec![
+            "--add-host",
+            "db.internal:10.1.2.3",
+            "--dns-servers",
+            "1.1.1.1",
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/hosts /etc/resolv.conf",
+        ],
+        vec!["-e", "GREETING=hi", "-w", "/tmp", "-u", "1000:1000", "--", "sh", "-c", "echo $GREETING; pwd; id"],
+        vec!["-v", &volume, "--", "sh", "-c", "cat /workspace/hello.txt; echo back > /workspace/out.txt"],
+        vec!["--", "sh", "-c", "echo to-stderr >&2; exit 7"],
+        vec!["--cpus", "0.5", "--", "cat", "/sys/fs/cgroup/init/cpu.max"],
+        vec!["--no-network", "--", "sh", "-c", "ls /sys/class/net | sort"],
+        vec!["--network-intercept", "--", "sh", "-c", "grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/matchlock-ca.crt"],
+    ];
+    for scenario in &scenarios {
+        let with = |extra: &[&str]| -> Vec<String> {
+            let mut args = vec!["--image".to_owned(), "busybox".to_owned()];
+            args.extend(extra.iter().map(|s| (*s).to_owned()));
+            args.extend(scenario.iter().map(|s| (*s).to_owned()));
+            args
+        };
+        let cold = run(&h, &args(&with(&["--cold"])));
+        let saving = run(&h, &args(&with(&[])));
+        let warm = run(&h, &args(&with(&[])));
+        assert_eq!(saving, cold, "the run that saves the template, against --cold, for {scenario:?}");
+        assert_eq!(warm, cold, "a run resumed from the template, against --cold, for {scenario:?}");
+        if scenario.first() == Some(&"-v") {
+            assert_eq!(std::fs::read_to_string(workspace.path().join("out.txt")).unwrap(), "back\n");
+        }
+    }
+    // The positive control that the warm runs really resumed: a template per machine
+    // shape (network, no network, half a CPU), and the resumed guest's command line is
+    // the template's.
+    assert_eq!(templates(&h).len(), 3, "{:?}", templates(&h));
+    let (_, warm, _) = run(&h, &["--image", "busybox", "--", CMDLINE[0], CMDLINE[1]]);
+    assert!(warm.contains("matchlock.hostname=matchlock-template"), "resumed: {warm}");
+    let (_, cold, _) = run(&h, &["--image", "busybox", "--cold", "--", CMDLINE[0], CMDLINE[1]]);
+    assert!(!cold.contains("matchlock-template") && cold.contains("matchlock.hostname=vm-"), "cold: {cold}");
+}
+
+#[test]
+fn resumed_sandboxes_get_their_own_identity_clock_and_entropy() {
+    let h = own_home();
+    let probe = "hostname; cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1; date +%s";
+    let first = run(&h, &["--image", "busybox", "--", "sh", "-c", probe]);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (code, out, err) = run(&h, &["--image", "busybox", "--", "sh", "-c", probe]);
+        assert_eq!(code, Some(0), "{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        assert!(lines[0].starts_with("vm-"), "its own hostname: {out}");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let guest: u64 = lines[3].trim().parse().unwrap();
+        assert!(guest.abs_diff(now) <= 5, "the guest clock is the host's: {guest} vs {now}");
+        seen.push(lines[..3].join("\n"));
+    }
+    seen.push(first.1.lines().take(3).collect::<Vec<_>>().join("\n"));
+    assert_ne!(seen[0], seen[1], "two resumed sandboxes differ in name and random numbers");
+    assert_ne!(seen[0], seen[2]);
+    assert_eq!(templates(&h).len(), 1);
+}
+
+#[test]
+fn changed_inputs_make_new_templates_and_gc_removes_stale_ones() {
+    let h = own_home();
+    ok(&h.run(&["--image", "busybox", "--", "true"]));
+    ok(&h.run(&["--image", "busybox", "--memory", "256", "--", "true"]));
+    ok(&h.run(&["--image", "busybox", "--privileged", "--", "true"]));
+    ok(&h.run(&["--image", "busybox", "--", "true"]));
+    assert_eq!(templates(&h).len(), 3, "memory and hardening are inputs: {:?}", templates(&h));
+    // --disk volumes are never in a template; MATCHLOCK_COLD turns templates off.
+    let out = h
+        .cmd()
+        .args(["run", "--image", "busybox", "--memory", "384", "--", "true"])
+        .env("MATCHLOCK_COLD", "1")
+        .output()
+        .unwrap();
+    ok(&out);
+    assert_eq!(templates(&h).len(), 3);
+    // gc keeps current templates and removes those whose image is gone.
+    let gc = ok(&h.ml(&["gc"]));
+    assert!(!gc.contains("template"), "{gc}");
+    ok(&h.ml(&["image", "rm", "busybox"]));
+    let gc = ok(&h.ml(&["gc"]));
+    assert_eq!(gc.matches("template ").count(), 3, "{gc}");
+    assert!(templates(&h).is_empty());
+}
+
+#[test]
+fn a_broken_template_is_discarded_with_a_clear_error() {
+    let h = own_home();
+    ok(&h.run(&["--image", "busybox", "--", "true"]));
+    let names = templates(&h);
+    assert_eq!(names.len(), 1);
+    let dir = h.cache_dir().join("templates").join(&names[0]);
+    std::fs::write(dir.join("state"), b"not a migration stream").unwrap();
+    let (code, _, err) = run(&h, &["--image", "busybox", "--", "echo", "hi"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("warm template") && err.contains("--cold"), "{err}");
+    assert!(!dir.exists(), "the broken template is gone");
+    // The next run boots cold, saves a new template, and works.
+    let (code, out, err) = run(&h, &["--image", "busybox", "--", "echo", "hi"]);
+    assert_eq!((code, out.as_str()), (Some(0), "hi\n"), "{err}");
+    assert_eq!(templates(&h).len(), 1);
+    let list = ok(&h.ml(&["list"]));
+    assert!(!list.contains("vm-"), "no state rows: {list}");
+}
