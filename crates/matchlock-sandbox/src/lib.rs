@@ -335,7 +335,8 @@ impl Sandbox {
             from: from.as_ref(),
             warm: warm.as_ref(),
         };
-        let booted = start.boot(&upper, &mut state, events).await;
+        // Boxed: the boot future is large (clippy::large_futures in every caller).
+        let booted = Box::pin(start.boot(&upper, &mut state, events)).await;
         let (machine, machine_id, network, vfs, prepared) = match booted {
             Ok(ok) => ok,
             Err((phase, e)) => {
@@ -640,12 +641,14 @@ impl Start<'_> {
             }
         }
         if identity_later {
+            let told_at = Instant::now();
             let hostname = config.hostname.clone().unwrap_or_else(|| id.to_owned());
             let ca_pem = ca.as_ref().map(|(ca, _)| ca.certificate_pem());
             if let Err(e) = tell_restored(&*machine, config, hostname, ca_pem).await {
                 logged(machine.shutdown().await, "stopping a resumed VM that refused its identity");
                 return Err(start_failed(e));
             }
+            tracing::debug!("create: the guest took on its identity in {} ms", told_at.elapsed().as_millis());
         }
         gc::record_helpers(dir, &machine.helper_pids()).map_err(|e| (Phase::StartFailed, e))?;
         state.transition(id, Phase::Running, None).map_err(|e| (Phase::StartFailed, e.into()))?;

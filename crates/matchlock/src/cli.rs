@@ -248,7 +248,7 @@ enum KernelCommand {
 /// Runs a parsed command line; returns the process exit code.
 pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
-        Command::Run(args) => crate::run::run(*args).await,
+        Command::Run(args) => Box::pin(crate::run::run(*args)).await,
         Command::Exec(args) => crate::vms::exec(args).await,
         Command::List { running } => crate::vms::list(running),
         Command::Get { id } => crate::vms::get(&id),
@@ -268,7 +268,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Restore { secrets, name } => crate::snapshots::restore(&name, &secrets),
         Command::Fork { count, secrets, id } => crate::snapshots::fork(&id, count, &secrets).await,
         Command::Rpc => crate::rpc::serve().await,
-        Command::DetachedOwner => crate::run::detached_owner().await,
+        Command::DetachedOwner => Box::pin(crate::run::detached_owner()).await,
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),
         Command::Pull { tag, force, reference } => crate::images::pull(&reference, tag.as_deref(), force).await,
         Command::Volume(cmd) => crate::volumes::dispatch(cmd),

@@ -365,6 +365,12 @@ async fn start_sandbox(
 /// under a new id, printed on stdout. `secrets` are `--secret` specs giving the values of
 /// the secrets the snapshot's sandbox sent.
 pub(crate) fn restore_detached(name: &str, image: &str, secrets: &[String]) -> Result<u8> {
+    await_owner(start_restore_owner(name, image, secrets)?)
+}
+
+/// Starts the owner of a sandbox restored from snapshot `name` ([`await_owner`] waits for
+/// it): several can resume one snapshot at once (`fork`).
+pub(crate) fn start_restore_owner(name: &str, image: &str, secrets: &[String]) -> Result<std::process::Child> {
     use clap::Parser;
     let mut argv = vec!["run".to_owned(), "-d".into(), "--image".into(), image.to_owned()];
     for spec in secrets {
@@ -377,15 +383,20 @@ pub(crate) fn restore_detached(name: &str, image: &str, secrets: &[String]) -> R
     }
     let mut args = Wrapper::try_parse_from(argv)?.run;
     args.restore = Some(name.to_owned());
-    spawn_detached(&args)
+    start_owner(&args)
 }
 
-/// `run -d`: starts `matchlock detached-owner` as a session leader that owns the sandbox,
-/// and returns its id once the sandbox is ready. The parsed arguments go to the owner on its
-/// stdin, with the values of `NAME@hosts` secrets: no secret value sits in the long-lived
-/// owner's command line (world-readable in /proc) or its environment (/proc/<pid>/environ,
-/// inherited by anything it starts), which loses those variables.
+/// `run -d`: starts the sandbox's owner and returns its id once the sandbox is ready.
 fn spawn_detached(args: &RunArgs) -> Result<u8> {
+    await_owner(start_owner(args)?)
+}
+
+/// Starts `matchlock detached-owner` as a session leader that owns the sandbox. The parsed
+/// arguments go to the owner on its stdin, with the values of `NAME@hosts` secrets: no
+/// secret value sits in the long-lived owner's command line (world-readable in /proc) or
+/// its environment (/proc/<pid>/environ, inherited by anything it starts), which loses
+/// those variables.
+fn start_owner(args: &RunArgs) -> Result<std::process::Child> {
     let mut cmd = std::process::Command::new("/proc/self/exe");
     let mut secrets = HashMap::new();
     for spec in &args.secret {
@@ -413,9 +424,15 @@ fn spawn_detached(args: &RunArgs) -> Result<u8> {
     let mut stdin = child.stdin.take().expect("piped");
     // The shape of [`DetachedRun`].
     let handed = serde_json::to_vec(&serde_json::json!({"args": args, "secrets": secrets}))?;
-    // If the owner died at once, its stderr below says why.
+    // If the owner died at once, its stderr ([`await_owner`]) says why.
     let _ = stdin.write_all(&handed);
     drop(stdin);
+    Ok(child)
+}
+
+/// Waits for an owner from [`start_owner`]: prints the sandbox id once it is ready, or the
+/// owner's error; returns the exit code.
+pub(crate) fn await_owner(mut child: std::process::Child) -> Result<u8> {
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
     let id = line.trim();

@@ -50,12 +50,15 @@ pub(crate) async fn fork(id: &str, count: u32, secrets: &[String]) -> Result<u8>
     let dir = crate::vms::running_vm_dir(id)?;
     let name = format!(".fork-{id}-{}", std::process::id());
     let meta = relay::snapshot(&dir, &name).await?;
+    // The children resume at once: each maps the memory privately and copies the disk.
+    let started: Vec<_> = (0..count).map(|_| crate::run::start_restore_owner(&name, &meta.image, secrets)).collect();
     let mut code = 0;
-    for _ in 0..count {
-        code = crate::run::restore_detached(&name, &meta.image, secrets)?;
-        if code != 0 {
-            break;
-        }
+    for owner in started {
+        let done = owner.and_then(crate::run::await_owner);
+        code = code.max(done.unwrap_or_else(|e| {
+            eprintln!("matchlock: {e:#}");
+            1
+        }));
     }
     // The children have its memory mapped and their own disks: the snapshot can go.
     snapshot::remove(&name)?;
