@@ -321,6 +321,7 @@ impl Sandbox {
             "vsock_path": dir.backend_socket("mux"),
             "exec_socket": dir.exec_socket(),
             "image_rootfs": image.rootfs,
+            "started_from": started_from(from.as_ref().map(|(_, meta)| meta), warm.as_ref()),
         });
         state.register(&row, backend.name(), &resources)?;
         let start = Start {
@@ -390,6 +391,17 @@ struct Start<'a> {
     from: Option<&'a (PathBuf, SnapshotMeta)>,
     /// The warm template of this machine: resumed when found, else saved after the boot.
     warm: Option<&'a Warm>,
+}
+
+/// What `inspect` tells a sandbox was started from: `{"kind": "boot" | "template" |
+/// "snapshot", "name": …}` (a boot that saves a template names it).
+fn started_from(snapshot: Option<&SnapshotMeta>, warm: Option<&Warm>) -> serde_json::Value {
+    match (snapshot, warm) {
+        (Some(meta), _) => serde_json::json!({"kind": "snapshot", "name": meta.name}),
+        (None, Some(Warm { key, found: Some(_) })) => serde_json::json!({"kind": "template", "name": key.name}),
+        (None, Some(Warm { key, found: None })) => serde_json::json!({"kind": "boot", "saves_template": key.name}),
+        (None, None) => serde_json::json!({"kind": "boot"}),
+    }
 }
 
 /// A sandbox's warm template ([`template`]).
@@ -632,6 +644,11 @@ impl Start<'_> {
             },
         };
         tracing::debug!("create: VM {id} started in {} ms", prepared.elapsed().as_millis());
+        // Recorded at once: a crash from here on leaves helpers that gc finds by identity.
+        if let Err(e) = gc::record_helpers(dir, &machine.helper_pids()) {
+            logged(machine.shutdown().await, "stopping a VM whose helpers cannot be recorded");
+            return Err(start_failed(e));
+        }
         if let Some(warm) = saving {
             let saved_at = Instant::now();
             match template::save(&machine.snapshotter(), &warm.key, self.meta(id, &booted_config)).await {
@@ -650,7 +667,6 @@ impl Start<'_> {
             }
             tracing::debug!("create: the guest took on its identity in {} ms", told_at.elapsed().as_millis());
         }
-        gc::record_helpers(dir, &machine.helper_pids()).map_err(|e| (Phase::StartFailed, e))?;
         state.transition(id, Phase::Running, None).map_err(|e| (Phase::StartFailed, e.into()))?;
         Ok((machine, machine_id, network, vfs_guard.disarm(), prepared))
     }

@@ -188,8 +188,8 @@ pub(crate) fn remove_leftovers_in(root: &Path) -> Vec<String> {
         if !(name.starts_with(PARTIAL_PREFIX) || name.starts_with(FORK_PREFIX)) {
             continue;
         }
-        let pid = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
-        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        let pid = name.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());
+        let alive = pid.is_some_and(matchlock_state::process::is_running);
         if !alive && std::fs::remove_dir_all(entry.path()).is_ok() {
             removed.push(name);
         }

@@ -11,15 +11,16 @@ pub fn start_time(pid: i32) -> Option<u64> {
 /// Whether `pid` is alive and is the same process that started at `start` (a zombie
 /// counts as dead).
 pub fn is_alive(pid: i32, start: u64) -> bool {
+    is_running(pid) && start_time(pid) == Some(start)
+}
+
+/// Whether some process `pid` exists and is not a zombie.
+pub fn is_running(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    let Some(close) = stat.rfind(')') else { return false };
-    if stat[close + 2..].starts_with('Z') {
-        return false;
-    }
-    start_time(pid) == Some(start)
+    stat.rfind(')').is_some_and(|close| !stat[close + 2..].starts_with('Z'))
 }
 
 #[cfg(test)]

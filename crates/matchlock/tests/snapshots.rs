@@ -81,3 +81,34 @@ fn snapshot_restore_and_fork_from_the_cli() {
     assert_eq!(ok(&h.ml(&["snapshot", "ls", "--json"])).trim(), "[]");
     h.assert_no_leftovers();
 }
+
+/// `wget` of the guest's own web server, retried until it answers (the server starts
+/// with the sandbox).
+fn fetch_own_page(h: &Home, id: &str) -> String {
+    for _ in 0..100 {
+        let out = h.ml(&["exec", id, "--", "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"]);
+        if out.status.success() {
+            return stdout(&out);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("the server of {id} never answered");
+}
+
+#[test]
+fn a_listening_server_keeps_listening_in_restored_children() {
+    let h = home();
+    let serve = "mkdir -p /www && echo served > /www/index.html && exec httpd -f -p 8080 -h /www";
+    let id = h.detach(&["--image", "busybox", "--", "sh", "-c", serve]);
+    assert_eq!(fetch_own_page(&h, &id), "served\n", "the positive control: the source serves");
+    ok(&h.ml(&["snapshot", &id, "server"]));
+    ok(&h.ml(&["kill", &id]));
+    let child = ok(&h.ml(&["restore", "server"])).trim().to_owned();
+    // Nothing starts a server in the child: the saved process answers, still listening.
+    let once = h.ml(&["exec", &child, "--", "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"]);
+    assert_eq!(stdout(&once), "served\n", "{}", stderr(&once));
+    ok(&h.ml(&["kill", &child]));
+    ok(&h.ml(&["prune"]));
+    ok(&h.ml(&["snapshot", "rm", "server"]));
+    h.assert_no_leftovers();
+}

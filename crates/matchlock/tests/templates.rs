@@ -128,6 +128,17 @@ fn resumed_sandboxes_get_their_own_identity_clock_and_entropy() {
     assert_ne!(seen[0], seen[1], "two resumed sandboxes differ in name and random numbers");
     assert_ne!(seen[0], seen[2]);
     assert_eq!(templates(&h).len(), 1);
+    // inspect tells how each sandbox started.
+    let started_from = |args: &[&str]| {
+        let id = h.detach(args);
+        let doc: serde_json::Value = serde_json::from_str(&ok(&h.ml(&["inspect", &id]))).unwrap();
+        ok(&h.ml(&["kill", &id]));
+        ok(&h.ml(&["rm", &id]));
+        doc["lifecycle"]["resources"]["started_from"].clone()
+    };
+    let warm = started_from(&["--image", "busybox"]);
+    assert_eq!((warm["kind"].as_str(), warm["name"].as_str()), (Some("template"), Some(templates(&h)[0].as_str())));
+    assert_eq!(started_from(&["--image", "busybox", "--cold"])["kind"], "boot");
 }
 
 #[test]
@@ -174,4 +185,114 @@ fn a_broken_template_is_discarded_with_a_clear_error() {
     assert_eq!(templates(&h).len(), 1);
     let list = ok(&h.ml(&["list"]));
     assert!(!list.contains("vm-"), "no state rows: {list}");
+}
+
+/// Polls `found` every 2 ms for up to `secs` seconds.
+fn poll<T>(secs: u64, mut found: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if let Some(hit) = found() {
+            return Some(hit);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    None
+}
+
+/// Names of unfinished saves (`.partial-*`) under `dir`.
+fn unfinished(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".partial-"))
+        .collect()
+}
+
+/// Guest RAM files in /dev/shm of the VMs `ids`.
+fn ram_files(ids: &[String]) -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| ids.iter().any(|id| n.contains(id.as_str())))
+        .collect()
+}
+
+#[test]
+fn kill_9_while_saving_a_template_a_snapshot_or_restoring_leaves_nothing() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let h = own_home();
+    let templates_dir = h.cache_dir().join("templates");
+    let snapshots_dir = h.dir.path().join(".matchlock/snapshots");
+
+    // 1. The run that saves a template is killed while the template is half written.
+    let mut caught = false;
+    for memory in ["272", "288", "304", "320", "336"] {
+        let mut run = h.spawn(&["run", "--image", "busybox", "--memory", memory, "--", "true"]);
+        let hit = poll(60, || {
+            if !unfinished(&templates_dir).is_empty() {
+                return Some(true);
+            }
+            run.try_wait().unwrap().map(|_| false)
+        });
+        if hit == Some(true) {
+            kill(Pid::from_raw(run.id() as i32), Signal::SIGKILL).unwrap();
+            caught = true;
+        }
+        let _ = run.wait();
+        if caught {
+            break;
+        }
+    }
+    assert!(caught, "no run was caught while saving its template");
+    // gc reclaims a crashed sandbox's resources and unfinished saves; prune its row and logs.
+    ok(&h.ml(&["gc"]));
+    ok(&h.ml(&["prune"]));
+    assert!(unfinished(&templates_dir).is_empty(), "{:?}", unfinished(&templates_dir));
+    h.assert_no_leftovers();
+
+    // 2. The owner is killed while its snapshot is half written.
+    let id = h.detach(&["--image", "busybox"]);
+    let owner = serde_json::from_str::<serde_json::Value>(&ok(&h.ml(&["get", &id]))).unwrap()["pid"].as_i64().unwrap();
+    let mut snap = h.spawn(&["snapshot", &id, "doomed"]);
+    let hit = poll(60, || (!unfinished(&snapshots_dir).is_empty()).then_some(()));
+    assert!(hit.is_some(), "the snapshot was never seen half written");
+    kill(Pid::from_raw(owner as i32), Signal::SIGKILL).unwrap();
+    assert!(!snap.wait().unwrap().success(), "the snapshot of a killed owner fails");
+    let gone = poll(10, || {
+        let stat = std::fs::read_to_string(format!("/proc/{owner}/stat")).unwrap_or_default();
+        (stat.is_empty() || stat.rsplit(')').next().is_some_and(|s| s.starts_with(" Z"))).then_some(())
+    });
+    assert!(gone.is_some(), "the killed owner {owner} is gone");
+    ok(&h.ml(&["gc"]));
+    ok(&h.ml(&["prune"]));
+    assert!(unfinished(&snapshots_dir).is_empty(), "{:?}", unfinished(&snapshots_dir));
+    assert!(ok(&h.ml(&["snapshot", "ls"])).lines().all(|l| !l.contains("doomed")));
+    assert!(ram_files(std::slice::from_ref(&id)).is_empty(), "guest RAM of {id} left in /dev/shm");
+    h.assert_no_leftovers();
+
+    // 3. QEMU is killed while it resumes a snapshot: the restore fails, nothing remains.
+    let id = h.detach(&["--image", "busybox"]);
+    assert_eq!(ok(&h.ml(&["snapshot", &id, "base"])).trim(), "base");
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+    let mut restore = h.spawn(&["restore", "base"]);
+    let victim = poll(60, || h.pids().into_iter().find(|(_, cmd)| cmd.contains("-incoming")).map(|(pid, _)| pid));
+    let victim = victim.expect("the restoring QEMU was never seen");
+    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    let out = restore.wait_with_output().unwrap();
+    assert!(!out.status.success(), "a restore whose QEMU was killed: {}", String::from_utf8_lossy(&out.stdout));
+    ok(&h.ml(&["gc"]));
+    h.assert_no_leftovers();
+    // The positive control: the same snapshot restores when nothing interferes.
+    let child = ok(&h.ml(&["restore", "base"])).trim().to_owned();
+    assert_eq!(ok(&h.ml(&["exec", &child, "--", "echo", "back"])), "back\n");
+    ok(&h.ml(&["kill", &child]));
+    ok(&h.ml(&["rm", &child]));
+    ok(&h.ml(&["snapshot", "rm", "base"]));
+    h.assert_no_leftovers();
 }
