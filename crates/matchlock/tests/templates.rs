@@ -280,7 +280,7 @@ fn kill_9_while_saving_a_template_a_snapshot_or_restoring_leaves_nothing() {
     assert_eq!(ok(&h.ml(&["snapshot", &id, "base"])).trim(), "base");
     ok(&h.ml(&["kill", &id]));
     ok(&h.ml(&["rm", &id]));
-    let mut restore = h.spawn(&["restore", "base"]);
+    let restore = h.spawn(&["restore", "base"]);
     let victim = poll(60, || h.pids().into_iter().find(|(_, cmd)| cmd.contains("-incoming")).map(|(pid, _)| pid));
     let victim = victim.expect("the restoring QEMU was never seen");
     kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
