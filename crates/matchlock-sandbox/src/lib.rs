@@ -285,7 +285,7 @@ impl Sandbox {
         }
         let warm = match from {
             None if backend.capabilities().snapshots && template::applies_to(&config) => {
-                let machine = template::Machine {
+                let machine = template::Boot {
                     backend: backend.name(),
                     backend_build: &backend_build,
                     kernel: &kernel,

@@ -72,7 +72,7 @@ struct Inputs {
 }
 
 /// What [`key`] needs besides the sandbox configuration.
-pub(crate) struct Machine<'a> {
+pub(crate) struct Boot<'a> {
     pub(crate) backend: &'a str,
     pub(crate) backend_build: &'a str,
     pub(crate) kernel: &'a Path,
@@ -95,7 +95,7 @@ pub(crate) struct Key {
 }
 
 /// The template key of `config` on `machine`.
-pub(crate) fn key(config: &SandboxConfig, machine: &Machine<'_>) -> Result<Key, SandboxError> {
+pub(crate) fn key(config: &SandboxConfig, machine: &Boot<'_>) -> Result<Key, SandboxError> {
     let inputs = Inputs {
         format: FORMAT,
         backend: machine.backend.to_owned(),

@@ -149,6 +149,15 @@ fn changed_inputs_make_new_templates_and_gc_removes_stale_ones() {
     ok(&h.run(&["--image", "busybox", "--privileged", "--", "true"]));
     ok(&h.run(&["--image", "busybox", "--", "true"]));
     assert_eq!(templates(&h).len(), 3, "memory and hardening are inputs: {:?}", templates(&h));
+    // Two first runs of a new shape at once: both work, one template remains, nothing half.
+    let racers: Vec<_> =
+        (0..2).map(|_| h.spawn(&["run", "--image", "busybox", "--memory", "448", "--", "echo", "raced"])).collect();
+    for racer in racers {
+        let out = racer.wait_with_output().unwrap();
+        assert_eq!(stdout(&out), "raced\n", "{}", stderr(&out));
+    }
+    assert_eq!(templates(&h).len(), 4, "{:?}", templates(&h));
+    assert!(unfinished(&h.cache_dir().join("templates")).is_empty());
     // --disk volumes are never in a template; MATCHLOCK_COLD turns templates off.
     let out = h
         .cmd()
@@ -157,13 +166,13 @@ fn changed_inputs_make_new_templates_and_gc_removes_stale_ones() {
         .output()
         .unwrap();
     ok(&out);
-    assert_eq!(templates(&h).len(), 3);
+    assert_eq!(templates(&h).len(), 4);
     // gc keeps current templates and removes those whose image is gone.
     let gc = ok(&h.ml(&["gc"]));
     assert!(!gc.contains("template"), "{gc}");
     ok(&h.ml(&["image", "rm", "busybox"]));
     let gc = ok(&h.ml(&["gc"]));
-    assert_eq!(gc.matches("template ").count(), 3, "{gc}");
+    assert_eq!(gc.matches("template ").count(), 4, "{gc}");
     assert!(templates(&h).is_empty());
 }
 
