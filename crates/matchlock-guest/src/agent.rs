@@ -185,6 +185,15 @@ fn handle(mut stream: Stream, disks: &[String]) -> Result<(), ConnError> {
             }
             return sender.send(&GuestMessage::Exit(i32::from(outcome.is_err())));
         }
+        FrameType::Commit => {
+            let written = crate::commit::write_layer(&mut |message| {
+                sender.send(&message).map_err(|e| io::Error::other(e.to_string()))
+            });
+            if let Err(e) = &written {
+                sender.send(&GuestMessage::Stderr(format!("matchlock: commit: {e}\n").into_bytes()))?;
+            }
+            return sender.send(&GuestMessage::Exit(i32::from(written.is_err())));
+        }
         FrameType::WriteFile | FrameType::ReadFile | FrameType::ListFiles => {
             return Ok(crate::files::serve(&mut stream, &frame)?);
         }

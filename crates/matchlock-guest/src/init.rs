@@ -128,7 +128,7 @@ const SEEDED_CA: &str = "matchlock/ca.crt";
 /// Where workloads find it.
 const GUEST_CA: &str = "/etc/ssl/certs/matchlock-ca.crt";
 /// System CA bundles of common distributions; the sandbox CA is appended to those present.
-const SYSTEM_BUNDLES: [&str; 3] =
+pub(crate) const SYSTEM_BUNDLES: [&str; 3] =
     ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
 
 /// Installs the sandbox CA: its own file, and appended to the system bundle (created if the
@@ -154,6 +154,7 @@ fn install_ca(pem: &[u8]) -> Result<(), InitError> {
     if seen.is_empty() {
         fs::write(SYSTEM_BUNDLES[0], pem).map_err(write_err(SYSTEM_BUNDLES[0]))?;
     }
+    crate::commit::remember_appended_ca(pem);
     Ok(())
 }
 
@@ -175,6 +176,8 @@ fn assemble_root(params: &BootParams) -> Result<Option<Vec<u8>>, InitError> {
         fs::create_dir_all(dir).map_err(|source| InitError::Write { path: dir.clone(), source })?;
     }
     let sandbox_ca = fs::read(format!("{upper_fs}/{SEEDED_CA}")).ok();
+    crate::commit::remember_layers(&upper, &lower_dirs)
+        .map_err(|source| InitError::Write { path: upper.clone(), source })?;
     // overlayfs wants the top layer first.
     lower_dirs.reverse();
     let merged = format!("{STAGING}/merged");

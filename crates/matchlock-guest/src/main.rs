@@ -7,6 +7,7 @@
 //! - `matchlock-launcher`: internal, started by the agent for each command ([`launcher`]).
 
 mod agent;
+mod commit;
 mod files;
 mod fused;
 mod init;

@@ -22,6 +22,71 @@ pub struct ImageConfig {
     pub env: Vec<(String, String)>,
 }
 
+impl ImageConfig {
+    /// The OCI image config file (linux/amd64) of an image with these settings and the
+    /// layers `diff_ids` (bottom first): what `image export` and push write, and what an
+    /// image's digest is computed over when matchlock made it.
+    pub fn to_oci_json(&self, diff_ids: &[String]) -> Vec<u8> {
+        let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut runtime = serde_json::Map::new();
+        let mut set = |key: &str, value: serde_json::Value, present: bool| {
+            if present {
+                runtime.insert(key.to_owned(), value);
+            }
+        };
+        set("User", self.user.clone().into(), !self.user.is_empty());
+        set("WorkingDir", self.working_dir.clone().into(), !self.working_dir.is_empty());
+        set("Entrypoint", self.entrypoint.clone().into(), !self.entrypoint.is_empty());
+        set("Cmd", self.cmd.clone().into(), !self.cmd.is_empty());
+        set("Env", env.into(), !self.env.is_empty());
+        let doc = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": runtime,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        serde_json::to_vec(&doc).expect("the config serializes")
+    }
+
+    /// Applies one `--change` instruction (`CMD`, `ENTRYPOINT`, `ENV`, `WORKDIR`,
+    /// `USER`; `CMD`/`ENTRYPOINT` in exec form `["a","b"]` or shell form).
+    pub fn apply_change(&mut self, change: &str) -> Result<(), String> {
+        let (instruction, rest) = change.trim().split_once(char::is_whitespace).unwrap_or((change.trim(), ""));
+        let rest = rest.trim();
+        let command = || -> Result<Vec<String>, String> {
+            if rest.starts_with('[') {
+                serde_json::from_str(rest).map_err(|e| format!("invalid JSON array in {change:?}: {e}"))
+            } else if rest.is_empty() {
+                Ok(Vec::new())
+            } else {
+                Ok(vec!["/bin/sh".into(), "-c".into(), rest.to_owned()])
+            }
+        };
+        match instruction.to_ascii_uppercase().as_str() {
+            "CMD" => self.cmd = command()?,
+            "ENTRYPOINT" => self.entrypoint = command()?,
+            "WORKDIR" if rest.starts_with('/') => rest.clone_into(&mut self.working_dir),
+            "USER" if !rest.is_empty() => rest.clone_into(&mut self.user),
+            "ENV" => {
+                let (key, value) = rest
+                    .split_once('=')
+                    .or_else(|| rest.split_once(char::is_whitespace))
+                    .filter(|(k, _)| !k.is_empty())
+                    .ok_or_else(|| format!("ENV needs KEY=VALUE: {change:?}"))?;
+                let (key, value) = (key.trim().to_owned(), value.trim().to_owned());
+                self.env.retain(|(k, _)| *k != key);
+                self.env.push((key, value));
+            }
+            _ => {
+                return Err(format!(
+                    "unsupported change {change:?} (CMD, ENTRYPOINT, ENV KEY=VALUE, WORKDIR /path or USER name)"
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The fields of an OCI/Docker image config file we read.
 #[derive(Debug, Deserialize)]
 pub struct RawImageConfig {
@@ -102,6 +167,33 @@ mod tests {
         assert_eq!(c.env[1], ("A".to_owned(), "b=c".to_owned()));
         assert_eq!(c.env[2], ("EMPTY".to_owned(), String::new()));
         assert_eq!(raw.rootfs.diff_ids, vec!["sha256:00"]);
+    }
+
+    #[test]
+    fn changes_apply_and_bad_ones_are_refused() {
+        let mut c = ImageConfig { env: vec![("A".into(), "1".into())], ..ImageConfig::default() };
+        for change in [
+            "CMD [\"python3\", \"-m\", \"http.server\"]",
+            "ENTRYPOINT echo hi",
+            "ENV A=2",
+            "ENV B three",
+            "WORKDIR /srv",
+            "USER app",
+        ] {
+            c.apply_change(change).unwrap();
+        }
+        assert_eq!(c.cmd, ["python3", "-m", "http.server"]);
+        assert_eq!(c.entrypoint, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(c.env, [("A".to_owned(), "2".to_owned()), ("B".to_owned(), "three".to_owned())]);
+        assert_eq!((c.working_dir.as_str(), c.user.as_str()), ("/srv", "app"));
+        for bad in ["RUN make", "CMD [oops", "WORKDIR relative", "ENV", "USER"] {
+            assert!(c.apply_change(bad).is_err(), "{bad}");
+        }
+        let json: serde_json::Value = serde_json::from_slice(&c.to_oci_json(&["sha256:aa".into()])).unwrap();
+        assert_eq!(json["config"]["Env"][1], "B=three");
+        assert_eq!(json["rootfs"]["diff_ids"][0], "sha256:aa");
+        let raw: RawImageConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(raw.image_config(), c, "the config file reads back as the same settings");
     }
 
     #[test]

@@ -319,6 +319,38 @@ impl Store {
         Ok(ImportSummary { tag, digest, layers: total, size })
     }
 
+    /// The layers of image `tag`, bottom first.
+    pub fn diff_ids(&self, tag: &str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.db.prepare("SELECT diff_id FROM image_layers WHERE tag = ?1 ORDER BY ordinal")?;
+        let rows = stmt.query_map(params![tag], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores the image `tag`: `base`'s layers, then the layer tar in `layer` (content
+    /// digest `diff_id`, checked), with `config`; `source` says how it was made (`commit`).
+    pub fn add_layer_image(
+        &mut self,
+        tag: &str,
+        base: &ImageRecord,
+        layer: tempfile::NamedTempFile,
+        diff_id: &str,
+        config: &ImageConfig,
+        source: &str,
+    ) -> Result<ImportSummary, StoreError> {
+        let tag = normalize_tag(tag)?;
+        let _lock = self.lock(false)?;
+        let mut diff_ids = self.diff_ids(&base.tag)?;
+        let total = diff_ids.len() + 1;
+        let added =
+            self.add_layer(layer, diff_id).map_err(|source| StoreError::Layer { index: total, total, source })?;
+        diff_ids.push(diff_id.to_owned());
+        let rootfs = self.ensure_rootfs(&diff_ids)?;
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(config.to_oci_json(&diff_ids))));
+        let size = base.size + added;
+        self.save(&tag, source, &digest, config, &diff_ids, size, &rootfs)?;
+        Ok(ImportSummary { tag, digest, layers: total, size })
+    }
+
     /// Records an image whose layers and root file system are stored (replacing any
     /// image of that tag).
     #[allow(clippy::too_many_arguments)]

@@ -47,6 +47,10 @@ pub enum FrameType {
     /// fresh entropy before anything else runs (host -> guest, JSON
     /// [`crate::boot::Restored`]; answered with `Exit`).
     Restored = 33,
+    /// Stream the root file system's changes as one OCI layer tar, every other process
+    /// stopped meanwhile (host -> guest, empty; answered with `Stdout` chunks of the tar,
+    /// then `Exit`, or `Stderr` and a failing `Exit`).
+    Commit = 34,
 }
 
 impl TryFrom<u8> for FrameType {
@@ -69,6 +73,7 @@ impl TryFrom<u8> for FrameType {
             17 => Self::FileResult,
             32 => Self::Quiesce,
             33 => Self::Restored,
+            34 => Self::Commit,
             other => return Err(FrameError::UnknownType(other)),
         })
     }

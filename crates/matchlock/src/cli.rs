@@ -109,6 +109,18 @@ enum Command {
         #[arg(required = true)]
         name: Option<String>,
     },
+    /// Save a running sandbox's root file system changes as a new image (one layer on top
+    /// of its image; its processes are stopped for the moment it takes).
+    Commit {
+        /// A Dockerfile-style change to the image config: `CMD …`, `ENTRYPOINT …`,
+        /// `ENV K=V`, `WORKDIR /p`, `USER u` (repeatable).
+        #[arg(short = 'c', long = "change", value_name = "INSTRUCTION")]
+        changes: Vec<String>,
+        /// The running sandbox.
+        id: String,
+        /// Tag of the new image (`name[:tag]`).
+        tag: String,
+    },
     /// Start a new sandbox from a snapshot, its processes still running; prints its id.
     Restore {
         /// Values of the snapshot's secrets (`NAME@hosts` or `NAME=VALUE@hosts`); never saved.
@@ -272,6 +284,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),
         Command::Pull { tag, force, reference } => crate::images::pull(&reference, tag.as_deref(), force).await,
         Command::Volume(cmd) => crate::volumes::dispatch(cmd),
+        Command::Commit { changes, id, tag } => crate::images::commit(&id, &tag, &changes).await,
         Command::Image(ImageCommand::Ls) => crate::images::list(),
         Command::Image(ImageCommand::Rm { tag }) => crate::images::remove(&tag),
         Command::Image(ImageCommand::Gc) => crate::images::gc(),

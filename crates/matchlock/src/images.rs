@@ -104,6 +104,39 @@ pub(crate) fn gc() -> Result<u8> {
     Ok(0)
 }
 
+/// `matchlock commit`: the running sandbox's changes as the image `tag`, on top of the
+/// image it runs (which must not have changed since it started).
+pub(crate) async fn commit(id: &str, tag: &str, changes: &[String]) -> Result<u8> {
+    let state = matchlock_sandbox::open_state()?;
+    let vm = crate::vms::lookup(&state, id)?;
+    let dir = crate::vms::running_vm_dir(&vm.id)?;
+    let sandbox: matchlock_api::SandboxConfig =
+        serde_json::from_str(&vm.config_json).context("the sandbox's recorded configuration is unreadable")?;
+    let resources = state.lifecycle(&vm.id)?.map(|r| r.resources).unwrap_or_default();
+    let mut store = open_store()?;
+    let base = store
+        .get(&vm.image)?
+        .filter(|base| resources["image_rootfs"].as_str() == Some(&*base.rootfs.to_string_lossy()))
+        .with_context(|| format!("the image {} changed or is gone since {} started: cannot commit", vm.image, vm.id))?;
+    let mut config = base.config.clone();
+    for change in changes {
+        config.apply_change(change).map_err(anyhow::Error::msg)?;
+    }
+    let conn = matchlock_sandbox::relay::connect(&dir, matchlock_protocol::EXEC_PORT).await?;
+    let layer = matchlock_sandbox::commit::receive_layer(conn, &store.tmp_dir(), sandbox.disk_size_mb)
+        .await
+        .with_context(|| format!("cannot commit {}", vm.id))?;
+    let tag = tag.to_owned();
+    let summary = tokio::task::spawn_blocking(move || {
+        matchlock_sandbox::commit::save_image(&mut store, &base, layer, &tag, &config)
+    })
+    .await??;
+    outln!("Committed: {}", summary.tag)?;
+    outln!("Layers: {}", summary.layers)?;
+    outln!("Size: {}", format_size(summary.size))?;
+    Ok(0)
+}
+
 /// The image store under the cache directory.
 pub(crate) fn open_store() -> Result<Store> {
     let root = matchlock_api::paths::cache_dir().join("images");

@@ -40,7 +40,7 @@ pub(crate) struct ExecArgs {
 }
 
 /// A VM row, refreshed: a `running` row whose owner died becomes `crashed`.
-fn lookup(state: &StateDb, id: &str) -> Result<Vm> {
+pub(crate) fn lookup(state: &StateDb, id: &str) -> Result<Vm> {
     let not_found = || anyhow!("VM not found {id}: VM {id} not found");
     state.get(id)?.ok_or_else(not_found)?;
     state.reconcile_statuses()?.into_iter().find(|v| v.id == id).ok_or_else(not_found)

@@ -1,0 +1,86 @@
+//! `matchlock commit`: a running sandbox's root file system changes as a new image — one
+//! layer on top of the sandbox's image, made by the guest (its kernel reads the overlay)
+//! while every other guest process is stopped.
+//!
+//! The guest is hostile: the layer it sends is bounded (its writable disk's size and some
+//! tar overhead), spooled to the image store's temporary directory, and checked as any
+//! pulled layer is (well-formed tar, safe paths) before the store keeps it.
+
+use matchlock_image::{ImageConfig, ImageRecord, ImportSummary, Store};
+use matchlock_protocol::exec::GuestMessage;
+use matchlock_protocol::frame::tokio_io::{read_frame, write_frame};
+use matchlock_protocol::frame::FrameType;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+
+use crate::{io_err, SandboxError};
+
+/// Tar overhead allowed over the writable disk's size (headers, padding, hard links).
+const TAR_SLACK: u64 = 64 << 20;
+/// Most of the guest's error text kept.
+const MAX_ERROR: usize = 4096;
+
+/// A received layer: its spooled tar and content digest.
+#[derive(Debug)]
+pub struct Layer {
+    file: tempfile::NamedTempFile,
+    /// `sha256:` of the uncompressed tar.
+    pub diff_id: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// Asks the guest on `conn` (its exec port) for the layer of its changes, and spools it
+/// into `tmp_dir`; a disk of `disk_size_mb` bounds it.
+pub async fn receive_layer(
+    mut conn: UnixStream,
+    tmp_dir: &std::path::Path,
+    disk_size_mb: u64,
+) -> Result<Layer, SandboxError> {
+    let limit = (disk_size_mb << 20) + TAR_SLACK;
+    let file = tempfile::NamedTempFile::new_in(tmp_dir)
+        .map_err(io_err(format!("cannot create a temporary file in {}", tmp_dir.display())))?;
+    let mut spool = tokio::fs::File::from_std(file.reopen().map_err(io_err("cannot open the layer spool"))?);
+    write_frame(&mut conn, FrameType::Commit, &[]).await?;
+    let (mut hasher, mut size, mut errors) = (Sha256::new(), 0u64, String::new());
+    loop {
+        let Some(frame) = read_frame(&mut conn).await? else {
+            return Err(SandboxError::VmStopped("the guest hung up during the commit".into()));
+        };
+        match GuestMessage::from_frame(frame)? {
+            GuestMessage::Stdout(chunk) => {
+                size += chunk.len() as u64;
+                if size > limit {
+                    return Err(SandboxError::File(format!(
+                        "the guest's layer exceeds {} MB (its disk and tar overhead)",
+                        limit >> 20
+                    )));
+                }
+                hasher.update(&chunk);
+                spool.write_all(&chunk).await.map_err(io_err("cannot spool the layer"))?;
+            }
+            GuestMessage::Stderr(text) if errors.len() < MAX_ERROR => {
+                let room = MAX_ERROR - errors.len();
+                errors.push_str(&String::from_utf8_lossy(&text[..text.len().min(room)]));
+            }
+            GuestMessage::Stderr(_) => {}
+            GuestMessage::Exit(0) => break,
+            GuestMessage::Exit(_) => return Err(SandboxError::File(errors.trim().to_owned())),
+        }
+    }
+    spool.flush().await.map_err(io_err("cannot spool the layer"))?;
+    Ok(Layer { file, diff_id: format!("sha256:{}", hex::encode(hasher.finalize())), size })
+}
+
+/// Stores `layer` on top of `base` as the image `tag` with `config`; blocking (the new
+/// root file system is squashed).
+pub fn save_image(
+    store: &mut Store,
+    base: &ImageRecord,
+    layer: Layer,
+    tag: &str,
+    config: &ImageConfig,
+) -> Result<ImportSummary, SandboxError> {
+    Ok(store.add_layer_image(tag, base, layer.file, &layer.diff_id, config, "commit")?)
+}

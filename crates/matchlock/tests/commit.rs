@@ -1,0 +1,127 @@
+//! `matchlock commit` on real VMs: a running sandbox's changes become an image that runs
+//! like any other; what the host stored is checked in the layer tar itself.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Read;
+
+use common::{home, ok, stderr, stdout, Home};
+
+/// The stored layer blobs of `h`'s image store.
+fn blobs(h: &Home) -> BTreeSet<std::path::PathBuf> {
+    std::fs::read_dir(h.blobs_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "layer"))
+        .collect()
+}
+
+/// (path, xattrs as `name=value`) of every entry of the tar at `path`.
+fn entries(path: &std::path::Path) -> Vec<(String, Vec<String>)> {
+    let mut archive = tar::Archive::new(std::fs::File::open(path).unwrap());
+    let mut all = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().trim_end_matches('/').to_owned();
+        let mut xattrs = Vec::new();
+        if let Some(pax) = entry.pax_extensions().unwrap() {
+            for ext in pax {
+                let ext = ext.unwrap();
+                if let Some(attr) = ext.key().unwrap().strip_prefix("SCHILY.xattr.") {
+                    xattrs.push(format!("{attr}={}", String::from_utf8_lossy(ext.value_bytes())));
+                }
+            }
+        }
+        let mut sink = Vec::new();
+        entry.read_to_end(&mut sink).unwrap();
+        all.push((name, xattrs));
+    }
+    all
+}
+
+#[test]
+fn a_committed_sandbox_runs_as_an_image_with_its_changes() {
+    let h = home();
+    let ticker = "i=0; while :; do i=$((i+1)); echo $i > /root/tick; sleep 0.1; done";
+    // (`layered` has an ENTRYPOINT that only prints its arguments.)
+    let id = h.detach(&["--image", "layered", "--network-intercept", "--entrypoint", "", "--", "sh", "-c", ticker]);
+    let changes = "echo data > /root/made && mkdir -p /opt/app && echo v1 > /opt/app/a \
+        && ln /opt/app/a /opt/app/hard && ln -s a /opt/app/soft && chown 1000:1000 /opt/app/a \
+        && chmod 640 /opt/app/a && mkfifo /opt/app/fifo && rm /data/link && rm -rf /data/dir \
+        && mkdir /data/dir && echo fresh > /data/dir/only && echo more >> /data/keep";
+    ok(&h.ml(&["exec", &id, "--", "sh", "-c", changes]));
+    let before = blobs(&h);
+
+    let bad = h.ml(&["commit", &id, "made:1", "--change", "RUN make"]);
+    assert!(!bad.status.success() && stderr(&bad).contains("unsupported change"), "{}", stderr(&bad));
+    let out = ok(&h.ml(&[
+        "commit",
+        &id,
+        "made:1",
+        "--change",
+        "ENTRYPOINT []",
+        "--change",
+        r#"CMD ["cat", "/root/made"]"#,
+        "--change",
+        "ENV STAGE=committed",
+    ]));
+    assert!(out.starts_with("Committed: made:1\nLayers: 4\n"), "{out}");
+    // The sandbox's processes run on after the moment they were stopped.
+    let tick = |h: &Home| ok(&h.ml(&["exec", &id, "--", "cat", "/root/tick"]));
+    let first = tick(&h);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_ne!(tick(&h), first, "the sandbox's command runs again after the commit");
+
+    // What the host stored: one new layer, whiteouts in OCI form, the xattr of a copied-up
+    // file kept, none of the files matchlock writes.
+    let added: Vec<_> = blobs(&h).difference(&before).cloned().collect();
+    assert_eq!(added.len(), 1, "{added:?}");
+    let layer = entries(&added[0]);
+    let names: BTreeSet<&str> = layer.iter().map(|(n, _)| n.as_str()).collect();
+    for expected in [
+        "root/made",
+        "opt/app/a",
+        "opt/app/hard",
+        "opt/app/soft",
+        "opt/app/fifo",
+        "data/.wh.link",
+        "data/dir/.wh..wh..opq",
+        "data/dir/only",
+    ] {
+        assert!(names.contains(expected), "{expected} missing from the layer: {names:?}");
+    }
+    for own in [
+        "etc/hostname",
+        "etc/hosts",
+        "etc/resolv.conf",
+        "etc/ssl/certs/matchlock-ca.crt",
+        "etc/ssl/certs/ca-certificates.crt",
+    ] {
+        assert!(!names.contains(own), "{own} is matchlock's, not the sandbox's: {names:?}");
+    }
+    let keep = layer.iter().find(|(n, _)| n == "data/keep").expect("the copied-up file");
+    assert_eq!(keep.1, ["user.matchlock=xattr-value"]);
+
+    // The image runs like any other: its config changes and every kind of change apply.
+    let out = h.ml(&["run", "--image", "made:1"]);
+    assert_eq!(stdout(&out), "data\n", "{}", stderr(&out));
+    let check = "cat /opt/app/a; stat -c '%u:%g %a %h' /opt/app/a; readlink /opt/app/soft; \
+        test -p /opt/app/fifo && echo fifo; ls /data/dir; test -e /data/link || echo no-link; \
+        cat /data/keep; echo $STAGE; cat /etc/hostname";
+    let out = h.ml(&["run", "--image", "made:1", "--hostname", "fresh", "--", "sh", "-c", check]);
+    assert_eq!(
+        stdout(&out),
+        "v1\n1000:1000 640 2\na\nfifo\nonly\nno-link\nkept\nmore\ncommitted\nfresh\n",
+        "{}",
+        stderr(&out)
+    );
+
+    let missing = h.ml(&["commit", "vm-00000000", "x:1"]);
+    assert!(!missing.status.success() && stderr(&missing).contains("not found"), "{}", stderr(&missing));
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+    ok(&h.ml(&["image", "rm", "made:1"]));
+    h.assert_no_leftovers();
+}
