@@ -156,9 +156,10 @@ impl Write for Stream {
 }
 
 impl Drop for StreamInner {
-    /// Nobody uses the stream any more: the host is told it is gone both ways.
+    /// Nobody uses the stream any more: the host is told it is gone both ways — unless a
+    /// new session already reset it and reuses its id.
     fn drop(&mut self) {
-        self.mux.reset(self.id, true);
+        self.mux.reset_incarnation(self.id, Some(&self.alive), true);
     }
 }
 
@@ -420,7 +421,21 @@ impl Mux {
     }
 
     fn reset(&self, id: u32, tell_host: bool) {
-        let Some(stream) = relock(&self.streams).remove(&id) else { return };
+        self.reset_incarnation(id, None, tell_host);
+    }
+
+    /// Resets stream `id` — with `only`, only while `id` is still that incarnation (its
+    /// `alive` flag): a stream of an old session that ends late must not take a new
+    /// session's stream of the same id with it.
+    fn reset_incarnation(&self, id: u32, only: Option<&Arc<AtomicBool>>, tell_host: bool) {
+        let stream = {
+            let mut streams = relock(&self.streams);
+            match streams.get(&id) {
+                Some(entry) if only.is_none_or(|alive| Arc::ptr_eq(alive, &entry.alive)) => streams.remove(&id),
+                _ => None,
+            }
+        };
+        let Some(stream) = stream else { return };
         {
             let _outbox = relock(&self.outbox);
             stream.alive.store(false, Ordering::Release);

@@ -639,7 +639,9 @@ impl Start<'_> {
         let start_failed = |e: SandboxError| (Phase::StartFailed, e);
         let machine = match resumed {
             None => self.backend.launch(spec).await.map_err(|e| start_failed(e.into()))?,
-            Some((from, _)) => match self.backend.restore(spec, from.clone()).await {
+            // A template's machine gets a memory copy of its own: it is the usual source of
+            // snapshots and forks, which then stay as cheap as of a booted machine.
+            Some((from, _)) => match self.backend.restore(spec, from.clone(), self.restored_memory()).await {
                 Ok(machine) => machine,
                 Err(e) => return Err(start_failed(self.resume_failed(e))),
             },
@@ -670,6 +672,15 @@ impl Start<'_> {
         }
         state.transition(id, Phase::Running, None).map_err(|e| (Phase::StartFailed, e.into()))?;
         Ok((machine, machine_id, network, vfs_guard.disarm(), prepared))
+    }
+
+    /// How a resumed machine holds its memory: copied from a template, copy-on-write from
+    /// a snapshot (its forks share what they do not write).
+    fn restored_memory(&self) -> matchlock_vm::RestoredMemory {
+        match self.from {
+            Some(_) => matchlock_vm::RestoredMemory::CopyOnWrite,
+            None => matchlock_vm::RestoredMemory::Copied,
+        }
     }
 
     /// What a failed resume reports; a template that does not resume is discarded, so the

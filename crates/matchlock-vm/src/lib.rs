@@ -188,7 +188,25 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// modes; writable scratch disks get the snapshot's content). Returns once the guest has
     /// dropped the old host's streams and answered. Backends without
     /// [`Capabilities::snapshots`] refuse.
-    fn restore(&self, spec: MachineSpec, from: PathBuf) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>>;
+    fn restore(
+        &self,
+        spec: MachineSpec,
+        from: PathBuf,
+        memory: RestoredMemory,
+    ) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>>;
+}
+
+/// How a restored machine holds the saved memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoredMemory {
+    /// Mapped copy-on-write from the snapshot: pages the machine never writes stay shared
+    /// with every other machine restored from it (forks), but a snapshot of the restored
+    /// machine must carry all of its memory in the device state.
+    CopyOnWrite,
+    /// A copy of its own, held as a booted machine holds its memory: costs a copy of the
+    /// saved pages, and snapshots of the machine are as cheap as of a booted one (warm
+    /// templates, whose machines are the usual sources of snapshots and forks).
+    Copied,
 }
 
 /// A running VM.

@@ -15,7 +15,8 @@ use crate::accel::Accel;
 use crate::mux::Mux;
 use crate::qmp::Qmp;
 use crate::{
-    tools, Backend, BoxFuture, Capabilities, Connector, Machine, MachineSpec, NicTransport, Snapshotter, VmDir, VmError,
+    tools, Backend, BoxFuture, Capabilities, Connector, Machine, MachineSpec, NicTransport, RestoredMemory,
+    Snapshotter, VmDir, VmError,
 };
 
 /// How long to wait for QEMU to create its sockets.
@@ -124,11 +125,20 @@ fn tail(path: &Path) -> String {
 }
 
 impl QemuBackend {
-    /// QEMU's command line. Guest RAM is the file `ram`: shared (a fresh boot, so that a
-    /// snapshot can skip it and copy the file), or a snapshot's, mapped copy-on-write.
-    fn qemu_args(&self, spec: &MachineSpec, ram: &Path, restoring: bool) -> Result<Vec<String>, VmError> {
+    /// QEMU's command line. Guest RAM is the file `ram`: shared (a fresh boot or a copied
+    /// snapshot, so that a snapshot can skip it and copy the file), or a snapshot's, mapped
+    /// copy-on-write. `incoming`: the machine waits for a saved state.
+    fn qemu_args(
+        &self,
+        spec: &MachineSpec,
+        ram: &Path,
+        memory: Option<RestoredMemory>,
+    ) -> Result<Vec<String>, VmError> {
         let mem = format!("{}M", spec.memory_mb);
-        let backing = if restoring { "share=off,readonly=on,rom=off" } else { "share=on" };
+        let backing = match memory {
+            Some(RestoredMemory::CopyOnWrite) => "share=off,readonly=on,rom=off",
+            None | Some(RestoredMemory::Copied) => "share=on",
+        };
         let mut args: Vec<String> = [
             "-M",
             "microvm,acpi=off,x-option-roms=off,rtc=off,pcie=off",
@@ -193,7 +203,7 @@ impl QemuBackend {
             args.push("-device".into());
             args.push(format!("virtio-net-device,netdev=net0,mac={mac},host_mtu={}", nic.mtu));
         }
-        if restoring {
+        if memory.is_some() {
             args.extend(["-incoming".to_owned(), "defer".to_owned()]);
         }
         Ok(args)
@@ -219,8 +229,13 @@ impl Backend for QemuBackend {
         Box::pin(async move { Ok(Box::new(self.start(spec, None).await?) as Box<dyn Machine>) })
     }
 
-    fn restore(&self, spec: MachineSpec, from: PathBuf) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>> {
-        Box::pin(async move { Ok(Box::new(self.start(spec, Some(&from)).await?) as Box<dyn Machine>) })
+    fn restore(
+        &self,
+        spec: MachineSpec,
+        from: PathBuf,
+        memory: RestoredMemory,
+    ) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>> {
+        Box::pin(async move { Ok(Box::new(self.start(spec, Some((&from, memory))).await?) as Box<dyn Machine>) })
     }
 }
 
@@ -293,7 +308,7 @@ fn copy_sparse(from: &std::fs::File, to: &Path) -> std::io::Result<()> {
 
 impl QemuBackend {
     /// Boots `spec`, or with `restore` resumes the snapshot in that directory.
-    async fn start(&self, spec: MachineSpec, restore: Option<&Path>) -> Result<QemuMachine, VmError> {
+    async fn start(&self, spec: MachineSpec, restore: Option<(&Path, RestoredMemory)>) -> Result<QemuMachine, VmError> {
         if spec.disks.len() > self.capabilities().max_disks {
             return Err(VmError::InvalidSpec(format!(
                 "{} disks, but microvm has room for {}",
@@ -322,7 +337,7 @@ impl QemuBackend {
         };
         let started = match restore {
             None => self.boot(&mut machine, &spec).await,
-            Some(from) => self.resume(&mut machine, &spec, from).await,
+            Some((from, memory)) => self.resume(&mut machine, &spec, from, memory).await,
         };
         if let Some(path) = machine.ram_path.take() {
             // QEMU has mapped it (or failed): the name is no longer needed.
@@ -395,7 +410,7 @@ impl QemuBackend {
         let (ram_path, ram) = fresh_ram(&spec.dir, spec.memory_mb)?;
         machine.ram_path = Some(ram_path.clone());
         machine.ram = Some(Arc::new(ram));
-        let args = self.qemu_args(spec, &ram_path, false)?;
+        let args = self.qemu_args(spec, &ram_path, None)?;
         let ready_path = spec.dir.port_listener(READY_PORT);
         let _ = std::fs::remove_file(&ready_path);
         let ready =
@@ -420,17 +435,50 @@ impl QemuBackend {
     /// A restore: the snapshot's writable disks copied to the spec's, QEMU started on the
     /// snapshot's RAM (copy-on-write) and device state, then a new pipe session: the guest
     /// drops the old host's streams and answers.
-    async fn resume(&self, machine: &mut QemuMachine, spec: &MachineSpec, from: &Path) -> Result<(), VmError> {
+    async fn resume(
+        &self,
+        machine: &mut QemuMachine,
+        spec: &MachineSpec,
+        from: &Path,
+        memory: RestoredMemory,
+    ) -> Result<(), VmError> {
         let started = Instant::now();
-        for (i, disk) in spec.disks.iter().enumerate().filter(|(_, d)| !d.read_only && !d.persistent) {
-            let saved = from.join(snapshot_disk(i));
-            let copied = std::fs::File::open(&saved).and_then(|f| {
-                let _ = std::fs::remove_file(&disk.path);
-                copy_sparse(&f, &disk.path)
-            });
-            copied.map_err(VmError::io(format!("cannot copy the snapshot's {}", saved.display())))?;
+        let mut copies: Vec<(PathBuf, PathBuf)> = spec
+            .disks
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !d.read_only && !d.persistent)
+            .map(|(i, disk)| (from.join(snapshot_disk(i)), disk.path.clone()))
+            .collect();
+        let ram = match memory {
+            RestoredMemory::CopyOnWrite => from.join(SNAPSHOT_RAM),
+            RestoredMemory::Copied => {
+                let path = ram_file(&spec.dir);
+                copies.push((from.join(SNAPSHOT_RAM), path.clone()));
+                path
+            }
+        };
+        // Sparse copies of a few to hundreds of MB: not on the runtime's threads.
+        tokio::task::spawn_blocking(move || {
+            copies.iter().try_for_each(|(saved, copy)| {
+                let _ = std::fs::remove_file(copy);
+                std::fs::File::open(saved)
+                    .and_then(|f| copy_sparse(&f, copy))
+                    .map_err(VmError::io(format!("cannot copy the snapshot's {}", saved.display())))
+            })
+        })
+        .await
+        .map_err(|e| VmError::io("copying the snapshot")(e.into()))??;
+        if memory == RestoredMemory::Copied {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&ram)
+                .map_err(VmError::io(format!("cannot open the guest RAM file {}", ram.display())))?;
+            machine.ram_path = Some(ram.clone());
+            machine.ram = Some(Arc::new(file));
         }
-        let args = self.qemu_args(spec, &from.join(SNAPSHOT_RAM), true)?;
+        let args = self.qemu_args(spec, &ram, Some(memory))?;
         self.spawn_qemu(machine, spec, &args)?;
         let state = check_option_path(&from.join(SNAPSHOT_STATE))?;
         let qmp_socket = spec.dir.backend_socket("qmp");

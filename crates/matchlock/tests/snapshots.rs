@@ -112,3 +112,26 @@ fn a_listening_server_keeps_listening_in_restored_children() {
     ok(&h.ml(&["snapshot", "rm", "server"]));
     h.assert_no_leftovers();
 }
+
+/// A restored sandbox is snapshotted and forked again, generation after generation: each
+/// child answers at once (a late end of an old session's stream once reset the new
+/// session's stream of the same id).
+#[test]
+fn restored_sandboxes_snapshot_and_fork_again() {
+    let h = home();
+    let id = h.detach(&["--image", "busybox", "--", "sleep", "600"]);
+    ok(&h.ml(&["exec", &id, "--", "sh", "-c", "echo gen0 > /root/mark"]));
+    ok(&h.ml(&["snapshot", &id, "gen1"]));
+    let first = ok(&h.ml(&["restore", "gen1"])).trim().to_owned();
+    ok(&h.ml(&["snapshot", &first, "gen2"]));
+    for _ in 0..3 {
+        let child = ok(&h.ml(&["restore", "gen2"])).trim().to_owned();
+        assert_eq!(ok(&h.ml(&["exec", &child, "--", "cat", "/root/mark"])), "gen0\n");
+        let grandchild = ok(&h.ml(&["fork", &child, "-n", "1"])).trim().to_owned();
+        assert_eq!(ok(&h.ml(&["exec", &grandchild, "--", "hostname"])).trim(), grandchild);
+    }
+    ok(&h.ml(&["kill", "--all"]));
+    ok(&h.ml(&["prune"]));
+    ok(&h.ml(&["snapshot", "rm", "gen1", "gen2"]));
+    h.assert_no_leftovers();
+}
