@@ -351,6 +351,44 @@ impl Store {
         Ok(ImportSummary { tag, digest, layers: total, size })
     }
 
+    /// Writes image `reference` to `out` as a `docker save` archive (`manifest.json`, the
+    /// config, one uncompressed `layer.tar` per layer), which `docker load`, skopeo
+    /// (`docker-archive:`) and `image import` read.
+    pub fn export(&self, reference: &str, out: &mut dyn io::Write) -> Result<(), StoreError> {
+        let image = self.get(reference)?.ok_or_else(|| StoreError::Corrupt(format!("no image {reference}")))?;
+        let diff_ids = self.diff_ids(&image.tag)?;
+        let config = image.config.to_oci_json(&diff_ids);
+        let config_name = format!("{}.json", hex::encode(Sha256::digest(&config)));
+        let mut tar = tar::Builder::new(out);
+        let add = |tar: &mut tar::Builder<&mut dyn io::Write>, name: &str, size: u64, data: &mut dyn Read| {
+            let mut header = tar::Header::new_ustar();
+            header.set_mode(0o644);
+            header.set_size(size);
+            tar.append_data(&mut header, name, data)
+        };
+        let write_err = |e: io::Error| StoreError::Io { path: PathBuf::from("the export"), source: e };
+        let mut layer_names = Vec::new();
+        for diff_id in &diff_ids {
+            let stored = self.layer_path(diff_id);
+            // Stored as pulled (maybe compressed): the archive holds the plain tar.
+            let mut plain = tempfile::tempfile_in(self.tmp_dir()).map_err(io_err(&stored))?;
+            let raw = fs::File::open(&stored).map_err(io_err(&stored))?;
+            let size = io::copy(&mut layer::decompress(Box::new(raw)).map_err(io_err(&stored))?, &mut plain)
+                .map_err(io_err(&stored))?;
+            io::Seek::rewind(&mut plain).map_err(io_err(&stored))?;
+            let name = format!("{}/layer.tar", diff_id.trim_start_matches("sha256:"));
+            add(&mut tar, &name, size, &mut plain).map_err(write_err)?;
+            layer_names.push(name);
+        }
+        add(&mut tar, &config_name, config.len() as u64, &mut config.as_slice()).map_err(write_err)?;
+        let manifest = serde_json::to_vec(&serde_json::json!([
+            {"Config": config_name, "RepoTags": [image.tag], "Layers": layer_names}
+        ]))
+        .expect("the manifest serializes");
+        add(&mut tar, "manifest.json", manifest.len() as u64, &mut manifest.as_slice()).map_err(write_err)?;
+        tar.into_inner().and_then(|out| out.flush()).map_err(write_err)
+    }
+
     /// Records an image whose layers and root file system are stored (replacing any
     /// image of that tag).
     #[allow(clippy::too_many_arguments)]

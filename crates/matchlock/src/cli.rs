@@ -228,6 +228,14 @@ enum ImageCommand {
     },
     /// Delete layer blobs no image uses.
     Gc,
+    /// Write an image as a `docker save` archive (for `docker load`, skopeo, `image import`).
+    Export {
+        /// The file to write (default: stdout).
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+        /// The image.
+        tag: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -288,6 +296,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Image(ImageCommand::Ls) => crate::images::list(),
         Command::Image(ImageCommand::Rm { tag }) => crate::images::remove(&tag),
         Command::Image(ImageCommand::Gc) => crate::images::gc(),
+        Command::Image(ImageCommand::Export { output, tag }) => crate::images::export(&tag, output.as_deref()),
         Command::Image(ImageCommand::Import(args)) => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {

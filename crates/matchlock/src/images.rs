@@ -137,6 +137,32 @@ pub(crate) async fn commit(id: &str, tag: &str, changes: &[String]) -> Result<u8
     Ok(0)
 }
 
+/// `matchlock image export`: the image as a `docker save` archive, to `output` (written
+/// whole, then renamed into place) or stdout (never a terminal).
+pub(crate) fn export(tag: &str, output: Option<&std::path::Path>) -> Result<u8> {
+    let store = open_store()?;
+    if store.get(tag)?.is_none() {
+        bail!("image not found: {tag} (see `matchlock image ls`)");
+    }
+    match output {
+        Some(path) => {
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            let mut file = tempfile::NamedTempFile::new_in(dir)
+                .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+            store.export(tag, file.as_file_mut()).with_context(|| format!("cannot export {tag}"))?;
+            file.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        None => {
+            let stdout = std::io::stdout();
+            if stdout.is_terminal() {
+                bail!("image export writes a tarball: redirect it (`> image.tar`) or pass -o FILE");
+            }
+            store.export(tag, &mut stdout.lock()).with_context(|| format!("cannot export {tag}"))?;
+        }
+    }
+    Ok(0)
+}
+
 /// The image store under the cache directory.
 pub(crate) fn open_store() -> Result<Store> {
     let root = matchlock_api::paths::cache_dir().join("images");

@@ -1,12 +1,13 @@
 //! `matchlock commit` on real VMs: a running sandbox's changes become an image that runs
-//! like any other; what the host stored is checked in the layer tar itself.
+//! like any other; what the host stored is checked in the layer tar itself. `image export`
+//! writes archives another tool (skopeo) reads and another store imports.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::io::Read;
 
-use common::{home, ok, stderr, stdout, Home};
+use common::{home, isolated_home, ok, stderr, stdout, Home};
 
 /// The stored layer blobs of `h`'s image store.
 fn blobs(h: &Home) -> BTreeSet<std::path::PathBuf> {
@@ -124,4 +125,44 @@ fn a_committed_sandbox_runs_as_an_image_with_its_changes() {
     ok(&h.ml(&["rm", &id]));
     ok(&h.ml(&["image", "rm", "made:1"]));
     h.assert_no_leftovers();
+}
+
+#[test]
+fn an_exported_image_reads_in_skopeo_and_runs_from_another_store() {
+    let h = home();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("layered.tar");
+    ok(&h.ml(&["image", "export", "layered", "-o", archive.to_str().unwrap()]));
+    let missing = h.ml(&["image", "export", "nope", "-o", archive.to_str().unwrap()]);
+    assert!(!missing.status.success() && stderr(&missing).contains("image not found: nope"), "{}", stderr(&missing));
+
+    // Another tool reads it.
+    let out = std::process::Command::new("skopeo")
+        .args(["inspect", &format!("docker-archive:{}", archive.display())])
+        .output()
+        .expect("skopeo (installed by scripts/setup.sh)");
+    assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+    let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inspected["Layers"].as_array().map(Vec::len), Some(3), "{inspected}");
+    assert_eq!((inspected["Architecture"].as_str(), inspected["Os"].as_str()), (Some("amd64"), Some("linux")));
+    assert!(inspected["Env"].as_array().unwrap().iter().any(|e| e == "FOO=image"), "{inspected}");
+
+    // Another store imports it, and it runs the same.
+    let other = isolated_home();
+    ok(&other.import("again", &archive));
+    let run = |home: &Home, image: &str| {
+        let out = home.run(&[
+            "--image",
+            image,
+            "--entrypoint",
+            "",
+            "--",
+            "sh",
+            "-c",
+            "cat /data/keep; ls /data/dir; echo $FOO",
+        ]);
+        (stdout(&out), out.status.code())
+    };
+    assert_eq!(run(&other, "again"), run(&h, "layered"));
+    assert_eq!(run(&other, "again").0, "kept\nnew\nimage\n");
 }
