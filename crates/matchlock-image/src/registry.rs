@@ -397,3 +397,110 @@ mod tests {
         assert!(!is_insecure("index.docker.io"));
     }
 }
+
+/// Errors pushing an image.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// The local image does not exist.
+    #[error("image not found: {0} (see `matchlock image ls`)")]
+    NotFound(String),
+    /// The target does not parse.
+    #[error("invalid image reference {0:?}")]
+    Reference(String),
+    /// The registry refused our credentials (or wants some).
+    #[error("authentication to {registry} failed: {detail} (credentials come from ~/.docker/config.json)")]
+    Auth {
+        /// The registry.
+        registry: String,
+        /// What it said.
+        detail: String,
+    },
+    /// Any other registry or transport failure.
+    #[error("pushing {reference} failed")]
+    Registry {
+        /// The target.
+        reference: String,
+        /// Why.
+        #[source]
+        source: OciDistributionError,
+    },
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a push sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushSummary {
+    /// Normalised target reference.
+    pub reference: String,
+    /// Manifest URL the registry answered with.
+    pub manifest_url: String,
+    /// Number of layers.
+    pub layers: usize,
+}
+
+/// Pushes the local image `local` to `target` (same TLS and credential rules as a pull):
+/// each layer as an uncompressed OCI layer (its digest is its diff-id), the config, then an
+/// OCI manifest. `progress` hears of each layer as it starts.
+pub async fn push(
+    store: &Store,
+    local: &str,
+    target: &str,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PushSummary, PushError> {
+    use futures_util::StreamExt;
+    use oci_client::manifest::{OciImageManifest, OciManifest, IMAGE_CONFIG_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE};
+    use sha2::Digest;
+
+    let image = store.get(local)?.ok_or_else(|| PushError::NotFound(local.to_owned()))?;
+    let diff_ids = store.diff_ids(&image.tag)?;
+    let reference: Reference = target.parse().map_err(|_| PushError::Reference(target.to_owned()))?;
+    let name = reference.whole();
+    let registry = reference.resolve_registry().to_owned();
+    let client = client_for(&registry);
+    let failed = |e: OciDistributionError| match &e {
+        OciDistributionError::AuthenticationFailure(detail) => {
+            PushError::Auth { registry: registry.clone(), detail: detail.clone() }
+        }
+        OciDistributionError::UnauthorizedError { .. } => {
+            PushError::Auth { registry: registry.clone(), detail: e.to_string() }
+        }
+        _ => PushError::Registry { reference: name.clone(), source: e },
+    };
+    client
+        .auth(&reference, &credentials(reference.registry()), oci_client::RegistryOperation::Push)
+        .await
+        .map_err(failed)?;
+    let total = diff_ids.len();
+    let mut layers = Vec::with_capacity(total);
+    for (i, diff_id) in diff_ids.iter().enumerate() {
+        progress(i + 1, total);
+        let (plain, size) = store.plain_layer(diff_id)?;
+        let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(plain))
+            .map(|chunk| chunk.map_err(OciDistributionError::IoError));
+        client.push_blob_stream(&reference, stream, diff_id, Some(size)).await.map_err(failed)?;
+        layers.push(OciDescriptor {
+            media_type: IMAGE_LAYER_MEDIA_TYPE.to_owned(),
+            digest: diff_id.clone(),
+            size: size as i64,
+            ..OciDescriptor::default()
+        });
+    }
+    let config = image.config.to_oci_json(&diff_ids);
+    let config_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&config)));
+    let config_size = config.len() as i64;
+    client.push_blob(&reference, config, &config_digest).await.map_err(failed)?;
+    let manifest = OciImageManifest {
+        config: OciDescriptor {
+            media_type: IMAGE_CONFIG_MEDIA_TYPE.to_owned(),
+            digest: config_digest,
+            size: config_size,
+            ..OciDescriptor::default()
+        },
+        layers,
+        ..OciImageManifest::default()
+    };
+    let manifest_url = client.push_manifest(&reference, &OciManifest::Image(manifest)).await.map_err(failed)?;
+    Ok(PushSummary { reference: name, manifest_url, layers: total })
+}

@@ -351,6 +351,18 @@ impl Store {
         Ok(ImportSummary { tag, digest, layers: total, size })
     }
 
+    /// The uncompressed tar of a stored layer (stored as pulled, maybe compressed), in an
+    /// anonymous temporary file rewound to its start, and its size; its sha256 is `diff_id`.
+    pub fn plain_layer(&self, diff_id: &str) -> Result<(fs::File, u64), StoreError> {
+        let stored = self.layer_path(diff_id);
+        let mut plain = tempfile::tempfile_in(self.tmp_dir()).map_err(io_err(&stored))?;
+        let raw = fs::File::open(&stored).map_err(io_err(&stored))?;
+        let size = io::copy(&mut layer::decompress(Box::new(raw)).map_err(io_err(&stored))?, &mut plain)
+            .map_err(io_err(&stored))?;
+        io::Seek::rewind(&mut plain).map_err(io_err(&stored))?;
+        Ok((plain, size))
+    }
+
     /// Writes image `reference` to `out` as a `docker save` archive (`manifest.json`, the
     /// config, one uncompressed `layer.tar` per layer), which `docker load`, skopeo
     /// (`docker-archive:`) and `image import` read.
@@ -369,13 +381,7 @@ impl Store {
         let write_err = |e: io::Error| StoreError::Io { path: PathBuf::from("the export"), source: e };
         let mut layer_names = Vec::new();
         for diff_id in &diff_ids {
-            let stored = self.layer_path(diff_id);
-            // Stored as pulled (maybe compressed): the archive holds the plain tar.
-            let mut plain = tempfile::tempfile_in(self.tmp_dir()).map_err(io_err(&stored))?;
-            let raw = fs::File::open(&stored).map_err(io_err(&stored))?;
-            let size = io::copy(&mut layer::decompress(Box::new(raw)).map_err(io_err(&stored))?, &mut plain)
-                .map_err(io_err(&stored))?;
-            io::Seek::rewind(&mut plain).map_err(io_err(&stored))?;
+            let (mut plain, size) = self.plain_layer(diff_id)?;
             let name = format!("{}/layer.tar", diff_id.trim_start_matches("sha256:"));
             add(&mut tar, &name, size, &mut plain).map_err(write_err)?;
             layer_names.push(name);

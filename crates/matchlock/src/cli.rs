@@ -170,6 +170,13 @@ enum Command {
         /// The image (`alpine`, `localhost:5000/app:1`).
         reference: String,
     },
+    /// Push a local image to a registry (same credentials and TLS rules as pull).
+    Push {
+        /// The local image.
+        image: String,
+        /// Where to (`localhost:5000/team/app:1`); the local name when absent.
+        target: Option<String>,
+    },
     /// Manage local images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -291,6 +298,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::DetachedOwner => Box::pin(crate::run::detached_owner()).await,
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),
         Command::Pull { tag, force, reference } => crate::images::pull(&reference, tag.as_deref(), force).await,
+        Command::Push { image, target } => crate::images::push(&image, target.as_deref().unwrap_or(&image)).await,
         Command::Volume(cmd) => crate::volumes::dispatch(cmd),
         Command::Commit { changes, id, tag } => crate::images::commit(&id, &tag, &changes).await,
         Command::Image(ImageCommand::Ls) => crate::images::list(),

@@ -70,6 +70,18 @@ pub(crate) async fn pull(reference: &str, tag: Option<&str>, force: bool) -> Res
     Ok(0)
 }
 
+/// `matchlock push`.
+pub(crate) async fn push(image: &str, target: &str) -> Result<u8> {
+    let store = open_store()?;
+    outln!("Pushing {image} to {target}...")?;
+    let mut progress = |index: usize, total: usize| eprintln!("Layer {index}/{total}: uploading");
+    let summary =
+        registry::push(&store, image, target, &mut progress).await.with_context(|| format!("cannot push {image}"))?;
+    outln!("Pushed: {}", summary.reference)?;
+    outln!("Layers: {}", summary.layers)?;
+    Ok(0)
+}
+
 /// `matchlock image ls`.
 pub(crate) fn list() -> Result<u8> {
     let store = open_store()?;

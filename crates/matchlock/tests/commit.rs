@@ -1,13 +1,14 @@
 //! `matchlock commit` on real VMs: a running sandbox's changes become an image that runs
 //! like any other; what the host stored is checked in the layer tar itself. `image export`
-//! writes archives another tool (skopeo) reads and another store imports.
+//! writes archives another tool (skopeo) reads and another store imports; `push` sends an
+//! image to a real registry (with authentication) that a clean store pulls from.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::io::Read;
 
-use common::{home, isolated_home, ok, stderr, stdout, Home};
+use common::{home, isolated_home, ok, stderr, stdout, Home, Registry};
 
 /// The stored layer blobs of `h`'s image store.
 fn blobs(h: &Home) -> BTreeSet<std::path::PathBuf> {
@@ -165,4 +166,60 @@ fn an_exported_image_reads_in_skopeo_and_runs_from_another_store() {
     };
     assert_eq!(run(&other, "again"), run(&h, "layered"));
     assert_eq!(run(&other, "again").0, "kept\nnew\nimage\n");
+}
+
+/// Writes `h`'s Docker config with `user_pass` for `registry`.
+fn docker_login(h: &Home, registry: &str, user_pass: &str) {
+    let docker = h.dir.path().join(".docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    let mut encode = std::process::Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut encode.stdin.take().unwrap(), user_pass.as_bytes()).unwrap();
+    let encoded = stdout(&encode.wait_with_output().unwrap());
+    std::fs::write(docker.join("config.json"), format!(r#"{{"auths":{{"{registry}":{{"auth":"{encoded}"}}}}}}"#))
+        .unwrap();
+}
+
+#[test]
+fn a_pushed_commit_pulls_into_a_clean_store_and_runs() {
+    let registry = Registry::start(Some(("alice", "s3cret")));
+    let h = home();
+    let id = h.detach(&["--image", "busybox", "--", "sleep", "600"]);
+    ok(&h.ml(&["exec", &id, "--", "sh", "-c", "echo pushed > /root/made && rm /etc/os-release"]));
+    ok(&h.ml(&["commit", &id, "pushme:1", "--change", "CMD [\"cat\", \"/root/made\"]"]));
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+    let target = format!("{}/team/pushme:1", registry.addr);
+
+    // Without credentials the registry refuses, and says so.
+    let denied = h.ml(&["push", "pushme:1", &target]);
+    assert!(!denied.status.success() && stderr(&denied).contains("authentication"), "{}", stderr(&denied));
+    let missing = h.ml(&["push", "nope:1", &target]);
+    assert!(stderr(&missing).contains("image not found: nope:1"), "{}", stderr(&missing));
+    docker_login(&h, &registry.addr, "alice:s3cret");
+    let out = ok(&h.ml(&["push", "pushme:1", &target]));
+    assert!(out.contains("Layers: 2"), "{out}");
+
+    // What the registry really holds: skopeo reads the manifest with two layers.
+    let inspected = std::process::Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--creds", "alice:s3cret", &format!("docker://{target}")])
+        .output()
+        .unwrap();
+    assert!(inspected.status.success(), "{}", String::from_utf8_lossy(&inspected.stderr));
+    let inspected: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
+    assert_eq!(inspected["Layers"].as_array().map(Vec::len), Some(2), "{inspected}");
+
+    // A clean store pulls it and it runs as committed.
+    let clean = isolated_home();
+    docker_login(&clean, &registry.addr, "alice:s3cret");
+    ok(&clean.ml(&["pull", &target]));
+    let out = clean.run(&["--image", &target]);
+    assert_eq!(stdout(&out), "pushed\n", "{}", stderr(&out));
+    let out = clean.run(&["--image", &target, "--", "sh", "-c", "test -e /etc/os-release || echo deleted"]);
+    assert_eq!(stdout(&out), "deleted\n", "{}", stderr(&out));
+    h.assert_no_leftovers();
 }
