@@ -54,6 +54,9 @@ enum Command {
         /// Only running sandboxes.
         #[arg(long, env = "MATCHLOCK_LIST_RUNNING")]
         running: bool,
+        /// One JSON array (the `get` object of each sandbox) instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a sandbox's state as JSON.
     Get {
@@ -159,6 +162,17 @@ enum Command {
         /// Only this sandbox.
         id: Option<String>,
     },
+    /// Print the shell completion script (`source <(matchlock completion bash)`).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (`matchlock.1`, `matchlock-run.1`, …) into a directory.
+    Man {
+        /// Where to write them.
+        #[arg(long = "out-dir", value_name = "DIR")]
+        out_dir: std::path::PathBuf,
+    },
     /// Pull an image from a registry.
     Pull {
         /// Also store the image under this tag.
@@ -227,7 +241,11 @@ enum ImageCommand {
     Import(ImportArgs),
     /// List images.
     #[command(alias = "list")]
-    Ls,
+    Ls {
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an image (its layers go when no image uses them).
     Rm {
         /// The image.
@@ -277,7 +295,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Run(args) => Box::pin(crate::run::run(*args)).await,
         Command::Exec(args) => crate::vms::exec(args).await,
-        Command::List { running } => crate::vms::list(running),
+        Command::List { running, json } => crate::vms::list(running, json),
         Command::Get { id } => crate::vms::get(&id),
         Command::Inspect { id } => crate::vms::inspect(&id),
         Command::Log { follow, id } => crate::vms::log(&id, follow).await,
@@ -298,10 +316,22 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::DetachedOwner => Box::pin(crate::run::detached_owner()).await,
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),
         Command::Pull { tag, force, reference } => crate::images::pull(&reference, tag.as_deref(), force).await,
+        Command::Completion { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "matchlock", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Man { out_dir } => {
+            std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(command, &out_dir)
+                .with_context(|| format!("cannot write the man pages into {}", out_dir.display()))?;
+            Ok(0)
+        }
         Command::Push { image, target } => crate::images::push(&image, target.as_deref().unwrap_or(&image)).await,
         Command::Volume(cmd) => crate::volumes::dispatch(cmd),
         Command::Commit { changes, id, tag } => crate::images::commit(&id, &tag, &changes).await,
-        Command::Image(ImageCommand::Ls) => crate::images::list(),
+        Command::Image(ImageCommand::Ls { json }) => crate::images::list(json),
         Command::Image(ImageCommand::Rm { tag }) => crate::images::remove(&tag),
         Command::Image(ImageCommand::Gc) => crate::images::gc(),
         Command::Image(ImageCommand::Export { output, tag }) => crate::images::export(&tag, output.as_deref()),

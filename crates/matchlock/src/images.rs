@@ -83,8 +83,17 @@ pub(crate) async fn push(image: &str, target: &str) -> Result<u8> {
 }
 
 /// `matchlock image ls`.
-pub(crate) fn list() -> Result<u8> {
+pub(crate) fn list(json: bool) -> Result<u8> {
     let store = open_store()?;
+    if json {
+        let all: Vec<serde_json::Value> = store
+            .list()?
+            .into_iter()
+            .map(|r| serde_json::json!({"tag": r.tag, "source": r.source, "size": r.size, "created": r.created}))
+            .collect();
+        outln!("{}", serde_json::to_string_pretty(&all)?)?;
+        return Ok(0);
+    }
     let rows: Vec<Vec<String>> = store
         .list()?
         .into_iter()

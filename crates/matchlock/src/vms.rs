@@ -160,12 +160,15 @@ pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) -> std::io::Res
 }
 
 /// `matchlock list`.
-pub(crate) fn list(running_only: bool) -> Result<u8> {
+pub(crate) fn list(running_only: bool, json: bool) -> Result<u8> {
     let state = open_state()?;
-    let rows: Vec<Vec<String>> = state
-        .reconcile_statuses()?
-        .into_iter()
-        .filter(|vm| !running_only || vm.status == Status::Running)
+    let vms = state.reconcile_statuses()?.into_iter().filter(|vm| !running_only || vm.status == Status::Running);
+    if json {
+        let all = vms.map(|vm| vm_json(&vm)).collect::<Result<Vec<_>>>()?;
+        outln!("{}", serde_json::to_string_pretty(&all)?)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = vms
         .map(|vm| {
             let pid = if vm.pid == 0 { "-".to_owned() } else { vm.pid.to_string() };
             vec![vm.id, vm.status.to_string(), vm.image, short_time(&vm.created_at), pid]

@@ -3,7 +3,7 @@
 mod common;
 
 use std::io::Read;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{home, ok, stderr, stdout};
@@ -238,7 +238,7 @@ fn crashed_owner_is_detected_and_gc_reclaims_everything() {
 fn gc_rm_and_prune_leave_a_tail_of_the_log_alone() {
     let h = home();
     let tail_of = |id: &str| {
-        std::process::Command::new("tail")
+        Command::new("tail")
             .arg("-f")
             .arg(h.vms_dir().join(id).join("logs/vm.log"))
             .stdout(Stdio::null())
@@ -315,4 +315,43 @@ fn timeout_kills_the_sandbox_with_exit_124() {
     // beat a one-second deadline).
     let out = h.run(&["--image", "busybox", "--cold", "--timeout", "1", "--", "true"]);
     assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+}
+
+/// Completions and man pages are generated from the same clap definitions as the CLI, and
+/// `list`/`image ls` speak JSON for scripts.
+#[test]
+fn completions_man_pages_and_json_listings() {
+    let h = home();
+    let bash = ok(&h.ml(&["completion", "bash"]));
+    assert!(bash.contains("_matchlock"), "{bash}");
+    let sourced = Command::new("bash")
+        .args(["-c", "source /dev/stdin && complete -p matchlock"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut sourced.stdin.as_ref().unwrap(), bash.as_bytes()).unwrap();
+    let sourced = sourced.wait_with_output().unwrap();
+    assert!(stdout(&sourced).contains("_matchlock") && stdout(&sourced).contains("matchlock"), "{}", stdout(&sourced));
+    assert!(ok(&h.ml(&["completion", "zsh"])).starts_with("#compdef matchlock"));
+    assert!(ok(&h.ml(&["completion", "fish"])).contains("complete -c matchlock"));
+    assert!(!h.ml(&["completion", "tcsh"]).status.success());
+
+    let pages = tempfile::tempdir().unwrap();
+    ok(&h.ml(&["man", "--out-dir", pages.path().to_str().unwrap()]));
+    let run_page = pages.path().join("matchlock-run.1");
+    assert!(pages.path().join("matchlock.1").is_file() && run_page.is_file());
+    let rendered = Command::new("man").arg("-l").arg(&run_page).env("MANWIDTH", "100").output().unwrap();
+    let rendered = stdout(&rendered);
+    assert!(rendered.contains("--cold") && rendered.contains("--image"), "{rendered}");
+
+    let id = h.detach(&["--image", "busybox"]);
+    let listed: serde_json::Value = serde_json::from_str(&ok(&h.ml(&["list", "--json"]))).unwrap();
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["status"], "running");
+    let images: serde_json::Value = serde_json::from_str(&ok(&h.ml(&["image", "ls", "--json"]))).unwrap();
+    assert!(images.as_array().unwrap().iter().any(|i| i["tag"] == "busybox:latest"), "{images}");
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+    h.assert_no_leftovers();
 }
