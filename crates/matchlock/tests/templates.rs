@@ -184,8 +184,13 @@ fn a_broken_template_is_discarded_with_a_clear_error() {
     assert_eq!(names.len(), 1);
     let dir = h.cache_dir().join("templates").join(&names[0]);
     std::fs::write(dir.join("state"), b"not a migration stream").unwrap();
-    let (code, _, err) = run(&h, &["--image", "busybox", "--", "echo", "hi"]);
-    assert_ne!(code, Some(0));
+    let (code, out, err) = run(&h, &["--log-level", "debug", "--image", "busybox", "--", "echo", "hi"]);
+    assert_ne!(
+        code,
+        Some(0),
+        "resumed a corrupt template? stdout {out:?}, templates {:?}, stderr:\n{err}",
+        templates(&h)
+    );
     assert!(err.contains("warm template") && err.contains("--cold"), "{err}");
     assert!(!dir.exists(), "the broken template is gone");
     // The next run boots cold, saves a new template, and works.
