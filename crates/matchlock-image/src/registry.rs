@@ -202,21 +202,27 @@ fn transient(e: &OciDistributionError) -> bool {
     }
 }
 
-fn classify(reference: &str, registry: &str, e: OciDistributionError) -> PullError {
-    match &e {
-        OciDistributionError::AuthenticationFailure(detail) => {
-            PullError::Auth { registry: registry.to_owned(), detail: detail.clone() }
-        }
-        OciDistributionError::UnauthorizedError { .. } => {
-            PullError::Auth { registry: registry.to_owned(), detail: e.to_string() }
-        }
-        OciDistributionError::ImageManifestNotFoundError(_) => PullError::NotFound(reference.to_owned()),
-        OciDistributionError::DigestError(d) => PullError::Digest { what: reference.to_owned(), detail: d.to_string() },
+/// What the registry said when it refused our credentials (or wanted some), if it did.
+fn auth_refusal(e: &OciDistributionError) -> Option<String> {
+    match e {
+        OciDistributionError::AuthenticationFailure(detail) => Some(detail.clone()),
+        OciDistributionError::UnauthorizedError { .. } => Some(e.to_string()),
         OciDistributionError::RegistryError { envelope, .. }
             if envelope.errors.iter().any(|r| format!("{:?}", r.code).contains("Unauthorized")) =>
         {
-            PullError::Auth { registry: registry.to_owned(), detail: e.to_string() }
+            Some(e.to_string())
         }
+        _ => None,
+    }
+}
+
+fn classify(reference: &str, registry: &str, e: OciDistributionError) -> PullError {
+    if let Some(detail) = auth_refusal(&e) {
+        return PullError::Auth { registry: registry.to_owned(), detail };
+    }
+    match &e {
+        OciDistributionError::ImageManifestNotFoundError(_) => PullError::NotFound(reference.to_owned()),
+        OciDistributionError::DigestError(d) => PullError::Digest { what: reference.to_owned(), detail: d.to_string() },
         OciDistributionError::RegistryError { envelope, .. }
             if envelope.errors.iter().any(|r| format!("{:?}", r.code).contains("Unknown")) =>
         {
@@ -459,14 +465,9 @@ pub async fn push(
     let name = reference.whole();
     let registry = reference.resolve_registry().to_owned();
     let client = client_for(&registry);
-    let failed = |e: OciDistributionError| match &e {
-        OciDistributionError::AuthenticationFailure(detail) => {
-            PushError::Auth { registry: registry.clone(), detail: detail.clone() }
-        }
-        OciDistributionError::UnauthorizedError { .. } => {
-            PushError::Auth { registry: registry.clone(), detail: e.to_string() }
-        }
-        _ => PushError::Registry { reference: name.clone(), source: e },
+    let failed = |e: OciDistributionError| match auth_refusal(&e) {
+        Some(detail) => PushError::Auth { registry: registry.clone(), detail },
+        None => PushError::Registry { reference: name.clone(), source: e },
     };
     client
         .auth(&reference, &credentials(reference.registry()), oci_client::RegistryOperation::Push)

@@ -168,22 +168,6 @@ fn an_exported_image_reads_in_skopeo_and_runs_from_another_store() {
     assert_eq!(run(&other, "again").0, "kept\nnew\nimage\n");
 }
 
-/// Writes `h`'s Docker config with `user_pass` for `registry`.
-fn docker_login(h: &Home, registry: &str, user_pass: &str) {
-    let docker = h.dir.path().join(".docker");
-    std::fs::create_dir_all(&docker).unwrap();
-    let mut encode = std::process::Command::new("base64")
-        .arg("-w0")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut encode.stdin.take().unwrap(), user_pass.as_bytes()).unwrap();
-    let encoded = stdout(&encode.wait_with_output().unwrap());
-    std::fs::write(docker.join("config.json"), format!(r#"{{"auths":{{"{registry}":{{"auth":"{encoded}"}}}}}}"#))
-        .unwrap();
-}
-
 #[test]
 fn a_pushed_commit_pulls_into_a_clean_store_and_runs() {
     let registry = Registry::start(Some(("alice", "s3cret")));
@@ -200,7 +184,7 @@ fn a_pushed_commit_pulls_into_a_clean_store_and_runs() {
     assert!(!denied.status.success() && stderr(&denied).contains("authentication"), "{}", stderr(&denied));
     let missing = h.ml(&["push", "nope:1", &target]);
     assert!(stderr(&missing).contains("image not found: nope:1"), "{}", stderr(&missing));
-    docker_login(&h, &registry.addr, "alice:s3cret");
+    h.docker_login(&registry.addr, "alice:s3cret");
     let out = ok(&h.ml(&["push", "pushme:1", &target]));
     assert!(out.contains("Layers: 2"), "{out}");
 
@@ -215,7 +199,7 @@ fn a_pushed_commit_pulls_into_a_clean_store_and_runs() {
 
     // A clean store pulls it and it runs as committed.
     let clean = isolated_home();
-    docker_login(&clean, &registry.addr, "alice:s3cret");
+    clean.docker_login(&registry.addr, "alice:s3cret");
     ok(&clean.ml(&["pull", &target]));
     let out = clean.run(&["--image", &target]);
     assert_eq!(stdout(&out), "pushed\n", "{}", stderr(&out));

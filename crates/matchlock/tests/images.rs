@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{fixture, isolated_home, ok, stderr, stdout, Registry};
+use common::{fixture, isolated_home, ok, stderr, Registry};
 
 fn oci(name: &str) -> String {
     format!("oci-archive:{}", fixture(name).display())
@@ -97,19 +97,7 @@ fn registry_authentication() {
     let denied = h.ml(&["pull", &reference]);
     assert_eq!(denied.status.code(), Some(1));
     assert!(stderr(&denied).contains(&format!("authentication to {} failed", registry.addr)), "{}", stderr(&denied));
-    let docker = h.dir.path().join(".docker");
-    std::fs::create_dir_all(&docker).unwrap();
-    let config = |user_pass: &str| {
-        let auth = std::process::Command::new("base64").arg("-w0").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn();
-        let mut auth = auth.unwrap();
-        std::io::Write::write_all(&mut auth.stdin.take().unwrap(), user_pass.as_bytes()).unwrap();
-        let encoded = stdout(&auth.wait_with_output().unwrap());
-        std::fs::write(
-            docker.join("config.json"),
-            format!(r#"{{"auths":{{"{}":{{"auth":"{encoded}"}}}}}}"#, registry.addr),
-        )
-        .unwrap();
-    };
+    let config = |user_pass: &str| h.docker_login(&registry.addr, user_pass);
     config("alice:wrong");
     let wrong = h.ml(&["pull", &reference]);
     assert_eq!(wrong.status.code(), Some(1));

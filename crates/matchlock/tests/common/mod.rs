@@ -231,6 +231,18 @@ impl Home {
         self.cmd().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn matchlock")
     }
 
+    /// Writes this HOME's Docker config with `user:password` for `registry`.
+    pub(crate) fn docker_login(&self, registry: &str, user_pass: &str) {
+        let docker = self.dir.path().join(".docker");
+        std::fs::create_dir_all(&docker).unwrap();
+        let mut encode =
+            Command::new("base64").arg("-w0").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        encode.stdin.take().unwrap().write_all(user_pass.as_bytes()).unwrap();
+        let encoded = stdout(&encode.wait_with_output().unwrap());
+        std::fs::write(docker.join("config.json"), format!(r#"{{"auths":{{"{registry}":{{"auth":"{encoded}"}}}}}}"#))
+            .unwrap();
+    }
+
     /// `matchlock <args>`.
     pub(crate) fn ml(&self, args: &[&str]) -> Output {
         self.cmd().args(args).output().expect("run matchlock")
