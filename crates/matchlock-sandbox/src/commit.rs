@@ -27,8 +27,6 @@ pub struct Layer {
     file: tempfile::NamedTempFile,
     /// `sha256:` of the uncompressed tar.
     pub diff_id: String,
-    /// Bytes.
-    pub size: u64,
 }
 
 /// Asks the guest on `conn` (its exec port) for the layer of its changes, and spools it
@@ -70,7 +68,7 @@ pub async fn receive_layer(
         }
     }
     spool.flush().await.map_err(io_err("cannot spool the layer"))?;
-    Ok(Layer { file, diff_id: format!("sha256:{}", hex::encode(hasher.finalize())), size })
+    Ok(Layer { file, diff_id: format!("sha256:{}", hex::encode(hasher.finalize())) })
 }
 
 /// Stores `layer` on top of `base` as the image `tag` with `config`; blocking (the new
