@@ -82,3 +82,52 @@ pub fn save_image(
 ) -> Result<ImportSummary, SandboxError> {
     Ok(store.add_layer_image(tag, base, layer.file, &layer.diff_id, config, "commit")?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest that answers a `Commit` with `chunks` then `exit`.
+    async fn guest_sending(chunks: Vec<Vec<u8>>, exit: i32) -> UnixStream {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        tokio::spawn(async move {
+            let request = read_frame(&mut guest).await.unwrap().unwrap();
+            assert_eq!(request.kind, FrameType::Commit);
+            for chunk in chunks {
+                let (kind, payload) = GuestMessage::Stdout(chunk).to_frame();
+                if write_frame(&mut guest, kind, &payload).await.is_err() {
+                    return;
+                }
+            }
+            let (kind, payload) = GuestMessage::Exit(exit).to_frame();
+            let _ = write_frame(&mut guest, kind, &payload).await;
+        });
+        host
+    }
+
+    fn spooled(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn a_layer_over_its_bound_is_refused_and_nothing_stays_spooled() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Positive control: what the guest sent is what was spooled, with its digest.
+        let tar = vec![7u8; 3000];
+        let layer = receive_layer(guest_sending(vec![tar.clone()], 0).await, tmp.path(), 0).await.unwrap();
+        assert_eq!(std::fs::read(layer.file.path()).unwrap(), tar);
+        assert_eq!(layer.diff_id, format!("sha256:{}", hex::encode(Sha256::digest(&tar))));
+        drop(layer);
+        assert_eq!(spooled(tmp.path()), 0);
+        // A guest that sends more than its disk (0 MB) and the slack allow.
+        let chunk = vec![0u8; 1 << 20];
+        let flood = vec![chunk; (TAR_SLACK >> 20) as usize + 1];
+        let refused = receive_layer(guest_sending(flood, 0).await, tmp.path(), 0).await.unwrap_err();
+        assert!(refused.to_string().contains("exceeds 64 MB"), "{refused}");
+        assert_eq!(spooled(tmp.path()), 0, "a refused layer leaves no spool");
+        // A guest that fails says why.
+        let failed = receive_layer(guest_sending(Vec::new(), 1).await, tmp.path(), 0).await.unwrap_err();
+        assert!(matches!(failed, SandboxError::File(_)), "{failed}");
+        assert_eq!(spooled(tmp.path()), 0);
+    }
+}

@@ -310,3 +310,46 @@ fn kill_9_while_saving_a_template_a_snapshot_or_restoring_leaves_nothing() {
     ok(&h.ml(&["snapshot", "rm", "base"]));
     h.assert_no_leftovers();
 }
+
+/// The files under `dir` that contain `needle` (GNU grep over the sparse RAM file too).
+fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<String> {
+    let out =
+        std::process::Command::new("grep").args(["-F", "-a", "-l", "-r", "--", needle]).arg(dir).output().unwrap();
+    assert!(out.status.code().is_some_and(|c| c <= 1), "grep failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| l.rsplit('/').next().unwrap_or(l).to_owned()).collect()
+}
+
+#[test]
+fn a_template_holds_nothing_of_the_sandbox_that_saved_it() {
+    let h = own_home();
+    let hostname = format!("saver-{}", std::process::id());
+    let dns = "10.99.88.77";
+    let out = h.run(&[
+        "--image",
+        "busybox",
+        // Small guest memory and disk: grep reads the sparse files whole.
+        "--memory",
+        "128",
+        "--disk-size",
+        "256",
+        "--hostname",
+        &hostname,
+        "--dns-servers",
+        dns,
+        "--network-intercept",
+        "--",
+        "sh",
+        "-c",
+        "hostname; cat /etc/resolv.conf",
+    ]);
+    assert_eq!(stdout(&out), format!("{hostname}\nnameserver {dns}\n"), "{}", stderr(&out));
+    let names = templates(&h);
+    assert_eq!(names.len(), 1);
+    let dir = h.cache_dir().join("templates").join(&names[0]);
+    // Positive control: the search finds the neutral identity the template was booted with.
+    assert!(!files_containing(&dir, "matchlock-template").is_empty(), "grep finds what the template holds");
+    for own in [hostname.as_str(), dns, "BEGIN CERTIFICATE"] {
+        let found = files_containing(&dir, own);
+        assert!(found.is_empty(), "the template holds the saving sandbox's {own:?} in {found:?}");
+    }
+}
