@@ -1,5 +1,7 @@
 //! The parts of an OCI image config that decide how a command runs.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 
 /// How the image wants its command run (OCI `config` section).
@@ -20,6 +22,50 @@ pub struct ImageConfig {
     /// `ENV`, split on the first `=`.
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// `LABEL`s.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// `EXPOSE`d ports (`80/tcp`).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub exposed_ports: BTreeSet<String>,
+    /// `VOLUME`s.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub volumes: BTreeSet<String>,
+    /// `STOPSIGNAL`, empty for the default.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stop_signal: String,
+    /// `HEALTHCHECK` (recorded only: matchlock does not run it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<Healthcheck>,
+}
+
+/// An image's `HEALTHCHECK`, as the OCI/Docker config file holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Healthcheck {
+    /// `["CMD", …]`, `["CMD-SHELL", "…"]` or `["NONE"]`.
+    pub test: Vec<String>,
+    /// Nanoseconds between checks (0: the default).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub interval: u64,
+    /// Nanoseconds a check may take (0: the default).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeout: u64,
+    /// Nanoseconds of start-up grace (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_period: u64,
+    /// Failures before unhealthy (0: the default).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// `{"a": {}, "b": {}}`: how the config file writes a set.
+fn object_set(set: &BTreeSet<String>) -> serde_json::Value {
+    set.iter().map(|k| (k.clone(), serde_json::json!({}))).collect::<serde_json::Map<_, _>>().into()
 }
 
 impl ImageConfig {
@@ -39,6 +85,11 @@ impl ImageConfig {
         set("Entrypoint", self.entrypoint.clone().into(), !self.entrypoint.is_empty());
         set("Cmd", self.cmd.clone().into(), !self.cmd.is_empty());
         set("Env", env.into(), !self.env.is_empty());
+        set("Labels", serde_json::json!(self.labels), !self.labels.is_empty());
+        set("ExposedPorts", object_set(&self.exposed_ports), !self.exposed_ports.is_empty());
+        set("Volumes", object_set(&self.volumes), !self.volumes.is_empty());
+        set("StopSignal", self.stop_signal.clone().into(), !self.stop_signal.is_empty());
+        set("Healthcheck", serde_json::json!(self.healthcheck), self.healthcheck.is_some());
         let doc = serde_json::json!({
             "architecture": "amd64",
             "os": "linux",
@@ -114,6 +165,16 @@ pub struct RawRuntimeConfig {
     cmd: Option<Vec<String>>,
     #[serde(default)]
     env: Option<Vec<String>>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(default)]
+    volumes: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(default)]
+    stop_signal: Option<String>,
+    #[serde(default)]
+    healthcheck: Option<Healthcheck>,
 }
 
 /// `rootfs` in an image config file.
@@ -144,6 +205,11 @@ impl RawImageConfig {
                     None => (kv.clone(), String::new()),
                 })
                 .collect(),
+            labels: c.labels.clone().unwrap_or_default(),
+            exposed_ports: c.exposed_ports.iter().flatten().map(|(k, _)| k.clone()).collect(),
+            volumes: c.volumes.iter().flatten().map(|(k, _)| k.clone()).collect(),
+            stop_signal: c.stop_signal.clone().unwrap_or_default(),
+            healthcheck: c.healthcheck.clone(),
         }
     }
 }
@@ -171,7 +237,15 @@ mod tests {
 
     #[test]
     fn changes_apply_and_bad_ones_are_refused() {
-        let mut c = ImageConfig { env: vec![("A".into(), "1".into())], ..ImageConfig::default() };
+        let mut c = ImageConfig {
+            env: vec![("A".into(), "1".into())],
+            labels: [("org.example".to_owned(), "v".to_owned())].into(),
+            exposed_ports: ["80/tcp".to_owned()].into(),
+            volumes: ["/data".to_owned()].into(),
+            stop_signal: "SIGINT".into(),
+            healthcheck: Some(Healthcheck { test: vec!["CMD".into(), "true".into()], retries: 3, ..Healthcheck::default() }),
+            ..ImageConfig::default()
+        };
         for change in [
             "CMD [\"python3\", \"-m\", \"http.server\"]",
             "ENTRYPOINT echo hi",

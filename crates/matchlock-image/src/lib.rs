@@ -11,12 +11,13 @@
 
 pub mod archive;
 pub mod config;
+pub mod dockerfile;
 pub mod ext4;
 pub mod layer;
 pub mod registry;
 pub mod store;
 
-pub use config::ImageConfig;
+pub use config::{Healthcheck, ImageConfig};
 pub use store::{ImageRecord, ImportSummary, Store, StoreError};
 
 /// Formats a byte count as the CLI prints sizes (`12.3 MB`).

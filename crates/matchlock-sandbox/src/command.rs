@@ -101,6 +101,7 @@ mod tests {
             entrypoint: vec!["/entry".into()],
             cmd: vec!["default".into()],
             env: vec![("PATH".into(), "/bin".into()), ("A".into(), "image".into())],
+            ..ImageConfig::default()
         }
     }
 
