@@ -11,8 +11,8 @@ use tar::{EntryType, Header};
 
 use crate::ext4::{self, Ext4Error, Xattr};
 
-const WHITEOUT_PREFIX: &str = ".wh.";
-const OPAQUE_MARKER: &str = ".wh..wh..opq";
+pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
+pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// Errors converting a layer.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +72,7 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// Normalises a tar path to a relative path without `.` components; rejects `..`.
-fn clean_path(raw: &Path) -> Result<PathBuf, LayerError> {
+pub(crate) fn clean_path(raw: &Path) -> Result<PathBuf, LayerError> {
     let mut out = PathBuf::new();
     for c in raw.components() {
         match c {
@@ -208,6 +208,17 @@ pub fn squash(layers: &[&dyn LayerSource], out: &Path) -> Result<SquashStats, La
     ext4::build_from_tar(merged.path(), image.path(), size, merge.entries, &xattrs)?;
     image.persist(out).map_err(|e| LayerError::Temp(e.error))?;
     Ok(SquashStats { content_bytes: merge.content_bytes, dropped_links })
+}
+
+/// Merges `layers` (bottom first) into one tar at `out`, whiteouts applied: the root file
+/// system they make, as `COPY --from` reads it.
+pub fn merge_to_tar(layers: &[&dyn LayerSource], out: &File) -> Result<(), LayerError> {
+    let mut merge = Merge::default();
+    for (i, layer) in layers.iter().enumerate() {
+        merge.add_layer(i, *layer)?;
+    }
+    write_merged(layers, &merge, out)?;
+    Ok(())
 }
 
 /// Second pass: writes the entries that survived the merge, bottom layer first, into

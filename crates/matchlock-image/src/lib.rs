@@ -11,6 +11,8 @@
 
 pub mod archive;
 pub mod config;
+pub mod copy;
+pub mod diff;
 pub mod dockerfile;
 pub mod ext4;
 pub mod layer;

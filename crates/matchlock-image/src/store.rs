@@ -50,7 +50,16 @@ const MIGRATIONS: &[&str] = &[
     DELETE FROM images;
     DELETE FROM layers;
     ALTER TABLE images ADD COLUMN rootfs TEXT NOT NULL DEFAULT '';",
+    // `matchlock build`'s step cache: a step's key to the layer it made (NULL: none).
+    "CREATE TABLE build_cache (
+        key TEXT PRIMARY KEY,
+        diff_id TEXT,
+        created_at INTEGER NOT NULL
+    );",
 ];
+
+/// The `source` of the hidden images a build boots its steps from.
+pub const BUILD_STEP_SOURCE: &str = "build-step";
 
 /// Errors from the image store.
 #[derive(Debug, thiserror::Error)]
@@ -337,18 +346,96 @@ impl Store {
         config: &ImageConfig,
         source: &str,
     ) -> Result<ImportSummary, StoreError> {
-        let tag = normalize_tag(tag)?;
         let _lock = self.lock(false)?;
         let mut diff_ids = self.diff_ids(&base.tag)?;
         let total = diff_ids.len() + 1;
-        let added =
-            self.add_layer(layer, diff_id).map_err(|source| StoreError::Layer { index: total, total, source })?;
+        self.add_layer(layer, diff_id).map_err(|source| StoreError::Layer { index: total, total, source })?;
         diff_ids.push(diff_id.to_owned());
-        let rootfs = self.ensure_rootfs(&diff_ids)?;
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(config.to_oci_json(&diff_ids))));
-        let size = base.size + added;
-        self.save(&tag, source, &digest, config, &diff_ids, size, &rootfs)?;
-        Ok(ImportSummary { tag, digest, layers: total, size })
+        self.save_chain(tag, source, config, &diff_ids)
+    }
+
+    /// Stores the image `tag` made of the stored layers `diff_ids` (bottom first) with
+    /// `config`, squashing its root file system if no image has it yet.
+    pub fn save_chain(
+        &mut self,
+        tag: &str,
+        source: &str,
+        config: &ImageConfig,
+        diff_ids: &[String],
+    ) -> Result<ImportSummary, StoreError> {
+        let tag = normalize_tag(tag)?;
+        let mut size = 0;
+        for diff_id in diff_ids {
+            size += self.layer_size(diff_id)?.ok_or_else(|| StoreError::Corrupt(format!("layer {diff_id} is not stored")))?;
+        }
+        let rootfs = self.ensure_rootfs(diff_ids)?;
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(config.to_oci_json(diff_ids))));
+        self.save(&tag, source, &digest, config, diff_ids, size, &rootfs)?;
+        Ok(ImportSummary { tag, digest, layers: diff_ids.len(), size })
+    }
+
+    /// The layer a build step with cache `key` made before: `Some(None)` when it made none,
+    /// `None` when the step is not cached (or its layer is gone).
+    pub fn cached_step(&self, key: &str) -> Result<Option<Option<String>>, StoreError> {
+        let row: Option<Option<String>> = self
+            .db
+            .query_row("SELECT diff_id FROM build_cache WHERE key = ?1", params![key], |r| r.get(0))
+            .optional()?;
+        Ok(match row {
+            Some(Some(diff_id)) if self.layer_size(&diff_id)?.is_none() => None,
+            other => other,
+        })
+    }
+
+    /// Records that the build step `key` made the stored layer `diff_id` (or none).
+    pub fn cache_step(&self, key: &str, diff_id: Option<&str>) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT OR REPLACE INTO build_cache (key, diff_id, created_at) VALUES (?1, ?2, ?3)",
+            params![key, diff_id, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets every cached build step (their layers go at the next [`Store::gc`]).
+    pub fn clear_build_cache(&self) -> Result<usize, StoreError> {
+        Ok(self.db.execute("DELETE FROM build_cache", [])?)
+    }
+
+    /// The merged root file system of `diff_ids` as one tar, in an anonymous temporary file
+    /// rewound to its start.
+    pub fn merged_tar(&self, diff_ids: &[String]) -> Result<fs::File, StoreError> {
+        let tmp = self.tmp_dir();
+        let mut out = tempfile::tempfile_in(&tmp).map_err(io_err(&tmp))?;
+        let sources: Vec<FileSource> = diff_ids.iter().map(|d| FileSource(self.layer_path(d))).collect();
+        let refs: Vec<&dyn LayerSource> = sources.iter().map(|s| s as &dyn LayerSource).collect();
+        layer::merge_to_tar(&refs, &out).map_err(StoreError::Squash)?;
+        io::Seek::rewind(&mut out).map_err(io_err(&tmp))?;
+        Ok(out)
+    }
+
+    /// The content of the regular file `path` (relative, like `etc/passwd`) in the root
+    /// file system of `diff_ids`, if it has one.
+    pub fn read_chain_file(&self, diff_ids: &[String], path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut found = None;
+        for diff_id in diff_ids {
+            let stored = self.layer_path(diff_id);
+            let raw = fs::File::open(&stored).map_err(io_err(&stored))?;
+            let mut archive = tar::Archive::new(layer::decompress(Box::new(raw)).map_err(io_err(&stored))?);
+            for entry in archive.entries().map_err(io_err(&stored))? {
+                let mut entry = entry.map_err(io_err(&stored))?;
+                let Ok(name) = entry.path().map(|p| layer::clean_path(&p)) else { continue };
+                let Ok(name) = name else { continue };
+                let whiteout = name.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix(".wh."));
+                if whiteout.is_some_and(|hidden| name.with_file_name(hidden) == path) {
+                    found = None;
+                } else if name == path && entry.header().entry_type().is_file() {
+                    let mut content = Vec::new();
+                    entry.read_to_end(&mut content).map_err(io_err(&stored))?;
+                    found = Some(content);
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// The uncompressed tar of a stored layer (stored as pulled, maybe compressed), in an
@@ -431,10 +518,10 @@ impl Store {
     pub fn list(&self) -> Result<Vec<ImageRow>, StoreError> {
         let mut stmt = self.db.prepare(
             "SELECT tag, source, size, created_at FROM images
-             ORDER BY CASE source WHEN 'registry' THEN 1 ELSE 0 END, tag",
+             WHERE source != ?1 ORDER BY CASE source WHEN 'registry' THEN 1 ELSE 0 END, tag",
         )?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map([BUILD_STEP_SOURCE], |r| {
                 Ok(ImageRow { tag: r.get(0)?, source: r.get(1)?, size: r.get::<_, i64>(2)? as u64, created: r.get(3)? })
             })?
             .collect::<Result<_, _>>()?;
@@ -460,7 +547,9 @@ impl Store {
         let _lock = self.lock(true)?;
         let mut keep: std::collections::HashSet<String> = std::collections::HashSet::new();
         {
-            let mut stmt = self.db.prepare("SELECT DISTINCT diff_id FROM image_layers")?;
+            let mut stmt = self.db.prepare(
+                "SELECT diff_id FROM image_layers UNION SELECT diff_id FROM build_cache WHERE diff_id IS NOT NULL",
+            )?;
             for diff_id in stmt.query_map([], |r| r.get::<_, String>(0))? {
                 let path = self.layer_path(&diff_id?);
                 keep.insert(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
@@ -488,7 +577,11 @@ impl Store {
         for entry in fs::read_dir(self.tmp_dir()).into_iter().flatten().flatten() {
             let _ = fs::remove_file(entry.path());
         }
-        self.db.execute("DELETE FROM layers WHERE diff_id NOT IN (SELECT diff_id FROM image_layers)", [])?;
+        self.db.execute(
+            "DELETE FROM layers WHERE diff_id NOT IN (SELECT diff_id FROM image_layers)
+             AND diff_id NOT IN (SELECT diff_id FROM build_cache WHERE diff_id IS NOT NULL)",
+            [],
+        )?;
         Ok(removed)
     }
 

@@ -29,6 +29,13 @@ pub struct Layer {
     pub diff_id: String,
 }
 
+impl Layer {
+    /// The spooled tar (removed when dropped).
+    pub fn into_file(self) -> tempfile::NamedTempFile {
+        self.file
+    }
+}
+
 /// Asks the guest on `conn` (its exec port) for the layer of its changes, and spools it
 /// into `tmp_dir`; a disk of `disk_size_mb` bounds it.
 pub async fn receive_layer(

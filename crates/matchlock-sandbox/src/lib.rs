@@ -3,6 +3,7 @@
 
 mod boot_disk;
 mod command;
+pub mod build;
 pub mod commit;
 mod exec;
 mod files;

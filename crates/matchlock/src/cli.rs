@@ -112,6 +112,8 @@ enum Command {
         #[arg(required = true)]
         name: Option<String>,
     },
+    /// Build an image from a Dockerfile, every RUN step in a micro-VM.
+    Build(Box<crate::build::BuildArgs>),
     /// Save a running sandbox's root file system changes as a new image (one layer on top
     /// of its image; its processes are stopped for the moment it takes).
     Commit {
@@ -330,6 +332,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         }
         Command::Push { image, target } => crate::images::push(&image, target.as_deref().unwrap_or(&image)).await,
         Command::Volume(cmd) => crate::volumes::dispatch(cmd),
+        Command::Build(args) => crate::build::build(*args).await,
         Command::Commit { changes, id, tag } => crate::images::commit(&id, &tag, &changes).await,
         Command::Image(ImageCommand::Ls { json }) => crate::images::list(json),
         Command::Image(ImageCommand::Rm { tag }) => crate::images::remove(&tag),

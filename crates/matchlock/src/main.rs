@@ -9,6 +9,7 @@ macro_rules! outln {
     }};
 }
 
+mod build;
 mod cli;
 mod host;
 mod images;

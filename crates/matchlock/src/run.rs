@@ -209,15 +209,25 @@ fn build_config(args: &RunArgs, handed: &HashMap<String, String>) -> Result<Sand
             );
         }
         network.mtu = args.mtu;
-        for spec in &args.secret {
-            let secret = parse_secret(spec, |name| handed.get(name).cloned().or_else(|| host_env(name)))?;
-            if network.secrets.iter().any(|s| s.name == secret.name) {
-                bail!("secret {} given twice", secret.name);
-            }
-            network.secrets.push(secret);
-        }
+        add_secrets(network, &args.secret, handed)?;
     }
     Ok(config)
+}
+
+/// Adds `--secret` specs to `network`; values from `handed`, else the host environment.
+pub(crate) fn add_secrets(
+    network: &mut matchlock_api::config::NetworkConfig,
+    specs: &[String],
+    handed: &HashMap<String, String>,
+) -> Result<()> {
+    for spec in specs {
+        let secret = parse_secret(spec, |name| handed.get(name).cloned().or_else(|| host_env(name)))?;
+        if network.secrets.iter().any(|s| s.name == secret.name) {
+            bail!("secret {} given twice", secret.name);
+        }
+        network.secrets.push(secret);
+    }
+    Ok(())
 }
 
 /// Boots the sandbox, runs the command, and tears down (or, with `--rm=false`, keeps the
