@@ -67,6 +67,10 @@ pub struct SandboxConfig {
     /// Boot from scratch: neither resume nor save a warm template (`--cold`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cold: bool,
+    /// Keep `/tmp` on the root file system rather than a tmpfs, so commits include it
+    /// (`matchlock build` steps, as in Docker).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub image_tmp: bool,
 }
 
 #[allow(clippy::unnecessary_wraps)]
@@ -518,6 +522,7 @@ impl SandboxConfig {
             vfs_interception: None,
             workspace_quota_mb: None,
             cold: false,
+            image_tmp: false,
         }
     }
 }

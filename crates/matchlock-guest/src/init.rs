@@ -78,7 +78,7 @@ fn run() -> Result<(), InitError> {
     let params = BootParams::from_cmdline(&cmdline)?;
     set_clock(params.epoch_ms);
     let sandbox_ca = assemble_root(&params)?;
-    mount_base_filesystems()?;
+    mount_base_filesystems(params.image_tmp)?;
     crate::mux::start().map_err(InitError::HostPipe)?;
     if let Some(ca) = sandbox_ca {
         if let Err(e) = install_ca(&ca) {
@@ -192,7 +192,8 @@ fn assemble_root(params: &BootParams) -> Result<Option<Vec<u8>>, InitError> {
     Ok(sandbox_ca)
 }
 
-fn mount_base_filesystems() -> Result<(), InitError> {
+/// Mounts /proc, /sys, /dev and the tmpfs directories (`/tmp` only unless `image_tmp`).
+fn mount_base_filesystems(image_tmp: bool) -> Result<(), InitError> {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let nosuid_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", "proc", nosuid_nodev | MsFlags::MS_NOEXEC, None)?;
@@ -212,7 +213,9 @@ fn mount_base_filesystems() -> Result<(), InitError> {
     mount_fs("shm", "/dev/shm", "tmpfs", nosuid_nodev, Some("mode=1777"))?;
     mount_fs("mqueue", "/dev/mqueue", "mqueue", nosuid_nodev | MsFlags::MS_NOEXEC, None)?;
     mount_fs("tmpfs", "/run", "tmpfs", nosuid_nodev, Some("mode=0755"))?;
-    mount_fs("tmpfs", "/tmp", "tmpfs", nosuid_nodev, Some("mode=1777"))?;
+    if !image_tmp {
+        mount_fs("tmpfs", "/tmp", "tmpfs", nosuid_nodev, Some("mode=1777"))?;
+    }
     mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev | MsFlags::MS_NOEXEC, None)?;
     Ok(())
 }
@@ -342,6 +345,7 @@ mod tests {
             privileged: false,
             workspace: None,
             disks: vec![],
+            image_tmp: false,
         };
         assert_eq!(
             hosts_file(&params),

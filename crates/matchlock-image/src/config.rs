@@ -243,7 +243,11 @@ mod tests {
             exposed_ports: ["80/tcp".to_owned()].into(),
             volumes: ["/data".to_owned()].into(),
             stop_signal: "SIGINT".into(),
-            healthcheck: Some(Healthcheck { test: vec!["CMD".into(), "true".into()], retries: 3, ..Healthcheck::default() }),
+            healthcheck: Some(Healthcheck {
+                test: vec!["CMD".into(), "true".into()],
+                retries: 3,
+                ..Healthcheck::default()
+            }),
             ..ImageConfig::default()
         };
         for change in [

@@ -72,7 +72,8 @@ impl Ignore {
                 Some(p) => (p.trim(), false),
                 None => (line, true),
             };
-            let cleaned = clean_path(Path::new(pattern)).map_err(|_| CopyError::Pattern(line.into(), "leaves the context".into()))?;
+            let cleaned = clean_path(Path::new(pattern))
+                .map_err(|_| CopyError::Pattern(line.into(), "leaves the context".into()))?;
             rules.push((glob(&cleaned.to_string_lossy()).map_err(|e| CopyError::Pattern(line.into(), e))?, excludes));
         }
         Ok(Self(rules))
@@ -217,8 +218,11 @@ impl Context {
         let mut stack = vec![PathBuf::new()];
         while let Some(dir) = stack.pop() {
             let abs = self.root.join(&dir);
-            let mut names: Vec<_> =
-                fs::read_dir(&abs).map_err(io_err(&abs))?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>().map_err(io_err(&abs))?;
+            let mut names: Vec<_> = fs::read_dir(&abs)
+                .map_err(io_err(&abs))?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<io::Result<_>>()
+                .map_err(io_err(&abs))?;
             names.sort();
             for name in names {
                 let rel = dir.join(name);
@@ -279,8 +283,11 @@ impl Context {
     /// The contents of the directory `rel` (not itself), under `dest`.
     fn add_tree(&self, tar: &mut LayerTar<'_>, rel: &Path, dest: &Path) -> Result<(), CopyError> {
         let abs = self.root.join(rel);
-        let mut names: Vec<_> =
-            fs::read_dir(&abs).map_err(io_err(&abs))?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>().map_err(io_err(&abs))?;
+        let mut names: Vec<_> = fs::read_dir(&abs)
+            .map_err(io_err(&abs))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()
+            .map_err(io_err(&abs))?;
         names.sort();
         for name in names {
             let child = rel.join(&name);
@@ -336,7 +343,10 @@ fn unpack(archive: &Path, tar: &mut LayerTar<'_>, dest: &Path) -> Result<bool, C
     let magic = &magic[..n];
     let shown = archive.display().to_string();
     if magic.starts_with(b"BZh") || magic.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        return Err(CopyError::Archive(shown, "bzip2 and xz archives are not supported (use gzip, zstd or plain tar)".into()));
+        return Err(CopyError::Archive(
+            shown,
+            "bzip2 and xz archives are not supported (use gzip, zstd or plain tar)".into(),
+        ));
     }
     let compressed = magic.starts_with(&[0x1f, 0x8b]) || magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
     let plain_tar = magic.len() >= 262 && &magic[257..262] == b"ustar";
@@ -349,8 +359,8 @@ fn unpack(archive: &Path, tar: &mut LayerTar<'_>, dest: &Path) -> Result<bool, C
     let bad = |e: io::Error| CopyError::Archive(shown.clone(), e.to_string());
     for entry in entries_of.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
-        let path = clean_path(&entry.path().map_err(bad)?)
-            .map_err(|e| CopyError::Archive(shown.clone(), e.to_string()))?;
+        let path =
+            clean_path(&entry.path().map_err(bad)?).map_err(|e| CopyError::Archive(shown.clone(), e.to_string()))?;
         if path.as_os_str().is_empty() {
             continue;
         }
@@ -416,7 +426,8 @@ pub fn layer_from_image(
     let mut archive = tar::Archive::new(merged);
     for entry in archive.entries().map_err(io_fail)? {
         let entry = entry.map_err(io_fail)?;
-        let path = clean_path(&entry.path().map_err(io_fail)?).map_err(|e| CopyError::Io { path: from.into(), source: io::Error::other(e) })?;
+        let path = clean_path(&entry.path().map_err(io_fail)?)
+            .map_err(|e| CopyError::Io { path: from.into(), source: io::Error::other(e) })?;
         let is_dir = entry.header().entry_type() == EntryType::Directory;
         for (i, (literal, matcher)) in patterns.iter().enumerate() {
             let hit = match matcher {
@@ -458,7 +469,8 @@ pub fn layer_from_image(
     let mut archive = tar::Archive::new(rewind().map_err(io_fail)?);
     for entry in archive.entries().map_err(io_fail)? {
         let mut entry = entry.map_err(io_fail)?;
-        let path = clean_path(&entry.path().map_err(io_fail)?).map_err(|e| CopyError::Io { path: from.into(), source: io::Error::other(e) })?;
+        let path = clean_path(&entry.path().map_err(io_fail)?)
+            .map_err(|e| CopyError::Io { path: from.into(), source: io::Error::other(e) })?;
         let Some(target) = place(&path) else { continue };
         let mut header = entry.header().clone();
         match header.entry_type() {
@@ -490,19 +502,24 @@ pub fn resolve_owner(spec: &str, passwd: Option<&str>, group: Option<&str>) -> R
         None => (spec, None),
     };
     let find = |table: Option<&str>, name: &str, field: usize| -> Option<(u64, Option<u64>)> {
-        table?.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.first() == Some(&name)).and_then(|f| {
-            Some((f.get(field)?.parse().ok()?, f.get(field + 1).and_then(|g| g.parse().ok())))
-        })
+        table?
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&name))
+            .and_then(|f| Some((f.get(field)?.parse().ok()?, f.get(field + 1).and_then(|g| g.parse().ok()))))
     };
     let (uid, primary) = match user.parse::<u64>() {
         Ok(uid) => (uid, None),
-        Err(_) => find(passwd, user, 2).ok_or_else(|| format!("--chown={spec}: no user {user:?} in the image's /etc/passwd"))?,
+        Err(_) => find(passwd, user, 2)
+            .ok_or_else(|| format!("--chown={spec}: no user {user:?} in the image's /etc/passwd"))?,
     };
     let gid = match grp {
         None => primary.unwrap_or(uid),
         Some(g) => match g.parse::<u64>() {
             Ok(gid) => gid,
-            Err(_) => find(group, g, 2).map(|(gid, _)| gid).ok_or_else(|| format!("--chown={spec}: no group {g:?} in the image's /etc/group"))?,
+            Err(_) => find(group, g, 2)
+                .map(|(gid, _)| gid)
+                .ok_or_else(|| format!("--chown={spec}: no group {g:?} in the image's /etc/group"))?,
         },
     };
     Ok((uid, gid))
@@ -531,7 +548,11 @@ mod tests {
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
-                (e.path().unwrap().to_string_lossy().into_owned(), e.header().uid().unwrap(), e.header().mode().unwrap())
+                (
+                    e.path().unwrap().to_string_lossy().into_owned(),
+                    e.header().uid().unwrap(),
+                    e.header().mode().unwrap(),
+                )
             })
             .collect()
     }
@@ -560,7 +581,9 @@ mod tests {
         let names: Vec<String> = listing(&out).into_iter().map(|(n, _, _)| n).collect();
         assert_eq!(names, ["app/a.rs", "app/sub", "app/sub/b.rs"], "secret.key is ignored, src/ itself is not copied");
         let mut out = Vec::new();
-        let d = ctx.layer(&step(&["."], "/w/"), Ownership { owner: Some((1000, 1000)), chmod: Some(0o600) }, &mut out).unwrap();
+        let d = ctx
+            .layer(&step(&["."], "/w/"), Ownership { owner: Some((1000, 1000)), chmod: Some(0o600) }, &mut out)
+            .unwrap();
         let all = listing(&out);
         let names: Vec<&str> = all.iter().map(|(n, _, _)| n.as_str()).collect();
         assert!(names.contains(&"w/README.md"), "an exception re-includes: {names:?}");
@@ -624,8 +647,9 @@ mod tests {
         let mut missing = step(&["/nope"], "/x");
         missing.from = CopyFrom::Stage(0);
         let rewind = || -> io::Result<Box<dyn Read>> { Ok(Box::new(io::Cursor::new(merged.clone()))) };
-        let e = layer_from_image(&missing, "build", &mut merged.as_slice(), Ownership::default(), &mut Vec::new(), rewind)
-            .unwrap_err();
+        let e =
+            layer_from_image(&missing, "build", &mut merged.as_slice(), Ownership::default(), &mut Vec::new(), rewind)
+                .unwrap_err();
         assert!(e.to_string().contains("/nope: not found in build"), "{e}");
     }
 

@@ -112,8 +112,8 @@ pub fn diff(
     let mut whiteouts = Vec::new();
     for path in old.keys().filter(|p| !new.contains_key(*p) && !name_of(p).starts_with(WHITEOUT_PREFIX)) {
         let parent = path.parent().unwrap_or(Path::new(""));
-        let parent_is_dir = parent.as_os_str().is_empty()
-            || new.get(parent).is_some_and(|s| s.kind == EntryType::Directory.as_byte());
+        let parent_is_dir =
+            parent.as_os_str().is_empty() || new.get(parent).is_some_and(|s| s.kind == EntryType::Directory.as_byte());
         let marker = parent.join(format!("{WHITEOUT_PREFIX}{}", name_of(path)));
         if parent_is_dir && !new.contains_key(&marker) {
             whiteouts.push(marker);
@@ -231,7 +231,8 @@ mod tests {
 
     #[test]
     fn a_step_layer_holds_only_what_the_step_changed() {
-        let before = tar_of(&[E::Dir("app"), E::File("app/keep", b"1"), E::File("app/edit", b"2"), E::File("gone", b"3")]);
+        let before =
+            tar_of(&[E::Dir("app"), E::File("app/keep", b"1"), E::File("app/edit", b"2"), E::File("gone", b"3")]);
         let after = tar_of(&[
             E::Dir("app"),
             E::File("app/keep", b"1"),

@@ -136,21 +136,22 @@ pub enum CopyFrom {
 }
 
 impl Plan {
-    /// The image references the build needs (bases and `COPY --from` images), each once.
-    pub fn images(&self) -> Vec<String> {
-        let mut images = Vec::new();
+    /// The image references the build needs (bases and `COPY --from` images), each once,
+    /// with the line that first names it.
+    pub fn images(&self) -> Vec<(String, usize)> {
+        let mut images: Vec<(String, usize)> = Vec::new();
         for stage in self.order.iter().map(|&i| &self.stages[i]) {
             let copies = stage.steps.iter().filter_map(|s| match &s.action {
-                Action::Copy(CopyStep { from: CopyFrom::Image(image), .. }) => Some(image),
+                Action::Copy(CopyStep { from: CopyFrom::Image(image), .. }) => Some((image, s.line)),
                 _ => None,
             });
             let base = match &stage.base {
-                Base::Image(image) => Some(image),
+                Base::Image(image) => Some((image, stage.line)),
                 _ => None,
             };
-            for image in base.into_iter().chain(copies) {
-                if !images.contains(image) {
-                    images.push(image.clone());
+            for (image, line) in base.into_iter().chain(copies) {
+                if !images.iter().any(|(i, _)| i == image) {
+                    images.push((image.clone(), line));
                 }
             }
         }
@@ -168,11 +169,22 @@ pub fn plan(
     target: Option<&str>,
     base_config: &mut dyn FnMut(&str) -> Result<ImageConfig, String>,
 ) -> Result<Plan, DockerfileError> {
-    let parsed = parse_dockerfile::parse(text)
-        .map_err(|e| DockerfileError { line: e.line(), message: format!("{e:#}") })?;
+    let parsed =
+        parse_dockerfile::parse(text).map_err(|e| DockerfileError { line: e.line(), message: format!("{e:#}") })?;
     let escape = parsed.parser_directives.escape.as_ref().map_or('\\', |d| d.value.value);
     let lines = Lines(text);
-    let mut planner = Planner { lines, escape, build_args, global_args: Vars::default(), stages: Vec::new() };
+    let names = parsed.instructions.iter().filter_map(|i| match i {
+        Instruction::From(from) => from.as_.as_ref().map(|(_, n)| n.value.to_ascii_lowercase()),
+        _ => None,
+    });
+    let mut planner = Planner {
+        lines,
+        escape,
+        build_args,
+        global_args: Vars::default(),
+        stages: Vec::new(),
+        later_stages: names.collect(),
+    };
     let mut stage_starts = Vec::new();
     for (i, instruction) in parsed.instructions.iter().enumerate() {
         if matches!(instruction, Instruction::From(_)) {
@@ -196,9 +208,10 @@ pub fn plan(
     let stages = planner.stages;
     let target = match target {
         None => stages.len() - 1,
-        Some(name) => stages.iter().position(|s| s.name.as_deref() == Some(&*name.to_ascii_lowercase())).ok_or_else(
-            || DockerfileError { line: 0, message: format!("target stage {name:?} could not be found") },
-        )?,
+        Some(name) => stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(&*name.to_ascii_lowercase()))
+            .ok_or_else(|| DockerfileError { line: 0, message: format!("target stage {name:?} could not be found") })?,
     };
     let mut order = Vec::new();
     needs(&stages, target, &mut order);
@@ -257,6 +270,8 @@ struct Planner<'a> {
     build_args: &'a BTreeMap<String, String>,
     global_args: Vars,
     stages: Vec<Stage>,
+    /// `AS` names of every stage (lowercased), to tell a stage named too early.
+    later_stages: Vec<String>,
 }
 
 /// The state of a stage being planned.
@@ -399,7 +414,10 @@ impl Planner<'_> {
                         (argv, format!("RUN {}", script.value.trim()))
                     }
                     _ => {
-                        return Err(err(line, "RUN with a here-document is supported only as the whole command (RUN <<EOF)"))
+                        return Err(err(
+                            line,
+                            "RUN with a here-document is supported only as the whole command (RUN <<EOF)",
+                        ))
                     }
                 };
                 let mut env = state.config.env.clone();
@@ -408,7 +426,8 @@ impl Planner<'_> {
                         env.push((k.clone(), v.clone()));
                     }
                 }
-                let workdir = if state.config.working_dir.is_empty() { "/".to_owned() } else { state.config.working_dir.clone() };
+                let workdir =
+                    if state.config.working_dir.is_empty() { "/".to_owned() } else { state.config.working_dir.clone() };
                 let run = RunStep { argv, env, user: state.config.user.clone(), workdir };
                 Ok(Step { line, display, action: Action::Run(run) })
             }
@@ -444,7 +463,9 @@ impl Planner<'_> {
             }
             Instruction::Label(label) => {
                 let line = self.lines.of(&label.arguments);
-                for (k, v) in pairs("LABEL", &label.arguments.value, &state.lookup(), escape).map_err(|e| err(line, e))? {
+                for (k, v) in
+                    pairs("LABEL", &label.arguments.value, &state.lookup(), escape).map_err(|e| err(line, e))?
+                {
                     state.config.labels.insert(k, v);
                 }
                 config_step(line, format!("LABEL {}", label.arguments.value.trim()))
@@ -561,7 +582,15 @@ impl Planner<'_> {
                         Some(stage) => CopyFrom::Stage(stage.index),
                         None => match from_name.parse::<usize>() {
                             Ok(n) if n < self.stages.len() => CopyFrom::Stage(n),
-                            Ok(n) => return Err(err(line, format!("--from={n}: there is no stage {n} before this one"))),
+                            Ok(n) => {
+                                return Err(err(line, format!("--from={n}: there is no stage {n} before this one")))
+                            }
+                            Err(_) if self.later_stages.contains(&from_name.to_ascii_lowercase()) => {
+                                return Err(err(
+                                    line,
+                                    format!("--from={from_name}: that stage comes later in the file"),
+                                ))
+                            }
                             Err(_) => CopyFrom::Image(from_name),
                         },
                     };
@@ -587,8 +616,10 @@ impl Planner<'_> {
                     if path.contains("://") || path.starts_with("git@") {
                         return Err(err(
                             line,
-                            format!("{name} {path}: remote sources are not supported (fetch them in a RUN step, \
-                                     under the build's network policy)"),
+                            format!(
+                                "{name} {path}: remote sources are not supported (fetch them in a RUN step, \
+                                     under the build's network policy)"
+                            ),
                         ));
                     }
                     sources.push(path);
@@ -602,7 +633,13 @@ impl Planner<'_> {
         if (dest_word.ends_with('/') || dest_word == "." || dest_word.ends_with("/.")) && !dest.ends_with('/') {
             dest.push('/');
         }
-        let display = format!("{name} {} {dest_word}", sources.join(" "));
+        let flags: String = options
+            .iter()
+            .map(|f| {
+                format!("--{}{} ", f.name.value, f.value.as_ref().map(|v| format!("={}", v.value)).unwrap_or_default())
+            })
+            .collect();
+        let display = format!("{name} {flags}{} {dest_word}", sources.join(" "));
         let copy = CopyStep { sources, from, dest, chown, chmod, unpack_archives: add };
         Ok(Step { line, display, action: Action::Copy(copy) })
     }
@@ -617,9 +654,9 @@ impl Planner<'_> {
         match &check.arguments {
             parse_dockerfile::HealthcheckArguments::Cmd { arguments, .. } => {
                 hc.test = match arguments {
-                    Command::Exec(args) => {
-                        std::iter::once("CMD".to_owned()).chain(args.value.iter().map(|a| a.value.to_string())).collect()
-                    }
+                    Command::Exec(args) => std::iter::once("CMD".to_owned())
+                        .chain(args.value.iter().map(|a| a.value.to_string()))
+                        .collect(),
                     Command::Shell(s) => vec!["CMD-SHELL".to_owned(), strip_continuations(s.value, self.escape)],
                     _ => return Err(err(line, "HEALTHCHECK CMD needs a command")),
                 };
@@ -630,13 +667,16 @@ impl Planner<'_> {
         for flag in &check.options {
             let value = self.one_word(flag, &state.lookup(), line)?;
             let name = &*flag.name.value;
-            let duration = || go_duration(&value).ok_or_else(|| err(line, format!("--{name}={value}: expected a duration like 30s")));
+            let duration = || {
+                go_duration(&value).ok_or_else(|| err(line, format!("--{name}={value}: expected a duration like 30s")))
+            };
             match name {
                 "interval" => hc.interval = duration()?,
                 "timeout" => hc.timeout = duration()?,
                 "start-period" => hc.start_period = duration()?,
                 "retries" => {
-                    hc.retries = value.parse().map_err(|_| err(line, format!("--retries={value}: expected a number")))?;
+                    hc.retries =
+                        value.parse().map_err(|_| err(line, format!("--retries={value}: expected a number")))?;
                 }
                 other => return Err(err(line, format!("HEALTHCHECK --{other} is not supported"))),
             }
@@ -835,11 +875,7 @@ fn lex(text: &str, vars: &Vars, escape: char, split: bool) -> Result<Vec<String>
 }
 
 /// The value of the variable after a `$`.
-fn variable(
-    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
-    vars: &Vars,
-    escape: char,
-) -> Result<String, String> {
+fn variable(chars: &mut std::iter::Peekable<std::str::Chars<'_>>, vars: &Vars, escape: char) -> Result<String, String> {
     if chars.peek() == Some(&'{') {
         chars.next();
         let mut name = String::new();
@@ -918,7 +954,10 @@ mod tests {
             if image == "missing" {
                 return Err("image not found: missing".into());
             }
-            Ok(ImageConfig { env: vec![("PATH".into(), "/bin".into()), ("BASE".into(), image.into())], ..Default::default() })
+            Ok(ImageConfig {
+                env: vec![("PATH".into(), "/bin".into()), ("BASE".into(), image.into())],
+                ..Default::default()
+            })
         })
     }
 
@@ -961,9 +1000,12 @@ mod tests {
                     COPY --from=build --chown=1:2 --chmod=755 /out/app /app\nCOPY a b ./dir/\nCMD [\"/app\"]\n";
         let plan = plan_of(text, &[], None).unwrap();
         assert_eq!(plan.order, [0, 2], "the unused stage is not built");
-        assert_eq!(plan.images(), ["alpine"]);
+        assert_eq!(plan.images(), [("alpine".to_owned(), 1)]);
         let Action::Copy(copy) = &plan.stages[2].steps[0].action else { panic!() };
-        assert_eq!((copy.from.clone(), copy.chown.as_deref(), copy.chmod), (CopyFrom::Stage(0), Some("1:2"), Some(0o755)));
+        assert_eq!(
+            (copy.from.clone(), copy.chown.as_deref(), copy.chmod),
+            (CopyFrom::Stage(0), Some("1:2"), Some(0o755))
+        );
         let Action::Copy(copy) = &plan.stages[2].steps[1].action else { panic!() };
         assert_eq!((copy.sources.clone(), copy.dest.as_str()), (vec!["a".to_owned(), "b".to_owned()], "/dir/"));
         assert_eq!(plan.stages[2].config.cmd, ["/app"]);
@@ -1012,6 +1054,7 @@ mod tests {
             ("FROM alpine\nRUN true\nFROBNICATE now\n", 3, ""),
             ("RUN true\n", 1, "FROM"),
             ("FROM alpine\nCOPY --from=nosuch/x:1 a b\nCOPY --from=7 a b\n", 3, "no stage 7"),
+            ("FROM alpine AS a\nCOPY --from=b x y\nFROM alpine AS b\n", 2, "comes later"),
             ("FROM --platform=linux/arm64 alpine\n", 1, "only linux/amd64"),
             ("FROM missing\n", 1, "image not found"),
             ("FROM alpine\nADD https://example.com/x /x\n", 2, "remote sources"),

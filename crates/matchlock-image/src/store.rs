@@ -366,7 +366,9 @@ impl Store {
         let tag = normalize_tag(tag)?;
         let mut size = 0;
         for diff_id in diff_ids {
-            size += self.layer_size(diff_id)?.ok_or_else(|| StoreError::Corrupt(format!("layer {diff_id} is not stored")))?;
+            size += self
+                .layer_size(diff_id)?
+                .ok_or_else(|| StoreError::Corrupt(format!("layer {diff_id} is not stored")))?;
         }
         let rootfs = self.ensure_rootfs(diff_ids)?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(config.to_oci_json(diff_ids))));

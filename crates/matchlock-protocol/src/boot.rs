@@ -25,6 +25,9 @@ pub struct BootParams {
     pub disks: Vec<(String, String, bool)>,
     /// Where the host-served workspace file system is mounted (FUSE over vsock).
     pub workspace: Option<String>,
+    /// `/tmp` stays on the root file system (commits see it, as a Dockerfile `RUN`
+    /// expects) instead of a tmpfs.
+    pub image_tmp: bool,
 }
 
 /// What a VM resumed from a snapshot or a warm template learns about the sandbox it now
@@ -143,6 +146,9 @@ impl BootParams {
         if let Some(workspace) = &self.workspace {
             words.push(format!("matchlock.workspace={workspace}"));
         }
+        if self.image_tmp {
+            words.push("matchlock.image_tmp=1".to_owned());
+        }
         words.join(" ")
     }
 
@@ -158,6 +164,7 @@ impl BootParams {
         let mut privileged = false;
         let mut disks = Vec::new();
         let mut workspace = None;
+        let mut image_tmp = false;
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.strip_prefix("matchlock.").and_then(|w| w.split_once('=')) else {
                 continue;
@@ -194,6 +201,7 @@ impl BootParams {
                     add_hosts.push((host.to_owned(), ip));
                 }
                 "privileged" => privileged = value == "1",
+                "image_tmp" => image_tmp = value == "1",
                 "workspace" if is_valid_mount_path(value) => workspace = Some(value.to_owned()),
                 "workspace" => return Err(invalid("workspace")),
                 _ if key.starts_with("disk.") => {
@@ -221,6 +229,7 @@ impl BootParams {
             privileged,
             disks,
             workspace,
+            image_tmp,
         })
     }
 }
@@ -268,6 +277,7 @@ mod tests {
             privileged: true,
             disks: vec![("vdd".into(), "/data".into(), false), ("vde".into(), "/ro".into(), true)],
             workspace: Some("/workspace".into()),
+            image_tmp: true,
         }
     }
 

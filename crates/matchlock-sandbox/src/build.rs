@@ -173,7 +173,8 @@ pub async fn build(
     mut interrupt: Interrupt<'_>,
 ) -> Result<BuildSummary, BuildError> {
     let lock = store.lock(false)?;
-    let mut builder = Builder { store: Some(store), options, context: None, hidden: Vec::new(), progress, summary: (0, 0) };
+    let mut builder =
+        Builder { store: Some(store), options, context: None, hidden: Vec::new(), progress, summary: (0, 0) };
     let result = builder.run(plan, &mut interrupt).await;
     drop(lock);
     // The hidden step images go whatever happened (their root file systems with them).
@@ -191,27 +192,35 @@ pub async fn build(
     Ok(BuildSummary { image, steps_run: builder.summary.0, steps_cached: builder.summary.1 })
 }
 
+/// sha256 (hex) of `prefix` and `lines`, one per line.
+fn digest_lines<'a>(prefix: &str, lines: impl IntoIterator<Item = &'a str>) -> String {
+    let mut h = Sha256::new();
+    h.update(prefix.as_bytes());
+    for line in lines {
+        h.update(b"\n");
+        h.update(line.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
 /// The cache key of a `RUN` on `chain`.
 fn run_key(chain: &[String], run: &RunStep) -> String {
-    let mut h = Sha256::new();
-    h.update(b"matchlock-build-run-v1\n");
-    for d in chain {
-        h.update(d.as_bytes());
-        h.update(b"\n");
-    }
     let instruction = serde_json::json!({"argv": run.argv, "env": run.env, "user": run.user, "workdir": run.workdir});
-    h.update(instruction.to_string().as_bytes());
-    hex::encode(h.finalize())
+    let instruction = instruction.to_string();
+    digest_lines("matchlock-build-run-v1", chain.iter().map(String::as_str).chain([instruction.as_str()]))
+}
+
+/// The cache key of a `COPY`/`ADD` that made the layer `diff_id` on `chain`.
+fn copy_key(chain: &[String], diff_id: &str) -> String {
+    digest_lines("matchlock-build-copy-v1", chain.iter().map(String::as_str).chain([diff_id]))
 }
 
 /// The tag of the hidden image of the layers `chain`.
 fn hidden_tag(chain: &[String]) -> String {
-    let mut h = Sha256::new();
-    for d in chain {
-        h.update(d.as_bytes());
-        h.update(b"\n");
-    }
-    format!("matchlock-build-step/{}:latest", &hex::encode(h.finalize())[..32])
+    format!(
+        "matchlock-build-step/{}:latest",
+        &digest_lines("matchlock-build-step-v1", chain.iter().map(String::as_str))[..32]
+    )
 }
 
 impl Builder<'_> {
@@ -249,7 +258,8 @@ impl Builder<'_> {
                 Base::Scratch => (Vec::new(), None),
                 Base::Stage(i) => (chains[i].clone(), None),
                 Base::Image(reference) => {
-                    let image = self.store().resolve(reference)?.ok_or_else(|| BuildError::ImageNotFound(reference.clone()))?;
+                    let image =
+                        self.store().resolve(reference)?.ok_or_else(|| BuildError::ImageNotFound(reference.clone()))?;
                     (self.store().diff_ids(&image.tag)?, Some(image.tag))
                 }
             };
@@ -269,6 +279,8 @@ impl Builder<'_> {
                         Action::Copy(copy) => {
                             let layer = self.copy_layer(copy, &chain, &chains, plan, &shown, step.line).await?;
                             if let Some((diff_id, cached)) = layer {
+                                // Recorded so that the layer stays stored for later builds.
+                                self.store().cache_step(&copy_key(&chain, &diff_id), Some(&diff_id))?;
                                 self.say(&if cached { format!("CACHED {shown}") } else { shown.clone() }).await?;
                                 chain.push(diff_id);
                                 // The VM's root no longer is the chain: the next RUN boots anew.
@@ -295,13 +307,15 @@ impl Builder<'_> {
                             }
                             self.say(&shown).await?;
                             self.summary.0 += 1;
-                            let sandbox_err = |source| BuildError::Sandbox { step: shown.clone(), line: step.line, source };
+                            let sandbox_err =
+                                |source| BuildError::Sandbox { step: shown.clone(), line: step.line, source };
                             if vm.is_none() {
                                 let boot_tag = match &base_image {
                                     Some(tag) if chain == base_chain => tag.clone(),
                                     _ => self.hidden_image(&chain).await?,
                                 };
-                                let started = self.boot(boot_tag, base_image.is_some() && chain == base_chain, interrupt);
+                                let started =
+                                    self.boot(boot_tag, base_image.is_some() && chain == base_chain, interrupt);
                                 vm = Some(started.await.map_err(|e| match e {
                                     BootError::Interrupted => BuildError::Interrupted,
                                     BootError::Sandbox(source) => sandbox_err(source),
@@ -338,7 +352,8 @@ impl Builder<'_> {
         let tag = hidden_tag(chain);
         let owned = chain.to_vec();
         let saved = tag.clone();
-        self.blocking(move |store| store.save_chain(&saved, BUILD_STEP_SOURCE, &ImageConfig::default(), &owned)).await?;
+        self.blocking(move |store| store.save_chain(&saved, BUILD_STEP_SOURCE, &ImageConfig::default(), &owned))
+            .await?;
         if !self.hidden.contains(&tag) {
             self.hidden.push(tag.clone());
         }
@@ -368,7 +383,6 @@ impl Builder<'_> {
         interrupt: &mut Interrupt<'_>,
     ) -> Result<Option<String>, BuildError> {
         let sandbox_err = |source| BuildError::Sandbox { step: shown.to_owned(), line, source };
-        let user = (!run.user.is_empty()).then(|| run.user.clone());
         if run.workdir != "/" && !vm.made_dirs.contains(&run.workdir) {
             // WORKDIR creates its directory (as root), as Docker does.
             let mkdir = ExecRequest {
@@ -378,15 +392,30 @@ impl Builder<'_> {
                 user: None,
                 window: None,
             };
-            let (code, output) = self.exec(&vm.sandbox, &mkdir, interrupt).await.map_err(|e| e.into_build(sandbox_err))?;
+            let (code, output) =
+                self.exec(&vm.sandbox, &mkdir, interrupt).await.map_err(|e| e.into_build(sandbox_err))?;
             if code != 0 {
-                return Err(BuildError::RunFailed { step: format!("{shown} (creating its WORKDIR)"), line, code, output });
+                return Err(BuildError::RunFailed {
+                    step: format!("{shown} (creating its WORKDIR)"),
+                    line,
+                    code,
+                    output,
+                });
             }
             vm.made_dirs.push(run.workdir.clone());
         }
-        let request =
-            ExecRequest { argv: run.argv.clone(), env: run.env.clone(), working_dir: Some(run.workdir.clone()), user, window: None };
-        let (code, output) = self.exec(&vm.sandbox, &request, interrupt).await.map_err(|e| e.into_build(sandbox_err))?;
+        // The sandbox's own environment too: CA paths under interception, secret placeholders.
+        let step_config = ImageConfig {
+            env: run.env.clone(),
+            user: run.user.clone(),
+            working_dir: run.workdir.clone(),
+            ..ImageConfig::default()
+        };
+        let request = crate::compose_command(&step_config, vm.sandbox.config(), run.argv.clone())
+            .map_err(|e| sandbox_err(SandboxError::Config(e.to_string())))?
+            .into_request(None);
+        let (code, output) =
+            self.exec(&vm.sandbox, &request, interrupt).await.map_err(|e| e.into_build(sandbox_err))?;
         if code != 0 {
             return Err(BuildError::RunFailed { step: shown.to_owned(), line, code, output });
         }
@@ -472,12 +501,16 @@ impl Builder<'_> {
                     if numeric {
                         return Ok(None);
                     }
-                    Ok(self.store().read_chain_file(chain, Path::new(path))?.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                    Ok(self
+                        .store()
+                        .read_chain_file(chain, Path::new(path))?
+                        .map(|b| String::from_utf8_lossy(&b).into_owned()))
                 };
                 let (passwd, group) = (read("etc/passwd")?, read("etc/group")?);
-                Some(copy::resolve_owner(spec, passwd.as_deref(), group.as_deref()).map_err(|message| {
-                    BuildError::Owner { step: shown.to_owned(), line, message }
-                })?)
+                Some(
+                    copy::resolve_owner(spec, passwd.as_deref(), group.as_deref())
+                        .map_err(|message| BuildError::Owner { step: shown.to_owned(), line, message })?,
+                )
             }
         };
         let ownership = Ownership { owner, chmod: copy.chmod };
@@ -487,7 +520,8 @@ impl Builder<'_> {
                 Some((chains[i].clone(), plan.stages[*i].name.clone().unwrap_or_else(|| format!("stage {i}"))))
             }
             CopyFrom::Image(reference) => {
-                let image = self.store().resolve(reference)?.ok_or_else(|| BuildError::ImageNotFound(reference.clone()))?;
+                let image =
+                    self.store().resolve(reference)?.ok_or_else(|| BuildError::ImageNotFound(reference.clone()))?;
                 Some((self.store().diff_ids(&image.tag)?, reference.clone()))
             }
         };
@@ -501,11 +535,15 @@ impl Builder<'_> {
             .blocking(move |store| {
                 let made = (|| -> Result<Option<(String, bool)>, BuildError> {
                     let tmp = store.tmp_dir();
-                    let mut layer =
-                        tempfile::NamedTempFile::new_in(&tmp).map_err(|e| StoreError::Io { path: tmp.clone(), source: e })?;
+                    let mut layer = tempfile::NamedTempFile::new_in(&tmp)
+                        .map_err(|e| StoreError::Io { path: tmp.clone(), source: e })?;
                     let mut out = std::io::BufWriter::new(layer.as_file_mut());
                     let diff: Diff = match &source_chain {
-                        None => context.as_ref().expect("opened above").layer(&step, ownership, &mut out).map_err(copy_err)?,
+                        None => context
+                            .as_ref()
+                            .expect("opened above")
+                            .layer(&step, ownership, &mut out)
+                            .map_err(copy_err)?,
                         Some((diff_ids, from)) => {
                             let mut merged = store.merged_tar(diff_ids)?;
                             let rewind_from = merged.try_clone().map_err(LayerError::Temp)?;
@@ -515,7 +553,8 @@ impl Builder<'_> {
                                 Ok(Box::new(std::io::BufReader::new(again)))
                             };
                             let mut reader = std::io::BufReader::new(&mut merged);
-                            copy::layer_from_image(&step, from, &mut reader, ownership, &mut out, rewind).map_err(copy_err)?
+                            copy::layer_from_image(&step, from, &mut reader, ownership, &mut out, rewind)
+                                .map_err(copy_err)?
                         }
                     };
                     std::io::Write::flush(&mut out).map_err(LayerError::Temp)?;

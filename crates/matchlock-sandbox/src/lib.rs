@@ -2,8 +2,8 @@
 //! commands in it over the guest protocol, and tear everything down.
 
 mod boot_disk;
-mod command;
 pub mod build;
+mod command;
 pub mod commit;
 mod exec;
 mod files;
@@ -590,6 +590,7 @@ impl Start<'_> {
             privileged: config.privileged,
             disks: mounts,
             workspace: booted_config.workspace.clone(),
+            image_tmp: config.image_tmp,
         };
         let vfs = match &config.workspace {
             Some(_) => {

@@ -67,6 +67,8 @@ struct Inputs {
     cpus: f64,
     disk_size_mb: u64,
     privileged: bool,
+    /// `/tmp` on the root file system.
+    image_tmp: bool,
     /// The NIC's MTU, or `None` without a network.
     nic_mtu: Option<u32>,
 }
@@ -107,6 +109,7 @@ pub(crate) fn key(config: &SandboxConfig, machine: &Boot<'_>) -> Result<Key, San
         cpus: config.cpus,
         disk_size_mb: config.disk_size_mb,
         privileged: config.privileged,
+        image_tmp: config.image_tmp,
         nic_mtu: config.network.as_ref().map(|n| n.mtu),
     };
     let inputs = serde_json::to_vec(&inputs).expect("inputs serialize");

@@ -76,8 +76,10 @@ pub(crate) async fn build(args: BuildArgs) -> Result<u8> {
         .map_err(in_file)?
         .images();
     let mut store = open_store()?;
-    for image in &images {
-        crate::images::image_for_run(&mut store, image, false).await?;
+    for (image, line) in &images {
+        crate::images::image_for_run(&mut store, image, false)
+            .await
+            .with_context(|| format!("{}: Dockerfile line {line}: cannot get the image {image}", file.display()))?;
     }
     let plan = dockerfile::plan(&text, &build_args, args.target.as_deref(), &mut |image| match store.resolve(image) {
         Ok(Some(found)) => Ok(found.config),
@@ -94,6 +96,7 @@ pub(crate) async fn build(args: BuildArgs) -> Result<u8> {
     };
     vm.memory_mb = args.build_memory;
     vm.disk_size_mb = args.build_disk;
+    vm.image_tmp = true;
     if args.no_network {
         vm.network = None;
     } else if let Some(network) = vm.network.as_mut() {

@@ -332,7 +332,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         }
         Command::Push { image, target } => crate::images::push(&image, target.as_deref().unwrap_or(&image)).await,
         Command::Volume(cmd) => crate::volumes::dispatch(cmd),
-        Command::Build(args) => crate::build::build(*args).await,
+        Command::Build(args) => Box::pin(crate::build::build(*args)).await,
         Command::Commit { changes, id, tag } => crate::images::commit(&id, &tag, &changes).await,
         Command::Image(ImageCommand::Ls { json }) => crate::images::list(json),
         Command::Image(ImageCommand::Rm { tag }) => crate::images::remove(&tag),

@@ -243,7 +243,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8> {
     if args.detach {
         return spawn_detached(&args);
     }
-    run_sandbox(args, &HashMap::new()).await
+    Box::pin(run_sandbox(args, &HashMap::new())).await
 }
 
 /// `matchlock detached-owner` (hidden): the owner of a `run -d` sandbox. Its parsed `run`
@@ -255,7 +255,7 @@ pub(crate) async fn detached_owner() -> Result<u8> {
     let handed: DetachedRun = serde_json::from_slice(&text).context("malformed run from the parent")?;
     let mut args = handed.args;
     args.detached_child = true;
-    run_sandbox(args, &handed.secrets).await
+    Box::pin(run_sandbox(args, &handed.secrets)).await
 }
 
 /// What a `run -d` hands its detached owner, on the owner's stdin.
