@@ -194,6 +194,13 @@ fn handle(mut stream: Stream, disks: &[String]) -> Result<(), ConnError> {
             }
             return sender.send(&GuestMessage::Exit(i32::from(written.is_err())));
         }
+        FrameType::ApplyLayer => {
+            let applied = crate::commit::apply_layer(&mut StdinFrames { stream: &mut stream, buf: Vec::new(), at: 0 });
+            if let Err(e) = &applied {
+                sender.send(&GuestMessage::Stderr(format!("matchlock: applying a layer: {e}\n").into_bytes()))?;
+            }
+            return sender.send(&GuestMessage::Exit(i32::from(applied.is_err())));
+        }
         FrameType::WriteFile | FrameType::ReadFile | FrameType::ListFiles => {
             return Ok(crate::files::serve(&mut stream, &frame)?);
         }
@@ -216,6 +223,35 @@ fn handle(mut stream: Stream, disks: &[String]) -> Result<(), ConnError> {
         }
     };
     run(stream, &sender, running)
+}
+
+/// The bytes of `Stdin` frames until an empty one.
+struct StdinFrames<'a> {
+    stream: &'a mut Stream,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Read for StdinFrames<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.buf.len() {
+            let frame = read_frame(&mut *self.stream)
+                .map_err(|e| io::Error::other(e.to_string()))?
+                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+            if frame.kind != FrameType::Stdin {
+                return Err(io::Error::other(format!("expected layer bytes, got a {:?} frame", frame.kind)));
+            }
+            if frame.payload.is_empty() {
+                return Ok(0);
+            }
+            self.buf = frame.payload;
+            self.at = 0;
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// Syncs and remounts the extra disks read-only: their journals are checkpointed and

@@ -36,6 +36,27 @@ const OWN_FILES: [&str; 4] = ["etc/hostname", "etc/hosts", "etc/resolv.conf", "e
 /// Bytes of file data per `Stdout` frame.
 const CHUNK: usize = 64 * 1024;
 
+/// Unpacks the layer tar read from `tar` into `/`, keeping ownership, modes, times and
+/// xattrs (what `matchlock build` copies into a running step VM). Whiteouts are refused:
+/// the host boots a fresh VM for layers that delete.
+pub(crate) fn apply_layer(tar: &mut dyn io::Read) -> io::Result<()> {
+    let mut archive = tar::Archive::new(tar);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_unpack_xattrs(true);
+    archive.set_overwrite(true);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        if path.file_name().is_some_and(|n| n.as_bytes().starts_with(b".wh.")) {
+            return Err(io::Error::other(format!("{}: a whiteout", path.display())));
+        }
+        entry.unpack_in("/")?;
+    }
+    Ok(())
+}
+
 /// Remembers the overlay's directories (called before `pivot_root`; lowers bottom first).
 pub(crate) fn remember_layers(upper: &str, lowers: &[String]) -> io::Result<()> {
     let open = |path: &str| File::open(path);

@@ -95,6 +95,8 @@ impl ImageConfig {
             "os": "linux",
             "config": runtime,
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            // One entry per layer: tools that map history to layers (buildah) need it.
+            "history": diff_ids.iter().map(|d| serde_json::json!({"created_by": format!("matchlock layer {d}")})).collect::<Vec<_>>(),
         });
         serde_json::to_vec(&doc).expect("the config serializes")
     }

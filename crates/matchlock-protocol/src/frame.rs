@@ -51,6 +51,10 @@ pub enum FrameType {
     /// stopped meanwhile (host -> guest, empty; answered with `Stdout` chunks of the tar,
     /// then `Exit`, or `Stderr` and a failing `Exit`).
     Commit = 34,
+    /// Unpack a layer tar into the root file system (host -> guest, empty; then the tar in
+    /// `Stdin` frames and an empty `Stdin` for its end; answered with `Exit`, or `Stderr`
+    /// and a failing `Exit`). Layers with whiteouts are refused.
+    ApplyLayer = 35,
 }
 
 impl TryFrom<u8> for FrameType {
@@ -74,6 +78,7 @@ impl TryFrom<u8> for FrameType {
             32 => Self::Quiesce,
             33 => Self::Restored,
             34 => Self::Commit,
+            35 => Self::ApplyLayer,
             other => return Err(FrameError::UnknownType(other)),
         })
     }

@@ -150,6 +150,8 @@ struct StageVm {
     baseline: Option<tempfile::NamedTempFile>,
     /// Working directories created so far.
     made_dirs: Vec<String>,
+    /// `COPY` layers of the chain this VM has not unpacked yet.
+    pending: Vec<String>,
 }
 
 struct Builder<'a> {
@@ -282,11 +284,11 @@ impl Builder<'_> {
                                 // Recorded so that the layer stays stored for later builds.
                                 self.store().cache_step(&copy_key(&chain, &diff_id), Some(&diff_id))?;
                                 self.say(&if cached { format!("CACHED {shown}") } else { shown.clone() }).await?;
-                                chain.push(diff_id);
-                                // The VM's root no longer is the chain: the next RUN boots anew.
-                                if let Some(old) = vm.take() {
-                                    close(old).await;
+                                // The running VM unpacks it before the next RUN it serves.
+                                if let Some(running) = vm.as_mut() {
+                                    running.pending.push(diff_id.clone());
                                 }
+                                chain.push(diff_id);
                             } else {
                                 self.say(&shown).await?;
                             }
@@ -299,6 +301,7 @@ impl Builder<'_> {
                                 self.summary.1 += 1;
                                 if let Some(diff_id) = layer {
                                     chain.push(diff_id);
+                                    // A cached RUN layer may delete: the next RUN boots anew.
                                     if let Some(old) = vm.take() {
                                         close(old).await;
                                     }
@@ -309,6 +312,19 @@ impl Builder<'_> {
                             self.summary.0 += 1;
                             let sandbox_err =
                                 |source| BuildError::Sandbox { step: shown.clone(), line: step.line, source };
+                            if let Some(mut running) = vm.take() {
+                                match self.catch_up(&mut running, interrupt).await {
+                                    Ok(()) => vm = Some(running),
+                                    Err(BuildError::Interrupted) => {
+                                        close(running).await;
+                                        return Err(BuildError::Interrupted);
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!("the step VM cannot take the copied files, booting anew: {e}");
+                                        close(running).await;
+                                    }
+                                }
+                            }
                             if vm.is_none() {
                                 let boot_tag = match &base_image {
                                     Some(tag) if chain == base_chain => tag.clone(),
@@ -370,7 +386,31 @@ impl Builder<'_> {
             created = Sandbox::create(config, self.store(), state) => created?,
             () = interrupt.as_mut() => return Err(BootError::Interrupted),
         };
-        Ok(StageVm { sandbox, baseline: None, made_dirs: Vec::new() })
+        Ok(StageVm { sandbox, baseline: None, made_dirs: Vec::new(), pending: Vec::new() })
+    }
+
+    /// Unpacks `vm`'s pending `COPY` layers into it and takes its new baseline commit.
+    async fn catch_up(&mut self, vm: &mut StageVm, interrupt: &mut Interrupt<'_>) -> Result<(), BuildError> {
+        if vm.pending.is_empty() {
+            return Ok(());
+        }
+        let sandbox_err = |source| BuildError::Sandbox { step: "copying into the step VM".into(), line: 0, source };
+        let tmp = self.store().tmp_dir();
+        let layers: Vec<PathBuf> = vm.pending.iter().map(|d| self.store().layer_path(d)).collect();
+        let work = async {
+            for layer in &layers {
+                crate::commit::apply_layer(vm.sandbox.connect(EXEC_PORT).await?, layer).await?;
+            }
+            let conn = vm.sandbox.connect(EXEC_PORT).await?;
+            crate::commit::receive_layer(conn, &tmp, vm.sandbox.config().disk_size_mb).await
+        };
+        let baseline = tokio::select! {
+            done = work => done.map_err(sandbox_err)?,
+            () = interrupt.as_mut() => return Err(BuildError::Interrupted),
+        };
+        vm.baseline = Some(baseline.into_file());
+        vm.pending.clear();
+        Ok(())
     }
 
     /// Runs `run` in `vm`; returns the layer it made (stored), if it changed anything.

@@ -78,6 +78,36 @@ pub async fn receive_layer(
     Ok(Layer { file, diff_id: format!("sha256:{}", hex::encode(hasher.finalize())) })
 }
 
+/// Unpacks the layer tar at `layer` into the root of the guest on `conn` (its exec port).
+pub async fn apply_layer(mut conn: UnixStream, layer: &std::path::Path) -> Result<(), SandboxError> {
+    let mut file = tokio::fs::File::open(layer).await.map_err(io_err(format!("cannot read {}", layer.display())))?;
+    write_frame(&mut conn, FrameType::ApplyLayer, &[]).await?;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let sent: Result<(), SandboxError> = async {
+        loop {
+            let n = tokio::io::AsyncReadExt::read(&mut file, &mut chunk)
+                .await
+                .map_err(io_err(format!("cannot read {}", layer.display())))?;
+            write_frame(&mut conn, FrameType::Stdin, &chunk[..n]).await?;
+            if n == 0 {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    // A guest that stopped reading says why before it hangs up.
+    let mut errors = String::new();
+    while let Some(frame) = read_frame(&mut conn).await? {
+        match GuestMessage::from_frame(frame)? {
+            GuestMessage::Stderr(text) if errors.len() < MAX_ERROR => errors.push_str(&String::from_utf8_lossy(&text)),
+            GuestMessage::Exit(0) => return sent,
+            GuestMessage::Exit(_) => return Err(SandboxError::File(errors.trim().to_owned())),
+            _ => {}
+        }
+    }
+    sent.and(Err(SandboxError::VmStopped("the guest hung up while applying a layer".into())))
+}
+
 /// Stores `layer` on top of `base` as the image `tag` with `config`; blocking (the new
 /// root file system is squashed).
 pub fn save_image(

@@ -85,10 +85,11 @@ ARG MARK
 ARG FLAVOR=plain
 ENV OUT=/out PATH=/out/bin:$PATH
 WORKDIR $OUT
+RUN mkdir pre && echo pre > pre/file
 COPY app/ ./app/
 RUN mkdir bin && printf '#!/bin/sh\necho tool-%s\n' "$FLAVOR" > bin/tool && chmod 755 bin/tool \
     && touch scratch && echo "$MARK" > mark
-RUN rm scratch /bin/vi && tool > made-by-tool
+RUN rm scratch /bin/vi && tool > made-by-tool && cat app/main.sh pre/file > from-copy
 USER nobody
 WORKDIR /tmp
 RUN id -u > /tmp/uid && pwd > /tmp/pwd && touch /tmp/as-nobody
@@ -121,16 +122,17 @@ fn a_multi_stage_build_runs_like_any_image_and_its_cache_follows_the_context() {
     assert!(out.contains(&format!("Successfully built and tagged {tag}")), "{out}");
     assert!(out.contains("Layers: 3"), "busybox and two COPY layers: {out}");
     assert_eq!(cached_steps(&first), 0, "{}", stderr(&first));
-    assert!(stderr(&first).contains("[build 7/11] RUN mkdir bin"), "{}", stderr(&first));
+    assert!(!stderr(&first).contains("booting anew"), "the COPY went into the running VM: {}", stderr(&first));
+    assert!(stderr(&first).contains("[build 8/12] RUN mkdir bin"), "{}", stderr(&first));
     h.assert_no_leftovers();
 
     // The image runs its CMD, found on the ENV PATH it set.
     assert_eq!(ok(&h.run(&["--image", &tag])).trim(), "tool-fancy");
-    let probe = "ls /app; ls /app/app; cat /app/mark /ids/uid /ids/pwd; stat -c '%U %a' /app/bin/tool /app/mark; \
+    let probe = "ls /app; ls /app/app; cat /app/from-copy /app/mark /ids/uid /ids/pwd; stat -c '%U %a' /app/bin/tool /app/mark; \
                  test -e /app/scratch || echo no-scratch; test -e /bin/vi && echo final-has-vi";
     let seen = ok(&h.run(&["--image", &tag, "--", "sh", "-c", probe]));
     let expected = format!(
-        "app\nbin\nmade-by-tool\nmark\nmain.sh\n{m}\n65534\n/tmp\nnobody 750\nnobody 750\nno-scratch\nfinal-has-vi\n"
+        "app\nbin\nfrom-copy\nmade-by-tool\nmark\npre\nmain.sh\necho main\npre\n{m}\n65534\n/tmp\nnobody 750\nnobody 750\nno-scratch\nfinal-has-vi\n"
     );
     assert_eq!(seen, expected, "USER/WORKDIR reached the later RUN, .dockerignore kept debug.log out");
 
@@ -156,7 +158,7 @@ fn a_multi_stage_build_runs_like_any_image_and_its_cache_follows_the_context() {
     let stage_tag = format!("built-{m}:stage");
     let stage = build(&h, ctx.path(), &["-t", &stage_tag, &mark, "--build-arg", "FLAVOR=fancy", "--target", "build"]);
     ok(&stage);
-    assert_eq!(cached_steps(&stage), 4, "{}", stderr(&stage));
+    assert_eq!(cached_steps(&stage), 5, "{}", stderr(&stage));
     let (_, stage_layers) = exported(&h, &stage_tag);
     let removing =
         stage_layers.iter().find(|l| l.contains(&"out/made-by-tool".to_owned())).expect("the second RUN's layer");
@@ -168,18 +170,22 @@ fn a_multi_stage_build_runs_like_any_image_and_its_cache_follows_the_context() {
         !removing.contains(&"out/bin/tool".to_owned()),
         "a step layer holds only that step's changes: {removing:?}"
     );
+    // The RUN after the COPY ran in the VM that had run the RUN before it, with the copied
+    // files unpacked into it: its layer holds neither of theirs.
+    let after_copy = stage_layers.iter().find(|l| l.contains(&"out/bin/tool".to_owned())).expect("its layer");
+    assert!(!after_copy.iter().any(|n| n.starts_with("out/app") || n.starts_with("out/pre")), "{after_copy:?}");
     let gone = ok(&h.run(&["--image", &stage_tag, "--", "sh", "-c", "test -e /bin/vi || echo vi-gone; ls /out"]));
-    assert_eq!(gone, "vi-gone\napp\nbin\nmade-by-tool\nmark\n");
+    assert_eq!(gone, "vi-gone\napp\nbin\nfrom-copy\nmade-by-tool\nmark\npre\n");
 
     // An ignored file changes: everything is cached. A copied file changes: nothing is.
     std::fs::write(ctx.path().join("app/debug.log"), "more noise\n").unwrap();
     let again = build(&h, ctx.path(), &["-t", &tag, &mark, "--build-arg", "FLAVOR=fancy"]);
     ok(&again);
-    assert_eq!(cached_steps(&again), 6, "{}", stderr(&again));
+    assert_eq!(cached_steps(&again), 7, "{}", stderr(&again));
     std::fs::write(ctx.path().join("app/main.sh"), "echo changed\n").unwrap();
     let changed = build(&h, ctx.path(), &["-t", &tag, &mark, "--build-arg", "FLAVOR=fancy"]);
     ok(&changed);
-    assert_eq!(cached_steps(&changed), 0, "{}", stderr(&changed));
+    assert_eq!(cached_steps(&changed), 1, "only the RUN before the COPY: {}", stderr(&changed));
     assert_eq!(ok(&h.run(&["--image", &tag, "--", "cat", "/app/app/main.sh"])), "echo changed\n");
     h.assert_no_leftovers();
 }
