@@ -383,7 +383,7 @@ impl Builder<'_> {
         config.cold |= !warm;
         let state = crate::open_state()?;
         let sandbox = tokio::select! {
-            created = Sandbox::create(config, self.store(), state) => created?,
+            created = Box::pin(Sandbox::create(config, self.store(), state)) => created?,
             () = interrupt.as_mut() => return Err(BootError::Interrupted),
         };
         Ok(StageVm { sandbox, baseline: None, made_dirs: Vec::new(), pending: Vec::new() })
