@@ -547,6 +547,32 @@ impl Store {
     /// pulls); returns how many blobs went.
     pub fn gc(&mut self) -> Result<usize, StoreError> {
         let _lock = self.lock(true)?;
+        self.gc_locked()
+    }
+
+    /// [`Store::gc`] if no other process uses the store right now (never waits); `None`
+    /// when it was busy.
+    pub fn gc_if_idle(&mut self) -> Result<Option<usize>, StoreError> {
+        let path = self.root.join("store.lock");
+        let lock =
+            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        match lock.try_lock() {
+            Ok(()) => self.gc_locked().map(Some),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(StoreError::Io { path, source: e }),
+        }
+    }
+
+    /// The collection itself, under the exclusive store lock: no build runs, so the
+    /// hidden images builds boot their steps from go first.
+    fn gc_locked(&mut self) -> Result<usize, StoreError> {
+        let tx = self.db.transaction()?;
+        tx.execute(
+            "DELETE FROM image_layers WHERE tag IN (SELECT tag FROM images WHERE source = ?1)",
+            [BUILD_STEP_SOURCE],
+        )?;
+        tx.execute("DELETE FROM images WHERE source = ?1", [BUILD_STEP_SOURCE])?;
+        tx.commit()?;
         let mut keep: std::collections::HashSet<String> = std::collections::HashSet::new();
         {
             let mut stmt = self.db.prepare(

@@ -158,8 +158,8 @@ struct Builder<'a> {
     store: Option<Store>,
     options: &'a BuildOptions,
     context: Option<Context>,
-    /// Hidden images booted from, removed at the end.
-    hidden: Vec<String>,
+    /// Whether a hidden step image was made (removed at the end).
+    booted_hidden: bool,
     progress: &'a mut (dyn AsyncWrite + Unpin + Send),
     summary: (usize, usize),
 }
@@ -176,19 +176,13 @@ pub async fn build(
 ) -> Result<BuildSummary, BuildError> {
     let lock = store.lock(false)?;
     let mut builder =
-        Builder { store: Some(store), options, context: None, hidden: Vec::new(), progress, summary: (0, 0) };
+        Builder { store: Some(store), options, context: None, booted_hidden: false, progress, summary: (0, 0) };
     let result = builder.run(plan, &mut interrupt).await;
     drop(lock);
-    // The hidden step images go whatever happened (their root file systems with them).
-    let hidden = std::mem::take(&mut builder.hidden);
-    if !hidden.is_empty() {
-        builder
-            .blocking(move |store| {
-                for tag in hidden {
-                    crate::logged(store.remove(&tag).map(drop), "removing a build step's image");
-                }
-            })
-            .await;
+    // The hidden step images go whatever happened (their root file systems with them),
+    // now or, while another process uses the store, at its next collection.
+    if builder.booted_hidden {
+        builder.blocking(|store| crate::logged(store.gc_if_idle(), "removing the build's step images")).await;
     }
     let image = result?;
     Ok(BuildSummary { image, steps_run: builder.summary.0, steps_cached: builder.summary.1 })
@@ -370,9 +364,7 @@ impl Builder<'_> {
         let saved = tag.clone();
         self.blocking(move |store| store.save_chain(&saved, BUILD_STEP_SOURCE, &ImageConfig::default(), &owned))
             .await?;
-        if !self.hidden.contains(&tag) {
-            self.hidden.push(tag.clone());
-        }
+        self.booted_hidden = true;
         Ok(tag)
     }
 
