@@ -59,6 +59,8 @@ pub struct Stage {
     pub steps: Vec<Step>,
     /// The image config it ends with.
     pub config: ImageConfig,
+    /// The working directory a `WORKDIR` of this stage left, if one did (Docker creates it).
+    pub workdir: Option<String>,
 }
 
 /// The start of a stage.
@@ -368,11 +370,13 @@ impl Planner<'_> {
         if !state.config.env.iter().any(|(k, _)| k == "PATH") {
             state.config.env.insert(0, ("PATH".to_owned(), DEFAULT_PATH.to_owned()));
         }
+        let base_workdir = state.config.working_dir.clone();
         let mut steps = Vec::new();
         for instruction in rest {
             steps.push(self.step(instruction, &mut state)?);
         }
-        Ok(Stage { index: self.stages.len(), name, base, line, steps, config: state.config })
+        let workdir = (state.config.working_dir != base_workdir).then(|| state.config.working_dir.clone());
+        Ok(Stage { index: self.stages.len(), name, base, line, steps, config: state.config, workdir })
     }
 
     /// The earlier stage called `name` (or numbered so).

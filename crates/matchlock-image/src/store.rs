@@ -418,6 +418,22 @@ impl Store {
     /// The content of the regular file `path` (relative, like `etc/passwd`) in the root
     /// file system of `diff_ids`, if it has one.
     pub fn read_chain_file(&self, diff_ids: &[String], path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.chain_entry(diff_ids, path, true)?.and_then(|(kind, content)| kind.is_file().then_some(content)))
+    }
+
+    /// Whether the root file system of `diff_ids` has a directory at `path` (relative).
+    pub fn chain_has_dir(&self, diff_ids: &[String], path: &Path) -> Result<bool, StoreError> {
+        Ok(self.chain_entry(diff_ids, path, false)?.is_some_and(|(kind, _)| kind.is_dir()))
+    }
+
+    /// The last version of `path` in the layers `diff_ids` (its kind, and its content if
+    /// `read`), whiteouts of it or of a directory above it applied.
+    fn chain_entry(
+        &self,
+        diff_ids: &[String],
+        path: &Path,
+        read: bool,
+    ) -> Result<Option<(tar::EntryType, Vec<u8>)>, StoreError> {
         let mut found = None;
         for diff_id in diff_ids {
             let stored = self.layer_path(diff_id);
@@ -425,15 +441,24 @@ impl Store {
             let mut archive = tar::Archive::new(layer::decompress(Box::new(raw)).map_err(io_err(&stored))?);
             for entry in archive.entries().map_err(io_err(&stored))? {
                 let mut entry = entry.map_err(io_err(&stored))?;
-                let Ok(name) = entry.path().map(|p| layer::clean_path(&p)) else { continue };
-                let Ok(name) = name else { continue };
-                let whiteout = name.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix(".wh."));
-                if whiteout.is_some_and(|hidden| name.with_file_name(hidden) == path) {
+                let Ok(Ok(name)) = entry.path().map(|p| layer::clean_path(&p)) else { continue };
+                let file_name = name.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                let parent = name.parent().unwrap_or(Path::new(""));
+                let hides = if file_name == layer::OPAQUE_MARKER {
+                    path.starts_with(parent) && path != parent
+                } else if let Some(hidden) = file_name.strip_prefix(layer::WHITEOUT_PREFIX) {
+                    path.starts_with(parent.join(hidden))
+                } else {
+                    false
+                };
+                if hides {
                     found = None;
-                } else if name == path && entry.header().entry_type().is_file() {
+                } else if name == path {
                     let mut content = Vec::new();
-                    entry.read_to_end(&mut content).map_err(io_err(&stored))?;
-                    found = Some(content);
+                    if read {
+                        entry.read_to_end(&mut content).map_err(io_err(&stored))?;
+                    }
+                    found = Some((entry.header().entry_type(), content));
                 }
             }
         }

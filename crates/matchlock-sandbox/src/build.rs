@@ -340,6 +340,23 @@ impl Builder<'_> {
                         }
                     }
                 }
+                if let Some(dir) = &stage.workdir {
+                    // A WORKDIR no RUN ran in still exists in the image, as Docker makes it.
+                    let ran_there =
+                        stage.steps.iter().any(|s| matches!(&s.action, Action::Run(r) if &r.workdir == dir));
+                    if !ran_there {
+                        let key = digest_lines(
+                            "matchlock-build-workdir-v1",
+                            chain.iter().map(String::as_str).chain([dir.as_str()]),
+                        );
+                        let layer = match self.store().cached_step(&key)? {
+                            Some(cached) => cached,
+                            None => self.workdir_layer(&chain, dir).await?,
+                        };
+                        self.store().cache_step(&key, layer.as_deref())?;
+                        chain.extend(layer);
+                    }
+                }
                 Ok::<(), BuildError>(())
             }
             .await;
@@ -379,6 +396,36 @@ impl Builder<'_> {
             () = interrupt.as_mut() => return Err(BootError::Interrupted),
         };
         Ok(StageVm { sandbox, baseline: None, made_dirs: Vec::new(), pending: Vec::new() })
+    }
+
+    /// A stored layer holding the directory `dir` (root's, 0755), unless `chain` has it.
+    async fn workdir_layer(&mut self, chain: &[String], dir: &str) -> Result<Option<String>, BuildError> {
+        let chain = chain.to_vec();
+        let rel = PathBuf::from(dir.trim_start_matches('/'));
+        self.blocking(move |store| -> Result<Option<String>, BuildError> {
+            if store.chain_has_dir(&chain, &rel)? {
+                return Ok(None);
+            }
+            let tmp = store.tmp_dir();
+            let mut layer =
+                tempfile::NamedTempFile::new_in(&tmp).map_err(|e| StoreError::Io { path: tmp.clone(), source: e })?;
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o755);
+            header.set_size(0);
+            header.set_mtime(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            );
+            let mut tar = tar::Builder::new(layer.as_file_mut());
+            tar.append_data(&mut header, &rel, std::io::empty()).map_err(LayerError::Temp)?;
+            tar.finish().map_err(LayerError::Temp)?;
+            drop(tar);
+            let bytes = std::fs::read(layer.path()).map_err(LayerError::Temp)?;
+            let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+            store.add_layer(layer, &diff_id)?;
+            Ok(Some(diff_id))
+        })
+        .await
     }
 
     /// Unpacks `vm`'s pending `COPY` layers into it and takes its new baseline commit.

@@ -101,6 +101,7 @@ COPY --from=build --chown=nobody --chmod=750 /out /app
 COPY --from=build /tmp/uid /tmp/pwd /ids/
 EXPOSE 8080
 ENV PATH=/app/bin:$PATH
+WORKDIR /srv/www
 CMD ["tool"]
 "#;
 
@@ -120,7 +121,7 @@ fn a_multi_stage_build_runs_like_any_image_and_its_cache_follows_the_context() {
     let first = build(&h, ctx.path(), &["-t", &tag, &mark, "--build-arg", "FLAVOR=fancy"]);
     let out = ok(&first);
     assert!(out.contains(&format!("Successfully built and tagged {tag}")), "{out}");
-    assert!(out.contains("Layers: 3"), "busybox and two COPY layers: {out}");
+    assert!(out.contains("Layers: 4"), "busybox, two COPY layers, the WORKDIR: {out}");
     assert_eq!(cached_steps(&first), 0, "{}", stderr(&first));
     assert!(!stderr(&first).contains("booting anew"), "the COPY went into the running VM: {}", stderr(&first));
     assert!(stderr(&first).contains("[build 8/12] RUN mkdir bin"), "{}", stderr(&first));
@@ -153,6 +154,8 @@ fn a_multi_stage_build_runs_like_any_image_and_its_cache_follows_the_context() {
     assert!(copied.contains(&"app/app/main.sh".to_owned()), "{copied:?}");
     assert!(!copied.iter().any(|n| n.contains("debug.log") || n.contains("secret")), "{copied:?}");
     assert_eq!(layers[2], ["ids/pwd", "ids/uid"]);
+    assert_eq!(layers[3], ["srv/www"], "a WORKDIR no RUN created is made");
+    assert_eq!(ok(&h.run(&["--image", &tag, "--", "pwd"])), "/srv/www\n");
 
     // The build stage alone (its steps all cached): whiteouts for what a later step removed.
     let stage_tag = format!("built-{m}:stage");
