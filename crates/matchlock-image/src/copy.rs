@@ -163,6 +163,17 @@ impl<'a> LayerTar<'a> {
     }
 }
 
+/// The names in the directory `dir`, sorted (layers do not depend on readdir order).
+fn sorted_names(dir: &Path) -> Result<Vec<std::ffi::OsString>, CopyError> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()
+        .map_err(io_err(dir))?;
+    names.sort();
+    Ok(names)
+}
+
 /// Where a source lands: `dest/name` when the destination is a directory.
 fn landing(dest: &str, name: &Path, into_dir: bool) -> PathBuf {
     let dest = clean_path(Path::new(dest)).unwrap_or_default();
@@ -218,12 +229,7 @@ impl Context {
         let mut stack = vec![PathBuf::new()];
         while let Some(dir) = stack.pop() {
             let abs = self.root.join(&dir);
-            let mut names: Vec<_> = fs::read_dir(&abs)
-                .map_err(io_err(&abs))?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<io::Result<_>>()
-                .map_err(io_err(&abs))?;
-            names.sort();
+            let names = sorted_names(&abs)?;
             for name in names {
                 let rel = dir.join(name);
                 if matcher.is_match(&rel) {
@@ -283,12 +289,7 @@ impl Context {
     /// The contents of the directory `rel` (not itself), under `dest`.
     fn add_tree(&self, tar: &mut LayerTar<'_>, rel: &Path, dest: &Path) -> Result<(), CopyError> {
         let abs = self.root.join(rel);
-        let mut names: Vec<_> = fs::read_dir(&abs)
-            .map_err(io_err(&abs))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()
-            .map_err(io_err(&abs))?;
-        names.sort();
+        let names = sorted_names(&abs)?;
         for name in names {
             let child = rel.join(&name);
             let meta = fs::symlink_metadata(self.root.join(&child)).map_err(io_err(&abs))?;

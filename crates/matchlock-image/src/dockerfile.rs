@@ -878,19 +878,21 @@ fn lex(text: &str, vars: &Vars, escape: char, split: bool) -> Result<Vec<String>
     Ok(out)
 }
 
+/// The variable name at `chars` (letters, digits, `_`), consumed.
+fn variable_name(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> String {
+    let mut name = String::new();
+    while let Some(&c) = chars.peek().filter(|c| c.is_ascii_alphanumeric() || **c == '_') {
+        name.push(c);
+        chars.next();
+    }
+    name
+}
+
 /// The value of the variable after a `$`.
 fn variable(chars: &mut std::iter::Peekable<std::str::Chars<'_>>, vars: &Vars, escape: char) -> Result<String, String> {
     if chars.peek() == Some(&'{') {
         chars.next();
-        let mut name = String::new();
-        while let Some(&c) = chars.peek() {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                name.push(c);
-                chars.next();
-            } else {
-                break;
-            }
-        }
+        let name = variable_name(chars);
         let value = vars.get(&name);
         let mut modifier = String::new();
         let mut depth = 0;
@@ -933,15 +935,7 @@ fn variable(chars: &mut std::iter::Peekable<std::str::Chars<'_>>, vars: &Vars, e
             _ => Ok(String::new()),
         };
     }
-    let mut name = String::new();
-    while let Some(&c) = chars.peek() {
-        if c.is_ascii_alphanumeric() || c == '_' {
-            name.push(c);
-            chars.next();
-        } else {
-            break;
-        }
-    }
+    let name = variable_name(chars);
     if name.is_empty() {
         return Ok("$".to_owned());
     }
