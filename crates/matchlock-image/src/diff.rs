@@ -2,6 +2,9 @@
 //! root changed since boot, so the layer of a step is what changed between the commit
 //! before it and the commit after it — new or modified entries, whiteouts for what went
 //! away, and whole directories that became opaque.
+//!
+//! The commits come from the guest: the index kept of each is bounded (entries, bytes of
+//! paths) and holds digests, not contents or xattr values.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
@@ -11,6 +14,26 @@ use sha2::{Digest, Sha256};
 use tar::EntryType;
 
 use crate::layer::{clean_path, LayerError, OPAQUE_MARKER, WHITEOUT_PREFIX};
+
+/// Most entries a commit may have.
+pub const MAX_ENTRIES: usize = 1 << 20;
+/// Most bytes of paths and link targets a commit may have.
+pub const MAX_PATH_BYTES: usize = 256 << 20;
+
+/// What a diff's inputs may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Entries per commit.
+    pub entries: usize,
+    /// Bytes of paths and link targets per commit.
+    pub path_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { entries: MAX_ENTRIES, path_bytes: MAX_PATH_BYTES }
+    }
+}
 
 /// What identifies an entry's version: metadata, link target, xattrs and content digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,15 +45,16 @@ struct Signature {
     mtime: u64,
     link: Option<PathBuf>,
     device: (u32, u32),
-    xattrs: Vec<(String, Vec<u8>)>,
+    /// sha256 of the content, then of each xattr's name and value.
     content: [u8; 32],
 }
 
 type Index = BTreeMap<PathBuf, Signature>;
 
-fn index(tar: &mut dyn Read) -> Result<Index, LayerError> {
+fn index(tar: &mut dyn Read, limits: Limits) -> Result<Index, LayerError> {
     let mut archive = tar::Archive::new(tar);
     let mut index = Index::new();
+    let mut path_bytes = 0usize;
     for entry in archive.entries().map_err(LayerError::Read)? {
         let mut entry = entry.map_err(LayerError::Read)?;
         let path = clean_path(&entry.path().map_err(LayerError::Read)?)?;
@@ -38,13 +62,25 @@ fn index(tar: &mut dyn Read) -> Result<Index, LayerError> {
             continue;
         }
         let header = entry.header().clone();
-        let mut xattrs = Vec::new();
+        let link = entry.link_name().map_err(LayerError::Read)?.map(|l| l.into_owned());
+        path_bytes += path.as_os_str().len() + link.as_ref().map_or(0, |l| l.as_os_str().len());
+        if index.len() >= limits.entries || path_bytes > limits.path_bytes {
+            return Err(LayerError::Read(io::Error::other(format!(
+                "the commit has more than {} entries or {} MiB of paths",
+                limits.entries,
+                limits.path_bytes >> 20
+            ))));
+        }
+        let mut hasher = Sha256::new();
         if let Some(exts) = entry.pax_extensions().map_err(LayerError::Read)? {
             for ext in exts {
                 let ext = ext.map_err(LayerError::Read)?;
                 if let Ok(key) = ext.key() {
                     if key.starts_with("SCHILY.xattr.") {
-                        xattrs.push((key.to_owned(), ext.value_bytes().to_vec()));
+                        hasher.update((key.len() as u64).to_be_bytes());
+                        hasher.update(key.as_bytes());
+                        hasher.update((ext.value_bytes().len() as u64).to_be_bytes());
+                        hasher.update(ext.value_bytes());
                     }
                 }
             }
@@ -55,14 +91,13 @@ fn index(tar: &mut dyn Read) -> Result<Index, LayerError> {
             uid: header.uid().unwrap_or(0),
             gid: header.gid().unwrap_or(0),
             mtime: header.mtime().unwrap_or(0),
-            link: entry.link_name().map_err(LayerError::Read)?.map(|l| l.into_owned()),
+            link,
             device: (
                 header.device_major().ok().flatten().unwrap_or(0),
                 header.device_minor().ok().flatten().unwrap_or(0),
             ),
-            xattrs,
             content: {
-                let mut hasher = Sha256::new();
+                hasher.update(b"content");
                 io::copy(&mut entry, &mut hasher).map_err(LayerError::Read)?;
                 hasher.finalize().into()
             },
@@ -91,12 +126,13 @@ pub fn diff(
     before: Option<&mut dyn Read>,
     after: &mut dyn FnMut() -> io::Result<Box<dyn Read>>,
     out: &mut dyn Write,
+    limits: Limits,
 ) -> Result<Diff, LayerError> {
     let old = match before {
-        Some(tar) => index(tar)?,
+        Some(tar) => index(tar, limits)?,
         None => Index::new(),
     };
-    let new = index(&mut *after().map_err(LayerError::Read)?)?;
+    let new = index(&mut *after().map_err(LayerError::Read)?, limits)?;
     // Directories that became opaque: everything of theirs is written again.
     let opaque: Vec<PathBuf> = new
         .keys()
@@ -225,7 +261,7 @@ mod tests {
         let after = after.to_vec();
         let mut open = || -> io::Result<Box<dyn Read>> { Ok(Box::new(io::Cursor::new(after.clone()))) };
         let mut before = before;
-        let d = diff(before.as_mut().map(|b| b as &mut dyn Read), &mut open, &mut out).unwrap();
+        let d = diff(before.as_mut().map(|b| b as &mut dyn Read), &mut open, &mut out, Limits::default()).unwrap();
         (out, d)
     }
 
@@ -250,6 +286,21 @@ mod tests {
         // The first commit of a machine is its own layer.
         let (layer, _) = diff_of(None, &before);
         assert_eq!(names(&layer), ["app", "app/edit", "app/keep", "gone"]);
+    }
+
+    #[test]
+    fn a_commit_over_its_bounds_is_refused() {
+        let many: Vec<String> = (0..50).map(|i| format!("f{i}")).collect();
+        let entries: Vec<E<'_>> = many.iter().map(|n| E::File(n, b"x")).collect();
+        let tar = tar_of(&entries);
+        let mut open = || -> io::Result<Box<dyn Read>> { Ok(Box::new(io::Cursor::new(tar.clone()))) };
+        // Positive control: within the bounds it diffs.
+        let fits = Limits { entries: 50, path_bytes: 1024 };
+        assert_eq!(diff(None, &mut open, &mut Vec::new(), fits).unwrap().entries, 50);
+        for limits in [Limits { entries: 49, path_bytes: 1024 }, Limits { entries: 50, path_bytes: 100 }] {
+            let e = diff(None, &mut open, &mut Vec::new(), limits).unwrap_err();
+            assert!(matches!(e, LayerError::Read(_)), "{e}");
+        }
     }
 
     #[test]

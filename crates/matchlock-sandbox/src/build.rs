@@ -520,7 +520,12 @@ impl Builder<'_> {
                     Ok(Box::new(std::io::BufReader::new(std::fs::File::open(&after_path)?)))
                 };
                 let mut out = std::io::BufWriter::new(layer.as_file_mut());
-                let diff = diff::diff(prev.as_mut().map(|p| p as &mut dyn std::io::Read), &mut open_after, &mut out)?;
+                let diff = diff::diff(
+                    prev.as_mut().map(|p| p as &mut dyn std::io::Read),
+                    &mut open_after,
+                    &mut out,
+                    diff::Limits::default(),
+                )?;
                 std::io::Write::flush(&mut out).map_err(LayerError::Temp)?;
                 drop(out);
                 if diff.entries > 0 {
