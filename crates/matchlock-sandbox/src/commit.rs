@@ -78,6 +78,36 @@ pub async fn receive_layer(
     Ok(Layer { file, diff_id: format!("sha256:{}", hex::encode(hasher.finalize())) })
 }
 
+/// The layer of what a stopped sandbox wrote to its kept writable disk `disk`: a helper VM
+/// boots the sandbox's image (`config`, without network, workspace or volumes) on a copy
+/// of that disk, commits, and is removed; the stopped sandbox stays as it was.
+pub async fn receive_stopped_layer(
+    config: matchlock_api::SandboxConfig,
+    disk: &std::path::Path,
+    store: &Store,
+) -> Result<Layer, SandboxError> {
+    let config = matchlock_api::SandboxConfig {
+        network: None,
+        workspace: None,
+        volumes: Vec::new(),
+        disks: Vec::new(),
+        vfs_interception: None,
+        workspace_quota_mb: None,
+        hostname: None,
+        ..config
+    };
+    let disk_size_mb = config.disk_size_mb;
+    let helper = crate::Sandbox::start_on_disk(config, store, crate::open_state()?, disk).await?;
+    let layer = match helper.connect(matchlock_protocol::EXEC_PORT).await {
+        Ok(conn) => receive_layer(conn, &store.tmp_dir(), disk_size_mb).await,
+        Err(e) => Err(e),
+    };
+    let closed = helper.close(true).await;
+    let layer = layer?;
+    closed?;
+    Ok(layer)
+}
+
 /// Unpacks the layer tar at `layer` into the root of the guest on `conn` (its exec port).
 pub async fn apply_layer(mut conn: UnixStream, layer: &std::path::Path) -> Result<(), SandboxError> {
     let mut file = tokio::fs::File::open(layer).await.map_err(io_err(format!("cannot read {}", layer.display())))?;

@@ -11,17 +11,18 @@ use nix::unistd::Pid;
 
 use crate::SandboxError;
 
-/// Removes the writable disk and the sockets of a VM directory (logs stay), recording
-/// the cleanup steps; returns the names of what was removed.
-pub fn release_disks(state: &mut StateDb, id: &str, dir: &VmDir) -> Result<(), SandboxError> {
-    release(state, id, dir).map(|_| ())
+/// Removes the sockets of a VM directory (logs stay) and, unless `keep_disk` (a stopped
+/// sandbox keeps its writable disk until it is removed, for `commit`), its writable disk,
+/// recording the cleanup steps.
+pub fn release_disks(state: &mut StateDb, id: &str, dir: &VmDir, keep_disk: bool) -> Result<(), SandboxError> {
+    release(state, id, dir, keep_disk).map(|_| ())
 }
 
-fn release(state: &mut StateDb, id: &str, dir: &VmDir) -> Result<Vec<String>, SandboxError> {
+fn release(state: &mut StateDb, id: &str, dir: &VmDir, keep_disk: bool) -> Result<Vec<String>, SandboxError> {
     let mut removed = Vec::new();
     let mut first_error = None;
     let upper = dir.upper_disk();
-    if upper.exists() {
+    if upper.exists() && !keep_disk {
         let result = std::fs::remove_file(&upper);
         let _ = state.record_cleanup(id, "rootfs_remove", result.as_ref().err().map(ToString::to_string).as_deref());
         match result {
@@ -133,7 +134,7 @@ pub fn reconcile(state: &mut StateDb, vm: &Vm, dir: &VmDir, force_running: bool)
         cleaned.push("processes".to_owned());
     }
     let head = state.lifecycle(&vm.id)?.map(|r| r.phase);
-    let result = release(state, &vm.id, dir);
+    let result = release(state, &vm.id, dir, false);
     if let Some(phase) = head {
         if phase != Phase::Cleaned && phase.can_move_to(Phase::Cleaning) {
             let _ = state.transition(&vm.id, Phase::Cleaning, None);

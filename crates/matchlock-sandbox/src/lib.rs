@@ -225,7 +225,19 @@ impl Sandbox {
         state: StateDb,
         events: Events,
     ) -> Result<Self, SandboxError> {
-        Self::start(config, store, state, events, None).await
+        Self::start(config, store, state, events, None, None).await
+    }
+
+    /// Boots `config` on a copy of `disk`, the writable disk a stopped sandbox kept (cold:
+    /// no template, no snapshot), e.g. to commit what that sandbox wrote.
+    pub async fn start_on_disk(
+        config: SandboxConfig,
+        store: &Store,
+        state: StateDb,
+        disk: &Path,
+    ) -> Result<Self, SandboxError> {
+        let config = SandboxConfig { cold: true, ..config };
+        Self::start(config, store, state, Events::default(), None, Some(disk)).await
     }
 
     /// A new sandbox from the snapshot `name` ([`Sandbox::snapshot`]): the saved machine
@@ -252,7 +264,7 @@ impl Sandbox {
                 ))
             })?;
         }
-        Self::start(config, store, state, events, Some((dir, meta))).await
+        Self::start(config, store, state, events, Some((dir, meta)), None).await
     }
 
     async fn start(
@@ -261,6 +273,7 @@ impl Sandbox {
         mut state: StateDb,
         events: Events,
         from: Option<(PathBuf, SnapshotMeta)>,
+        upper_from: Option<&Path>,
     ) -> Result<Self, SandboxError> {
         let started = Instant::now();
         validate(&config)?;
@@ -337,6 +350,7 @@ impl Sandbox {
             boot_disk: &boot_disk,
             from: from.as_ref(),
             warm: warm.as_ref(),
+            upper_from,
         };
         // Boxed: the boot future is large (clippy::large_futures in every caller).
         let booted = Box::pin(start.boot(&upper, &mut state, events)).await;
@@ -393,6 +407,8 @@ struct Start<'a> {
     from: Option<&'a (PathBuf, SnapshotMeta)>,
     /// The warm template of this machine: resumed when found, else saved after the boot.
     warm: Option<&'a Warm>,
+    /// A writable disk to boot a copy of, instead of a fresh one.
+    upper_from: Option<&'a Path>,
 }
 
 /// What `inspect` tells a sandbox was started from: `{"kind": "boot" | "template" |
@@ -563,8 +579,19 @@ impl Start<'_> {
         // A resumed machine has its disk from the snapshot; it learns its CA (like the
         // rest of its identity) once running.
         let seed = ca.as_ref().map(|(_, tar)| tar.as_path()).filter(|_| !identity_later);
-        if resumed.is_none() {
-            self.create_upper(upper, seed).await.map_err(create_failed)?;
+        match (resumed, self.upper_from) {
+            (Some(_), _) => {}
+            (None, Some(from)) => {
+                let (from, to) = (from.to_owned(), upper.to_owned());
+                tokio::task::spawn_blocking(move || {
+                    std::fs::File::open(&from).and_then(|f| matchlock_vm::qemu::copy_sparse(&f, &to))
+                })
+                .await
+                .expect("the copy does not panic")
+                .map_err(io_err("cannot copy the stopped sandbox's disk"))
+                .map_err(create_failed)?;
+            }
+            (None, None) => self.create_upper(upper, seed).await.map_err(create_failed)?,
         }
         if let Some((_, tar)) = &ca {
             let _ = std::fs::remove_file(tar);
@@ -782,8 +809,9 @@ impl Sandbox {
             vfs.abort();
         }
         let _ = std::fs::remove_file(self.dir.exec_socket());
-        if self.config.disks.iter().any(|d| !d.read_only) {
-            // Writes to volumes must reach their files before the VM goes.
+        if !remove || self.config.disks.iter().any(|d| !d.read_only) {
+            // Writes to volumes, and to the writable disk a stopped sandbox keeps, must reach
+            // their files before the VM goes.
             let synced = self.quiesce_guest().await;
             let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
             logged(
@@ -804,7 +832,7 @@ impl Sandbox {
         logged(state.transition(&id, Phase::Stopped, None), "recording stopped");
         logged(state.set_status(&id, Status::Stopped), "recording the stopped status");
         logged(state.transition(&id, Phase::Cleaning, None), "recording cleaning");
-        let cleaned = gc::release_disks(state, &id, &self.dir);
+        let cleaned = gc::release_disks(state, &id, &self.dir, !remove);
         logged(
             state.transition(&id, if cleaned.is_ok() { Phase::Cleaned } else { Phase::CleanupFailed }, None),
             "recording the cleanup",

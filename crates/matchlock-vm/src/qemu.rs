@@ -273,8 +273,9 @@ fn snapshot_disk(index: usize) -> String {
     format!("disk-{index}")
 }
 
-/// Copies `from` into a new file `to`, holes kept (RAM files and disks are mostly holes).
-fn copy_sparse(from: &std::fs::File, to: &Path) -> std::io::Result<()> {
+/// Copies `from` into a new file `to` (mode 0600), holes kept (RAM files and disks are
+/// mostly holes).
+pub fn copy_sparse(from: &std::fs::File, to: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let len = from.metadata()?.len();

@@ -114,14 +114,15 @@ enum Command {
     },
     /// Build an image from a Dockerfile, every RUN step in a micro-VM.
     Build(Box<crate::build::BuildArgs>),
-    /// Save a running sandbox's root file system changes as a new image (one layer on top
-    /// of its image; its processes are stopped for the moment it takes).
+    /// Save a sandbox's root file system changes as a new image (one layer on top of its
+    /// image): a running one's processes are stopped for the moment it takes; a stopped one
+    /// (`--rm=false`, `-d`, until `rm`) is read on a copy of its disk.
     Commit {
         /// A Dockerfile-style change to the image config: `CMD …`, `ENTRYPOINT …`,
         /// `ENV K=V`, `WORKDIR /p`, `USER u` (repeatable).
         #[arg(short = 'c', long = "change", value_name = "INSTRUCTION")]
         changes: Vec<String>,
-        /// The running sandbox.
+        /// The sandbox (running, or stopped and not removed).
         id: String,
         /// Tag of the new image (`name[:tag]`).
         tag: String,

@@ -130,7 +130,6 @@ pub(crate) fn gc() -> Result<u8> {
 pub(crate) async fn commit(id: &str, tag: &str, changes: &[String]) -> Result<u8> {
     let state = matchlock_sandbox::open_state()?;
     let vm = crate::vms::lookup(&state, id)?;
-    let dir = crate::vms::running_vm_dir(&vm.id)?;
     let sandbox: matchlock_api::SandboxConfig =
         serde_json::from_str(&vm.config_json).context("the sandbox's recorded configuration is unreadable")?;
     let resources = state.lifecycle(&vm.id)?.map(|r| r.resources).unwrap_or_default();
@@ -143,10 +142,18 @@ pub(crate) async fn commit(id: &str, tag: &str, changes: &[String]) -> Result<u8
     for change in changes {
         config.apply_change(change).map_err(anyhow::Error::msg)?;
     }
-    let conn = matchlock_sandbox::relay::connect(&dir, matchlock_protocol::EXEC_PORT).await?;
-    let layer = matchlock_sandbox::commit::receive_layer(conn, &store.tmp_dir(), sandbox.disk_size_mb)
-        .await
-        .with_context(|| format!("cannot commit {}", vm.id))?;
+    let layer = if vm.status == matchlock_state::Status::Running {
+        let dir = crate::vms::running_vm_dir(&vm.id)?;
+        let conn = matchlock_sandbox::relay::connect(&dir, matchlock_protocol::EXEC_PORT).await?;
+        matchlock_sandbox::commit::receive_layer(conn, &store.tmp_dir(), sandbox.disk_size_mb).await
+    } else {
+        let disk = matchlock_api::paths::VmDir::of(&vm.id).upper_disk();
+        if !disk.is_file() {
+            bail!("{} is {} and its disk is gone: nothing to commit", vm.id, vm.status);
+        }
+        Box::pin(matchlock_sandbox::commit::receive_stopped_layer(sandbox, &disk, &store)).await
+    }
+    .with_context(|| format!("cannot commit {}", vm.id))?;
     let tag = tag.to_owned();
     let summary = tokio::task::spawn_blocking(move || {
         matchlock_sandbox::commit::save_image(&mut store, &base, layer, &tag, &config)

@@ -207,3 +207,32 @@ fn a_pushed_commit_pulls_into_a_clean_store_and_runs() {
     assert_eq!(stdout(&out), "deleted\n", "{}", stderr(&out));
     h.assert_no_leftovers();
 }
+
+#[test]
+fn a_stopped_sandbox_keeps_its_disk_until_removed_and_commits_what_it_wrote() {
+    // A store of its own: the blob counts of the other tests stay theirs.
+    let h = isolated_home();
+    ok(&h.import("busybox", &common::fixture("busybox.tar")));
+    let id = h.detach(&["--image", "busybox", "--", "sleep", "600"]);
+    ok(&h.ml(&["exec", &id, "--", "sh", "-c", "echo kept > /root/kept && rm /bin/vi"]));
+    ok(&h.ml(&["kill", &id]));
+    let disk = h.vms_dir().join(&id).join("upper.ext4");
+    assert!(disk.is_file(), "a stopped sandbox keeps its writable disk");
+    let stamp = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.len(), m.modified().unwrap())
+    };
+    let stopped_disk = stamp(&disk);
+    let out = ok(&h.ml(&["commit", &id, "from-stopped:1"]));
+    assert!(out.contains("Committed: from-stopped:1"), "{out}");
+    assert_eq!(stamp(&disk), stopped_disk, "the stopped sandbox's disk is left as it was (the helper used a copy)");
+    let probe = "cat /root/kept; test -e /bin/vi || echo vi-gone";
+    let seen = ok(&h.ml(&["run", "--image", "from-stopped:1", "--", "sh", "-c", probe]));
+    assert_eq!(seen, "kept\nvi-gone\n");
+    let listed = ok(&h.ml(&["list"]));
+    assert_eq!(listed.lines().filter(|l| l.contains("running")).count(), 0, "the helper VM is gone: {listed}");
+    ok(&h.ml(&["rm", &id]));
+    h.assert_no_leftovers();
+    let gone = h.ml(&["commit", &id, "x:1"]);
+    assert!(!gone.status.success(), "a removed sandbox cannot be committed");
+}
