@@ -54,9 +54,11 @@ fn detached_lifecycle_list_get_inspect_exec_kill_rm() {
     let out = h.ml(&["exec", &id, "true"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains(&format!("VM {id} is not running (status: stopped)")), "{}", stderr(&out));
-    // A stopped sandbox holds only its logs; no process of it remains.
-    let left: Vec<_> = std::fs::read_dir(h.vms_dir().join(&id)).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(left, vec![std::ffi::OsString::from("logs")]);
+    // A stopped sandbox holds only its logs and its writable disk (for `commit`, until
+    // `rm`); no socket and no process of it remains.
+    let mut left: Vec<_> = std::fs::read_dir(h.vms_dir().join(&id)).unwrap().map(|e| e.unwrap().file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["logs", "upper.ext4"].map(std::ffi::OsString::from));
     assert!(h.processes().is_empty(), "{:?}", h.processes());
     let history: serde_json::Value = serde_json::from_str(&ok(&h.ml(&["inspect", &id]))).unwrap();
     assert_eq!(history["lifecycle"]["phase"], "cleaned");
