@@ -5,7 +5,7 @@
 //! and the build script are compiled into the binary, so `matchlock kernel build` works
 //! without a source checkout.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use matchlock_api::paths::cache_dir;
@@ -29,7 +29,8 @@ pub fn kernels_dir() -> PathBuf {
     cache_dir().join("kernels")
 }
 
-/// The kernel to boot: `MATCHLOCK_KERNEL`, else the newest cached build of our config.
+/// The kernel to boot: `MATCHLOCK_KERNEL`, else the package's build of our config (under
+/// `/usr/lib/matchlock/kernels`), else the newest cached build of it.
 pub fn locate() -> Result<PathBuf, VmError> {
     if let Some(p) = std::env::var_os("MATCHLOCK_KERNEL") {
         let p = PathBuf::from(p);
@@ -40,22 +41,26 @@ pub fn locate() -> Result<PathBuf, VmError> {
         };
     }
     let suffix = format!("-{}", config_hash());
-    let newest = std::fs::read_dir(kernels_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(KERNEL_SERIES))
-        .filter(|e| e.file_name().to_string_lossy().ends_with(&suffix))
-        .map(|e| e.path().join("kernel"))
-        .filter(|k| k.is_file())
-        .max_by_key(|k| k.metadata().and_then(|m| m.modified()).ok());
-    newest.ok_or_else(|| {
-        VmError::Missing(format!(
-            "no guest kernel for config {} in {}: run `matchlock kernel build` (or scripts/setup.sh)",
-            config_hash(),
-            kernels_dir().display()
-        ))
-    })
+    let newest_in = |dir: PathBuf| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(KERNEL_SERIES))
+            .filter(|e| e.file_name().to_string_lossy().ends_with(&suffix))
+            .map(|e| e.path().join("kernel"))
+            .filter(|k| k.is_file())
+            .max_by_key(|k| k.metadata().and_then(|m| m.modified()).ok())
+    };
+    newest_in(Path::new(crate::tools::PACKAGE_LIB_DIR).join("kernels")).or_else(|| newest_in(kernels_dir())).ok_or_else(
+        || {
+            VmError::Missing(format!(
+                "no guest kernel for config {} in {}: run `matchlock kernel build` (or scripts/setup.sh)",
+                config_hash(),
+                kernels_dir().display()
+            ))
+        },
+    )
 }
 
 /// Builds the kernel (a no-op when it is cached) and returns its path. Takes minutes.

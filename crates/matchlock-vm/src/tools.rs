@@ -6,6 +6,9 @@ use matchlock_api::paths::cache_dir;
 
 use crate::VmError;
 
+/// Where the Debian package installs guest-init and the guest kernel.
+pub const PACKAGE_LIB_DIR: &str = "/usr/lib/matchlock";
+
 fn on_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join(name)).find(|p| p.is_file())
 }
@@ -20,7 +23,8 @@ pub fn qemu() -> Result<PathBuf, VmError> {
 }
 
 /// The static `guest-init` binary (override: `MATCHLOCK_GUEST_INIT`; then next to the
-/// running executable, then `~/.cache/matchlock/guest-init`).
+/// running executable, then the package's `/usr/lib/matchlock/guest-init`, then
+/// `~/.cache/matchlock/guest-init`).
 pub fn guest_init() -> Result<PathBuf, VmError> {
     if let Some(p) = std::env::var_os("MATCHLOCK_GUEST_INIT") {
         let p = PathBuf::from(p);
@@ -28,13 +32,17 @@ pub fn guest_init() -> Result<PathBuf, VmError> {
         return Ok(p);
     }
     let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("guest-init")));
-    let candidates = beside.into_iter().chain([cache_dir().join("guest-init")]);
+    let packaged = Path::new(PACKAGE_LIB_DIR).join("guest-init");
+    let candidates = beside.into_iter().chain([packaged, cache_dir().join("guest-init")]);
     for c in candidates {
         if c.is_file() && check_guest_binary(&c).is_ok() {
             return Ok(c);
         }
     }
-    Err(VmError::Missing("guest-init not found: run scripts/setup.sh (or set MATCHLOCK_GUEST_INIT)".into()))
+    Err(VmError::Missing(
+        "guest-init not found: install the matchlock package, or run scripts/setup.sh (or set MATCHLOCK_GUEST_INIT)"
+            .into(),
+    ))
 }
 
 /// Checks that `path` is a statically linked x86_64 ELF executable (the guest has no

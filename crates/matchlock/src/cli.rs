@@ -283,6 +283,11 @@ enum SetupCommand {
         #[arg(long)]
         skip_kernel: bool,
     },
+    /// Give a user access to /dev/kvm (the kvm group; run as root).
+    User {
+        /// The user.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +375,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Setup(SetupCommand::Linux { skip_packages, skip_kernel }) => {
             crate::host::setup_linux(skip_packages, skip_kernel)
         }
+        Command::Setup(SetupCommand::User { name }) => crate::host::setup_user(&name),
         Command::Version => {
             println!(
                 "matchlock {} (commit: {}, built: {})",

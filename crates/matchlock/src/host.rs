@@ -139,6 +139,57 @@ pub(crate) async fn diagnose(json: bool) -> Result<u8> {
 
 const INSTALL_DEPS: &str = include_str!("../../../scripts/install-deps.sh");
 
+/// The udev rule that keeps /dev/kvm usable by the kvm group across reboots.
+const KVM_UDEV_RULE: (&str, &str) =
+    ("/etc/udev/rules.d/65-matchlock-kvm.rules", "KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\"\n");
+
+fn run_tool(program: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new(program).args(args).status().with_context(|| format!("cannot run {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// `matchlock setup user <name>`: the kvm group (created if missing) owns /dev/kvm with
+/// mode 0660 (a udev rule keeps it so) and has `name` as a member.
+pub(crate) fn setup_user(name: &str) -> Result<u8> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("setup user changes groups and /dev/kvm: run it as root (sudo matchlock setup user {name})");
+    }
+    if nix::unistd::User::from_name(name).ok().flatten().is_none() {
+        bail!("no user {name:?} on this host");
+    }
+    let kvm = match nix::unistd::Group::from_name("kvm").context("cannot read the group database")? {
+        Some(group) => group,
+        None => {
+            run_tool("groupadd", &["--system", "kvm"])?;
+            outln!("Created the kvm group")?;
+            nix::unistd::Group::from_name("kvm")?.context("the kvm group is missing after groupadd")?
+        }
+    };
+    let device = Path::new("/dev/kvm");
+    if device.exists() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(device).context("cannot read /dev/kvm")?;
+        if meta.gid() != kvm.gid.as_raw() || meta.mode() & 0o060 != 0o060 {
+            nix::unistd::chown(device, None, Some(kvm.gid)).context("cannot give /dev/kvm to the kvm group")?;
+            std::fs::set_permissions(device, std::fs::Permissions::from_mode(0o660))
+                .context("cannot chmod /dev/kvm")?;
+            outln!("/dev/kvm: group kvm, mode 0660")?;
+        }
+    } else {
+        eprintln!("matchlock: this host has no /dev/kvm (sandboxes use slow software emulation)");
+    }
+    let (rule, text) = KVM_UDEV_RULE;
+    if Path::new(rule).parent().is_some_and(Path::is_dir) {
+        std::fs::write(rule, text).with_context(|| format!("cannot write {rule}"))?;
+    }
+    run_tool("usermod", &["-aG", "kvm", name])?;
+    outln!("Added {name} to the kvm group (it applies at their next login)")?;
+    Ok(0)
+}
+
 /// `matchlock setup linux`.
 pub(crate) fn setup_linux(skip_packages: bool, skip_kernel: bool) -> Result<u8> {
     if !skip_packages {

@@ -67,8 +67,27 @@ fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");
+            if let Some(hint) = hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One line telling how to fix a failure a user often meets.
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    let text = format!("{e:#}");
+    if text.contains("cannot pull") {
+        Some("check the name (`matchlock image ls` lists stored images); a local image: `docker save IMG | matchlock image import IMG`")
+    } else if text.contains("no guest kernel") {
+        Some("`matchlock kernel build` builds it once (minutes); the matchlock package ships one")
+    } else if text.contains("guest-init not found") || text.contains("qemu-system-x86_64 not found") {
+        Some("`matchlock diagnose` tells what this host lacks; `scripts/setup.sh` or the package installs it")
+    } else if text.contains("/dev/kvm") {
+        Some("`matchlock diagnose` checks KVM; `sudo matchlock setup user $USER` gives you access to it")
+    } else {
+        None
     }
 }
 

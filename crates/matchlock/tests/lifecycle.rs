@@ -357,3 +357,35 @@ fn completions_man_pages_and_json_listings() {
     ok(&h.ml(&["rm", &id]));
     h.assert_no_leftovers();
 }
+
+#[test]
+fn setup_user_gives_access_to_kvm_and_common_errors_end_with_a_hint() {
+    let h = home();
+    let name = format!("mltest{}", std::process::id() % 100_000);
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = Command::new("userdel").arg(&self.0).output();
+        }
+    }
+    let added = Command::new("useradd").args(["--no-create-home", "--shell", "/usr/sbin/nologin", &name]).output();
+    assert!(added.unwrap().status.success(), "useradd (the tests run as root)");
+    let _remove = Remove(name.clone());
+    let out = ok(&h.ml(&["setup", "user", &name]));
+    assert!(out.contains(&format!("Added {name} to the kvm group")), "{out}");
+    let groups = String::from_utf8(Command::new("id").args(["-nG", &name]).output().unwrap().stdout).unwrap();
+    assert!(groups.split_whitespace().any(|g| g == "kvm"), "{groups}");
+    if let Ok(meta) = std::fs::metadata("/dev/kvm") {
+        use std::os::unix::fs::MetadataExt;
+        let kvm = nix::unistd::Group::from_name("kvm").unwrap().unwrap();
+        assert_eq!((meta.gid(), meta.mode() & 0o070), (kvm.gid.as_raw(), 0o060), "the kvm group may use /dev/kvm");
+    }
+    let nobody = h.ml(&["setup", "user", "no-such-user-here"]);
+    assert!(!nobody.status.success() && stderr(&nobody).contains("no user"), "{}", stderr(&nobody));
+
+    // An image that is neither stored nor pullable: the last line says what to do.
+    let missing = h.ml(&["run", "--image", "no-such-image-here:1", "--", "true"]);
+    assert!(!missing.status.success());
+    let last = stderr(&missing).lines().last().unwrap_or_default().to_owned();
+    assert!(last.starts_with("hint: check the name (`matchlock image ls`"), "{}", stderr(&missing));
+}
