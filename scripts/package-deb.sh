@@ -17,7 +17,7 @@ log "building matchlock $version (release) and guest-init"
 cargo build --quiet --locked --release -p matchlock >&2
 bin=target/release/matchlock
 guest=$(scripts/build-guest.sh 2>/dev/null)
-kernel=$(MATCHLOCK_KERNEL= "$bin" kernel path) || { echo "no guest kernel: run scripts/setup.sh first" >&2; exit 1; }
+kernel=$(env -u MATCHLOCK_KERNEL "$bin" kernel path) || { echo "no guest kernel: run scripts/setup.sh first" >&2; exit 1; }
 
 root="$out/root"
 rm -rf "$root"
@@ -47,10 +47,9 @@ Version: $version
 Architecture: amd64
 Maintainer: matchlock developers <matchlock@localhost>
 Installed-Size: $size
-Depends: libc6 (>= 2.36), qemu-system-x86 (>= 1:10.0~), e2fsprogs (>= 1.47.1~)
+Depends: libc6 (>= 2.36), qemu-system-x86 (>= 1:10.0~), e2fsprogs (>= 1.47.1~), libarchive13
 Section: utils
 Priority: optional
-Homepage: https://github.com/matchlock
 Description: micro-VM sandboxes for untrusted, AI-generated code
  Each sandbox is a virtual machine booted from an OCI image. The host keeps control of
  what leaves it: HTTP(S) allow-lists, TLS interception, secrets the guest only sees as
