@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the Debian package with Debian's own dpkg-deb, reproducibly (SOURCE_DATE_EPOCH from
-# the last commit, root-owned files, fixed times): /usr/bin/matchlock; /usr/lib/matchlock/
+# Builds the Debian package with Debian's own dpkg-deb (SOURCE_DATE_EPOCH from the last
+# commit for every file time and the binary's build time, root-owned files): /usr/bin/matchlock; /usr/lib/matchlock/
 # guest-init and the guest kernel (kernels/<series>-<config>/kernel, as `matchlock kernel
 # build` names it); completions for bash, zsh and fish and man pages generated from the
 # binary's own clap definitions. Prints the path of the .deb.

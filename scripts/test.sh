@@ -19,3 +19,5 @@ MATCHLOCK_COLD=1 cargo test --locked -p matchlock-sandbox -p matchlock \
 scripts/fuzz.sh 20
 # A short fault campaign (bench/faults 50 for the full one): random SIGKILLs, then gc, no leaks.
 bench/faults 5
+# The Debian package, installed into a fresh Debian root (cached), runs a sandbox there.
+scripts/test-package.sh
