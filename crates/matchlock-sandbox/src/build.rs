@@ -124,6 +124,8 @@ pub struct BuildOptions {
     pub context: PathBuf,
     /// Ignore cached steps (results are still cached for later builds).
     pub no_cache: bool,
+    /// `RUN` output is not shown (it is still kept for a failing step's error).
+    pub quiet: bool,
     /// The machines of `RUN` steps: cpus, memory, disk, network policy and secrets (its
     /// `image` is set per stage).
     pub vm: SandboxConfig,
@@ -550,10 +552,17 @@ impl Builder<'_> {
     ) -> Result<(i32, String), StepError> {
         let kept = Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_TAIL)));
         let (_control, control) = tokio::sync::mpsc::channel(1);
+        let shown = || -> Box<dyn AsyncWrite + Unpin + Send> {
+            if self.options.quiet {
+                Box::new(tokio::io::sink())
+            } else {
+                Box::new(tokio::io::stderr())
+            }
+        };
         let io = ExecIo {
             stdin: None,
-            stdout: Box::new(Tee { inner: tokio::io::stderr(), kept: kept.clone() }),
-            stderr: Box::new(Tee { inner: tokio::io::stderr(), kept: kept.clone() }),
+            stdout: Box::new(Tee { inner: shown(), kept: kept.clone() }),
+            stderr: Box::new(Tee { inner: shown(), kept: kept.clone() }),
             control,
         };
         let code = tokio::select! {

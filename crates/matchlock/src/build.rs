@@ -31,6 +31,9 @@ pub(crate) struct BuildArgs {
     /// Run every step again (results still refresh the cache).
     #[arg(long)]
     no_cache: bool,
+    /// Print only the result (no steps, no RUN output; a failing step still reports its output).
+    #[arg(short = 'q', long)]
+    quiet: bool,
     /// CPUs of each step's VM (0: all host CPUs).
     #[arg(long = "build-cpus", default_value_t = 0.0)]
     build_cpus: f64,
@@ -104,10 +107,11 @@ pub(crate) async fn build(args: BuildArgs) -> Result<u8> {
         network.mtu = args.mtu;
         crate::run::add_secrets(network, &args.secret, &HashMap::new())?;
     }
-    let options = BuildOptions { tag, context: args.context.clone(), no_cache: args.no_cache, vm };
+    let options = BuildOptions { tag, context: args.context.clone(), no_cache: args.no_cache, quiet: args.quiet, vm };
     let mut signals = StopSignals::new()?;
     let mut interrupt = std::pin::pin!(async move { signals.recv().await });
-    let mut progress = tokio::io::stderr();
+    let mut progress: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
+        if args.quiet { Box::new(tokio::io::sink()) } else { Box::new(tokio::io::stderr()) };
     let summary = match build::build(&plan, store, &options, &mut progress, interrupt.as_mut()).await {
         Ok(summary) => summary,
         Err(BuildError::Interrupted) => bail!("the build was interrupted (nothing of it is left running)"),

@@ -184,6 +184,9 @@ enum Command {
         /// Download and convert every layer again.
         #[arg(long)]
         force: bool,
+        /// No progress on stderr (bars on a terminal, lines otherwise).
+        #[arg(short = 'q', long)]
+        quiet: bool,
         /// The image (`alpine`, `localhost:5000/app:1`).
         reference: String,
     },
@@ -323,7 +326,10 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Rpc => crate::rpc::serve().await,
         Command::DetachedOwner => Box::pin(crate::run::detached_owner()).await,
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),
-        Command::Pull { tag, force, reference } => crate::images::pull(&reference, tag.as_deref(), force).await,
+        Command::Pull { tag, force, quiet, reference } => {
+            let shown = if quiet { crate::images::Progress::Quiet } else { crate::images::Progress::Shown };
+            crate::images::pull(&reference, tag.as_deref(), force, shown).await
+        }
         Command::Completion { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "matchlock", &mut std::io::stdout());

@@ -10,25 +10,63 @@ fn mb(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// Renders pull progress on stderr: one updating line on a terminal, plain lines otherwise.
-fn progress_printer() -> impl FnMut(PullEvent) {
-    let terminal = std::io::stderr().is_terminal();
-    move |event| {
+/// How much pull progress to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// Bars on a terminal, plain lines otherwise.
+    Shown,
+    /// Nothing (`--quiet`).
+    Quiet,
+}
+
+/// Renders pull progress on stderr: a bar per layer (bytes, rate) on a terminal, plain
+/// lines otherwise, nothing when quiet.
+fn progress_printer(shown: Progress) -> Box<dyn FnMut(PullEvent) + Send> {
+    if shown == Progress::Quiet {
+        return Box::new(|_| {});
+    }
+    if std::io::stderr().is_terminal() {
+        return Box::new(bars());
+    }
+    Box::new(|event| {
         let mut err = std::io::stderr().lock();
         let _ = match event {
             PullEvent::LayerCached { index, total } => writeln!(err, "Layer {index}/{total}: already stored"),
-            PullEvent::Downloading { index, total, done, size } if terminal => {
-                write!(err, "\r\x1b[KLayer {index}/{total}: downloading {} / {} MB", mb(done), mb(size))
-            }
             PullEvent::Downloading { index, total, done, size } if done == size || done <= 1 << 20 => {
                 writeln!(err, "Layer {index}/{total}: downloading {} / {} MB", mb(done), mb(size))
             }
             PullEvent::Downloading { .. } => Ok(()),
-            PullEvent::Converting { index, total } if terminal => {
-                write!(err, "\r\x1b[KLayer {index}/{total}: converting\n")
-            }
             PullEvent::Converting { index, total } => writeln!(err, "Layer {index}/{total}: converting"),
         };
+    })
+}
+
+/// One indicatif bar per layer.
+fn bars() -> impl FnMut(PullEvent) + Send {
+    let multi = indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {decimal_bytes:>9}/{decimal_total_bytes:9} {decimal_bytes_per_sec:>11} {msg}",
+    )
+    .expect("the template parses")
+    .progress_chars("=> ");
+    let mut layers: std::collections::HashMap<usize, indicatif::ProgressBar> = std::collections::HashMap::new();
+    move |event| match event {
+        PullEvent::LayerCached { index, total } => {
+            let _ = multi.println(format!("Layer {index}/{total}: already stored"));
+        }
+        PullEvent::Downloading { index, total, done, size } => {
+            let bar = layers.entry(index).or_insert_with(|| {
+                let bar = multi.add(indicatif::ProgressBar::new(size).with_style(style.clone()));
+                bar.set_prefix(format!("Layer {index}/{total}"));
+                bar
+            });
+            bar.set_position(done);
+        }
+        PullEvent::Converting { index, .. } => {
+            if let Some(bar) = layers.get(&index) {
+                bar.finish_with_message("converting");
+            }
+        }
     }
 }
 
@@ -38,8 +76,9 @@ pub(crate) async fn pull_with_progress(
     reference: &str,
     alias: Option<&str>,
     force: bool,
+    shown: Progress,
 ) -> Result<PullSummary> {
-    let mut progress = progress_printer();
+    let mut progress = progress_printer(shown);
     registry::pull(store, reference, alias, force, &mut progress)
         .await
         .with_context(|| format!("cannot pull {reference}"))
@@ -53,15 +92,15 @@ pub(crate) async fn image_for_run(store: &mut Store, reference: &str, force_pull
         }
     }
     eprintln!("Pulling {reference}...");
-    let summary = pull_with_progress(store, reference, None, force_pull).await?;
+    let summary = pull_with_progress(store, reference, None, force_pull, Progress::Shown).await?;
     store.resolve(&summary.reference)?.context("pulled image is missing from the store")
 }
 
 /// `matchlock pull`.
-pub(crate) async fn pull(reference: &str, tag: Option<&str>, force: bool) -> Result<u8> {
+pub(crate) async fn pull(reference: &str, tag: Option<&str>, force: bool, shown: Progress) -> Result<u8> {
     let mut store = open_store()?;
     outln!("Pulling {reference}...")?;
-    let summary = pull_with_progress(&mut store, reference, tag, force).await?;
+    let summary = pull_with_progress(&mut store, reference, tag, force, shown).await?;
     if let Some(tag) = tag {
         outln!("Tagged: {tag}")?;
     }

@@ -258,7 +258,9 @@ fn run_steps_see_secret_placeholders_and_no_layer_holds_a_value() {
     let ctx = context(&[("Dockerfile", "FROM busybox\nRUN echo \"token=$TOKEN\" > /token\n")]);
     let tag = format!("secretive-{m}:1");
     let secret = format!("TOKEN={value}@api.test");
-    ok(&build(&h, ctx.path(), &["-t", &tag, "--secret", &secret]));
+    let quiet = build(&h, ctx.path(), &["-q", "-t", &tag, "--secret", &secret]);
+    assert!(ok(&quiet).contains(&format!("Successfully built and tagged {tag}")));
+    assert!(!stderr(&quiet).contains("RUN echo"), "--quiet shows no steps: {}", stderr(&quiet));
     let token = ok(&h.run(&["--image", &tag, "--", "cat", "/token"]));
     let placeholder = token.trim().strip_prefix("token=").unwrap().to_owned();
     assert!(placeholder.starts_with("SANDBOX_SECRET_"), "{token}");

@@ -225,3 +225,30 @@ fn an_interrupted_pull_leaves_no_half_blob() {
     assert!(ok(&h.ml(&["pull", &reference])).contains("Digest: "));
     assert_eq!(blob_usage(&h.blobs_dir()).0, 3);
 }
+
+#[test]
+fn pull_progress_is_bars_on_a_terminal_plain_lines_in_a_pipe_and_nothing_when_quiet() {
+    let registry = layered_registry();
+    let reference = format!("{}/test/layered", registry.addr);
+    // A pipe: plain lines, no terminal control.
+    let h = isolated_home();
+    let piped = h.ml(&["pull", &reference]);
+    ok(&piped);
+    let lines = stderr(&piped);
+    assert!(lines.contains("Layer 1/3: downloading") && lines.contains("Layer 3/3: converting"), "{lines}");
+    assert!(!lines.contains('\x1b') && !lines.contains('\r'), "{lines:?}");
+    // Quiet: nothing on stderr.
+    let h = isolated_home();
+    let quiet = h.ml(&["pull", "--quiet", &reference]);
+    assert!(ok(&quiet).contains("Digest: sha256:") && stderr(&quiet).is_empty(), "{}", stderr(&quiet));
+    // A terminal: a bar per layer with bytes and rate.
+    let h = isolated_home();
+    let mut cmd = h.cmd();
+    cmd.args(["pull", &reference]);
+    let (mut child, master) = common::spawn_in_pty(cmd, 24, 120);
+    let seen = common::read_until(&master, "Size: ");
+    assert!(child.wait().unwrap().success());
+    let screen = seen.join().unwrap();
+    assert!(screen.contains("Layer 1/3 [") && screen.contains("B/s"), "{screen:?}");
+    assert!(screen.contains('\x1b'), "bars redraw in place: {screen:?}");
+}
