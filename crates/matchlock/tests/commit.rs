@@ -45,7 +45,10 @@ fn entries(path: &std::path::Path) -> Vec<(String, Vec<String>)> {
 
 #[test]
 fn a_committed_sandbox_runs_as_an_image_with_its_changes() {
-    let h = home();
+    // A store of its own: the blobs it gains are this commit's alone (the other tests of
+    // this file commit and import concurrently).
+    let h = isolated_home();
+    ok(&h.import("layered", &common::fixture("layered.tar")));
     let ticker = "i=0; while :; do i=$((i+1)); echo $i > /root/tick; sleep 0.1; done";
     // (`layered` has an ENTRYPOINT that only prints its arguments.)
     let id = h.detach(&["--image", "layered", "--network-intercept", "--entrypoint", "", "--", "sh", "-c", ticker]);
