@@ -3,13 +3,19 @@
 //! speaks absolute guest paths, so this keeps the inode ↔ path table, and moves whole subtrees
 //! in it on rename (open files and working directories keep working: git's `HEAD.lock`
 //! dance, `pwd -P`).
+//!
+//! Several FUSE workers serve the kernel at once ([`WORKERS`]), each request on a
+//! connection of its own from a small pool, so reads ahead and parallel lookups overlap
+//! their round trips; releases are not waited for; lookups in a directory listed a moment
+//! ago are answered from [`Listings`].
 
+use crate::listings::{Cached, Listings};
 use crate::mux::Stream;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
@@ -22,6 +28,13 @@ use matchlock_protocol::VFS_PORT;
 
 /// How long the kernel may cache attributes and names.
 const TTL: Duration = Duration::from_secs(1);
+/// FUSE worker threads, and connections to the host's VFS server (it serves up to
+/// `MAX_VFS_CONNECTIONS`, 8: the rest is room for reconnects).
+const WORKERS: usize = 4;
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Inodes ↔ absolute guest paths.
 struct Inodes {
@@ -67,10 +80,50 @@ impl Inodes {
     }
 }
 
+/// Connections to the host's VFS server: idle ones, and how many exist.
+struct Pool {
+    idle: Mutex<(Vec<Stream>, usize)>,
+    returned: Condvar,
+}
+
+impl Pool {
+    /// An idle connection, a new one while fewer than [`WORKERS`] exist, else the next
+    /// one returned.
+    fn take(&self) -> Result<Stream, Errno> {
+        let mut idle = relock(&self.idle);
+        loop {
+            if let Some(conn) = idle.0.pop() {
+                return Ok(conn);
+            }
+            if idle.1 < WORKERS {
+                idle.1 += 1;
+                drop(idle);
+                return crate::mux::connect(VFS_PORT).map_err(|_| {
+                    relock(&self.idle).1 -= 1;
+                    self.returned.notify_one();
+                    Errno::EIO
+                });
+            }
+            idle = self.returned.wait(idle).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn give_back(&self, conn: Option<Stream>) {
+        let mut idle = relock(&self.idle);
+        match conn {
+            Some(conn) => idle.0.push(conn),
+            None => idle.1 -= 1,
+        }
+        drop(idle);
+        self.returned.notify_one();
+    }
+}
+
 /// The workspace file system.
 pub(crate) struct Workspace {
-    conn: Mutex<Stream>,
+    pool: Pool,
     inodes: Mutex<Inodes>,
+    listings: Mutex<Listings>,
 }
 
 fn join(parent: &str, name: &OsStr) -> Result<String, Errno> {
@@ -139,7 +192,8 @@ impl Workspace {
                     let mut inodes = Inodes { paths: HashMap::new(), inodes: HashMap::new(), next: 2 };
                     inodes.paths.insert(1, root.to_owned());
                     inodes.inodes.insert(root.to_owned(), 1);
-                    return Ok(Self { conn: Mutex::new(conn), inodes: Mutex::new(inodes) });
+                    let pool = Pool { idle: Mutex::new((vec![conn], 1)), returned: Condvar::new() };
+                    return Ok(Self { pool, inodes: Mutex::new(inodes), listings: Mutex::new(Listings::default()) });
                 }
                 Err(e) => last = Some(e),
             }
@@ -148,26 +202,73 @@ impl Workspace {
         Err(last.unwrap_or_else(|| std::io::ErrorKind::NotConnected.into()))
     }
 
-    /// One request and its response. A broken connection (the host of a VM restored from a
-    /// snapshot is a new process) is re-opened once: requests name paths, not handles, so
-    /// the new server answers them the same.
+    /// One request and its response, on a connection of the pool. A broken connection
+    /// (the host of a VM restored from a snapshot is a new process) is re-opened once:
+    /// requests name paths, not handles, so the new server answers them the same.
     fn call(&self, request: &Request) -> Result<Response, Errno> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conn = self.pool.take()?;
         let exchange = |conn: &mut Stream| -> Option<Response> {
             write_message(&mut *conn, request).ok()?;
             read_message(&mut *conn).ok()?
         };
         let response = match exchange(&mut conn) {
-            Some(response) => response,
-            None => {
-                *conn = crate::mux::connect(VFS_PORT).map_err(|_| Errno::EIO)?;
-                exchange(&mut conn).ok_or(Errno::EIO)?
-            }
+            Some(response) => Some(response),
+            None => match crate::mux::connect(VFS_PORT) {
+                Ok(new) => {
+                    conn = new;
+                    exchange(&mut conn)
+                }
+                Err(_) => None,
+            },
         };
+        let Some(response) = response else {
+            self.pool.give_back(None);
+            return Err(Errno::EIO);
+        };
+        self.pool.give_back(Some(conn));
         if response.err < 0 {
             return Err(Errno::from_i32(-response.err));
         }
         Ok(response)
+    }
+
+    /// Sends a request the host does not answer (a release).
+    fn send_quiet(&self, request: Request) {
+        let Ok(mut conn) = self.pool.take() else { return };
+        let sent = write_message(&mut conn, &Request { quiet: true, ..request }).is_ok();
+        self.pool.give_back(sent.then_some(conn));
+    }
+
+    fn listings(&self) -> MutexGuard<'_, Listings> {
+        relock(&self.listings)
+    }
+
+    /// Looks `name` up in `dir`: from a fresh listing if there is one, else (listing the
+    /// directory first when that is worth it) from the host.
+    fn lookup_in(&self, dir: &str, path: &str, name: &str, req: &FuseRequest) -> Result<Stat, Errno> {
+        let now = Instant::now();
+        let (cached, worth, generation) = {
+            let mut listings = self.listings();
+            let cached = listings.lookup(dir, name, now);
+            let worth = cached == Cached::Unknown && listings.worth_listing(dir, now);
+            (cached, worth, listings.generation())
+        };
+        let cached = match (cached, worth) {
+            (Cached::Unknown, true) => match self.call(&self.op(Op::List, dir, req)) {
+                Ok(response) if response.complete => {
+                    let mut listings = self.listings();
+                    listings.install(dir, generation, &response.entries, now);
+                    listings.lookup(dir, name, now)
+                }
+                _ => Cached::Unknown,
+            },
+            (cached, _) => cached,
+        };
+        match cached {
+            Cached::Found(stat) => Ok(stat),
+            Cached::Missing => Err(Errno::ENOENT),
+            Cached::Unknown => self.stat(path, req),
+        }
     }
 
     fn op(&self, op: Op, path: &str, req: &FuseRequest) -> Request {
@@ -212,8 +313,13 @@ impl Filesystem for Workspace {
     }
 
     fn lookup(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let path = tri!(reply, self.path(parent).and_then(|p| join(&p, name)));
-        self.new_entry(&path, req, reply);
+        let dir = tri!(reply, self.path(parent));
+        let path = tri!(reply, join(&dir, name));
+        let name = &path[path.len() - name.len()..];
+        match self.lookup_in(&dir, &path, name, req) {
+            Ok(stat) => reply.entry(&TTL, &self.entry_of(&path, &stat, req), Generation(0)),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn getattr(&self, req: &FuseRequest, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -253,6 +359,7 @@ impl Filesystem for Workspace {
             tri!(reply, self.call(&Request { atime_ns, mtime_ns, ..self.op(Op::Utimens, &path, req) }));
         }
         // uid/gid changes are not applied: the host owns the files (see `attr`).
+        self.listings().changed(&path);
         let stat = tri!(reply, self.stat(&path, req));
         reply.attr(&TTL, &attr(ino.0, &stat, req));
     }
@@ -272,19 +379,23 @@ impl Filesystem for Workspace {
 
     fn mkdir(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let path = tri!(reply, self.path(parent).and_then(|p| join(&p, name)));
-        tri!(reply, self.call(&Request { mode: mode & !umask, ..self.op(Op::Mkdir, &path, req) }));
-        self.new_entry(&path, req, reply);
+        let made = tri!(reply, self.call(&Request { mode: mode & !umask, ..self.op(Op::Mkdir, &path, req) }));
+        let stat = tri!(reply, made.stat.ok_or(Errno::EIO));
+        self.listings().created(&path, Some(stat.clone()), Instant::now());
+        reply.entry(&TTL, &self.entry_of(&path, &stat, req), Generation(0));
     }
 
     fn unlink(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let path = tri!(reply, self.path(parent).and_then(|p| join(&p, name)));
         tri!(reply, self.call(&self.op(Op::Unlink, &path, req)));
+        self.listings().removed(&path);
         reply.ok();
     }
 
     fn rmdir(&self, req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let path = tri!(reply, self.path(parent).and_then(|p| join(&p, name)));
         tri!(reply, self.call(&self.op(Op::Rmdir, &path, req)));
+        self.listings().removed(&path);
         reply.ok();
     }
 
@@ -292,6 +403,7 @@ impl Filesystem for Workspace {
         let path = tri!(reply, self.path(parent).and_then(|p| join(&p, link_name)));
         let target = tri!(reply, target.to_str().ok_or(Errno::EINVAL));
         tri!(reply, self.call(&Request { new_path: target.to_owned(), ..self.op(Op::Symlink, &path, req) }));
+        self.listings().created(&path, None, Instant::now());
         self.new_entry(&path, req, reply);
     }
 
@@ -311,6 +423,7 @@ impl Filesystem for Workspace {
         let from = tri!(reply, self.path(parent).and_then(|p| join(&p, name)));
         let to = tri!(reply, self.path(newparent).and_then(|p| join(&p, newname)));
         tri!(reply, self.call(&Request { new_path: to.clone(), ..self.op(Op::Rename, &from, req) }));
+        self.listings().renamed(&from, &to);
         self.inodes.lock().unwrap_or_else(|e| e.into_inner()).rename(&from, &to);
         reply.ok();
     }
@@ -319,12 +432,18 @@ impl Filesystem for Workspace {
         let from = tri!(reply, self.path(ino));
         let to = tri!(reply, self.path(newparent).and_then(|p| join(&p, newname)));
         tri!(reply, self.call(&Request { new_path: to.clone(), ..self.op(Op::Link, &from, req) }));
+        // Both names now count one more link.
+        self.listings().changed(&from);
+        self.listings().created(&to, None, Instant::now());
         self.new_entry(&to, req, reply);
     }
 
     fn open(&self, req: &FuseRequest, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let path = tri!(reply, self.path(ino));
         let flags = u32::try_from(flags.0).unwrap_or(0);
+        if flags & libc::O_TRUNC as u32 != 0 {
+            self.listings().changed(&path);
+        }
         let response = tri!(reply, self.call(&Request { flags, ..self.op(Op::Open, &path, req) }));
         reply.opened(FileHandle(response.fh), FopenFlags::empty());
     }
@@ -348,7 +467,7 @@ impl Filesystem for Workspace {
     fn write(
         &self,
         req: &FuseRequest,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -357,6 +476,9 @@ impl Filesystem for Workspace {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if let Ok(path) = self.path(ino) {
+            self.listings().changed(&path);
+        }
         let off = tri!(reply, i64::try_from(offset).map_err(|_| Errno::EINVAL));
         let request = Request { fh: fh.0, off, data: data.to_vec(), ..self.op(Op::Write, "", req) };
         let response = tri!(reply, self.call(&request));
@@ -373,7 +495,8 @@ impl Filesystem for Workspace {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        tri!(reply, self.call(&Request { fh: fh.0, ..self.op(Op::Release, "", req) }));
+        // Nothing to wait for: the guest's close has nothing to learn from the host.
+        self.send_quiet(Request { fh: fh.0, ..self.op(Op::Release, "", req) });
         reply.ok();
     }
 
@@ -384,7 +507,11 @@ impl Filesystem for Workspace {
 
     fn readdir(&self, req: &FuseRequest, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let path = tri!(reply, self.path(ino));
+        let (now, generation) = (Instant::now(), self.listings().generation());
         let response = tri!(reply, self.call(&self.op(Op::Readdir, &path, req)));
+        if response.complete {
+            self.listings().install(&path, generation, &response.entries, now);
+        }
         let mut entries = vec![(ino.0, FileType::Directory, ".".to_owned()), (1, FileType::Directory, "..".to_owned())];
         {
             let mut inodes = self.inodes.lock().unwrap_or_else(|e| e.into_inner());
@@ -418,6 +545,7 @@ impl Filesystem for Workspace {
         let request = Request { flags, mode: mode & !umask, ..self.op(Op::Create, &path, req) };
         let response = tri!(reply, self.call(&request));
         let stat = tri!(reply, response.stat.ok_or(Errno::EIO));
+        self.listings().created(&path, Some(stat.clone()), Instant::now());
         reply.created(
             &TTL,
             &self.entry_of(&path, &stat, req),
@@ -447,6 +575,8 @@ pub(crate) fn mount(mountpoint: &str) -> std::io::Result<()> {
     let mut config = Config::default();
     config.mount_options = vec![MountOption::FSName("matchlock".into()), MountOption::Subtype("matchlock".into())];
     config.acl = SessionACL::All;
+    config.n_threads = Some(WORKERS);
+    config.clone_fd = true;
     let session = fuser::spawn_mount2(fs, mountpoint, &config)?;
     // The session lives as long as the VM: PID 1 never unmounts it.
     std::mem::forget(session);

@@ -12,6 +12,7 @@ mod files;
 mod fused;
 mod init;
 mod launcher;
+mod listings;
 mod mux;
 mod sys;
 mod users;

@@ -22,8 +22,11 @@ use std::thread;
 use std::time::Duration;
 
 use matchlock_protocol::mux::{
-    frame, frame_u32, opened_by_host, payload_u32, Header, Kind, HEADER_LEN, MAX_DATA, PORT_NAME, WINDOW,
+    frame, frame_u32, opened_by_host, payload_u32, Header, Kind, CREDIT_BATCH, HEADER_LEN, MAX_DATA, PORT_NAME, WINDOW,
 };
+
+/// Bytes of queued frames the writer gathers into one write to the port.
+const WRITE_BATCH: usize = 256 * 1024;
 
 /// How long [`connect`] waits for the host to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,6 +84,16 @@ struct Entry {
     alive: Arc<AtomicBool>,
 }
 
+/// The reading end of a stream.
+struct Inbound {
+    chunks: mpsc::Receiver<Vec<u8>>,
+    /// The chunk being read and how far.
+    chunk: Vec<u8>,
+    at: usize,
+    /// Bytes consumed since the last `Credit` sent to the host.
+    uncredited: usize,
+}
+
 /// One stream as guest-init uses it. Clones share it; the last one gone resets it.
 pub(crate) struct Stream(Arc<StreamInner>);
 
@@ -88,7 +101,7 @@ struct StreamInner {
     id: u32,
     mux: Arc<Mux>,
     /// Chunks from the host and the rest of the one being read.
-    inbound: Mutex<(mpsc::Receiver<Vec<u8>>, Vec<u8>, usize)>,
+    inbound: Mutex<Inbound>,
     credit: Arc<Credit>,
     alive: Arc<AtomicBool>,
     write_closed: AtomicBool,
@@ -113,12 +126,17 @@ impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let inner = &*self.0;
         let mut inbound = relock(&inner.inbound);
-        let (rx, chunk, at) = &mut *inbound;
+        let Inbound { chunks, chunk, at, uncredited } = &mut *inbound;
         if *at == chunk.len() {
-            match rx.recv() {
+            match chunks.recv() {
                 Ok(next) => {
-                    // Consumed from the host's window: it may send as much again.
-                    inner.mux.queue_for(&inner.alive, frame_u32(inner.id, Kind::Credit, next.len() as u32));
+                    // Consumed from the host's window: it may send as much again (granted
+                    // in batches).
+                    *uncredited += next.len();
+                    if *uncredited >= CREDIT_BATCH as usize {
+                        inner.mux.queue_for(&inner.alive, frame_u32(inner.id, Kind::Credit, *uncredited as u32));
+                        *uncredited = 0;
+                    }
                     *chunk = next;
                     *at = 0;
                 }
@@ -295,21 +313,26 @@ impl Mux {
     }
 
     fn write_loop(&self) {
+        let mut next = Vec::with_capacity(WRITE_BATCH + HEADER_LEN + MAX_DATA);
         loop {
-            let next = {
+            next.clear();
+            {
                 let mut outbox = relock(&self.outbox);
-                loop {
+                // Everything queued goes out in one write (a request's frame and a credit
+                // grant cost one trip through the device, not two), up to `WRITE_BATCH`.
+                while next.is_empty() || (!outbox.held && next.len() < WRITE_BATCH && !outbox.queue.is_empty()) {
                     if !outbox.held {
                         if let Some(f) = outbox.queue.pop_front() {
                             if f.get(4) == Some(&(Kind::Paused as u8)) {
                                 outbox.held = true;
                             }
-                            break f;
+                            next.extend_from_slice(&f);
+                            continue;
                         }
                     }
                     outbox = self.ready.wait(outbox).unwrap_or_else(PoisonError::into_inner);
                 }
-            };
+            }
             if let Err(e) = (&self.port).write_all(&next) {
                 eprintln!("matchlock-init: host pipe write: {e}");
                 thread::sleep(Duration::from_millis(10));
@@ -456,7 +479,7 @@ impl Mux {
         Stream(Arc::new(StreamInner {
             id,
             mux: Arc::clone(self),
-            inbound: Mutex::new((rx, Vec::new(), 0)),
+            inbound: Mutex::new(Inbound { chunks: rx, chunk: Vec::new(), at: 0, uncredited: 0 }),
             credit,
             alive,
             write_closed: AtomicBool::new(false),

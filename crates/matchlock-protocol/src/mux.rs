@@ -24,6 +24,10 @@ pub const HEADER_LEN: usize = 9;
 pub const MAX_DATA: usize = 64 * 1024;
 /// Bytes a side may send on one stream before the receiver grants more ([`Kind::Credit`]).
 pub const WINDOW: u32 = 256 * 1024;
+/// A receiver grants credit once it has consumed at least this many bytes since its last
+/// grant (one `Credit` frame per batch, not per chunk: a small request and its answer then
+/// cost two frames, not four). Below the window, so a sender is never starved.
+pub const CREDIT_BATCH: u32 = WINDOW / 4;
 
 /// What a frame means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

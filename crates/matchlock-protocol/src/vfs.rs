@@ -56,6 +56,9 @@ pub enum Op {
     Utimens = 19,
     /// File system statistics of the mount holding `path`.
     Statfs = 20,
+    /// List a directory with every entry's attributes, for the guest's lookup cache: like
+    /// `Readdir`, but not reported as a `file` event (the guest's programs did not list it).
+    List = 21,
 }
 
 impl Op {
@@ -64,7 +67,7 @@ impl Op {
         use Op::*;
         [
             Lookup, Getattr, Setattr, Read, Write, Create, Mkdir, Unlink, Rmdir, Rename, Open, Release, Readdir, Fsync,
-            MkdirAll, Truncate, Symlink, Readlink, Link, Utimens, Statfs,
+            MkdirAll, Truncate, Symlink, Readlink, Link, Utimens, Statfs, List,
         ]
         .get(usize::from(code))
         .copied()
@@ -104,6 +107,9 @@ pub struct Request {
     /// New modification time, nanoseconds since the epoch (`Utimens`; absent: unchanged).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mtime_ns: Option<i64>,
+    /// Send no response (a `Release` the guest does not wait for).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub quiet: bool,
 }
 
 /// File attributes.
@@ -143,6 +149,42 @@ pub struct DirEntry {
     /// Stable inode number.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ino: Option<u64>,
+    /// Modification time, Unix seconds.
+    pub mtime: i64,
+    /// Nanoseconds of the modification time.
+    pub mtime_nsec: u32,
+    /// Number of hard links (absent when unknown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nlink: Option<u64>,
+}
+
+impl DirEntry {
+    /// The entry for `name` with attributes `stat`.
+    pub fn new(name: String, stat: &Stat) -> Self {
+        Self {
+            name,
+            is_dir: stat.is_dir,
+            mode: stat.mode,
+            size: stat.size,
+            ino: stat.ino,
+            mtime: stat.mtime,
+            mtime_nsec: stat.mtime_nsec,
+            nlink: stat.nlink,
+        }
+    }
+
+    /// The entry's attributes.
+    pub fn stat(&self) -> Stat {
+        Stat {
+            size: self.size,
+            mode: self.mode,
+            mtime: self.mtime,
+            mtime_nsec: self.mtime_nsec,
+            is_dir: self.is_dir,
+            ino: self.ino,
+            nlink: self.nlink,
+        }
+    }
 }
 
 /// A response to the guest.
@@ -167,6 +209,10 @@ pub struct Response {
     /// File system statistics (`Statfs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub statfs: Option<FsStats>,
+    /// `Readdir`, `List`: `entries` are the whole directory with their real attributes, and no rule
+    /// hides any of them, so the guest may answer lookups in it from them for a while.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub complete: bool,
 }
 
 /// File system statistics, as `statvfs(3)` reports them.
@@ -262,6 +308,7 @@ mod tests {
         assert!(matches!(read_message::<Request>(&mut &garbage[..]), Err(WireError::Malformed(_))));
         assert_eq!(Op::from_code(18), Some(Op::Link));
         assert_eq!(Op::from_code(20), Some(Op::Statfs));
-        assert_eq!(Op::from_code(21), None);
+        assert_eq!(Op::from_code(21), Some(Op::List));
+        assert_eq!(Op::from_code(22), None);
     }
 }

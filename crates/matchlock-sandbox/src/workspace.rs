@@ -75,10 +75,10 @@ pub(crate) fn router(
     Ok(router)
 }
 
-/// Most guest connections to the VFS server served at once (the guest's FUSE daemon needs
-/// one; a reconnect may briefly need a second). Each is served on its own thread (blocking
-/// file I/O), so this also bounds the owner's threads: connections beyond it are closed at
-/// once, and the guest sees them reset.
+/// Most guest connections to the VFS server served at once (the guest's FUSE daemon opens
+/// one per worker, four; reconnects may briefly need more). Each is served on its own thread
+/// (blocking file I/O), so this also bounds the owner's threads: connections beyond it are
+/// closed at once, and the guest sees them reset.
 pub const MAX_VFS_CONNECTIONS: usize = 8;
 
 /// Serves guest VFS connections to host port [`matchlock_protocol::VFS_PORT`] until the task

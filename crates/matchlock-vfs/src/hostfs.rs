@@ -201,8 +201,7 @@ impl Provider for HostFs {
                 continue;
             }
             let Ok(st) = rfs::statat(&fd, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW) else { continue };
-            let stat = to_stat(&st);
-            entries.push(DirEntry { name, is_dir: stat.is_dir, mode: stat.mode, size: stat.size, ino: stat.ino });
+            entries.push(DirEntry::new(name, &to_stat(&st)));
         }
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(entries)

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use matchlock_api::config::{RulePhase, VfsAction};
 use matchlock_api::rpc::FileEvent;
@@ -143,8 +144,14 @@ pub struct Router {
     mounts: BTreeMap<String, Box<dyn Provider>>,
     blocks: Vec<BlockRule>,
     events: Option<EventSink>,
-    /// Handles open across every connection served from this router.
+    /// Handles open across every connection served from this router (reserved before the
+    /// file is opened, so the budget holds under concurrent opens).
     open_handles: AtomicUsize,
+    /// The files behind them: a handle opened on one connection works on every other (the
+    /// guest's FUSE workers each have a connection), and goes with the one that opened it.
+    handles: Mutex<HashMap<u64, OpenFile>>,
+    next_handle: AtomicU64,
+    next_connection: AtomicU64,
     /// Bytes stored on the host through this router.
     storage: Storage,
 }
@@ -156,9 +163,20 @@ impl std::fmt::Debug for Router {
             .field("blocks", &self.blocks)
             .field("events", &self.events.is_some())
             .field("open_handles", &self.open_handles.load(Ordering::Relaxed))
+            .field("handles", &self.handles)
             .field("storage", &self.storage)
             .finish()
     }
+}
+
+/// A file the guest holds open.
+#[derive(Debug)]
+struct OpenFile {
+    file: Arc<File>,
+    /// The guest path it was opened by (rules and events of handle operations name it).
+    path: String,
+    /// The connection that opened it.
+    connection: u64,
 }
 
 /// A before-phase `block` rule: matching operations fail with EPERM in the guest.
@@ -201,7 +219,7 @@ fn rule_op(op: Op) -> Option<&'static str> {
         Op::Unlink | Op::Rmdir => "remove",
         Op::Rename => "rename",
         Op::Open => "open",
-        Op::Readdir => "readdir",
+        Op::Readdir | Op::List => "readdir",
         Op::Truncate => "truncate",
         Op::Symlink => "symlink",
         Op::Readlink => "readlink",
@@ -313,29 +331,44 @@ fn synthetic_dir(path: &str) -> Stat {
     Stat { size: 4096, mode: 0o040_755, is_dir: true, ino: Some(hostfs::inode_hash(path.bytes())), ..Stat::default() }
 }
 
-/// Answers requests on one guest connection until it closes.
+/// Answers requests on one guest connection until it closes. Several connections may be
+/// served at once (each on its own thread); handles are shared between them.
 pub fn serve(stream: &mut (impl Read + Write), router: &Router) -> Result<(), WireError> {
-    let mut handles: HashMap<u64, (File, String)> = HashMap::new();
-    let served = serve_requests(stream, router, &mut handles);
+    let connection = router.next_connection.fetch_add(1, Ordering::Relaxed);
+    let served = serve_requests(stream, router, connection);
     // Whatever the guest left open goes back to the sandbox's budget with the connection.
-    router.open_handles.fetch_sub(handles.len(), Ordering::Relaxed);
+    let mut handles = router.lock_handles();
+    let before = handles.len();
+    handles.retain(|_, open| open.connection != connection);
+    router.open_handles.fetch_sub(before - handles.len(), Ordering::Relaxed);
     served
 }
 
-fn serve_requests(
-    stream: &mut (impl Read + Write),
-    router: &Router,
-    handles: &mut HashMap<u64, (File, String)>,
-) -> Result<(), WireError> {
-    let mut next_handle = 1u64;
+impl Router {
+    fn lock_handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, OpenFile>> {
+        self.handles.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The file behind handle `fh` and the path it was opened by.
+    fn open_file(&self, fh: u64) -> Result<(Arc<File>, String), Errno> {
+        let handles = self.lock_handles();
+        let open = handles.get(&fh).ok_or(Errno::BADF)?;
+        Ok((Arc::clone(&open.file), open.path.clone()))
+    }
+}
+
+fn serve_requests(stream: &mut (impl Read + Write), router: &Router, connection: u64) -> Result<(), WireError> {
     while let Some(request) = wire::read_message::<Request>(stream)? {
         // The handle's path, for events on handle operations (gone after a release).
-        let handle_path = handles.get(&request.fh).map(|(_, p)| p.clone());
-        let response = handle(router, handles, &mut next_handle, &request);
+        let handle_path = router.open_file(request.fh).ok().map(|(_, path)| path);
+        let response = handle(router, connection, &request);
         if let (Some(sink), Ok(response)) = (&router.events, &response) {
             if let Some(event) = file_event(&request, response, handle_path) {
                 sink(event);
             }
+        }
+        if request.quiet {
+            continue;
         }
         let response = response.unwrap_or_else(|e| Response::error(e.raw_os_error()));
         wire::write_message(stream, &response)?;
@@ -343,26 +376,21 @@ fn serve_requests(
     Ok(())
 }
 
-fn handle(
-    router: &Router,
-    handles: &mut HashMap<u64, (File, String)>,
-    next: &mut u64,
-    req: &Request,
-) -> Result<Response, Errno> {
+fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, Errno> {
     let op = Op::from_code(req.op).ok_or(Errno::NOSYS)?;
     // Rules see the path of the handle for handle operations.
-    let rule_path = match op {
-        Op::Read | Op::Write => handles.get(&req.fh).map_or("", |(_, p)| p.as_str()),
-        _ => req.path.as_str(),
+    let file = match op {
+        Op::Read | Op::Write | Op::Fsync => Some(router.open_file(req.fh)?),
+        _ => None,
     };
+    let rule_path = file.as_ref().map_or(req.path.as_str(), |(_, path)| path.as_str());
     if router.blocked(op, rule_path) || (op == Op::Rename || op == Op::Link) && router.blocked(op, &req.new_path) {
         return Err(Errno::PERM);
     }
     let ok = Response::default;
     // Handle operations do not look at paths.
-    match op {
-        Op::Read => {
-            let (file, _) = handles.get(&req.fh).ok_or(Errno::BADF)?;
+    match (op, file) {
+        (Op::Read, Some((file, _))) => {
             let size = req.sz.min(wire::MAX_IO) as usize;
             let mut data = vec![0u8; size];
             let offset = u64::try_from(req.off).map_err(|_| Errno::INVAL)?;
@@ -370,8 +398,7 @@ fn handle(
             data.truncate(n);
             return Ok(Response { data, ..ok() });
         }
-        Op::Write => {
-            let (file, _) = handles.get(&req.fh).ok_or(Errno::BADF)?;
+        (Op::Write, Some((file, _))) => {
             let offset = u64::try_from(req.off).map_err(|_| Errno::INVAL)?;
             let size = file.metadata().map_err(|e| io_errno(&e))?.len();
             let growth = offset.saturating_add(req.data.len() as u64).saturating_sub(size);
@@ -382,13 +409,13 @@ fn handle(
             }
             return Ok(Response { written: u32::try_from(req.data.len()).unwrap_or(u32::MAX), ..ok() });
         }
-        Op::Release => {
-            handles.remove(&req.fh).ok_or(Errno::BADF)?;
-            router.open_handles.fetch_sub(1, Ordering::Relaxed);
+        (Op::Fsync, Some((file, _))) => {
+            file.sync_all().map_err(|e| io_errno(&e))?;
             return Ok(ok());
         }
-        Op::Fsync => {
-            handles.get(&req.fh).ok_or(Errno::BADF)?.0.sync_all().map_err(|e| io_errno(&e))?;
+        (Op::Release, _) => {
+            router.lock_handles().remove(&req.fh).ok_or(Errno::BADF)?;
+            router.open_handles.fetch_sub(1, Ordering::Relaxed);
             return Ok(ok());
         }
         _ => {}
@@ -407,7 +434,8 @@ fn handle(
                     let statfs = router.storage.bound(first.ok_or(Errno::NOENT)?.statfs()?);
                     Ok(Response { statfs: Some(statfs), ..ok() })
                 }
-                Op::Readdir => {
+                // Not `complete`: the guest looks names up one by one here.
+                Op::Readdir | Op::List => {
                     let base = clean_path(&req.path)?;
                     let entries = children
                         .into_iter()
@@ -416,12 +444,10 @@ fn handle(
                             // A mount point shows what is mounted there (a single file is a file).
                             match router.route(&child) {
                                 Ok(Route::Mount(fs, rel)) if rel.is_empty() => match fs.lstat("") {
-                                    Ok(st) => {
-                                        DirEntry { name, is_dir: st.is_dir, mode: st.mode, size: st.size, ino: st.ino }
-                                    }
-                                    Err(_) => DirEntry { name, is_dir: true, mode: 0o040_755, size: 4096, ino: None },
+                                    Ok(st) => DirEntry::new(name, &st),
+                                    Err(_) => DirEntry::new(name, &synthetic_dir(&child)),
                                 },
-                                _ => DirEntry { name, is_dir: true, mode: 0o040_755, size: 4096, ino: None },
+                                _ => DirEntry::new(name, &synthetic_dir(&child)),
                             }
                         })
                         .collect();
@@ -439,7 +465,7 @@ fn handle(
             Route::Synthetic(_) => Err(Errno::ACCESS),
         }
     };
-    let mut open = |flags: OFlags, mode: u32| -> Result<Response, Errno> {
+    let open = |flags: OFlags, mode: u32| -> Result<Response, Errno> {
         if router.open_handles.fetch_add(1, Ordering::Relaxed) >= MAX_HANDLES {
             router.open_handles.fetch_sub(1, Ordering::Relaxed);
             return Err(Errno::MFILE);
@@ -462,9 +488,8 @@ fn handle(
             }
         };
         router.storage.credit(truncated);
-        let fh = *next;
-        *next += 1;
-        handles.insert(fh, (file, req.path.clone()));
+        let fh = router.next_handle.fetch_add(1, Ordering::Relaxed) + 1;
+        router.lock_handles().insert(fh, OpenFile { file: Arc::new(file), path: req.path.clone(), connection });
         Ok(Response { fh, stat: Some(stat), ..ok() })
     };
     match op {
@@ -508,7 +533,11 @@ fn handle(
             let to = second()?;
             copying_up(router, fs, &rel, false, || fs.link(&rel, &to)).map(|()| ok())
         }
-        Op::Readdir => Ok(Response { entries: fs.readdir(&rel)?, ..ok() }),
+        // Complete unless a rule could hide something in it: then every name is looked up
+        // (and checked against the rules) on its own.
+        Op::Readdir | Op::List => {
+            Ok(Response { entries: fs.readdir(&rel)?, complete: router.blocks.is_empty(), ..ok() })
+        }
         Op::Truncate => {
             let size = u64::try_from(req.off).map_err(|_| Errno::INVAL)?;
             let before = fs.stat(&rel)?.size;
@@ -553,12 +582,13 @@ fn copying_up(
     change().inspect_err(|_| router.storage.credit(copied))
 }
 
-/// The event for a successful operation; lookups and attribute reads, which the guest
-/// kernel issues constantly, and releases are not reported.
+/// The event for a successful operation; lookups, attribute reads and listings for the
+/// guest's lookup cache, which the guest kernel issues constantly, and releases are not
+/// reported.
 fn file_event(req: &Request, response: &Response, handle_path: Option<String>) -> Option<FileEvent> {
     let op = Op::from_code(req.op)?;
     let name = match op {
-        Op::Lookup | Op::Getattr | Op::Release => return None,
+        Op::Lookup | Op::Getattr | Op::Release | Op::List => return None,
         Op::Fsync => "sync",
         other => rule_op(other)?,
     };
@@ -628,8 +658,7 @@ mod tests {
         let mut router = Router::default();
         router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
         router.set_quota(1 << 20);
-        let (mut handles, mut next) = (HashMap::new(), 1);
-        let mut call = |r: Request| handle(&router, &mut handles, &mut next, &r);
+        let mut call = |r: Request| handle(&router, 1, &r);
         let create = |path: &str| Request { flags: (OFlags::RDWR).bits(), mode: 0o644, ..req(Op::Create, path) };
         let write = |fh, off: i64, len: usize| Request { fh, off, data: vec![7; len], ..req(Op::Write, "") };
         let a = call(create("/w/a")).unwrap().fh;
@@ -666,8 +695,7 @@ mod tests {
         let mut router = Router::default();
         router.mount("/w", Overlay::new(&lower, &upper).unwrap()).unwrap();
         router.set_quota(1 << 20);
-        let (mut handles, mut next) = (HashMap::new(), 1);
-        let mut call = |r: Request| handle(&router, &mut handles, &mut next, &r);
+        let mut call = |r: Request| handle(&router, 1, &r);
         let open = |path: &str, flags: OFlags| Request { flags: flags.bits(), ..req(Op::Open, path) };
         let write = |fh, off: i64, len: usize| Request { fh, off, data: vec![7; len], ..req(Op::Write, "") };
         let used = |call: &mut dyn FnMut(Request) -> Result<Response, Errno>| {
@@ -707,26 +735,25 @@ mod tests {
         router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
         let open = Request { flags: OFlags::RDONLY.bits(), ..req(Op::Open, "/w/f") };
         // Two connections that hold what they open (no release): together, at most the budget.
-        let mut first = HashMap::new();
-        let mut second = HashMap::new();
-        let mut next = 1;
+        let (first, second) = (1, 2);
+        let mut opened = Vec::new();
         for _ in 0..MAX_HANDLES / 2 {
-            handle(&router, &mut first, &mut next, &open).unwrap();
-            handle(&router, &mut second, &mut next, &open).unwrap();
+            opened.push(handle(&router, first, &open).unwrap().fh);
+            handle(&router, second, &open).unwrap();
         }
-        assert_eq!(handle(&router, &mut second, &mut next, &open).unwrap_err(), Errno::MFILE);
+        assert_eq!(handle(&router, second, &open).unwrap_err(), Errno::MFILE);
         assert_eq!(
             exchange(&router, std::slice::from_ref(&open))[0].err,
             -Errno::MFILE.raw_os_error(),
             "a new connection too"
         );
-        // A release gives one back; a missing file does not take one.
-        let fh = *first.keys().next().unwrap();
-        handle(&router, &mut first, &mut next, &Request { fh, ..req(Op::Release, "") }).unwrap();
-        assert_eq!(handle(&router, &mut first, &mut next, &req(Op::Open, "/w/missing")).unwrap_err(), Errno::NOENT);
-        handle(&router, &mut first, &mut next, &open).unwrap();
+        // A release gives one back (on any connection); a missing file does not take one.
+        handle(&router, second, &Request { fh: opened[0], ..req(Op::Release, "") }).unwrap();
+        assert_eq!(handle(&router, first, &req(Op::Open, "/w/missing")).unwrap_err(), Errno::NOENT);
+        handle(&router, first, &open).unwrap();
         // The two connections end (as `serve` ends them), then a new one opens and leaves.
-        router.open_handles.fetch_sub(first.len() + second.len(), Ordering::Relaxed);
+        router.lock_handles().clear();
+        router.open_handles.store(0, Ordering::Relaxed);
         let responses = exchange(&router, &vec![open.clone(); 10]);
         assert!(responses.iter().all(|r| r.err == 0), "{responses:?}");
         assert_eq!(router.open_handles.load(Ordering::Relaxed), 0, "serve gave back what the connection left open");
@@ -863,6 +890,63 @@ mod tests {
         let summary: Vec<(&str, &str, u64)> = events.iter().map(|e| (e.op.as_str(), e.path.as_str(), e.size)).collect();
         assert_eq!(summary, [("create", "/workspace/a", 0), ("write", "/workspace/a", 5)]);
         assert_eq!((events[0].mode, events[0].uid), (Some(0o600), Some(7)));
+    }
+
+    #[test]
+    fn handles_work_across_connections_and_quiet_requests_get_no_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"shared").unwrap();
+        let mut router = Router::default();
+        router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        // One FUSE worker opens, another reads and releases without waiting for the answer.
+        let fh = handle(&router, 1, &Request { flags: OFlags::RDONLY.bits(), ..req(Op::Open, "/w/f") }).unwrap().fh;
+        let responses = exchange(
+            &router,
+            &[
+                Request { fh, sz: 100, ..req(Op::Read, "") },
+                Request { fh, quiet: true, ..req(Op::Release, "") },
+                req(Op::Getattr, "/w/f"),
+            ],
+        );
+        assert_eq!(responses.len(), 2, "the quiet release is not answered: {responses:?}");
+        assert_eq!(responses[0].data, b"shared");
+        assert_eq!(responses[1].stat.as_ref().unwrap().size, 6);
+        assert_eq!(router.open_handles.load(Ordering::Relaxed), 0, "the quiet release was done");
+        assert!(router.lock_handles().is_empty());
+    }
+
+    #[test]
+    fn listings_carry_attributes_and_are_complete_only_without_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), b"12345").unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let mut router = Router::default();
+        router.mount("/w/src", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        router.set_event_sink(Box::new(move |e| tx.lock().unwrap().send(e).unwrap()));
+        let responses = exchange(&router, &[req(Op::List, "/w/src"), req(Op::List, "/w")]);
+        assert!(responses[0].complete);
+        let a = &responses[0].entries[0];
+        let host = std::fs::metadata(dir.path().join("a")).unwrap();
+        assert_eq!(a.stat(), exchange(&router, &[req(Op::Getattr, "/w/src/a")])[0].stat.clone().unwrap());
+        assert_eq!((a.size, a.mtime), (5, std::os::unix::fs::MetadataExt::mtime(&host)));
+        assert!(responses[0].entries[1].is_dir);
+        assert!(!responses[1].complete, "a synthesized directory is looked up name by name");
+        assert!(rx.try_iter().next().is_none(), "listings for the lookup cache are not events");
+        // With a rule in force a listing is never complete: lookups must meet the rules.
+        let rules = matchlock_api::config::VfsInterception {
+            emit_events: false,
+            rules: vec![matchlock_api::config::VfsRule {
+                name: "hide".into(),
+                ops: vec!["stat".into()],
+                path: "/w/src/a".into(),
+                action: VfsAction::Block,
+                ..Default::default()
+            }],
+        };
+        router.set_rules(&rules).unwrap();
+        assert!(!exchange(&router, &[req(Op::List, "/w/src")])[0].complete);
     }
 
     fn libc_errno(e: Errno) -> i32 {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use matchlock_api::paths::VmDir;
 use matchlock_protocol::mux::{
-    frame, frame_u32, opened_by_host, payload_u32, Header, Kind, HEADER_LEN, MAX_DATA, WINDOW,
+    frame, frame_u32, opened_by_host, payload_u32, Header, Kind, CREDIT_BATCH, HEADER_LEN, MAX_DATA, WINDOW,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -467,6 +467,7 @@ impl Inner {
             Self::finish_if_done(&mut streams, id);
         };
         let inbound = async {
+            let mut uncredited = 0;
             while let Some(chunk) = inbound.recv().await {
                 if wr.write_all(&chunk).await.is_err() {
                     Self::reset(&mut lock(&self.streams), id);
@@ -474,8 +475,12 @@ impl Inner {
                     return;
                 }
                 unconsumed.fetch_sub(chunk.len(), Ordering::AcqRel);
-                if self.send(frame_u32(id, Kind::Credit, chunk.len() as u32)).await.is_err() {
-                    return;
+                uncredited += chunk.len();
+                if uncredited >= CREDIT_BATCH as usize {
+                    if self.send(frame_u32(id, Kind::Credit, uncredited as u32)).await.is_err() {
+                        return;
+                    }
+                    uncredited = 0;
                 }
             }
             let _ = wr.shutdown().await;
