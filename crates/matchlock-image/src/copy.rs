@@ -496,6 +496,44 @@ pub fn layer_from_image(
     Ok(diff)
 }
 
+/// A file `ADD <url>` fetched, on the host.
+#[derive(Debug, Clone)]
+pub struct Download {
+    /// The URL as the Dockerfile gives it (it names the file in a directory destination).
+    pub url: String,
+    /// The fetched bytes.
+    pub file: PathBuf,
+    /// Its modification time (seconds since the epoch): the response's `Last-Modified`, or 0.
+    pub mtime: u64,
+}
+
+/// Writes to `out` the layer of `step` (an `ADD` of URLs) holding `downloads`, one per
+/// source in order: mode 0600 unless `--chmod` (as Docker), owned by root unless `--chown`,
+/// never unpacked.
+pub fn layer_from_downloads(
+    step: &CopyStep,
+    downloads: &[Download],
+    ownership: Ownership,
+    out: &mut dyn Write,
+) -> Result<Diff, CopyError> {
+    let into_dir = step.dest.ends_with('/') || downloads.len() > 1;
+    let owner = Ownership { owner: Some(ownership.owner.unwrap_or((0, 0))), chmod: ownership.chmod };
+    let mut tar = LayerTar::new(out, owner);
+    for download in downloads {
+        let name = crate::dockerfile::remote_file_name(&download.url).unwrap_or_default();
+        let target = landing(&step.dest, Path::new(&name), into_dir);
+        let mut file = fs::File::open(&download.file).map_err(io_err(&download.file))?;
+        let size = file.metadata().map_err(io_err(&download.file))?.len();
+        let mut header = Header::new_gnu();
+        header.set_entry_type(EntryType::Regular);
+        header.set_mode(0o600);
+        header.set_mtime(download.mtime);
+        header.set_size(size);
+        tar.data(&mut header, &target, &mut file).map_err(io_err(&download.file))?;
+    }
+    tar.finish().map_err(|source| CopyError::Io { path: PathBuf::from(&step.dest), source })
+}
+
 /// `--chown` ids: numbers, or names looked up in the image's `/etc/passwd` and `/etc/group`.
 pub fn resolve_owner(spec: &str, passwd: Option<&str>, group: Option<&str>) -> Result<(u64, u64), String> {
     let (user, grp) = match spec.split_once(':') {
@@ -539,6 +577,7 @@ mod tests {
             chown: None,
             chmod: None,
             unpack_archives: false,
+            checksum: None,
         }
     }
 
@@ -652,6 +691,29 @@ mod tests {
             layer_from_image(&missing, "build", &mut merged.as_slice(), Ownership::default(), &mut Vec::new(), rewind)
                 .unwrap_err();
         assert!(e.to_string().contains("/nope: not found in build"), "{e}");
+    }
+
+    #[test]
+    fn downloads_land_like_dockers_remote_add() {
+        let dir = tempfile::tempdir().unwrap();
+        let gz = dir.path().join("dl");
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        b.append_data(&mut Header::new_gnu(), "inside", io::empty()).unwrap();
+        fs::write(&gz, b.into_inner().unwrap().finish().unwrap()).unwrap();
+        let download = |url: &str| Download { url: url.to_owned(), file: gz.clone(), mtime: 1_700_000_000 };
+        let mut add = step(&["https://h.test/pkg.tar.gz?v=1"], "/opt/");
+        add.from = CopyFrom::Remote;
+        let mut out = Vec::new();
+        layer_from_downloads(&add, &[download(&add.sources[0])], Ownership::default(), &mut out).unwrap();
+        assert_eq!(listing(&out), [("opt/pkg.tar.gz".to_owned(), 0, 0o600)], "named from the URL, not unpacked");
+        let mut entries = tar::Archive::new(out.as_slice());
+        let entry = entries.entries().unwrap().next().unwrap().unwrap();
+        assert_eq!((entry.header().mtime().unwrap(), entry.size()), (1_700_000_000, fs::metadata(&gz).unwrap().len()));
+        add.dest = "/usr/bin/tool".into();
+        let mut out = Vec::new();
+        let owned = Ownership { owner: Some((7, 8)), chmod: Some(0o755) };
+        layer_from_downloads(&add, &[download(&add.sources[0])], owned, &mut out).unwrap();
+        assert_eq!(listing(&out), [("usr/bin/tool".to_owned(), 7, 0o755)]);
     }
 
     #[test]

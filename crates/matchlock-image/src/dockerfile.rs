@@ -124,6 +124,8 @@ pub struct CopyStep {
     pub chmod: Option<u32>,
     /// `ADD`: local tar archives are unpacked.
     pub unpack_archives: bool,
+    /// `ADD --checksum=sha256:<hex>`: the digest (lowercase hex) a remote source must have.
+    pub checksum: Option<String>,
 }
 
 /// Where a `COPY` takes its files.
@@ -135,6 +137,9 @@ pub enum CopyFrom {
     Stage(usize),
     /// An image.
     Image(String),
+    /// `ADD <url>`: the sources are `http`/`https` URLs, fetched by the host under the
+    /// build's network policy.
+    Remote,
 }
 
 impl Plan {
@@ -577,7 +582,7 @@ impl Planner<'_> {
         state: &StageState,
     ) -> Result<Step, DockerfileError> {
         let lookup = state.lookup();
-        let (mut from, mut chown, mut chmod) = (CopyFrom::Context, None, None);
+        let (mut from, mut chown, mut chmod, mut checksum) = (CopyFrom::Context, None, None, None);
         for flag in options {
             match &*flag.name.value {
                 "from" if !add => {
@@ -609,33 +614,58 @@ impl Planner<'_> {
                             .ok_or_else(|| err(line, format!("--chmod={mode}: expected an octal mode")))?,
                     );
                 }
+                "checksum" if add => {
+                    let value = self.one_word(flag, &lookup, line)?;
+                    let hex = value.strip_prefix("sha256:").filter(|h| {
+                        h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                    });
+                    let hex = hex.ok_or_else(|| {
+                        err(line, format!("--checksum={value}: expected sha256: and 64 lowercase hex digits"))
+                    })?;
+                    checksum = Some(hex.to_owned());
+                }
                 other => return Err(err(line, format!("{name} --{other} is not supported"))),
             }
         }
         let mut sources = Vec::new();
+        let mut remote = 0;
         for source in src {
             match source {
                 Source::Path(path) => {
                     let path = word(&path.value, &lookup, self.escape).map_err(|e| err(line, e))?;
-                    if path.contains("://") || path.starts_with("git@") {
-                        return Err(err(
-                            line,
-                            format!(
-                                "{name} {path}: remote sources are not supported (fetch them in a RUN step, \
-                                     under the build's network policy)"
-                            ),
-                        ));
+                    if add && is_remote(&path) {
+                        check_remote(&path).map_err(|e| err(line, format!("{name} {path}: {e}")))?;
+                        remote += 1;
+                    } else if path.contains("://") || path.starts_with("git@") {
+                        let what = if add { "only http:// and https:// URLs can be fetched" } else { "use ADD" };
+                        return Err(err(line, format!("{name} {path}: not a path in the build context ({what})")));
                     }
                     sources.push(path);
                 }
                 _ => return Err(err(line, format!("{name} from a here-document is not supported"))),
             }
         }
+        if remote > 0 {
+            if remote < sources.len() {
+                return Err(err(line, format!("{name} cannot mix URLs with other sources: use one {name} for each")));
+            }
+            from = CopyFrom::Remote;
+        } else if checksum.is_some() {
+            return Err(err(line, format!("{name} --checksum is only for URL sources")));
+        }
         let dest_word = word(&dest.value, &lookup, self.escape).map_err(|e| err(line, e))?;
         let workdir = if state.config.working_dir.is_empty() { "/" } else { &state.config.working_dir };
         let mut dest = join_abs(workdir, &dest_word);
         if (dest_word.ends_with('/') || dest_word == "." || dest_word.ends_with("/.")) && !dest.ends_with('/') {
             dest.push('/');
+        }
+        if remote > 0 && (dest.ends_with('/') || sources.len() > 1) {
+            if let Some(url) = sources.iter().find(|u| remote_file_name(u).is_none()) {
+                return Err(err(
+                    line,
+                    format!("{name} {url}: the URL's path names no file; give the destination a file name"),
+                ));
+            }
         }
         let flags: String = options
             .iter()
@@ -644,7 +674,9 @@ impl Planner<'_> {
             })
             .collect();
         let display = format!("{name} {flags}{} {dest_word}", sources.join(" "));
-        let copy = CopyStep { sources, from, dest, chown, chmod, unpack_archives: add };
+        // Docker does not unpack what it downloads.
+        let unpack_archives = add && remote == 0;
+        let copy = CopyStep { sources, from, dest, chown, chmod, unpack_archives, checksum };
         Ok(Step { line, display, action: Action::Copy(copy) })
     }
 
@@ -687,6 +719,34 @@ impl Planner<'_> {
         }
         Ok(hc)
     }
+}
+
+/// Whether an `ADD` source is a URL to fetch (`http://`, `https://`, any case).
+fn is_remote(source: &str) -> bool {
+    let lower = source.get(..8).unwrap_or(source).to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
+/// Why a remote source cannot be fetched, if it cannot: a URL with a host, no credentials.
+fn check_remote(source: &str) -> Result<(), String> {
+    let url = url::Url::parse(source).map_err(|e| format!("not a valid URL: {e}"))?;
+    if url.host().is_none() {
+        return Err("the URL names no host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials in a URL are not supported".into());
+    }
+    Ok(())
+}
+
+/// The file name `ADD <url> <dir>/` gives a download: the last segment of the URL's path,
+/// percent-decoded (as Docker names it); `None` when that names no file.
+pub fn remote_file_name(source: &str) -> Option<String> {
+    let url = url::Url::parse(source).ok()?;
+    let last = url.path_segments()?.next_back()?;
+    let name = percent_encoding::percent_decode_str(last).decode_utf8().ok()?;
+    let usable = !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0']);
+    usable.then(|| name.into_owned())
 }
 
 /// A Go duration (`1m30s`, `500ms`) in nanoseconds.
@@ -1012,6 +1072,38 @@ mod tests {
     }
 
     #[test]
+    fn add_of_urls_names_its_files_like_docker() {
+        let sum = "ab".repeat(32);
+        let text = format!(
+            "FROM alpine\nWORKDIR /srv\nARG V=1.2\nADD --chown=1:2 --chmod=644 --checksum=sha256:{sum} \
+             https://example.com/dl/tool-$V.tar.gz?x=1 ./\nADD http://example.com/a%20b HTTP://example.com/c /many/\n\
+             ADD http://example.com/ /named\nADD local.tar.gz /unpacked/\n"
+        );
+        let plan = plan_of(&text, &[], None).unwrap();
+        let copies: Vec<&CopyStep> = plan.stages[0]
+            .steps
+            .iter()
+            .filter_map(|s| match &s.action {
+                Action::Copy(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let one = copies[0];
+        assert_eq!(one.from, CopyFrom::Remote);
+        assert_eq!(one.sources, ["https://example.com/dl/tool-1.2.tar.gz?x=1"]);
+        assert_eq!((one.dest.as_str(), one.chown.as_deref(), one.chmod), ("/srv/", Some("1:2"), Some(0o644)));
+        assert_eq!(one.checksum.as_deref(), Some(sum.as_str()));
+        assert!(!one.unpack_archives, "Docker does not unpack remote archives");
+        assert_eq!(remote_file_name(&one.sources[0]).as_deref(), Some("tool-1.2.tar.gz"));
+        assert_eq!((copies[1].from.clone(), copies[1].dest.as_str()), (CopyFrom::Remote, "/many/"));
+        assert_eq!(remote_file_name(&copies[1].sources[0]).as_deref(), Some("a b"));
+        assert_eq!(remote_file_name("http://example.com/x/..%2F..%2Fetc"), None, "a name never leaves its directory");
+        // A named destination needs no name from the URL.
+        assert_eq!((copies[2].from.clone(), copies[2].dest.as_str()), (CopyFrom::Remote, "/named"));
+        assert_eq!((copies[3].from.clone(), copies[3].unpack_archives), (CopyFrom::Context, true));
+    }
+
+    #[test]
     fn config_instructions() {
         let plan = plan_of(
             "FROM x\nLABEL a=1 \"b c\"='d e'\nEXPOSE 80 53/udp\nVOLUME [\"/data\"]\nSTOPSIGNAL SIGINT\n\
@@ -1048,14 +1140,21 @@ mod tests {
 
     #[test]
     fn bad_input_names_its_line() {
-        let cases = [
+        let only_for_urls = format!("FROM alpine\nADD --checksum=sha256:{} local /a\n", "0".repeat(64));
+        let cases: [(&str, usize, &str); 16] = [
             ("FROM alpine\nRUN true\nFROBNICATE now\n", 3, ""),
             ("RUN true\n", 1, "FROM"),
             ("FROM alpine\nCOPY --from=nosuch/x:1 a b\nCOPY --from=7 a b\n", 3, "no stage 7"),
             ("FROM alpine AS a\nCOPY --from=b x y\nFROM alpine AS b\n", 2, "comes later"),
             ("FROM --platform=linux/arm64 alpine\n", 1, "only linux/amd64"),
             ("FROM missing\n", 1, "image not found"),
-            ("FROM alpine\nADD https://example.com/x /x\n", 2, "remote sources"),
+            ("FROM alpine\nADD git@github.com:a/b.git /x\n", 2, "only http:// and https://"),
+            ("FROM alpine\nCOPY https://example.com/x /x\n", 2, "use ADD"),
+            ("FROM alpine\nADD https://example.com/ /d/\n", 2, "names no file"),
+            ("FROM alpine\nADD https://example.com/a local /d/\n", 2, "cannot mix"),
+            ("FROM alpine\nADD https://user:pw@example.com/a /a\n", 2, "credentials"),
+            ("FROM alpine\nADD --checksum=md5:00 https://example.com/a /a\n", 2, "sha256:"),
+            (&only_for_urls, 2, "only for URL"),
             ("FROM alpine\nRUN --mount=type=cache,target=/x true\n", 2, "RUN --mount"),
             ("FROM alpine\nCOPY --chmod=9z a b\n", 2, "octal"),
             ("FROM alpine\nENV\n", 2, ""),

@@ -102,7 +102,9 @@ impl Resolver {
                 return Ok(ips.clone());
             }
         }
-        let fqdn = Name::from_utf8(name).map_err(|_| DnsError::BadName(name.to_owned()))?;
+        let mut fqdn = Name::from_utf8(name).map_err(|_| DnsError::BadName(name.to_owned()))?;
+        // The answer's question is absolute; so must the asked one be to match it.
+        fqdn.set_fqdn(true);
         let answer = self.ask(&Query::query(fqdn, RecordType::A), true).await?;
         let (ips, ttl) = a_records(&answer);
         if ips.is_empty() {
@@ -244,6 +246,16 @@ mod tests {
             }
         });
         (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn host_lookups_of_names_are_answered() {
+        let (server, seen) = recording_server().await;
+        let resolver = Resolver { servers: vec![server], cache: Mutex::default() };
+        for name in ["api.test", "other.test."] {
+            assert_eq!(resolver.lookup_ipv4(name).await.unwrap(), [Ipv4Addr::new(198, 51, 100, 10)], "{name}");
+        }
+        assert_eq!(seen.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]

@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::exec::ExecIo;
+use crate::fetch::{FetchError, Fetched};
 use crate::{Sandbox, SandboxError};
 
 /// Bytes of a failed `RUN`'s output kept for its error.
@@ -59,6 +60,17 @@ pub enum BuildError {
         /// Why.
         #[source]
         source: CopyError,
+    },
+    /// An `ADD <url>` could not be fetched.
+    #[error("{step} (Dockerfile line {line})")]
+    Fetch {
+        /// The step.
+        step: String,
+        /// Its line.
+        line: usize,
+        /// Why.
+        #[source]
+        source: FetchError,
     },
     /// A step's VM failed.
     #[error("{step} (Dockerfile line {line})")]
@@ -208,9 +220,11 @@ fn run_key(chain: &[String], run: &RunStep) -> String {
     digest_lines("matchlock-build-run-v1", chain.iter().map(String::as_str).chain([instruction.as_str()]))
 }
 
-/// The cache key of a `COPY`/`ADD` that made the layer `diff_id` on `chain`.
-fn copy_key(chain: &[String], diff_id: &str) -> String {
-    digest_lines("matchlock-build-copy-v1", chain.iter().map(String::as_str).chain([diff_id]))
+/// The cache key of a `COPY`/`ADD` that made the layer `diff_id` on `chain`; an `ADD` of
+/// URLs keys on each URL and the sha256 of what it fetched too.
+fn copy_key(chain: &[String], diff_id: &str, fetched: &[(&str, &str)]) -> String {
+    let remote = fetched.iter().flat_map(|(url, sha256)| [*url, *sha256]);
+    digest_lines("matchlock-build-copy-v1", chain.iter().map(String::as_str).chain([diff_id]).chain(remote))
 }
 
 /// The tag of the hidden image of the layers `chain`.
@@ -275,10 +289,14 @@ impl Builder<'_> {
                     match &step.action {
                         Action::Config => self.say(&shown).await?,
                         Action::Copy(copy) => {
-                            let layer = self.copy_layer(copy, &chain, &chains, plan, &shown, step.line).await?;
+                            let fetched = self.fetch(copy, &shown, step.line, interrupt).await?;
+                            let layer =
+                                self.copy_layer(copy, &chain, &chains, plan, &shown, step.line, &fetched).await?;
                             if let Some((diff_id, cached)) = layer {
+                                let remote: Vec<(&str, &str)> =
+                                    copy.sources.iter().zip(&fetched).map(|(u, f)| (u.as_str(), &*f.sha256)).collect();
                                 // Recorded so that the layer stays stored for later builds.
-                                self.store().cache_step(&copy_key(&chain, &diff_id), Some(&diff_id))?;
+                                self.store().cache_step(&copy_key(&chain, &diff_id, &remote), Some(&diff_id))?;
                                 self.say(&if cached { format!("CACHED {shown}") } else { shown.clone() }).await?;
                                 // The running VM unpacks it before the next RUN it serves.
                                 if let Some(running) = vm.as_mut() {
@@ -573,8 +591,35 @@ impl Builder<'_> {
         Ok((code, String::from_utf8_lossy(&bytes).into_owned()))
     }
 
+    /// The files of an `ADD` of URLs, fetched under the build's network policy, at most the
+    /// step VMs' disk size each; none for other steps.
+    async fn fetch(
+        &mut self,
+        copy: &CopyStep,
+        shown: &str,
+        line: usize,
+        interrupt: &mut Interrupt<'_>,
+    ) -> Result<Vec<Fetched>, BuildError> {
+        if copy.from != CopyFrom::Remote {
+            return Ok(Vec::new());
+        }
+        let limit = self.options.vm.disk_size_mb.saturating_mul(1 << 20);
+        let tmp = self.store().tmp_dir();
+        let mut fetched = Vec::new();
+        for url in &copy.sources {
+            let fetching = crate::fetch::fetch(&self.options.vm, url, limit, copy.checksum.as_deref(), &tmp);
+            let file = tokio::select! {
+                file = fetching => file,
+                () = interrupt.as_mut() => return Err(BuildError::Interrupted),
+            };
+            fetched.push(file.map_err(|source| BuildError::Fetch { step: shown.to_owned(), line, source })?);
+        }
+        Ok(fetched)
+    }
+
     /// The layer of a `COPY`/`ADD` (stored) and whether it was stored already; `None` when
     /// it copies nothing.
+    #[allow(clippy::too_many_arguments)]
     async fn copy_layer(
         &mut self,
         copy: &CopyStep,
@@ -583,6 +628,7 @@ impl Builder<'_> {
         plan: &Plan,
         shown: &str,
         line: usize,
+        fetched: &[Fetched],
     ) -> Result<Option<(String, bool)>, BuildError> {
         let shown_owned = shown.to_owned();
         let copy_err = move |source| BuildError::Copy { step: shown_owned, line, source };
@@ -608,7 +654,7 @@ impl Builder<'_> {
         };
         let ownership = Ownership { owner, chmod: copy.chmod };
         let source_chain = match &copy.from {
-            CopyFrom::Context => None,
+            CopyFrom::Context | CopyFrom::Remote => None,
             CopyFrom::Stage(i) => {
                 Some((chains[i].clone(), plan.stages[*i].name.clone().unwrap_or_else(|| format!("stage {i}"))))
             }
@@ -618,7 +664,13 @@ impl Builder<'_> {
                 Some((self.store().diff_ids(&image.tag)?, reference.clone()))
             }
         };
-        if source_chain.is_none() && self.context.is_none() {
+        let downloads: Vec<copy::Download> = copy
+            .sources
+            .iter()
+            .zip(fetched)
+            .map(|(url, f)| copy::Download { url: url.clone(), file: f.file.path().to_owned(), mtime: f.mtime })
+            .collect();
+        if copy.from == CopyFrom::Context && self.context.is_none() {
             let path = self.options.context.clone();
             self.context = Some(Context::open(&path).map_err(|source| BuildError::Context { path, source })?);
         }
@@ -632,6 +684,9 @@ impl Builder<'_> {
                         .map_err(|e| StoreError::Io { path: tmp.clone(), source: e })?;
                     let mut out = std::io::BufWriter::new(layer.as_file_mut());
                     let diff: Diff = match &source_chain {
+                        None if step.from == CopyFrom::Remote => {
+                            copy::layer_from_downloads(&step, &downloads, ownership, &mut out).map_err(copy_err)?
+                        }
                         None => context
                             .as_ref()
                             .expect("opened above")

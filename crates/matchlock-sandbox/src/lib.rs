@@ -6,6 +6,7 @@ pub mod build;
 mod command;
 pub mod commit;
 mod exec;
+pub mod fetch;
 mod files;
 pub mod forward;
 pub mod gc;

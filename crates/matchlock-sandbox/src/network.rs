@@ -65,6 +65,27 @@ pub fn prepare_ca(
     Ok(Some((Arc::new(ca), tar_path)))
 }
 
+/// The policy a sandbox with `config` and the user's `add_hosts` is held to: its network
+/// engine's, and that of a build's `ADD <url>` fetches.
+pub(crate) fn policy(config: &NetworkConfig, add_hosts: &[(String, std::net::IpAddr)]) -> Policy {
+    Policy::new(config.allowed_hosts.clone(), config.block_private_ips, config.secrets.clone())
+        .with_pinned(pinned(add_hosts).map(|(name, ip)| (name.to_owned(), ip)))
+}
+
+/// The IPv4 entries of `add_hosts` (the guest link is IPv4 only).
+pub(crate) fn pinned(add_hosts: &[(String, std::net::IpAddr)]) -> impl Iterator<Item = (&str, std::net::Ipv4Addr)> {
+    add_hosts.iter().filter_map(|(name, ip)| match ip {
+        std::net::IpAddr::V4(ip) => Some((name.as_str(), *ip)),
+        std::net::IpAddr::V6(_) => None,
+    })
+}
+
+/// The trust for upstream TLS: the host's roots and the bundle [`UPSTREAM_CA_ENV`] names.
+pub(crate) fn upstream_tls() -> Result<rustls::ClientConfig, matchlock_net::NetError> {
+    let extra_ca = std::env::var_os(UPSTREAM_CA_ENV).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    matchlock_net::upstream_tls_config(extra_ca.as_deref())
+}
+
 /// Starts the engine listening at [`VmDir::net_socket`] and returns it with the NIC for the VM.
 pub fn start(
     id: &str,
@@ -77,13 +98,7 @@ pub fn start(
 ) -> Result<(Network, Nic), SandboxError> {
     let hash = id.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))).to_be_bytes();
     let mac = [0x02, 0x4d, hash[0], hash[1], hash[2], hash[3]];
-    let pinned = add_hosts.iter().filter_map(|(name, ip)| match ip {
-        std::net::IpAddr::V4(ip) => Some((name.clone(), *ip)),
-        std::net::IpAddr::V6(_) => None,
-    });
-    let policy = Arc::new(
-        Policy::new(config.allowed_hosts.clone(), config.block_private_ips, config.secrets.clone()).with_pinned(pinned),
-    );
+    let policy = Arc::new(policy(config, add_hosts));
     let intercepts = config.intercepts();
     if std::env::var_os(BENCH_QEMU_USERNET_ENV).is_some() && !intercepts {
         tracing::warn!("{BENCH_QEMU_USERNET_ENV} is set: QEMU user networking, no address blocking");
@@ -94,9 +109,7 @@ pub fn start(
     let _ = std::fs::remove_file(&socket);
     let listener = std::os::unix::net::UnixListener::bind(&socket)
         .map_err(io_err(format!("cannot listen on {}", socket.display())))?;
-    let extra_ca = std::env::var_os(UPSTREAM_CA_ENV).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
-    let upstream_tls =
-        matchlock_net::upstream_tls_config(extra_ca.as_deref()).map_err(|e| SandboxError::Network(Box::new(e)))?;
+    let upstream_tls = upstream_tls().map_err(|e| SandboxError::Network(Box::new(e)))?;
     let hooks = matchlock_net::hooks::Hooks::new(config.interception.as_ref())
         .map_err(|e| SandboxError::Network(Box::new(e)))?;
     let options = Options {

@@ -52,6 +52,9 @@ pub(crate) struct BuildArgs {
     /// `RUN` steps get no network interface.
     #[arg(long = "no-network", conflicts_with_all = ["allow_host", "secret"])]
     no_network: bool,
+    /// DNS servers of `RUN` steps and `ADD <url>` fetches (comma-separated).
+    #[arg(long = "dns-servers", value_delimiter = ',', value_name = "IP[,IP]")]
+    dns_servers: Vec<std::net::IpAddr>,
     /// MTU of the steps' network interface.
     #[arg(long, default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(576..=65_535))]
     mtu: u32,
@@ -100,6 +103,9 @@ pub(crate) async fn build(args: BuildArgs) -> Result<u8> {
     vm.memory_mb = args.build_memory;
     vm.disk_size_mb = args.build_disk;
     vm.image_tmp = true;
+    if !args.dns_servers.is_empty() {
+        vm.dns_servers.clone_from(&args.dns_servers);
+    }
     if args.no_network {
         vm.network = None;
     } else if let Some(network) = vm.network.as_mut() {

@@ -4,6 +4,7 @@
 //! nothing behind; secrets reach `RUN` steps as placeholders only; bad input names its line.
 
 mod common;
+mod testnet;
 
 use std::io::{BufRead, Read};
 use std::path::Path;
@@ -27,8 +28,8 @@ fn build(h: &Home, ctx: &Path, args: &[&str]) -> Output {
     h.cmd().arg("build").args(args).arg(ctx).output().expect("run matchlock build")
 }
 
-/// `image export` of `tag`: its config file, and the entry names of each layer.
-fn exported(h: &Home, tag: &str) -> (serde_json::Value, Vec<Vec<String>>) {
+/// `image export` of `tag`: the archive's files by name, and its manifest.
+fn export_files(h: &Home, tag: &str) -> (std::collections::HashMap<String, Vec<u8>>, serde_json::Value) {
     let out = tempfile::NamedTempFile::new().unwrap();
     ok(&h.ml(&["image", "export", tag, "-o", &out.path().to_string_lossy()]));
     let mut files = std::collections::HashMap::new();
@@ -41,6 +42,31 @@ fn exported(h: &Home, tag: &str) -> (serde_json::Value, Vec<Vec<String>>) {
         files.insert(name, data);
     }
     let manifest: serde_json::Value = serde_json::from_slice(&files["manifest.json"]).unwrap();
+    (files, manifest)
+}
+
+/// The regular files in the layers of `tag` as stored: path → (mode, content).
+fn layer_files(h: &Home, tag: &str) -> std::collections::HashMap<String, (u32, Vec<u8>)> {
+    let (files, manifest) = export_files(h, tag);
+    let mut found = std::collections::HashMap::new();
+    for layer in manifest[0]["Layers"].as_array().unwrap() {
+        for entry in tar::Archive::new(files[layer.as_str().unwrap()].as_slice()).entries().unwrap() {
+            let mut entry = entry.unwrap();
+            if entry.header().entry_type().is_file() {
+                let (name, mode) =
+                    (entry.path().unwrap().to_string_lossy().into_owned(), entry.header().mode().unwrap());
+                let mut data = Vec::new();
+                entry.read_to_end(&mut data).unwrap();
+                found.insert(name, (mode, data));
+            }
+        }
+    }
+    found
+}
+
+/// `image export` of `tag`: its config file, and the entry names of each layer.
+fn exported(h: &Home, tag: &str) -> (serde_json::Value, Vec<Vec<String>>) {
+    let (files, manifest) = export_files(h, tag);
     let config: serde_json::Value = serde_json::from_slice(&files[manifest[0]["Config"].as_str().unwrap()]).unwrap();
     let layers = manifest[0]["Layers"]
         .as_array()
@@ -311,5 +337,86 @@ fn bad_input_gets_a_clear_error_naming_its_line() {
     );
     let nowhere = h.ml(&["build", "-t", "x:1", "/nonexistent-context"]);
     assert!(stderr(&nowhere).contains("is not a directory"), "{}", stderr(&nowhere));
+    h.assert_no_leftovers();
+}
+
+/// `ADD <url>` is fetched by the host under the build's network policy, as a `RUN` step's
+/// request would be: the served bytes land as Docker lands them; a host outside the
+/// allow-list, `--no-network`, a redirect to a host outside it, and names of the host itself
+/// are refused before anything is sent there (the test servers' own logs); no secret is sent.
+#[test]
+fn add_of_a_url_is_fetched_under_the_builds_network_policy() {
+    let net = testnet::testnet();
+    let h = home();
+    let m = testnet::marker("add");
+    let build_net = |dockerfile: &str, args: &[&str]| -> Output {
+        let ctx = context(&[("Dockerfile", dockerfile)]);
+        let mut cmd = testnet::cmd(&h);
+        cmd.args(["build", "--dns-servers", testnet::DNS]).args(args).arg(ctx.path());
+        cmd.output().expect("run matchlock build")
+    };
+    let tag = format!("add-{m}:1");
+    let n = 300_000;
+    let dockerfile = format!(
+        "FROM scratch\nADD http://api.test/bytes?n={n}&m={m} /dl/\n\
+         ADD --chmod=755 https://api.test/echo?m={m}-tls /etc/echo.json\n"
+    );
+    let value = format!("value-{m}");
+    let policy = ["--allow-host", "api.test", "--secret", &format!("ADD_KEY={value}@api.test")];
+    let args = [["-t", tag.as_str()].as_slice(), &policy].concat();
+    ok(&build_net(&dockerfile, &args));
+    let files = layer_files(&h, &tag);
+    let (mode, data) = &files["dl/bytes"];
+    assert_eq!((*mode, data.len()), (0o600, n), "Docker's mode, the file named from the URL");
+    assert!(data.iter().all(|&b| b == b'x'), "the served bytes");
+    let (mode, echo) = &files["etc/echo.json"];
+    let echo: serde_json::Value = serde_json::from_slice(echo).unwrap();
+    assert_eq!((*mode, echo["tls"].as_bool(), echo["host"].as_str()), (0o755, Some(true), Some("api.test")));
+    let received = net.requests_with(&m);
+    assert_eq!(received.len(), 2, "{received:?}");
+    for request in &received {
+        assert_eq!(request["server"], testnet::API);
+        let text = request.to_string();
+        assert!(!text.contains(&value) && !text.contains("SANDBOX_SECRET"), "a secret was sent: {text}");
+    }
+    // The same content again: both steps are cached (they are fetched again to know).
+    let again = build_net(&dockerfile, &args);
+    ok(&again);
+    assert_eq!(cached_steps(&again), 2, "{}", stderr(&again));
+    assert_eq!(net.requests_with(&m).len(), 4);
+
+    // Refused before anything is sent: a host outside the allow-list (not even resolved),
+    // no network, a redirect out of the allow-list, names of the host itself and loopback.
+    let refused = [
+        (format!("http://{m}-a.glob.test/echo?m={m}-a"), &["--allow-host", "api.test"][..], "is not in the allow-list"),
+        (format!("http://api.test/echo?m={m}-b"), &["--no-network"][..], "--no-network"),
+        (
+            format!("http://api.test/redirect?to=http://other.test/echo%3Fm%3D{m}-c"),
+            &["--allow-host", "api.test"][..],
+            "http://other.test/echo?m=",
+        ),
+        (format!("http://hostself.test/echo?m={m}-d"), &["--allow-host", "hostself.test"][..], "belongs to the host"),
+        (format!("http://rebind.test/echo?m={m}-e"), &[][..], "127.0.0.1 is private or reserved"),
+        (format!("http://api.test/bytes?n=2000000&m={m}-f"), &["--build-disk", "1"][..], "larger than 1048576 bytes"),
+    ];
+    for (url, flags, want) in &refused {
+        let bad = format!("bad-{m}:1");
+        let out =
+            build_net(&format!("FROM scratch\nADD {url} /x\n"), &[["-t", bad.as_str()].as_slice(), flags].concat());
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{url} {flags:?} was fetched");
+        assert!(err.contains("(Dockerfile line 2)") && err.contains(want), "{url} {flags:?}: {err}");
+        assert!(!stdout(&h.ml(&["image", "ls"])).contains(&format!("bad-{m}")), "an image was made");
+    }
+    let other_hits: Vec<_> = net.requests().into_iter().filter(|r| r["server"] == testnet::OTHER).collect();
+    for suffix in ["a", "b", "c", "d", "e"] {
+        let marker = format!("{m}-{suffix}");
+        let at_api = net.requests_with(&marker).into_iter().filter(|r| r["server"] == testnet::API).count();
+        // Positive control: the redirect's first hop reached api.test; nothing else did.
+        assert_eq!(at_api, usize::from(suffix == "c"), "{marker}");
+        assert!(!other_hits.iter().any(|r| r.to_string().contains(&marker)), "other.test received {marker}");
+    }
+    assert!(!net.log("dnsmasq.log").contains(&format!("{m}-a")), "a refused name was resolved");
+    assert!(net.log("dnsmasq.log").contains("hostself.test"), "positive control: allowed names are resolved");
     h.assert_no_leftovers();
 }

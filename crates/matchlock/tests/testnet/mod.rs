@@ -189,7 +189,9 @@ pub(crate) fn testnet() -> &'static TestNet {
             &d.join("nethost.log"),
         );
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !std::fs::read_to_string(d.join("nethost.log")).unwrap_or_default().contains("ready") {
+        // dnsmasq says "started" once it listens; the first host-side lookup may come at once.
+        let ready = |log: &str, word: &str| std::fs::read_to_string(d.join(log)).unwrap_or_default().contains(word);
+        while !ready("nethost.log", "ready") || !ready("dnsmasq.log", "started") {
             assert!(Instant::now() < deadline, "test hosts did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
