@@ -343,7 +343,8 @@ fn bad_input_gets_a_clear_error_naming_its_line() {
 /// `ADD <url>` is fetched by the host under the build's network policy, as a `RUN` step's
 /// request would be: the served bytes land as Docker lands them; a host outside the
 /// allow-list, `--no-network`, a redirect to a host outside it, and names of the host itself
-/// are refused before anything is sent there (the test servers' own logs); no secret is sent.
+/// are refused before anything is sent there (the test servers' own logs); no secret is sent;
+/// the same content is cached, changed content is not.
 #[test]
 fn add_of_a_url_is_fetched_under_the_builds_network_policy() {
     let net = testnet::testnet();
@@ -384,6 +385,16 @@ fn add_of_a_url_is_fetched_under_the_builds_network_policy() {
     ok(&again);
     assert_eq!(cached_steps(&again), 2, "{}", stderr(&again));
     assert_eq!(net.requests_with(&m).len(), 4);
+    // A remote file that changed misses the cache.
+    let changing = format!("FROM scratch\nADD http://api.test/changing?m={m}-g /stamp\n");
+    let tag_changing = format!("add-changing-{m}:1");
+    let args = [["-t", tag_changing.as_str()].as_slice(), &policy].concat();
+    ok(&build_net(&changing, &args));
+    let first = layer_files(&h, &tag_changing)["stamp"].1.clone();
+    let again = build_net(&changing, &args);
+    ok(&again);
+    assert_eq!(cached_steps(&again), 0, "{}", stderr(&again));
+    assert_ne!(layer_files(&h, &tag_changing)["stamp"].1, first, "the new content is in the image");
 
     // Refused before anything is sent: a host outside the allow-list (not even resolved),
     // no network, a redirect out of the allow-list, names of the host itself and loopback.
