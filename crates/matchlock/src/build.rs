@@ -11,6 +11,7 @@ use matchlock_image::dockerfile;
 use matchlock_sandbox::build::{self, BuildError, BuildOptions};
 
 use crate::images::open_store;
+use crate::progress::Output;
 use crate::session::StopSignals;
 
 /// Arguments of `matchlock build`.
@@ -118,7 +119,11 @@ pub(crate) async fn build(args: BuildArgs) -> Result<u8> {
     let mut interrupt = std::pin::pin!(async move { signals.recv().await });
     let mut progress: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
         if args.quiet { Box::new(tokio::io::sink()) } else { Box::new(tokio::io::stderr()) };
-    let summary = match build::build(&plan, store, &options, &mut progress, interrupt.as_mut()).await {
+    // On a terminal the plain step lines and RUN output become a spinner per step.
+    let steps = Output::new(args.quiet).steps(None, is_step)?;
+    let built = build::build(&plan, store, &options, &mut progress, interrupt.as_mut()).await;
+    drop(steps);
+    let summary = match built {
         Ok(summary) => summary,
         Err(BuildError::Interrupted) => bail!("the build was interrupted (nothing of it is left running)"),
         Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot build {}", options.tag))),
@@ -127,4 +132,26 @@ pub(crate) async fn build(args: BuildArgs) -> Result<u8> {
         outln!("{line}")?;
     }
     Ok(0)
+}
+
+/// Whether a line of the build's progress starts a step: `[2/7] RUN …`, `[builder 2/7] COPY …`
+/// (not `CACHED [2/7] …`, which is done when said).
+fn is_step(line: &str) -> bool {
+    let Some((label, _)) = line.strip_prefix('[').and_then(|rest| rest.split_once("] ")) else { return false };
+    let count = label.rsplit(' ').next().unwrap_or_default();
+    count.split_once('/').is_some_and(|(n, of)| n.parse::<usize>().is_ok() && of.parse::<usize>().is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_step;
+
+    #[test]
+    fn step_lines() {
+        assert!(is_step("[2/7] RUN make"));
+        assert!(is_step("[builder 1/3] FROM busybox"));
+        assert!(!is_step("CACHED [2/7] RUN make"));
+        assert!(!is_step("[notes] 2/7"));
+        assert!(!is_step("compiling [1/2]"));
+    }
 }

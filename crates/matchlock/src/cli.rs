@@ -1,12 +1,8 @@
 //! Command-line definitions and dispatch.
 
-use std::io::IsTerminal;
-
-use crate::images::open_store;
 use crate::volumes::VolumeCommand;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use matchlock_image::format_size;
 
 /// Run untrusted code in micro-VMs booted from OCI images.
 #[derive(Debug, Parser)]
@@ -271,6 +267,9 @@ enum ImageCommand {
 
 #[derive(Debug, Args)]
 struct ImportArgs {
+    /// No progress on stderr (bytes read and the conversion: bars on a terminal, lines otherwise).
+    #[arg(short = 'q', long)]
+    quiet: bool,
     /// Tag to store the image under (`name[:tag]`).
     tag: String,
 }
@@ -296,7 +295,11 @@ enum SetupCommand {
 #[derive(Debug, Subcommand)]
 enum KernelCommand {
     /// Build the guest kernel from Debian's linux-source-6.1 (cached; takes minutes once).
-    Build,
+    Build {
+        /// No progress on stderr (a spinner per phase on a terminal, lines otherwise).
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
     /// Print the path of the kernel that `run` boots.
     Path,
 }
@@ -327,8 +330,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::DetachedOwner => Box::pin(crate::run::detached_owner()).await,
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),
         Command::Pull { tag, force, quiet, reference } => {
-            let shown = if quiet { crate::images::Progress::Quiet } else { crate::images::Progress::Shown };
-            crate::images::pull(&reference, tag.as_deref(), force, shown).await
+            crate::images::pull(&reference, tag.as_deref(), force, quiet).await
         }
         Command::Completion { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
@@ -350,26 +352,9 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Image(ImageCommand::Rm { tag }) => crate::images::remove(&tag),
         Command::Image(ImageCommand::Gc) => crate::images::gc(),
         Command::Image(ImageCommand::Export { output, tag }) => crate::images::export(&tag, output.as_deref()),
-        Command::Image(ImageCommand::Import(args)) => {
-            let stdin = std::io::stdin();
-            if stdin.is_terminal() {
-                bail!(
-                    "image import reads an image tarball from stdin, e.g. `matchlock image import {} < image.tar`",
-                    args.tag
-                );
-            }
-            eprintln!("Importing {}...", args.tag);
-            let mut store = open_store()?;
-            // Nothing else runs on this runtime while importing, so blocking it is fine.
-            let summary =
-                store.import(&args.tag, &mut stdin.lock()).with_context(|| format!("cannot import {}", args.tag))?;
-            outln!("Imported: {}", summary.tag)?;
-            outln!("Layers: {}", summary.layers)?;
-            outln!("Size: {}", format_size(summary.size))?;
-            Ok(0)
-        }
-        Command::Kernel(KernelCommand::Build) => {
-            let path = matchlock_vm::kernel::build()?;
+        Command::Image(ImageCommand::Import(args)) => crate::images::import(&args.tag, args.quiet),
+        Command::Kernel(KernelCommand::Build { quiet }) => {
+            let path = crate::host::build_kernel(&crate::progress::Output::new(quiet))?;
             outln!("{}", path.display())?;
             Ok(0)
         }

@@ -1,12 +1,17 @@
-//! `matchlock diagnose` and `matchlock setup linux`: checking and preparing this host.
+//! `matchlock diagnose`, `matchlock setup linux` and `matchlock kernel build`: checking and
+//! preparing this host.
 
-use std::path::Path;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, Context, Result};
 use matchlock_api::paths::{cache_dir, state_dir};
 use matchlock_vm::{accel, kernel, tools};
 use serde::Serialize;
+
+use crate::progress::{self, Output};
 
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -200,7 +205,7 @@ pub(crate) fn setup_linux(skip_packages: bool, skip_kernel: bool) -> Result<u8> 
         }
     }
     if !skip_kernel {
-        let path = kernel::build()?;
+        let path = build_kernel(&Output::new(false))?;
         outln!("kernel: {}", path.display())?;
     }
     if tools::guest_init().is_err() {
@@ -208,4 +213,37 @@ pub(crate) fn setup_linux(skip_packages: bool, skip_kernel: bool) -> Result<u8> 
     }
     outln!("Setup complete; run `matchlock diagnose` to check this host")?;
     Ok(0)
+}
+
+/// Lines of a quiet kernel build kept to tell why it failed.
+const KERNEL_LOG_TAIL: usize = 20;
+
+/// Builds the guest kernel (a no-op when cached) with its phases as progress: a spinner per
+/// phase on a terminal, the build script's lines otherwise; quiet, only a failure's last lines.
+pub(crate) fn build_kernel(out: &Output) -> Result<PathBuf> {
+    let is_phase = |line: &str| line.starts_with("extracting ") || line.starts_with("building kernel ");
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(KERNEL_LOG_TAIL)));
+    let captured = match out {
+        Output::Silent => {
+            let kept = tail.clone();
+            Some(progress::capture(move |line| {
+                let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(line) = line {
+                    if kept.len() == KERNEL_LOG_TAIL {
+                        kept.pop_front();
+                    }
+                    kept.push_back(line.to_owned());
+                }
+            })?)
+        }
+        Output::Bars(_) | Output::Lines => out.steps(Some("Looking for a built kernel"), is_phase)?,
+    };
+    let built = kernel::build();
+    drop(captured);
+    if built.is_err() {
+        for line in tail.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            eprintln!("{line}");
+        }
+    }
+    Ok(built?)
 }

@@ -1,68 +1,32 @@
 //! `matchlock pull` and `matchlock image …`.
 
-use std::io::{IsTerminal, Write};
+use std::collections::HashMap;
+use std::io::{IsTerminal, Read};
+use std::os::fd::AsFd;
 
 use anyhow::{bail, Context, Result};
+use indicatif::ProgressBar;
 use matchlock_image::registry::{self, PullEvent, PullSummary};
 use matchlock_image::{format_size, ImageRecord, Store};
 
-fn mb(bytes: u64) -> String {
-    format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
-}
+use crate::progress::{mb, Output};
 
-/// How much pull progress to show.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Progress {
-    /// Bars on a terminal, plain lines otherwise.
-    Shown,
-    /// Nothing (`--quiet`).
-    Quiet,
-}
-
-/// Renders pull progress on stderr: a bar per layer (bytes, rate) on a terminal, plain
-/// lines otherwise, nothing when quiet.
-fn progress_printer(shown: Progress) -> Box<dyn FnMut(PullEvent) + Send> {
-    if shown == Progress::Quiet {
-        return Box::new(|_| {});
-    }
-    if std::io::stderr().is_terminal() {
-        return Box::new(bars());
-    }
-    Box::new(|event| {
-        let mut err = std::io::stderr().lock();
-        let _ = match event {
-            PullEvent::LayerCached { index, total } => writeln!(err, "Layer {index}/{total}: already stored"),
-            PullEvent::Downloading { index, total, done, size } if done == size || done <= 1 << 20 => {
-                writeln!(err, "Layer {index}/{total}: downloading {} / {} MB", mb(done), mb(size))
-            }
-            PullEvent::Downloading { .. } => Ok(()),
-            PullEvent::Converting { index, total } => writeln!(err, "Layer {index}/{total}: converting"),
-        };
-    })
-}
-
-/// One indicatif bar per layer.
-fn bars() -> impl FnMut(PullEvent) + Send {
-    let multi = indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
-    let style = indicatif::ProgressStyle::with_template(
-        "{prefix} [{bar:30}] {decimal_bytes:>9}/{decimal_total_bytes:9} {decimal_bytes_per_sec:>11} {msg}",
-    )
-    .expect("the template parses")
-    .progress_chars("=> ");
-    let mut layers: std::collections::HashMap<usize, indicatif::ProgressBar> = std::collections::HashMap::new();
+/// Shows pull events: a bar per layer (bytes, rate) on a terminal, plain lines otherwise.
+fn pull_progress(out: &Output) -> impl FnMut(PullEvent) + '_ {
+    let mut layers: HashMap<usize, ProgressBar> = HashMap::new();
     move |event| match event {
-        PullEvent::LayerCached { index, total } => {
-            let _ = multi.println(format!("Layer {index}/{total}: already stored"));
-        }
+        PullEvent::LayerCached { index, total } => out.line(format_args!("Layer {index}/{total}: already stored")),
         PullEvent::Downloading { index, total, done, size } => {
-            let bar = layers.entry(index).or_insert_with(|| {
-                let bar = multi.add(indicatif::ProgressBar::new(size).with_style(style.clone()));
-                bar.set_prefix(format!("Layer {index}/{total}"));
-                bar
-            });
-            bar.set_position(done);
+            if done == size || done <= 1 << 20 {
+                out.plain(format_args!("Layer {index}/{total}: downloading {} / {} MB", mb(done), mb(size)));
+            }
+            layers
+                .entry(index)
+                .or_insert_with(|| out.bytes(format!("Layer {index}/{total}"), Some(size)))
+                .set_position(done);
         }
-        PullEvent::Converting { index, .. } => {
+        PullEvent::Converting { index, total } => {
+            out.plain(format_args!("Layer {index}/{total}: converting"));
             if let Some(bar) = layers.get(&index) {
                 bar.finish_with_message("converting");
             }
@@ -76,9 +40,9 @@ pub(crate) async fn pull_with_progress(
     reference: &str,
     alias: Option<&str>,
     force: bool,
-    shown: Progress,
+    out: &Output,
 ) -> Result<PullSummary> {
-    let mut progress = progress_printer(shown);
+    let mut progress = pull_progress(out);
     registry::pull(store, reference, alias, force, &mut progress)
         .await
         .with_context(|| format!("cannot pull {reference}"))
@@ -92,21 +56,74 @@ pub(crate) async fn image_for_run(store: &mut Store, reference: &str, force_pull
         }
     }
     eprintln!("Pulling {reference}...");
-    let summary = pull_with_progress(store, reference, None, force_pull, Progress::Shown).await?;
+    let summary = pull_with_progress(store, reference, None, force_pull, &Output::new(false)).await?;
     store.resolve(&summary.reference)?.context("pulled image is missing from the store")
 }
 
 /// `matchlock pull`.
-pub(crate) async fn pull(reference: &str, tag: Option<&str>, force: bool, shown: Progress) -> Result<u8> {
+pub(crate) async fn pull(reference: &str, tag: Option<&str>, force: bool, quiet: bool) -> Result<u8> {
     let mut store = open_store()?;
     outln!("Pulling {reference}...")?;
-    let summary = pull_with_progress(&mut store, reference, tag, force, shown).await?;
+    let summary = pull_with_progress(&mut store, reference, tag, force, &Output::new(quiet)).await?;
     if let Some(tag) = tag {
         outln!("Tagged: {tag}")?;
     }
     outln!("Digest: {}", summary.digest)?;
     outln!("Size: {}", format_size(summary.size))?;
     Ok(0)
+}
+
+/// `matchlock image import`: a tarball from stdin, with the bytes read and then the
+/// conversion as progress on stderr.
+pub(crate) fn import(tag: &str, quiet: bool) -> Result<u8> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        bail!("image import reads an image tarball from stdin, e.g. `matchlock image import {tag} < image.tar`");
+    }
+    let out = Output::new(quiet);
+    out.line(format_args!("Importing {tag}..."));
+    // Known when stdin is a file.
+    let size = stdin
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata())
+        .ok()
+        .filter(std::fs::Metadata::is_file)
+        .map(|m| m.len());
+    let mut input = Reading { inner: stdin.lock(), out: &out, bar: out.bytes("Reading", size), converting: None };
+    let mut store = open_store()?;
+    // Nothing else runs on this runtime while importing, so blocking it is fine.
+    let imported = store.import(tag, &mut input).with_context(|| format!("cannot import {tag}"));
+    if let Some(spinner) = input.converting {
+        spinner.finish();
+    }
+    let summary = imported?;
+    outln!("Imported: {}", summary.tag)?;
+    outln!("Layers: {}", summary.layers)?;
+    outln!("Size: {}", format_size(summary.size))?;
+    Ok(0)
+}
+
+/// The tarball being read: bytes on a bar, then (at its end) a spinner for the conversion.
+struct Reading<'a, R> {
+    inner: R,
+    out: &'a Output,
+    bar: ProgressBar,
+    converting: Option<ProgressBar>,
+}
+
+impl<R: Read> Read for Reading<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        if n == 0 && !buf.is_empty() && self.converting.is_none() {
+            self.bar.finish();
+            self.out.plain(format_args!("Read {} MB; converting the layers", mb(self.bar.position())));
+            self.converting = Some(self.out.spinner("Converting the layers"));
+        }
+        Ok(n)
+    }
 }
 
 /// `matchlock push`.

@@ -13,6 +13,7 @@ mod build;
 mod cli;
 mod host;
 mod images;
+mod progress;
 mod rpc;
 mod run;
 mod session;

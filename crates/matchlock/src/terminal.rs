@@ -1,7 +1,7 @@
 //! The host terminal: raw mode for `-it`, and its size.
 
 use std::io::IsTerminal;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use anyhow::{Context, Result};
 use matchlock_protocol::exec::WindowSize;
@@ -33,7 +33,16 @@ impl Drop for RawMode {
 
 /// The size of the terminal on stdout (or stdin), if there is one.
 pub(crate) fn window_size() -> Option<WindowSize> {
-    let fd = if std::io::stdout().is_terminal() { libc::STDOUT_FILENO } else { libc::STDIN_FILENO };
+    if std::io::stdout().is_terminal() {
+        size_of(std::io::stdout().as_fd())
+    } else {
+        size_of(std::io::stdin().as_fd())
+    }
+}
+
+/// The size of the terminal `fd` is, if it is one.
+pub(crate) fn size_of(fd: BorrowedFd<'_>) -> Option<WindowSize> {
+    let fd = fd.as_raw_fd();
     // SAFETY: `winsize` is plain old data; all-zero is valid.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which is valid.

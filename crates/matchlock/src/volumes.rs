@@ -1,10 +1,51 @@
 //! `matchlock volume …`.
 
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
+
 use anyhow::Result;
 use matchlock_image::format_size;
 use matchlock_sandbox::volumes::{self, Volume};
 
 use clap::Subcommand;
+
+use crate::progress::{mb, Output};
+
+/// Bytes a file holds on disk (volumes are sparse).
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+/// `volume cp` with the bytes copied as progress: the new volume's file, watched while it
+/// grows, against what the source holds.
+fn copy(source: &str, dest: &str, out: &Output) -> Result<()> {
+    let from = volumes::path(source)?;
+    let to = from.with_file_name(format!("{dest}.ext4"));
+    let total = allocated(&from);
+    out.plain(format_args!("Copying volume {source} ({} MB)...", mb(total)));
+    let bar = out.bytes(format!("Copying {source}"), Some(total));
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let (bar_ref, to) = (&bar, &to);
+    let copied = std::thread::scope(|scope| {
+        if out.is_bars() {
+            scope.spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(Duration::from_millis(100)) {
+                    bar_ref.set_position(allocated(to).min(total));
+                }
+            });
+        }
+        let copied = volumes::copy(source, dest);
+        drop(stop);
+        copied
+    });
+    if copied.is_ok() {
+        bar.set_position(total);
+    }
+    bar.finish();
+    Ok(copied?)
+}
 
 fn json(v: &Volume) -> serde_json::Value {
     serde_json::json!({ "name": v.name, "size": format_size(v.size), "path": v.path })
@@ -40,6 +81,9 @@ pub(crate) enum VolumeCommand {
     /// Copy a volume (mode, owner and modification time kept).
     #[command(alias = "copy")]
     Cp {
+        /// No progress on stderr (bytes copied: a bar on a terminal, lines otherwise).
+        #[arg(short = 'q', long)]
+        quiet: bool,
         /// Source volume.
         source: String,
         /// New volume.
@@ -71,8 +115,8 @@ pub(crate) fn dispatch(cmd: VolumeCommand) -> Result<u8> {
             volumes::remove(&name)?;
             outln!("Removed volume {name}")?;
         }
-        VolumeCommand::Cp { source, dest } => {
-            volumes::copy(&source, &dest)?;
+        VolumeCommand::Cp { quiet, source, dest } => {
+            copy(&source, &dest, &Output::new(quiet))?;
             outln!("Copied volume {source} to {dest}")?;
         }
     }

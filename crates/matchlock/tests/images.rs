@@ -252,3 +252,52 @@ fn pull_progress_is_bars_on_a_terminal_plain_lines_in_a_pipe_and_nothing_when_qu
     assert!(screen.contains("Layer 1/3 [") && screen.contains("B/s"), "{screen:?}");
     assert!(screen.contains('\x1b'), "bars redraw in place: {screen:?}");
 }
+
+/// `matchlock <args>` with stdin from `input`, in a terminal: what the terminal showed once
+/// `marker` appeared (the command having succeeded).
+fn in_terminal(h: &common::Home, args: &[&str], input: Option<std::fs::File>, marker: &str) -> String {
+    let mut cmd = h.cmd();
+    cmd.args(args);
+    let (mut child, master) = common::spawn_in_pty_reading(cmd, 24, 120, input);
+    let seen = common::read_until(&master, marker);
+    assert!(child.wait().unwrap().success(), "{args:?}");
+    seen.join().unwrap()
+}
+
+#[test]
+fn import_and_volume_cp_progress_is_bars_on_a_terminal_plain_lines_in_a_pipe_and_nothing_when_quiet() {
+    let tarball = fixture("busybox.tar");
+    let import = |h: &common::Home, args: &[&str]| {
+        let input = std::fs::File::open(&tarball).unwrap();
+        h.cmd().args(["image", "import"]).args(args).stdin(input).output().unwrap()
+    };
+    // A pipe: plain lines, no terminal control.
+    let h = isolated_home();
+    let piped = import(&h, &["busybox"]);
+    assert!(ok(&piped).contains("Imported: busybox"));
+    let lines = stderr(&piped);
+    assert!(lines.starts_with("Importing busybox...\nRead ") && lines.contains("; converting the layers"), "{lines}");
+    ok(&h.ml(&["volume", "create", "data", "--size", "32"]));
+    let copied = h.ml(&["volume", "cp", "data", "copy"]);
+    assert_eq!(ok(&copied), "Copied volume data to copy\n");
+    let lines = lines + &stderr(&copied);
+    assert!(lines.contains("Copying volume data ("), "{lines}");
+    assert!(!lines.contains('\x1b') && !lines.contains('\r'), "{lines:?}");
+    // Quiet: nothing on stderr.
+    let h = isolated_home();
+    let quiet = import(&h, &["--quiet", "busybox"]);
+    assert!(ok(&quiet).contains("Imported: busybox") && stderr(&quiet).is_empty(), "{}", stderr(&quiet));
+    ok(&h.ml(&["volume", "create", "data", "--size", "32"]));
+    let quiet = h.ml(&["volume", "cp", "-q", "data", "copy"]);
+    assert_eq!(ok(&quiet), "Copied volume data to copy\n");
+    assert!(stderr(&quiet).is_empty(), "{}", stderr(&quiet));
+    // A terminal: bars with bytes and rate, redrawn in place.
+    let h = isolated_home();
+    let input = std::fs::File::open(&tarball).unwrap();
+    let screen = in_terminal(&h, &["image", "import", "busybox"], Some(input), "Size: ");
+    assert!(screen.contains("Reading [") && screen.contains("B/s"), "{screen:?}");
+    assert!(screen.contains("Converting the layers") && screen.contains('\x1b'), "{screen:?}");
+    ok(&h.ml(&["volume", "create", "data", "--size", "32"]));
+    let screen = in_terminal(&h, &["volume", "cp", "data", "copy"], None, "Copied volume");
+    assert!(screen.contains("Copying data [") && screen.contains("B/s") && screen.contains('\x1b'), "{screen:?}");
+}

@@ -251,17 +251,32 @@ impl Home {
 
 /// Starts `cmd` as a session leader with a new pseudo-terminal of `rows`x`cols` as its
 /// controlling terminal and stdio; returns it and the terminal's master side.
-pub(crate) fn spawn_in_pty(mut cmd: Command, rows: u16, cols: u16) -> (Child, std::fs::File) {
+pub(crate) fn spawn_in_pty(cmd: Command, rows: u16, cols: u16) -> (Child, std::fs::File) {
+    spawn_in_pty_reading(cmd, rows, cols, None)
+}
+
+/// [`spawn_in_pty`], with stdin from `input` when given (stdout and stderr stay the terminal).
+pub(crate) fn spawn_in_pty_reading(
+    mut cmd: Command,
+    rows: u16,
+    cols: u16,
+    input: Option<std::fs::File>,
+) -> (Child, std::fs::File) {
     use std::os::unix::process::CommandExt;
     let ws = nix::pty::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
     let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
     let slave = std::fs::File::from(pty.slave);
-    cmd.stdin(slave.try_clone().unwrap()).stdout(slave.try_clone().unwrap()).stderr(slave);
+    cmd.stdin(match input {
+        Some(input) => input,
+        None => slave.try_clone().unwrap(),
+    })
+    .stdout(slave.try_clone().unwrap())
+    .stderr(slave);
     // SAFETY: setsid and TIOCSCTTY are async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
             nix::unistd::setsid()?;
-            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            if libc::ioctl(2, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
