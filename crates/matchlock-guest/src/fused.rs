@@ -318,6 +318,9 @@ impl Filesystem for Workspace {
         let name = &path[path.len() - name.len()..];
         match self.lookup_in(&dir, &path, name, req) {
             Ok(stat) => reply.entry(&TTL, &self.entry_of(&path, &stat, req), Generation(0)),
+            // A negative entry (inode 0): the kernel remembers the name is missing for the
+            // TTL, as it remembers names that exist.
+            Err(e) if i32::from(e) == libc::ENOENT => reply.entry(&TTL, &attr(0, &Stat::default(), req), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -347,20 +350,16 @@ impl Filesystem for Workspace {
         reply: ReplyAttr,
     ) {
         let path = tri!(reply, self.path(ino));
-        if let Some(mode) = mode {
-            tri!(reply, self.call(&Request { mode, ..self.op(Op::Setattr, &path, req) }));
-        }
-        if let Some(size) = size {
-            let off = tri!(reply, i64::try_from(size).map_err(|_| Errno::EFBIG));
-            tri!(reply, self.call(&Request { off, ..self.op(Op::Truncate, &path, req) }));
-        }
-        if atime.is_some() || mtime.is_some() {
-            let (atime_ns, mtime_ns) = (atime.map(epoch_ns), mtime.map(epoch_ns));
-            tri!(reply, self.call(&Request { atime_ns, mtime_ns, ..self.op(Op::Utimens, &path, req) }));
-        }
+        let (atime_ns, mtime_ns) = (atime.map(epoch_ns), mtime.map(epoch_ns));
         // uid/gid changes are not applied: the host owns the files (see `attr`).
-        self.listings().changed(&path);
-        let stat = tri!(reply, self.stat(&path, req));
+        let request = if mode.is_some() || size.is_some() || atime_ns.is_some() || mtime_ns.is_some() {
+            self.listings().changed(&path);
+            Request { new_mode: mode, new_size: size, atime_ns, mtime_ns, ..self.op(Op::Change, &path, req) }
+        } else {
+            self.op(Op::Getattr, &path, req)
+        };
+        let response = tri!(reply, self.call(&request));
+        let stat = tri!(reply, response.stat.ok_or(Errno::EIO));
         reply.attr(&TTL, &attr(ino.0, &stat, req));
     }
 

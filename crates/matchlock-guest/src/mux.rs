@@ -185,6 +185,8 @@ struct Outbox {
     queue: VecDeque<Vec<u8>>,
     /// Nothing is written: before the first `Hello`, and after `Paused`.
     held: bool,
+    /// A thread is writing to the port (frames must not overtake each other).
+    writing: bool,
 }
 
 struct Mux {
@@ -222,7 +224,7 @@ pub(crate) fn start() -> io::Result<()> {
     port.write_all(&frame(0, Kind::Paused, &[]))?;
     let mux = Arc::new(Mux {
         port,
-        outbox: Mutex::new(Outbox { queue: VecDeque::new(), held: true }),
+        outbox: Mutex::new(Outbox { queue: VecDeque::new(), held: true, writing: false }),
         ready: Condvar::new(),
         streams: Mutex::new(HashMap::new()),
         pending: Mutex::new(HashMap::new()),
@@ -299,17 +301,36 @@ impl Mux {
         self.ready.notify_one();
     }
 
-    /// Queues a stream's frame unless the stream was reset (checked under the outbox lock,
-    /// which resets take too: nothing of a dead stream reaches a new session).
+    /// Sends a stream's frame unless the stream was reset (checked under the outbox lock,
+    /// which resets take too: nothing of a dead stream reaches a new session). When the pipe
+    /// is idle the calling thread writes it itself (under TCG a hop to the writer thread
+    /// costs more than the write); else it is queued behind what waits. Only stream users
+    /// call this, never the reader thread, which must never block on the port.
     fn queue_for(&self, alive: &AtomicBool, f: Vec<u8>) -> bool {
         let mut outbox = relock(&self.outbox);
         if !alive.load(Ordering::Acquire) {
             return false;
         }
-        outbox.queue.push_back(f);
+        if outbox.held || outbox.writing || !outbox.queue.is_empty() {
+            outbox.queue.push_back(f);
+            drop(outbox);
+            self.ready.notify_one();
+            return true;
+        }
+        outbox.writing = true;
         drop(outbox);
+        self.write_port(&f);
+        relock(&self.outbox).writing = false;
+        // The writer may have been waiting for the port.
         self.ready.notify_one();
         true
+    }
+
+    fn write_port(&self, frames: &[u8]) {
+        if let Err(e) = (&self.port).write_all(frames) {
+            eprintln!("matchlock-init: host pipe write: {e}");
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn write_loop(&self) {
@@ -321,7 +342,7 @@ impl Mux {
                 // Everything queued goes out in one write (a request's frame and a credit
                 // grant cost one trip through the device, not two), up to `WRITE_BATCH`.
                 while next.is_empty() || (!outbox.held && next.len() < WRITE_BATCH && !outbox.queue.is_empty()) {
-                    if !outbox.held {
+                    if !outbox.held && !outbox.writing {
                         if let Some(f) = outbox.queue.pop_front() {
                             if f.get(4) == Some(&(Kind::Paused as u8)) {
                                 outbox.held = true;
@@ -332,11 +353,10 @@ impl Mux {
                     }
                     outbox = self.ready.wait(outbox).unwrap_or_else(PoisonError::into_inner);
                 }
+                outbox.writing = true;
             }
-            if let Err(e) = (&self.port).write_all(&next) {
-                eprintln!("matchlock-init: host pipe write: {e}");
-                thread::sleep(Duration::from_millis(10));
-            }
+            self.write_port(&next);
+            relock(&self.outbox).writing = false;
         }
     }
 

@@ -59,6 +59,10 @@ pub enum Op {
     /// List a directory with every entry's attributes, for the guest's lookup cache: like
     /// `Readdir`, but not reported as a `file` event (the guest's programs did not list it).
     List = 21,
+    /// Change any of the mode (`new_mode`), the size (`new_size`) and the times (`atime_ns`,
+    /// `mtime_ns`) in one request, in that order, as `Setattr`, `Truncate` and `Utimens`
+    /// would; returns the stat after.
+    Change = 22,
 }
 
 impl Op {
@@ -67,7 +71,7 @@ impl Op {
         use Op::*;
         [
             Lookup, Getattr, Setattr, Read, Write, Create, Mkdir, Unlink, Rmdir, Rename, Open, Release, Readdir, Fsync,
-            MkdirAll, Truncate, Symlink, Readlink, Link, Utimens, Statfs, List,
+            MkdirAll, Truncate, Symlink, Readlink, Link, Utimens, Statfs, List, Change,
         ]
         .get(usize::from(code))
         .copied()
@@ -107,6 +111,12 @@ pub struct Request {
     /// New modification time, nanoseconds since the epoch (`Utimens`; absent: unchanged).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mtime_ns: Option<i64>,
+    /// New permission bits (`Change`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_mode: Option<u32>,
+    /// New size (`Change`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_size: Option<u64>,
     /// Send no response (a `Release` the guest does not wait for).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub quiet: bool,
@@ -309,6 +319,7 @@ mod tests {
         assert_eq!(Op::from_code(18), Some(Op::Link));
         assert_eq!(Op::from_code(20), Some(Op::Statfs));
         assert_eq!(Op::from_code(21), Some(Op::List));
-        assert_eq!(Op::from_code(22), None);
+        assert_eq!(Op::from_code(22), Some(Op::Change));
+        assert_eq!(Op::from_code(23), None);
     }
 }

@@ -224,7 +224,7 @@ fn rule_op(op: Op) -> Option<&'static str> {
         Op::Symlink => "symlink",
         Op::Readlink => "readlink",
         Op::Link => "link",
-        Op::Release | Op::Fsync | Op::Statfs => return None,
+        Op::Release | Op::Fsync | Op::Statfs | Op::Change => return None,
     })
 }
 
@@ -359,14 +359,18 @@ impl Router {
 
 fn serve_requests(stream: &mut (impl Read + Write), router: &Router, connection: u64) -> Result<(), WireError> {
     while let Some(request) = wire::read_message::<Request>(stream)? {
-        // The handle's path, for events on handle operations (gone after a release).
-        let handle_path = router.open_file(request.fh).ok().map(|(_, path)| path);
-        let response = handle(router, connection, &request);
-        if let (Some(sink), Ok(response)) = (&router.events, &response) {
-            if let Some(event) = file_event(&request, response, handle_path) {
-                sink(event);
-            }
-        }
+        let response = if request.op == Op::Change as u8 {
+            // One request for what `setattr` changes: each part is the operation it stands
+            // for, with its rules, budget and event; the first failure ends it.
+            change_parts(&request)
+                .iter()
+                .try_for_each(|part| handle_reporting(router, connection, part).map(drop))
+                .and_then(|()| {
+                    handle_reporting(router, connection, &Request { op: Op::Getattr as u8, ..request.clone() })
+                })
+        } else {
+            handle_reporting(router, connection, &request)
+        };
         if request.quiet {
             continue;
         }
@@ -374,6 +378,35 @@ fn serve_requests(stream: &mut (impl Read + Write), router: &Router, connection:
         wire::write_message(stream, &response)?;
     }
     Ok(())
+}
+
+/// The operations a `Change` stands for.
+fn change_parts(req: &Request) -> Vec<Request> {
+    let base = Request { path: req.path.clone(), uid: req.uid, gid: req.gid, ..Request::default() };
+    let mut parts = Vec::new();
+    if let Some(mode) = req.new_mode {
+        parts.push(Request { op: Op::Setattr as u8, mode, ..base.clone() });
+    }
+    if let Some(size) = req.new_size {
+        parts.push(Request { op: Op::Truncate as u8, off: i64::try_from(size).unwrap_or(i64::MAX), ..base.clone() });
+    }
+    if req.atime_ns.is_some() || req.mtime_ns.is_some() {
+        parts.push(Request { op: Op::Utimens as u8, atime_ns: req.atime_ns, mtime_ns: req.mtime_ns, ..base });
+    }
+    parts
+}
+
+/// Handles one request and reports its `file` event.
+fn handle_reporting(router: &Router, connection: u64, request: &Request) -> Result<Response, Errno> {
+    // The handle's path, for events on handle operations (gone after a release).
+    let handle_path = router.open_file(request.fh).ok().map(|(_, path)| path);
+    let response = handle(router, connection, request);
+    if let (Some(sink), Ok(response)) = (&router.events, &response) {
+        if let Some(event) = file_event(request, response, handle_path) {
+            sink(event);
+        }
+    }
+    response
 }
 
 fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, Errno> {
@@ -565,6 +598,8 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
         }
         Op::Statfs => Ok(Response { statfs: Some(router.storage.bound(fs.statfs()?)), ..ok() }),
         Op::Read | Op::Write | Op::Release | Op::Fsync => Err(Errno::BADF),
+        // Split by `serve_requests`.
+        Op::Change => Err(Errno::INVAL),
     }
 }
 
@@ -588,7 +623,7 @@ fn copying_up(
 fn file_event(req: &Request, response: &Response, handle_path: Option<String>) -> Option<FileEvent> {
     let op = Op::from_code(req.op)?;
     let name = match op {
-        Op::Lookup | Op::Getattr | Op::Release | Op::List => return None,
+        Op::Lookup | Op::Getattr | Op::Release | Op::List | Op::Change => return None,
         Op::Fsync => "sync",
         other => rule_op(other)?,
     };
@@ -947,6 +982,44 @@ mod tests {
         };
         router.set_rules(&rules).unwrap();
         assert!(!exchange(&router, &[req(Op::List, "/w/src")])[0].complete);
+    }
+
+    #[test]
+    fn a_change_is_its_parts_with_their_rules_events_and_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"12345").unwrap();
+        let mut router = Router::default();
+        router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        router.set_quota(1 << 20);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        router.set_event_sink(Box::new(move |e| tx.lock().unwrap().send(e).unwrap()));
+        let change = |size: u64| Request {
+            new_mode: Some(0o600),
+            new_size: Some(size),
+            mtime_ns: Some(86_400_000_000_000),
+            ..req(Op::Change, "/w/f")
+        };
+        let responses = exchange(&router, &[change(2), change(2 << 20)]);
+        let stat = responses[0].stat.as_ref().unwrap();
+        assert_eq!((stat.mode & 0o777, stat.size, stat.mtime), (0o600, 2, 86_400), "{responses:?}");
+        assert_eq!(responses[1].err, -libc_errno(Errno::NOSPC), "the budget holds for a change's truncation");
+        let ops: Vec<String> = rx.try_iter().map(|e| e.op).collect();
+        assert_eq!(ops, ["chmod", "truncate", "chmod", "chmod"], "one event per part done, none after a failure");
+        assert_eq!(std::fs::metadata(dir.path().join("f")).unwrap().len(), 2);
+        let rules = matchlock_api::config::VfsInterception {
+            emit_events: false,
+            rules: vec![matchlock_api::config::VfsRule {
+                name: "no-truncate".into(),
+                ops: vec!["truncate".into()],
+                path: "/w/f".into(),
+                action: VfsAction::Block,
+                ..Default::default()
+            }],
+        };
+        router.set_rules(&rules).unwrap();
+        assert_eq!(exchange(&router, &[change(0)])[0].err, -libc_errno(Errno::PERM));
+        assert_eq!(std::fs::metadata(dir.path().join("f")).unwrap().len(), 2, "a blocked part is not done");
     }
 
     fn libc_errno(e: Errno) -> i32 {

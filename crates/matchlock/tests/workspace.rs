@@ -225,11 +225,13 @@ fn vfs_block_rules_refuse_operations_with_eperm() {
     let dir = tempfile::tempdir().unwrap();
     write(&dir.path().join("app/.env"), "TOKEN=host-only\n");
     write(&dir.path().join("app/main.py"), "print(1)\n");
+    write(&dir.path().join("app/hidden.txt"), "listed, never looked up\n");
     let rules = dir.path().join("rules.json");
     std::fs::write(
         &rules,
         r#"{"rules": [{"name": "no-dotenv", "ops": ["open", "create", "write"], "path": "/workspace/app/.env", "action": "block"},
-                      {"name": "no-keys", "ops": ["create"], "path": "/workspace/app/*.pem", "action": "block"}]}"#,
+                      {"name": "no-keys", "ops": ["create"], "path": "/workspace/app/*.pem", "action": "block"},
+                      {"name": "unseen", "ops": ["stat"], "path": "/workspace/app/hidden.txt", "action": "block"}]}"#,
     )
     .unwrap();
     let out = h.run(&[
@@ -243,13 +245,112 @@ fn vfs_block_rules_refuse_operations_with_eperm() {
         "sh",
         "-c",
         "cat /workspace/app/.env || echo read-blocked; echo k > /workspace/app/key.pem || echo create-blocked; \
-         cat /workspace/app/main.py; echo ok > /workspace/app/new.txt && echo write-ok; ls -a /workspace/app | grep -c env",
+         cat /workspace/app/main.py; echo ok > /workspace/app/new.txt && echo write-ok; ls -a /workspace/app | grep -c env; \
+         for f in /workspace/app/*; do echo $f; done | grep -c hidden; \
+         stat /workspace/app/hidden.txt >/dev/null || echo stat-blocked",
     ]);
     let (o, e) = (stdout(&out), stderr(&out));
     assert!(out.status.success(), "{o}\n{e}");
-    assert_eq!(o, "read-blocked\ncreate-blocked\nprint(1)\nwrite-ok\n1\n");
+    // A listing names the file, yet looking it up still meets its rule (no listing answers
+    // lookups while rules are in force).
+    assert_eq!(o, "read-blocked\ncreate-blocked\nprint(1)\nwrite-ok\n1\n1\nstat-blocked\n");
     assert!(e.contains("Operation not permitted"), "{e}");
     assert!(!dir.path().join("app/key.pem").exists());
     let bad = h.run(&["--image", "busybox", "--vfs-rules", &rules.display().to_string(), "--", "true"]);
     assert!(stderr(&bad).contains("VFS rules require -v mounts"), "{}", stderr(&bad));
+}
+
+#[test]
+fn guest_and_host_edits_stay_coherent_through_the_caches() {
+    let h = home();
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("old.txt"), "old\n");
+    write(&dir.path().join("grow.txt"), "1\n");
+    let spec = format!("{}:w:host_fs", dir.path().display());
+    let id = ok(&h.ml(&["run", "-d", "--image", debian_image(), "-v", &spec])).trim().to_owned();
+    let exec = |script: &str| {
+        let out = h.ml(&["exec", &id, "--", "bash", "-c", script]);
+        assert!(out.status.success(), "{script}: {}", stderr(&out));
+        stdout(&out)
+    };
+    // The guest's own changes show at once, in a directory whose listing it just cached.
+    let own = exec(
+        "set -e; cd /workspace/w; ls >/dev/null; [ ! -e new ] && echo missing
+         echo x > new; [ -e new ] && echo created; rm new; [ ! -e new ] && echo removed
+         mkdir d; echo y > d/f; mv d e; [ ! -e d ] && cat e/f
+         printf 12345 > grow.txt; stat -c %s grow.txt",
+    );
+    assert_eq!(own, "missing\ncreated\nremoved\ny\n5\n");
+    assert_eq!(std::fs::read_to_string(dir.path().join("e/f")).unwrap(), "y\n");
+    // Positive control: the guest has cached the old state (listing, negative entry, size)...
+    assert_eq!(exec("cd /workspace/w; ls >/dev/null; [ ! -e late ] && cat old.txt && stat -c %s grow.txt"), "old\n5\n");
+    // ...and sees the host's changes within the caches' time (1 s each: at most 2 s).
+    let started = std::time::Instant::now();
+    std::fs::write(dir.path().join("late"), "late\n").unwrap();
+    std::fs::remove_file(dir.path().join("old.txt")).unwrap();
+    std::fs::write(dir.path().join("grow.txt"), "123456789").unwrap();
+    let seen = exec(
+        "cd /workspace/w; until [ -e late ] && [ ! -e old.txt ] && [ $(stat -c %s grow.txt) = 9 ]; do sleep 0.05; done; cat late",
+    );
+    assert_eq!(seen, "late\n");
+    assert!(started.elapsed() < std::time::Duration::from_secs(4), "took {:?}", started.elapsed());
+    // Both sides writing into one directory at once: everything lands on both sides.
+    let guest = std::thread::scope(|s| {
+        let guest = s.spawn(|| exec("cd /workspace/w; for i in $(seq 40); do echo g$i > g$i; done; echo done"));
+        for i in 1..=40 {
+            std::fs::write(dir.path().join(format!("h{i}")), format!("h{i}\n")).unwrap();
+        }
+        guest.join().unwrap()
+    });
+    assert_eq!(guest, "done\n");
+    for i in 1..=40 {
+        assert_eq!(std::fs::read_to_string(dir.path().join(format!("g{i}"))).unwrap(), format!("g{i}\n"));
+    }
+    let listed = exec(
+        "cd /workspace/w; until [ $(ls | grep -c '^[gh][0-9]') = 80 ]; do sleep 0.05; done; cat h40 g40; ls | wc -l",
+    );
+    assert_eq!(listed, "h40\ng40\n83\n", "e, grow.txt, late and the 80 written");
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+    h.assert_no_leftovers();
+}
+
+#[test]
+fn parallel_readers_and_writers_share_the_workers() {
+    let h = home();
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(dir.path().join("big"), &data).unwrap();
+    let digest = md5_hex(&data);
+    // Eight readers of one file and eight writers of their own at once: every byte right.
+    let out = h.run(&[
+        "--image",
+        debian_image(),
+        "-v",
+        &format!("{}:w:host_fs", dir.path().display()),
+        "--",
+        "bash",
+        "-c",
+        "cd /workspace/w; for i in $(seq 8); do (md5sum < big > sum$i; cp big copy$i) & done; wait; \
+         cat sum* | sort -u; md5sum copy* | cut -d' ' -f1 | sort -u",
+    ]);
+    assert_eq!(ok(&out), format!("{digest}  -\n{digest}\n"), "{}", stderr(&out));
+    for i in 1..=8 {
+        assert_eq!(std::fs::read(dir.path().join(format!("copy{i}"))).unwrap(), data, "copy{i} on the host");
+    }
+    h.assert_no_leftovers();
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    let out = std::process::Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(data)?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
 }
