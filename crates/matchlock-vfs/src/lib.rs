@@ -693,7 +693,7 @@ mod tests {
         let mut router = Router::default();
         router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
         router.set_quota(1 << 20);
-        let mut call = |r: Request| handle(&router, 1, &r);
+        let call = |r: Request| handle(&router, 1, &r);
         let create = |path: &str| Request { flags: (OFlags::RDWR).bits(), mode: 0o644, ..req(Op::Create, path) };
         let write = |fh, off: i64, len: usize| Request { fh, off, data: vec![7; len], ..req(Op::Write, "") };
         let a = call(create("/w/a")).unwrap().fh;
@@ -789,7 +789,7 @@ mod tests {
         // The two connections end (as `serve` ends them), then a new one opens and leaves.
         router.lock_handles().clear();
         router.open_handles.store(0, Ordering::Relaxed);
-        let responses = exchange(&router, &vec![open.clone(); 10]);
+        let responses = exchange(&router, &vec![open; 10]);
         assert!(responses.iter().all(|r| r.err == 0), "{responses:?}");
         assert_eq!(router.open_handles.load(Ordering::Relaxed), 0, "serve gave back what the connection left open");
     }
@@ -908,7 +908,7 @@ mod tests {
         let mut router = Router::default();
         router.mount("/workspace", HostFs::new(dir.path(), false).unwrap()).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
+        let tx = Mutex::new(tx);
         router.set_event_sink(Box::new(move |e| tx.lock().unwrap().send(e).unwrap()));
         let create = Request { flags: OFlags::WRONLY.bits(), mode: 0o600, uid: 7, ..req(Op::Create, "/workspace/a") };
         exchange(
@@ -958,7 +958,7 @@ mod tests {
         let mut router = Router::default();
         router.mount("/w/src", HostFs::new(dir.path(), false).unwrap()).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
+        let tx = Mutex::new(tx);
         router.set_event_sink(Box::new(move |e| tx.lock().unwrap().send(e).unwrap()));
         let responses = exchange(&router, &[req(Op::List, "/w/src"), req(Op::List, "/w")]);
         assert!(responses[0].complete);
@@ -992,7 +992,7 @@ mod tests {
         router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
         router.set_quota(1 << 20);
         let (tx, rx) = std::sync::mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
+        let tx = Mutex::new(tx);
         router.set_event_sink(Box::new(move |e| tx.lock().unwrap().send(e).unwrap()));
         let change = |size: u64| Request {
             new_mode: Some(0o600),
