@@ -125,6 +125,29 @@ impl Listings {
         }
     }
 
+    /// What a fresh listing knows of `path`'s attributes.
+    pub(crate) fn known(&self, path: &str, now: Instant) -> Option<Stat> {
+        let (dir, name) = split(path)?;
+        match self.lookup(dir, name, now) {
+            Cached::Found(stat) => Some(stat),
+            _ => None,
+        }
+    }
+
+    /// The guest wrote to `path`; the host says it now has `after`'s size and modification
+    /// time (writes only ever grow them: answers arriving out of order keep the largest).
+    pub(crate) fn wrote(&mut self, path: &str, after: &Stat) {
+        self.generation += 1;
+        if let Some((dir, name)) = split(path) {
+            if let Some(Some(stat)) = self.dirs.get_mut(dir).and_then(|l| l.names.get_mut(name)) {
+                stat.size = stat.size.max(after.size);
+                if (after.mtime, after.mtime_nsec) > (stat.mtime, stat.mtime_nsec) {
+                    (stat.mtime, stat.mtime_nsec) = (after.mtime, after.mtime_nsec);
+                }
+            }
+        }
+    }
+
     /// The guest changed `path`'s attributes or content: the next lookup asks the host.
     pub(crate) fn changed(&mut self, path: &str) {
         self.generation += 1;
@@ -191,8 +214,13 @@ mod tests {
         cache.created("/w/d", Some(stat.clone()), t0);
         assert_eq!(cache.lookup("/w", "d", t0), Cached::Found(stat));
         assert_eq!(cache.lookup("/w/d", "x", t0), Cached::Missing, "a new directory is empty");
+        cache.wrote("/w/a", &Stat { size: 9, mtime: 7, ..Stat::default() });
+        cache.wrote("/w/a", &Stat { size: 4, mtime: 6, ..Stat::default() });
+        let written = cache.known("/w/a", t0).unwrap();
+        assert_eq!((written.size, written.mtime), (9, 7), "the largest size and latest time win");
         cache.changed("/w/a");
-        assert_eq!(cache.lookup("/w", "a", t0), Cached::Unknown, "a written file is looked up again");
+        assert_eq!(cache.lookup("/w", "a", t0), Cached::Unknown, "a changed file is looked up again");
+        assert_eq!(cache.known("/w/a", t0), None);
         cache.removed("/w/old");
         assert_eq!(cache.lookup("/w", "old", t0), Cached::Missing);
         cache.created("/w/d/x", None, t0);

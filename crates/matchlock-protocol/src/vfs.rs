@@ -22,7 +22,8 @@ pub enum Op {
     Setattr = 2,
     /// Read `sz` bytes at `off` from handle `fh`.
     Read = 3,
-    /// Write `data` at `off` to handle `fh`.
+    /// Write `data` at `off` to handle `fh`; the answer's `stat` has the file's size and
+    /// modification time after it (nothing else).
     Write = 4,
     /// Create (or truncate) a file; returns a handle and its stat.
     Create = 5,

@@ -12,7 +12,7 @@ pub mod single;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -440,7 +440,14 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
                 router.storage.credit(growth);
                 return Err(io_errno(&e));
             }
-            return Ok(Response { written: u32::try_from(req.data.len()).unwrap_or(u32::MAX), ..ok() });
+            // The size and time after it, for the guest's listing of the file.
+            let after = file.metadata().ok().map(|m| Stat {
+                size: m.len(),
+                mtime: m.mtime(),
+                mtime_nsec: u32::try_from(m.mtime_nsec()).unwrap_or(0),
+                ..Stat::default()
+            });
+            return Ok(Response { written: u32::try_from(req.data.len()).unwrap_or(u32::MAX), stat: after, ..ok() });
         }
         (Op::Fsync, Some((file, _))) => {
             file.sync_all().map_err(|e| io_errno(&e))?;
