@@ -20,7 +20,6 @@ use matchlock_protocol::frame::{read_frame, write_frame, FrameType};
 use matchlock_protocol::{
     ECHO_PORT, EXEC_PORT, FORWARD_MAX_CHUNK, FORWARD_OK, FORWARD_PORT, FORWARD_REFUSED, READY_PORT,
 };
-use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -31,8 +30,11 @@ use crate::{sys, LAUNCHER_ARGV0};
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Size of the output chunks sent to the host.
 const CHUNK: usize = 32 * 1024;
-/// File descriptor on which the launcher receives the request.
-pub(crate) const REQUEST_FD: i32 = 3;
+/// The environment variable that tells the launcher which descriptor holds its request.
+pub(crate) const REQUEST_FD_ENV: &str = "MATCHLOCK_REQUEST_FD";
+
+/// Held while a launcher is spawned: its request pipe is inheritable only meanwhile.
+static SPAWNING: Mutex<()> = Mutex::new(());
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -318,19 +320,18 @@ fn start(mode: ExecMode, request: &ExecRequest) -> io::Result<Running> {
             (stdin, out_r, Some(err_r), None)
         }
     };
-    let request_fd = request_r.as_raw_fd();
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-    // system calls (dup2, unshare, setsid) on descriptors that stay valid in the child.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::dup2(request_fd, REQUEST_FD)?;
-            nix::sched::unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS)?;
-            nix::unistd::setsid()?;
-            Ok(())
-        });
-    }
-    let child = cmd.spawn()?;
-    drop(request_r);
+    // No code runs between fork and exec (the launcher makes its own namespaces and
+    // session), so the standard library spawns with posix_spawn: a vfork, not a copy of
+    // PID 1's page tables, and no copy-on-write faults in PID 1 afterwards. The request's
+    // pipe is inherited by name: inheritable only while this spawn holds the lock.
+    cmd.env(REQUEST_FD_ENV, request_r.as_raw_fd().to_string());
+    let child = {
+        let _spawning = SPAWNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        nix::fcntl::fcntl(request_r.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+        let child = cmd.spawn();
+        drop(request_r);
+        child?
+    };
     let mut request_w = File::from(request_w);
     request_w.write_all(&serde_json::to_vec(request).map_err(io::Error::other)?)?;
     drop(request_w);

@@ -1,7 +1,8 @@
 //! The launcher: runs one command inside fresh PID and mount namespaces.
 //!
-//! The agent starts this binary as `matchlock-launcher` after `unshare(NEWPID|NEWNS)`
-//! and `setsid()`, with the request on fd 3. The launcher forks the namespace's PID 1
+//! The agent spawns this binary as `matchlock-launcher` (posix_spawn: nothing runs between
+//! fork and exec), with the request on the descriptor named by `MATCHLOCK_REQUEST_FD`. The
+//! launcher calls `unshare(NEWPID|NEWNS)` and `setsid()`, then forks the namespace's PID 1
 //! (a tiny init that forwards signals and reaps), which forks the command itself. A
 //! namespace init only receives signals it handles, so the command must not be PID 1:
 //! otherwise SIGTERM would be ignored. Exit codes travel back up unchanged (128+N for
@@ -19,7 +20,7 @@ use nix::sys::signal::{kill, killpg, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 
-use crate::agent::REQUEST_FD;
+use crate::agent::REQUEST_FD_ENV;
 use crate::{sys, users};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -111,8 +112,10 @@ fn supervise(child: Pid, forward: Forward, set: &SigSet) -> ! {
 
 /// Entry point of the `matchlock-launcher` role.
 pub(crate) fn main() -> ExitCode {
-    // SAFETY: the agent hands us fd 3 holding the request; nothing else owns it.
-    let mut request_pipe = unsafe { fs::File::from_raw_fd(REQUEST_FD) };
+    let fd = std::env::var(REQUEST_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok());
+    let Some(fd) = fd.filter(|fd| *fd > 2) else { fail("no request descriptor") };
+    // SAFETY: the agent hands us this descriptor holding the request; nothing else owns it.
+    let mut request_pipe = unsafe { fs::File::from_raw_fd(fd) };
     let mut raw = Vec::new();
     if let Err(e) = request_pipe.read_to_end(&mut raw) {
         fail(&format!("cannot read the request: {e}"));
@@ -122,7 +125,14 @@ pub(crate) fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => fail(&format!("bad request: {e}")),
     };
-    // Still in the agent's PID namespace: our first child is PID 1 of the new one.
+    // Our own namespaces and session: the children get a new PID namespace (our first
+    // child is its PID 1), we and they a private mount namespace.
+    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID | nix::sched::CloneFlags::CLONE_NEWNS) {
+        fail(&format!("cannot make the command's namespaces: {e}"));
+    }
+    if let Err(e) = nix::unistd::setsid() {
+        fail(&format!("setsid: {e}"));
+    }
     fork_supervised(Forward::Process);
     prepare_namespace();
     fork_supervised(Forward::Group);
