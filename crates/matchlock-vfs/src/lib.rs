@@ -852,16 +852,7 @@ mod tests {
         std::fs::write(dir.path().join("ok.txt"), "y").unwrap();
         let mut router = Router::default();
         router.mount("/workspace", HostFs::new(dir.path(), false).unwrap()).unwrap();
-        let rules = matchlock_api::config::VfsInterception {
-            emit_events: false,
-            rules: vec![matchlock_api::config::VfsRule {
-                name: "no-env".into(),
-                ops: vec!["open".into(), "write".into()],
-                path: "/workspace/*.env".into(),
-                action: VfsAction::Block,
-                ..Default::default()
-            }],
-        };
+        let rules = block_rule("no-env", &["open", "write"], "/workspace/*.env");
         router.set_rules(&rules).unwrap();
         let open = |path: &str| Request { flags: OFlags::RDONLY.bits(), ..req(Op::Open, path) };
         let responses = exchange(
@@ -977,16 +968,7 @@ mod tests {
         assert!(!responses[1].complete, "a synthesized directory is looked up name by name");
         assert!(rx.try_iter().next().is_none(), "listings for the lookup cache are not events");
         // With a rule in force a listing is never complete: lookups must meet the rules.
-        let rules = matchlock_api::config::VfsInterception {
-            emit_events: false,
-            rules: vec![matchlock_api::config::VfsRule {
-                name: "hide".into(),
-                ops: vec!["stat".into()],
-                path: "/w/src/a".into(),
-                action: VfsAction::Block,
-                ..Default::default()
-            }],
-        };
+        let rules = block_rule("hide", &["stat"], "/w/src/a");
         router.set_rules(&rules).unwrap();
         assert!(!exchange(&router, &[req(Op::List, "/w/src")])[0].complete);
     }
@@ -1014,19 +996,24 @@ mod tests {
         let ops: Vec<String> = rx.try_iter().map(|e| e.op).collect();
         assert_eq!(ops, ["chmod", "truncate", "chmod", "chmod"], "one event per part done, none after a failure");
         assert_eq!(std::fs::metadata(dir.path().join("f")).unwrap().len(), 2);
-        let rules = matchlock_api::config::VfsInterception {
-            emit_events: false,
-            rules: vec![matchlock_api::config::VfsRule {
-                name: "no-truncate".into(),
-                ops: vec!["truncate".into()],
-                path: "/w/f".into(),
-                action: VfsAction::Block,
-                ..Default::default()
-            }],
-        };
+        let rules = block_rule("no-truncate", &["truncate"], "/w/f");
         router.set_rules(&rules).unwrap();
         assert_eq!(exchange(&router, &[change(0)])[0].err, -libc_errno(Errno::PERM));
         assert_eq!(std::fs::metadata(dir.path().join("f")).unwrap().len(), 2, "a blocked part is not done");
+    }
+
+    /// Rules with one before-phase `block` rule.
+    fn block_rule(name: &str, ops: &[&str], path: &str) -> matchlock_api::config::VfsInterception {
+        matchlock_api::config::VfsInterception {
+            emit_events: false,
+            rules: vec![matchlock_api::config::VfsRule {
+                name: name.into(),
+                ops: ops.iter().map(|op| (*op).to_owned()).collect(),
+                path: path.into(),
+                action: VfsAction::Block,
+                ..Default::default()
+            }],
+        }
     }
 
     fn libc_errno(e: Errno) -> i32 {
