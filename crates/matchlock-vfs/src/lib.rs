@@ -963,7 +963,7 @@ mod tests {
         let a = &responses[0].entries[0];
         let host = std::fs::metadata(dir.path().join("a")).unwrap();
         assert_eq!(a.stat(), exchange(&router, &[req(Op::Getattr, "/w/src/a")])[0].stat.clone().unwrap());
-        assert_eq!((a.size, a.mtime), (5, std::os::unix::fs::MetadataExt::mtime(&host)));
+        assert_eq!((a.size, a.mtime), (5, MetadataExt::mtime(&host)));
         assert!(responses[0].entries[1].is_dir);
         assert!(!responses[1].complete, "a synthesized directory is looked up name by name");
         assert!(rx.try_iter().next().is_none(), "listings for the lookup cache are not events");
