@@ -18,9 +18,10 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request as FuseRequest, SessionACL, TimeOrNow, WriteFlags,
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request as FuseRequest, SessionACL,
+    TimeOrNow, WriteFlags,
 };
 use matchlock_protocol::vfs::{read_message, write_message, Op, Request, Response, Stat, MAX_IO};
 
@@ -80,6 +81,26 @@ impl Inodes {
     }
 }
 
+/// One entry of a directory listing as the kernel gets it.
+struct DirItem {
+    ino: u64,
+    name: String,
+    stat: Stat,
+}
+
+/// Listings of open directory handles: fetched from the host when a handle reads from the
+/// start, then served from here as the kernel asks for the rest page by page.
+#[derive(Default)]
+struct OpenDirs {
+    /// The entries and whether the host called the listing complete.
+    open: HashMap<u64, (std::sync::Arc<Vec<DirItem>>, bool)>,
+    next: u64,
+}
+
+/// Most directory handles whose listings are kept (beyond it, a listing is fetched for
+/// every page the kernel asks for).
+const MAX_OPEN_DIRS: usize = 1024;
+
 /// Connections to the host's VFS server: idle ones, and how many exist.
 struct Pool {
     idle: Mutex<(Vec<Stream>, usize)>,
@@ -124,6 +145,7 @@ pub(crate) struct Workspace {
     pool: Pool,
     inodes: Mutex<Inodes>,
     listings: Mutex<Listings>,
+    dirs: Mutex<OpenDirs>,
 }
 
 fn join(parent: &str, name: &OsStr) -> Result<String, Errno> {
@@ -193,7 +215,12 @@ impl Workspace {
                     inodes.paths.insert(1, root.to_owned());
                     inodes.inodes.insert(root.to_owned(), 1);
                     let pool = Pool { idle: Mutex::new((vec![conn], 1)), returned: Condvar::new() };
-                    return Ok(Self { pool, inodes: Mutex::new(inodes), listings: Mutex::new(Listings::default()) });
+                    return Ok(Self {
+                        pool,
+                        inodes: Mutex::new(inodes),
+                        listings: Mutex::new(Listings::default()),
+                        dirs: Mutex::new(OpenDirs::default()),
+                    });
                 }
                 Err(e) => last = Some(e),
             }
@@ -237,6 +264,48 @@ impl Workspace {
         let Ok(mut conn) = self.pool.take() else { return };
         let sent = write_message(&mut conn, &Request { quiet: true, ..request }).is_ok();
         self.pool.give_back(sent.then_some(conn));
+    }
+
+    /// The listing of directory `ino` open as `fh` (`.` and `..` first) and whether the
+    /// host called it complete: from the host when reading from the start, else what this
+    /// handle fetched then.
+    fn dir_entries(
+        &self,
+        req: &FuseRequest,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+    ) -> Result<(std::sync::Arc<Vec<DirItem>>, bool), Errno> {
+        if offset > 0 {
+            if let Some((entries, complete)) = relock(&self.dirs).open.get(&fh.0) {
+                return Ok((std::sync::Arc::clone(entries), *complete));
+            }
+        }
+        let path = self.path(ino)?;
+        let (now, generation) = (Instant::now(), self.listings().generation());
+        let response = self.call(&self.op(Op::Readdir, &path, req))?;
+        if response.complete {
+            self.listings().install(&path, generation, &response.entries, now);
+        }
+        // `.` and `..`: the kernel takes only their names and types.
+        let dir = Stat { mode: 0o040_755, is_dir: true, ..Stat::default() };
+        let mut entries = vec![
+            DirItem { ino: ino.0, name: ".".to_owned(), stat: dir.clone() },
+            DirItem { ino: 1, name: "..".to_owned(), stat: dir },
+        ];
+        {
+            let mut inodes = relock(&self.inodes);
+            for e in response.entries {
+                let Ok(child) = join(&path, OsStr::new(&e.name)) else { continue };
+                entries.push(DirItem { ino: inodes.inode(&child), stat: e.stat(), name: e.name });
+            }
+        }
+        let entries = std::sync::Arc::new(entries);
+        let mut dirs = relock(&self.dirs);
+        if dirs.open.len() < MAX_OPEN_DIRS || dirs.open.contains_key(&fh.0) {
+            dirs.open.insert(fh.0, (std::sync::Arc::clone(&entries), response.complete));
+        }
+        Ok((entries, response.complete))
     }
 
     fn listings(&self) -> MutexGuard<'_, Listings> {
@@ -309,6 +378,15 @@ impl Filesystem for Workspace {
     fn init(&mut self, _req: &FuseRequest, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // Listings carry every entry's attributes: the kernel takes them with the names
+        // (as if each were looked up) when a directory is read and then stat'ed — unless a
+        // VFS rule is in force (rules are fixed when the sandbox starts, and the host then
+        // never calls a listing complete): every lookup must meet the rules.
+        let root = relock(&self.inodes).path(INodeNo(1)).unwrap_or_default();
+        let probe = Request { op: Op::List as u8, path: root, ..Request::default() };
+        if self.call(&probe).is_ok_and(|listing| listing.complete) {
+            let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        }
         Ok(())
     }
 
@@ -512,25 +590,37 @@ impl Filesystem for Workspace {
         reply.ok();
     }
 
-    fn readdir(&self, req: &FuseRequest, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let path = tri!(reply, self.path(ino));
-        let (now, generation) = (Instant::now(), self.listings().generation());
-        let response = tri!(reply, self.call(&self.op(Op::Readdir, &path, req)));
-        if response.complete {
-            self.listings().install(&path, generation, &response.entries, now);
-        }
-        let mut entries = vec![(ino.0, FileType::Directory, ".".to_owned()), (1, FileType::Directory, "..".to_owned())];
-        {
-            let mut inodes = self.inodes.lock().unwrap_or_else(|e| e.into_inner());
-            for e in response.entries {
-                let Ok(child) = join(&path, OsStr::new(&e.name)) else { continue };
-                entries.push((inodes.inode(&child), kind_of(e.mode, e.is_dir), e.name));
+    fn opendir(&self, _req: &FuseRequest, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let mut dirs = relock(&self.dirs);
+        dirs.next += 1;
+        reply.opened(FileHandle(dirs.next), FopenFlags::empty());
+    }
+
+    fn releasedir(&self, _req: &FuseRequest, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        relock(&self.dirs).open.remove(&fh.0);
+        reply.ok();
+    }
+
+    fn readdir(&self, req: &FuseRequest, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let (entries, _) = tri!(reply, self.dir_entries(req, ino, fh, offset));
+        for (i, entry) in entries.iter().enumerate().skip(usize::try_from(offset).unwrap_or(usize::MAX)) {
+            let kind = kind_of(entry.stat.mode, entry.stat.is_dir);
+            if reply.add(INodeNo(entry.ino), (i + 1) as u64, kind, &entry.name) {
+                break;
             }
         }
-        for (i, (child, kind, name)) in
-            entries.into_iter().enumerate().skip(usize::try_from(offset).unwrap_or(usize::MAX))
-        {
-            if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
+        reply.ok();
+    }
+
+    fn readdirplus(&self, req: &FuseRequest, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let (entries, complete) = tri!(reply, self.dir_entries(req, ino, fh, offset));
+        if !complete {
+            // Only enabled without rules (see `init`); attributes never go past a rule.
+            return reply.error(Errno::EIO);
+        }
+        for (i, entry) in entries.iter().enumerate().skip(usize::try_from(offset).unwrap_or(usize::MAX)) {
+            let attr = attr(entry.ino, &entry.stat, req);
+            if reply.add(INodeNo(entry.ino), (i + 1) as u64, &entry.name, &TTL, &attr, Generation(0)) {
                 break;
             }
         }

@@ -474,7 +474,7 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
                     let statfs = router.storage.bound(first.ok_or(Errno::NOENT)?.statfs()?);
                     Ok(Response { statfs: Some(statfs), ..ok() })
                 }
-                // Not `complete`: the guest looks names up one by one here.
+                // Complete as a mount's listing is: lookups here answer the same entries.
                 Op::Readdir | Op::List => {
                     let base = clean_path(&req.path)?;
                     let entries = children
@@ -491,7 +491,7 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
                             }
                         })
                         .collect();
-                    Ok(Response { entries, ..ok() })
+                    Ok(Response { entries, complete: router.blocks.is_empty(), ..ok() })
                 }
                 _ => Err(Errno::ACCESS),
             };
@@ -965,7 +965,9 @@ mod tests {
         assert_eq!(a.stat(), exchange(&router, &[req(Op::Getattr, "/w/src/a")])[0].stat.clone().unwrap());
         assert_eq!((a.size, a.mtime), (5, MetadataExt::mtime(&host)));
         assert!(responses[0].entries[1].is_dir);
-        assert!(!responses[1].complete, "a synthesized directory is looked up name by name");
+        assert!(responses[1].complete, "a synthesized directory lists what its lookups answer");
+        let src = responses[1].entries.iter().find(|e| e.name == "src").unwrap();
+        assert_eq!(Some(src.stat()), exchange(&router, &[req(Op::Lookup, "/w/src")])[0].stat);
         assert!(rx.try_iter().next().is_none(), "listings for the lookup cache are not events");
         // With a rule in force a listing is never complete: lookups must meet the rules.
         let rules = block_rule("hide", &["stat"], "/w/src/a");

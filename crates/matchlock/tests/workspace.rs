@@ -341,6 +341,36 @@ fn parallel_readers_and_writers_share_the_workers() {
     h.assert_no_leftovers();
 }
 
+#[test]
+fn large_directories_list_whole_with_their_attributes() {
+    let h = home();
+    let dir = tempfile::tempdir().unwrap();
+    let mut total = 0;
+    for i in 0..3000 {
+        let data = "x".repeat(i % 7);
+        total += data.len();
+        std::fs::write(dir.path().join(format!("file-with-a-longer-name-{i:05}")), data).unwrap();
+    }
+    // Many pages of one listing (served from what the open handle fetched), names and
+    // sizes as the host has them; a second listing sees a file the guest just added.
+    let out = h.run(&[
+        "--image",
+        debian_image(),
+        "-v",
+        &format!("{}:big:ro", dir.path().display()),
+        "-v",
+        &format!("{}:rw:host_fs", dir.path().display()),
+        "--",
+        "bash",
+        "-c",
+        "ls /workspace/big | wc -l; ls /workspace/big | sort | uniq | wc -l; \
+         ls -l /workspace/big | awk 'NR > 1 { s += $5 } END { print s }'; \
+         touch /workspace/rw/zz-new; ls /workspace/rw | tail -1; ls /workspace/rw | wc -l",
+    ]);
+    assert_eq!(ok(&out), format!("3000\n3000\n{total}\nzz-new\n3001\n"), "{}", stderr(&out));
+    h.assert_no_leftovers();
+}
+
 fn md5_hex(data: &[u8]) -> String {
     let out = std::process::Command::new("md5sum")
         .stdin(std::process::Stdio::piped())
