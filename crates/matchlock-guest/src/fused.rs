@@ -97,6 +97,12 @@ struct OpenDirs {
     next: u64,
 }
 
+/// Entries asked for per listing request (a message of at most ~0.5 MiB even with
+/// 255-byte names); directories larger than one page are not kept for lookups.
+const LIST_PAGE: u32 = 1024;
+/// Most entries of one directory handed to the kernel.
+const MAX_LISTED: usize = 1 << 20;
+
 /// Most directory handles whose listings are kept (beyond it, a listing is fetched for
 /// every page the kernel asks for).
 const MAX_OPEN_DIRS: usize = 1024;
@@ -283,8 +289,15 @@ impl Workspace {
         }
         let path = self.path(ino)?;
         let (now, generation) = (Instant::now(), self.listings().generation());
-        let response = self.call(&self.op(Op::Readdir, &path, req))?;
-        if response.complete {
+        // Page by page: a message holds at most ~1 MiB, a directory may hold far more.
+        let mut response = self.call(&Request { sz: LIST_PAGE, ..self.op(Op::Readdir, &path, req) })?;
+        while response.more && response.entries.len() < MAX_LISTED {
+            let off = i64::try_from(response.entries.len()).unwrap_or(i64::MAX);
+            let page = self.call(&Request { off, sz: LIST_PAGE, ..self.op(Op::Readdir, &path, req) })?;
+            response.entries.extend(page.entries);
+            (response.more, response.complete) = (page.more, response.complete && page.complete);
+        }
+        if response.complete && response.entries.len() <= LIST_PAGE as usize {
             self.listings().install(&path, generation, &response.entries, now);
         }
         // `.` and `..`: the kernel takes only their names and types.
@@ -323,11 +336,16 @@ impl Workspace {
             (cached, worth, listings.generation())
         };
         let cached = match (cached, worth) {
-            (Cached::Unknown, true) => match self.call(&self.op(Op::List, dir, req)) {
-                Ok(response) if response.complete => {
+            (Cached::Unknown, true) => match self.call(&Request { sz: LIST_PAGE, ..self.op(Op::List, dir, req) }) {
+                Ok(response) if response.complete && !response.more => {
                     let mut listings = self.listings();
                     listings.install(dir, generation, &response.entries, now);
                     listings.lookup(dir, name, now)
+                }
+                // Too large to keep: names there are looked up one by one for a while.
+                Ok(response) if response.more => {
+                    self.listings().too_large(dir, now);
+                    Cached::Unknown
                 }
                 _ => Cached::Unknown,
             },

@@ -17,6 +17,8 @@ use matchlock_protocol::vfs::{DirEntry, Stat};
 pub(crate) const LISTING_TTL: Duration = Duration::from_secs(1);
 /// Most directories whose listings (or recent misses) are kept.
 const MAX_DIRS: usize = 256;
+/// How long a directory found too large to keep is not listed for lookups again.
+const LARGE_TTL: Duration = Duration::from_secs(10);
 
 /// What the cache knows of a name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +43,8 @@ pub(crate) struct Listings {
     dirs: HashMap<String, Listing>,
     /// When a lookup in a directory last had to ask the host.
     misses: HashMap<String, Instant>,
+    /// Directories too large to keep, and since when.
+    large: HashMap<String, Instant>,
     /// Bumped by every change the guest makes.
     generation: u64,
 }
@@ -76,6 +80,9 @@ impl Listings {
     /// worth it: a second such lookup within the TTL, or a listing of it just expired (a
     /// single lookup in a large directory never lists it).
     pub(crate) fn worth_listing(&mut self, dir: &str, now: Instant) -> bool {
+        if self.large.get(dir).is_some_and(|at| now.duration_since(*at) < LARGE_TTL) {
+            return false;
+        }
         let expired = self.dirs.get(dir).is_some_and(|l| now.duration_since(l.fetched) >= LISTING_TTL);
         let recent = self.misses.get(dir).is_some_and(|at| now.duration_since(*at) < LISTING_TTL);
         if self.misses.len() >= MAX_DIRS {
@@ -86,6 +93,17 @@ impl Listings {
         }
         self.misses.insert(dir.to_owned(), now);
         expired || recent
+    }
+
+    /// `dir` has more entries than a listing keeps: not worth listing for [`LARGE_TTL`].
+    pub(crate) fn too_large(&mut self, dir: &str, now: Instant) {
+        if self.large.len() >= MAX_DIRS {
+            self.large.retain(|_, at| now.duration_since(*at) < LARGE_TTL);
+            if self.large.len() >= MAX_DIRS {
+                self.large.clear();
+            }
+        }
+        self.large.insert(dir.to_owned(), now);
     }
 
     /// The current generation: pass it to [`Listings::install`] with a listing fetched after.
@@ -203,6 +221,10 @@ mod tests {
         let later = t0 + LISTING_TTL;
         assert_eq!(cache.lookup("/w", "b", later), Cached::Unknown, "expired: the host is asked again");
         assert!(cache.worth_listing("/w", later), "an expired listing is fetched again at once");
+        cache.too_large("/big", t0);
+        assert!(!cache.worth_listing("/big", t0) && !cache.worth_listing("/big", t0), "too large to keep: not listed");
+        let after = t0 + LARGE_TTL;
+        assert!(!cache.worth_listing("/big", after) && cache.worth_listing("/big", after), "after a while as before");
     }
 
     #[test]

@@ -39,7 +39,8 @@ pub enum Op {
     Open = 10,
     /// Close a handle.
     Release = 11,
-    /// List a directory.
+    /// List a directory: with `sz`, at most `sz` entries from index `off` (the answer's
+    /// `more` tells whether others follow); without, all of them.
     Readdir = 12,
     /// Flush a handle to stable storage.
     Fsync = 13,
@@ -58,7 +59,8 @@ pub enum Op {
     /// File system statistics of the mount holding `path`.
     Statfs = 20,
     /// List a directory with every entry's attributes, for the guest's lookup cache: like
-    /// `Readdir`, but not reported as a `file` event (the guest's programs did not list it).
+    /// `Readdir` (and paged the same way), but not reported as a `file` event (the guest's
+    /// programs did not list it).
     List = 21,
     /// Change any of the mode (`new_mode`), the size (`new_size`) and the times (`atime_ns`,
     /// `mtime_ns`) in one request, in that order, as `Setattr`, `Truncate` and `Utimens`
@@ -224,6 +226,9 @@ pub struct Response {
     /// hides any of them, so the guest may answer lookups in it from them for a while.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub complete: bool,
+    /// `Readdir`, `List` with a page size: entries follow this page.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
 
 /// File system statistics, as `statvfs(3)` reports them.

@@ -375,7 +375,12 @@ fn serve_requests(stream: &mut (impl Read + Write), router: &Router, connection:
             continue;
         }
         let response = response.unwrap_or_else(|e| Response::error(e.raw_os_error()));
-        wire::write_message(stream, &response)?;
+        match wire::write_message(stream, &response) {
+            // An answer beyond the message bound (a whole huge directory asked for at once)
+            // fails that request, not the connection and the handles it holds.
+            Err(WireError::TooLarge(_)) => wire::write_message(stream, &Response::error(Errno::FBIG.raw_os_error()))?,
+            written => written?,
+        }
     }
     Ok(())
 }
@@ -491,7 +496,7 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
                             }
                         })
                         .collect();
-                    Ok(Response { entries, complete: router.blocks.is_empty(), ..ok() })
+                    Ok(listing_page(router, entries, req))
                 }
                 _ => Err(Errno::ACCESS),
             };
@@ -573,11 +578,7 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
             let to = second()?;
             copying_up(router, fs, &rel, false, || fs.link(&rel, &to)).map(|()| ok())
         }
-        // Complete unless a rule could hide something in it: then every name is looked up
-        // (and checked against the rules) on its own.
-        Op::Readdir | Op::List => {
-            Ok(Response { entries: fs.readdir(&rel)?, complete: router.blocks.is_empty(), ..ok() })
-        }
+        Op::Readdir | Op::List => Ok(listing_page(router, fs.readdir(&rel)?, req)),
         Op::Truncate => {
             let size = u64::try_from(req.off).map_err(|_| Errno::INVAL)?;
             let before = fs.stat(&rel)?.size;
@@ -608,6 +609,21 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
         // Split by `serve_requests`.
         Op::Change => Err(Errno::INVAL),
     }
+}
+
+/// The page of a directory listing a request asks for (`sz` entries from `off`; all without
+/// `sz`). Complete unless a rule could hide something in it: then every name is looked up
+/// (and checked against the rules) on its own.
+fn listing_page(router: &Router, mut entries: Vec<DirEntry>, req: &Request) -> Response {
+    let mut more = false;
+    if req.sz > 0 {
+        let start = usize::try_from(req.off).unwrap_or(0).min(entries.len());
+        let end = start.saturating_add(req.sz as usize).min(entries.len());
+        more = end < entries.len();
+        entries.truncate(end);
+        entries.drain(..start);
+    }
+    Response { entries, complete: router.blocks.is_empty(), more, ..Response::default() }
 }
 
 /// Runs `change` on `rel` with its copy-up charged to the sandbox's budget first (`ENOSPC`,
@@ -1002,6 +1018,28 @@ mod tests {
         router.set_rules(&rules).unwrap();
         assert_eq!(exchange(&router, &[change(0)])[0].err, -libc_errno(Errno::PERM));
         assert_eq!(std::fs::metadata(dir.path().join("f")).unwrap().len(), 2, "a blocked part is not done");
+    }
+
+    #[test]
+    fn listings_come_in_pages_and_an_oversized_answer_fails_only_its_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = "n".repeat(200);
+        for i in 0..6000 {
+            std::fs::write(dir.path().join(format!("{long}{i:05}")), b"").unwrap();
+        }
+        let mut router = Router::default();
+        router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        let page = |off: i64, sz: u32| Request { off, sz, ..req(Op::Readdir, "/w") };
+        let responses =
+            exchange(&router, &[page(0, 1024), page(5000, 1024), req(Op::Readdir, "/w"), req(Op::Getattr, "/w")]);
+        assert_eq!((responses[0].entries.len(), responses[0].more), (1024, true));
+        assert_eq!(responses[0].entries[0].name, format!("{long}00000"));
+        assert_eq!((responses[1].entries.len(), responses[1].more), (1000, false));
+        assert_eq!(responses[1].entries[999].name, format!("{long}05999"));
+        // The whole listing at once is beyond the message bound: that request fails...
+        assert_eq!(responses[2].err, -libc_errno(Errno::FBIG));
+        // ...and the connection (with its handles) goes on.
+        assert!(responses[3].stat.as_ref().unwrap().is_dir);
     }
 
     /// Rules with one before-phase `block` rule.

@@ -345,14 +345,18 @@ fn parallel_readers_and_writers_share_the_workers() {
 fn large_directories_list_whole_with_their_attributes() {
     let h = home();
     let dir = tempfile::tempdir().unwrap();
+    // More than one message could hold at once (~2 MB of names): listed in pages.
+    let long = "a-rather-long-file-name-".repeat(7);
     let mut total = 0;
-    for i in 0..3000 {
+    for i in 0..6000 {
         let data = "x".repeat(i % 7);
         total += data.len();
-        std::fs::write(dir.path().join(format!("file-with-a-longer-name-{i:05}")), data).unwrap();
+        std::fs::write(dir.path().join(format!("{long}{i:05}")), data).unwrap();
     }
-    // Many pages of one listing (served from what the open handle fetched), names and
-    // sizes as the host has them; a second listing sees a file the guest just added.
+    std::fs::write(dir.path().join("zz-held"), "held open\n").unwrap();
+    // Names and sizes as the host has them; a file held open across the listings still
+    // reads (a failed listing once took the connection and its handles with it); a second
+    // listing sees a file the guest just added.
     let out = h.run(&[
         "--image",
         debian_image(),
@@ -363,11 +367,11 @@ fn large_directories_list_whole_with_their_attributes() {
         "--",
         "bash",
         "-c",
-        "ls /workspace/big | wc -l; ls /workspace/big | sort | uniq | wc -l; \
-         ls -l /workspace/big | awk 'NR > 1 { s += $5 } END { print s }'; \
+        "exec 3< /workspace/rw/zz-held; ls /workspace/big | wc -l; ls /workspace/big | sort -u | wc -l; \
+         ls -l /workspace/big | awk 'NR > 1 { s += $5 } END { print s }'; cat <&3; \
          touch /workspace/rw/zz-new; ls /workspace/rw | tail -1; ls /workspace/rw | wc -l",
     ]);
-    assert_eq!(ok(&out), format!("3000\n3000\n{total}\nzz-new\n3001\n"), "{}", stderr(&out));
+    assert_eq!(ok(&out), format!("6001\n6001\n{}\nheld open\nzz-new\n6002\n", total + 10), "{}", stderr(&out));
     h.assert_no_leftovers();
 }
 
