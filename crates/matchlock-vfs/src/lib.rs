@@ -403,8 +403,9 @@ fn change_parts(req: &Request) -> Vec<Request> {
 
 /// Handles one request and reports its `file` event.
 fn handle_reporting(router: &Router, connection: u64, request: &Request) -> Result<Response, Errno> {
-    // The handle's path, for events on handle operations (gone after a release).
-    let handle_path = router.open_file(request.fh).ok().map(|(_, path)| path);
+    // The handle's path, for events on handle operations (gone after a release); only
+    // looked up when someone listens.
+    let handle_path = router.events.as_ref().and_then(|_| router.open_file(request.fh).ok()).map(|(_, path)| path);
     let response = handle(router, connection, request);
     if let (Some(sink), Ok(response)) = (&router.events, &response) {
         if let Some(event) = file_event(request, response, handle_path) {
