@@ -1,15 +1,13 @@
 //! The exec agent: serves the exec port, one command per connection.
 //!
-//! For each connection the agent reads one request, starts the launcher (this binary
-//! re-executed in a new PID + mount namespace), pumps stdio between the connection and
-//! the command, and reports the exit code. A closed connection cancels the command:
+//! For each connection the agent reads one request, has the launcher server start the
+//! command in new PID and mount namespaces ([`crate::launcher`]), pumps stdio between the
+//! connection and the command, and reports the exit code. A closed connection cancels the command:
 //! SIGTERM to its process group, SIGKILL 5 s later.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -20,21 +18,22 @@ use matchlock_protocol::frame::{read_frame, write_frame, FrameType};
 use matchlock_protocol::{
     ECHO_PORT, EXEC_PORT, FORWARD_MAX_CHUNK, FORWARD_OK, FORWARD_PORT, FORWARD_REFUSED, READY_PORT,
 };
+use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
+use crate::launcher::{self, LaunchError, Launcher};
 use crate::mux::{self, Listener, Stream};
-use crate::{sys, LAUNCHER_ARGV0};
+use crate::sys;
 
 /// Grace period between SIGTERM and SIGKILL when a command is cancelled.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Size of the output chunks sent to the host.
 const CHUNK: usize = 32 * 1024;
-/// The environment variable that tells the launcher which descriptor holds its request.
-pub(crate) const REQUEST_FD_ENV: &str = "MATCHLOCK_REQUEST_FD";
 
-/// Held while a launcher is spawned: its request pipe is inheritable only meanwhile.
-static SPAWNING: Mutex<()> = Mutex::new(());
+/// The launcher server, started once and again if it dies.
+static LAUNCHER: Mutex<Option<Launcher>> = Mutex::new(None);
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +61,16 @@ pub(crate) fn serve(disks: Vec<String>) -> Result<(), AgentError> {
         Err(e) => eprintln!("guest-agent: forward port: {e}"),
     }
     signal_ready();
+    // Started now rather than by the first command, which would wait for it.
+    thread::spawn(|| {
+        let mut launcher = LAUNCHER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if launcher.is_none() {
+            match Launcher::start() {
+                Ok(l) => *launcher = Some(l),
+                Err(e) => eprintln!("guest-agent: {}", sys::error_chain(&e)),
+            }
+        }
+    });
     while let Some(stream) = listener.accept() {
         let disks = Arc::clone(&disks);
         thread::spawn(move || {
@@ -275,7 +284,8 @@ fn quiesce(sender: &Sender, disks: &[String]) -> Result<(), ConnError> {
 
 /// A launched command and the host ends of its stdio.
 struct Running {
-    child: std::process::Child,
+    /// Its namespace's init, our child.
+    pid: Pid,
     stdin: Option<File>,
     stdout: File,
     stderr: Option<File>,
@@ -288,54 +298,65 @@ fn pipe() -> io::Result<(File, OwnedFd)> {
     Ok((File::from(r), w))
 }
 
+/// Starts a command through the launcher server (a new one if it died). The fds are the
+/// request's pipe and the command's stdin, stdout and stderr.
+fn launch(fds: [std::os::fd::BorrowedFd<'_>; 4]) -> Result<Pid, LaunchError> {
+    let mut launcher = LAUNCHER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut retried = false;
+    loop {
+        let current = match launcher.as_mut() {
+            Some(l) => l,
+            None => launcher.insert(Launcher::start()?),
+        };
+        match current.launch(fds) {
+            Err(LaunchError::Gone(e)) if !retried => {
+                eprintln!("guest-agent: restarting the launcher: {e}");
+                *launcher = None;
+                retried = true;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn start(mode: ExecMode, request: &ExecRequest) -> io::Result<Running> {
     let (request_r, request_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg0(LAUNCHER_ARGV0).env_clear();
-    let (stdin, stdout, stderr, pty) = match mode {
+    // The command's ends of its stdio: ours are closed once it has them.
+    let (child_stdio, stdin, stdout, stderr, pty): ([OwnedFd; 3], _, _, _, _) = match mode {
         ExecMode::Tty => {
             let ws = request.window.unwrap_or(matchlock_protocol::exec::WindowSize { rows: 24, cols: 80 });
             let pty = nix::pty::openpty(None, None)?;
             sys::set_window_size(pty.master.as_fd(), ws)?;
-            let slave = File::from(pty.slave);
-            cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?).stderr(slave);
+            for fd in [&pty.master, &pty.slave] {
+                nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+            }
+            let slave = pty.slave;
             let master = pty.master;
-            nix::fcntl::fcntl(master.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
             let reader = File::from(master.try_clone()?);
             let writer = File::from(master.try_clone()?);
-            (Some(writer), reader, None, Some(master))
+            ([slave.try_clone()?, slave.try_clone()?, slave], Some(writer), reader, None, Some(master))
         }
         ExecMode::Stream | ExecMode::Pipe => {
             let (out_r, out_w) = pipe()?;
             let (err_r, err_w) = pipe()?;
-            cmd.stdout(out_w).stderr(err_w);
-            let stdin = if mode == ExecMode::Pipe {
+            let (child_in, stdin) = if mode == ExecMode::Pipe {
                 let (in_r, in_w) = pipe()?;
-                cmd.stdin(in_r);
-                Some(File::from(in_w))
+                (OwnedFd::from(in_r), Some(File::from(in_w)))
             } else {
-                cmd.stdin(Stdio::null());
-                None
+                (OwnedFd::from(File::open("/dev/null")?), None)
             };
-            (stdin, out_r, Some(err_r), None)
+            ([child_in, out_w, err_w], stdin, out_r, Some(err_r), None)
         }
     };
-    // No code runs between fork and exec (the launcher makes its own namespaces and
-    // session), so the standard library spawns with posix_spawn: a vfork, not a copy of
-    // PID 1's page tables, and no copy-on-write faults in PID 1 afterwards. The request's
-    // pipe is inherited by name: inheritable only while this spawn holds the lock.
-    cmd.env(REQUEST_FD_ENV, request_r.as_raw_fd().to_string());
-    let child = {
-        let _spawning = SPAWNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        nix::fcntl::fcntl(request_r.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
-        let child = cmd.spawn();
-        drop(request_r);
-        child?
-    };
+    let [child_in, child_out, child_err] = &child_stdio;
+    let pid = launch([request_r.as_fd(), child_in.as_fd(), child_out.as_fd(), child_err.as_fd()])
+        .map_err(|e| io::Error::other(sys::error_chain(&e)))?;
+    drop(child_stdio);
+    drop(request_r);
     let mut request_w = File::from(request_w);
     request_w.write_all(&serde_json::to_vec(request).map_err(io::Error::other)?)?;
     drop(request_w);
-    Ok(Running { child, stdin, stdout, stderr, pty })
+    Ok(Running { pid, stdin, stdout, stderr, pty })
 }
 
 fn pump(mut from: File, to: Sender, wrap: fn(Vec<u8>) -> GuestMessage) -> thread::JoinHandle<()> {
@@ -359,8 +380,7 @@ fn pump(mut from: File, to: Sender, wrap: fn(Vec<u8>) -> GuestMessage) -> thread
 }
 
 fn run(mut stream: Stream, sender: &Sender, running: Running) -> Result<(), ConnError> {
-    let Running { mut child, stdin, stdout, stderr, pty } = running;
-    let pid = Pid::from_raw(child.id() as i32);
+    let Running { pid, stdin, stdout, stderr, pty } = running;
     let finished = Arc::new(AtomicBool::new(false));
     let session = mux::session();
     let out_pump = pump(stdout, sender.clone(), GuestMessage::Stdout);
@@ -414,13 +434,22 @@ fn run(mut stream: Stream, sender: &Sender, running: Running) -> Result<(), Conn
         }
     });
 
-    let status = child.wait()?;
+    let code = loop {
+        match waitpid(pid, None) {
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(io::Error::from(e).into()),
+            Ok(status) => {
+                if let Some(code) = launcher::exit_code(status) {
+                    break code;
+                }
+            }
+        }
+    };
     finished.store(true, Ordering::SeqCst);
     let _ = out_pump.join();
     if let Some(p) = err_pump {
         let _ = p.join();
     }
-    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     sender.send(&GuestMessage::Exit(code))?;
     let stream = sender.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let _ = stream.shutdown(std::net::Shutdown::Write);

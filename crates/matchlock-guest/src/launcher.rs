@@ -1,27 +1,43 @@
-//! The launcher: runs one command inside fresh PID and mount namespaces.
+//! The launcher: starts each command inside fresh PID and mount namespaces.
 //!
-//! The agent spawns this binary as `matchlock-launcher` (posix_spawn: nothing runs between
-//! fork and exec), with the request on the descriptor named by `MATCHLOCK_REQUEST_FD`. The
-//! launcher calls `unshare(NEWPID|NEWNS)` and `setsid()`, then forks the namespace's PID 1
-//! (a tiny init that forwards signals and reaps), which forks the command itself. A
+//! The agent starts one launcher server per guest: this binary as `matchlock-launcher`,
+//! with a `SOCK_SEQPACKET` socket on the descriptor named by `MATCHLOCK_LAUNCHER_FD`. For
+//! each command the agent sends the request's pipe and the command's stdin, stdout and
+//! stderr (`SCM_RIGHTS`); the server clones the namespace's PID 1 straight into new PID and
+//! mount namespaces, as a child of the agent (`CLONE_PARENT`: the agent waits for it and
+//! signals it), and answers with its PID. A clone of a process that already runs costs far
+//! less than spawning and starting a binary for each command.
+//!
+//! The namespace's PID 1 reads the request, makes its mounts private, mounts `/proc`, and
+//! forks the command, then forwards signals to the command's process group and reaps. A
 //! namespace init only receives signals it handles, so the command must not be PID 1:
-//! otherwise SIGTERM would be ignored. Exit codes travel back up unchanged (128+N for
-//! a death by signal N).
+//! otherwise SIGTERM would be ignored. Exit codes travel back up unchanged (128+N for a
+//! death by signal N).
 
 use std::ffi::CString;
 use std::fs;
-use std::io::Read;
-use std::os::fd::FromRawFd;
-use std::process::ExitCode;
+use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitCode, Stdio};
 
 use matchlock_protocol::exec::ExecRequest;
+use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
-use nix::sys::signal::{kill, killpg, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{killpg, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::socket::{
+    recv, recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    SockType,
+};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 
-use crate::agent::REQUEST_FD_ENV;
-use crate::{sys, users};
+use crate::{sys, users, LAUNCHER_ARGV0};
+
+/// The environment variable that tells the launcher server which descriptor is its socket.
+const LAUNCHER_FD_ENV: &str = "MATCHLOCK_LAUNCHER_FD";
+/// Descriptors sent per command: the request's pipe, then stdin, stdout, stderr.
+const LAUNCH_FDS: usize = 4;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -51,7 +67,7 @@ fn forwarded_and_child() -> SigSet {
 }
 
 /// Exit code for a wait status, shell style.
-fn exit_code(status: WaitStatus) -> Option<i32> {
+pub(crate) fn exit_code(status: WaitStatus) -> Option<i32> {
     match status {
         WaitStatus::Exited(_, code) => Some(code),
         WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
@@ -59,18 +75,9 @@ fn exit_code(status: WaitStatus) -> Option<i32> {
     }
 }
 
-/// Where a supervisor delivers the signals it receives.
-#[derive(Clone, Copy)]
-enum Forward {
-    /// To the child process only (the namespace init, which handles them).
-    Process,
-    /// To the child's process group (the command and everything it started).
-    Group,
-}
-
 /// Forks. Returns in the child; the parent never returns: it forwards signals to the
-/// child and exits with the child's exit code.
-fn fork_supervised(forward: Forward) {
+/// child's process group and exits with the child's exit code.
+fn fork_supervised() {
     let set = forwarded_and_child();
     if let Err(e) = set.thread_block() {
         fail(&format!("cannot block signals: {e}"));
@@ -80,19 +87,16 @@ fn fork_supervised(forward: Forward) {
         Ok(ForkResult::Child) => {
             let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
         }
-        Ok(ForkResult::Parent { child }) => supervise(child, forward, &set),
+        Ok(ForkResult::Parent { child }) => supervise(child, &set),
         Err(e) => fail(&format!("fork failed: {e}")),
     }
 }
 
-fn supervise(child: Pid, forward: Forward, set: &SigSet) -> ! {
+fn supervise(child: Pid, set: &SigSet) -> ! {
     loop {
         let Ok(sig) = set.wait() else { continue };
         if sig != Signal::SIGCHLD {
-            let _ = match forward {
-                Forward::Process => kill(child, sig),
-                Forward::Group => killpg(child, sig),
-            };
+            let _ = killpg(child, sig);
             continue;
         }
         // Reap everything (a namespace init adopts orphans); exit with the child's code.
@@ -110,39 +114,157 @@ fn supervise(child: Pid, forward: Forward, set: &SigSet) -> ! {
     }
 }
 
-/// Entry point of the `matchlock-launcher` role.
+/// Errors starting a command through the launcher server.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LaunchError {
+    /// The server could not be started.
+    #[error("cannot start the launcher")]
+    Start(#[source] io::Error),
+    /// The server is gone or answered out of turn; a new one may do.
+    #[error("the launcher is gone")]
+    Gone(#[source] io::Error),
+    /// The server could not create the command's process.
+    #[error("cannot create the command's process")]
+    Clone(#[source] Errno),
+}
+
+/// The agent's end of the launcher server.
+pub(crate) struct Launcher {
+    socket: OwnedFd,
+    server: std::process::Child,
+}
+
+impl Launcher {
+    /// Starts a launcher server.
+    pub(crate) fn start() -> Result<Self, LaunchError> {
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(|e| LaunchError::Start(e.into()))?;
+        let inherited = theirs.as_raw_fd();
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg0(LAUNCHER_ARGV0)
+            .env_clear()
+            .env(LAUNCHER_FD_ENV, inherited.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // SAFETY: fcntl(2) is async-signal-safe and touches only the child's descriptor
+        // table: the server's socket survives its exec, nothing else does.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::fcntl::fcntl(inherited, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+                Ok(())
+            });
+        }
+        let server = cmd.spawn().map_err(LaunchError::Start)?;
+        Ok(Self { socket: ours, server })
+    }
+
+    /// Starts a command: `fds` are its request's pipe, stdin, stdout and stderr. Returns
+    /// the PID of the command's namespace init, a child of the calling process.
+    pub(crate) fn launch(&mut self, fds: [BorrowedFd<'_>; LAUNCH_FDS]) -> Result<Pid, LaunchError> {
+        let raw = fds.map(|fd| fd.as_raw_fd());
+        let socket = self.socket.as_raw_fd();
+        let cmsgs = [ControlMessage::ScmRights(&raw)];
+        sendmsg::<()>(socket, &[IoSlice::new(&[0])], &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+            .map_err(|e| LaunchError::Gone(e.into()))?;
+        let mut reply = [0u8; 4];
+        let n = loop {
+            match recv(socket, &mut reply, MsgFlags::empty()) {
+                Err(Errno::EINTR) => {}
+                other => break other.map_err(|e| LaunchError::Gone(e.into()))?,
+            }
+        };
+        if n != reply.len() {
+            return Err(LaunchError::Gone(io::Error::from(io::ErrorKind::UnexpectedEof)));
+        }
+        match i32::from_ne_bytes(reply) {
+            pid if pid > 0 => Ok(Pid::from_raw(pid)),
+            errno => Err(LaunchError::Clone(Errno::from_raw(-errno))),
+        }
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// Entry point of the `matchlock-launcher` role: the launcher server.
 pub(crate) fn main() -> ExitCode {
-    let fd = std::env::var(REQUEST_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok());
-    let Some(fd) = fd.filter(|fd| *fd > 2) else { fail("no request descriptor") };
-    // SAFETY: the agent hands us this descriptor holding the request; nothing else owns it.
-    let mut request_pipe = unsafe { fs::File::from_raw_fd(fd) };
+    let fd = std::env::var(LAUNCHER_FD_ENV).ok().and_then(|v| v.parse::<RawFd>().ok());
+    let Some(fd) = fd.filter(|fd| *fd > 2) else { fail("no launcher socket") };
+    // SAFETY: the agent hands us this descriptor as our socket; nothing else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    loop {
+        let mut byte = [0u8; 1];
+        let mut iov = [IoSliceMut::new(&mut byte)];
+        let mut space = nix::cmsg_space!([RawFd; LAUNCH_FDS]);
+        let flags = MsgFlags::MSG_CMSG_CLOEXEC;
+        let fds: Vec<OwnedFd> = match recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), flags) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => fail(&format!("launcher socket: {e}")),
+            // The agent closed its end.
+            Ok(msg) if msg.bytes == 0 => return ExitCode::SUCCESS,
+            Ok(msg) => msg
+                .cmsgs()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| match c {
+                    ControlMessageOwned::ScmRights(fds) => Some(fds),
+                    _ => None,
+                })
+                .flatten()
+                // SAFETY: the kernel just installed these descriptors for us.
+                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+                .collect(),
+        };
+        let reply = match <[OwnedFd; LAUNCH_FDS]>::try_from(fds) {
+            Ok(fds) => clone_namespace_init(&socket, fds).map_or_else(|e| -(e as i32), Pid::as_raw),
+            Err(_) => -(Errno::EINVAL as i32),
+        };
+        if let Err(e) = nix::sys::socket::send(socket.as_raw_fd(), &reply.to_ne_bytes(), MsgFlags::MSG_NOSIGNAL) {
+            fail(&format!("launcher socket: {e}"));
+        }
+    }
+}
+
+/// Clones the init of a new PID and mount namespace as a child of our parent (the
+/// agent). Returns its PID; the clone itself runs [`namespace_init`].
+fn clone_namespace_init(socket: &OwnedFd, fds: [OwnedFd; LAUNCH_FDS]) -> Result<Pid, Errno> {
+    let flags = libc::CLONE_PARENT | libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD;
+    // SAFETY: without CLONE_VM this is a fork (what the standard library does to spawn):
+    // the child continues here on a copy of this single-threaded process's memory.
+    let rc = unsafe { libc::syscall(libc::SYS_clone, libc::c_long::from(flags), 0usize, 0usize, 0usize, 0usize) };
+    match rc {
+        -1 => Err(Errno::last()),
+        0 => namespace_init(socket, fds),
+        pid => Ok(Pid::from_raw(i32::try_from(pid).map_err(|_| Errno::EOVERFLOW)?)),
+    }
+}
+
+/// PID 1 of a command's namespaces: takes the command's stdio, reads its request,
+/// prepares the namespace, then forks the command and supervises it.
+fn namespace_init(socket: &OwnedFd, fds: [OwnedFd; LAUNCH_FDS]) -> ! {
+    let _ = nix::unistd::close(socket.as_raw_fd());
+    let [request_pipe, stdio @ ..] = fds;
+    for (fd, target) in stdio.iter().zip(0..) {
+        if let Err(e) = nix::unistd::dup2(fd.as_raw_fd(), target) {
+            fail(&format!("cannot set up the command's stdio: {e}"));
+        }
+    }
+    drop(stdio);
     let mut raw = Vec::new();
-    if let Err(e) = request_pipe.read_to_end(&mut raw) {
+    if let Err(e) = fs::File::from(request_pipe).read_to_end(&mut raw) {
         fail(&format!("cannot read the request: {e}"));
     }
-    drop(request_pipe);
     let request: ExecRequest = match serde_json::from_slice(&raw) {
         Ok(r) => r,
         Err(e) => fail(&format!("bad request: {e}")),
     };
-    // Our own namespaces and session: the children get a new PID namespace (our first
-    // child is its PID 1), we and they a private mount namespace.
-    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID | nix::sched::CloneFlags::CLONE_NEWNS) {
-        fail(&format!("cannot make the command's namespaces: {e}"));
-    }
     if let Err(e) = nix::unistd::setsid() {
         fail(&format!("setsid: {e}"));
     }
-    fork_supervised(Forward::Process);
-    prepare_namespace();
-    fork_supervised(Forward::Group);
-    exec_command(&request, request.window.is_some())
-}
-
-/// Runs as PID 1 of the command's namespace.
-fn prepare_namespace() {
-    // Die with the launcher: when PID 1 of a namespace exits, the kernel kills the rest.
-    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     if let Err(e) = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>) {
         fail(&format!("cannot make mounts private: {e}"));
     }
@@ -150,10 +272,18 @@ fn prepare_namespace() {
     if let Err(e) = mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>) {
         fail(&format!("cannot mount /proc: {e}"));
     }
+    fork_supervised();
+    exec_command(&request, request.window.is_some())
 }
 
-/// Stage 3: become the command.
+/// Becomes the command.
 fn exec_command(request: &ExecRequest, tty: bool) -> ! {
+    // The Rust runtime ignores SIGPIPE; an ignored signal stays ignored across exec, and
+    // commands expect the default (`yes | head` ends by SIGPIPE).
+    // SAFETY: restoring the default disposition installs no handler.
+    if let Err(e) = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        fail(&format!("cannot restore SIGPIPE: {e}"));
+    }
     if let Err(e) = nix::unistd::setsid() {
         fail(&format!("setsid: {e}"));
     }
@@ -208,7 +338,7 @@ fn exec_command(request: &ExecRequest, tty: bool) -> ! {
     let path = env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     let program = resolve_program(&request.argv[0], path);
     let err = nix::unistd::execve(&cstr(&program), &argv, &envp).unwrap_err();
-    let code = if err == nix::errno::Errno::EACCES { 126 } else { 127 };
+    let code = if err == Errno::EACCES { 126 } else { 127 };
     eprintln!("matchlock: cannot execute {}: {}", request.argv[0], err.desc());
     std::process::exit(code)
 }
