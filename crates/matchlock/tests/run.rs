@@ -24,6 +24,10 @@ fn exit_codes_zero_one_255_and_signals() {
         let out = h.run(&["--image", "busybox", "--", "sh", "-c", cmd]);
         assert_eq!(out.status.code(), Some(code), "{cmd}: {}", stderr(&out));
     }
+    // SIGPIPE is at its default, as under Docker: a writer into a closed pipe dies of it
+    // (141) instead of failing with EPIPE ("yes: Broken pipe").
+    let out = h.run(&["--image", "busybox", "--", "sh", "-c", "(yes; echo \"yes ended: $?\" >&2) | head -n1"]);
+    assert_eq!((ok(&out), stderr(&out)), ("y\n".to_owned(), "yes ended: 141\n".to_owned()));
 }
 
 #[test]
