@@ -19,6 +19,7 @@ use matchlock_protocol::{
     ECHO_PORT, EXEC_PORT, FORWARD_MAX_CHUNK, FORWARD_OK, FORWARD_PORT, FORWARD_REFUSED, READY_PORT,
 };
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
@@ -291,6 +292,8 @@ struct Running {
     stderr: Option<File>,
     /// The PTY master in TTY mode (also `stdin`/`stdout`).
     pty: Option<OwnedFd>,
+    /// Where the namespace init reports the exit code.
+    status: File,
 }
 
 fn pipe() -> io::Result<(File, OwnedFd)> {
@@ -299,8 +302,8 @@ fn pipe() -> io::Result<(File, OwnedFd)> {
 }
 
 /// Starts a command through the launcher server (a new one if it died). The fds are the
-/// request's pipe and the command's stdin, stdout and stderr.
-fn launch(fds: [std::os::fd::BorrowedFd<'_>; 4]) -> Result<Pid, LaunchError> {
+/// request's pipe, the command's stdin, stdout and stderr, and its status pipe.
+fn launch(fds: [std::os::fd::BorrowedFd<'_>; launcher::LAUNCH_FDS]) -> Result<Pid, LaunchError> {
     let mut launcher = LAUNCHER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut retried = false;
     loop {
@@ -348,43 +351,77 @@ fn start(mode: ExecMode, request: &ExecRequest) -> io::Result<Running> {
             ([child_in, out_w, err_w], stdin, out_r, Some(err_r), None)
         }
     };
+    let (status, status_w) = pipe()?;
     let [child_in, child_out, child_err] = &child_stdio;
-    let pid = launch([request_r.as_fd(), child_in.as_fd(), child_out.as_fd(), child_err.as_fd()])
-        .map_err(|e| io::Error::other(sys::error_chain(&e)))?;
-    drop(child_stdio);
-    drop(request_r);
+    let fds = [request_r.as_fd(), child_in.as_fd(), child_out.as_fd(), child_err.as_fd(), status_w.as_fd()];
+    let pid = launch(fds).map_err(|e| io::Error::other(sys::error_chain(&e)))?;
+    drop((child_stdio, request_r, status_w));
     let mut request_w = File::from(request_w);
     request_w.write_all(&serde_json::to_vec(request).map_err(io::Error::other)?)?;
     drop(request_w);
-    Ok(Running { pid, stdin, stdout, stderr, pty })
+    Ok(Running { pid, stdin, stdout, stderr, pty, status })
 }
 
-fn pump(mut from: File, to: Sender, wrap: fn(Vec<u8>) -> GuestMessage) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        let mut buf = vec![0u8; CHUNK];
-        let mut connected = true;
-        loop {
-            match from.read(&mut buf) {
+/// Sends the command's output to the host until both streams end, i.e. until every
+/// process of the command is gone (its namespace init kills what is left when the
+/// command ends). Without a host (the connection is gone) the output is read and
+/// dropped: a command that outlives its exec never blocks on it.
+fn pump_output(stdout: File, stderr: Option<File>, sender: &Sender) {
+    type Wrap = fn(Vec<u8>) -> GuestMessage;
+    let mut sources: Vec<(File, Wrap)> = vec![(stdout, GuestMessage::Stdout)];
+    sources.extend(stderr.map(|e| (e, GuestMessage::Stderr as Wrap)));
+    let mut buf = vec![0u8; CHUNK];
+    let mut connected = true;
+    while !sources.is_empty() {
+        let mut polled: Vec<PollFd<'_>> =
+            sources.iter().map(|(f, _)| PollFd::new(f.as_fd(), PollFlags::POLLIN)).collect();
+        match poll(&mut polled, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => {
+                eprintln!("guest-agent: polling the command's output: {e}");
+                return;
+            }
+        }
+        let ready: Vec<bool> = polled.iter().map(|p| p.revents().is_some_and(|r| !r.is_empty())).collect();
+        drop(polled);
+        let mut ended = Vec::new();
+        for (i, (source, wrap)) in sources.iter_mut().enumerate().filter(|(i, _)| ready[*i]) {
+            match source.read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // EIO: the PTY's last slave descriptor closed.
-                Ok(0) | Err(_) => break,
+                Ok(0) | Err(_) => ended.push(i),
                 Ok(n) => {
-                    // Without a host (the connection is gone) the output is read and
-                    // dropped: a command that outlives its exec never blocks on it.
-                    if connected && to.send(&wrap(buf[..n].to_vec())).is_err() {
+                    if connected && sender.send(&wrap(buf[..n].to_vec())).is_err() {
                         connected = false;
                     }
                 }
             }
         }
-    })
+        for i in ended.into_iter().rev() {
+            sources.remove(i);
+        }
+    }
+}
+
+/// Waits for a namespace init to end; its exit code.
+fn reap(pid: Pid) -> io::Result<i32> {
+    loop {
+        match waitpid(pid, None) {
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+            Ok(status) => {
+                if let Some(code) = launcher::exit_code(status) {
+                    return Ok(code);
+                }
+            }
+        }
+    }
 }
 
 fn run(mut stream: Stream, sender: &Sender, running: Running) -> Result<(), ConnError> {
-    let Running { pid, stdin, stdout, stderr, pty } = running;
+    let Running { pid, stdin, stdout, stderr, pty, mut status } = running;
     let finished = Arc::new(AtomicBool::new(false));
     let session = mux::session();
-    let out_pump = pump(stdout, sender.clone(), GuestMessage::Stdout);
-    let err_pump = stderr.map(|e| pump(e, sender.clone(), GuestMessage::Stderr));
 
     // Host messages; EOF or garbage on the connection cancels the command.
     let finished_r = Arc::clone(&finished);
@@ -434,26 +471,26 @@ fn run(mut stream: Stream, sender: &Sender, running: Running) -> Result<(), Conn
         }
     });
 
-    let code = loop {
-        match waitpid(pid, None) {
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(io::Error::from(e).into()),
-            Ok(status) => {
-                if let Some(code) = launcher::exit_code(status) {
-                    break code;
-                }
-            }
-        }
+    pump_output(stdout, stderr, sender);
+    // The namespace init reports the code once the command's processes are gone; it
+    // reports none if it was killed (cancelled, or rebooted by a privileged command).
+    let mut bytes = [0u8; 4];
+    let reported = status.read_exact(&mut bytes).is_ok().then(|| i32::from_ne_bytes(bytes));
+    let code = match reported {
+        Some(code) => code,
+        None => reap(pid)?,
     };
     finished.store(true, Ordering::SeqCst);
-    let _ = out_pump.join();
-    if let Some(p) = err_pump {
-        let _ = p.join();
+    let answered = sender.send(&GuestMessage::Exit(code));
+    {
+        let stream = sender.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
     }
-    sender.send(&GuestMessage::Exit(code))?;
-    let stream = sender.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    Ok(())
+    if reported.is_some() {
+        // After the answer: tearing down the namespace is not the host's to wait for.
+        reap(pid)?;
+    }
+    answered
 }
 
 /// SIGTERM now, SIGKILL after the grace period unless the command ended.

@@ -9,10 +9,13 @@
 //! less than spawning and starting a binary for each command.
 //!
 //! The namespace's PID 1 reads the request, makes its mounts private, mounts `/proc`, and
-//! forks the command, then forwards signals to the command's process group and reaps. A
-//! namespace init only receives signals it handles, so the command must not be PID 1:
-//! otherwise SIGTERM would be ignored. Exit codes travel back up unchanged (128+N for a
-//! death by signal N).
+//! forks the command, then lets go of its stdio, forwards signals to the command's process
+//! group and reaps. When the command ends, it kills and reaps what is left in the
+//! namespace and reports the exit code on the status pipe before it exits, so the agent
+//! answers without waiting for the namespace's teardown. A namespace init only receives
+//! signals it handles, so the command must not be PID 1: otherwise SIGTERM would be
+//! ignored. Exit codes travel back up unchanged (128+N for a death by signal N). The
+//! seccomp program is built once, in the server.
 
 use std::ffi::CString;
 use std::fs;
@@ -24,7 +27,7 @@ use std::process::{Command, ExitCode, Stdio};
 use matchlock_protocol::exec::ExecRequest;
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
-use nix::sys::signal::{killpg, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{kill, killpg, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::socket::{
     recv, recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
     SockType,
@@ -36,8 +39,9 @@ use crate::{sys, users, LAUNCHER_ARGV0};
 
 /// The environment variable that tells the launcher server which descriptor is its socket.
 const LAUNCHER_FD_ENV: &str = "MATCHLOCK_LAUNCHER_FD";
-/// Descriptors sent per command: the request's pipe, then stdin, stdout, stderr.
-const LAUNCH_FDS: usize = 4;
+/// Descriptors sent per command: the request's pipe; stdin, stdout, stderr; and the
+/// pipe on which the namespace init reports the command's exit code.
+pub(crate) const LAUNCH_FDS: usize = 5;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -75,9 +79,10 @@ pub(crate) fn exit_code(status: WaitStatus) -> Option<i32> {
     }
 }
 
-/// Forks. Returns in the child; the parent never returns: it forwards signals to the
-/// child's process group and exits with the child's exit code.
-fn fork_supervised() {
+/// Forks the command. Returns in the child; the parent, the namespace init, never
+/// returns: it lets go of the command's stdio, forwards signals to the command's process
+/// group and reaps orphans, and when the command ends, [`finish`]es.
+fn fork_command(status: OwnedFd) {
     let set = forwarded_and_child();
     if let Err(e) = set.thread_block() {
         fail(&format!("cannot block signals: {e}"));
@@ -85,33 +90,49 @@ fn fork_supervised() {
     // SAFETY: the launcher is single-threaded, so the child may run arbitrary code.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => {
+            drop(status);
             let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
         }
-        Ok(ForkResult::Parent { child }) => supervise(child, &set),
+        Ok(ForkResult::Parent { child }) => {
+            // The output ends when the command's processes are gone, not with us.
+            for fd in 0..=2 {
+                let _ = nix::unistd::close(fd);
+            }
+            supervise(child, &set, &status)
+        }
         Err(e) => fail(&format!("fork failed: {e}")),
     }
 }
 
-fn supervise(child: Pid, set: &SigSet) -> ! {
+fn supervise(child: Pid, set: &SigSet, status: &OwnedFd) -> ! {
     loop {
         let Ok(sig) = set.wait() else { continue };
         if sig != Signal::SIGCHLD {
             let _ = killpg(child, sig);
             continue;
         }
-        // Reap everything (a namespace init adopts orphans); exit with the child's code.
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(status) if status.pid() == Some(child) => {
-                    if let Some(code) = exit_code(status) {
-                        std::process::exit(code);
+                Ok(exited) if exited.pid() == Some(child) => {
+                    if let Some(code) = exit_code(exited) {
+                        finish(code, status);
                     }
                 }
                 Ok(_) => {}
             }
         }
     }
+}
+
+/// The command ended with `code`: what is left in the namespace is killed and reaped,
+/// then the code goes to the agent on `status`, before the namespace itself is torn down
+/// (which costs about a millisecond under TCG, none of it the host's to wait for).
+fn finish(code: i32, status: &OwnedFd) -> ! {
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    while !matches!(waitpid(None, None), Err(Errno::ECHILD)) {}
+    let _ = nix::unistd::write(status, &code.to_ne_bytes());
+    std::process::exit(code)
 }
 
 /// Errors starting a command through the launcher server.
@@ -158,8 +179,9 @@ impl Launcher {
         Ok(Self { socket: ours, server })
     }
 
-    /// Starts a command: `fds` are its request's pipe, stdin, stdout and stderr. Returns
-    /// the PID of the command's namespace init, a child of the calling process.
+    /// Starts a command: `fds` are its request's pipe, stdin, stdout, stderr and status
+    /// pipe. Returns the PID of the command's namespace init, a child of the calling
+    /// process.
     pub(crate) fn launch(&mut self, fds: [BorrowedFd<'_>; LAUNCH_FDS]) -> Result<Pid, LaunchError> {
         let raw = fds.map(|fd| fd.as_raw_fd());
         let socket = self.socket.as_raw_fd();
@@ -196,6 +218,12 @@ pub(crate) fn main() -> ExitCode {
     let Some(fd) = fd.filter(|fd| *fd > 2) else { fail("no launcher socket") };
     // SAFETY: the agent hands us this descriptor as our socket; nothing else owns it.
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let hardening = if matchlock_protocol::boot::is_privileged(&cmdline) {
+        Hardening::None
+    } else {
+        sys::seccomp_program().map_or_else(|e| Hardening::Failed(e.to_string()), Hardening::Restrict)
+    };
     loop {
         let mut byte = [0u8; 1];
         let mut iov = [IoSliceMut::new(&mut byte)];
@@ -220,7 +248,7 @@ pub(crate) fn main() -> ExitCode {
                 .collect(),
         };
         let reply = match <[OwnedFd; LAUNCH_FDS]>::try_from(fds) {
-            Ok(fds) => clone_namespace_init(&socket, fds).map_or_else(|e| -(e as i32), Pid::as_raw),
+            Ok(fds) => clone_namespace_init(&socket, fds, &hardening).map_or_else(|e| -(e as i32), Pid::as_raw),
             Err(_) => -(Errno::EINVAL as i32),
         };
         if let Err(e) = nix::sys::socket::send(socket.as_raw_fd(), &reply.to_ne_bytes(), MsgFlags::MSG_NOSIGNAL) {
@@ -229,25 +257,36 @@ pub(crate) fn main() -> ExitCode {
     }
 }
 
+/// What commands are restricted with, decided once per boot.
+enum Hardening {
+    /// A privileged sandbox: nothing.
+    None,
+    /// Capabilities, no_new_privs and this seccomp program ([`sys::harden`]).
+    Restrict(seccompiler::BpfProgram),
+    /// The seccomp program could not be built: every command fails with this.
+    Failed(String),
+}
+
 /// Clones the init of a new PID and mount namespace as a child of our parent (the
 /// agent). Returns its PID; the clone itself runs [`namespace_init`].
-fn clone_namespace_init(socket: &OwnedFd, fds: [OwnedFd; LAUNCH_FDS]) -> Result<Pid, Errno> {
+fn clone_namespace_init(socket: &OwnedFd, fds: [OwnedFd; LAUNCH_FDS], hardening: &Hardening) -> Result<Pid, Errno> {
     let flags = libc::CLONE_PARENT | libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD;
     // SAFETY: without CLONE_VM this is a fork (what the standard library does to spawn):
     // the child continues here on a copy of this single-threaded process's memory.
     let rc = unsafe { libc::syscall(libc::SYS_clone, libc::c_long::from(flags), 0usize, 0usize, 0usize, 0usize) };
     match rc {
         -1 => Err(Errno::last()),
-        0 => namespace_init(socket, fds),
+        0 => namespace_init(socket, fds, hardening),
         pid => Ok(Pid::from_raw(i32::try_from(pid).map_err(|_| Errno::EOVERFLOW)?)),
     }
 }
 
 /// PID 1 of a command's namespaces: takes the command's stdio, reads its request,
 /// prepares the namespace, then forks the command and supervises it.
-fn namespace_init(socket: &OwnedFd, fds: [OwnedFd; LAUNCH_FDS]) -> ! {
+fn namespace_init(socket: &OwnedFd, fds: [OwnedFd; LAUNCH_FDS], hardening: &Hardening) -> ! {
     let _ = nix::unistd::close(socket.as_raw_fd());
-    let [request_pipe, stdio @ ..] = fds;
+    let [request_pipe, stdin, stdout, stderr, status] = fds;
+    let stdio = [stdin, stdout, stderr];
     for (fd, target) in stdio.iter().zip(0..) {
         if let Err(e) = nix::unistd::dup2(fd.as_raw_fd(), target) {
             fail(&format!("cannot set up the command's stdio: {e}"));
@@ -272,12 +311,12 @@ fn namespace_init(socket: &OwnedFd, fds: [OwnedFd; LAUNCH_FDS]) -> ! {
     if let Err(e) = mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>) {
         fail(&format!("cannot mount /proc: {e}"));
     }
-    fork_supervised();
-    exec_command(&request, request.window.is_some())
+    fork_command(status);
+    exec_command(&request, request.window.is_some(), hardening)
 }
 
 /// Becomes the command.
-fn exec_command(request: &ExecRequest, tty: bool) -> ! {
+fn exec_command(request: &ExecRequest, tty: bool, hardening: &Hardening) -> ! {
     // The Rust runtime ignores SIGPIPE; an ignored signal stays ignored across exec, and
     // commands expect the default (`yes | head` ends by SIGPIPE).
     // SAFETY: restoring the default disposition installs no handler.
@@ -292,11 +331,13 @@ fn exec_command(request: &ExecRequest, tty: bool) -> ! {
             fail(&format!("cannot acquire the terminal: {e}"));
         }
     }
-    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if !matchlock_protocol::boot::is_privileged(&cmdline) {
-        if let Err(e) = sys::harden() {
-            fail(&format!("cannot restrict the command: {e}"));
-        }
+    let hardened = match hardening {
+        Hardening::None => Ok(()),
+        Hardening::Restrict(seccomp) => sys::harden(seccomp).map_err(|e| e.to_string()),
+        Hardening::Failed(e) => Err(e.clone()),
+    };
+    if let Err(e) = hardened {
+        fail(&format!("cannot restrict the command: {e}"));
     }
     let mut env: Vec<(String, String)> = Vec::new();
     let mut set_env = |k: &str, v: &str| {

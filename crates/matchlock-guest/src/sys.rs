@@ -87,8 +87,9 @@ const DENIED_SYSCALLS: [libc::c_long; 5] = [
 
 /// Restricts the calling process before it executes a command: drops
 /// [`DROPPED_CAPABILITIES`] from the bounding set, sets no_new_privs, and installs a
-/// seccomp filter denying [`DENIED_SYSCALLS`]. Inherited by everything it starts.
-pub(crate) fn harden() -> io::Result<()> {
+/// seccomp filter denying [`DENIED_SYSCALLS`] (built once by [`seccomp_program`]).
+/// Inherited by everything it starts.
+pub(crate) fn harden(seccomp: &seccompiler::BpfProgram) -> io::Result<()> {
     for cap in DROPPED_CAPABILITIES {
         // SAFETY: PR_CAPBSET_DROP takes an integer and touches no memory of ours.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
@@ -96,6 +97,11 @@ pub(crate) fn harden() -> io::Result<()> {
         }
     }
     nix::sys::prctl::set_no_new_privs()?;
+    seccompiler::apply_filter(seccomp).map_err(io::Error::other)
+}
+
+/// The seccomp program [`harden`] installs: [`DENIED_SYSCALLS`] fail with EPERM.
+pub(crate) fn seccomp_program() -> io::Result<seccompiler::BpfProgram> {
     let rules = DENIED_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect();
     let filter = seccompiler::SeccompFilter::new(
         rules,
@@ -104,6 +110,5 @@ pub(crate) fn harden() -> io::Result<()> {
         seccompiler::TargetArch::x86_64,
     )
     .map_err(io::Error::other)?;
-    let program: seccompiler::BpfProgram = filter.try_into().map_err(io::Error::other)?;
-    seccompiler::apply_filter(&program).map_err(io::Error::other)
+    filter.try_into().map_err(io::Error::other)
 }

@@ -126,6 +126,19 @@ fn exec_through_the_relay_pipes_stdin_and_cancels() {
     assert!(sent.elapsed() < Duration::from_secs(5));
     assert_eq!(status.code(), Some(143));
     assert_eq!(ok(&h.ml(&["exec", &id, "--", "sh", "-c", "pgrep -x sleep || echo gone"])), "gone\n");
+
+    // What a command leaves running ends with it: the exec answers at once (the
+    // background writer holds its stdout), and the writer really stopped. Control: it
+    // wrote while the command ran.
+    let beat = "(while :; do echo x >> /tmp/beat; sleep 0.1; done) & sleep 0.5; wc -c < /tmp/beat";
+    let started = Instant::now();
+    let written: usize = ok(&h.ml(&["exec", &id, "--", "sh", "-c", beat])).trim().parse().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "exec waited for its background process");
+    assert!(written > 0, "the background writer never ran");
+    let later =
+        ok(&h.ml(&["exec", &id, "--", "sh", "-c", "a=$(wc -c < /tmp/beat); sleep 1; wc -c < /tmp/beat; echo $a"]));
+    let sizes: Vec<&str> = later.split_whitespace().collect();
+    assert_eq!(sizes[0], sizes[1], "the background writer outlived its command");
     ok(&h.ml(&["kill", &id]));
 }
 
