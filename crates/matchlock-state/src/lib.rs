@@ -307,16 +307,28 @@ impl StateDb {
     pub fn reconcile_statuses(&self) -> Result<Vec<Vm>, StateError> {
         let mut vms = self.list()?;
         for vm in &mut vms {
-            if vm.status == Status::Running && !vm.owner_alive() {
-                // Only flip rows still marked running: the owner may have just stopped it.
-                self.conn.execute(
-                    "UPDATE vms SET status = 'crashed', updated_at = ?2 WHERE id = ?1 AND status = 'running'",
-                    params![vm.id, now_rfc3339()],
-                )?;
-                vm.status = Status::Crashed;
-            }
+            self.reconcile(vm)?;
         }
         Ok(vms)
+    }
+
+    /// One VM, its status reconciled like [`StateDb::reconcile_statuses`] does.
+    pub fn reconciled(&self, id: &str) -> Result<Option<Vm>, StateError> {
+        let Some(mut vm) = self.get(id)? else { return Ok(None) };
+        self.reconcile(&mut vm)?;
+        Ok(Some(vm))
+    }
+
+    fn reconcile(&self, vm: &mut Vm) -> Result<(), StateError> {
+        if vm.status == Status::Running && !vm.owner_alive() {
+            // Only flip rows still marked running: the owner may have just stopped it.
+            self.conn.execute(
+                "UPDATE vms SET status = 'crashed', updated_at = ?2 WHERE id = ?1 AND status = 'running'",
+                params![vm.id, now_rfc3339()],
+            )?;
+            vm.status = Status::Crashed;
+        }
+        Ok(())
     }
 
     /// Deletes a VM's rows (the VM and its lifecycle history).

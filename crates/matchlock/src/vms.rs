@@ -41,15 +41,17 @@ pub(crate) struct ExecArgs {
 
 /// A VM row, refreshed: a `running` row whose owner died becomes `crashed`.
 pub(crate) fn lookup(state: &StateDb, id: &str) -> Result<Vm> {
-    let not_found = || anyhow!("VM not found {id}: VM {id} not found");
-    state.get(id)?.ok_or_else(not_found)?;
-    state.reconcile_statuses()?.into_iter().find(|v| v.id == id).ok_or_else(not_found)
+    state.reconciled(id)?.ok_or_else(|| anyhow!("VM not found {id}: VM {id} not found"))
 }
 
 /// The VM directory of a running sandbox whose relay is up.
 pub(crate) fn running_vm_dir(id: &str) -> Result<VmDir> {
-    let state = open_state()?;
-    let vm = lookup(&state, id)?;
+    Ok(running_vm(&open_state()?, id)?.1)
+}
+
+/// A running sandbox whose relay is up, and its directory.
+fn running_vm(state: &StateDb, id: &str) -> Result<(Vm, VmDir)> {
+    let vm = lookup(state, id)?;
     if vm.status != Status::Running {
         bail!("VM {} is not running (status: {})", vm.id, vm.status);
     }
@@ -57,7 +59,7 @@ pub(crate) fn running_vm_dir(id: &str) -> Result<VmDir> {
     if !dir.exec_socket().exists() {
         bail!("exec socket not found for {} (was it started with --rm=false?)", vm.id);
     }
-    Ok(dir)
+    Ok((vm, dir))
 }
 
 /// `matchlock allow-list add|delete`.
@@ -107,9 +109,7 @@ pub(crate) async fn exec(args: ExecArgs) -> Result<u8> {
         }
         command.push("sh".to_owned());
     }
-    let dir = running_vm_dir(&args.id)?;
-    let state = open_state()?;
-    let vm = lookup(&state, &args.id)?;
+    let (vm, dir) = running_vm(&open_state()?, &args.id)?;
     // Same environment, user and directory rules as `run`, with this command.
     let mut config: SandboxConfig =
         serde_json::from_str(&vm.config_json).with_context(|| format!("corrupt configuration of {}", vm.id))?;
