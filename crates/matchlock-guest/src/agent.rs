@@ -192,6 +192,7 @@ fn handle(mut stream: Stream, disks: &[String]) -> Result<(), ConnError> {
             let outcome = serde_json::from_slice(&frame.payload)
                 .map_err(|e| format!("invalid restore message: {e}"))
                 .and_then(|r| crate::init::apply_restored(&r));
+            renew_spare();
             if let Err(e) = &outcome {
                 sender.send(&GuestMessage::Stderr(format!("matchlock: {e}\n").into_bytes()))?;
             }
@@ -318,6 +319,26 @@ fn launch(fds: [std::os::fd::BorrowedFd<'_>; launcher::LAUNCH_FDS]) -> Result<Pi
                 retried = true;
             }
             other => return other,
+        }
+    }
+}
+
+/// After the guest's mounts changed: commands must see the new ones.
+fn renew_spare() {
+    with_launcher(Launcher::renew_spare);
+}
+
+/// After a command: the next one's namespace init is made ready now.
+fn replenish_spare() {
+    with_launcher(Launcher::replenish);
+}
+
+fn with_launcher(request: fn(&mut Launcher) -> Result<(), LaunchError>) {
+    let mut launcher = LAUNCHER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(l) = launcher.as_mut() {
+        if let Err(e) = request(l) {
+            eprintln!("guest-agent: {}; restarting the launcher", sys::error_chain(&e));
+            *launcher = None;
         }
     }
 }
@@ -490,6 +511,7 @@ fn run(mut stream: Stream, sender: &Sender, running: Running) -> Result<(), Conn
         // After the answer: tearing down the namespace is not the host's to wait for.
         reap(pid)?;
     }
+    replenish_spare();
     answered
 }
 

@@ -2,14 +2,19 @@
 //!
 //! The agent starts one launcher server per guest: this binary as `matchlock-launcher`,
 //! with a `SOCK_SEQPACKET` socket on the descriptor named by `MATCHLOCK_LAUNCHER_FD`. For
-//! each command the agent sends the request's pipe and the command's stdin, stdout and
-//! stderr (`SCM_RIGHTS`); the server clones the namespace's PID 1 straight into new PID and
-//! mount namespaces, as a child of the agent (`CLONE_PARENT`: the agent waits for it and
-//! signals it), and answers with its PID. A clone of a process that already runs costs far
-//! less than spawning and starting a binary for each command.
+//! each command the agent sends the request's pipe, the command's stdin, stdout and
+//! stderr, and a status pipe (`SCM_RIGHTS`); the server hands them to a namespace init it
+//! cloned ahead of time (the "spare"), straight into new PID and mount namespaces and as a
+//! child of the agent (`CLONE_PARENT`: the agent signals and reaps it), and answers with
+//! its PID. A clone of a process that already runs costs far less than spawning and
+//! starting a binary for each command. A spare prepares its namespace (session, private
+//! mounts, `/proc`) at idle priority and is raised to normal priority when it gets its
+//! command; the next is cloned when the agent reports that a command ended (the guest's
+//! idle time while the host handles the answer), or on demand. A spare holds a copy of
+//! the mounts of its time: after a restore changed them, the agent has the server let it
+//! go and clone a new one.
 //!
-//! The namespace's PID 1 reads the request, makes its mounts private, mounts `/proc`, and
-//! forks the command, then lets go of its stdio, forwards signals to the command's process
+//! The namespace's PID 1 reads the request and forks the command, then lets go of its stdio, forwards signals to the command's process
 //! group and reaps. When the command ends, it kills and reaps what is left in the
 //! namespace and reports the exit code on the status pipe before it exits, so the agent
 //! answers without waiting for the namespace's teardown. A namespace init only receives
@@ -42,6 +47,12 @@ const LAUNCHER_FD_ENV: &str = "MATCHLOCK_LAUNCHER_FD";
 /// Descriptors sent per command: the request's pipe; stdin, stdout, stderr; and the
 /// pipe on which the namespace init reports the command's exit code.
 pub(crate) const LAUNCH_FDS: usize = 5;
+/// Requests to the server (the byte of each message): start a command (with its
+/// [`LAUNCH_FDS`] descriptors); let the spare go because the mounts changed; clone a spare
+/// now if there is none (asked when a command has ended: in the guest's idle time).
+const LAUNCH: u8 = 0;
+const RENEW: u8 = 1;
+const REPLENISH: u8 = 2;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -184,9 +195,34 @@ impl Launcher {
     /// process.
     pub(crate) fn launch(&mut self, fds: [BorrowedFd<'_>; LAUNCH_FDS]) -> Result<Pid, LaunchError> {
         let raw = fds.map(|fd| fd.as_raw_fd());
+        match self.call(LAUNCH, &raw)? {
+            pid if pid > 0 => Ok(Pid::from_raw(pid)),
+            errno => Err(LaunchError::Clone(Errno::from_raw(-errno))),
+        }
+    }
+
+    /// The mounts changed: the server's spare namespace init, which holds a copy of the
+    /// old ones, is let go (and reaped) and a new one cloned.
+    pub(crate) fn renew_spare(&mut self) -> Result<(), LaunchError> {
+        let pid = self.call(RENEW, &[])?;
+        if pid > 0 {
+            let _ = waitpid(Pid::from_raw(pid), None);
+        }
+        Ok(())
+    }
+
+    /// A command ended: the server clones the next spare now, while the guest waits for
+    /// the host, rather than while the next command waits for it.
+    pub(crate) fn replenish(&mut self) -> Result<(), LaunchError> {
+        self.call(REPLENISH, &[]).map(drop)
+    }
+
+    /// One request to the server, its answer.
+    fn call(&mut self, request: u8, fds: &[RawFd]) -> Result<i32, LaunchError> {
         let socket = self.socket.as_raw_fd();
-        let cmsgs = [ControlMessage::ScmRights(&raw)];
-        sendmsg::<()>(socket, &[IoSlice::new(&[0])], &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        let rights = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+        sendmsg::<()>(socket, &[IoSlice::new(&[request])], cmsgs, MsgFlags::MSG_NOSIGNAL, None)
             .map_err(|e| LaunchError::Gone(e.into()))?;
         let mut reply = [0u8; 4];
         let n = loop {
@@ -198,10 +234,7 @@ impl Launcher {
         if n != reply.len() {
             return Err(LaunchError::Gone(io::Error::from(io::ErrorKind::UnexpectedEof)));
         }
-        match i32::from_ne_bytes(reply) {
-            pid if pid > 0 => Ok(Pid::from_raw(pid)),
-            errno => Err(LaunchError::Clone(Errno::from_raw(-errno))),
-        }
+        Ok(i32::from_ne_bytes(reply))
     }
 }
 
@@ -224,36 +257,61 @@ pub(crate) fn main() -> ExitCode {
     } else {
         sys::seccomp_program().map_or_else(|e| Hardening::Failed(e.to_string()), Hardening::Restrict)
     };
+    let mut spare = clone_spare(&socket, &hardening).ok();
     loop {
-        let mut byte = [0u8; 1];
-        let mut iov = [IoSliceMut::new(&mut byte)];
-        let mut space = nix::cmsg_space!([RawFd; LAUNCH_FDS]);
-        let flags = MsgFlags::MSG_CMSG_CLOEXEC;
-        let fds: Vec<OwnedFd> = match recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), flags) {
-            Err(Errno::EINTR) => continue,
+        let (request, fds) = match receive(&socket) {
             Err(e) => fail(&format!("launcher socket: {e}")),
             // The agent closed its end.
-            Ok(msg) if msg.bytes == 0 => return ExitCode::SUCCESS,
-            Ok(msg) => msg
-                .cmsgs()
-                .into_iter()
-                .flatten()
-                .filter_map(|c| match c {
-                    ControlMessageOwned::ScmRights(fds) => Some(fds),
-                    _ => None,
-                })
-                .flatten()
-                // SAFETY: the kernel just installed these descriptors for us.
-                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-                .collect(),
+            Ok(None) => return ExitCode::SUCCESS,
+            Ok(Some(message)) => message,
         };
-        let reply = match <[OwnedFd; LAUNCH_FDS]>::try_from(fds) {
-            Ok(fds) => clone_namespace_init(&socket, fds, &hardening).map_or_else(|e| -(e as i32), Pid::as_raw),
-            Err(_) => -(Errno::EINVAL as i32),
+        let reply = match (request, <[OwnedFd; LAUNCH_FDS]>::try_from(fds)) {
+            (LAUNCH, Ok(fds)) => match spare.take().map_or_else(|| clone_spare(&socket, &hardening), Ok) {
+                Ok(init) => init.hand_over(fds).as_raw(),
+                Err(e) => -(e as i32),
+            },
+            // The mounts changed (a restore): the spare's copy of them is stale.
+            (RENEW, _) => spare.take().map_or(0, |s| s.dismiss().as_raw()),
+            (REPLENISH, _) => 0,
+            _ => -(Errno::EINVAL as i32),
         };
         if let Err(e) = nix::sys::socket::send(socket.as_raw_fd(), &reply.to_ne_bytes(), MsgFlags::MSG_NOSIGNAL) {
             fail(&format!("launcher socket: {e}"));
         }
+        if request != LAUNCH && spare.is_none() {
+            spare = clone_spare(&socket, &hardening).ok();
+        }
+    }
+}
+
+/// Receives one message: its request byte and descriptors; `None` once the peer closed
+/// its end.
+fn receive(socket: &OwnedFd) -> Result<Option<(u8, Vec<OwnedFd>)>, Errno> {
+    loop {
+        let mut byte = [0u8; 1];
+        let mut iov = [IoSliceMut::new(&mut byte)];
+        let mut space = nix::cmsg_space!([RawFd; LAUNCH_FDS]);
+        let msg = match recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+            Ok(msg) => msg,
+        };
+        if msg.bytes == 0 {
+            return Ok(None);
+        }
+        let fds = msg
+            .cmsgs()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| match c {
+                ControlMessageOwned::ScmRights(fds) => Some(fds),
+                _ => None,
+            })
+            .flatten()
+            // SAFETY: the kernel just installed these descriptors for us.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        return Ok(Some((byte[0], fds)));
     }
 }
 
@@ -267,25 +325,82 @@ enum Hardening {
     Failed(String),
 }
 
+/// A namespace init cloned ahead of its command. It prepares its namespace at idle
+/// priority (in the guest's idle time, not a command's) and waits on `socket` for its
+/// command's descriptors.
+struct Spare {
+    pid: Pid,
+    socket: OwnedFd,
+}
+
+impl Spare {
+    /// Gives the spare its command's descriptors, at normal priority again. Returns its
+    /// PID (if it died meanwhile, the agent learns so from its wait status).
+    fn hand_over(self, fds: [OwnedFd; LAUNCH_FDS]) -> Pid {
+        set_policy(self.pid, libc::SCHED_OTHER);
+        let raw = fds.each_ref().map(AsRawFd::as_raw_fd);
+        let cmsgs = [ControlMessage::ScmRights(&raw)];
+        if let Err(e) =
+            sendmsg::<()>(self.socket.as_raw_fd(), &[IoSlice::new(&[0])], &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        {
+            eprintln!("matchlock-launcher: the spare namespace init is gone: {e}");
+        }
+        // Ours are closed: the command holds them now.
+        drop(fds);
+        self.pid
+    }
+
+    /// Lets the spare go (it exits); its PID, for the agent to reap.
+    fn dismiss(self) -> Pid {
+        set_policy(self.pid, libc::SCHED_OTHER);
+        self.pid
+    }
+}
+
+fn set_policy(pid: Pid, policy: libc::c_int) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler reads one `sched_param` from a pointer valid for the call.
+    if unsafe { libc::sched_setscheduler(pid.as_raw(), policy, &param) } < 0 {
+        eprintln!("matchlock-launcher: scheduling policy of {pid}: {}", Errno::last());
+    }
+}
+
 /// Clones the init of a new PID and mount namespace as a child of our parent (the
-/// agent). Returns its PID; the clone itself runs [`namespace_init`].
-fn clone_namespace_init(socket: &OwnedFd, fds: [OwnedFd; LAUNCH_FDS], hardening: &Hardening) -> Result<Pid, Errno> {
+/// agent), to wait as the [`Spare`]; the clone itself runs [`namespace_init`].
+fn clone_spare(agent: &OwnedFd, hardening: &Hardening) -> Result<Spare, Errno> {
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
     let flags = libc::CLONE_PARENT | libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD;
     // SAFETY: without CLONE_VM this is a fork (what the standard library does to spawn):
     // the child continues here on a copy of this single-threaded process's memory.
     let rc = unsafe { libc::syscall(libc::SYS_clone, libc::c_long::from(flags), 0usize, 0usize, 0usize, 0usize) };
     match rc {
         -1 => Err(Errno::last()),
-        0 => namespace_init(socket, fds, hardening),
-        pid => Ok(Pid::from_raw(i32::try_from(pid).map_err(|_| Errno::EOVERFLOW)?)),
+        0 => {
+            let _ = nix::unistd::close(agent.as_raw_fd());
+            let _ = nix::unistd::close(ours.as_raw_fd());
+            namespace_init(&theirs, hardening)
+        }
+        pid => {
+            let pid = Pid::from_raw(i32::try_from(pid).map_err(|_| Errno::EOVERFLOW)?);
+            set_policy(pid, libc::SCHED_IDLE);
+            Ok(Spare { pid, socket: ours })
+        }
     }
 }
 
-/// PID 1 of a command's namespaces: takes the command's stdio, reads its request,
-/// prepares the namespace, then forks the command and supervises it.
-fn namespace_init(socket: &OwnedFd, fds: [OwnedFd; LAUNCH_FDS], hardening: &Hardening) -> ! {
+/// PID 1 of a command's namespaces: prepares the namespace, waits for the command's
+/// descriptors on `socket`, reads its request, then forks the command and supervises it.
+fn namespace_init(socket: &OwnedFd, hardening: &Hardening) -> ! {
+    let prepared = prepare_namespace();
+    let fds = match receive(socket) {
+        Ok(Some((_, fds))) => fds,
+        // Dismissed.
+        Ok(None) | Err(_) => std::process::exit(0),
+    };
     let _ = nix::unistd::close(socket.as_raw_fd());
-    let [request_pipe, stdin, stdout, stderr, status] = fds;
+    let Ok([request_pipe, stdin, stdout, stderr, status]) = <[OwnedFd; LAUNCH_FDS]>::try_from(fds) else {
+        std::process::exit(127)
+    };
     let stdio = [stdin, stdout, stderr];
     for (fd, target) in stdio.iter().zip(0..) {
         if let Err(e) = nix::unistd::dup2(fd.as_raw_fd(), target) {
@@ -293,6 +408,9 @@ fn namespace_init(socket: &OwnedFd, fds: [OwnedFd; LAUNCH_FDS], hardening: &Hard
         }
     }
     drop(stdio);
+    if let Err(e) = prepared {
+        fail(&e);
+    }
     let mut raw = Vec::new();
     if let Err(e) = fs::File::from(request_pipe).read_to_end(&mut raw) {
         fail(&format!("cannot read the request: {e}"));
@@ -301,18 +419,18 @@ fn namespace_init(socket: &OwnedFd, fds: [OwnedFd; LAUNCH_FDS], hardening: &Hard
         Ok(r) => r,
         Err(e) => fail(&format!("bad request: {e}")),
     };
-    if let Err(e) = nix::unistd::setsid() {
-        fail(&format!("setsid: {e}"));
-    }
-    if let Err(e) = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>) {
-        fail(&format!("cannot make mounts private: {e}"));
-    }
-    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    if let Err(e) = mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>) {
-        fail(&format!("cannot mount /proc: {e}"));
-    }
     fork_command(status);
     exec_command(&request, request.window.is_some(), hardening)
+}
+
+/// What a namespace needs before any command: its own session, private mounts, and a
+/// `/proc` of its PIDs.
+fn prepare_namespace() -> Result<(), String> {
+    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(|e| format!("cannot make mounts private: {e}"))?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>).map_err(|e| format!("cannot mount /proc: {e}"))
 }
 
 /// Becomes the command.
