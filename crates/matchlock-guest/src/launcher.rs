@@ -32,13 +32,14 @@ use std::process::{Command, ExitCode, Stdio};
 use matchlock_protocol::exec::ExecRequest;
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
+use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, killpg, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::socket::{
     recv, recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
     SockType,
 };
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
+use nix::unistd::{Gid, Pid, Uid};
 
 use crate::{sys, users, LAUNCHER_ARGV0};
 
@@ -47,6 +48,8 @@ const LAUNCHER_FD_ENV: &str = "MATCHLOCK_LAUNCHER_FD";
 /// Descriptors sent per command: the request's pipe; stdin, stdout, stderr; and the
 /// pipe on which the namespace init reports the command's exit code.
 pub(crate) const LAUNCH_FDS: usize = 5;
+/// The stack the command's process runs on until it executes.
+const COMMAND_STACK: usize = 256 * 1024;
 /// Requests to the server (the byte of each message): start a command (with its
 /// [`LAUNCH_FDS`] descriptors); let the spare go because the mounts changed; clone a spare
 /// now if there is none (asked when a command has ended: in the guest's idle time).
@@ -67,9 +70,12 @@ const FORWARDED: [Signal; 7] = [
     Signal::SIGWINCH,
 ];
 
+/// Reports on stderr and ends with 127. `_exit`: no exit handlers run, as the command's
+/// process shares its parent's memory until it executes.
 fn fail(msg: &str) -> ! {
     eprintln!("matchlock: {msg}");
-    std::process::exit(127)
+    // SAFETY: _exit ends the process at once and touches no memory of ours.
+    unsafe { libc::_exit(127) }
 }
 
 fn forwarded_and_child() -> SigSet {
@@ -90,29 +96,36 @@ pub(crate) fn exit_code(status: WaitStatus) -> Option<i32> {
     }
 }
 
-/// Forks the command. Returns in the child; the parent, the namespace init, never
-/// returns: it lets go of the command's stdio, forwards signals to the command's process
-/// group and reaps orphans, and when the command ends, [`finish`]es.
-fn fork_command(status: OwnedFd) {
+/// Starts the command and becomes its supervisor: lets go of the command's stdio,
+/// forwards signals to the command's process group, reaps orphans, and when the command
+/// ends, [`finish`]es.
+///
+/// The command is cloned with `CLONE_VM | CLONE_VFORK` on a stack of its own, as
+/// posix_spawn does: it shares our memory and we wait until it has called execve (or
+/// exited), so no page tables are copied and neither side takes copy-on-write faults.
+fn spawn_command(request: &ExecRequest, hardening: &Hardening, status: &OwnedFd) -> ! {
     let set = forwarded_and_child();
     if let Err(e) = set.thread_block() {
         fail(&format!("cannot block signals: {e}"));
     }
-    // SAFETY: the launcher is single-threaded, so the child may run arbitrary code.
-    match unsafe { fork() } {
-        Ok(ForkResult::Child) => {
-            drop(status);
-            let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
-        }
-        Ok(ForkResult::Parent { child }) => {
-            // The output ends when the command's processes are gone, not with us.
-            for fd in 0..=2 {
-                let _ = nix::unistd::close(fd);
-            }
-            supervise(child, &set, &status)
-        }
-        Err(e) => fail(&format!("fork failed: {e}")),
+    let mut stack = vec![0u8; COMMAND_STACK];
+    let command = Box::new(|| {
+        let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
+        exec_command(request, request.window.is_some(), hardening)
+    });
+    let flags = CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK;
+    // SAFETY: the child runs `command` on its own stack while this (single-threaded)
+    // process is suspended; `command` ends only in execve or _exit (see `fail`), never
+    // returning into or unwinding through our frames.
+    let child = match unsafe { nix::sched::clone(command, &mut stack, flags, Some(libc::SIGCHLD)) } {
+        Ok(child) => child,
+        Err(e) => fail(&format!("cannot start the command: {e}")),
+    };
+    // The output ends when the command's processes are gone, not with us.
+    for fd in 0..=2 {
+        let _ = nix::unistd::close(fd);
     }
+    supervise(child, &set, status)
 }
 
 fn supervise(child: Pid, set: &SigSet, status: &OwnedFd) -> ! {
@@ -419,8 +432,7 @@ fn namespace_init(socket: &OwnedFd, hardening: &Hardening) -> ! {
         Ok(r) => r,
         Err(e) => fail(&format!("bad request: {e}")),
     };
-    fork_command(status);
-    exec_command(&request, request.window.is_some(), hardening)
+    spawn_command(&request, hardening, &status)
 }
 
 /// What a namespace needs before any command: its own session, private mounts, and a
@@ -499,7 +511,8 @@ fn exec_command(request: &ExecRequest, tty: bool, hardening: &Hardening) -> ! {
     let err = nix::unistd::execve(&cstr(&program), &argv, &envp).unwrap_err();
     let code = if err == Errno::EACCES { 126 } else { 127 };
     eprintln!("matchlock: cannot execute {}: {}", request.argv[0], err.desc());
-    std::process::exit(code)
+    // SAFETY: as in `fail`.
+    unsafe { libc::_exit(code) }
 }
 
 /// Finds `name` in `path` like execvp, but against the command's own PATH.
