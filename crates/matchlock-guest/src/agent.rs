@@ -26,7 +26,7 @@ use nix::unistd::Pid;
 
 use crate::launcher::{self, LaunchError, Launcher};
 use crate::mux::{self, Listener, Stream};
-use crate::sys;
+use crate::{sys, workers};
 
 /// Grace period between SIGTERM and SIGKILL when a command is cancelled.
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -74,7 +74,7 @@ pub(crate) fn serve(disks: Vec<String>) -> Result<(), AgentError> {
     });
     while let Some(stream) = listener.accept() {
         let disks = Arc::clone(&disks);
-        thread::spawn(move || {
+        workers::spawn(move || {
             if let Err(e) = handle(stream, &disks) {
                 eprintln!("guest-agent: connection: {}", sys::error_chain(&e));
             }
@@ -86,7 +86,7 @@ pub(crate) fn serve(disks: Vec<String>) -> Result<(), AgentError> {
 /// Echoes bytes back on each connection (the latency floor for benchmarks).
 fn serve_echo(listener: &Listener) {
     while let Some(conn) = listener.accept() {
-        thread::spawn(move || {
+        workers::spawn(move || {
             let mut conn = conn;
             let mut buf = [0u8; 4096];
             while let Ok(n) = conn.read(&mut buf) {
@@ -101,7 +101,7 @@ fn serve_echo(listener: &Listener) {
 /// Port forwards from the host: each connection names a guest TCP port on loopback.
 fn serve_forwards(listener: &Listener) {
     while let Some(conn) = listener.accept() {
-        thread::spawn(move || {
+        workers::spawn(move || {
             let mut host = conn;
             let mut port = [0u8; 2];
             if host.read_exact(&mut port).is_err() {
@@ -446,7 +446,7 @@ fn run(mut stream: Stream, sender: &Sender, running: Running) -> Result<(), Conn
 
     // Host messages; EOF or garbage on the connection cancels the command.
     let finished_r = Arc::clone(&finished);
-    thread::spawn(move || {
+    workers::spawn(move || {
         let mut stdin = stdin;
         loop {
             let msg = match read_frame(&mut stream) {

@@ -16,6 +16,7 @@ mod listings;
 mod mux;
 mod sys;
 mod users;
+mod workers;
 
 use std::path::Path;
 use std::process::ExitCode;
