@@ -58,9 +58,10 @@ impl Sandbox {
     /// Several commands may run at once.
     pub async fn exec(&self, mode: ExecMode, request: &ExecRequest, io: ExecIo<'_>) -> Result<i32, SandboxError> {
         let machine = self.machine.as_ref().expect("a live sandbox has a machine");
-        let stream = machine.connect(EXEC_PORT).await?;
+        // The request goes out with the connection's Open, not after the guest's Accept.
+        let stream = machine.connect_sending(EXEC_PORT, request_frame(mode, request)?).await?;
         let stopped = machine.stopped();
-        relay_exec(stream, mode, request, io, async move {
+        relay_exec(stream, io, async move {
             stopped.await;
             "the VM exited (see its logs/vm.log)".to_owned()
         })
@@ -76,21 +77,26 @@ pub async fn exec_via_relay(
     request: &ExecRequest,
     io: ExecIo<'_>,
 ) -> Result<i32, SandboxError> {
-    let stream = crate::relay::connect(vm_dir, EXEC_PORT).await?;
-    relay_exec(stream, mode, request, io, std::future::pending()).await
+    let stream = crate::relay::connect(vm_dir, EXEC_PORT, &request_frame(mode, request)?).await?;
+    relay_exec(stream, io, std::future::pending()).await
 }
 
-/// Sends `request` on a fresh exec connection and relays stdio, control requests and the
-/// exit code. `vm_exited` resolves (with a description) if the VM dies meanwhile.
+/// The frame that starts a command.
+fn request_frame(mode: ExecMode, request: &ExecRequest) -> Result<Vec<u8>, SandboxError> {
+    let mut frame = Vec::new();
+    matchlock_protocol::frame::write_frame(&mut frame, mode.frame_type(), &request.to_payload())?;
+    Ok(frame)
+}
+
+/// Relays stdio, control requests and the exit code of the command whose request went
+/// with the connection `stream` ([`request_frame`]). `vm_exited` resolves (with a
+/// description) if the VM dies meanwhile.
 async fn relay_exec(
     stream: UnixStream,
-    mode: ExecMode,
-    request: &ExecRequest,
     mut io: ExecIo<'_>,
     vm_exited: impl Future<Output = String>,
 ) -> Result<i32, SandboxError> {
     let (mut rx, mut tx) = stream.into_split();
-    write_frame(&mut tx, mode.frame_type(), &request.to_payload()).await?;
     // Frames are read by their own task: a read_frame future cancelled by select!
     // would lose the bytes it had consumed.
     let (frames_tx, mut frames) = mpsc::channel(16);

@@ -175,7 +175,10 @@ async fn splice(
         client.get_mut().write_all(b"ERR unsupported request\n").await?;
         return Ok(());
     };
-    let mut guest = match guest(port).await {
+    // Bytes the client sent right behind the handshake (an exec request) are already
+    // buffered: they go with the guest connection's Open.
+    let buffered = client.buffer().to_vec();
+    let mut guest = match guest(port, buffered).await {
         Ok(g) => g,
         Err(e) => {
             client.get_mut().write_all(format!("ERR {e}\n").as_bytes()).await?;
@@ -183,9 +186,6 @@ async fn splice(
         }
     };
     client.get_mut().write_all(format!("OK {port}\n").as_bytes()).await?;
-    // Bytes the client sent right after the handshake are already buffered.
-    let buffered = client.buffer().to_vec();
-    guest.write_all(&buffered).await?;
     let mut client = client.into_inner();
     tokio::io::copy_bidirectional(&mut client, &mut guest).await?;
     Ok(())
@@ -247,7 +247,7 @@ where
 }
 
 async fn open_forward(vm_dir: &VmDir, port: u16) -> Result<UnixStream, SandboxError> {
-    let mut stream = connect(vm_dir, FORWARD_PORT).await?;
+    let mut stream = connect(vm_dir, FORWARD_PORT, &[]).await?;
     let failed = |e: std::io::Error| SandboxError::Relay(format!("port forward to sandbox port {port} failed: {e}"));
     stream.write_all(&port.to_be_bytes()).await.map_err(failed)?;
     let mut status = [0u8; 1];
@@ -258,12 +258,16 @@ async fn open_forward(vm_dir: &VmDir, port: u16) -> Result<UnixStream, SandboxEr
     Ok(stream)
 }
 
-/// Connects to `port` of the guest through the relay of the sandbox in `vm_dir`.
-pub async fn connect(vm_dir: &VmDir, port: u32) -> Result<UnixStream, SandboxError> {
+/// Connects to `port` of the guest through the relay of the sandbox in `vm_dir`, sending
+/// `first` right behind the handshake (the owner passes what it has of them with the
+/// guest connection's Open).
+pub async fn connect(vm_dir: &VmDir, port: u32, first: &[u8]) -> Result<UnixStream, SandboxError> {
     let path = vm_dir.exec_socket();
     let connect_err = |e| SandboxError::Relay(format!("cannot reach the sandbox's exec relay {}: {e}", path.display()));
     let mut stream = UnixStream::connect(&path).await.map_err(connect_err)?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(connect_err)?;
+    let mut handshake = format!("CONNECT {port}\n").into_bytes();
+    handshake.extend_from_slice(first);
+    stream.write_all(&handshake).await.map_err(connect_err)?;
     let mut reply = Vec::with_capacity(16);
     loop {
         let mut b = [0u8; 1];

@@ -142,9 +142,11 @@ impl VmError {
 /// `Box<dyn Backend>` and `Box<dyn Machine>` and never names a VMM.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Opens connections to one machine's guest ports. Cheap to clone and free of the machine's
-/// borrow, so that tasks serving the machine (the exec relay) can hold one.
-pub type Connector = Arc<dyn Fn(u32) -> BoxFuture<'static, Result<UnixStream, VmError>> + Send + Sync>;
+/// Opens connections to one machine's guest ports, sending the given first bytes (a backend
+/// may send them before the guest has accepted: one round trip less). Cheap to clone and
+/// free of the machine's borrow, so that tasks serving the machine (the exec relay) can
+/// hold one.
+pub type Connector = Arc<dyn Fn(u32, Vec<u8>) -> BoxFuture<'static, Result<UnixStream, VmError>> + Send + Sync>;
 
 /// Saves one machine into a directory ([`Machine::snapshot`]).
 pub type Snapshotter = Arc<dyn Fn(PathBuf) -> BoxFuture<'static, Result<(), VmError>> + Send + Sync>;
@@ -223,7 +225,12 @@ pub trait Machine: Send + Sync + std::fmt::Debug {
 
     /// Opens a connection to a guest port.
     fn connect(&self, port: u32) -> BoxFuture<'static, Result<UnixStream, VmError>> {
-        (self.connector())(port)
+        (self.connector())(port, Vec::new())
+    }
+
+    /// Opens a connection to a guest port with `first` as its first bytes ([`Connector`]).
+    fn connect_sending(&self, port: u32, first: Vec<u8>) -> BoxFuture<'static, Result<UnixStream, VmError>> {
+        (self.connector())(port, first)
     }
 
     /// Saves the running machine into the existing directory `to`: memory, device state and

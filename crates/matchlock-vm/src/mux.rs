@@ -132,31 +132,50 @@ impl Mux {
 
     /// Opens a stream to guest `port`.
     pub async fn connect(&self, port: u32) -> io::Result<UnixStream> {
+        self.connect_sending(port, &[]).await
+    }
+
+    /// Opens a stream to guest `port` with `first` as its first bytes, sent right behind
+    /// the `Open` instead of after the guest's `Accept` (which saves a round trip: the
+    /// guest registers the stream when it reads the `Open`, before the data). Bytes beyond
+    /// the stream's window wait for the `Accept`.
+    pub async fn connect_sending(&self, port: u32, first: &[u8]) -> io::Result<UnixStream> {
+        let (ours, mut theirs) = UnixStream::pair()?;
         let id = self.inner.next_id.fetch_add(2, Ordering::Relaxed);
+        // Registered before the Open goes out: with its first bytes ahead, the guest may
+        // answer with data right behind its Accept.
+        let (inbound, unconsumed, credit) = self.inner.register(id, false).ok_or_else(gone)?;
         let (answer, accepted) = oneshot::channel();
         lock(&self.inner.streams).pending.insert(id, answer);
-        self.inner.send(frame_u32(id, Kind::Open, port)).await?;
-        let accepted = match tokio::time::timeout(OPEN_TIMEOUT, accepted).await {
-            Ok(Ok(accepted)) => accepted,
-            Ok(Err(_)) => return Err(gone()),
-            Err(_) => {
-                lock(&self.inner.streams).pending.remove(&id);
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("guest port {port} did not answer")));
-            }
-        };
-        if !accepted {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                format!("nothing listens on guest port {port}"),
-            ));
+        let (early, late) = first.split_at(first.len().min(WINDOW as usize));
+        // What goes ahead uses up that much of the guest's window.
+        credit.forget_permits(early.len());
+        if let Err(e) = self.open(id, port, early, accepted).await {
+            let mut streams = lock(&self.inner.streams);
+            streams.pending.remove(&id);
+            Inner::reset(&mut streams, id);
+            return Err(e);
         }
-        let (ours, theirs) = UnixStream::pair()?;
-        match self.inner.register(id, false) {
-            Some((inbound, unconsumed, credit)) => {
-                tokio::spawn(Arc::clone(&self.inner).bridge(id, ours, inbound, unconsumed, credit));
-                Ok(theirs)
+        tokio::spawn(Arc::clone(&self.inner).bridge(id, ours, inbound, unconsumed, credit));
+        if !late.is_empty() {
+            theirs.write_all(late).await?;
+        }
+        Ok(theirs)
+    }
+
+    /// Sends stream `id`'s `Open` and `early` bytes; resolves once the guest accepted.
+    async fn open(&self, id: u32, port: u32, early: &[u8], accepted: oneshot::Receiver<bool>) -> io::Result<()> {
+        self.inner.send(frame_u32(id, Kind::Open, port)).await?;
+        for chunk in early.chunks(MAX_DATA) {
+            self.inner.send(frame(id, Kind::Data, chunk)).await?;
+        }
+        match tokio::time::timeout(OPEN_TIMEOUT, accepted).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => {
+                Err(io::Error::new(io::ErrorKind::ConnectionRefused, format!("nothing listens on guest port {port}")))
             }
-            None => Err(gone()),
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("guest port {port} did not answer"))),
         }
     }
 
@@ -486,5 +505,66 @@ impl Inner {
             let _ = wr.shutdown().await;
         };
         tokio::join!(outbound, inbound);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest end on a socket pair: reads one frame.
+    async fn read_frame(guest: &mut UnixStream) -> (Header, Vec<u8>) {
+        let mut header = [0u8; HEADER_LEN];
+        guest.read_exact(&mut header).await.unwrap();
+        let h = Header::decode(&header).unwrap();
+        let mut body = vec![0u8; h.len as usize];
+        guest.read_exact(&mut body).await.unwrap();
+        (h, body)
+    }
+
+    /// The guest end after the session's `Hello`.
+    async fn session() -> (Mux, UnixStream, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let mux = Mux::start(host, VmDir::at(dir.path()));
+        let (hello, session) = read_frame(&mut guest).await;
+        assert_eq!(hello.kind, Kind::Hello);
+        guest.write_all(&frame(0, Kind::Hello, &session)).await.unwrap();
+        mux.ready().await.unwrap();
+        (mux, guest, dir)
+    }
+
+    #[tokio::test]
+    async fn first_bytes_go_with_the_open_and_an_answer_right_behind_the_accept_arrives() {
+        let (mux, mut guest, _dir) = session().await;
+        let guest_side = tokio::spawn(async move {
+            let (open, port) = read_frame(&mut guest).await;
+            assert_eq!((open.kind, payload_u32(&port)), (Kind::Open, 5000));
+            // The request is there before the guest has accepted anything.
+            let (data, request) = read_frame(&mut guest).await;
+            assert_eq!((data.kind, data.stream, request.as_slice()), (Kind::Data, open.stream, &b"request"[..]));
+            // Accept and the answer in one write: nothing may be lost in between.
+            let mut answer = frame(open.stream, Kind::Accept, &[]);
+            answer.extend(frame(open.stream, Kind::Data, b"answer"));
+            guest.write_all(&answer).await.unwrap();
+            guest
+        });
+        let mut stream = mux.connect_sending(5000, b"request").await.unwrap();
+        let mut answer = [0u8; 6];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut answer)).await.unwrap().unwrap();
+        assert_eq!(&answer, b"answer");
+        let mut guest = guest_side.await.unwrap();
+
+        // A refused stream is an error, and forgotten (control: the same guest end).
+        let connecting = tokio::spawn({
+            let mux = mux.clone();
+            async move { mux.connect_sending(5009, b"x").await }
+        });
+        let (open, _) = read_frame(&mut guest).await;
+        let _ = read_frame(&mut guest).await;
+        guest.write_all(&frame(open.stream, Kind::Refuse, &[])).await.unwrap();
+        let refused = connecting.await.unwrap().unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(!lock(&mux.inner.streams).open.contains_key(&open.stream));
     }
 }

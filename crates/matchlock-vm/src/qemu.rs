@@ -749,12 +749,12 @@ impl Machine for QemuMachine {
 
     fn connector(&self) -> Connector {
         let mux = self.mux.clone();
-        Arc::new(move |port| {
+        Arc::new(move |port, first| {
             let mux = mux.clone();
             Box::pin(async move {
                 let mux =
                     mux.ok_or_else(|| VmError::Connect { port, source: std::io::ErrorKind::NotConnected.into() })?;
-                mux.connect(port).await.map_err(|source| VmError::Connect { port, source })
+                mux.connect_sending(port, &first).await.map_err(|source| VmError::Connect { port, source })
             })
         })
     }

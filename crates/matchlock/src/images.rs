@@ -200,7 +200,7 @@ pub(crate) async fn commit(id: &str, tag: &str, changes: &[String]) -> Result<u8
     }
     let layer = if vm.status == matchlock_state::Status::Running {
         let dir = crate::vms::running_vm_dir(&vm.id)?;
-        let conn = matchlock_sandbox::relay::connect(&dir, matchlock_protocol::EXEC_PORT).await?;
+        let conn = matchlock_sandbox::relay::connect(&dir, matchlock_protocol::EXEC_PORT, &[]).await?;
         matchlock_sandbox::commit::receive_layer(conn, &store.tmp_dir(), sandbox.disk_size_mb).await
     } else {
         let disk = matchlock_api::paths::VmDir::of(&vm.id).upper_disk();
