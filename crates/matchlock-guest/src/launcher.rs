@@ -270,7 +270,7 @@ pub(crate) fn main() -> ExitCode {
     } else {
         sys::seccomp_program().map_or_else(|e| Hardening::Failed(e.to_string()), Hardening::Restrict)
     };
-    let mut spare = clone_spare(&socket, &hardening).ok();
+    let mut spare = clone_spare(&hardening).ok();
     loop {
         let (request, fds) = match receive(&socket) {
             Err(e) => fail(&format!("launcher socket: {e}")),
@@ -279,7 +279,7 @@ pub(crate) fn main() -> ExitCode {
             Ok(Some(message)) => message,
         };
         let reply = match (request, <[OwnedFd; LAUNCH_FDS]>::try_from(fds)) {
-            (LAUNCH, Ok(fds)) => match spare.take().map_or_else(|| clone_spare(&socket, &hardening), Ok) {
+            (LAUNCH, Ok(fds)) => match spare.take().map_or_else(|| clone_spare(&hardening), Ok) {
                 Ok(init) => init.hand_over(fds).as_raw(),
                 Err(e) => -(e as i32),
             },
@@ -292,7 +292,7 @@ pub(crate) fn main() -> ExitCode {
             fail(&format!("launcher socket: {e}"));
         }
         if request != LAUNCH && spare.is_none() {
-            spare = clone_spare(&socket, &hardening).ok();
+            spare = clone_spare(&hardening).ok();
         }
     }
 }
@@ -380,7 +380,7 @@ fn set_policy(pid: Pid, policy: libc::c_int) {
 
 /// Clones the init of a new PID and mount namespace as a child of our parent (the
 /// agent), to wait as the [`Spare`]; the clone itself runs [`namespace_init`].
-fn clone_spare(agent: &OwnedFd, hardening: &Hardening) -> Result<Spare, Errno> {
+fn clone_spare(hardening: &Hardening) -> Result<Spare, Errno> {
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
     let flags = libc::CLONE_PARENT | libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD;
     // SAFETY: without CLONE_VM this is a fork (what the standard library does to spawn):
@@ -389,9 +389,14 @@ fn clone_spare(agent: &OwnedFd, hardening: &Hardening) -> Result<Spare, Errno> {
     match rc {
         -1 => Err(Errno::last()),
         0 => {
-            let _ = nix::unistd::close(agent.as_raw_fd());
-            let _ = nix::unistd::close(ours.as_raw_fd());
-            namespace_init(&theirs, hardening)
+            // Only its own socket goes on (as fd 3): nothing the server held when it
+            // cloned, such as another command's descriptors in flight, stays open here.
+            if let Err(e) = keep_only(&theirs, SPARE_SOCKET_FD) {
+                fail(&format!("cannot close inherited descriptors: {e}"));
+            }
+            // SAFETY: `keep_only` made fd 3 this socket and closed the original.
+            let socket = unsafe { OwnedFd::from_raw_fd(SPARE_SOCKET_FD) };
+            namespace_init(&socket, hardening)
         }
         pid => {
             let pid = Pid::from_raw(i32::try_from(pid).map_err(|_| Errno::EOVERFLOW)?);
@@ -399,6 +404,22 @@ fn clone_spare(agent: &OwnedFd, hardening: &Hardening) -> Result<Spare, Errno> {
             Ok(Spare { pid, socket: ours })
         }
     }
+}
+
+/// Where a spare keeps its socket.
+const SPARE_SOCKET_FD: RawFd = 3;
+
+/// Moves `fd` to `target` and closes every descriptor above 2 but `target`.
+fn keep_only(fd: &OwnedFd, target: RawFd) -> Result<(), Errno> {
+    if fd.as_raw_fd() != target {
+        nix::unistd::dup2(fd.as_raw_fd(), target)?;
+    }
+    // SAFETY: close_range only closes descriptors; `fd` (if not `target`) is among them
+    // and is never used or closed again (the caller does not return).
+    if unsafe { libc::close_range(target as libc::c_uint + 1, libc::c_uint::MAX, 0) } < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
 }
 
 /// PID 1 of a command's namespaces: prepares the namespace, waits for the command's
