@@ -8,14 +8,16 @@
 //! child of the agent (`CLONE_PARENT`: the agent signals and reaps it), and answers with
 //! its PID. A clone of a process that already runs costs far less than spawning and
 //! starting a binary for each command. A spare prepares its namespace (session, private
-//! mounts, `/proc`) at idle priority and is raised to normal priority when it gets its
-//! command; the next is cloned when the agent reports that a command ended (the guest's
-//! idle time while the host handles the answer), or on demand. A spare holds a copy of
+//! mounts, `/proc`) before its command exists; the next is cloned when the agent reports
+//! that a command ended (the guest's idle time while the host handles the answer), or on
+//! demand. It runs at normal priority: a spare at `SCHED_IDLE` raised when its command
+//! came had run up a virtual runtime that kept it off the CPU behind any busy process
+//! (an exec under a guest CPU hog took 200 ms instead of 15). A spare holds a copy of
 //! the mounts of its time: after a restore changed them, the agent has the server let it
 //! go and clone a new one.
 //!
-//! The namespace's PID 1 reads the request and forks the command, then lets go of its stdio, forwards signals to the command's process
-//! group and reaps. When the command ends, it kills and reaps what is left in the
+//! The namespace's PID 1 reads the request and starts the command, then lets go of its
+//! stdio, forwards signals to the command's process group and reaps. When the command ends, it kills and reaps what is left in the
 //! namespace and reports the exit code on the status pipe before it exits, so the agent
 //! answers without waiting for the namespace's teardown. A namespace init only receives
 //! signals it handles, so the command must not be PID 1: otherwise SIGTERM would be
@@ -338,19 +340,17 @@ enum Hardening {
     Failed(String),
 }
 
-/// A namespace init cloned ahead of its command. It prepares its namespace at idle
-/// priority (in the guest's idle time, not a command's) and waits on `socket` for its
-/// command's descriptors.
+/// A namespace init cloned ahead of its command. It prepares its namespace and waits on
+/// `socket` for its command's descriptors.
 struct Spare {
     pid: Pid,
     socket: OwnedFd,
 }
 
 impl Spare {
-    /// Gives the spare its command's descriptors, at normal priority again. Returns its
-    /// PID (if it died meanwhile, the agent learns so from its wait status).
+    /// Gives the spare its command's descriptors. Returns its PID (if it died meanwhile,
+    /// the agent learns so from its wait status).
     fn hand_over(self, fds: [OwnedFd; LAUNCH_FDS]) -> Pid {
-        set_policy(self.pid, libc::SCHED_OTHER);
         let raw = fds.each_ref().map(AsRawFd::as_raw_fd);
         let cmsgs = [ControlMessage::ScmRights(&raw)];
         if let Err(e) =
@@ -363,18 +363,9 @@ impl Spare {
         self.pid
     }
 
-    /// Lets the spare go (it exits); its PID, for the agent to reap.
+    /// Lets the spare go (it exits when its socket closes); its PID, for the agent to reap.
     fn dismiss(self) -> Pid {
-        set_policy(self.pid, libc::SCHED_OTHER);
         self.pid
-    }
-}
-
-fn set_policy(pid: Pid, policy: libc::c_int) {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler reads one `sched_param` from a pointer valid for the call.
-    if unsafe { libc::sched_setscheduler(pid.as_raw(), policy, &param) } < 0 {
-        eprintln!("matchlock-launcher: scheduling policy of {pid}: {}", Errno::last());
     }
 }
 
@@ -400,7 +391,6 @@ fn clone_spare(hardening: &Hardening) -> Result<Spare, Errno> {
         }
         pid => {
             let pid = Pid::from_raw(i32::try_from(pid).map_err(|_| Errno::EOVERFLOW)?);
-            set_policy(pid, libc::SCHED_IDLE);
             Ok(Spare { pid, socket: ours })
         }
     }
