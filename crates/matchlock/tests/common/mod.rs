@@ -68,7 +68,13 @@ pub(crate) fn shared() -> &'static Shared {
     SHARED.get_or_init(|| {
         let kernel = find_kernel();
         let guest_init = build_guest_init();
-        let cache = tempfile::Builder::new().prefix("matchlock-test-cache-").tempdir().expect("temp cache");
+        // A static is never dropped, so this directory outlives the test process: it is
+        // named by the process and removed by a later one once that process is gone.
+        remove_stale_caches();
+        let cache = tempfile::Builder::new()
+            .prefix(&format!("{SHARED_CACHE_PREFIX}{}-", std::process::id()))
+            .tempdir()
+            .expect("temp cache");
         let fixtures = cache.path().join("fixtures");
         let status = Command::new("python3")
             .arg(repo_root().join("tests/fixtures/make_images.py"))
@@ -84,6 +90,23 @@ pub(crate) fn shared() -> &'static Shared {
         }
         Shared { _cache: cache, fixtures, tools }
     })
+}
+
+/// Name prefix of a test process's shared cache, followed by its PID.
+const SHARED_CACHE_PREFIX: &str = "matchlock-test-cache-shared-";
+
+/// Removes the shared caches of test processes that have ended.
+fn remove_stale_caches() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(SHARED_CACHE_PREFIX).and_then(|rest| rest.split('-').next()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A HOME of one test.
