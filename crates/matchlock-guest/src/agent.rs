@@ -64,12 +64,8 @@ pub(crate) fn serve(disks: Vec<String>) -> Result<(), AgentError> {
     signal_ready();
     // Started now rather than by the first command, which would wait for it.
     thread::spawn(|| {
-        let mut launcher = LAUNCHER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if launcher.is_none() {
-            match Launcher::start() {
-                Ok(l) => *launcher = Some(l),
-                Err(e) => eprintln!("guest-agent: {}", sys::error_chain(&e)),
-            }
+        if let Err(e) = started(&mut lock_launcher()) {
+            eprintln!("guest-agent: {}", sys::error_chain(&e));
         }
     });
     while let Some(stream) = listener.accept() {
@@ -305,14 +301,10 @@ fn pipe() -> io::Result<(File, OwnedFd)> {
 /// Starts a command through the launcher server (a new one if it died). The fds are the
 /// request's pipe, the command's stdin, stdout and stderr, and its status pipe.
 fn launch(fds: [std::os::fd::BorrowedFd<'_>; launcher::LAUNCH_FDS]) -> Result<Pid, LaunchError> {
-    let mut launcher = LAUNCHER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut launcher = lock_launcher();
     let mut retried = false;
     loop {
-        let current = match launcher.as_mut() {
-            Some(l) => l,
-            None => launcher.insert(Launcher::start()?),
-        };
-        match current.launch(fds) {
+        match started(&mut launcher)?.launch(fds) {
             Err(LaunchError::Gone(e)) if !retried => {
                 eprintln!("guest-agent: restarting the launcher: {e}");
                 *launcher = None;
@@ -320,6 +312,18 @@ fn launch(fds: [std::os::fd::BorrowedFd<'_>; launcher::LAUNCH_FDS]) -> Result<Pi
             }
             other => return other,
         }
+    }
+}
+
+fn lock_launcher() -> std::sync::MutexGuard<'static, Option<Launcher>> {
+    LAUNCHER.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The launcher server, started if there is none.
+fn started(launcher: &mut Option<Launcher>) -> Result<&mut Launcher, LaunchError> {
+    match launcher {
+        Some(l) => Ok(l),
+        None => Ok(launcher.insert(Launcher::start()?)),
     }
 }
 
@@ -334,7 +338,7 @@ fn replenish_spare() {
 }
 
 fn with_launcher(request: fn(&mut Launcher) -> Result<(), LaunchError>) {
-    let mut launcher = LAUNCHER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut launcher = lock_launcher();
     if let Some(l) = launcher.as_mut() {
         if let Err(e) = request(l) {
             eprintln!("guest-agent: {}; restarting the launcher", sys::error_chain(&e));
