@@ -16,7 +16,7 @@ floor_setup() {
   truncate -s 16M "$floor_dir/floor.ext4"
   mke2fs -q -F -t ext4 -E root_owner=0:0 -d "$floor_dir/root" "$floor_dir/floor.ext4"
   floor_accel=${MATCHLOCK_ACCEL:-$(jq -r '.accel // "tcg"' "${XDG_CACHE_HOME:-$HOME/.cache}/matchlock/accel-probe.json" 2>/dev/null || echo tcg)}
-  floor_cpu=max
+  floor_cpu=max,-erms,-fsrm  # the CPU model matchlock gives a TCG guest (matchlock-vm accel.rs)
   if [ "$floor_accel" = kvm ]; then floor_cpu=host; fi
 }
 

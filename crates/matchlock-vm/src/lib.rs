@@ -178,7 +178,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// What machines of this backend support.
     fn capabilities(&self) -> Capabilities;
 
-    /// Identifies the VMM build and accelerator: a saved machine restores only under the
+    /// Identifies the VMM build, accelerator and CPU model: a saved machine restores only under the
     /// build that saved it.
     fn build_id(&self) -> String;
 

@@ -222,7 +222,7 @@ impl Backend for QemuBackend {
     fn build_id(&self) -> String {
         use std::os::unix::fs::MetadataExt;
         let binary = std::fs::metadata(&self.qemu).map_or((0, 0, 0), |m| (m.len(), m.mtime(), m.ino()));
-        format!("{} {binary:?} {}", self.qemu.display(), self.accel.qemu_name())
+        format!("{} {binary:?} {} {}", self.qemu.display(), self.accel.qemu_name(), self.accel.cpu_model())
     }
 
     fn launch(&self, spec: MachineSpec) -> BoxFuture<'_, Result<Box<dyn Machine>, VmError>> {
