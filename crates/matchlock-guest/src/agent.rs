@@ -316,7 +316,7 @@ fn launch(fds: [std::os::fd::BorrowedFd<'_>; launcher::LAUNCH_FDS]) -> Result<Pi
 }
 
 fn lock_launcher() -> std::sync::MutexGuard<'static, Option<Launcher>> {
-    LAUNCHER.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    crate::relock(&LAUNCHER)
 }
 
 /// The launcher server, started if there is none.

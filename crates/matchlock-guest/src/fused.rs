@@ -23,7 +23,7 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request as FuseRequest, SessionACL,
     TimeOrNow, WriteFlags,
 };
-use matchlock_protocol::vfs::{read_message, write_message, Op, Request, Response, Stat, MAX_IO};
+use matchlock_protocol::vfs::{read_message, write_message, write_with_data, Op, Request, Response, Stat, MAX_IO};
 
 use matchlock_protocol::VFS_PORT;
 
@@ -33,9 +33,7 @@ const TTL: Duration = Duration::from_secs(1);
 /// `MAX_VFS_CONNECTIONS`, 8: the rest is room for reconnects).
 const WORKERS: usize = 4;
 
-fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+use crate::relock;
 
 /// Inodes ↔ absolute guest paths.
 struct Inodes {
@@ -239,9 +237,14 @@ impl Workspace {
     /// (the host of a VM restored from a snapshot is a new process) is re-opened once:
     /// requests name paths, not handles, so the new server answers them the same.
     fn call(&self, request: &Request) -> Result<Response, Errno> {
+        self.call_with_data(request, &request.data)
+    }
+
+    /// [`Self::call`] with `data` as the request's data (not copied into it first).
+    fn call_with_data(&self, request: &Request, data: &[u8]) -> Result<Response, Errno> {
         let mut conn = self.pool.take()?;
         let exchange = |conn: &mut Stream| -> Option<Response> {
-            write_message(&mut *conn, request).ok()?;
+            write_with_data(&mut *conn, request, data).ok()?;
             read_message(&mut *conn).ok()?
         };
         let response = match exchange(&mut conn) {
@@ -363,11 +366,11 @@ impl Workspace {
     }
 
     fn path(&self, ino: INodeNo) -> Result<String, Errno> {
-        self.inodes.lock().unwrap_or_else(|e| e.into_inner()).path(ino)
+        relock(&self.inodes).path(ino)
     }
 
     fn entry_of(&self, path: &str, stat: &Stat, req: &FuseRequest) -> FileAttr {
-        let ino = self.inodes.lock().unwrap_or_else(|e| e.into_inner()).inode(path);
+        let ino = relock(&self.inodes).inode(path);
         attr(ino, stat, req)
     }
 
@@ -522,7 +525,7 @@ impl Filesystem for Workspace {
         let to = tri!(reply, self.path(newparent).and_then(|p| join(&p, newname)));
         tri!(reply, self.call(&Request { new_path: to.clone(), ..self.op(Op::Rename, &from, req) }));
         self.listings().renamed(&from, &to);
-        self.inodes.lock().unwrap_or_else(|e| e.into_inner()).rename(&from, &to);
+        relock(&self.inodes).rename(&from, &to);
         reply.ok();
     }
 
@@ -576,8 +579,8 @@ impl Filesystem for Workspace {
     ) {
         let path = self.path(ino);
         let off = tri!(reply, i64::try_from(offset).map_err(|_| Errno::EINVAL));
-        let request = Request { fh: fh.0, off, data: data.to_vec(), ..self.op(Op::Write, "", req) };
-        let response = self.call(&request);
+        let request = Request { fh: fh.0, off, ..self.op(Op::Write, "", req) };
+        let response = self.call_with_data(&request, data);
         if let Ok(path) = path {
             match response.as_ref().ok().and_then(|r| r.stat.as_ref()) {
                 Some(after) => self.listings().wrote(&path, after),

@@ -41,3 +41,8 @@ fn main() -> ExitCode {
         _ => init::main(),
     }
 }
+
+/// Locks `m`, taking over a lock a panicking thread poisoned (guest-init must go on).
+pub(crate) fn relock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

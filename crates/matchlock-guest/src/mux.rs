@@ -28,12 +28,14 @@ use matchlock_protocol::mux::{
 /// Bytes of queued frames the writer gathers into one write to the port.
 const WRITE_BATCH: usize = 256 * 1024;
 
+/// Size of the buffers the guest's virtio-serial driver reads the port into (a page each):
+/// one `read` returns at most one of them.
+const PORT_BUFFER: usize = 4096;
+
 /// How long [`connect`] waits for the host to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+use crate::relock;
 
 /// Bytes one side may still send on a stream.
 struct Credit {
@@ -75,18 +77,69 @@ impl Credit {
     }
 }
 
+/// Chunks from the host not read yet, and whether more may come.
+#[derive(Default)]
+struct Chunks {
+    queue: VecDeque<Vec<u8>>,
+    /// The host closed its side, or the stream was reset: the reader sees EOF after the queue.
+    ended: bool,
+}
+
+/// Where the reader thread hands a stream its bytes. A plain queue whose waiter is woken
+/// after the lock is released: under TCG the guest has one vCPU, and a waiter woken with a
+/// lock still held (as a channel's waker lock is) runs at once, finds it taken, and spins
+/// (each spin a `pause`, which TCG turns into an exit from the CPU loop).
+#[derive(Default)]
+struct Inbox {
+    chunks: Mutex<Chunks>,
+    arrived: Condvar,
+}
+
+impl Inbox {
+    fn push(&self, chunk: Vec<u8>) {
+        relock(&self.chunks).queue.push_back(chunk);
+        self.arrived.notify_one();
+    }
+
+    fn end(&self) {
+        relock(&self.chunks).ended = true;
+        self.arrived.notify_all();
+    }
+
+    /// The next chunk; `None` at the end.
+    fn next(&self) -> Option<Vec<u8>> {
+        let mut chunks = relock(&self.chunks);
+        loop {
+            if let Some(chunk) = chunks.queue.pop_front() {
+                return Some(chunk);
+            }
+            if chunks.ended {
+                return None;
+            }
+            chunks = self.arrived.wait(chunks).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
 /// One stream, as the reader thread sees it.
 struct Entry {
-    /// Bytes from the host; `None` once the host closed its side (the reader sees EOF).
-    inbound: Option<mpsc::Sender<Vec<u8>>>,
+    /// Bytes from the host.
+    inbox: Arc<Inbox>,
     credit: Arc<Credit>,
     /// False once reset: nothing more of it may be queued.
     alive: Arc<AtomicBool>,
 }
 
+impl Drop for Entry {
+    /// The stream is gone (reset): its reader sees EOF after what was queued.
+    fn drop(&mut self) {
+        self.inbox.end();
+    }
+}
+
 /// The reading end of a stream.
 struct Inbound {
-    chunks: mpsc::Receiver<Vec<u8>>,
+    inbox: Arc<Inbox>,
     /// The chunk being read and how far.
     chunk: Vec<u8>,
     at: usize,
@@ -126,10 +179,10 @@ impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let inner = &*self.0;
         let mut inbound = relock(&inner.inbound);
-        let Inbound { chunks, chunk, at, uncredited } = &mut *inbound;
+        let Inbound { inbox, chunk, at, uncredited } = &mut *inbound;
         if *at == chunk.len() {
-            match chunks.recv() {
-                Ok(next) => {
+            match inbox.next() {
+                Some(next) => {
                     // Consumed from the host's window: it may send as much again (granted
                     // in batches).
                     *uncredited += next.len();
@@ -140,7 +193,7 @@ impl Read for Stream {
                     *chunk = next;
                     *at = 0;
                 }
-                Err(_) => return Ok(0),
+                None => return Ok(0),
             }
         }
         let n = buf.len().min(chunk.len() - *at);
@@ -364,9 +417,11 @@ impl Mux {
         loop {
             // A new reader after EOF: the host went away (a VM restored from a snapshot sees
             // this before its new host connects); a partial frame is dropped with it.
-            let mut reader = BufReader::with_capacity(2 * MAX_DATA, &self.port);
+            // The buffer is one port buffer: small frames come many to a read, and the bulk
+            // of a large payload bypasses it, read by the kernel straight into its own chunk
+            // (no copy in between: under TCG each costs).
+            let mut reader = BufReader::with_capacity(PORT_BUFFER, &self.port);
             let mut header = [0u8; HEADER_LEN];
-            let mut payload = vec![0u8; MAX_DATA];
             loop {
                 if reader.read_exact(&mut header).is_err() {
                     break;
@@ -375,9 +430,12 @@ impl Mux {
                     eprintln!("matchlock-init: malformed frame from the host pipe");
                     break;
                 };
-                let body = &mut payload[..h.len as usize];
-                if reader.read_exact(body).is_err() {
-                    break;
+                // Bounded by the header's check (at most MAX_DATA); read into spare capacity,
+                // not zeroed first.
+                let mut body = Vec::with_capacity(h.len as usize);
+                match (&mut reader).take(u64::from(h.len)).read_to_end(&mut body) {
+                    Ok(n) if n == h.len as usize => {}
+                    _ => break,
                 }
                 self.dispatch(h, body);
             }
@@ -385,10 +443,10 @@ impl Mux {
         }
     }
 
-    fn dispatch(self: &Arc<Self>, h: Header, body: &[u8]) {
+    fn dispatch(self: &Arc<Self>, h: Header, body: Vec<u8>) {
         let id = h.stream;
         match h.kind {
-            Kind::Hello => self.new_session(body),
+            Kind::Hello => self.new_session(&body),
             Kind::Pause => self.queue(frame(0, Kind::Paused, &[])),
             Kind::Resume => {
                 relock(&self.outbox).held = false;
@@ -396,7 +454,7 @@ impl Mux {
             }
             Kind::Paused => {}
             Kind::Open if opened_by_host(id) => {
-                let listener = relock(&self.listeners).get(&payload_u32(body)).cloned();
+                let listener = relock(&self.listeners).get(&payload_u32(&body)).cloned();
                 match listener {
                     Some(l) => {
                         // Accept goes out before the stream's first byte can.
@@ -415,19 +473,19 @@ impl Mux {
                 let _ = waiting.send(stream);
             }
             Kind::Data => {
-                let streams = relock(&self.streams);
-                if let Some(inbound) = streams.get(&id).and_then(|s| s.inbound.as_ref()) {
-                    let _ = inbound.send(body.to_vec());
+                let inbox = relock(&self.streams).get(&id).map(|s| Arc::clone(&s.inbox));
+                if let Some(inbox) = inbox {
+                    inbox.push(body);
                 }
             }
             Kind::Credit => {
                 if let Some(s) = relock(&self.streams).get(&id) {
-                    s.credit.give(payload_u32(body) as usize);
+                    s.credit.give(payload_u32(&body) as usize);
                 }
             }
             Kind::Close => {
-                if let Some(s) = relock(&self.streams).get_mut(&id) {
-                    s.inbound = None;
+                if let Some(s) = relock(&self.streams).get(&id) {
+                    s.inbox.end();
                 }
             }
             Kind::Reset => self.reset(id, false),
@@ -491,15 +549,15 @@ impl Mux {
 
     /// Registers stream `id` and hands out its [`Stream`].
     fn open_stream(self: &Arc<Self>, id: u32) -> Stream {
-        let (tx, rx) = mpsc::channel();
+        let inbox = Arc::new(Inbox::default());
         let credit = Arc::new(Credit::new());
         let alive = Arc::new(AtomicBool::new(true));
         relock(&self.streams)
-            .insert(id, Entry { inbound: Some(tx), credit: Arc::clone(&credit), alive: Arc::clone(&alive) });
+            .insert(id, Entry { inbox: Arc::clone(&inbox), credit: Arc::clone(&credit), alive: Arc::clone(&alive) });
         Stream(Arc::new(StreamInner {
             id,
             mux: Arc::clone(self),
-            inbound: Mutex::new(Inbound { chunks: rx, chunk: Vec::new(), at: 0, uncredited: 0 }),
+            inbound: Mutex::new(Inbound { inbox, chunk: Vec::new(), at: 0, uncredited: 0 }),
             credit,
             alive,
             write_closed: AtomicBool::new(false),

@@ -22,7 +22,7 @@ static STATE: Mutex<State> = Mutex::new(State { jobs: VecDeque::new(), idle: 0 }
 static WAKE: Condvar = Condvar::new();
 
 fn lock() -> MutexGuard<'static, State> {
-    STATE.lock().unwrap_or_else(PoisonError::into_inner)
+    crate::relock(&STATE)
 }
 
 /// Runs `job` on a worker thread.

@@ -1,11 +1,16 @@
-//! The workspace file system's wire protocol (reference §3.5, guest port [`crate::VFS_PORT`]): each message is a 4-byte big-endian length and a
-//! CBOR map. Requests carry absolute guest paths; responses carry a negative errno or data.
+//! The workspace file system's wire protocol (reference §3.5, guest port [`crate::VFS_PORT`]).
+//! Requests carry absolute guest paths; responses carry a negative errno or data.
+//!
+//! Each message is a CBOR map and the bytes it carries (`data`: a write's, a read's answer)
+//! after it, raw: a 4-byte big-endian length of the map, a 4-byte big-endian length of the
+//! data, the map, the data. (The reference puts the data in the map as a CBOR byte string;
+//! decoding one copies it several times, and under TCG every copy in the guest costs.)
 
 use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-/// Largest message accepted in either direction (a write of 1 MiB plus the envelope).
+/// Largest message accepted in either direction, map and data (a write of 1 MiB plus the map).
 pub const MAX_MESSAGE: usize = 1024 * 1024 + 4096;
 /// Largest read or write a request may ask for.
 pub const MAX_IO: u32 = 1024 * 1024;
@@ -97,8 +102,8 @@ pub struct Request {
     pub off: i64,
     /// Size to read.
     pub sz: u32,
-    /// Bytes to write.
-    #[serde(with = "serde_bytes")]
+    /// Bytes to write (after the map on the wire).
+    #[serde(skip)]
     pub data: Vec<u8>,
     /// `open(2)` flags.
     pub flags: u32,
@@ -209,8 +214,8 @@ pub struct Response {
     /// Attributes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stat: Option<Stat>,
-    /// Bytes read.
-    #[serde(with = "serde_bytes", skip_serializing_if = "Vec::is_empty")]
+    /// Bytes read, or a symlink's target (after the map on the wire).
+    #[serde(skip)]
     pub data: Vec<u8>,
     /// Bytes written.
     pub written: u32,
@@ -274,35 +279,91 @@ pub enum WireError {
     Malformed(String),
 }
 
+/// A message of the protocol: a CBOR map, and the bytes that travel raw after it.
+pub trait Message: Serialize + serde::de::DeserializeOwned {
+    /// The bytes sent after the map.
+    fn data(&self) -> &[u8];
+    /// Takes the bytes that came after the map.
+    fn set_data(&mut self, data: Vec<u8>);
+}
+
+impl Message for Request {
+    fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn set_data(&mut self, data: Vec<u8>) {
+        self.data = data;
+    }
+}
+
+impl Message for Response {
+    fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn set_data(&mut self, data: Vec<u8>) {
+        self.data = data;
+    }
+}
+
+/// Data up to this size is copied behind the map and sent with it in one write; larger
+/// data is written on its own, not copied.
+const INLINE_DATA: usize = 16 * 1024;
+
 /// Reads one message; `None` at a clean end of stream.
-pub fn read_message<T: serde::de::DeserializeOwned>(reader: &mut impl Read) -> Result<Option<T>, WireError> {
-    let mut len = [0u8; 4];
-    match reader.read_exact(&mut len) {
+pub fn read_message<T: Message>(reader: &mut impl Read) -> Result<Option<T>, WireError> {
+    let mut lengths = [0u8; 8];
+    match reader.read_exact(&mut lengths) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_MESSAGE {
-        return Err(WireError::TooLarge(len));
+    let map_len = u32::from_be_bytes([lengths[0], lengths[1], lengths[2], lengths[3]]) as usize;
+    let data_len = u32::from_be_bytes([lengths[4], lengths[5], lengths[6], lengths[7]]) as usize;
+    let total = map_len.saturating_add(data_len);
+    if total > MAX_MESSAGE {
+        return Err(WireError::TooLarge(total));
     }
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body)?;
-    ciborium::from_reader(body.as_slice()).map(Some).map_err(|e| WireError::Malformed(e.to_string()))
+    let mut map = vec![0u8; map_len];
+    reader.read_exact(&mut map)?;
+    let mut message: T = ciborium::from_reader(map.as_slice()).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if data_len > 0 {
+        let mut data = Vec::with_capacity(data_len);
+        if reader.take(data_len as u64).read_to_end(&mut data)? != data_len {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        message.set_data(data);
+    }
+    Ok(Some(message))
 }
 
 /// Writes one message.
-pub fn write_message(writer: &mut impl Write, message: &impl Serialize) -> Result<(), WireError> {
-    // One buffer, one write: the length prefix and the body travel in the same packet.
-    let mut buf = vec![0u8; 4];
+pub fn write_message(writer: &mut impl Write, message: &impl Message) -> Result<(), WireError> {
+    write_with_data(writer, message, message.data())
+}
+
+/// Writes one message with `data` as its data (in place of the message's own, which is
+/// not sent): the caller's bytes are not copied into the message first.
+pub fn write_with_data(writer: &mut impl Write, message: &impl Message, data: &[u8]) -> Result<(), WireError> {
+    let mut buf = vec![0u8; 8];
     ciborium::into_writer(message, &mut buf).map_err(|e| WireError::Malformed(e.to_string()))?;
-    let len = buf.len() - 4;
-    if len > MAX_MESSAGE {
-        return Err(WireError::TooLarge(len));
+    let map_len = buf.len() - 8;
+    let total = map_len.saturating_add(data.len());
+    if total > MAX_MESSAGE {
+        return Err(WireError::TooLarge(total));
     }
-    let prefix = u32::try_from(len).map_err(|_| WireError::TooLarge(len))?.to_be_bytes();
-    buf[..4].copy_from_slice(&prefix);
-    writer.write_all(&buf)?;
+    // Both fit in a u32: their sum is at most MAX_MESSAGE.
+    buf[..4].copy_from_slice(&(map_len as u32).to_be_bytes());
+    buf[4..8].copy_from_slice(&(data.len() as u32).to_be_bytes());
+    if data.len() <= INLINE_DATA {
+        // One buffer, one write: small messages travel in one packet.
+        buf.extend_from_slice(data);
+        writer.write_all(&buf)?;
+    } else {
+        writer.write_all(&buf)?;
+        writer.write_all(data)?;
+    }
     Ok(())
 }
 
@@ -318,10 +379,26 @@ mod tests {
         write_message(&mut buf, &request).unwrap();
         assert_eq!(read_message::<Request>(&mut buf.as_slice()).unwrap(), Some(request));
         assert!(read_message::<Request>(&mut &[][..]).unwrap().is_none());
-        let huge = (MAX_MESSAGE as u32 + 1).to_be_bytes();
+        let huge = [(MAX_MESSAGE as u32 - 8).to_be_bytes(), 9u32.to_be_bytes()].concat();
         assert!(matches!(read_message::<Request>(&mut &huge[..]), Err(WireError::TooLarge(_))));
-        let garbage = [0, 0, 0, 3, 0xff, 0xff, 0xff];
+        let overflow = [u32::MAX.to_be_bytes(), u32::MAX.to_be_bytes()].concat();
+        assert!(matches!(read_message::<Request>(&mut &overflow[..]), Err(WireError::TooLarge(_))));
+        let garbage = [0, 0, 0, 3, 0, 0, 0, 0, 0xff, 0xff, 0xff];
         assert!(matches!(read_message::<Request>(&mut &garbage[..]), Err(WireError::Malformed(_))));
+        // Data after the map, small (sent inline) and large (a write of its own).
+        for size in [1, INLINE_DATA + 1, MAX_IO as usize] {
+            let response = Response { data: vec![7; size], fh: 9, ..Response::default() };
+            let mut buf = Vec::new();
+            write_message(&mut buf, &response).unwrap();
+            assert_eq!(read_message::<Response>(&mut buf.as_slice()).unwrap(), Some(response));
+        }
+        // Data cut short is an error, not a shorter read.
+        let mut buf = Vec::new();
+        write_message(&mut buf, &Response { data: vec![7; 100], ..Response::default() }).unwrap();
+        buf.truncate(buf.len() - 1);
+        assert!(matches!(read_message::<Response>(&mut buf.as_slice()), Err(WireError::Io(_))));
+        let too_much = Response { data: vec![0; MAX_MESSAGE], ..Response::default() };
+        assert!(matches!(write_message(&mut Vec::new(), &too_much), Err(WireError::TooLarge(_))));
         assert_eq!(Op::from_code(18), Some(Op::Link));
         assert_eq!(Op::from_code(20), Some(Op::Statfs));
         assert_eq!(Op::from_code(21), Some(Op::List));
