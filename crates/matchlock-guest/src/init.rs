@@ -290,8 +290,9 @@ pub(crate) fn apply_restored(restored: &Restored) -> Result<(), String> {
 }
 
 /// Credits `entropy` to the kernel's pool and reseeds the CRNG at once: every machine
-/// restored from one snapshot starts with the same RNG state until this runs.
-fn reseed(entropy: &[u8]) -> std::io::Result<()> {
+/// restored from one snapshot starts with the same RNG state until this runs, and a
+/// cold-booted one has no seeded CRNG yet.
+pub(crate) fn reseed(entropy: &[u8]) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // <linux/random.h>: RNDADDENTROPY = _IOW('R', 0x03, int[2]); RNDRESEEDCRNG = _IO('R', 0x07).
     const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;

@@ -21,8 +21,12 @@ pub mod vfs;
 pub const EXEC_PORT: u32 = 5000;
 /// Host port of the VFS server (guest-opened streams).
 pub const VFS_PORT: u32 = 5001;
-/// Host port the guest agent connects to once it serves [`EXEC_PORT`].
+/// Host port the guest agent connects to once it serves [`EXEC_PORT`]: the connection is
+/// the signal. The host answers with [`READY_ENTROPY`] bytes of entropy, which the guest
+/// credits to its kernel's pool before it runs a command.
 pub const READY_PORT: u32 = 5002;
+/// Bytes of host entropy the host answers the ready signal with.
+pub const READY_ENTROPY: usize = 64;
 /// Guest port that echoes every byte back: a floor for host <-> guest latency.
 pub const ECHO_PORT: u32 = 5003;
 /// Guest port of the port-forward service: the host writes a 2-byte big-endian guest TCP

@@ -138,11 +138,7 @@ pub fn new_vm_id() -> Result<String, SandboxError> {
 /// `n` bytes from the kernel's generator.
 fn random_bytes(n: usize) -> Result<Vec<u8>, SandboxError> {
     let mut bytes = vec![0u8; n];
-    std::io::Read::read_exact(
-        &mut std::fs::File::open("/dev/urandom").map_err(io_err("cannot open /dev/urandom"))?,
-        &mut bytes,
-    )
-    .map_err(io_err("cannot read /dev/urandom"))?;
+    matchlock_vm::host_random(&mut bytes).map_err(io_err("cannot read /dev/urandom"))?;
     Ok(bytes)
 }
 

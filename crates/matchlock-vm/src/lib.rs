@@ -71,6 +71,11 @@ pub struct Nic {
     pub mtu: u32,
 }
 
+/// Fills `buf` from the host kernel's generator (session ids, VM ids, a guest's entropy).
+pub fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, buf)
+}
+
 /// The guest device name of disk `index` (`vda`, `vdb`, …, `vdz`, `vdaa`, …).
 pub fn device_name(index: usize) -> String {
     let letters = b"abcdefghijklmnopqrstuvwxyz";

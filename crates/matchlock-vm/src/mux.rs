@@ -199,8 +199,7 @@ impl Mux {
 /// A random session id (the clock and pid when the kernel's generator cannot be read).
 fn session_id() -> [u8; 8] {
     let mut id = [0u8; 8];
-    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| io::Read::read_exact(&mut f, &mut id));
-    if read.is_err() {
+    if crate::host_random(&mut id).is_err() {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         id = (now.as_nanos() as u64 ^ u64::from(std::process::id()) << 32).to_be_bytes();
     }

@@ -6,7 +6,8 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use matchlock_protocol::READY_PORT;
+use matchlock_protocol::{READY_ENTROPY, READY_PORT};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
@@ -67,7 +68,7 @@ const HELPER_LOG_LIMIT: u64 = 1024 * 1024;
 /// Copies `from` into `log` until EOF, keeping at most `limit` bytes; output beyond that (or
 /// after a failed log write) is read and dropped so the writer never blocks on it.
 async fn capture_capped(mut from: impl tokio::io::AsyncRead + Unpin, log: std::fs::File, limit: u64) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let mut log = tokio::fs::File::from_std(log);
     let mut kept = 0u64;
     let mut buf = vec![0u8; 16 * 1024];
@@ -420,7 +421,13 @@ impl QemuBackend {
         self.spawn_qemu(machine, spec, &args)?;
         let result = async {
             Self::join_pipe(machine, spec).await?;
-            let ready = async { ready.accept().await.map(|_| ()).map_err(VmError::io("ready socket failed")) };
+            let ready = async {
+                let (mut signal, _) = ready.accept().await.map_err(VmError::io("ready socket failed"))?;
+                // The guest seeds its RNG with this before it runs anything.
+                let mut entropy = [0u8; READY_ENTROPY];
+                crate::host_random(&mut entropy).map_err(VmError::io("cannot read /dev/urandom"))?;
+                signal.write_all(&entropy).await.map_err(VmError::io("cannot answer the guest's ready signal"))
+            };
             Self::unless_exited(machine, spec, ready).await
         }
         .await;

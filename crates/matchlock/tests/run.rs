@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{home, ok, stderr, stdout};
+use common::{debian_image, home, ok, stderr, stdout};
 
 #[test]
 fn streams_stdout_and_stderr_and_propagates_the_exit_code() {
@@ -229,6 +229,18 @@ fn machine_identity_files_and_cpu_quota() {
     let out = ok(&h.run(&["--image", "busybox", "--", "sh", "-c", "hostname; cat /etc/resolv.conf"]));
     assert!(out.starts_with("vm-"), "{out}");
     assert!(out.contains("nameserver 8.8.8.8\nnameserver 8.8.4.4\n"), "{out}");
+}
+
+#[test]
+fn a_cold_booted_guest_has_a_seeded_rng_before_its_first_command() {
+    // The host answers the guest's ready signal with entropy. Without it the kernel is
+    // still gathering jitter entropy when the first command runs: a non-blocking
+    // getrandom fails with EAGAIN, and a blocking one (every Python start) waits ~1 s.
+    // PYTHONHASHSEED keeps Python's own start from waiting for it first.
+    let h = home();
+    let probe = "import os; os.getrandom(16, os.GRND_NONBLOCK); print('seeded')";
+    let out = h.run(&["--cold", "--image", debian_image(), "-e", "PYTHONHASHSEED=0", "--", "python3", "-c", probe]);
+    assert_eq!(ok(&out), "seeded\n");
 }
 
 #[test]
