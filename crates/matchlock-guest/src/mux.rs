@@ -22,7 +22,8 @@ use std::thread;
 use std::time::Duration;
 
 use matchlock_protocol::mux::{
-    frame, frame_u32, opened_by_host, payload_u32, Header, Kind, CREDIT_BATCH, HEADER_LEN, MAX_DATA, PORT_NAME, WINDOW,
+    credit_batch, frame, frame_u32, opened_by_host, payload_u32, Header, Kind, HEADER_LEN, MAX_DATA, PORT_NAME,
+    TO_GUEST_WINDOW, TO_HOST_WINDOW,
 };
 
 /// Bytes of queued frames the writer gathers into one write to the port.
@@ -45,7 +46,7 @@ struct Credit {
 
 impl Credit {
     fn new() -> Self {
-        Self { avail: Mutex::new(Some(WINDOW as usize)), changed: Condvar::new() }
+        Self { avail: Mutex::new(Some(TO_HOST_WINDOW as usize)), changed: Condvar::new() }
     }
 
     /// Waits for credit and takes up to `max`; `None` once the stream is reset.
@@ -66,7 +67,7 @@ impl Credit {
 
     fn give(&self, n: usize) {
         if let Some(avail) = relock(&self.avail).as_mut() {
-            *avail = (*avail + n).min(WINDOW as usize);
+            *avail = (*avail + n).min(TO_HOST_WINDOW as usize);
         }
         self.changed.notify_all();
     }
@@ -186,7 +187,7 @@ impl Read for Stream {
                     // Consumed from the host's window: it may send as much again (granted
                     // in batches).
                     *uncredited += next.len();
-                    if *uncredited >= CREDIT_BATCH as usize {
+                    if *uncredited >= credit_batch(TO_GUEST_WINDOW) as usize {
                         inner.mux.queue_for(&inner.alive, frame_u32(inner.id, Kind::Credit, *uncredited as u32));
                         *uncredited = 0;
                     }

@@ -4,7 +4,7 @@
 //! host opens is one end of a socket pair, a stream the guest opens to host port P is a
 //! connection to `<dir>/vsock.sock_P` ([`VmDir::port_listener`]), the listeners the host
 //! already serves. The guest is hostile: its frames are validated, each stream holds at
-//! most [`WINDOW`] unconsumed bytes, it may have [`MAX_GUEST_STREAMS`] streams open, and a
+//! most [`TO_HOST_WINDOW`] unconsumed bytes, it may have [`MAX_GUEST_STREAMS`] streams open, and a
 //! malformed frame ends the pipe (every stream with it).
 
 use std::collections::{HashMap, VecDeque};
@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use matchlock_api::paths::VmDir;
 use matchlock_protocol::mux::{
-    frame, frame_u32, opened_by_host, payload_u32, Header, Kind, CREDIT_BATCH, HEADER_LEN, MAX_DATA, WINDOW,
+    credit_batch, frame, frame_u32, opened_by_host, payload_u32, Header, Kind, HEADER_LEN, MAX_DATA, TO_GUEST_WINDOW,
+    TO_HOST_WINDOW,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -147,7 +148,7 @@ impl Mux {
         let (inbound, unconsumed, credit) = self.inner.register(id, false).ok_or_else(gone)?;
         let (answer, accepted) = oneshot::channel();
         lock(&self.inner.streams).pending.insert(id, answer);
-        let (early, late) = first.split_at(first.len().min(WINDOW as usize));
+        let (early, late) = first.split_at(first.len().min(TO_GUEST_WINDOW as usize));
         // What goes ahead uses up that much of the guest's window.
         credit.forget_permits(early.len());
         if let Err(e) = self.open(id, port, early, accepted).await {
@@ -267,7 +268,7 @@ impl Inner {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let unconsumed = Arc::new(AtomicUsize::new(0));
-        let credit = Arc::new(Semaphore::new(WINDOW as usize));
+        let credit = Arc::new(Semaphore::new(TO_GUEST_WINDOW as usize));
         let mut streams = lock(&self.streams);
         if guest_opened {
             streams.guest_opened += 1;
@@ -403,7 +404,7 @@ impl Inner {
                     let Some(entry) = streams.open.get_mut(&id) else { return Ok(()) };
                     let Some(inbound) = &entry.inbound else { return Ok(()) };
                     let queued = entry.unconsumed.fetch_add(body.len(), Ordering::AcqRel) + body.len();
-                    let overran = queued > WINDOW as usize || inbound.send(body.to_vec()).is_err();
+                    let overran = queued > TO_HOST_WINDOW as usize || inbound.send(body.to_vec()).is_err();
                     if overran {
                         Self::reset(&mut streams, id);
                     }
@@ -420,7 +421,7 @@ impl Inner {
                 let overgranted = {
                     let mut streams = lock(&self.streams);
                     let Some(entry) = streams.open.get(&id) else { return Ok(()) };
-                    let over = entry.credit.available_permits() + grant > WINDOW as usize;
+                    let over = entry.credit.available_permits() + grant > TO_GUEST_WINDOW as usize;
                     if over {
                         Self::reset(&mut streams, id);
                     } else {
@@ -494,7 +495,7 @@ impl Inner {
                 }
                 unconsumed.fetch_sub(chunk.len(), Ordering::AcqRel);
                 uncredited += chunk.len();
-                if uncredited >= CREDIT_BATCH as usize {
+                if uncredited >= credit_batch(TO_HOST_WINDOW) as usize {
                     if self.send(frame_u32(id, Kind::Credit, uncredited as u32)).await.is_err() {
                         return;
                     }
