@@ -426,7 +426,13 @@ impl Filesystem for Workspace {
 
     fn getattr(&self, req: &FuseRequest, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let path = tri!(reply, self.path(ino));
-        let stat = tri!(reply, self.stat(&path, req));
+        // A fresh listing knows the attributes as a lookup would (the kernel asks again
+        // after every write, and extracting a file made two such round trips).
+        let known = self.listings().known(&path, Instant::now());
+        let stat = match known {
+            Some(stat) => stat,
+            None => tri!(reply, self.stat(&path, req)),
+        };
         reply.attr(&TTL, &attr(ino.0, &stat, req));
     }
 
@@ -451,8 +457,9 @@ impl Filesystem for Workspace {
         let path = tri!(reply, self.path(ino));
         let (atime_ns, mtime_ns) = (atime.map(epoch_ns), mtime.map(epoch_ns));
         // uid/gid changes are not applied: the host owns the files (see `attr`).
-        let request = if mode.is_some() || size.is_some() || atime_ns.is_some() || mtime_ns.is_some() {
-            self.listings().changed(&path);
+        let change = mode.is_some() || size.is_some() || atime_ns.is_some() || mtime_ns.is_some();
+        let request = if change {
+            self.listings().changed(&path, None);
             Request { new_mode: mode, new_size: size, atime_ns, mtime_ns, ..self.op(Op::Change, &path, req) }
         } else if let Some(stat) = self.listings().known(&path, Instant::now()) {
             // Nothing the host applies (a chown): the attributes are what a fresh listing says.
@@ -462,6 +469,9 @@ impl Filesystem for Workspace {
         };
         let response = tri!(reply, self.call(&request));
         let stat = tri!(reply, response.stat.ok_or(Errno::EIO));
+        if change {
+            self.listings().changed(&path, Some(&stat));
+        }
         reply.attr(&TTL, &attr(ino.0, &stat, req));
     }
 
@@ -534,7 +544,7 @@ impl Filesystem for Workspace {
         let to = tri!(reply, self.path(newparent).and_then(|p| join(&p, newname)));
         tri!(reply, self.call(&Request { new_path: to.clone(), ..self.op(Op::Link, &from, req) }));
         // Both names now count one more link.
-        self.listings().changed(&from);
+        self.listings().changed(&from, None);
         self.listings().created(&to, None, Instant::now());
         self.new_entry(&to, req, reply);
     }
@@ -542,10 +552,14 @@ impl Filesystem for Workspace {
     fn open(&self, req: &FuseRequest, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let path = tri!(reply, self.path(ino));
         let flags = u32::try_from(flags.0).unwrap_or(0);
-        if flags & libc::O_TRUNC as u32 != 0 {
-            self.listings().changed(&path);
+        let truncates = flags & libc::O_TRUNC as u32 != 0;
+        if truncates {
+            self.listings().changed(&path, None);
         }
         let response = tri!(reply, self.call(&Request { flags, ..self.op(Op::Open, &path, req) }));
+        if truncates {
+            self.listings().changed(&path, response.stat.as_ref());
+        }
         reply.opened(FileHandle(response.fh), FopenFlags::empty());
     }
 
@@ -584,7 +598,7 @@ impl Filesystem for Workspace {
         if let Ok(path) = path {
             match response.as_ref().ok().and_then(|r| r.stat.as_ref()) {
                 Some(after) => self.listings().wrote(&path, after),
-                None => self.listings().changed(&path),
+                None => self.listings().changed(&path, None),
             }
         }
         let written = tri!(reply, response).written;

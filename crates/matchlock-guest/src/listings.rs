@@ -4,7 +4,8 @@
 //! A listing lives [`LISTING_TTL`] (as long as the kernel keeps an entry), so a change made
 //! on the host is seen within that time plus the kernel's own TTL. Changes the guest makes
 //! all pass through the daemon and update the listings at once: a created name is found, a
-//! removed one is missing, and a changed file is looked up again. A listing fetched while
+//! removed one is missing, and a changed file has the attributes the host answered with
+//! (or is looked up again). Attribute requests (`getattr`) are answered here too. A listing fetched while
 //! the guest changed anything is dropped rather than installed (it may predate the change).
 //! Only listings the host marks complete are kept (none while a VFS rule could hide a name).
 
@@ -166,12 +167,13 @@ impl Listings {
         }
     }
 
-    /// The guest changed `path`'s attributes or content: the next lookup asks the host.
-    pub(crate) fn changed(&mut self, path: &str) {
+    /// The guest is changing `path`'s attributes or content: until it knows the attributes
+    /// `after` the change (the host's answer), the next lookup asks the host.
+    pub(crate) fn changed(&mut self, path: &str, after: Option<&Stat>) {
         self.generation += 1;
         if let Some((dir, name)) = split(path) {
             if let Some(entry) = self.dirs.get_mut(dir).and_then(|l| l.names.get_mut(name)) {
-                *entry = None;
+                *entry = after.cloned();
             }
         }
     }
@@ -240,9 +242,15 @@ mod tests {
         cache.wrote("/w/a", &Stat { size: 4, mtime: 6, ..Stat::default() });
         let written = cache.known("/w/a", t0).unwrap();
         assert_eq!((written.size, written.mtime), (9, 7), "the largest size and latest time win");
-        cache.changed("/w/a");
-        assert_eq!(cache.lookup("/w", "a", t0), Cached::Unknown, "a changed file is looked up again");
+        cache.changed("/w/a", None);
+        assert_eq!(cache.lookup("/w", "a", t0), Cached::Unknown, "a file being changed is looked up again");
         assert_eq!(cache.known("/w/a", t0), None);
+        let after = Stat { size: 0, mode: 0o100_600, mtime: 8, ..Stat::default() };
+        cache.changed("/w/a", Some(&after));
+        assert_eq!(cache.known("/w/a", t0), Some(after), "the host's attributes after the change");
+        cache.changed("/w/gone", Some(&Stat::default()));
+        assert_eq!(cache.lookup("/w", "gone", t0), Cached::Missing, "a change never adds a name");
+        assert_eq!(cache.known("/w/a", t0 + LISTING_TTL), None, "and expires with the listing");
         cache.removed("/w/old");
         assert_eq!(cache.lookup("/w", "old", t0), Cached::Missing);
         cache.created("/w/d/x", None, t0);
