@@ -399,6 +399,9 @@ impl Filesystem for Workspace {
     fn init(&mut self, _req: &FuseRequest, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // An open with O_TRUNC reaches the host as one request (it truncates, with the
+        // truncate rules, event and budget) instead of an open and then a setattr.
+        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         // Listings carry every entry's attributes: the kernel takes them with the names
         // (as if each were looked up) when a directory is read and then stat'ed — unless a
         // VFS rule is in force (rules are fixed when the sandbox starts, and the host then

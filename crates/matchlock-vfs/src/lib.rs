@@ -411,8 +411,20 @@ fn handle_reporting(router: &Router, connection: u64, request: &Request) -> Resu
         if let Some(event) = file_event(request, response, handle_path) {
             sink(event);
         }
+        // An open that truncates is a truncation too (the guest's kernel asks for both in one
+        // open): reported as one, as a separate truncation would be.
+        if truncating_open(request) {
+            if let Some(event) = file_event(&Request { op: Op::Truncate as u8, ..request.clone() }, response, None) {
+                sink(event);
+            }
+        }
     }
     response
+}
+
+/// Whether `req` opens an existing file and truncates it (`O_TRUNC`).
+fn truncating_open(req: &Request) -> bool {
+    req.op == Op::Open as u8 && OFlags::from_bits_retain(req.flags).contains(OFlags::TRUNC)
 }
 
 fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, Errno> {
@@ -423,7 +435,10 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
         _ => None,
     };
     let rule_path = file.as_ref().map_or(req.path.as_str(), |(_, path)| path.as_str());
-    if router.blocked(op, rule_path) || (op == Op::Rename || op == Op::Link) && router.blocked(op, &req.new_path) {
+    if router.blocked(op, rule_path)
+        || (op == Op::Rename || op == Op::Link) && router.blocked(op, &req.new_path)
+        || truncating_open(req) && router.blocked(Op::Truncate, rule_path)
+    {
         return Err(Errno::PERM);
     }
     let ok = Response::default;
@@ -1015,10 +1030,23 @@ mod tests {
         let ops: Vec<String> = rx.try_iter().map(|e| e.op).collect();
         assert_eq!(ops, ["chmod", "truncate", "chmod", "chmod"], "one event per part done, none after a failure");
         assert_eq!(std::fs::metadata(dir.path().join("f")).unwrap().len(), 2);
+        // An open that truncates (the guest's kernel sends O_TRUNC with the open) is a
+        // truncation for events and rules; a plain open for writing is not.
+        let open = |flags: OFlags| Request { flags: flags.bits(), ..req(Op::Open, "/w/f") };
+        let responses = exchange(&router, &[open(OFlags::WRONLY), open(OFlags::WRONLY | OFlags::TRUNC)]);
+        assert!(responses.iter().all(|r| r.err == 0), "{responses:?}");
+        assert_eq!(responses[1].stat.as_ref().unwrap().size, 0, "the open's answer has the size after");
+        let ops: Vec<String> = rx.try_iter().map(|e| e.op).collect();
+        assert_eq!(ops, ["open", "open", "truncate"]);
+        std::fs::write(dir.path().join("f"), b"12").unwrap();
         let rules = block_rule("no-truncate", &["truncate"], "/w/f");
         router.set_rules(&rules).unwrap();
         assert_eq!(exchange(&router, &[change(0)])[0].err, -libc_errno(Errno::PERM));
         assert_eq!(std::fs::metadata(dir.path().join("f")).unwrap().len(), 2, "a blocked part is not done");
+        let responses = exchange(&router, &[open(OFlags::WRONLY | OFlags::TRUNC), open(OFlags::WRONLY)]);
+        assert_eq!(responses[0].err, -libc_errno(Errno::PERM), "a truncating open meets the truncate rule");
+        assert_eq!(responses[1].err, 0, "an open that does not truncate does not");
+        assert_eq!(std::fs::metadata(dir.path().join("f")).unwrap().len(), 2);
     }
 
     #[test]

@@ -226,12 +226,14 @@ fn vfs_block_rules_refuse_operations_with_eperm() {
     write(&dir.path().join("app/.env"), "TOKEN=host-only\n");
     write(&dir.path().join("app/main.py"), "print(1)\n");
     write(&dir.path().join("app/hidden.txt"), "listed, never looked up\n");
+    write(&dir.path().join("app/log.txt"), "keep\n");
     let rules = dir.path().join("rules.json");
     std::fs::write(
         &rules,
         r#"{"rules": [{"name": "no-dotenv", "ops": ["open", "create", "write"], "path": "/workspace/app/.env", "action": "block"},
                       {"name": "no-keys", "ops": ["create"], "path": "/workspace/app/*.pem", "action": "block"},
-                      {"name": "unseen", "ops": ["stat"], "path": "/workspace/app/hidden.txt", "action": "block"}]}"#,
+                      {"name": "unseen", "ops": ["stat"], "path": "/workspace/app/hidden.txt", "action": "block"},
+                      {"name": "append-only", "ops": ["truncate"], "path": "/workspace/app/log.txt", "action": "block"}]}"#,
     )
     .unwrap();
     let out = h.run(&[
@@ -247,15 +249,22 @@ fn vfs_block_rules_refuse_operations_with_eperm() {
         "cat /workspace/app/.env || echo read-blocked; echo k > /workspace/app/key.pem || echo create-blocked; \
          cat /workspace/app/main.py; echo ok > /workspace/app/new.txt && echo write-ok; ls -a /workspace/app | grep -c env; \
          for f in /workspace/app/*; do echo $f; done | grep -c hidden; \
-         stat /workspace/app/hidden.txt >/dev/null || echo stat-blocked",
+         stat /workspace/app/hidden.txt >/dev/null || echo stat-blocked; \
+         echo x > /workspace/app/log.txt || echo truncate-blocked; echo more >> /workspace/app/log.txt && echo append-ok",
     ]);
     let (o, e) = (stdout(&out), stderr(&out));
     assert!(out.status.success(), "{o}\n{e}");
     // A listing names the file, yet looking it up still meets its rule (no listing answers
     // lookups while rules are in force).
-    assert_eq!(o, "read-blocked\ncreate-blocked\nprint(1)\nwrite-ok\n1\n1\nstat-blocked\n");
+    assert_eq!(
+        o,
+        "read-blocked\ncreate-blocked\nprint(1)\nwrite-ok\n1\n1\nstat-blocked\ntruncate-blocked\nappend-ok\n"
+    );
     assert!(e.contains("Operation not permitted"), "{e}");
     assert!(!dir.path().join("app/key.pem").exists());
+    // A truncating open (one request to the host) meets the truncate rule; appending to the
+    // same file does not.
+    assert_eq!(std::fs::read_to_string(dir.path().join("app/log.txt")).unwrap(), "keep\nmore\n");
     let bad = h.run(&["--image", "busybox", "--vfs-rules", &rules.display().to_string(), "--", "true"]);
     assert!(stderr(&bad).contains("VFS rules require -v mounts"), "{}", stderr(&bad));
 }
