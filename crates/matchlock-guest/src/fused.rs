@@ -11,6 +11,7 @@
 
 use crate::listings::{Cached, Listings};
 use crate::mux::Stream;
+use crate::relock;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
@@ -32,8 +33,6 @@ const TTL: Duration = Duration::from_secs(1);
 /// FUSE worker threads, and connections to the host's VFS server (it serves up to
 /// `MAX_VFS_CONNECTIONS`, 8: the rest is room for reconnects).
 const WORKERS: usize = 4;
-
-use crate::relock;
 
 /// Inodes ↔ absolute guest paths.
 struct Inodes {
@@ -430,7 +429,8 @@ impl Filesystem for Workspace {
     fn getattr(&self, req: &FuseRequest, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let path = tri!(reply, self.path(ino));
         // A fresh listing knows the attributes as a lookup would (the kernel asks again
-        // after every write, and extracting a file made two such round trips).
+        // after every write, and extracting a file made two such round trips). Its lock is
+        // let go before any round trip to the host.
         let known = self.listings().known(&path, Instant::now());
         let stat = match known {
             Some(stat) => stat,

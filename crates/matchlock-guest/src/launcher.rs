@@ -17,9 +17,10 @@
 //! go and clone a new one.
 //!
 //! The namespace's PID 1 reads the request and starts the command, then lets go of its
-//! stdio, forwards signals to the command's process group and reaps. When the command ends, it kills and reaps what is left in the
-//! namespace and reports the exit code on the status pipe before it exits, so the agent
-//! answers without waiting for the namespace's teardown. A namespace init only receives
+//! stdio, forwards signals to the command's process group and reaps. When the command
+//! ends, it kills and reaps what is left in the namespace and reports the exit code on the
+//! status pipe before it exits, so the agent answers without waiting for the namespace's
+//! teardown. A namespace init only receives
 //! signals it handles, so the command must not be PID 1: otherwise SIGTERM would be
 //! ignored. Exit codes travel back up unchanged (128+N for a death by signal N). The
 //! seccomp program is built once, in the server.

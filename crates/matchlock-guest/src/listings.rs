@@ -5,8 +5,9 @@
 //! on the host is seen within that time plus the kernel's own TTL. Changes the guest makes
 //! all pass through the daemon and update the listings at once: a created name is found, a
 //! removed one is missing, and a changed file has the attributes the host answered with
-//! (or is looked up again). Attribute requests (`getattr`) are answered here too. A listing fetched while
-//! the guest changed anything is dropped rather than installed (it may predate the change).
+//! (or is looked up again). Attribute requests (`getattr`) are answered here too. A listing
+//! fetched while the guest changed anything is dropped rather than installed (it may predate
+//! the change).
 //! Only listings the host marks complete are kept (none while a VFS rule could hide a name).
 
 use std::collections::HashMap;

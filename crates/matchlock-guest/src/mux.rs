@@ -26,6 +26,8 @@ use matchlock_protocol::mux::{
     TO_GUEST_WINDOW, TO_HOST_WINDOW,
 };
 
+use crate::relock;
+
 /// Bytes of queued frames the writer gathers into one write to the port.
 const WRITE_BATCH: usize = 256 * 1024;
 
@@ -35,8 +37,6 @@ const PORT_BUFFER: usize = 4096;
 
 /// How long [`connect`] waits for the host to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-use crate::relock;
 
 /// Bytes one side may still send on a stream.
 struct Credit {

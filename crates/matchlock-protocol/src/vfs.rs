@@ -345,7 +345,7 @@ pub fn write_message(writer: &mut impl Write, message: &impl Message) -> Result<
 
 /// Writes one message with `data` as its data (in place of the message's own, which is
 /// not sent): the caller's bytes are not copied into the message first.
-pub fn write_with_data(writer: &mut impl Write, message: &impl Message, data: &[u8]) -> Result<(), WireError> {
+pub fn write_with_data(writer: &mut impl Write, message: &impl Serialize, data: &[u8]) -> Result<(), WireError> {
     let mut buf = vec![0u8; 8];
     ciborium::into_writer(message, &mut buf).map_err(|e| WireError::Malformed(e.to_string()))?;
     let map_len = buf.len() - 8;
