@@ -7,7 +7,8 @@
 //! Several FUSE workers serve the kernel at once ([`WORKERS`]), each request on a
 //! connection of its own from a small pool, so reads ahead and parallel lookups overlap
 //! their round trips; releases are not waited for; lookups in a directory listed a moment
-//! ago are answered from [`Listings`].
+//! ago are answered from [`Listings`]; a file opened again unchanged is read from the page
+//! cache ([`Versions`]).
 
 use crate::listings::{Cached, Listings};
 use crate::mux::Stream;
@@ -143,12 +144,39 @@ impl Pool {
     }
 }
 
+/// Most inodes whose content versions are kept (beyond it they are all forgotten: a cache
+/// miss at their next open, never a stale read).
+const MAX_VERSIONS: usize = 1 << 14;
+
+/// The content version ([`Response::version`]) each inode had at its last open. An open
+/// finding the same one keeps the kernel's cached pages of the file; any other open has the
+/// kernel drop them, so a file changed on the host is read afresh from its next open on
+/// (close-to-open coherence, as before caching across opens).
+#[derive(Default)]
+struct Versions(HashMap<u64, u64>);
+
+impl Versions {
+    /// Records the version an open of `ino` got, and tells whether its last open got the
+    /// same one.
+    fn opened(&mut self, ino: u64, version: Option<u64>) -> bool {
+        let Some(version) = version else {
+            self.0.remove(&ino);
+            return false;
+        };
+        if self.0.len() >= MAX_VERSIONS && !self.0.contains_key(&ino) {
+            self.0.clear();
+        }
+        self.0.insert(ino, version) == Some(version)
+    }
+}
+
 /// The workspace file system.
 pub(crate) struct Workspace {
     pool: Pool,
     inodes: Mutex<Inodes>,
     listings: Mutex<Listings>,
     dirs: Mutex<OpenDirs>,
+    versions: Mutex<Versions>,
 }
 
 fn join(parent: &str, name: &OsStr) -> Result<String, Errno> {
@@ -223,6 +251,7 @@ impl Workspace {
                         inodes: Mutex::new(inodes),
                         listings: Mutex::new(Listings::default()),
                         dirs: Mutex::new(OpenDirs::default()),
+                        versions: Mutex::new(Versions::default()),
                     });
                 }
                 Err(e) => last = Some(e),
@@ -563,7 +592,9 @@ impl Filesystem for Workspace {
         if truncates {
             self.listings().changed(&path, response.stat.as_ref());
         }
-        reply.opened(FileHandle(response.fh), FopenFlags::empty());
+        let unchanged = relock(&self.versions).opened(ino.0, response.version);
+        let flags = if unchanged { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+        reply.opened(FileHandle(response.fh), flags);
     }
 
     fn read(
@@ -730,5 +761,29 @@ fn raise_readahead(mountpoint: &str) {
     let bdi = format!("/sys/class/bdi/{}:{}/read_ahead_kb", nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
     if let Err(e) = std::fs::write(&bdi, (MAX_IO / 1024).to_string()) {
         eprintln!("guest-init: cannot raise the workspace readahead ({bdi}): {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_open_of_the_same_version_keeps_the_cache() {
+        let mut versions = Versions::default();
+        assert!(!versions.opened(5, Some(1)), "a first open has nothing to keep");
+        assert!(versions.opened(5, Some(1)));
+        assert!(!versions.opened(5, Some(2)), "changed since");
+        assert!(versions.opened(5, Some(2)));
+        assert!(!versions.opened(6, Some(2)), "versions are per inode");
+        // An open without a version (a change just now) forgets the last one.
+        assert!(!versions.opened(5, None));
+        assert!(!versions.opened(5, Some(2)));
+        // Beyond the bound everything is forgotten: misses, never stale hits.
+        for ino in 0..MAX_VERSIONS as u64 {
+            versions.opened(100 + ino, Some(ino));
+        }
+        assert!(versions.0.len() <= MAX_VERSIONS);
+        assert!(!versions.opened(100, Some(0)));
     }
 }

@@ -234,6 +234,13 @@ pub struct Response {
     /// `Readdir`, `List` with a page size: entries follow this page.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub more: bool,
+    /// `Open`: an identity of the file's content, different after any change to it, so
+    /// the guest may keep what it cached of the file when it is the same as at its last
+    /// open. Absent when that cannot be told (a change too recent for its timestamps to
+    /// set it apart from the next), or when every read must reach the host (a rule or
+    /// file events in force).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 /// File system statistics, as `statvfs(3)` reports them.

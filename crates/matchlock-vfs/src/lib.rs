@@ -15,6 +15,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use matchlock_api::config::{RulePhase, VfsAction};
 use matchlock_api::rpc::FileEvent;
@@ -549,9 +550,13 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
             }
         };
         router.storage.credit(truncated);
+        // What the guest cached of the file may serve its reads only while no read has to
+        // meet a rule or be reported.
+        let cacheable = router.events.is_none() && !router.blocked(Op::Read, &req.path);
+        let version = if cacheable { content_version(&file, SystemTime::now()) } else { None };
         let fh = router.next_handle.fetch_add(1, Ordering::Relaxed) + 1;
         router.lock_handles().insert(fh, OpenFile { file: Arc::new(file), path: req.path.clone(), connection });
-        Ok(Response { fh, stat: Some(stat), ..ok() })
+        Ok(Response { fh, stat: Some(stat), version, ..ok() })
     };
     match op {
         Op::Lookup | Op::Getattr => Ok(Response { stat: Some(fs.lstat(&rel)?), ..ok() }),
@@ -680,6 +685,32 @@ fn file_event(req: &Request, response: &Response, handle_path: Option<String>) -
         _ => response.stat.as_ref().map(|s| s.mode & 0o7777),
     };
     Some(FileEvent { op: name.to_owned(), path, size, mode, uid: Some(req.uid), gid: Some(req.gid) })
+}
+
+/// How long after a file's last change its timestamps are taken to set its content apart:
+/// far above the kernel's clock tick for file times, so a later change cannot share them.
+const SETTLED_AFTER: Duration = Duration::from_millis(100);
+
+/// [`Response::version`] of open `file` at `now`: a hash of its identity, size and times,
+/// which any write, truncation, rename or attribute change moves on (the change time cannot
+/// be set back); `None` while its last change is too recent to tell from a next one within
+/// the same clock tick.
+fn content_version(file: &File, now: SystemTime) -> Option<u64> {
+    let meta = file.metadata().ok()?;
+    let changed = UNIX_EPOCH + Duration::new(u64::try_from(meta.ctime()).ok()?, u32::try_from(meta.ctime_nsec()).ok()?);
+    if now.duration_since(changed).ok()? < SETTLED_AFTER {
+        return None;
+    }
+    let parts = [
+        meta.dev().to_le_bytes(),
+        meta.ino().to_le_bytes(),
+        meta.size().to_le_bytes(),
+        meta.mtime().to_le_bytes(),
+        meta.mtime_nsec().to_le_bytes(),
+        meta.ctime().to_le_bytes(),
+        meta.ctime_nsec().to_le_bytes(),
+    ];
+    Some(hostfs::inode_hash(parts.into_iter().flatten()))
 }
 
 fn io_errno(e: &std::io::Error) -> Errno {
@@ -923,7 +954,7 @@ mod tests {
         assert_eq!((stat.mtime, stat.mtime_nsec), (1_577_934_245, 123_456_789));
         assert_eq!(responses[1].stat.as_ref().unwrap().mtime, 86_400, "the overlay copy changed");
         let host_mtime = std::fs::metadata(dir.path().join("f")).unwrap().modified().unwrap();
-        assert_eq!(host_mtime.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(), 1_577_934_245);
+        assert_eq!(host_mtime.duration_since(UNIX_EPOCH).unwrap().as_secs(), 1_577_934_245);
         assert_eq!(responses[2].err, -libc_errno(Errno::ROFS));
         let st = responses[3].statfs.as_ref().unwrap();
         assert!(st.blocks > 0 && st.bsize > 0 && st.namelen > 0, "{st:?}");
@@ -1069,6 +1100,41 @@ mod tests {
         assert_eq!(responses[2].err, -libc_errno(Errno::FBIG));
         // ...and the connection (with its handles) goes on.
         assert!(responses[3].stat.as_ref().unwrap().is_dir);
+    }
+
+    #[test]
+    fn an_open_tells_the_content_version_only_when_reads_may_be_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "one\n").unwrap();
+        let file = File::open(&path).unwrap();
+        let changed = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let settled = changed + Duration::from_secs(1);
+        // A change within the clock tick of the last one could keep its timestamps.
+        assert_eq!(content_version(&file, changed + Duration::from_millis(50)), None);
+        let one = content_version(&file, settled).unwrap();
+        assert_eq!(content_version(&File::open(&path).unwrap(), settled), Some(one), "unchanged");
+        // The same size and modification time set back (`cp -p`, `touch -r`): still a change.
+        std::fs::write(&path, "two\n").unwrap();
+        File::options().write(true).open(&path).unwrap().set_modified(changed).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), changed);
+        let later = SystemTime::now() + Duration::from_secs(1);
+        let two = content_version(&File::open(&path).unwrap(), later).unwrap();
+        assert_ne!(one, two);
+        // Through the server: given without rules or events, never with them.
+        let open = Request { flags: OFlags::RDONLY.bits(), ..req(Op::Open, "/w/f") };
+        let mut router = Router::default();
+        router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        std::thread::sleep(SETTLED_AFTER);
+        assert_eq!(exchange(&router, std::slice::from_ref(&open))[0].version, Some(two));
+        router.set_rules(&block_rule("no reads", &["read"], "/w/secret*")).unwrap();
+        assert_eq!(exchange(&router, std::slice::from_ref(&open))[0].version, Some(two), "a rule elsewhere");
+        router.set_rules(&block_rule("no reads", &["read"], "/w/f")).unwrap();
+        assert_eq!(exchange(&router, std::slice::from_ref(&open))[0].version, None);
+        let mut router = Router::default();
+        router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        router.set_event_sink(Box::new(drop));
+        assert_eq!(exchange(&router, &[open])[0].version, None);
     }
 
     /// Rules with one before-phase `block` rule.

@@ -319,6 +319,21 @@ fn guest_and_host_edits_stay_coherent_through_the_caches() {
         "cd /workspace/w; until [ $(ls | grep -c '^[gh][0-9]') = 80 ]; do sleep 0.05; done; cat h40 g40; ls | wc -l",
     );
     assert_eq!(listed, "h40\ng40\n83\n", "e, grow.txt, late and the 80 written");
+    // A file opened again unchanged is read from the guest's page cache: `fincore` opens it
+    // a third time and finds its page still resident (each open used to drop it)...
+    let same = dir.path().join("same.txt");
+    write(&same, "one\n");
+    exec("until [ -e /workspace/w/same.txt ]; do sleep 0.05; done");
+    let cached = "cd /workspace/w; cat same.txt; cat same.txt >/dev/null; fincore --raw --noheadings -o PAGES same.txt";
+    assert_eq!(exec(cached), "one\n1\n");
+    // ...until the host changes it, even keeping its size and setting its modification
+    // time back (`cp -p`, `touch -r`): the next open reads the new content.
+    let modified = std::fs::metadata(&same).unwrap().modified().unwrap();
+    std::fs::write(&same, "two\n").unwrap();
+    std::fs::File::options().write(true).open(&same).unwrap().set_modified(modified).unwrap();
+    assert_eq!(exec("cat /workspace/w/same.txt"), "two\n");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(exec(cached), "two\n1\n");
     ok(&h.ml(&["kill", &id]));
     ok(&h.ml(&["rm", &id]));
     h.assert_no_leftovers();
