@@ -24,10 +24,14 @@ fi
 export RUSTC_BOOTSTRAP=1
 corpora="${XDG_CACHE_HOME:-$HOME/.cache}/matchlock/fuzz"
 cargo fuzz build --sanitizer none -O >/dev/null 2>&1 || cargo fuzz build --sanitizer none -O
+# The targets keep their directories (a VFS root, a VM directory) in statics, which are
+# never dropped: they run with a temporary directory of their own, removed at the end.
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 for target in "${targets[@]}"; do
   mkdir -p "$corpora/$target"
-  log=$(mktemp)
-  if ! cargo fuzz run --sanitizer none -O "$target" "$corpora/$target" -- \
+  log="$scratch/$target.log"
+  if ! TMPDIR="$scratch" cargo fuzz run --sanitizer none -O "$target" "$corpora/$target" -- \
       -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
     tail -40 "$log" >&2
     echo "fuzz: $target FAILED (input in fuzz/artifacts/$target/)" >&2

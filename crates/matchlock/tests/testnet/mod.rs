@@ -29,7 +29,10 @@ pub(crate) const HOST_SIDE: &str = "198.51.100.1";
 
 /// The test hosts; they live as long as the test process.
 pub(crate) struct TestNet {
-    dir: tempfile::TempDir,
+    /// Certificates and server logs: one fixed directory under cargo's temporary directory,
+    /// replaced at each start as the namespace is (a static is never dropped, so a fresh
+    /// temporary directory per run was left behind in /tmp every time).
+    dir: PathBuf,
     _servers: Vec<Child>,
 }
 
@@ -75,8 +78,10 @@ fn spawn_here(args: &[&str], log: &Path) -> Child {
 pub(crate) fn testnet() -> &'static TestNet {
     static NET: OnceLock<TestNet> = OnceLock::new();
     NET.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("matchlock-testnet-").tempdir().unwrap();
-        let d = dir.path();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("testnet");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.as_path();
         // A previous run (or bench/net, on the same range) may have left these.
         for (ns, veth) in [(NAMESPACE, HOST_VETH), ("mlbenchnet", "mlbenchnet0")] {
             let _ = sh(&["ip", "netns", "del", ns]);
@@ -250,16 +255,16 @@ pub(crate) fn in_namespace<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'st
 impl TestNet {
     /// The test hosts' own log files (dnsmasq.log has every query the DNS server received).
     pub(crate) fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
     }
 
     pub(crate) fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
+        self.dir.join("ca.pem")
     }
 
     /// Requests the test servers received, as parsed JSON lines.
     pub(crate) fn requests(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("requests.log"))
+        std::fs::read_to_string(self.dir.join("requests.log"))
             .unwrap_or_default()
             .lines()
             .map(|l| serde_json::from_str(l).expect("request log line"))
