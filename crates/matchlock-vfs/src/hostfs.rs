@@ -25,7 +25,8 @@ fn resolve() -> ResolveFlags {
     ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS
 }
 
-/// A stable inode number from `bytes`: FNV-1a 64, never 0 or 1 (reserved by FUSE).
+/// A stable inode number from `bytes`: FNV-1a 64, never 0 or 1 (reserved by FUSE). Also
+/// the hash behind an open's content version.
 pub fn inode_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
     let hash =
         bytes.into_iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));

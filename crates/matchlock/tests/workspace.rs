@@ -332,6 +332,7 @@ fn guest_and_host_edits_stay_coherent_through_the_caches() {
     std::fs::write(&same, "two\n").unwrap();
     std::fs::File::options().write(true).open(&same).unwrap().set_modified(modified).unwrap();
     assert_eq!(exec("cat /workspace/w/same.txt"), "two\n");
+    // Once the change is older than the host's settling time (100 ms), it is cached again.
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(exec(cached), "two\n1\n");
     ok(&h.ml(&["kill", &id]));
