@@ -8,7 +8,7 @@ pub mod rpc;
 pub use config::{EnvError, SandboxConfig};
 
 /// The whole environment of every helper process a sandbox's owner starts (QEMU,
-/// mke2fs, debugfs): nothing is inherited from the owner, whose
+/// mke2fs): nothing is inherited from the owner, whose
 /// environment may hold secret values, so a guest that escapes into a helper finds none.
 pub const HELPER_ENV: [(&str, &str); 2] =
     [("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), ("LC_ALL", "C")];

@@ -271,7 +271,7 @@ pub(crate) fn main() -> ExitCode {
     let hardening = if matchlock_protocol::boot::is_privileged(&cmdline) {
         Hardening::None
     } else {
-        sys::seccomp_program().map_or_else(|e| Hardening::Failed(e.to_string()), Hardening::Restrict)
+        sys::seccomp_programs().map_or_else(|e| Hardening::Failed(e.to_string()), Hardening::Restrict)
     };
     let mut spare = clone_spare(&hardening).ok();
     loop {
@@ -335,8 +335,9 @@ fn receive(socket: &OwnedFd) -> Result<Option<(u8, Vec<OwnedFd>)>, Errno> {
 enum Hardening {
     /// A privileged sandbox: nothing.
     None,
-    /// Capabilities, no_new_privs and this seccomp program ([`sys::harden`]).
-    Restrict(seccompiler::BpfProgram),
+    /// Kernel knobs out of reach ([`protect_kernel_files`]), then capabilities,
+    /// no_new_privs and these seccomp programs ([`sys::harden`]).
+    Restrict(sys::SeccompPrograms),
     /// The seccomp program could not be built: every command fails with this.
     Failed(String),
 }
@@ -416,7 +417,10 @@ fn keep_only(fd: &OwnedFd, target: RawFd) -> Result<(), Errno> {
 /// PID 1 of a command's namespaces: prepares the namespace, waits for the command's
 /// descriptors on `socket`, reads its request, then forks the command and supervises it.
 fn namespace_init(socket: &OwnedFd, hardening: &Hardening) -> ! {
-    let prepared = prepare_namespace();
+    let prepared = prepare_namespace().and_then(|()| match hardening {
+        Hardening::None => Ok(()),
+        Hardening::Restrict(_) | Hardening::Failed(_) => protect_kernel_files(),
+    });
     let fds = match receive(socket) {
         Ok(Some((_, fds))) => fds,
         // Dismissed.
@@ -455,6 +459,72 @@ fn prepare_namespace() -> Result<(), String> {
         .map_err(|e| format!("cannot make mounts private: {e}"))?;
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>).map_err(|e| format!("cannot mount /proc: {e}"))
+}
+
+/// Files under `/proc` that only serve to change the kernel: read-only for commands, as a
+/// default container runtime makes them (`core_pattern` under `/proc/sys` would let a
+/// command have the kernel run a program of its choice with every capability).
+const READ_ONLY_PROC: [&str; 5] = ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs"];
+/// Files under `/proc` and `/sys` that tell about the kernel or other processes' keys and
+/// timers: replaced by an empty file or directory, as a default container runtime does.
+const MASKED: [&str; 12] = [
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/latency_stats",
+    "/proc/interrupts",
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Puts the kernel's knobs out of a command's reach in its mount namespace: [`READ_ONLY_PROC`]
+/// and every mount under `/sys` read-only, [`MASKED`] hidden. The command cannot undo it:
+/// it has no `CAP_SYS_ADMIN` and no mount calls ([`sys::harden`]).
+fn protect_kernel_files() -> Result<(), String> {
+    let keep = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let read_only = |path: &str, bind_first: bool| -> Result<(), String> {
+        if bind_first {
+            mount(Some(path), path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+                .map_err(|e| format!("cannot bind {path}: {e}"))?;
+        }
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | keep;
+        mount(None::<&str>, path, None::<&str>, flags, None::<&str>)
+            .map_err(|e| format!("cannot make {path} read-only: {e}"))
+    };
+    for path in READ_ONLY_PROC {
+        match fs::symlink_metadata(path) {
+            Ok(_) => read_only(path, true)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot inspect {path}: {e}")),
+        }
+    }
+    let mounts = fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("cannot read mountinfo: {e}"))?;
+    for point in mount_points(&mounts).filter(|p| *p == "/sys" || p.starts_with("/sys/")) {
+        read_only(point, false)?;
+    }
+    for path in MASKED {
+        let masked = match fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("cannot inspect {path}: {e}")),
+            Ok(meta) if meta.is_dir() => {
+                mount(Some("tmpfs"), path, Some("tmpfs"), MsFlags::MS_RDONLY | keep, Some("size=0,mode=0555"))
+            }
+            Ok(_) => mount(Some("/dev/null"), path, None::<&str>, MsFlags::MS_BIND, None::<&str>),
+        };
+        masked.map_err(|e| format!("cannot mask {path}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The mount points of a `/proc/self/mountinfo` text, in mount order (field 5; the kernel
+/// escapes spaces in it, which none of ours have).
+fn mount_points(mountinfo: &str) -> impl Iterator<Item = &str> {
+    mountinfo.lines().filter_map(|line| line.split(' ').nth(4))
 }
 
 /// Becomes the command.

@@ -65,50 +65,194 @@ pub(crate) fn loopback_up() -> io::Result<()> {
     Ok(())
 }
 
-/// Capabilities no command keeps unless the sandbox is privileged: tracing other
-/// processes, administration (mount, namespaces…), kernel modules, raw I/O, reboot.
-const DROPPED_CAPABILITIES: [libc::c_ulong; 5] = [
-    19, // CAP_SYS_PTRACE
-    21, // CAP_SYS_ADMIN
-    16, // CAP_SYS_MODULE
-    17, // CAP_SYS_RAWIO
-    22, // CAP_SYS_BOOT
+/// The capabilities a command keeps unless the sandbox is privileged: a default container
+/// runtime's set (Docker's, containerd's). Everything else (administration, tracing, raw
+/// I/O, modules, boot, time, network administration, BPF, perf …) leaves the bounding set.
+const KEPT_CAPABILITIES: [libc::c_ulong; 14] = [
+    0,  // CAP_CHOWN
+    1,  // CAP_DAC_OVERRIDE
+    3,  // CAP_FOWNER
+    4,  // CAP_FSETID
+    5,  // CAP_KILL
+    6,  // CAP_SETGID
+    7,  // CAP_SETUID
+    8,  // CAP_SETPCAP
+    10, // CAP_NET_BIND_SERVICE
+    13, // CAP_NET_RAW
+    18, // CAP_SYS_CHROOT
+    27, // CAP_MKNOD
+    29, // CAP_AUDIT_WRITE
+    31, // CAP_SETFCAP
 ];
 
-/// System calls that fail with EPERM for commands: reading or writing other processes'
-/// memory, and loading a new kernel.
-const DENIED_SYSCALLS: [libc::c_long; 5] = [
+/// System calls that fail with EPERM for commands, as a default container runtime's
+/// seccomp profile refuses them: tracing and reading other processes (`ptrace`,
+/// `process_vm_*`, `kcmp`, `pidfd_getfd`), namespaces and mounts (`unshare`, `setns`,
+/// `mount` and the new mount API, `pivot_root`), the kernel itself (modules, `kexec`,
+/// `reboot`, `swapon`, `acct`, the clock, keyrings, BPF, `perf_event_open`, `userfaultfd`,
+/// `io_uring`), and obsolete interfaces. `clone` with namespace flags is refused by
+/// [`CLONE_NAMESPACE_FLAGS`]; `clone3` answers ENOSYS, so that libcs fall back to `clone`.
+const DENIED_SYSCALLS: [libc::c_long; 53] = [
     libc::SYS_ptrace,
     libc::SYS_process_vm_readv,
     libc::SYS_process_vm_writev,
+    libc::SYS_process_madvise,
+    libc::SYS_kcmp,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_mount_setattr,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_pivot_root,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
     libc::SYS_kexec_load,
     libc::SYS_kexec_file_load,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_acct,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_clock_adjtime,
+    libc::SYS_adjtimex,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_keyctl,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_fanotify_init,
+    libc::SYS_lookup_dcookie,
+    libc::SYS_quotactl,
+    libc::SYS_quotactl_fd,
+    libc::SYS_nfsservctl,
+    libc::SYS_sysfs,
+    libc::SYS__sysctl,
+    libc::SYS_uselib,
+    libc::SYS_ustat,
+    libc::SYS_ioperm,
+    libc::SYS_iopl,
 ];
 
-/// Restricts the calling process before it executes a command: drops
-/// [`DROPPED_CAPABILITIES`] from the bounding set, sets no_new_privs, and installs a
-/// seccomp filter denying [`DENIED_SYSCALLS`] (built once by [`seccomp_program`]).
-/// Inherited by everything it starts.
-pub(crate) fn harden(seccomp: &seccompiler::BpfProgram) -> io::Result<()> {
-    for cap in DROPPED_CAPABILITIES {
-        // SAFETY: PR_CAPBSET_DROP takes an integer and touches no memory of ours.
-        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    nix::sys::prctl::set_no_new_privs()?;
-    seccompiler::apply_filter(seccomp).map_err(io::Error::other)
+/// `clone` flags that make new namespaces: a `clone` with any of them fails with EPERM.
+const CLONE_NAMESPACE_FLAGS: [libc::c_int; 7] = [
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWNET,
+    libc::CLONE_NEWCGROUP,
+];
+
+/// What [`harden`] installs: the EPERM program, then the one answering `clone3` with
+/// ENOSYS (a filter has one action for all its matches).
+#[derive(Debug)]
+pub(crate) struct SeccompPrograms {
+    deny: seccompiler::BpfProgram,
+    no_clone3: seccompiler::BpfProgram,
 }
 
-/// The seccomp program [`harden`] installs: [`DENIED_SYSCALLS`] fail with EPERM.
-pub(crate) fn seccomp_program() -> io::Result<seccompiler::BpfProgram> {
-    let rules = DENIED_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect();
-    let filter = seccompiler::SeccompFilter::new(
-        rules,
-        seccompiler::SeccompAction::Allow,
-        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
-        seccompiler::TargetArch::x86_64,
-    )
-    .map_err(io::Error::other)?;
-    filter.try_into().map_err(io::Error::other)
+/// Restricts the calling process before it executes a command: the bounding set keeps
+/// only [`KEPT_CAPABILITIES`], the inheritable and ambient sets are emptied, no_new_privs
+/// is set, and the seccomp programs (built once by [`seccomp_programs`]) are installed.
+/// Inherited by everything it starts.
+pub(crate) fn harden(seccomp: &SeccompPrograms) -> io::Result<()> {
+    // The kernel refuses capabilities past its last with EINVAL.
+    for cap in (0..64).filter(|c| !KEPT_CAPABILITIES.contains(c)) {
+        // SAFETY: PR_CAPBSET_DROP takes an integer and touches no memory of ours.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(err);
+        }
+    }
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes integers and touches no memory of ours.
+    if unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    clear_inheritable()?;
+    nix::sys::prctl::set_no_new_privs()?;
+    seccompiler::apply_filter(&seccomp.no_clone3).map_err(io::Error::other)?;
+    seccompiler::apply_filter(&seccomp.deny).map_err(io::Error::other)
+}
+
+/// Empties the inheritable capability set (capget, then capset with it cleared).
+fn clear_inheritable() -> io::Result<()> {
+    /// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit data words.
+    const VERSION_3: u32 = 0x2008_0522;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header { version: VERSION_3, pid: 0 };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget writes two `Data` words for version 3 into `data`, which is valid and
+    // large enough, and reads `header`.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    for word in &mut data {
+        word.inheritable = 0;
+    }
+    // SAFETY: capset reads `header` and two `Data` words from `data`, both valid.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Builds the seccomp programs [`harden`] installs.
+pub(crate) fn seccomp_programs() -> io::Result<SeccompPrograms> {
+    use seccompiler::{SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect();
+    let clone_rules = CLONE_NAMESPACE_FLAGS
+        .iter()
+        .map(|flag| {
+            let flag = u64::from(flag.unsigned_abs());
+            let cond = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)
+                .map_err(io::Error::other)?;
+            SeccompRule::new(vec![cond]).map_err(io::Error::other)
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    rules.insert(libc::SYS_clone, clone_rules);
+    let program = |rules, errno: i32| -> io::Result<seccompiler::BpfProgram> {
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno.unsigned_abs()),
+            seccompiler::TargetArch::x86_64,
+        )
+        .map_err(io::Error::other)?;
+        filter.try_into().map_err(io::Error::other)
+    };
+    Ok(SeccompPrograms {
+        deny: program(rules, libc::EPERM)?,
+        no_clone3: program([(libc::SYS_clone3, Vec::new())].into_iter().collect(), libc::ENOSYS)?,
+    })
 }

@@ -1,13 +1,15 @@
 //! Building ext4 disk images from tar streams with e2fsprogs, without root.
 //!
 //! `mke2fs -d <tar>` (e2fsprogs >= 1.47.1) creates files, directories, symlinks, hard
-//! links and device nodes with their owners and modes. It does not carry extended
-//! attributes over, so those are applied afterwards with `debugfs -w`.
+//! links and device nodes with their owners and modes. It carries only
+//! `security.capability` of the extended attributes over, so all of them are written
+//! afterwards through libext2fs (`matchlock-ext2fs`): no image byte reaches a script.
 
-use std::fmt::Write as _;
-use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use matchlock_ext2fs::{Ext2fsError, Filesystem};
 
 const BLOCK_SIZE: u64 = 4096;
 
@@ -15,7 +17,7 @@ const BLOCK_SIZE: u64 = 4096;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Xattr {
     /// Absolute path inside the file system.
-    pub path: String,
+    pub path: PathBuf,
     /// Attribute name (`user.x`, `trusted.overlay.opaque`, `security.capability`).
     pub name: String,
     /// Raw value.
@@ -51,18 +53,27 @@ pub enum Ext4Error {
         #[source]
         source: std::io::Error,
     },
-    /// A path cannot be expressed in a debugfs command.
-    #[error("cannot set extended attributes on {0:?}: unsupported characters in path")]
-    UnsupportedPath(String),
+    /// An extended attribute the kernel would refuse.
+    #[error("cannot set an extended attribute on {path:?}")]
+    Xattr {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: XattrError,
+    },
+    /// libext2fs failed writing the attributes.
+    #[error("cannot write extended attributes")]
+    Ext2fs(#[from] Ext2fsError),
 }
 
-fn run(tool: &'static str, cmd: &mut Command) -> Result<String, Ext4Error> {
+fn run(tool: &'static str, cmd: &mut Command) -> Result<(), Ext4Error> {
     let out = cmd.output().map_err(|source| Ext4Error::Spawn { tool, source })?;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(Ext4Error::Failed { tool, stderr: stderr.trim().to_owned() });
     }
-    Ok(stderr)
+    Ok(())
 }
 
 /// A size in bytes, large enough for `content_bytes` of file data in `entries` inodes.
@@ -109,46 +120,72 @@ pub fn create_empty(out: &Path, size_bytes: u64, seed: Option<&Path>) -> Result<
     Ok(())
 }
 
-fn debugfs_quote(path: &str) -> Result<String, Ext4Error> {
-    if path.contains(['"', '\n', '\\']) {
-        return Err(Ext4Error::UnsupportedPath(path.to_owned()));
+/// The longest extended attribute name the kernel accepts (`XATTR_NAME_MAX`).
+pub const MAX_XATTR_NAME: usize = 255;
+/// The largest extended attribute value the kernel accepts (`XATTR_SIZE_MAX`).
+pub const MAX_XATTR_VALUE: usize = 64 * 1024;
+/// The longest name of one path component the kernel accepts (`NAME_MAX`).
+pub const MAX_NAME: usize = 255;
+/// Namespaces a file's extended attribute can live in; the kernel refuses any other.
+const XATTR_NAMESPACES: [&str; 3] = ["user.", "trusted.", "security."];
+/// The only `system.` attributes a file system stores for a file (POSIX ACLs).
+const SYSTEM_XATTRS: [&str; 2] = ["system.posix_acl_access", "system.posix_acl_default"];
+
+/// Checks an extended attribute as the kernel's `setxattr` would: a name of at most 255
+/// bytes, without NUL, in a namespace a file can carry, and a value of at most 64 KiB.
+pub fn check_xattr(name: &str, value: &[u8]) -> Result<(), XattrError> {
+    let known = XATTR_NAMESPACES.iter().any(|ns| name.len() > ns.len() && name.starts_with(ns))
+        || SYSTEM_XATTRS.contains(&name);
+    if name.len() > MAX_XATTR_NAME {
+        Err(XattrError::NameTooLong(name.len()))
+    } else if name.contains('\0') {
+        Err(XattrError::Nul)
+    } else if !known {
+        Err(XattrError::Namespace(name.to_owned()))
+    } else if value.len() > MAX_XATTR_VALUE {
+        Err(XattrError::ValueTooLarge { name: name.to_owned(), len: value.len() })
+    } else {
+        Ok(())
     }
-    Ok(format!("\"{path}\""))
 }
 
+/// An extended attribute the kernel would refuse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum XattrError {
+    /// The name is longer than the kernel allows.
+    #[error("an extended attribute name of {0} bytes is longer than {MAX_XATTR_NAME}")]
+    NameTooLong(usize),
+    /// The name holds a NUL byte.
+    #[error("an extended attribute name contains a NUL byte")]
+    Nul,
+    /// The name is not UTF-8 (PAX records are).
+    #[error("an extended attribute name is not UTF-8")]
+    NotUtf8,
+    /// The name is in no namespace a file can carry.
+    #[error("extended attribute {0:?} is in no namespace a file can carry (user., trusted., security., POSIX ACLs)")]
+    Namespace(String),
+    /// The value is larger than the kernel allows.
+    #[error("extended attribute {name:?} has a value of {len} bytes, more than {MAX_XATTR_VALUE}")]
+    ValueTooLarge {
+        /// The attribute.
+        name: String,
+        /// Its value's size.
+        len: usize,
+    },
+}
+
+/// Writes `xattrs` into the image through libext2fs: names, values and paths are passed
+/// as arguments, never written into a script a tool parses. Each is checked first.
 fn apply_xattrs(image: &Path, xattrs: &[Xattr]) -> Result<(), Ext4Error> {
-    let dir = tempfile::tempdir().map_err(|source| Ext4Error::Io { path: image.to_owned(), source })?;
-    let mut script = String::new();
-    for (i, x) in xattrs.iter().enumerate() {
-        let value_file = dir.path().join(format!("v{i}"));
-        std::fs::write(&value_file, &x.value).map_err(|source| Ext4Error::Io { path: value_file.clone(), source })?;
-        let _ = writeln!(
-            script,
-            "ea_set -f {} {} {}",
-            debugfs_quote(&value_file.to_string_lossy())?,
-            debugfs_quote(&x.path)?,
-            debugfs_quote(&x.name)?
-        );
+    for x in xattrs {
+        check_xattr(&x.name, &x.value).map_err(|source| Ext4Error::Xattr { path: x.path.clone(), source })?;
     }
-    let script_path = dir.path().join("cmds");
-    let mut f =
-        std::fs::File::create(&script_path).map_err(|source| Ext4Error::Io { path: script_path.clone(), source })?;
-    f.write_all(script.as_bytes()).map_err(|source| Ext4Error::Io { path: script_path.clone(), source })?;
-    drop(f);
-    let stderr = run(
-        "debugfs",
-        Command::new("debugfs")
-            .env_clear()
-            .envs(matchlock_api::HELPER_ENV)
-            .arg("-w")
-            .arg("-f")
-            .arg(&script_path)
-            .arg(image),
-    )?;
-    // debugfs reports per-command failures on stderr but still exits 0.
-    let failures: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty()).collect();
-    if !failures.is_empty() {
-        return Err(Ext4Error::Failed { tool: "debugfs", stderr: failures.join("; ") });
+    let mut fs = Filesystem::open(image)?;
+    // One handle per file: consecutive attributes of the same path are set together.
+    for same_file in xattrs.chunk_by(|a, b| a.path == b.path) {
+        let attrs: Vec<(&str, &[u8])> = same_file.iter().map(|x| (x.name.as_str(), x.value.as_slice())).collect();
+        fs.set_xattrs(same_file[0].path.as_os_str().as_bytes(), &attrs)?;
     }
+    fs.close()?;
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
-use crate::ext4::{self, Ext4Error, Xattr};
+use crate::ext4::{self, Ext4Error, Xattr, XattrError};
 
 pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
 pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
@@ -31,6 +31,26 @@ pub enum LayerError {
     /// An entry has a path that leaves the layer root.
     #[error("layer entry has an unsafe path {0:?}")]
     UnsafePath(String),
+    /// An entry has a path component longer than the kernel allows.
+    #[error("layer entry {path:?} has a name of {len} bytes, longer than {max}", max = ext4::MAX_NAME)]
+    NameTooLong {
+        /// The entry's path (cut to 200 characters).
+        path: String,
+        /// The long component's length.
+        len: usize,
+    },
+    /// An entry carries an extended attribute the kernel would refuse.
+    #[error("layer entry {path:?} has a bad extended attribute")]
+    BadXattr {
+        /// The entry's path.
+        path: String,
+        /// What is wrong with it.
+        #[source]
+        source: XattrError,
+    },
+    /// The layers carry more extended attribute bytes than a squash keeps in memory.
+    #[error("the layers carry more than {} MiB of extended attributes", MAX_XATTR_BYTES >> 20)]
+    TooManyXattrs,
     /// Writing the normalised tar failed.
     #[error("cannot write temporary file")]
     Temp(#[source] io::Error),
@@ -71,11 +91,19 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Normalises a tar path to a relative path without `.` components; rejects `..`.
+/// Extended attribute bytes (names and values) one squash keeps in memory to write.
+pub const MAX_XATTR_BYTES: usize = 64 << 20;
+
+/// Normalises a tar path to a relative path without `.` components; rejects `..` and
+/// components longer than the kernel's `NAME_MAX`.
 pub(crate) fn clean_path(raw: &Path) -> Result<PathBuf, LayerError> {
     let mut out = PathBuf::new();
     for c in raw.components() {
         match c {
+            Component::Normal(p) if p.len() > ext4::MAX_NAME => {
+                let path: String = raw.to_string_lossy().chars().take(200).collect();
+                return Err(LayerError::NameTooLong { path, len: p.len() });
+            }
             Component::Normal(p) => out.push(p),
             Component::CurDir | Component::RootDir => {}
             Component::ParentDir | Component::Prefix(_) => {
@@ -107,8 +135,15 @@ pub fn verify(source: &dyn LayerSource, expected: Option<&str>) -> Result<LayerS
     {
         let mut archive = tar::Archive::new(&mut reader);
         for entry in archive.entries().map_err(LayerError::Read)? {
-            let entry = entry.map_err(LayerError::Read)?;
-            clean_path(&entry.path().map_err(LayerError::Read)?)?;
+            let mut entry = entry.map_err(LayerError::Read)?;
+            let path = clean_path(&entry.path().map_err(LayerError::Read)?)?;
+            if let EntryType::Link = entry.header().entry_type() {
+                clean_path(&entry.link_name().map_err(LayerError::Read)?.unwrap_or_default())?;
+            }
+            for (name, value) in xattrs(&mut entry, &path)? {
+                ext4::check_xattr(&name, &value)
+                    .map_err(|source| LayerError::BadXattr { path: path.to_string_lossy().into_owned(), source })?;
+            }
             entries += 1;
             content_bytes += entry.header().entry_size().unwrap_or(0);
         }
@@ -222,10 +257,11 @@ pub fn merge_to_tar(layers: &[&dyn LayerSource], out: &File) -> Result<(), Layer
 }
 
 /// Second pass: writes the entries that survived the merge, bottom layer first, into
-/// one tar mke2fs can take as is; returns the extended attributes for debugfs.
+/// one tar mke2fs can take as is; returns the extended attributes to write after it.
 fn write_merged(layers: &[&dyn LayerSource], merge: &Merge, out: &File) -> Result<(Vec<Xattr>, u64), LayerError> {
     let mut builder = tar::Builder::new(io::BufWriter::new(out));
     let mut xattrs = Vec::new();
+    let mut xattr_bytes = 0;
     let mut seen_dirs: HashSet<PathBuf> = HashSet::new();
     let mut written: HashSet<PathBuf> = HashSet::new();
     let mut dropped_links = 0;
@@ -253,17 +289,12 @@ fn write_merged(layers: &[&dyn LayerSource], merge: &Merge, out: &File) -> Resul
                 continue;
             }
             add_missing_parents(&mut builder, &mut seen_dirs, path.parent().unwrap_or(Path::new("")))?;
-            if let Some(exts) = entry.pax_extensions().map_err(LayerError::Read)? {
-                for ext in exts {
-                    let ext = ext.map_err(LayerError::Read)?;
-                    if let Some(attr) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
-                        xattrs.push(Xattr {
-                            path: format!("/{}", path.to_string_lossy()),
-                            name: attr.to_owned(),
-                            value: ext.value_bytes().to_vec(),
-                        });
-                    }
+            for (name, value) in self::xattrs(&mut entry, &path)? {
+                xattr_bytes += name.len() + value.len();
+                if xattr_bytes > MAX_XATTR_BYTES {
+                    return Err(LayerError::TooManyXattrs);
                 }
+                xattrs.push(Xattr { path: Path::new("/").join(&path), name, value });
             }
             match kind {
                 EntryType::Regular | EntryType::Continuous => {
@@ -292,6 +323,24 @@ fn write_merged(layers: &[&dyn LayerSource], merge: &Merge, out: &File) -> Resul
     }
     builder.into_inner().and_then(|mut w| io::Write::flush(&mut w)).map_err(LayerError::Temp)?;
     Ok((xattrs, dropped_links))
+}
+
+/// The extended attributes (`SCHILY.xattr.<name>` PAX records) of `entry`, whose clean
+/// path is `path`; a name that is not UTF-8 is an error.
+fn xattrs<R: Read>(entry: &mut tar::Entry<'_, R>, path: &Path) -> Result<Vec<(String, Vec<u8>)>, LayerError> {
+    let mut found = Vec::new();
+    let Some(exts) = entry.pax_extensions().map_err(LayerError::Read)? else { return Ok(found) };
+    for ext in exts {
+        let ext = ext.map_err(LayerError::Read)?;
+        if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+            let name = String::from_utf8(name.to_vec()).map_err(|_| LayerError::BadXattr {
+                path: path.to_string_lossy().into_owned(),
+                source: XattrError::NotUtf8,
+            })?;
+            found.push((name, ext.value_bytes().to_vec()));
+        }
+    }
+    Ok(found)
 }
 
 /// Layers may omit directory entries for the parents of their files; mke2fs needs
