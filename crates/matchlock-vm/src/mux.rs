@@ -180,15 +180,24 @@ impl Mux {
         }
     }
 
-    /// Asks the guest to stop sending; resolves once nothing is in flight either way.
+    /// Asks the guest to stop sending; resolves once nothing is in flight either way. If
+    /// the guest does not answer within [`PAUSE_TIMEOUT`] (starved, or hostile), the pipe
+    /// is resumed before the error returns: what the host held back goes out, and the
+    /// sandbox goes on as before the attempt.
     pub async fn pause(&self) -> io::Result<()> {
         let (done, paused) = oneshot::channel();
         *self.inner.paused.lock().unwrap_or_else(PoisonError::into_inner) = Some(done);
         self.inner.out.send(Out::Pause).await.map_err(|_| gone())?;
-        tokio::time::timeout(Duration::from_secs(5), paused)
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the guest did not pause its pipe"))?
-            .map_err(|_| gone())
+        let failed = match tokio::time::timeout(PAUSE_TIMEOUT, paused).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => gone(),
+            Err(_) => io::Error::new(io::ErrorKind::TimedOut, "the guest did not pause its pipe"),
+        };
+        self.inner.paused.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Err(e) = self.resume().await {
+            tracing::debug!("resuming the pipe after a failed pause: {e}");
+        }
+        Err(failed)
     }
 
     /// Ends a [`Mux::pause`]: the session and its streams go on.
@@ -196,6 +205,9 @@ impl Mux {
         self.inner.out.send(Out::Resume).await.map_err(|_| gone())
     }
 }
+
+/// How long [`Mux::pause`] waits for the guest's answer.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A random session id (the clock and pid when the kernel's generator cannot be read).
 fn session_id() -> [u8; 8] {
@@ -566,5 +578,47 @@ mod tests {
         let refused = connecting.await.unwrap().unwrap_err();
         assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
         assert!(!lock(&mux.inner.streams).open.contains_key(&open.stream));
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_never_pauses_leaves_the_pipe_running() {
+        let (mux, mut guest, _dir) = session().await;
+        // Positive control: a guest that answers is paused, and what the host sends meanwhile
+        // is held until the resume.
+        let pausing = tokio::spawn({
+            let mux = mux.clone();
+            async move { mux.pause().await }
+        });
+        assert_eq!(read_frame(&mut guest).await.0.kind, Kind::Pause);
+        guest.write_all(&frame(0, Kind::Paused, &[])).await.unwrap();
+        pausing.await.unwrap().unwrap();
+        let connecting = tokio::spawn({
+            let mux = mux.clone();
+            async move { mux.connect_sending(5000, b"x").await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        mux.resume().await.unwrap();
+        assert_eq!(read_frame(&mut guest).await.0.kind, Kind::Resume);
+        let (open, _) = read_frame(&mut guest).await;
+        assert_eq!(open.kind, Kind::Open, "held frames follow the resume");
+        let _ = read_frame(&mut guest).await;
+        guest.write_all(&frame(open.stream, Kind::Refuse, &[])).await.unwrap();
+        assert!(connecting.await.unwrap().is_err());
+
+        // A starved (or hostile) guest never answers: the pause fails after its timeout and
+        // the pipe is resumed, so later frames are not held for good.
+        let err = mux.pause().await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(read_frame(&mut guest).await.0.kind, Kind::Pause);
+        assert_eq!(read_frame(&mut guest).await.0.kind, Kind::Resume);
+        let connecting = tokio::spawn({
+            let mux = mux.clone();
+            async move { mux.connect_sending(5001, b"y").await.map(|_| ()) }
+        });
+        let (open, port) = read_frame(&mut guest).await;
+        assert_eq!((open.kind, payload_u32(&port)), (Kind::Open, 5001));
+        let _ = read_frame(&mut guest).await;
+        guest.write_all(&frame(open.stream, Kind::Refuse, &[])).await.unwrap();
+        assert!(connecting.await.unwrap().is_err());
     }
 }

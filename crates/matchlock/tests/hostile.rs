@@ -408,3 +408,192 @@ fn a_guest_cannot_store_more_than_its_workspace_quota_on_the_host() {
     assert_eq!(std::fs::metadata(shared.path().join("after")).map(|m| m.len()).ok(), Some(8 << 20), "{listing:?}");
     assert_eq!(stored_under(lower.path()), 5 + (12 << 20), "the overlay's host directory is untouched");
 }
+
+/// The bytes of every file in the tar at `path`, by name.
+fn tar_files(path: &std::path::Path) -> HashMap<String, Vec<u8>> {
+    let mut archive = tar::Archive::new(std::fs::File::open(path).unwrap());
+    let mut files = HashMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        files.insert(name, data);
+    }
+    files
+}
+
+/// A `docker save` tarball at `out`: the layers of the OCI-layout image `base` (if any),
+/// then `layer` on top.
+fn image_with_layer(base: Option<&std::path::Path>, layer: Vec<u8>, out: &std::path::Path) {
+    struct Bytes<'a>(&'a [u8]);
+    impl matchlock_image::layer::LayerSource for Bytes<'_> {
+        fn open(&self) -> std::io::Result<Box<dyn std::io::Read + '_>> {
+            Ok(Box::new(self.0))
+        }
+    }
+    let (mut layers, mut config) = (Vec::new(), serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": []}
+    }));
+    if let Some(base) = base {
+        let files = tar_files(base);
+        let blob = |digest: &serde_json::Value| files[&format!("blobs/sha256/{}", &digest.as_str().unwrap()[7..])].clone();
+        let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(&blob(&index["manifests"][0]["digest"])).unwrap();
+        config = serde_json::from_slice(&blob(&manifest["config"]["digest"])).unwrap();
+        layers = manifest["layers"].as_array().unwrap().iter().map(|l| blob(&l["digest"])).collect();
+    }
+    let diff_id = matchlock_image::layer::verify(&Bytes(&layer), None).unwrap().diff_id;
+    config["rootfs"]["diff_ids"].as_array_mut().unwrap().push(diff_id.into());
+    layers.push(layer);
+    let mut b = tar::Builder::new(std::fs::File::create(out).unwrap());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    let names: Vec<String> = (0..layers.len()).map(|i| format!("layer{i}.tar")).collect();
+    for (name, data) in names.iter().zip(&layers) {
+        add(name, data);
+    }
+    add("config.json", &serde_json::to_vec(&config).unwrap());
+    let manifest = serde_json::json!([{"Config": "config.json", "RepoTags": [], "Layers": names}]);
+    add("manifest.json", &serde_json::to_vec(&manifest).unwrap());
+    b.into_inner().unwrap();
+}
+
+/// A layer of one executable file at `path` with the extended attributes `xattrs`.
+fn layer_with_xattrs(path: &str, xattrs: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let records: Vec<(String, &[u8])> =
+        xattrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice())).collect();
+    b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v))).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o755);
+    h.set_size(10);
+    b.append_data(&mut h, path, b"#!/bin/sh\n".as_slice()).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn a_crafted_image_runs_nothing_on_the_host_and_ordinary_attributes_reach_the_guest() {
+    let h = home();
+    let work = tempfile::tempdir().unwrap();
+    let marker = work.path().join("pwned");
+    // The reported attack: an ~8.7 KB attribute name whose tail debugfs read as its own
+    // script line, starting with `!` (a shell command).
+    let name = format!("user.{}!touch {}", "A".repeat(8150), marker.display());
+    let evil = work.path().join("evil.tar");
+    image_with_layer(None, layer_with_xattrs("bin/tool", &[(name, b"v".to_vec())]), &evil);
+    let out = h.import("evil-xattr:1", &evil);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("longer than 255"), "{}", stderr(&out));
+    assert!(!marker.exists(), "a command from the image ran on the host");
+    assert!(!ok(&h.ml(&["image", "ls"])).contains("evil-xattr"), "a refused image was kept");
+
+    // Positive control: ordinary attributes (a file capability, user.*) arrive in the
+    // guest, on top of the Debian image (whose python reads them).
+    let mut cap = vec![0u8; 20];
+    cap[..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
+    cap[4..8].copy_from_slice(&(1u32 << 13).to_le_bytes());
+    let xattrs = [("security.capability".to_owned(), cap.clone()), ("user.origin".to_owned(), b"matchlock".to_vec())];
+    let good = work.path().join("good.tar");
+    image_with_layer(Some(&common::debian_tarball()), layer_with_xattrs("usr/local/bin/tool", &xattrs), &good);
+    ok(&h.import("xattrs:1", &good));
+    let read = "import os; p = '/usr/local/bin/tool'; \
+        print(os.getxattr(p, 'user.origin').decode(), os.getxattr(p, 'security.capability').hex())";
+    let seen = ok(&h.run(&["--image", "xattrs:1", "--", "python3", "-c", read]));
+    assert_eq!(seen, format!("matchlock {}\n", hex(&cap)));
+    ok(&h.ml(&["image", "rm", "xattrs:1"]));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Probes, as uid 0 in a sandbox, every way the reported escape went: the kernel's knobs
+/// (a core_pattern helper runs with every capability outside the command's namespaces),
+/// `/sys`, tracing and taking descriptors from other processes, new namespaces, the host
+/// channel's port. Prints `name: result` lines.
+const ESCAPE_PROBE: &str = r#"
+import ctypes, errno, glob, os
+libc = ctypes.CDLL(None, use_errno=True)
+def call(nr, *args):
+    r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+    return "ok" if r >= 0 else errno.errorcode[ctypes.get_errno()]
+def attempt(f):
+    try:
+        f()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+def write(path, data):
+    def w():
+        with open(path, "w") as f:
+            f.write(data)
+    return attempt(w)
+print("core_pattern:", write("/proc/sys/kernel/core_pattern", "|/bin/touch /pwned"))
+print("core_pattern_now:", open("/proc/sys/kernel/core_pattern").read().strip())
+print("sysctl:", write("/proc/sys/vm/drop_caches", "3"))
+print("sysrq:", write("/proc/sysrq-trigger", "h"))
+print("sys:", attempt(lambda: os.mkdir("/sys/fs/cgroup/escape")))
+print("kcore:", len(open("/proc/kcore", "rb").read(64)))
+print("keys:", len(open("/proc/keys").read()))
+print("ptrace:", call(101, 16, 1, 0, 0))
+pidfd = libc.syscall(ctypes.c_long(434), ctypes.c_long(1), ctypes.c_long(0))
+print("pidfd_open:", "ok" if pidfd >= 0 else errno.errorcode[ctypes.get_errno()])
+print("pidfd_getfd:", call(438, pidfd, 0, 0))
+print("userns:", call(272, 0x10000000))
+print("clone_newuser:", call(56, 0x10000000 | 17, 0, 0, 0, 0))
+print("mount:", "ok" if os.system("mount -t tmpfs none /mnt 2>/dev/null") == 0 else "denied")
+ports = glob.glob("/dev/vport*")
+print("ports:", len(ports), sorted(set(attempt(lambda p=p: os.close(os.open(p, os.O_RDWR))) for p in ports)))
+print("processes:", len([p for p in os.listdir("/proc") if p.isdigit()]))
+print("capbnd:", [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapBnd")][0])
+"#;
+
+#[test]
+fn a_root_workload_cannot_touch_the_kernels_knobs_the_agent_or_its_port() {
+    let h = home();
+    let image = debian_image();
+    // Positive control first in the same command: a root workload can still install a
+    // package, chown, and write its own files.
+    let control = "set -e; mkdir -p /tmp/pkg/DEBIAN /tmp/pkg/usr/share/ml-hello; echo hi > /tmp/pkg/usr/share/ml-hello/x; \
+        printf 'Package: ml-hello\\nVersion: 1\\nArchitecture: all\\nMaintainer: t <t@t.test>\\nDescription: t\\n' \
+          > /tmp/pkg/DEBIAN/control; \
+        dpkg-deb -b /tmp/pkg /tmp/h.deb >/dev/null; dpkg -i /tmp/h.deb >/dev/null; \
+        echo installed: $(dpkg-query -W -f='${Status}' ml-hello); \
+        touch /tmp/own; chown nobody:nogroup /tmp/own; echo owner: $(stat -c %U /tmp/own); \
+        python3 -c \"$PROBE\"";
+    let out = h
+        .cmd()
+        .env("PROBE", ESCAPE_PROBE)
+        .args(["run", "--image", image, "-e", "PROBE", "--", "sh", "-c", control])
+        .output()
+        .unwrap();
+    let seen = reports(&ok(&out));
+    let get = |k: &str| seen.get(k).map(String::as_str).unwrap_or_else(|| panic!("no {k}: {seen:?}"));
+    assert_eq!(get("installed"), "install ok installed");
+    assert_eq!(get("owner"), "nobody");
+    assert_eq!(get("core_pattern"), "EROFS", "{seen:?}");
+    assert_eq!(get("core_pattern_now"), "core", "the kernel's core_pattern changed");
+    assert_eq!(get("sysctl"), "EROFS");
+    assert_eq!(get("sysrq"), "EROFS");
+    assert_eq!(get("sys"), "EROFS");
+    assert_eq!((get("kcore"), get("keys")), ("0", "0"), "masked files are empty");
+    assert_eq!(get("ptrace"), "EPERM");
+    assert_eq!(get("pidfd_open"), "ok", "pidfd_open itself is allowed (positive control for the next)");
+    assert_eq!(get("pidfd_getfd"), "EPERM");
+    assert_eq!((get("userns"), get("clone_newuser")), ("EPERM", "EPERM"));
+    assert_eq!(get("mount"), "denied");
+    // The port exists in /dev but only guest-init holds it.
+    let ports = get("ports");
+    assert!(!ports.starts_with("0 ") && !ports.contains("'ok'"), "the host channel's port: {ports}");
+    // Only the command's own PID namespace is visible (its init, sh, python): not
+    // guest-init, the agent or the kernel's threads.
+    assert!(get("processes").parse::<u32>().unwrap() <= 3, "{seen:?}");
+    assert_eq!(get("capbnd"), "00000000a80425fb", "a default container runtime's capabilities");
+    h.assert_no_leftovers();
+}

@@ -117,13 +117,19 @@ pub(crate) struct Home {
     _own_cache: Option<tempfile::TempDir>,
 }
 
+/// The Debian test image's tarball (OCI layout, built by `scripts/build-test-image.sh`).
+#[allow(dead_code)]
+pub(crate) fn debian_tarball() -> PathBuf {
+    real_cache().join("fixtures/debian-test.tar")
+}
+
 /// The Debian test image (curl, git, python3; built by `scripts/build-test-image.sh`),
 /// imported into the shared store once per test process.
 #[allow(dead_code)]
 pub(crate) fn debian_image() -> &'static str {
     static IMPORTED: OnceLock<()> = OnceLock::new();
     IMPORTED.get_or_init(|| {
-        let tarball = real_cache().join("fixtures/debian-test.tar");
+        let tarball = debian_tarball();
         assert!(tarball.is_file(), "{} missing: run scripts/setup.sh (it builds the test image)", tarball.display());
         let out = home().import("debian-test", &tarball);
         assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
