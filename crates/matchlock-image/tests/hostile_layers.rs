@@ -20,8 +20,11 @@ impl LayerSource for Bytes {
     }
 }
 
-/// A layer of regular files, each with its (name, value) attributes.
-fn layer(files: &[(&str, Vec<(String, Vec<u8>)>)]) -> Bytes {
+/// Extended attributes of one file: (name, value).
+type Attrs = Vec<(String, Vec<u8>)>;
+
+/// A layer of regular files, each with its attributes.
+fn layer(files: &[(&str, Attrs)]) -> Bytes {
     let mut b = Builder::new(Vec::new());
     for (path, xattrs) in files {
         let records: Vec<(String, &[u8])> =
@@ -127,15 +130,15 @@ fn ordinary_attributes_arrive_and_capabilities_are_kept() {
 fn ten_thousand_attributes_convert_or_fail_clearly() {
     let (dir, marker, _) = scene();
     // Spread over files: all of them land.
-    let files: Vec<(String, Vec<(String, Vec<u8>)>)> = (0..2000)
+    let files: Vec<(String, Attrs)> = (0..2000)
         .map(|i| (format!("f/{i}"), (0..5).map(|j| (format!("user.k{j}"), format!("{i}.{j}").into_bytes())).collect()))
         .collect();
-    let refs: Vec<(&str, Vec<(String, Vec<u8>)>)> = files.iter().map(|(p, x)| (p.as_str(), x.clone())).collect();
+    let refs: Vec<(&str, Attrs)> = files.iter().map(|(p, x)| (p.as_str(), x.clone())).collect();
     let out = dir.path().join("many.ext4");
     squash(&[&layer(&refs)], &out).unwrap();
     assert_eq!(read_back(&out, "/f/1999", "user.k4"), b"1999.4");
     // On one file they cannot fit (a file's attributes share one block): a clear error.
-    let crowded: Vec<(String, Vec<u8>)> = (0..10_000).map(|i| (format!("user.attribute-{i}"), b"v".to_vec())).collect();
+    let crowded: Attrs = (0..10_000).map(|i| (format!("user.attribute-{i}"), b"v".to_vec())).collect();
     let err = squash(&[&layer(&[("crowded", crowded)])], &dir.path().join("crowded.ext4")).unwrap_err();
     let chain = error_chain(&err);
     assert!(
