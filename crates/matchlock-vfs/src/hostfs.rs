@@ -1,10 +1,14 @@
 //! A host directory served to the guest, confined to it.
 //!
 //! Every access starts from the root directory's descriptor and resolves with `openat2`
-//! `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`: `..`, absolute symlinks and symlinks that lead
-//! outside fail in the kernel, at use time, so swapping a symlink in between a check and a use
-//! gains nothing. Operations on a final component work on a descriptor of its parent (opened
-//! the same way) and never follow a symlink there. Modes lose setuid/setgid bits; only
+//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`: `..` and every symlink fail in the kernel, at use
+//! time, so swapping a symlink in between a check and a use gains nothing. The host never
+//! follows a symlink for the guest: the guest's kernel resolves symlinks itself (reading
+//! them and looking up what they name), so a path from the guest names each directory by
+//! its own name, and the mount router's longest prefix picks the mount that owns the file.
+//! Following a symlink on the host would let a forged request reach, through an outer
+//! mount, a file a nested read-only mount serves. Operations on a final component work on a
+//! descriptor of its parent (opened the same way) and never follow a symlink there. Modes lose setuid/setgid bits; only
 //! regular files and directories can be opened (no device nodes, no FIFOs).
 
 use std::fs::File;
@@ -22,7 +26,7 @@ use crate::Provider;
 const ALLOWED_MODE: u32 = 0o1777;
 
 fn resolve() -> ResolveFlags {
-    ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS
+    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS
 }
 
 /// A stable inode number from `bytes`: FNV-1a 64, never 0 or 1 (reserved by FUSE). Also
@@ -119,13 +123,14 @@ impl HostFs {
         Ok((fd, name.to_owned()))
     }
 
+    /// An `O_PATH` descriptor of `rel` itself (a final symlink is the link).
     fn path_fd(&self, rel: &str) -> Result<OwnedFd, Errno> {
-        rfs::openat2(&self.root, dot(rel), OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), resolve())
+        rfs::openat2(&self.root, dot(rel), OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty(), resolve())
     }
 }
 
 impl Provider for HostFs {
-    /// Attributes (symlinks inside the root are followed).
+    /// Attributes of the path itself (no symlink is followed: the guest resolves them).
     fn stat(&self, rel: &str) -> Result<Stat, Errno> {
         Ok(to_stat(&rfs::fstat(self.path_fd(rel)?)?))
     }
@@ -315,8 +320,14 @@ mod tests {
         std::os::unix::fs::symlink("..", dir.path().join("root/up")).unwrap();
         for path in ["../secret.txt", "abs", "rel", "up/secret.txt", "up"] {
             assert!(fs.open(path, OFlags::RDONLY, 0).is_err(), "{path} opened");
-            assert!(fs.stat(path).is_err(), "{path} stat");
             assert!(fs.open(path, OFlags::WRONLY | OFlags::TRUNC, 0).is_err(), "{path} opened for writing");
+        }
+        // A symlink's own attributes are the link's, never what it names.
+        for path in ["abs", "rel", "up"] {
+            assert_eq!(fs.stat(path).unwrap().mode & 0o170000, 0o120000, "{path}");
+        }
+        for path in ["../secret.txt", "up/secret.txt", "up/root"] {
+            assert!(fs.stat(path).is_err(), "{path} stat");
         }
         assert!(fs.chmod("abs", 0o777).is_err());
         assert!(fs.truncate("rel", 0).is_err());
@@ -331,6 +342,29 @@ mod tests {
         fs.symlink("/etc/passwd", "to-passwd").unwrap();
         assert_eq!(fs.readlink("to-passwd").unwrap(), "/etc/passwd");
         assert!(fs.open("to-passwd", OFlags::RDONLY, 0).is_err());
+    }
+
+    #[test]
+    fn symlinks_inside_the_root_are_not_followed_either() {
+        let (dir, fs) = setup();
+        std::fs::create_dir(dir.path().join("root/d")).unwrap();
+        std::fs::write(dir.path().join("root/d/f"), "in d").unwrap();
+        std::os::unix::fs::symlink("d", dir.path().join("root/to-d")).unwrap();
+        std::os::unix::fs::symlink("d/f", dir.path().join("root/to-f")).unwrap();
+        // Through a link, as a directory on the way or as the final file: refused.
+        assert_eq!(fs.open("to-d/f", OFlags::WRONLY, 0).unwrap_err(), Errno::LOOP);
+        assert_eq!(fs.open("to-f", OFlags::WRONLY | OFlags::TRUNC, 0).unwrap_err(), Errno::LOOP);
+        assert!(fs.mkdir("to-d/new", 0o755).is_err());
+        assert!(fs.remove("to-d/f", false).is_err());
+        assert!(fs.rename("inside.txt", "to-d/moved").is_err());
+        assert!(fs.truncate("to-f", 0).is_err());
+        assert_eq!(std::fs::read_to_string(dir.path().join("root/d/f")).unwrap(), "in d");
+        // Positive control: the same files by their own names, and the links themselves.
+        fs.open("d/f", OFlags::WRONLY | OFlags::APPEND, 0).unwrap().write_all(b"!").unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join("root/d/f")).unwrap(), "in d!");
+        assert_eq!(fs.readlink("to-d").unwrap(), "d");
+        assert_eq!(fs.lstat("to-f").unwrap().mode & 0o170000, 0o120000);
+        fs.remove("to-f", false).unwrap();
     }
 
     #[test]

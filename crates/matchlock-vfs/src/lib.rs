@@ -72,6 +72,11 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn copy_up_bytes(&self, _rel: &str, _deep: bool) -> u64 {
         0
     }
+    /// Whether removing the name `rel` frees a name the host stores (an overlay's lower
+    /// names are not the guest's to free).
+    fn frees_entry(&self, _rel: &str) -> bool {
+        true
+    }
 }
 
 pub use matchlock_protocol::vfs as wire;
@@ -85,9 +90,15 @@ pub const MAX_HANDLES: usize = 4096;
 /// otherwise (`--workspace-quota`): 10 GiB.
 pub const DEFAULT_QUOTA: u64 = 10 << 30;
 
+/// What each name the guest creates (file, directory, symlink, hard link) costs against the
+/// quota: one block of the host's file system, what an empty directory or symlink takes
+/// there. Without it, names cost nothing and 1 MB of quota stored 24 MB of directories.
+pub const ENTRY_COST: u64 = 4096;
+
 /// The sandbox's budget of bytes stored on the host through the workspace: what its writes
-/// and truncations grow files by, less what its truncations and removals free. Beyond it,
-/// writes fail with `ENOSPC` in the guest, and `statfs` reports the budget as the size.
+/// and truncations grow files by and [`ENTRY_COST`] per name it creates, less what its
+/// truncations and removals free. Beyond it, writes and creations fail with `ENOSPC` in the
+/// guest, and `statfs` reports the budget as the size (and as the free inodes).
 #[derive(Debug)]
 struct Storage {
     quota: u64,
@@ -124,6 +135,8 @@ impl Storage {
         stats.blocks = stats.blocks.min(total);
         stats.bfree = stats.bfree.min(free);
         stats.bavail = stats.bavail.min(free);
+        stats.files = stats.files.min(self.quota / ENTRY_COST);
+        stats.ffree = stats.ffree.min(self.quota.saturating_sub(self.stored.load(Ordering::Relaxed)) / ENTRY_COST);
         stats
     }
 }
@@ -325,6 +338,17 @@ impl Router {
         children.dedup();
         Ok(Route::Synthetic(children))
     }
+}
+
+/// Makes a new name with `make`, charged [`ENTRY_COST`] first (given back if it fails).
+fn new_entry(router: &Router, make: impl FnOnce() -> Result<(), Errno>) -> Result<(), Errno> {
+    charged(router, ENTRY_COST, make)
+}
+
+/// Runs `change` with `bytes` taken from the budget first, given back if it fails.
+fn charged(router: &Router, bytes: u64, change: impl FnOnce() -> Result<(), Errno>) -> Result<(), Errno> {
+    router.storage.charge(bytes)?;
+    change().inspect_err(|_| router.storage.credit(bytes))
 }
 
 /// The attributes of a synthesized directory.
@@ -534,7 +558,9 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
         }
         let writes = flags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC | OFlags::APPEND);
         let copied = if writes { fs.copy_up_bytes(&rel, false) } else { 0 };
-        if let Err(e) = router.storage.charge(copied) {
+        let new_name =
+            if flags.contains(OFlags::CREATE) && fs.lstat(&rel) == Err(Errno::NOENT) { ENTRY_COST } else { 0 };
+        if let Err(e) = router.storage.charge(copied + new_name) {
             router.open_handles.fetch_sub(1, Ordering::Relaxed);
             return Err(e);
         }
@@ -544,7 +570,7 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
         let (file, stat) = match opened {
             Ok(opened) => opened,
             Err(e) => {
-                router.storage.credit(copied);
+                router.storage.credit(copied + new_name);
                 router.open_handles.fetch_sub(1, Ordering::Relaxed);
                 return Err(e);
             }
@@ -567,37 +593,39 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
         Op::Open => open(OFlags::from_bits_retain(req.flags) - OFlags::CREATE, req.mode),
         Op::Create => open(OFlags::from_bits_retain(req.flags) | OFlags::CREATE, req.mode),
         Op::Mkdir => {
-            fs.mkdir(&rel, req.mode)?;
+            new_entry(router, || fs.mkdir(&rel, req.mode))?;
             Ok(Response { stat: Some(fs.lstat(&rel)?), ..ok() })
         }
         Op::MkdirAll => {
             let mut prefix = String::new();
             for part in rel.split('/').filter(|p| !p.is_empty()) {
                 prefix = if prefix.is_empty() { part.to_owned() } else { format!("{prefix}/{part}") };
-                match fs.mkdir(&prefix, req.mode) {
+                match new_entry(router, || fs.mkdir(&prefix, req.mode)) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(e),
                 }
             }
             Ok(ok())
         }
-        Op::Unlink => {
-            let freed = fs.stored_bytes(&rel);
-            fs.remove(&rel, false)?;
+        Op::Unlink | Op::Rmdir => {
+            let freed = fs.stored_bytes(&rel) + if fs.frees_entry(&rel) { ENTRY_COST } else { 0 };
+            fs.remove(&rel, op == Op::Rmdir)?;
             router.storage.credit(freed);
             Ok(ok())
         }
-        Op::Rmdir => fs.remove(&rel, true).map(|()| ok()),
         Op::Rename => {
             let to = second()?;
-            let replaced = fs.stored_bytes(&to);
+            let replaced = match fs.lstat(&to) {
+                Ok(_) => fs.stored_bytes(&to) + if fs.frees_entry(&to) { ENTRY_COST } else { 0 },
+                Err(_) => 0,
+            };
             copying_up(router, fs, &rel, true, || fs.rename(&rel, &to))?;
             router.storage.credit(replaced);
             Ok(ok())
         }
         Op::Link => {
             let to = second()?;
-            copying_up(router, fs, &rel, false, || fs.link(&rel, &to)).map(|()| ok())
+            new_entry(router, || copying_up(router, fs, &rel, false, || fs.link(&rel, &to))).map(|()| ok())
         }
         Op::Readdir | Op::List => Ok(listing_page(router, fs.readdir(&rel)?, req)),
         Op::Truncate => {
@@ -617,7 +645,7 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
         }
         Op::Symlink => {
             // `path` is where the link goes; `new_path` carries the target text.
-            fs.symlink(&req.new_path, &rel)?;
+            new_entry(router, || fs.symlink(&req.new_path, &rel))?;
             Ok(ok())
         }
         Op::Readlink => Ok(Response { data: fs.readlink(&rel)?.into_bytes(), ..ok() }),
@@ -656,9 +684,7 @@ fn copying_up(
     deep: bool,
     change: impl FnOnce() -> Result<(), Errno>,
 ) -> Result<(), Errno> {
-    let copied = fs.copy_up_bytes(rel, deep);
-    router.storage.charge(copied)?;
-    change().inspect_err(|_| router.storage.credit(copied))
+    charged(router, fs.copy_up_bytes(rel, deep), change)
 }
 
 /// The event for a successful operation; lookups, attribute reads and listings for the
@@ -776,7 +802,7 @@ mod tests {
         let stats = call(req(Op::Statfs, "/w")).unwrap().statfs.unwrap();
         let unit = u64::from(stats.frsize);
         assert_eq!(stats.blocks, (1 << 20) / unit, "df shows the quota");
-        assert_eq!(stats.bavail, ((1 << 20) - (600 << 10)) / unit, "and what is left of it");
+        assert_eq!(stats.bavail, ((1 << 20) - (600 << 10) - 2 * ENTRY_COST) / unit, "and what is left of it");
         // A second link freed is not space freed; the last link is.
         call(Request { new_path: "/w/a2".into(), ..req(Op::Link, "/w/a") }).unwrap();
         call(req(Op::Unlink, "/w/a2")).unwrap();
@@ -786,6 +812,54 @@ mod tests {
         call(Request { off: 0, ..req(Op::Truncate, "/w/b") }).unwrap();
         let c = call(create("/w/c")).unwrap().fh;
         call(write(c, 0, 900 << 10)).expect("space freed by the truncation");
+    }
+
+    #[test]
+    fn every_name_the_guest_creates_is_charged_so_empty_files_stop_at_the_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut router = Router::default();
+        router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        router.set_quota(1 << 20);
+        let call = |r: Request| handle(&router, 1, &r);
+        let make = |i: usize| match i % 4 {
+            // As `>` and dd create: with O_TRUNC, which frees what the file held, not its name.
+            0 => Request {
+                flags: (OFlags::WRONLY | OFlags::TRUNC).bits(),
+                mode: 0o644,
+                ..req(Op::Create, &format!("/w/f{i}"))
+            },
+            1 => Request { mode: 0o755, ..req(Op::Mkdir, &format!("/w/d{i}")) },
+            2 => Request { new_path: "target".into(), ..req(Op::Symlink, &format!("/w/s{i}")) },
+            _ => Request { new_path: format!("/w/l{i}"), ..req(Op::Link, "/w/f0") },
+        };
+        // Empty files, directories, symlinks and hard links: 100 000 asked, the quota's worth made.
+        let mut made = 0;
+        let mut refused = 0;
+        for i in 0..100_000 {
+            match call(make(i)) {
+                Ok(r) => {
+                    made += 1;
+                    if r.fh != 0 {
+                        call(Request { fh: r.fh, ..req(Op::Release, "") }).unwrap();
+                    }
+                }
+                Err(e) => {
+                    assert_eq!(e, Errno::NOSPC, "{i}");
+                    refused += 1;
+                }
+            }
+        }
+        let budget = ((1 << 20) / ENTRY_COST) as usize;
+        assert_eq!(made, budget);
+        assert_eq!(refused, 100_000 - budget);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), budget, "what the host holds");
+        let stats = call(req(Op::Statfs, "/w")).unwrap().statfs.unwrap();
+        assert_eq!((stats.files, stats.ffree), (budget as u64, 0), "df -i tells the budget");
+        // A creation that fails (it exists) costs nothing; a removal gives its name back.
+        assert_eq!(call(Request { mode: 0o755, ..req(Op::Rmdir, "/w/d1") }).map(|_| ()), Ok(()));
+        assert_eq!(call(Request { mode: 0o755, ..req(Op::Mkdir, "/w/d5") }).unwrap_err(), Errno::EXIST);
+        call(Request { mode: 0o755, ..req(Op::Mkdir, "/w/again") }).expect("the freed name");
+        assert_eq!(call(Request { mode: 0o755, ..req(Op::Mkdir, "/w/more") }).unwrap_err(), Errno::NOSPC);
     }
 
     #[test]
@@ -906,6 +980,49 @@ mod tests {
         assert_eq!(responses[10].err, -libc_errno(Errno::XDEV), "no rename across mounts");
         assert_eq!(responses[11].err, -libc_errno(Errno::NOSYS));
         assert_eq!(std::fs::read_to_string(dir.path().join("src/a.txt")).unwrap(), "written");
+    }
+
+    #[test]
+    fn a_read_only_mount_nested_in_a_writable_one_cannot_be_written_through_a_symlink() {
+        // The host directory of the read-only mount lies inside the writable one's.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("ro")).unwrap();
+        std::fs::write(dir.path().join("ro/f"), "original").unwrap();
+        let mut router = Router::default();
+        router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        router.mount("/w/ro", HostFs::new(&dir.path().join("ro"), true).unwrap()).unwrap();
+        let write =
+            |path: &str, flags: OFlags| Request { flags: (OFlags::WRONLY | flags).bits(), ..req(Op::Open, path) };
+        let responses = exchange(
+            &router,
+            &[
+                // Forged: a relative symlink in the writable mount to the read-only one's
+                // directory (and one to its file), then writes through them.
+                Request { new_path: "ro".into(), ..req(Op::Symlink, "/w/link") },
+                Request { new_path: "ro/f".into(), ..req(Op::Symlink, "/w/flink") },
+                write("/w/link/f", OFlags::TRUNC),
+                write("/w/flink", OFlags::TRUNC),
+                Request { flags: OFlags::WRONLY.bits(), mode: 0o644, ..req(Op::Create, "/w/link/new") },
+                Request { off: 0, ..req(Op::Truncate, "/w/link/f") },
+                req(Op::Unlink, "/w/link/f"),
+                Request { new_path: "/w/stolen".into(), ..req(Op::Rename, "/w/link/f") },
+                // Positive controls: the read-only mount by its own path refuses, the
+                // writable mount's own files are written.
+                write("/w/ro/f", OFlags::TRUNC),
+                Request { flags: OFlags::WRONLY.bits(), mode: 0o644, ..req(Op::Create, "/w/mine") },
+            ],
+        );
+        let symlinks_made = [&responses[0], &responses[1]].iter().filter(|r| r.err == 0).count();
+        for (i, r) in responses[2..8].iter().enumerate() {
+            assert_ne!(r.err, 0, "forged request {i} through a symlink succeeded");
+        }
+        assert_eq!(responses[8].err, -libc_errno(Errno::ROFS));
+        assert_eq!(responses[9].err, 0);
+        assert_eq!(std::fs::read_to_string(dir.path().join("ro/f")).unwrap(), "original");
+        assert!(!dir.path().join("ro/new").exists() && !dir.path().join("stolen").exists());
+        assert!(dir.path().join("mine").exists());
+        // The symlinks themselves were allowed (their targets are text): the attack was real.
+        assert_eq!(symlinks_made, 2, "{responses:?}");
     }
 
     #[test]

@@ -323,6 +323,10 @@ impl Provider for Overlay {
     }
 
     /// Only what the upper layer holds: removing a lower file writes a whiteout, frees nothing.
+    fn frees_entry(&self, rel: &str) -> bool {
+        self.in_upper(rel) && !self.in_lower(rel)
+    }
+
     fn stored_bytes(&self, rel: &str) -> u64 {
         if self.in_upper(rel) {
             self.upper.stored_bytes(rel)
@@ -409,7 +413,10 @@ mod tests {
     fn writes_copy_up_lazily_and_never_touch_the_host() {
         let (dir, o) = tree();
         let before = snapshot(&dir.path().join("lower"));
-        assert_eq!(read(&o, "src/link"), "fn main() {}");
+        // The guest resolves symlinks itself: the host reads the link, never through it.
+        assert_eq!(o.readlink("src/link").unwrap(), "main.rs");
+        assert_eq!(o.open("src/link", OFlags::RDONLY, 0).unwrap_err(), Errno::LOOP);
+        assert_eq!(read(&o, "src/main.rs"), "fn main() {}");
         assert!(snapshot(&dir.path().join("upper")).is_empty(), "reads copy nothing");
         o.open("src/main.rs", OFlags::WRONLY | OFlags::TRUNC, 0).unwrap().write_all(b"changed").unwrap();
         assert_eq!(read(&o, "src/main.rs"), "changed");

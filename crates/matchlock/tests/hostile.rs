@@ -372,7 +372,9 @@ fn a_guest_cannot_store_more_than_its_workspace_quota_on_the_host() {
                   df -m /workspace/o | tail -1 | awk '{print \"size=\" $2}'; \
                   dd if=/dev/zero of=/workspace/h/big bs=1M count=64 2>&1 | grep -e 'No space' -e 'records out'; \
                   rm /workspace/o/big /workspace/h/big; \
-                  dd if=/dev/zero of=/workspace/h/after bs=1M count=8 2>/dev/null && echo after-ok";
+                  dd if=/dev/zero of=/workspace/h/after bs=1M count=8 2>/dev/null && echo after-ok; \
+                  i=0; while [ $i -lt 3000 ]; do mkdir /workspace/h/d$i 2>/dev/null && ln -s x /workspace/h/s$i 2>/dev/null || break; i=$((i+1)); done; \
+                  echo pairs=$i; df -i /workspace/h | tail -1 | awk '{print \"ifree=\" $4}'";
     let out = testnet::run(
         &h,
         &[
@@ -400,12 +402,20 @@ fn a_guest_cannot_store_more_than_its_workspace_quota_on_the_host() {
         "the overlay write stops at the quota:\n{o}\n{}",
         stderr(&out)
     );
-    assert_eq!(lines[1], "16+0 records out", "exactly the quota was stored:\n{o}");
+    // The new file's name costs one ENTRY_COST (4 KiB), so the 16th MiB no longer fits (a
+    // write the quota cannot take whole is refused whole).
+    assert_eq!(lines[1], "15+0 records out", "the quota was stored:\n{o}");
     assert_eq!(lines[2], "size=16", "df shows the quota:\n{o}");
-    assert!(lines[3].contains("No space left on device") && lines[4] == "0+0 records out", "host_fs too:\n{o}");
+    assert!(lines[3].contains("No space left on device"), "host_fs too, not even a name:\n{o}");
     assert!(o.contains("after-ok"), "removals give the space back:\n{o}");
     let listing: Vec<_> = std::fs::read_dir(shared.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(std::fs::metadata(shared.path().join("after")).map(|m| m.len()).ok(), Some(8 << 20), "{listing:?}");
+    // Empty directories and symlinks (3000 of each asked for) stop at what is left: 8 MiB
+    // less the name `after`, at 4 KiB a name. Each directory takes a block on the host.
+    let names = ((8 << 20) - 4096) / 4096;
+    assert!(o.contains(&format!("pairs={}", names / 2)), "{o}");
+    assert!(o.contains("ifree=0"), "df -i shows no names left:\n{o}");
+    assert_eq!(listing.len(), 1 + names, "the host holds the names the quota pays for");
     assert_eq!(stored_under(lower.path()), 5 + (12 << 20), "the overlay's host directory is untouched");
 }
 
