@@ -1,5 +1,7 @@
 //! Where matchlock keeps its cache (`~/.cache/matchlock`) and state (`~/.matchlock`).
 
+use std::fs::{DirBuilder, File, OpenOptions, Permissions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 fn home() -> PathBuf {
@@ -116,12 +118,31 @@ impl VmDir {
 
 /// Opens (creating if needed) `path` and takes an advisory lock on it: exclusive, or
 /// shared. The lock lasts as long as the returned file.
-pub fn lock_file(path: &Path, exclusive: bool) -> std::io::Result<std::fs::File> {
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+pub fn lock_file(path: &Path, exclusive: bool) -> std::io::Result<File> {
+    let file = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(path)?;
     if exclusive {
         file.lock()?;
     } else {
         file.lock_shared()?;
     }
+    Ok(file)
+}
+
+/// Creates `dir` and its missing parents private to the user (0700), and makes `dir` 0700
+/// if it was there already: what a sandbox or the state keeps is nobody else's to read.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, Permissions::from_mode(0o700))
+}
+
+/// Opens `path` for appending, created private to the user (0600) if missing.
+pub fn append_private(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+}
+
+/// Creates (or truncates) `path` for writing, private to the user (0600).
+pub fn create_private(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(path)?;
+    file.set_permissions(Permissions::from_mode(0o600))?;
     Ok(file)
 }

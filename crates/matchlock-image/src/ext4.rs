@@ -85,7 +85,8 @@ pub fn estimate_size(content_bytes: u64, entries: u64) -> u64 {
 
 /// Options shared by every file system we create.
 fn mke2fs(out: &Path, size_bytes: u64) -> Result<Command, Ext4Error> {
-    let file = std::fs::File::create(out).map_err(|source| Ext4Error::Io { path: out.to_owned(), source })?;
+    let file =
+        matchlock_api::paths::create_private(out).map_err(|source| Ext4Error::Io { path: out.to_owned(), source })?;
     file.set_len(size_bytes).map_err(|source| Ext4Error::Io { path: out.to_owned(), source })?;
     let mut cmd = Command::new("mke2fs");
     cmd.env_clear()

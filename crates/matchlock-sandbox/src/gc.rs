@@ -69,7 +69,9 @@ pub fn record_helpers(dir: &VmDir, pids: &[u32]) -> Result<(), SandboxError> {
         record.push_str(&format!("{pid} {start} {}\n", exe.display()));
     }
     let path = dir.helpers();
-    std::fs::write(&path, record).map_err(crate::io_err(format!("cannot write {}", path.display())))
+    matchlock_api::paths::create_private(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, record.as_bytes()))
+        .map_err(crate::io_err(format!("cannot write {}", path.display())))
 }
 
 /// The recorded helpers of the VM in `dir` that still run: same pid, start time and

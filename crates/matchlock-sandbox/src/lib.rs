@@ -313,7 +313,10 @@ impl Sandbox {
 
         let id = new_vm_id()?;
         let dir = VmDir::of(&id);
-        std::fs::create_dir_all(dir.logs()).map_err(io_err(format!("cannot create {}", dir.path().display())))?;
+        let create = |d: &Path| matchlock_api::paths::create_private_dir(d);
+        create(dir.path())
+            .and_then(|()| create(&dir.logs()))
+            .map_err(io_err(format!("cannot create {}", dir.path().display())))?;
         let mut guard = DirGuard(Some(dir.clone()));
         let upper = dir.upper_disk();
         let me = std::process::id() as i32;

@@ -43,10 +43,7 @@ pub type CappedLog = Capped<tokio::fs::File>;
 /// [`COMMAND_LOG_LIMIT`].
 pub fn command_log(path: &Path) -> Result<(CappedLog, CappedLog), SandboxError> {
     let open = || {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        matchlock_api::paths::append_private(path)
             .map(tokio::fs::File::from_std)
             .map_err(io_err(format!("cannot open {}", path.display())))
     };

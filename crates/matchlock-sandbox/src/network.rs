@@ -46,7 +46,8 @@ pub fn prepare_ca(
     let ca = CertAuthority::generate().map_err(|e| SandboxError::Network(Box::new(e)))?;
     let pem = ca.certificate_pem();
     let tar_path = dir.upper_seed();
-    let file = std::fs::File::create(&tar_path).map_err(io_err(format!("cannot create {}", tar_path.display())))?;
+    let file = matchlock_api::paths::create_private(&tar_path)
+        .map_err(io_err(format!("cannot create {}", tar_path.display())))?;
     let mut tar = tar::Builder::new(file);
     let mut add = |path: &str, data: &[u8], mode: u32, kind: tar::EntryType| {
         let mut header = tar::Header::new_gnu();

@@ -318,7 +318,8 @@ impl QemuBackend {
                 self.capabilities().max_disks
             )));
         }
-        std::fs::create_dir_all(spec.dir.logs()).map_err(VmError::io("cannot create the VM directory"))?;
+        matchlock_api::paths::create_private_dir(&spec.dir.logs())
+            .map_err(VmError::io("cannot create the VM directory"))?;
         for socket in ["mux", "qmp"] {
             let _ = std::fs::remove_file(spec.dir.backend_socket(socket));
         }
@@ -535,11 +536,7 @@ async fn connect_when_listening(path: &Path) -> Result<tokio::net::UnixStream, V
 }
 
 fn log_file(path: &Path) -> Result<std::fs::File, VmError> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(VmError::io(format!("cannot open {}", path.display())))
+    matchlock_api::paths::append_private(path).map_err(VmError::io(format!("cannot open {}", path.display())))
 }
 
 /// Spawns a helper with the minimal helper environment, that dies with us (whatever thread

@@ -463,7 +463,7 @@ fn detach_from_parent(sandbox: &Sandbox) -> Result<()> {
     use std::os::fd::AsRawFd;
     println!("{}", sandbox.id());
     let log_path = sandbox.dir().owner_log();
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let log = matchlock_api::paths::append_private(&log_path)?;
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
     nix::unistd::dup2(null.as_raw_fd(), 1)?;
     nix::unistd::dup2(log.as_raw_fd(), 2)?;

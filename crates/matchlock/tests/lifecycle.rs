@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -401,4 +402,48 @@ fn setup_user_gives_access_to_kvm_and_common_errors_end_with_a_hint() {
     assert!(!missing.status.success());
     let last = stderr(&missing).lines().last().unwrap_or_default().to_owned();
     assert!(last.starts_with("hint: check the name (`matchlock image ls`"), "{}", stderr(&missing));
+}
+
+#[test]
+fn everything_a_sandbox_keeps_is_private_to_the_user() {
+    let h = home();
+    // A cold and a warm sandbox, both with their logs and disks; a snapshot; a commit; an
+    // interception CA seed.
+    let cold = h.detach(&["--cold", "--image", "busybox", "--network-intercept"]);
+    let warm = h.detach(&["--image", "busybox"]);
+    ok(&h.ml(&["exec", &warm, "--", "sh", "-c", "echo made > /root/made"]));
+    ok(&h.ml(&["snapshot", &warm, "private"]));
+    ok(&h.ml(&["commit", &warm, "private-commit:1"]));
+    let state = h.vms_dir().parent().unwrap().to_owned();
+    let mut seen = 0;
+    let mut open_to_others = Vec::new();
+    let mut stack = vec![state.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let meta = entry.metadata().unwrap();
+            let kind = meta.file_type();
+            // Sockets are reached through their 0700 directories only.
+            if std::os::unix::fs::FileTypeExt::is_socket(&kind) {
+                continue;
+            }
+            seen += 1;
+            if meta.permissions().mode() & 0o077 != 0 {
+                open_to_others.push(format!("{:o} {}", meta.permissions().mode() & 0o7777, entry.path().display()));
+            }
+            if kind.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    assert!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o077 == 0, "~/.matchlock itself");
+    assert!(open_to_others.is_empty(), "readable by others:\n{}", open_to_others.join("\n"));
+    // The walk saw what it should: state.db, both VM directories with logs and disks.
+    assert!(seen >= 12, "only {seen} entries under {}", state.display());
+    for id in [&cold, &warm] {
+        assert!(h.vms_dir().join(id).join("logs/vm.log").exists() && h.vms_dir().join(id).join("upper.ext4").exists());
+        ok(&h.ml(&["kill", id]));
+        ok(&h.ml(&["rm", id]));
+    }
+    ok(&h.ml(&["snapshot", "rm", "private"]));
+    ok(&h.ml(&["image", "rm", "private-commit:1"]));
 }
