@@ -192,7 +192,12 @@ impl LayerSource for FileSource {
 pub struct Store {
     root: PathBuf,
     db: Connection,
+    build_cache_bound: u64,
 }
+
+/// Content bytes of the layers the build cache alone keeps (no image uses them) beyond
+/// which its oldest entries are forgotten: 10 GiB.
+pub const BUILD_CACHE_BOUND: u64 = 10 << 30;
 
 impl Store {
     /// Opens (creating if needed) the store under `root`.
@@ -208,7 +213,7 @@ impl Store {
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
         db.pragma_update(None, "foreign_keys", "ON")?;
-        let mut store = Self { root: root.to_owned(), db };
+        let mut store = Self { root: root.to_owned(), db, build_cache_bound: BUILD_CACHE_BOUND };
         store.migrate()?;
         drop(lock);
         Ok(store)
@@ -389,18 +394,54 @@ impl Store {
         })
     }
 
-    /// Records that the build step `key` made the stored layer `diff_id` (or none).
+    /// Records that the build step `key` made the stored layer `diff_id` (or none), then
+    /// forgets the oldest entries while the layers only the cache keeps exceed its bound
+    /// ([`BUILD_CACHE_BOUND`]); their layers go at the next [`Store::gc`].
     pub fn cache_step(&self, key: &str, diff_id: Option<&str>) -> Result<(), StoreError> {
         self.db.execute(
             "INSERT OR REPLACE INTO build_cache (key, diff_id, created_at) VALUES (?1, ?2, ?3)",
             params![key, diff_id, now()],
         )?;
+        while self.cache_only_bytes()? > self.build_cache_bound {
+            let forgotten = self.db.execute(
+                "DELETE FROM build_cache WHERE rowid = (SELECT rowid FROM build_cache
+                   WHERE diff_id IS NOT NULL AND diff_id NOT IN (SELECT diff_id FROM image_layers)
+                   ORDER BY created_at, rowid LIMIT 1)",
+                [],
+            )?;
+            if forgotten == 0 {
+                break;
+            }
+        }
         Ok(())
     }
 
-    /// Forgets every cached build step (their layers go at the next [`Store::gc`]).
-    pub fn clear_build_cache(&self) -> Result<usize, StoreError> {
-        Ok(self.db.execute("DELETE FROM build_cache", [])?)
+    /// Content bytes of the layers that only the build cache keeps.
+    fn cache_only_bytes(&self) -> Result<u64, StoreError> {
+        let bytes: i64 = self.db.query_row(
+            "SELECT COALESCE(SUM(size), 0) FROM layers WHERE diff_id IN
+               (SELECT diff_id FROM build_cache WHERE diff_id IS NOT NULL)
+               AND diff_id NOT IN (SELECT diff_id FROM image_layers)",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(bytes).unwrap_or(0))
+    }
+
+    /// Sets the bound of [`Store::cache_step`] (default [`BUILD_CACHE_BOUND`]).
+    pub fn set_build_cache_bound(&mut self, bytes: u64) {
+        self.build_cache_bound = bytes;
+    }
+
+    /// Forgets cached build steps (their layers go at the next [`Store::gc`]): every one
+    /// with `all`, else those whose layer no image uses. Returns how many.
+    pub fn prune_build_cache(&self, all: bool) -> Result<usize, StoreError> {
+        let sql = if all {
+            "DELETE FROM build_cache"
+        } else {
+            "DELETE FROM build_cache WHERE diff_id IS NOT NULL AND diff_id NOT IN (SELECT diff_id FROM image_layers)"
+        };
+        Ok(self.db.execute(sql, [])?)
     }
 
     /// The merged root file system of `diff_ids` as one tar, in an anonymous temporary file
@@ -684,5 +725,57 @@ mod tests {
         assert_eq!(normalize_tag("a/b:1.2").unwrap(), "a/b:1.2");
         assert!(normalize_tag("bad tag").is_err());
         assert!(normalize_tag("").is_err());
+    }
+
+    /// Stores a layer holding one file of `size` bytes; its diff-id.
+    fn layer_of(store: &Store, name: &str, size: usize) -> String {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(size as u64);
+        b.append_data(&mut h, name, vec![7u8; size].as_slice()).unwrap();
+        let bytes = b.into_inner().unwrap();
+        let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+        let mut file = tempfile::NamedTempFile::new_in(store.tmp_dir()).unwrap();
+        io::Write::write_all(&mut file, &bytes).unwrap();
+        store.add_layer(file, &diff_id).unwrap();
+        diff_id
+    }
+
+    fn blobs(store: &Store) -> usize {
+        fs::read_dir(store.root.join("blobs"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".layer"))
+            .count()
+    }
+
+    #[test]
+    fn the_build_cache_is_bounded_and_gc_reclaims_what_no_image_uses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.set_build_cache_bound(2500);
+        let layers: Vec<String> = (0..3).map(|i| layer_of(&store, &format!("f{i}"), 1000)).collect();
+        for (i, diff_id) in layers.iter().enumerate() {
+            store.cache_step(&format!("step{i}"), Some(diff_id)).unwrap();
+        }
+        // Three 1000-byte layers under a 2500-byte bound: the oldest entry is forgotten.
+        assert_eq!(store.cached_step("step0").unwrap(), None);
+        assert_eq!(store.cached_step("step2").unwrap(), Some(Some(layers[2].clone())));
+        store.gc().unwrap();
+        assert_eq!(blobs(&store), 2, "the forgotten step's layer is collected");
+        // A step whose layer an image uses costs the cache nothing, and stays.
+        let config = ImageConfig::default();
+        store.save_chain("kept:1", "build", &config, &layers[1..2]).unwrap();
+        assert_eq!(store.prune_build_cache(false).unwrap(), 1, "only the entry no image uses");
+        assert_eq!(store.cached_step("step1").unwrap(), Some(Some(layers[1].clone())));
+        store.gc().unwrap();
+        assert_eq!(blobs(&store), 1);
+        // `image rm` then gc reclaims the rest.
+        assert!(store.remove("kept:1").unwrap());
+        store.prune_build_cache(false).unwrap();
+        store.gc().unwrap();
+        assert_eq!(blobs(&store), 0, "nothing of the build is left");
+        assert_eq!(store.prune_build_cache(true).unwrap(), 0);
     }
 }

@@ -676,13 +676,15 @@ impl Builder<'_> {
         }
         let context = self.context.take();
         let step = copy.clone();
+        let disk_mb = self.options.vm.disk_size_mb;
         let (context, made) = self
             .blocking(move |store| {
                 let made = (|| -> Result<Option<(String, bool)>, BuildError> {
                     let tmp = store.tmp_dir();
                     let mut layer = tempfile::NamedTempFile::new_in(&tmp)
                         .map_err(|e| StoreError::Io { path: tmp.clone(), source: e })?;
-                    let mut out = std::io::BufWriter::new(layer.as_file_mut());
+                    let mut out =
+                        std::io::BufWriter::new(Bounded { inner: layer.as_file_mut(), left: disk_mb << 20, disk_mb });
                     let diff: Diff = match &source_chain {
                         None if step.from == CopyFrom::Remote => {
                             copy::layer_from_downloads(&step, &downloads, ownership, &mut out).map_err(copy_err)?
@@ -724,6 +726,34 @@ impl Builder<'_> {
             _ => self.summary.0 += 1,
         }
         Ok(made)
+    }
+}
+
+/// A writer that refuses to grow past `left` bytes: a `COPY`/`ADD` layer is bounded by the
+/// build's disk (`--build-disk`), which it could not be unpacked into anyway, so a huge (or
+/// sparse) file in the context fails the step instead of filling the host's disk.
+struct Bounded<W> {
+    inner: W,
+    left: u64,
+    disk_mb: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Bounded<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let len = buf.len() as u64;
+        if len > self.left {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!("the layer is larger than the build's disk ({} MB, --build-disk)", self.disk_mb),
+            ));
+        }
+        let written = self.inner.write(buf)?;
+        self.left -= written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

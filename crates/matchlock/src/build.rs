@@ -59,18 +59,31 @@ pub(crate) struct BuildArgs {
     /// MTU of the steps' network interface.
     #[arg(long, default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(576..=65_535))]
     mtu: u32,
+    /// Forget the whole build cache and reclaim the layers no image uses, then exit (no
+    /// context needed). `matchlock image gc` forgets only steps whose layer no image uses.
+    #[arg(long, exclusive = true)]
+    prune: bool,
     /// The build context directory.
-    context: PathBuf,
+    #[arg(required_unless_present = "prune")]
+    context: Option<PathBuf>,
 }
 
 /// `matchlock build`.
 pub(crate) async fn build(args: BuildArgs) -> Result<u8> {
+    if args.prune {
+        let mut store = open_store()?;
+        let forgotten = store.prune_build_cache(true)?;
+        let removed = store.gc()?;
+        outln!("Forgot {forgotten} cached build steps; removed {removed} unreferenced blobs")?;
+        return Ok(0);
+    }
     let Some(tag) = args.tag.clone() else { bail!("-t/--tag is required when building from a Dockerfile") };
     matchlock_image::store::normalize_tag(&tag)?;
-    if !args.context.is_dir() {
-        bail!("the build context {} is not a directory", args.context.display());
+    let context = args.context.clone().expect("clap requires a context unless --prune");
+    if !context.is_dir() {
+        bail!("the build context {} is not a directory", context.display());
     }
-    let file = args.file.clone().unwrap_or_else(|| args.context.join("Dockerfile"));
+    let file = args.file.clone().unwrap_or_else(|| context.join("Dockerfile"));
     let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
     let mut build_args = BTreeMap::new();
     for spec in &args.build_arg {
@@ -114,7 +127,7 @@ pub(crate) async fn build(args: BuildArgs) -> Result<u8> {
         network.mtu = args.mtu;
         crate::run::add_secrets(network, &args.secret, &HashMap::new())?;
     }
-    let options = BuildOptions { tag, context: args.context.clone(), no_cache: args.no_cache, quiet: args.quiet, vm };
+    let options = BuildOptions { tag, context, no_cache: args.no_cache, quiet: args.quiet, vm };
     let mut signals = StopSignals::new()?;
     let mut interrupt = std::pin::pin!(async move { signals.recv().await });
     let mut progress: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =

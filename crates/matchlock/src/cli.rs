@@ -253,7 +253,7 @@ enum ImageCommand {
         /// The image.
         tag: String,
     },
-    /// Delete layer blobs no image uses.
+    /// Delete layer blobs no image uses (and the cached build steps that kept them).
     Gc,
     /// Write an image as a `docker save` archive (for `docker load`, skopeo, `image import`).
     Export {

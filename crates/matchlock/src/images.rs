@@ -174,9 +174,12 @@ pub(crate) fn remove(tag: &str) -> Result<u8> {
     bail!("image not found: {tag}")
 }
 
-/// `matchlock image gc`.
+/// `matchlock image gc`: also forgets the cached build steps whose layer no image uses
+/// (`matchlock build --prune` forgets them all).
 pub(crate) fn gc() -> Result<u8> {
-    let removed = open_store()?.gc()?;
+    let mut store = open_store()?;
+    store.prune_build_cache(false)?;
+    let removed = store.gc()?;
     outln!("Removed {removed} unreferenced blobs")?;
     Ok(0)
 }

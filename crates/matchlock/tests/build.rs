@@ -431,3 +431,60 @@ fn add_of_a_url_is_fetched_under_the_builds_network_policy() {
     assert!(net.log("dnsmasq.log").contains("hostself.test"), "positive control: allowed names are resolved");
     h.assert_no_leftovers();
 }
+
+/// Names of the layer blobs in `h`'s store.
+fn layer_blobs(h: &Home) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(h.blobs_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".layer") || n.ends_with(".ext4"))
+        .collect()
+}
+
+#[test]
+fn a_builds_disk_use_is_bounded_and_gc_reclaims_all_of_it() {
+    // A store of its own: what the build leaves in it is all there is.
+    let h = isolated_home();
+    ok(&h.import("busybox", &common::fixture("busybox.tar")));
+    let before = layer_blobs(&h);
+    let (tmp_before, _) = store_scratch(&h);
+
+    // A 2 GB sparse file in the context: its layer would be 2 GB of real bytes. The step
+    // fails at the build's disk size, with the step, its line and why; nothing is spooled.
+    let ctx = context(&[("Dockerfile", "FROM busybox\nCOPY sparse /sparse\n")]);
+    std::fs::File::create(ctx.path().join("sparse")).unwrap().set_len(2 << 30).unwrap();
+    let out = build(&h, ctx.path(), &["-t", "sparse:1", "--build-disk", "64"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("COPY sparse /sparse") && e.contains("line 2") && e.contains("larger than the build's disk (64 MB"),
+        "{e}"
+    );
+    assert_eq!(layer_blobs(&h), before, "no layer of the refused step");
+    assert_eq!(store_scratch(&h).0, tmp_before, "nothing spooled");
+
+    // Positive control: a build within its disk makes layers; `image rm` then `image gc`
+    // leaves no blob of it (its cached steps are forgotten with the image).
+    let ctx = context(&[("Dockerfile", "FROM busybox\nCOPY small /small\nRUN echo made > /made\n"), ("small", "x")]);
+    ok(&build(&h, ctx.path(), &["-t", "small:1", "--build-disk", "64"]));
+    assert!(layer_blobs(&h).len() > before.len(), "the build stored layers");
+    assert_eq!(ok(&h.run(&["--image", "small:1", "--", "cat", "/small", "/made"])), "xmade\n");
+    ok(&h.ml(&["image", "rm", "small:1"]));
+    ok(&h.ml(&["image", "gc"]));
+    assert_eq!(layer_blobs(&h), before, "image gc reclaimed every blob of the build");
+
+    // The cache alone, after a build whose image is kept: `build --prune` forgets it.
+    ok(&build(&h, ctx.path(), &["-t", "small:2", "--build-disk", "64"]));
+    let again = build(&h, ctx.path(), &["-t", "small:2", "--build-disk", "64"]);
+    assert_eq!(cached_steps(&again), 2, "{}", stderr(&again));
+    let pruned = ok(&h.ml(&["build", "--prune"]));
+    assert!(pruned.starts_with("Forgot 2 cached build steps"), "{pruned}");
+    let rebuilt = build(&h, ctx.path(), &["-t", "small:2", "--build-disk", "64"]);
+    // The RUN runs again; the COPY's layer is still the kept image's, so it is stored.
+    let e = stderr(&rebuilt);
+    assert!(e.contains("[3/3] RUN echo made") && !e.contains("CACHED [3/3]"), "the cache was forgotten: {e}");
+    ok(&h.ml(&["image", "rm", "small:2"]));
+    ok(&h.ml(&["image", "gc"]));
+    assert_eq!(layer_blobs(&h), before);
+}
