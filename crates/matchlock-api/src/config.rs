@@ -98,6 +98,10 @@ pub struct NetworkConfig {
     /// Request/response rules and the callback socket of programmable hooks.
     #[serde(default)]
     pub interception: Option<Interception>,
+    /// Let `Range` requests carry a secret: a server echoing the value could otherwise hand
+    /// it back a few bytes at a time, each piece too short for scrubbing to recognise.
+    #[serde(default)]
+    pub allow_secret_ranges: bool,
 }
 
 /// Programmable interception (reference §4 "Network hooks"): rules matched per request.
@@ -211,6 +215,7 @@ impl Default for NetworkConfig {
             mtu: DEFAULT_MTU,
             secrets: Vec::new(),
             interception: None,
+            allow_secret_ranges: false,
         }
     }
 }

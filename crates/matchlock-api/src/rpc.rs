@@ -106,6 +106,9 @@ pub struct NetworkParams {
     /// Secrets by environment variable name.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets: BTreeMap<String, SecretParams>,
+    /// Our extension: let `Range` requests carry a secret (refused by default).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_secret_ranges: bool,
     /// Unused (accepted for compatibility).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub policy_script: String,
@@ -319,6 +322,7 @@ impl CreateParams {
             mtu: if net.mtu == 0 { DEFAULT_MTU } else { net.mtu },
             secrets,
             interception,
+            allow_secret_ranges: net.allow_secret_ranges,
         });
         Ok(())
     }

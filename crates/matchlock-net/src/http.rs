@@ -367,8 +367,13 @@ async fn forward(
         return blocked("blocked by an interception rule");
     }
     let (method, path, request_headers) = (parts.method.clone(), parts.uri.path().to_owned(), parts.headers.clone());
-    if secrets::apply_to_request(&mut parts, &dest.host, shared.policy.secrets()).is_err() {
+    let Ok(injected) = secrets::apply_to_request(&mut parts, &dest.host, shared.policy.secrets()) else {
         return blocked("secret placeholder sent to a host the secret is not for");
+    };
+    // An echoing server could hand a value back a few bytes per request, each piece too
+    // short for scrubbing to recognise.
+    if !injected.is_empty() && parts.headers.contains_key(header::RANGE) && !shared.policy.secret_ranges_allowed() {
+        return blocked("a Range request carrying a secret (allow with --allow-secret-ranges)");
     }
     // Everything this host sends back is scrubbed of the values it may have been given.
     let scrubbed = secrets::for_destination(&dest.host, shared.policy.secrets());

@@ -115,6 +115,8 @@ pub struct Policy {
     resolved: Mutex<HashMap<Ipv4Addr, String>>,
     /// Name → address pairs the user configured for the guest (`--add-host`).
     pinned: Vec<(String, Ipv4Addr)>,
+    /// Whether a `Range` request may carry a secret (`--allow-secret-ranges`).
+    secret_ranges: bool,
 }
 
 /// Bound on remembered DNS answers.
@@ -135,7 +137,19 @@ impl Policy {
             secrets,
             resolved: Mutex::new(HashMap::new()),
             pinned: Vec::new(),
+            secret_ranges: false,
         }
+    }
+
+    /// The policy letting `Range` requests carry a secret, or not (the default).
+    pub fn with_secret_ranges(mut self, allowed: bool) -> Self {
+        self.secret_ranges = allowed;
+        self
+    }
+
+    /// Whether a `Range` request may carry a secret.
+    pub fn secret_ranges_allowed(&self) -> bool {
+        self.secret_ranges
     }
 
     /// The policy with the user's own name → address entries (`--add-host`), which count as

@@ -100,13 +100,13 @@ pub fn replace_all(haystack: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8
 ///
 /// All values are matched at once, leftmost-longest, on the upstream's bytes: a value that
 /// contains another is replaced whole (replacing the shorter one first would hand the guest
-/// the rest of the longer one), and a placeholder is never scanned again.
+/// the rest of the longer one), and a placeholder is never scanned again. Each value is
+/// looked for in the [`forms`] an echoing server most easily hands back: as is, hex and
+/// base64, all without regard to case.
 #[derive(Debug)]
 pub struct Scrubber {
-    /// The values, as given.
-    literals: Vec<Vec<u8>>,
-    /// The values in lowercase, for header names.
-    lowercase: Vec<Vec<u8>>,
+    /// The forms of the values, lowercased (matched without case).
+    patterns: Vec<Vec<u8>>,
     values: AhoCorasick,
     placeholders: Vec<Vec<u8>>,
     /// The longest value, less one: how much of a chunk's tail can still start a match.
@@ -118,18 +118,24 @@ pub struct Scrubber {
 impl Scrubber {
     /// Scrubs the values of `secrets` (empty values are ignored).
     pub fn new(secrets: &[&Secret]) -> Self {
-        let secrets: Vec<&&Secret> = secrets.iter().filter(|s| !s.value.is_empty()).collect();
-        let literals: Vec<Vec<u8>> = secrets.iter().map(|s| s.value.as_bytes().to_vec()).collect();
+        let mut patterns = Vec::new();
+        let mut placeholders = Vec::new();
+        for secret in secrets.iter().filter(|s| !s.value.is_empty()) {
+            for form in forms(secret.value.as_bytes()) {
+                patterns.push(form);
+                placeholders.push(secret.placeholder.as_bytes().to_vec());
+            }
+        }
         let values = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
-            .build(&literals)
+            .ascii_case_insensitive(true)
+            .build(&patterns)
             .expect("literal patterns always build");
         Self {
             values,
-            placeholders: secrets.iter().map(|s| s.placeholder.as_bytes().to_vec()).collect(),
-            hold_back: literals.iter().map(|v| v.len() - 1).max().unwrap_or(0),
-            lowercase: literals.iter().map(|v| v.to_ascii_lowercase()).collect(),
-            literals,
+            placeholders,
+            hold_back: patterns.iter().map(|v| v.len() - 1).max().unwrap_or(0),
+            patterns,
             pending: BytesMut::new(),
         }
     }
@@ -140,7 +146,7 @@ impl Scrubber {
     pub fn scrub_headers(&self, headers: &mut HeaderMap) {
         let carrying: Vec<HeaderName> = headers
             .keys()
-            .filter(|name| self.lowercase.iter().any(|v| contains(name.as_str().as_bytes(), v)))
+            .filter(|name| self.patterns.iter().any(|v| contains(name.as_str().as_bytes(), v)))
             .cloned()
             .collect();
         for name in carrying {
@@ -159,6 +165,39 @@ impl Scrubber {
     }
 }
 
+/// Values shorter than this are only looked for as they are: their encodings would be short
+/// enough to occur by chance.
+const MIN_ENCODED: usize = 6;
+
+/// The forms of `value` a response is scrubbed of, lowercased (matched without case): the
+/// value itself, its hex, and its base64 in the standard and URL-safe alphabets at each of
+/// the three alignments it can have inside a longer encoded text (cut to the characters the
+/// value alone decides). Other encodings (a value split in pieces, reversed, encrypted …)
+/// cannot be recognised; the pieces a `Range` would ask for are refused in `http::forward`.
+fn forms(value: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let mut forms = vec![value.to_ascii_lowercase()];
+    if value.len() >= MIN_ENCODED {
+        forms.push(value.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes());
+        for engine in
+            [base64::engine::general_purpose::STANDARD_NO_PAD, base64::engine::general_purpose::URL_SAFE_NO_PAD]
+        {
+            for shift in 0..3 {
+                let mut shifted = vec![0u8; shift];
+                shifted.extend_from_slice(value);
+                let text = engine.encode(&shifted);
+                // Characters 0..2 (or 0..3) also carry the bits of what came before.
+                let start = [0, 2, 3][shift];
+                let end = shifted.len() * 8 / 6;
+                forms.push(text.as_bytes()[start..end].to_ascii_lowercase());
+            }
+        }
+    }
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
 impl BodyTransform for Scrubber {
     fn push(&mut self, chunk: &[u8]) -> Bytes {
         self.pending.extend_from_slice(chunk);
@@ -167,7 +206,9 @@ impl BodyTransform for Scrubber {
         // that point is final: every value starting there is decided.
         let len = self.pending.len();
         let open = (len.saturating_sub(self.hold_back)..len)
-            .find(|&p| self.literals.iter().any(|v| v.len() > len - p && v.starts_with(&self.pending[p..])))
+            .find(|&p| {
+                self.patterns.iter().any(|v| v.len() > len - p && v[..len - p].eq_ignore_ascii_case(&self.pending[p..]))
+            })
             .unwrap_or(len);
         let mut out = Vec::with_capacity(len);
         let mut done = 0;
@@ -363,6 +404,32 @@ mod tests {
         let released = r.push(b"hello world");
         assert_eq!(&released, &b"hello world"[..], "nothing held back without a partial match");
         assert_eq!(&r.push(b" and real"), &b" and "[..], "a tail that may become a value is held back");
+    }
+
+    #[test]
+    fn transformed_values_are_scrubbed_also_across_chunks() {
+        use base64::Engine as _;
+        let s = Secret::new("KEY", "sk-Live-7fQ2-token", vec!["api.test".into()]);
+        let value = s.value.as_bytes();
+        let mut echoed = vec![value.to_ascii_uppercase(), value.to_ascii_lowercase()];
+        echoed.push(value.iter().map(|b| format!("{b:02X}")).collect::<String>().into_bytes());
+        for prefix in [&b""[..], b"x", b"xy"] {
+            let raw = [prefix, value].concat();
+            echoed.push(base64::engine::general_purpose::STANDARD.encode(&raw).into_bytes());
+            echoed.push(base64::engine::general_purpose::URL_SAFE.encode(&raw).into_bytes());
+        }
+        let body = echoed.join(&b"\n"[..]);
+        let whole = Scrubber::new(&[&s]).scrub(&body);
+        assert_eq!(String::from_utf8_lossy(&whole).matches(s.placeholder.as_str()).count(), echoed.len());
+        for cut in 1..body.len() {
+            let mut r = Scrubber::new(&[&s]);
+            let mut out = r.push(&body[..cut]).to_vec();
+            out.extend_from_slice(&r.push(&body[cut..]));
+            out.extend_from_slice(&r.finish());
+            assert_eq!(out, whole, "cut at {cut}");
+        }
+        // Positive control: text that merely resembles it passes untouched.
+        assert_eq!(Scrubber::new(&[&s]).scrub(b"sk-Live-7fQ2 tok en"), b"sk-Live-7fQ2 tok en");
     }
 
     /// Found by the `scrub_stream` fuzz target: with one value inside another, replacing the

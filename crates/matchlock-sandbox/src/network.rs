@@ -71,6 +71,7 @@ pub fn prepare_ca(
 pub(crate) fn policy(config: &NetworkConfig, add_hosts: &[(String, std::net::IpAddr)]) -> Policy {
     Policy::new(config.allowed_hosts.clone(), config.block_private_ips, config.secrets.clone())
         .with_pinned(pinned(add_hosts).map(|(name, ip)| (name.to_owned(), ip)))
+        .with_secret_ranges(config.allow_secret_ranges)
 }
 
 /// The IPv4 entries of `add_hosts` (the guest link is IPv4 only).

@@ -113,6 +113,10 @@ pub(crate) struct RunArgs {
     /// Intercept HTTP(S) even without an allow-list or secrets.
     #[arg(long = "network-intercept")]
     network_intercept: bool,
+    /// Let `Range` requests carry a secret (refused by default: an echoing server could hand
+    /// the value back a few bytes at a time).
+    #[arg(long = "allow-secret-ranges")]
+    allow_secret_ranges: bool,
     /// MTU of the guest's network interface.
     #[arg(long, default_value_t = matchlock_api::config::DEFAULT_MTU,
           value_parser = clap::value_parser!(u32).range(576..=65_535))]
@@ -201,6 +205,7 @@ fn build_config(args: &RunArgs, handed: &HashMap<String, String>) -> Result<Sand
     } else if let Some(network) = config.network.as_mut() {
         network.allowed_hosts = args.allow_host.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
         network.intercept = args.network_intercept;
+        network.allow_secret_ranges = args.allow_secret_ranges;
         if let Some(file) = &args.network_rules {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read network rules {}", file.display()))?;

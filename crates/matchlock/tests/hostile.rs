@@ -610,3 +610,51 @@ fn a_root_workload_cannot_touch_the_kernels_knobs_the_agent_or_its_port() {
     assert_eq!(get("capbnd"), "00000000a80425fb", "a default container runtime's capabilities");
     h.assert_no_leftovers();
 }
+
+#[test]
+fn an_echoing_host_cannot_hand_a_secret_back_transformed_or_in_pieces() {
+    use base64::Engine as _;
+    let net = testnet();
+    let h = home();
+    let m = marker("transform");
+    let value = format!("sk-Live-{m}-Q7x");
+    let script = format!(
+        "wget -qO- --header \"Authorization: Bearer $KEY\" http://api.test/transform-echo/{m}; echo ---; \
+         wget -qO- --header \"Authorization: Bearer $KEY\" --header 'Range: bytes=0-3' http://api.test/transform-echo/{m}-range 2>&1; echo; echo ---"
+    );
+    let secret = format!("KEY={value}@api.test");
+    let out = testnet::run(&h, &["--image", "busybox", "--secret", &secret, "--", "sh", "-c", &script]);
+    let seen = stdout(&out);
+    let (echoed, ranged) = seen.split_once("---").unwrap_or_else(|| panic!("{seen}\n{}", stderr(&out)));
+    // The server really received the value (positive control) and echoed it in every form.
+    let got = net.requests_with(&format!("/transform-echo/{m}"));
+    assert_eq!(got[0]["headers"]["authorization"].as_str(), Some(format!("Bearer {value}").as_str()));
+    assert_eq!(echoed.trim().lines().count(), 10, "{echoed}");
+    // None of the forms reached the guest: each became the placeholder.
+    let bytes = value.as_bytes();
+    let mut forms = vec![value.to_lowercase(), value.to_uppercase(), hex(bytes), hex(bytes).to_uppercase()];
+    for engine in [base64::engine::general_purpose::STANDARD_NO_PAD, base64::engine::general_purpose::URL_SAFE_NO_PAD] {
+        forms.push(engine.encode(bytes));
+    }
+    for form in &forms {
+        assert!(
+            !echoed.to_lowercase().contains(&form.to_lowercase()[4..form.len() - 4]),
+            "{form} reached the guest:\n{echoed}"
+        );
+    }
+    assert_eq!(echoed.matches("SANDBOX_SECRET_").count(), 10, "each line scrubbed to the placeholder:\n{echoed}");
+    // A Range request carrying the secret is refused before it leaves the host.
+    assert!(ranged.contains("403"), "{ranged}");
+    assert!(net.requests_with(&format!("/transform-echo/{m}-range")).is_empty(), "the range request left the host");
+
+    // With --allow-secret-ranges it goes out and is answered (the user accepted that risk;
+    // busybox wget reports a 206 as an error).
+    let allowed = testnet::run(
+        &h,
+        &["--image", "busybox", "--secret", &secret, "--allow-secret-ranges", "--", "sh", "-c", &script],
+    );
+    assert!(stdout(&allowed).contains("206 Partial Content"), "{}", stdout(&allowed));
+    let ranged = net.requests_with(&format!("/transform-echo/{m}-range"));
+    assert_eq!(ranged.len(), 1, "the allowed range request reached the host");
+    assert_eq!(ranged[0]["headers"]["range"].as_str(), Some("bytes=0-3"));
+}
