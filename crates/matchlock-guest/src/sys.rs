@@ -172,6 +172,7 @@ pub(crate) struct SeccompPrograms {
 /// is set, and the seccomp programs (built once by [`seccomp_programs`]) are installed.
 /// Inherited by everything it starts.
 pub(crate) fn harden(seccomp: &SeccompPrograms) -> io::Result<()> {
+    raise_open_files_hard_limit()?;
     // The kernel refuses capabilities past its last with EINVAL.
     for cap in (0..64).filter(|c| !KEPT_CAPABILITIES.contains(c)) {
         // SAFETY: PR_CAPBSET_DROP takes an integer and touches no memory of ours.
@@ -191,6 +192,21 @@ pub(crate) fn harden(seccomp: &SeccompPrograms) -> io::Result<()> {
     nix::sys::prctl::set_no_new_privs()?;
     seccompiler::apply_filter(&seccomp.no_clone3).map_err(io::Error::other)?;
     seccompiler::apply_filter(&seccomp.deny).map_err(io::Error::other)
+}
+
+/// Raises the hard limit on open files to the kernel's ceiling (`fs.nr_open`), as container
+/// runtimes do, while `CAP_SYS_RESOURCE` is still held: without it a command can no longer
+/// raise the limit itself, and `ulimit -n 16384` must keep working. The soft limit stays.
+fn raise_open_files_hard_limit() -> io::Result<()> {
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    if hard < ceiling {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, ceiling)?;
+    }
+    Ok(())
 }
 
 /// Empties the inheritable capability set (capget, then capset with it cleared).

@@ -197,4 +197,47 @@ mod tests {
         assert!(matches!(failed, SandboxError::File(_)), "{failed}");
         assert_eq!(spooled(tmp.path()), 0);
     }
+
+    /// A layer with one file carrying the extended attribute `name`.
+    fn layer_with_xattr(name: &str) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let key = format!("SCHILY.xattr.{name}");
+        b.append_pax_extensions([(key.as_str(), &b"v"[..])]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(1);
+        b.append_data(&mut h, "root/file", &b"x"[..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_forged_layer_is_checked_as_a_pulled_one_and_runs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("store")).unwrap();
+        let config = ImageConfig::default();
+        let base_layer = layer_with_xattr("user.base");
+        let base_id = format!("sha256:{}", hex::encode(Sha256::digest(&base_layer)));
+        let mut spool = tempfile::NamedTempFile::new_in(store.tmp_dir()).unwrap();
+        std::io::Write::write_all(&mut spool, &base_layer).unwrap();
+        store.add_layer(spool, &base_id).unwrap();
+        store.save_chain("base:1", "import", &config, &[base_id]).unwrap();
+        let base = store.get("base:1").unwrap().unwrap();
+
+        // A compromised guest answers the Commit with the layer of the reported attack.
+        let marker = dir.path().join("pwned");
+        let evil = layer_with_xattr(&format!("user.{}!touch {}", "A".repeat(8150), marker.display()));
+        let layer = receive_layer(guest_sending(vec![evil], 0).await, &store.tmp_dir(), 0).await.unwrap();
+        let refused = save_image(&mut store, &base, layer, "forged:1", &config).unwrap_err();
+        let chain = crate::error_chain(&refused);
+        assert!(chain.contains("longer than 255"), "{chain}");
+        assert!(!marker.exists(), "a command from the guest's layer ran on the host");
+        assert!(store.get("forged:1").unwrap().is_none(), "nothing of it is stored");
+        assert_eq!(spooled(&store.tmp_dir()), 0);
+
+        // Positive control: the same answer with an ordinary attribute becomes the image.
+        let fine = layer_with_xattr("user.fine");
+        let layer = receive_layer(guest_sending(vec![fine], 0).await, &store.tmp_dir(), 0).await.unwrap();
+        save_image(&mut store, &base, layer, "committed:1", &config).unwrap();
+        assert!(store.get("committed:1").unwrap().is_some());
+    }
 }

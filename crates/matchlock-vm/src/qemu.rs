@@ -157,6 +157,10 @@ impl QemuBackend {
             "node,memdev=mem",
             "-nodefaults",
             "-no-user-config",
+            // QEMU's own seccomp filter: a guest that escapes into QEMU cannot execute a
+            // program, gain privileges, or use obsolete or resource-control system calls.
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-nographic",
             "-no-reboot",
             "-serial",

@@ -127,7 +127,8 @@ pub(crate) struct RunArgs {
     /// Host addresses for --publish (IP literals or `localhost`).
     #[arg(long = "address", value_delimiter = ',', default_value = "127.0.0.1", value_name = "IP")]
     address: Vec<String>,
-    /// Let commands keep every capability (no capability drop, no_new_privs or seccomp).
+    /// Let commands keep every capability: no capability drop, no_new_privs or seccomp, and
+    /// /proc/sys and /sys writable (a privileged workload can take over the guest's agent).
     #[arg(long, env = "MATCHLOCK_RUN_PRIVILEGED")]
     privileged: bool,
     /// Boot from scratch: neither resume nor save a warm template of the image (also

@@ -575,6 +575,7 @@ fn a_root_workload_cannot_touch_the_kernels_knobs_the_agent_or_its_port() {
         dpkg-deb -b /tmp/pkg /tmp/h.deb >/dev/null; dpkg -i /tmp/h.deb >/dev/null; \
         echo installed: $(dpkg-query -W -f='${Status}' ml-hello); \
         touch /tmp/own; chown nobody:nogroup /tmp/own; echo owner: $(stat -c %U /tmp/own); \
+        ulimit -n 16384; echo nofile: $(ulimit -n); \
         perl -e \"$PROBE\"";
     let out = h
         .cmd()
@@ -586,6 +587,7 @@ fn a_root_workload_cannot_touch_the_kernels_knobs_the_agent_or_its_port() {
     let get = |k: &str| seen.get(k).map(String::as_str).unwrap_or_else(|| panic!("no {k}: {seen:?}"));
     assert_eq!(get("installed"), "install ok installed");
     assert_eq!(get("owner"), "nobody");
+    assert_eq!(get("nofile"), "16384", "the open-files limit can still be raised");
     assert_eq!(get("core_pattern"), "EROFS", "{seen:?}");
     assert_eq!(get("core_pattern_now"), "core", "the kernel's core_pattern changed");
     assert_eq!(get("sysctl"), "EROFS");
