@@ -47,7 +47,7 @@ Version: $version
 Architecture: amd64
 Maintainer: matchlock developers <matchlock@localhost>
 Installed-Size: $size
-Depends: libc6 (>= 2.36), qemu-system-x86 (>= 1:10.0~), e2fsprogs (>= 1.47.1~), libext2fs2 (>= 1.47.1~), libarchive13
+Depends: libc6 (>= 2.36), qemu-system-x86 (>= 1:10.0~), e2fsprogs (>= 1.47.1~), libext2fs2 (>= 1.47.1~), libcom-err2, libarchive13
 Section: utils
 Priority: optional
 Description: micro-VM sandboxes for untrusted, AI-generated code

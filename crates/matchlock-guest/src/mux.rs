@@ -450,7 +450,13 @@ impl Mux {
             Kind::Hello => self.new_session(&body),
             Kind::Pause => self.queue(frame(0, Kind::Paused, &[])),
             Kind::Resume => {
-                relock(&self.outbox).held = false;
+                let mut outbox = relock(&self.outbox);
+                // A pause the host gave up on before our `Paused` went out (we were starved
+                // past its timeout): it is not sent at all, or the writer would hold
+                // everything behind it for good once it got there.
+                outbox.queue.retain(|f| f.get(4) != Some(&(Kind::Paused as u8)));
+                outbox.held = false;
+                drop(outbox);
                 self.ready.notify_one();
             }
             Kind::Paused => {}

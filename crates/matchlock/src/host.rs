@@ -190,7 +190,7 @@ pub(crate) fn setup_user(name: &str) -> Result<u8> {
     if Path::new(rule).parent().is_some_and(Path::is_dir) {
         std::fs::write(rule, text).with_context(|| format!("cannot write {rule}"))?;
     }
-    run_tool("usermod", &["-aG", "kvm", name])?;
+    run_tool("usermod", &["-aG", "kvm", "--", name])?;
     outln!("Added {name} to the kvm group (it applies at their next login)")?;
     Ok(0)
 }

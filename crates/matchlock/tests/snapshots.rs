@@ -135,3 +135,54 @@ fn restored_sandboxes_snapshot_and_fork_again() {
     ok(&h.ml(&["snapshot", "rm", "gen1", "gen2"]));
     h.assert_no_leftovers();
 }
+
+#[test]
+fn a_snapshot_of_a_starved_guest_fails_cleanly_and_the_sandbox_goes_on() {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+    let h = home();
+    // Privileged: only that way can a workload lift the real-time throttle and starve
+    // guest-init completely (one vCPU, a FIFO spinner at priority 99 for 20 s).
+    let id = h.detach(&["--privileged", "--image", common::debian_image()]);
+    ok(&h.ml(&["exec", &id, "--", "sh", "-c", "echo -1 > /proc/sys/kernel/sched_rt_runtime_us"]));
+    let spin = "echo spinning; exec chrt -f 99 perl -e '$end = time + 20; 1 while time < $end'";
+    let mut spinner =
+        h.cmd().args(["exec", &id, "--", "sh", "-c", spin]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(spinner.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert_eq!(first, "spinning\n");
+    // Past perl's start: from here on nothing else in the guest gets the CPU.
+    std::thread::sleep(Duration::from_secs(3));
+    let asked = Instant::now();
+    let snap = h.ml(&["snapshot", &id, "starved"]);
+    assert!(!snap.status.success(), "the starved guest cannot pause: {}", stdout(&snap));
+    assert!(stderr(&snap).contains("did not pause"), "{}", stderr(&snap));
+    assert!(asked.elapsed() < Duration::from_secs(30), "the snapshot gave up in time: {:?}", asked.elapsed());
+    assert!(ok(&h.ml(&["snapshot", "ls"])).lines().all(|l| !l.starts_with("starved")), "no half snapshot is listed");
+    // Once the spinner is done, the sandbox answers again (before, the pipe stayed paused:
+    // the spinner's own exit and every later exec hung).
+    let done = within(spinner, Duration::from_secs(60), "the spinner's exec never ended");
+    assert!(done.status.success());
+    let exec = h.cmd().args(["exec", &id, "--", "echo", "alive"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    assert_eq!(ok(&within(exec, Duration::from_secs(60), "the sandbox no longer answers")), "alive\n");
+    // A snapshot now works (positive control).
+    assert_eq!(ok(&h.ml(&["snapshot", &id, "starved"])).trim(), "starved");
+    ok(&h.ml(&["snapshot", "rm", "starved"]));
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+}
+
+/// The output of `child` once it ends within `limit`; otherwise it is killed and the test
+/// fails with `what`.
+fn within(mut child: std::process::Child, limit: std::time::Duration, what: &str) -> std::process::Output {
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} (after {limit:?})");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}
