@@ -11,6 +11,7 @@
 
 use std::fs;
 use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -202,13 +203,19 @@ pub const BUILD_CACHE_BOUND: u64 = 10 << 30;
 impl Store {
     /// Opens (creating if needed) the store under `root`.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        fs::create_dir_all(root.join("blobs")).map_err(io_err(root))?;
-        fs::create_dir_all(root.join("tmp")).map_err(io_err(root))?;
+        // Private to the user, as everything matchlock keeps (files are made 0600).
+        for dir in [root.to_owned(), root.join("blobs"), root.join("tmp")] {
+            matchlock_api::paths::create_private_dir(&dir).map_err(io_err(&dir))?;
+        }
         // Switching a new database to WAL and migrating it must not race another process
         // doing the same (SQLite reports "locked" at once there, busy timeout or not).
         let lock_path = root.join("metadata.db.lock");
         let lock = lock_file(&lock_path, true).map_err(io_err(&lock_path))?;
-        let db = Connection::open(root.join("metadata.db"))?;
+        let db_path = root.join("metadata.db");
+        matchlock_api::paths::append_private(&db_path)
+            .and_then(|f| f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)))
+            .map_err(io_err(&db_path))?;
+        let db = Connection::open(&db_path)?;
         db.busy_timeout(std::time::Duration::from_secs(15))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
@@ -620,8 +627,13 @@ impl Store {
     /// when it was busy.
     pub fn gc_if_idle(&mut self) -> Result<Option<usize>, StoreError> {
         let path = self.root.join("store.lock");
-        let lock =
-            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
         match lock.try_lock() {
             Ok(()) => self.gc_locked().map(Some),
             Err(fs::TryLockError::WouldBlock) => Ok(None),

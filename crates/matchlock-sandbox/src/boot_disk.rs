@@ -18,7 +18,7 @@ pub(crate) fn ensure(guest_init: &Path, cache: &Path) -> Result<PathBuf, Sandbox
     if disk.is_file() {
         return Ok(disk);
     }
-    std::fs::create_dir_all(cache).map_err(io_err(format!("cannot create {}", cache.display())))?;
+    matchlock_api::paths::create_private_dir(cache).map_err(io_err(format!("cannot create {}", cache.display())))?;
     let mut tar_file = tempfile::NamedTempFile::new_in(cache).map_err(io_err("cannot create a temporary file"))?;
     {
         let mut builder = tar::Builder::new(tar_file.as_file_mut());

@@ -417,7 +417,8 @@ fn everything_a_sandbox_keeps_is_private_to_the_user() {
     let state = h.vms_dir().parent().unwrap().to_owned();
     let mut seen = 0;
     let mut open_to_others = Vec::new();
-    let mut stack = vec![state.clone()];
+    // The state, and the image store and boot disks of the cache (the commit wrote there).
+    let mut stack = vec![state.clone(), h.cache_dir().join("images"), h.cache_dir().join("boot")];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap().flatten() {
             let meta = entry.metadata().unwrap();
@@ -435,7 +436,9 @@ fn everything_a_sandbox_keeps_is_private_to_the_user() {
             }
         }
     }
-    assert!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o077 == 0, "~/.matchlock itself");
+    for dir in [&state, &h.cache_dir().join("images")] {
+        assert!(std::fs::metadata(dir).unwrap().permissions().mode() & 0o077 == 0, "{} itself", dir.display());
+    }
     assert!(open_to_others.is_empty(), "readable by others:\n{}", open_to_others.join("\n"));
     // The walk saw what it should: state.db, both VM directories with logs and disks.
     assert!(seen >= 12, "only {seen} entries under {}", state.display());
