@@ -140,6 +140,13 @@ pub fn append_private(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().create(true).append(true).mode(0o600).open(path)
 }
 
+/// Makes the file `path` private to the user (0600), creating it empty if missing and
+/// keeping what it holds: a SQLite database before it is opened (SQLite gives its `-wal` and
+/// `-shm` files the database's mode).
+pub fn make_private_file(path: &Path) -> std::io::Result<()> {
+    append_private(path)?.set_permissions(Permissions::from_mode(0o600))
+}
+
 /// Creates (or truncates) `path` for writing, private to the user (0600).
 pub fn create_private(path: &Path) -> std::io::Result<File> {
     let file = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(path)?;

@@ -212,9 +212,7 @@ impl Store {
         let lock_path = root.join("metadata.db.lock");
         let lock = lock_file(&lock_path, true).map_err(io_err(&lock_path))?;
         let db_path = root.join("metadata.db");
-        matchlock_api::paths::append_private(&db_path)
-            .and_then(|f| f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)))
-            .map_err(io_err(&db_path))?;
+        matchlock_api::paths::make_private_file(&db_path).map_err(io_err(&db_path))?;
         let db = Connection::open(&db_path)?;
         db.busy_timeout(std::time::Duration::from_secs(15))?;
         db.pragma_update(None, "journal_mode", "WAL")?;

@@ -203,12 +203,7 @@ impl StateDb {
         // Serialise first-time creation and migrations across processes.
         let lock_path = path.with_extension("db.lock");
         let lock = matchlock_api::paths::lock_file(&lock_path, true).map_err(io_err(&lock_path))?;
-        // Private to the user; SQLite gives its -wal and -shm files the database's mode.
-        {
-            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-            let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path);
-            file.and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600))).map_err(io_err(path))?;
-        }
+        matchlock_api::paths::make_private_file(path).map_err(io_err(path))?;
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(15))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
