@@ -17,7 +17,7 @@ install_debian_packages() {
   local pkgs=(
     linux-source-6.1 build-essential flex bison bc cpio xz-utils libelf-dev libssl-dev
     libarchive13 busybox-static skopeo docker-registry debootstrap iproute2 python3
-    apache2-utils zstd jq dnsmasq-base openssl curl buildah
+    apache2-utils zstd jq dnsmasq-base openssl curl buildah containerd runc
   )
   # From bookworm-backports: mke2fs learned to build a filesystem from a tarball
   # (`-d file.tar`) in 1.47.1 (bookworm has 1.47.0), and QEMU 10 matches the qemu-utils
@@ -50,6 +50,8 @@ SRC
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${pkgs[@]}"
   # The registry package starts a system service on :5000; the tests run their own.
   as_root systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  # containerd's own service likewise: the containerd tests start a private one.
+  as_root systemctl disable --now containerd >/dev/null 2>&1 || true
 }
 
 install_debian_packages

@@ -109,6 +109,16 @@ pub fn build_from_tar(tar: &Path, out: &Path, size_bytes: u64, inodes: u64, xatt
     Ok(())
 }
 
+/// Creates `out` (a sparse file of `size_bytes`, no journal: it is mounted read-only) with a
+/// copy of the directory tree `dir`: owners, modes, extended attributes, hard links, device
+/// nodes and symbolic links as they are (mke2fs reads the tree itself, never following a
+/// link; no name from it reaches a command line).
+pub fn build_from_dir(dir: &Path, out: &Path, size_bytes: u64, inodes: u64) -> Result<(), Ext4Error> {
+    let mut cmd = mke2fs(out, size_bytes)?;
+    cmd.args(["-O", "^has_journal,^resize_inode", "-N"]).arg((inodes + 64).to_string()).arg("-d").arg(dir).arg(out);
+    run("mke2fs", &mut cmd)
+}
+
 /// Creates a journaled ext4 file system of `size_bytes` in a sparse file, empty or holding
 /// the contents of the tar at `seed`.
 pub fn create_empty(out: &Path, size_bytes: u64, seed: Option<&Path>) -> Result<(), Ext4Error> {

@@ -94,6 +94,9 @@ pub enum StoreError {
     /// Building the root file system failed.
     #[error("cannot build the root file system")]
     Squash(#[source] LayerError),
+    /// A directory tree could not become a root file system.
+    #[error("cannot build a root file system from a directory")]
+    Directory(#[source] crate::ext4::Ext4Error),
     /// Stored metadata is inconsistent (a blob is missing, or JSON is corrupt).
     #[error("image store is inconsistent: {0}")]
     Corrupt(String),
@@ -169,6 +172,24 @@ fn now() -> i64 {
 }
 
 /// File name of the root file system of a layer chain.
+/// Content bytes and entries of the tree `dir` (symbolic links not followed).
+fn tree_size(dir: &Path) -> io::Result<(u64, u64)> {
+    let (mut bytes, mut entries) = (0u64, 1u64);
+    let mut pending = vec![dir.to_owned()];
+    while let Some(d) = pending.pop() {
+        for entry in fs::read_dir(&d)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            entries += 1;
+            bytes += meta.len();
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    Ok((bytes, entries))
+}
+
 fn rootfs_name(diff_ids: &[String]) -> String {
     let mut h = Sha256::new();
     h.update(b"matchlock-squash-v1\n");
@@ -553,6 +574,43 @@ impl Store {
         .expect("the manifest serializes");
         add(&mut tar, "manifest.json", manifest.len() as u64, &mut manifest.as_slice()).map_err(write_err)?;
         tar.into_inner().and_then(|out| out.flush()).map_err(write_err)
+    }
+
+    /// Stores the directory tree `dir` (a root file system another engine prepared, e.g.
+    /// containerd's snapshot) as the image `tag` with `config` and no layers; `key` names
+    /// the content (the same key, the same tree), so a second call with it only looks it up.
+    pub fn save_directory(
+        &mut self,
+        tag: &str,
+        source: &str,
+        key: &str,
+        config: &ImageConfig,
+        dir: &Path,
+    ) -> Result<ImportSummary, StoreError> {
+        let tag = normalize_tag(tag)?;
+        let _lock = self.lock(false)?;
+        let name = format!("dir_{}.ext4", hex::encode(Sha256::digest(format!("matchlock-dir-v1\n{key}"))));
+        let path = self.root.join("blobs").join(&name);
+        let (bytes, entries) = tree_size(dir).map_err(io_err(dir))?;
+        if !path.exists() {
+            let _blob = self.lock_blob(&name)?;
+            if !path.exists() {
+                let tmp = self.tmp_dir().join(format!(".{name}-{}", std::process::id()));
+                let built = crate::ext4::build_from_dir(dir, &tmp, crate::ext4::estimate_size(bytes, entries), entries)
+                    .map_err(StoreError::Directory)
+                    .and_then(|()| fs::rename(&tmp, &path).map_err(io_err(&path)));
+                if built.is_err() {
+                    let _ = fs::remove_file(&tmp);
+                }
+                built?;
+            }
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(format!("{key}\n"));
+        hasher.update(config.to_oci_json(&[]));
+        let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+        self.save(&tag, source, &digest, config, &[], bytes, &path)?;
+        Ok(ImportSummary { tag, digest, layers: 0, size: bytes })
     }
 
     /// Records an image whose layers and root file system are stored (replacing any

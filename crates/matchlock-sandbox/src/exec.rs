@@ -27,6 +27,8 @@ pub enum Control {
     Terminate,
     /// The terminal changed size.
     Resize(WindowSize),
+    /// Deliver this signal (1..=64) to the command's process group, as it is.
+    Signal(u8),
 }
 
 /// Where a command's stdio goes.
@@ -152,6 +154,7 @@ async fn relay_exec(
             ctl = io.control.recv(), if control_open => match ctl {
                 None => control_open = false,
                 Some(Control::Resize(ws)) => send(&mut tx, &HostMessage::Resize(ws)).await?,
+                Some(Control::Signal(sig)) => send(&mut tx, &HostMessage::Signal(sig)).await?,
                 Some(Control::Terminate) => {
                     if kill_at.is_none() {
                         send(&mut tx, &HostMessage::Signal(SIGTERM)).await?;

@@ -150,3 +150,18 @@ pub fn reconcile(state: &mut StateDb, vm: &Vm, dir: &VmDir, force_running: bool)
     cleaned.sort();
     Ok(Reconciled::Cleaned(cleaned))
 }
+
+/// Removes `vm` for good (`matchlock rm`): reclaims what its owner left if the owner is gone,
+/// then its directory and state rows. A VM whose owner still runs is refused.
+pub fn remove(state: &mut StateDb, vm: &Vm) -> Result<(), SandboxError> {
+    let dir = VmDir::of(&vm.id);
+    if let Reconciled::Skipped(_) = reconcile(state, vm, &dir, false)? {
+        return Err(SandboxError::Config(format!("VM is running {}", vm.id)));
+    }
+    if dir.path().exists() {
+        std::fs::remove_dir_all(dir.path())
+            .map_err(crate::io_err(format!("cannot remove {}", dir.path().display())))?;
+    }
+    state.delete(&vm.id)?;
+    Ok(())
+}

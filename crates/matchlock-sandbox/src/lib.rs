@@ -787,6 +787,19 @@ impl Sandbox {
         snapshot::take(&machine.snapshotter(), self.snapshot_base.clone(), name).await
     }
 
+    /// Freezes the guest (every vCPU stops; commands, timers and the network stall) until
+    /// [`Sandbox::resume`].
+    pub async fn pause(&self) -> Result<(), SandboxError> {
+        let machine = self.machine.as_ref().expect("a live sandbox has a machine");
+        Ok(machine.set_running(false).await?)
+    }
+
+    /// Thaws a guest frozen by [`Sandbox::pause`].
+    pub async fn resume(&self) -> Result<(), SandboxError> {
+        let machine = self.machine.as_ref().expect("a live sandbox has a machine");
+        Ok(machine.set_running(true).await?)
+    }
+
     /// How long creation took, by phase: `prepare` (image, disks, accelerator) and
     /// `boot` (VMM start to the guest agent's ready signal).
     pub fn timings(&self) -> &[(&'static str, Duration)] {

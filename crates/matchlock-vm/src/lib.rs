@@ -248,6 +248,10 @@ pub trait Machine: Send + Sync + std::fmt::Debug {
     /// What takes [`Machine::snapshot`]s, free of the machine's borrow (for the exec relay).
     fn snapshotter(&self) -> Snapshotter;
 
+    /// Freezes (`running == false`) or thaws the guest's vCPUs; its memory, devices and
+    /// streams stay as they are (a paused guest just stops reading them).
+    fn set_running(&self, running: bool) -> BoxFuture<'static, Result<(), VmError>>;
+
     /// Resolves when the VM has exited on its own; returns a description of how.
     fn exited(&mut self) -> BoxFuture<'_, String>;
 

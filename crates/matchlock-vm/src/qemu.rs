@@ -751,6 +751,17 @@ impl Machine for QemuMachine {
         &self.dir
     }
 
+    fn set_running(&self, running: bool) -> BoxFuture<'static, Result<(), VmError>> {
+        let qmp_socket = self.dir.backend_socket("qmp");
+        let one_at_a_time = Arc::clone(&self.snapshotting);
+        Box::pin(async move {
+            // QMP takes one client at a time: after any snapshot in progress.
+            let _one_at_a_time = one_at_a_time.lock().await;
+            let mut qmp = connect_qmp(&qmp_socket).await?;
+            qmp.execute(if running { "cont" } else { "stop" }, serde_json::json!({})).await.map(drop)
+        })
+    }
+
     fn helper_pids(&self) -> Vec<u32> {
         self.qemu.iter().filter_map(Child::id).collect()
     }

@@ -281,15 +281,7 @@ pub(crate) async fn kill_vms(id: Option<String>, all: bool) -> Result<u8> {
 
 /// Reclaims leftovers of a VM that is not running, then deletes its rows and directory.
 fn remove(state: &mut StateDb, vm: &Vm) -> Result<()> {
-    let dir = VmDir::of(&vm.id);
-    if let Reconciled::Skipped(_) = reconcile(state, vm, &dir, false)? {
-        bail!("VM is running {}", vm.id);
-    }
-    if dir.path().exists() {
-        std::fs::remove_dir_all(dir.path()).with_context(|| format!("cannot remove {}", dir.path().display()))?;
-    }
-    state.delete(&vm.id)?;
-    Ok(())
+    Ok(matchlock_sandbox::gc::remove(state, vm)?)
 }
 
 /// `matchlock rm`.

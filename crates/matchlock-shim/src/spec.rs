@@ -1,0 +1,436 @@
+//! From an OCI runtime spec (the bundle's `config.json`) to a sandbox configuration and the
+//! container's first process: what the VM is, what runs in it, and what we refuse.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use matchlock_api::config::{parse_secret, VfsMode, VfsMount};
+use matchlock_api::SandboxConfig;
+use matchlock_protocol::exec::{ExecMode, ExecRequest};
+use oci_spec::runtime::{Mount, Process, Spec};
+
+/// The prefix of the annotations that select a container's sandbox policy.
+pub const ANNOTATION_PREFIX: &str = "dev.matchlock.";
+/// Allow-list of hosts (comma-separated globs), as `run --allow-host`.
+pub const ALLOW_HOSTS: &str = "dev.matchlock.allow-hosts";
+/// Secrets, `NAME@host[,host]` entries separated by `;`, as `run --secret NAME@hosts`: the
+/// value is the spec's environment variable `NAME`, which the VM never sees.
+pub const SECRETS: &str = "dev.matchlock.secrets";
+/// `true`: the VM gets no network device at all, as `run --no-network`.
+pub const NO_NETWORK: &str = "dev.matchlock.no-network";
+/// Guest memory in MB (`512`, or `1G`/`512M`), as `run --memory`.
+pub const MEMORY: &str = "dev.matchlock.memory";
+/// CPUs (`2`, `0.5`), as `run --cpus`.
+pub const CPUS: &str = "dev.matchlock.cpus";
+/// Size of the VM's writable disk in MB, as `run --disk-size`.
+pub const DISK_SIZE: &str = "dev.matchlock.disk-size";
+/// `true`: refuse nothing by address (private ranges reachable), as the RPC's
+/// `block_private_ips: false`.
+pub const ALLOW_PRIVATE_IPS: &str = "dev.matchlock.allow-private-ips";
+
+/// Every annotation we read; any other under [`ANNOTATION_PREFIX`] is refused as a typo.
+const KNOWN: [&str; 7] = [ALLOW_HOSTS, SECRETS, NO_NETWORK, MEMORY, CPUS, DISK_SIZE, ALLOW_PRIVATE_IPS];
+
+/// Mount points the guest sets up itself for every command (a spec asks for them as a
+/// matter of course).
+const GUEST_MOUNTS: [(&str, &str); 9] = [
+    ("/proc", "proc"),
+    ("/sys", "sysfs"),
+    ("/sys/fs/cgroup", "cgroup"),
+    ("/dev", "tmpfs"),
+    ("/dev/pts", "devpts"),
+    ("/dev/shm", "tmpfs"),
+    ("/dev/mqueue", "mqueue"),
+    ("/run", "tmpfs"),
+    ("/tmp", "tmpfs"),
+];
+
+/// Files the guest writes itself from the sandbox's configuration (CRI binds them in).
+const GUEST_FILES: [&str; 3] = ["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"];
+
+/// Why a bundle cannot run in a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// config.json is missing or unreadable.
+    #[error("cannot read the bundle's config.json")]
+    Load(#[source] oci_spec::OciSpecError),
+    /// The spec has no process.
+    #[error("the spec has no process to run")]
+    NoProcess,
+    /// The process has no arguments.
+    #[error("the spec's process has no args")]
+    NoArgs,
+    /// A value we cannot pass on.
+    #[error("{0}")]
+    Invalid(String),
+    /// A feature we do not support.
+    #[error("not supported by the matchlock runtime: {0}")]
+    Unsupported(String),
+}
+
+/// A process of the container, as the guest runs it.
+#[derive(Debug, Clone)]
+pub struct ProcessPlan {
+    /// Terminal or pipes.
+    pub mode: ExecMode,
+    /// What the guest's agent is asked to run.
+    pub request: ExecRequest,
+}
+
+/// What Create boots and Start runs.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The sandbox, but for its image (the rootfs is converted separately).
+    pub config: SandboxConfig,
+    /// The container's init.
+    pub init: ProcessPlan,
+}
+
+/// Reads `bundle/config.json`.
+pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
+    Spec::load(bundle.join("config.json")).map_err(SpecError::Load)
+}
+
+/// The sandbox and init of container `id` from its spec. `image` names the converted rootfs.
+pub fn plan(id: &str, spec: &Spec, image: &str) -> Result<Plan, SpecError> {
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    if let Some(unknown) = annotations.keys().find(|k| k.starts_with(ANNOTATION_PREFIX) && !KNOWN.contains(&k.as_str()))
+    {
+        return Err(SpecError::Invalid(format!("unknown annotation {unknown} (known: {})", KNOWN.join(", "))));
+    }
+    let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
+    let mut env = env_of(process)?;
+
+    let mut config = SandboxConfig::new(image);
+    // The VM's boot disk is its own; nothing from the process is implied by the image.
+    config.entrypoint = Some(Vec::new());
+    config.hostname = Some(spec.hostname().clone().filter(|h| !h.is_empty()).unwrap_or_else(|| hostname_from(id)));
+    resources(spec, &annotations, &mut config)?;
+    mounts(spec.mounts().as_deref().unwrap_or_default(), &mut config)?;
+    network(&annotations, &mut env, &mut config)?;
+    config.env = env.iter().cloned().collect::<BTreeMap<_, _>>();
+
+    let init = process_plan(process, &config)?;
+    config.command.clone_from(&init.request.argv);
+    Ok(Plan { config, init })
+}
+
+/// A process of the container (its init, or one `ctr task exec` adds) under `config`.
+pub fn process_plan(process: &Process, config: &SandboxConfig) -> Result<ProcessPlan, SpecError> {
+    let argv = process.args().clone().unwrap_or_default();
+    if argv.is_empty() {
+        return Err(SpecError::NoArgs);
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(SpecError::Invalid("an argument contains a NUL byte".into()));
+    }
+    // The secrets' values never reach the guest: their names get placeholders instead.
+    let secret_names: Vec<&str> = config.network.iter().flat_map(|n| &n.secrets).map(|s| s.name.as_str()).collect();
+    let mut with_env = config.clone();
+    with_env.env = env_of(process)?.into_iter().filter(|(k, _)| !secret_names.contains(&k.as_str())).collect();
+    let user = process.user();
+    with_env.user = Some(format!("{}:{}", user.uid(), user.gid()));
+    let cwd = process.cwd().to_string_lossy().into_owned();
+    with_env.workdir = Some(if cwd.is_empty() { "/".into() } else { cwd });
+    let composed = matchlock_sandbox::compose_command(&Default::default(), &with_env, argv)
+        .map_err(|e| SpecError::Invalid(e.to_string()))?;
+    let terminal = process.terminal().unwrap_or(false);
+    let window = process.console_size().as_ref().map(|b| matchlock_protocol::exec::WindowSize {
+        rows: u16::try_from(b.height()).unwrap_or(u16::MAX),
+        cols: u16::try_from(b.width()).unwrap_or(u16::MAX),
+    });
+    let mode = if terminal { ExecMode::Tty } else { ExecMode::Pipe };
+    Ok(ProcessPlan { mode, request: composed.into_request(if terminal { window } else { None }) })
+}
+
+/// The spec's `KEY=VALUE` environment, in order.
+fn env_of(process: &Process) -> Result<Vec<(String, String)>, SpecError> {
+    let mut out = Vec::new();
+    for entry in process.env().as_deref().unwrap_or_default() {
+        let (k, v) = entry.split_once('=').unwrap_or((entry.as_str(), ""));
+        if k.is_empty() || entry.contains('\0') {
+            return Err(SpecError::Invalid(format!("invalid environment entry {entry:?}")));
+        }
+        out.push((k.to_owned(), v.to_owned()));
+    }
+    Ok(out)
+}
+
+/// A hostname from a container id: letters, digits and `-`, at most 63 characters.
+fn hostname_from(id: &str) -> String {
+    let name: String = id.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(63).collect();
+    let name = name.trim_matches('-');
+    if name.is_empty() {
+        "matchlock".into()
+    } else {
+        name.to_owned()
+    }
+}
+
+fn flag(annotations: &std::collections::HashMap<String, String>, key: &str) -> Result<bool, SpecError> {
+    match annotations.get(key).map(|v| v.trim()) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(SpecError::Invalid(format!("annotation {key}: expected true or false, got {other:?}"))),
+    }
+}
+
+/// Memory, CPUs and disk: our annotations first, then the spec's limits.
+fn resources(
+    spec: &Spec,
+    annotations: &std::collections::HashMap<String, String>,
+    config: &mut SandboxConfig,
+) -> Result<(), SpecError> {
+    let limits = spec.linux().as_ref().and_then(|l| l.resources().clone());
+    if let Some(v) = annotations.get(MEMORY) {
+        config.memory_mb = parse_mb(v).ok_or_else(|| SpecError::Invalid(format!("annotation {MEMORY}: {v:?}")))?;
+    } else if let Some(bytes) = limits.as_ref().and_then(|r| r.memory().as_ref()).and_then(|m| m.limit()) {
+        if bytes > 0 {
+            config.memory_mb = (bytes as u64).div_ceil(1 << 20).max(64);
+        }
+    }
+    if let Some(v) = annotations.get(CPUS) {
+        config.cpus = v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|c| *c > 0.0 && c.is_finite())
+            .ok_or_else(|| SpecError::Invalid(format!("annotation {CPUS}: {v:?}")))?;
+    } else if let Some(cpu) = limits.as_ref().and_then(|r| r.cpu().as_ref()) {
+        if let (Some(quota), Some(period)) = (cpu.quota(), cpu.period()) {
+            if quota > 0 && period > 0 {
+                config.cpus = quota as f64 / period as f64;
+            }
+        }
+    }
+    if let Some(v) = annotations.get(DISK_SIZE) {
+        config.disk_size_mb =
+            parse_mb(v).ok_or_else(|| SpecError::Invalid(format!("annotation {DISK_SIZE}: {v:?}")))?;
+    }
+    Ok(())
+}
+
+/// `512`, `512M`, `2G` → MB.
+fn parse_mb(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let (digits, factor) = match v.strip_suffix(['G', 'g']) {
+        Some(d) => (d, 1024),
+        None => (v.strip_suffix(['M', 'm']).unwrap_or(v), 1),
+    };
+    digits.parse::<u64>().ok().filter(|n| *n > 0).and_then(|n| n.checked_mul(factor))
+}
+
+/// The spec's mounts: what the guest provides anyway is accepted, binds of host paths are
+/// served through the workspace, anything else is refused.
+fn mounts(mounts: &[Mount], config: &mut SandboxConfig) -> Result<(), SpecError> {
+    let mut binds = Vec::new();
+    for m in mounts {
+        let dest = m.destination().to_string_lossy().into_owned();
+        let typ = m.typ().clone().unwrap_or_default();
+        let options = m.options().clone().unwrap_or_default();
+        let is_bind = typ == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
+        if !is_bind {
+            let provided =
+                GUEST_MOUNTS.iter().any(|(d, t)| *d == dest && (*t == typ || (*t == "cgroup" && typ == "cgroup2")));
+            if provided {
+                continue;
+            }
+            return Err(SpecError::Unsupported(format!(
+                "a {typ:?} mount at {dest} (the guest provides /proc, /sys, /dev, /dev/pts, /dev/shm, /dev/mqueue, /run \
+                 and /tmp; other mounts must be binds of host paths)"
+            )));
+        }
+        if GUEST_FILES.contains(&dest.as_str()) {
+            // The sandbox writes these from its own configuration (hostname, DNS, hosts).
+            continue;
+        }
+        let source = m.source().as_ref().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if !source.starts_with('/') || !dest.starts_with('/') || dest == "/" {
+            return Err(SpecError::Invalid(format!("bind mount {source:?} at {dest:?}: paths must be absolute")));
+        }
+        let read_only = options.iter().any(|o| o == "ro");
+        let mode = if read_only { VfsMode::Readonly } else { VfsMode::HostFs };
+        binds.push(VfsMount { host_path: source, guest_path: dest.trim_end_matches('/').to_owned(), mode });
+    }
+    if binds.is_empty() {
+        return Ok(());
+    }
+    let workspace = common_parent(binds.iter().map(|b| b.guest_path.as_str()));
+    if workspace == "/" {
+        return Err(SpecError::Unsupported(format!(
+            "bind mounts at {}: they must share a directory below / (they are served as one file system)",
+            binds.iter().map(|b| b.guest_path.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    config.workspace = Some(workspace);
+    config.volumes = binds;
+    Ok(())
+}
+
+/// The deepest directory containing every path (a single path is its own parent).
+fn common_parent<'a>(mut paths: impl Iterator<Item = &'a str>) -> String {
+    let first: Vec<&str> = paths.next().unwrap_or("/").split('/').filter(|c| !c.is_empty()).collect();
+    let mut common = first.len();
+    for p in paths {
+        let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty()).collect();
+        common = common.min(first.iter().zip(&parts).take_while(|(a, b)| a == b).count());
+    }
+    format!("/{}", first[..common].join("/"))
+}
+
+/// Network policy from the annotations; secrets take their values out of `env`.
+fn network(
+    annotations: &std::collections::HashMap<String, String>,
+    env: &mut Vec<(String, String)>,
+    config: &mut SandboxConfig,
+) -> Result<(), SpecError> {
+    let no_network = flag(annotations, NO_NETWORK)?;
+    let allow_private = flag(annotations, ALLOW_PRIVATE_IPS)?;
+    let hosts: Vec<String> = annotations
+        .get(ALLOW_HOSTS)
+        .map(|v| v.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default();
+    let secret_specs: Vec<&str> = annotations
+        .get(SECRETS)
+        .map(|v| v.split(';').map(str::trim).filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    if no_network {
+        if !hosts.is_empty() || !secret_specs.is_empty() {
+            return Err(SpecError::Invalid(format!("{NO_NETWORK} conflicts with {ALLOW_HOSTS} and {SECRETS}")));
+        }
+        config.network = None;
+        return Ok(());
+    }
+    let network = config.network.get_or_insert_with(Default::default);
+    network.allowed_hosts = hosts;
+    network.block_private_ips = !allow_private;
+    for spec in secret_specs {
+        let lookup = |name: &str| env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let secret =
+            parse_secret(spec, lookup).map_err(|e| SpecError::Invalid(format!("annotation {SECRETS}: {e}")))?;
+        if secret.value.is_empty() {
+            return Err(SpecError::Invalid(format!(
+                "annotation {SECRETS}: the container's environment has no value for {}",
+                secret.name
+            )));
+        }
+        env.retain(|(k, _)| *k != secret.name);
+        network.secrets.push(secret);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> Spec {
+        serde_json::from_value(json).expect("spec")
+    }
+
+    fn base(extra: serde_json::Value) -> Spec {
+        let mut v = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh", "-c", "echo hi"], "env": ["PATH=/bin", "TOKEN=s3cret"], "cwd": "/srv",
+                        "user": {"uid": 1000, "gid": 100}, "terminal": false},
+            "root": {"path": "rootfs"},
+            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+                       {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"}],
+        });
+        for (k, x) in extra.as_object().expect("object") {
+            v[k] = x.clone();
+        }
+        spec(v)
+    }
+
+    #[test]
+    fn a_plain_spec_runs_its_process_with_the_run_defaults() {
+        let plan = plan("web", &base(serde_json::json!({})), "img").expect("plan");
+        assert_eq!(plan.init.request.argv, ["sh", "-c", "echo hi"]);
+        assert_eq!(plan.init.request.working_dir.as_deref(), Some("/srv"));
+        assert_eq!(plan.init.request.user.as_deref(), Some("1000:100"));
+        assert!(plan.init.request.env.contains(&("TOKEN".into(), "s3cret".into())));
+        assert_eq!(plan.init.mode, ExecMode::Pipe);
+        assert_eq!(plan.config.hostname.as_deref(), Some("web"));
+        let net = plan.config.network.expect("network on by default");
+        assert!(net.allowed_hosts.is_empty() && !net.intercepts(), "interception off by default");
+    }
+
+    #[test]
+    fn a_secret_value_is_replaced_by_its_placeholder_and_kept_on_the_host() {
+        let s = base(serde_json::json!({"annotations": {
+            ALLOW_HOSTS: "api.example.com", SECRETS: "TOKEN@api.example.com"}}));
+        let plan = plan("c", &s, "img").expect("plan");
+        let net = plan.config.network.as_ref().expect("network");
+        assert_eq!(net.secrets[0].value, "s3cret");
+        let env = &plan.init.request.env;
+        let token = env.iter().find(|(k, _)| k == "TOKEN").expect("TOKEN set");
+        assert_eq!(token.1, net.secrets[0].placeholder);
+        assert!(!format!("{:?}{:?}", env, plan.config.env).contains("s3cret"), "the value never goes to the guest");
+        // An exec'd process that names the variable gets the placeholder too.
+        let exec = process_plan(s.process().as_ref().expect("process"), &plan.config).expect("exec plan");
+        assert!(!format!("{:?}", exec.request.env).contains("s3cret"));
+    }
+
+    #[test]
+    fn a_secret_without_a_value_or_an_unknown_annotation_fails() {
+        let s = base(serde_json::json!({"annotations": {SECRETS: "MISSING@h"}}));
+        assert!(plan("c", &s, "img").unwrap_err().to_string().contains("MISSING"));
+        let s = base(serde_json::json!({"annotations": {"dev.matchlock.alow-hosts": "x"}}));
+        assert!(plan("c", &s, "img").unwrap_err().to_string().contains("unknown annotation"));
+    }
+
+    #[test]
+    fn binds_are_served_through_the_workspace_and_other_mounts_are_refused() {
+        let s = base(serde_json::json!({"mounts": [
+            {"destination": "/data/in", "type": "bind", "source": "/srv/in", "options": ["rbind", "ro"]},
+            {"destination": "/data/out", "type": "bind", "source": "/srv/out", "options": ["rbind", "rw"]},
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": "/x/resolv.conf", "options": ["rbind"]},
+        ]}));
+        let plan = plan("c", &s, "img").expect("plan");
+        assert_eq!(plan.config.workspace.as_deref(), Some("/data"));
+        assert_eq!(plan.config.volumes.len(), 2);
+        assert_eq!(plan.config.volumes[0].mode, VfsMode::Readonly);
+        assert_eq!(plan.config.volumes[1].mode, VfsMode::HostFs);
+        let s = base(serde_json::json!({"mounts": [{"destination": "/cache", "type": "tmpfs", "source": "tmpfs"}]}));
+        assert!(matches!(plan_err(&s), SpecError::Unsupported(_)));
+        let s = base(serde_json::json!({"mounts": [
+            {"destination": "/a", "type": "bind", "source": "/x", "options": ["rbind"]},
+            {"destination": "/b", "type": "bind", "source": "/y", "options": ["rbind"]}]}));
+        assert!(matches!(plan_err(&s), SpecError::Unsupported(_)));
+    }
+
+    fn plan_err(s: &Spec) -> SpecError {
+        plan("c", s, "img").expect_err("refused")
+    }
+
+    #[test]
+    fn resources_come_from_annotations_then_from_the_spec() {
+        let s = base(
+            serde_json::json!({"linux": {"resources": {"memory": {"limit": 268435456}, "cpu": {"quota": 50000, "period": 100000}}}}),
+        );
+        let p = plan("c", &s, "img").expect("plan");
+        assert_eq!((p.config.memory_mb, p.config.cpus), (256, 0.5));
+        let s = base(serde_json::json!({"annotations": {MEMORY: "1G", CPUS: "2"}}));
+        let p = plan("c", &s, "img").expect("plan");
+        assert_eq!((p.config.memory_mb, p.config.cpus), (1024, 2.0));
+        assert!(plan("c", &base(serde_json::json!({"annotations": {MEMORY: "lots"}})), "img").is_err());
+    }
+
+    #[test]
+    fn no_process_or_no_args_fail_with_what_is_missing() {
+        let mut s = base(serde_json::json!({}));
+        s.set_process(None);
+        assert!(matches!(plan_err(&s), SpecError::NoProcess));
+        let s = base(serde_json::json!({"process": {"args": [], "cwd": "/", "user": {"uid": 0, "gid": 0}}}));
+        assert!(matches!(plan_err(&s), SpecError::NoArgs));
+    }
+
+    #[test]
+    fn hostnames_from_ids_are_valid() {
+        assert_eq!(hostname_from("my_container.1"), "my-container-1");
+        assert_eq!(hostname_from("__"), "matchlock");
+        assert_eq!(common_parent(["/data/a", "/data/b/c"].into_iter()), "/data");
+        assert_eq!(common_parent(["/data"].into_iter()), "/data");
+    }
+}
