@@ -10,8 +10,9 @@ use matchlock_sandbox::{Sandbox, SandboxError};
 
 /// The cgroup every command of the guest runs in.
 const CGROUP: &str = "/sys/fs/cgroup/init";
-/// The guest's own processes, which are not the container's.
-const GUEST_PROCESSES: [&str; 2] = ["guest-init", "matchlock-launc"];
+/// The command name of the guest's own helpers: the launcher and each command's
+/// namespace init, children of the guest's PID 1 re-executed from `/proc/self/exe`.
+const GUEST_HELPER: &str = "exe";
 
 async fn read(sandbox: &Sandbox, file: &str) -> Result<String, SandboxError> {
     let bytes = sandbox.read_file(&format!("{CGROUP}/{file}")).await?;
@@ -30,18 +31,29 @@ fn value(text: &str) -> u64 {
     text.trim().parse().unwrap_or(0)
 }
 
-/// The guest PIDs of the container's processes (the guest's own agent processes left out).
+/// At most this many processes are listed (each costs the host a request to the guest).
+const MAX_LISTED: usize = 4096;
+
+/// The guest PIDs of the container's processes (the guest's own agent processes left out;
+/// at most [`MAX_LISTED`]).
 pub async fn pids(sandbox: &Sandbox) -> Result<Vec<u32>, SandboxError> {
     let procs = read(sandbox, "cgroup.procs").await?;
     let mut out = Vec::new();
-    for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()).filter(|p| *p > 1) {
+    let listed = procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()).filter(|p| *p > 1).take(MAX_LISTED);
+    for pid in listed {
         // A process may be gone by now: then it is not listed.
         let Ok(stat) = sandbox.read_file(&format!("/proc/{pid}/stat")).await else { continue };
-        if !GUEST_PROCESSES.contains(&command_name(&String::from_utf8_lossy(&stat))) {
+        if !is_guest_helper(&String::from_utf8_lossy(&stat)) {
             out.push(pid);
         }
     }
     Ok(out)
+}
+
+/// Whether a `/proc/<pid>/stat` line is one of the guest's helpers rather than the container's.
+fn is_guest_helper(stat: &str) -> bool {
+    let ppid = stat.rfind(')').and_then(|end| stat[end + 1..].split_whitespace().nth(1));
+    command_name(stat) == GUEST_HELPER && ppid == Some("1")
 }
 
 /// The command name of a `/proc/<pid>/stat` line (between its first `(` and last `)`).
@@ -169,6 +181,9 @@ mod tests {
         assert_eq!(command_name("42 (sh) S 1 42"), "sh");
         assert_eq!(command_name("7 (a) b)) R"), "a) b)");
         assert_eq!(command_name("garbage"), "");
+        assert!(is_guest_helper("40 (exe) S 1 40 40 0"));
+        assert!(!is_guest_helper("41 (sh) S 40 41 41 0"));
+        assert!(!is_guest_helper("45 (exe) S 41 41 41 0"), "a user's own `exe` is the container's");
         let e = memory_events("low 0\nhigh 0\nmax 3\noom 2\noom_kill 1\nbogus\n");
         assert_eq!((e.max, e.oom, e.oom_kill), (3, 2, 1));
         let io = io_entries("254:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0\nnonsense\n254:16 rbytes=x\n");

@@ -125,9 +125,15 @@ pub fn cleanup_after_crash(bundle: &Path, id: &str) {
 /// into its own log), `start` and `delete` to stderr (containerd quotes it on failure).
 fn init_logging() {
     let debug = std::env::args().any(|a| a == "-debug");
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MATCHLOCK_SHIM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if debug { "debug" } else { "info" }));
     let action = std::env::args().any(|a| a == "start" || a == "delete");
+    // containerd shows what `delete` prints as warnings: only warnings go there.
+    let level = match (debug, action) {
+        (true, _) => "debug",
+        (false, true) => "warn",
+        (false, false) => "info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MATCHLOCK_SHIM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
     let log_fifo = (!action).then(|| std::fs::OpenOptions::new().write(true).open("log").ok()).flatten();
     match log_fifo {

@@ -150,6 +150,6 @@ mod tests {
     #[test]
     fn tags_are_valid_store_references() {
         let tag = tag_for("overlay:/a:/b");
-        assert!(matchlock_image::normalize_tag(&tag).is_ok(), "{tag}");
+        assert!(matchlock_image::store::normalize_tag(&tag).is_ok(), "{tag}");
     }
 }

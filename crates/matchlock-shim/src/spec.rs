@@ -240,11 +240,18 @@ fn mounts(mounts: &[Mount], config: &mut SandboxConfig) -> Result<(), SpecError>
                  and /tmp; other mounts must be binds of host paths)"
             )));
         }
+        let source = m.source().as_ref().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         if GUEST_FILES.contains(&dest.as_str()) {
-            // The sandbox writes these from its own configuration (hostname, DNS, hosts).
+            // The sandbox writes these from its own configuration (hostname, DNS, hosts);
+            // the name servers of a resolv.conf given (CRI writes the pod's) become its DNS.
+            if dest == "/etc/resolv.conf" {
+                let servers = name_servers(&std::fs::read_to_string(&source).unwrap_or_default());
+                if !servers.is_empty() {
+                    config.dns_servers = servers;
+                }
+            }
             continue;
         }
-        let source = m.source().as_ref().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         if !source.starts_with('/') || !dest.starts_with('/') || dest == "/" {
             return Err(SpecError::Invalid(format!("bind mount {source:?} at {dest:?}: paths must be absolute")));
         }
@@ -265,6 +272,15 @@ fn mounts(mounts: &[Mount], config: &mut SandboxConfig) -> Result<(), SpecError>
     config.workspace = Some(workspace);
     config.volumes = binds;
     Ok(())
+}
+
+/// The `nameserver` addresses of a resolv.conf.
+fn name_servers(resolv_conf: &str) -> Vec<std::net::IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse().ok())
+        .collect()
 }
 
 /// The deepest directory containing every path (a single path is its own parent).
@@ -432,5 +448,8 @@ mod tests {
         assert_eq!(hostname_from("__"), "matchlock");
         assert_eq!(common_parent(["/data/a", "/data/b/c"].into_iter()), "/data");
         assert_eq!(common_parent(["/data"].into_iter()), "/data");
+        let servers =
+            name_servers("# pod\nsearch ns.svc\nnameserver 10.96.0.10\nnameserver bogus\n nameserver 1.1.1.1\n");
+        assert_eq!(servers, ["10.96.0.10".parse::<std::net::IpAddr>().unwrap(), "1.1.1.1".parse().unwrap()]);
     }
 }

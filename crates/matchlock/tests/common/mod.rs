@@ -166,6 +166,13 @@ impl Home {
     /// A `matchlock` command with this HOME and the shared cache and tools.
     pub(crate) fn cmd(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_matchlock"));
+        self.env_into(&mut cmd);
+        cmd
+    }
+
+    /// Gives `cmd` this HOME, the shared cache and tools, as every `matchlock` command gets
+    /// (for programs that run matchlock code themselves, e.g. containerd and its shims).
+    pub(crate) fn env_into<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
         cmd.env("HOME", self.dir.path())
             .env("XDG_CACHE_HOME", &self.tools.cache)
             .env("MATCHLOCK_KERNEL", &self.tools.kernel)
@@ -174,8 +181,7 @@ impl Home {
             // unless a test points them at its own registry.
             .env("MATCHLOCK_REGISTRY_MIRROR", "127.0.0.1:9")
             .env("DOCKER_CONFIG", self.dir.path().join(".docker"))
-            .stdin(Stdio::null());
-        cmd
+            .stdin(Stdio::null())
     }
 
     pub(crate) fn import(&self, tag: &str, tarball: &Path) -> Output {

@@ -1,0 +1,494 @@
+//! The containerd runtime `io.containerd.matchlock.v1` against a real containerd (Debian's
+//! 1.6) started by each test with its own root, state, sockets and namespace, driven by
+//! Debian's `ctr`, with images put in by `ctr image import` and real VMs behind.
+
+mod common;
+mod testnet;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{home, ok, stderr, stdout, Home};
+
+const IMAGE: &str = "docker.io/library/busybox:latest";
+const RUNTIME: &str = "io.containerd.matchlock.v1";
+const NAMESPACE: &str = "mltest";
+
+/// A private containerd: its config, root, state and sockets under one temporary
+/// directory; the shim first on its PATH; the test's HOME (and so its own VM state).
+struct Containerd {
+    dir: tempfile::TempDir,
+    daemon: Child,
+    home: Home,
+}
+
+impl Containerd {
+    fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(env: &[(&str, &Path)]) -> Self {
+        let home = home();
+        // Unix socket paths are short: directly under /tmp.
+        let dir = tempfile::Builder::new().prefix("ml-ctd-").tempdir_in("/tmp").expect("temp dir");
+        let d = dir.path().display().to_string();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        std::os::unix::fs::symlink(
+            env!("CARGO_BIN_EXE_containerd-shim-matchlock-v1"),
+            bin.join("containerd-shim-matchlock-v1"),
+        )
+        .unwrap();
+        let config = format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+"#
+        );
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
+        let mut cmd = Command::new("containerd");
+        home.env_into(&mut cmd)
+            .arg("--config")
+            .arg(dir.path().join("config.toml"))
+            .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let daemon = cmd.spawn().expect("containerd (installed by scripts/install-deps.sh)");
+        let c = Self { dir, daemon, home };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c.ctr(&["version"]).output().unwrap().status.success() {
+            assert!(Instant::now() < deadline, "containerd did not start:\n{}", c.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let tarball = common::fixture("busybox.tar");
+        ok(&c.ctr(&["image", "import", "--index-name", IMAGE]).arg(&tarball).output().unwrap());
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address").arg(self.dir.path().join("containerd.sock")).args(["-n", NAMESPACE]).args(args);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    fn out(&self, args: &[&str]) -> Output {
+        self.ctr(args).output().expect("run ctr")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// `ctr task ls`: (task, status) pairs.
+    fn tasks(&self) -> Vec<(String, String)> {
+        stdout(&self.out(&["task", "ls"]))
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some((f.first()?.to_string(), f.get(2)?.to_string()))
+            })
+            .collect()
+    }
+
+    fn status(&self, id: &str) -> String {
+        self.tasks().into_iter().find(|(t, _)| t == id).map(|(_, s)| s).unwrap_or_default()
+    }
+
+    fn wait_status(&self, id: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.status(id) != want {
+            assert!(Instant::now() < deadline, "{id} never became {want}: {:?}\n{}", self.tasks(), self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Our shim processes (their command line names this containerd's socket).
+    fn shims(&self) -> Vec<i32> {
+        let marker = self.dir.path().to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|p| {
+                let pid: i32 = p.file_name().to_str()?.parse().ok()?;
+                let cmdline =
+                    String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).ok()?).replace('\0', " ");
+                (cmdline.contains("containerd-shim-matchlock-v1") && cmdline.contains(&marker)).then_some(pid)
+            })
+            .collect()
+    }
+
+    /// Nothing of a finished container is left: no shim, no VM process or directory, no
+    /// state row, no mount under containerd's directories.
+    #[track_caller]
+    fn assert_clean(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.shims().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(self.shims().is_empty(), "shims left: {:?}", self.shims());
+        self.home.assert_no_leftovers();
+        let listed = stdout(&self.home.cmd().args(["list"]).output().unwrap());
+        assert_eq!(listed.lines().count(), 1, "state rows left:\n{listed}");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let ours = self.dir.path().to_string_lossy().into_owned();
+        assert!(!ours.is_empty() && !mounts.contains(&ours), "mounts left:\n{mounts}");
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for (task, _) in self.tasks() {
+            let _ = self.out(&["task", "kill", "-s", "SIGKILL", &task]);
+            let _ = self.out(&["task", "rm", "-f", &task]);
+        }
+        for c in stdout(&self.out(&["container", "ls", "-q"])).lines() {
+            let _ = self.out(&["container", "rm", c]);
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.daemon.id() as i32), nix::sys::signal::SIGTERM);
+        let _ = self.daemon.wait();
+        for pid in self.shims() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+        // Only mounts under our own directory, which is never empty.
+        let ours = self.dir.path().to_string_lossy().into_owned();
+        if ours.len() > 5 {
+            for line in std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines() {
+                if let Some(point) = line.split(' ').nth(4).filter(|p| p.starts_with(&ours)) {
+                    let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+        }
+    }
+}
+
+fn host_release() -> String {
+    nix::sys::utsname::uname().unwrap().release().to_string_lossy().into_owned()
+}
+
+#[test]
+fn ctr_run_gives_exact_output_exit_code_env_and_cwd_and_the_second_container_reuses_the_rootfs() {
+    let c = Containerd::start();
+    let script = "echo out; echo err >&2; echo foo=$FOO; pwd; uname -r; hostname; exit 42";
+    let run = |name: &str| {
+        c.out(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--env",
+            "FOO=bar baz",
+            "--cwd",
+            "/tmp",
+            IMAGE,
+            name,
+            "sh",
+            "-c",
+            script,
+        ])
+    };
+    let out = run("first");
+    let (o, e) = (stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(42), "stdout:\n{o}\nstderr:\n{e}\n{}", c.log());
+    let lines: Vec<&str> = o.lines().collect();
+    assert_eq!(lines[..3], ["out", "foo=bar baz", "/tmp"], "{o}");
+    assert!(lines[3].contains("matchlock") && lines[3] != host_release(), "the guest's kernel, not the host's: {o}");
+    assert_eq!(lines[4], "first", "the hostname is the container's id");
+    assert_eq!(e.trim(), "err");
+    c.assert_clean();
+
+    let rootfs_images = || {
+        stdout(&c.home.cmd().args(["image", "ls"]).output().unwrap())
+            .lines()
+            .filter(|l| l.starts_with("containerd-rootfs/"))
+            .count()
+    };
+    // The image store is shared by the tests (each containerd has its own snapshots).
+    let kept = rootfs_images();
+    assert!(kept >= 1, "the image's rootfs is kept, keyed by its snapshot chain");
+    let out = run("second");
+    assert_eq!(out.status.code(), Some(42), "{}", stderr(&out));
+    assert_eq!(rootfs_images(), kept, "the second container of the image reuses the first one's rootfs");
+    c.assert_clean();
+}
+
+#[test]
+fn a_detached_task_execs_lists_reports_metrics_pauses_and_takes_signals() {
+    let c = Containerd::start();
+    let data = tempfile::tempdir().unwrap();
+    let mount = format!("type=bind,src={},dst=/data,options=rbind:rw", data.path().display());
+    let script = r#"trap 'echo "got TERM" > /data/term; exit 7' TERM; echo started > /data/started; while true; do sleep 0.2; done"#;
+    ok(&c.out(&["run", "-d", "--runtime", RUNTIME, "--mount", &mount, IMAGE, "web", "sh", "-c", script]));
+    c.wait_status("web", "RUNNING");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !data.path().join("started").exists() {
+        assert!(Instant::now() < deadline, "the init never wrote through the rw bind mount");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // exec: output, exit code, user, stdin from ctr's own stdin.
+    let out = c.out(&["task", "exec", "--exec-id", "e1", "web", "cat", "/etc/hostname"]);
+    assert_eq!(stdout(&out).trim(), "web", "{}", stderr(&out));
+    let out = c.out(&["task", "exec", "--exec-id", "e2", "web", "sh", "-c", "exit 5"]);
+    assert_eq!(out.status.code(), Some(5));
+    let out = c.out(&["task", "exec", "--exec-id", "e3", "--user", "1000", "web", "id", "-u"]);
+    assert_eq!(stdout(&out).trim(), "1000", "{}", stderr(&out));
+
+    // ps: the container's processes, not the guest's own helpers.
+    let ps = ok(&c.out(&["task", "ps", "web"]));
+    let pids: Vec<u32> = ps.lines().skip(1).filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+    assert!(!pids.is_empty() && pids.iter().all(|p| *p > 1), "{ps}");
+
+    // metrics: a cgroup v2 Metrics read from the guest.
+    let metrics = ok(&c.out(&["task", "metrics", "web"]));
+    let usage: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("memory.usage ").map(|v| v.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("no memory.usage:\n{metrics}"));
+    assert!(usage > 0, "{metrics}");
+
+    // pause / resume freeze the VM: nothing runs while paused.
+    ok(&c.out(&["task", "pause", "web"]));
+    assert_eq!(c.status("web"), "PAUSED");
+    std::fs::remove_file(data.path().join("started")).unwrap();
+    let out = c.out(&["task", "metrics", "web"]);
+    assert!(!out.status.success(), "a paused VM is not asked for metrics");
+    ok(&c.out(&["task", "resume", "web"]));
+    assert_eq!(c.status("web"), "RUNNING");
+
+    // SIGTERM reaches the init's trap; its exit ends the container.
+    ok(&c.out(&["task", "kill", "-s", "SIGTERM", "web"]));
+    c.wait_status("web", "STOPPED");
+    assert_eq!(std::fs::read_to_string(data.path().join("term")).unwrap().trim(), "got TERM");
+    ok(&c.out(&["task", "rm", "web"]));
+    ok(&c.out(&["container", "rm", "web"]));
+    c.assert_clean();
+}
+
+#[test]
+fn bind_mounts_keep_their_read_only_and_read_write_options() {
+    let c = Containerd::start();
+    let ro = tempfile::tempdir().unwrap();
+    let rw = tempfile::tempdir().unwrap();
+    std::fs::write(ro.path().join("in.txt"), "from the host\n").unwrap();
+    let ro_mount = format!("type=bind,src={},dst=/mnt/ro,options=rbind:ro", ro.path().display());
+    let rw_mount = format!("type=bind,src={},dst=/mnt/rw,options=rbind:rw", rw.path().display());
+    let script = "cat /mnt/ro/in.txt; echo x > /mnt/ro/new && echo ro-write=ok || echo ro-write=refused; \
+                  echo written > /mnt/rw/out.txt && echo rw-write=ok";
+    let out = c.out(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        &ro_mount,
+        "--mount",
+        &rw_mount,
+        IMAGE,
+        "binds",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let o = stdout(&out);
+    assert!(out.status.success(), "{o}\n{}", stderr(&out));
+    assert!(o.contains("from the host") && o.contains("ro-write=refused") && o.contains("rw-write=ok"), "{o}");
+    assert!(!ro.path().join("new").exists(), "the read-only mount was written");
+    assert_eq!(std::fs::read_to_string(rw.path().join("out.txt")).unwrap(), "written\n");
+    c.assert_clean();
+}
+
+#[test]
+fn a_terminal_gets_its_size_and_resizes() {
+    let c = Containerd::start();
+    let script = r#"stty size; while [ "$(stty size)" = "30 100" ]; do sleep 0.1; done; stty size; tty"#;
+    let mut cmd = c.ctr(&["run", "--rm", "-t", "--runtime", RUNTIME, IMAGE, "tty", "sh", "-c", script]);
+    cmd.stdin(Stdio::null());
+    let (mut child, master) = common::spawn_in_pty(cmd, 30, 100);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (seen, mut master) = (std::sync::Arc::clone(&seen), master.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut master, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.lock().unwrap().contains("30 100") {
+        assert!(Instant::now() < deadline, "no initial size: {:?}\n{}", seen.lock().unwrap(), c.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ws = nix::pty::Winsize { ws_row: 40, ws_col: 120, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one Winsize from a valid pointer.
+    let set = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&master), libc::TIOCSWINSZ, &ws) };
+    assert_eq!(set, 0);
+    let status = child.wait().unwrap();
+    drop(master);
+    let _ = reader.join();
+    let out = seen.lock().unwrap().clone();
+    assert!(status.success(), "{out}\n{}", c.log());
+    assert!(out.contains("40 120"), "size after the resize:\n{out}");
+    assert!(out.contains("/dev/pts/"), "a real terminal:\n{out}");
+    c.assert_clean();
+}
+
+#[test]
+fn events_arrive_in_lifecycle_order() {
+    let c = Containerd::start();
+    let mut events = c.ctr(&["events"]).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = BufReader::new(events.stdout.take().unwrap());
+    let collected = std::thread::spawn(move || lines.lines().map_while(Result::ok).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&c.out(&["run", "-d", "--runtime", RUNTIME, IMAGE, "ev", "sh", "-c", "sleep 30"]));
+    c.wait_status("ev", "RUNNING");
+    ok(&c.out(&["task", "exec", "--exec-id", "x1", "ev", "true"]));
+    ok(&c.out(&["task", "pause", "ev"]));
+    ok(&c.out(&["task", "resume", "ev"]));
+    ok(&c.out(&["task", "kill", "-s", "SIGKILL", "ev"]));
+    c.wait_status("ev", "STOPPED");
+    ok(&c.out(&["task", "rm", "ev"]));
+    ok(&c.out(&["container", "rm", "ev"]));
+    std::thread::sleep(Duration::from_millis(500));
+    events.kill().unwrap();
+    events.wait().unwrap();
+    let topics: Vec<String> = collected
+        .join()
+        .unwrap()
+        .into_iter()
+        .filter_map(|l| l.split_whitespace().find(|f| f.starts_with("/tasks/")).map(str::to_owned))
+        .collect();
+    let expected = [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/exit",
+        "/tasks/paused",
+        "/tasks/resumed",
+        "/tasks/exit",
+        "/tasks/delete",
+    ];
+    assert_eq!(topics, expected, "{}", c.log());
+    c.assert_clean();
+}
+
+#[test]
+fn kill_9_of_the_shim_or_of_qemu_leaves_a_stopped_task_and_nothing_else() {
+    let c = Containerd::start();
+    for (name, victim) in [("shimkill", "shim"), ("qemukill", "qemu")] {
+        ok(&c.out(&["run", "-d", "--runtime", RUNTIME, IMAGE, name, "sleep", "600"]));
+        c.wait_status(name, "RUNNING");
+        let pid = match victim {
+            "shim" => c.shims()[0],
+            _ => {
+                let qemu = c.home.pids().into_iter().find(|(_, cmd)| cmd.contains("qemu-system"));
+                qemu.unwrap_or_else(|| panic!("no QEMU: {:?}", c.home.processes())).0
+            }
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+        if victim == "shim" {
+            // containerd 1.6 runs our `delete` for a dead shim and forgets the task.
+            c.wait_status(name, "");
+        } else {
+            c.wait_status(name, "STOPPED");
+            ok(&c.out(&["task", "rm", name]));
+        }
+        ok(&c.out(&["container", "rm", name]));
+        c.assert_clean();
+    }
+    let gc = ok(&c.home.cmd().arg("gc").output().unwrap());
+    assert!(!gc.contains("cleaned"), "gc found something: {gc}");
+}
+
+#[test]
+fn a_bundle_we_cannot_run_fails_create_with_the_reason() {
+    let c = Containerd::start();
+    let out = c.out(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        "type=tmpfs,src=tmpfs,dst=/cache",
+        IMAGE,
+        "bad",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("not supported by the matchlock runtime") && e.contains("/cache"), "{e}");
+    let out =
+        c.out(&["run", "--rm", "--runtime", RUNTIME, "--annotation", "dev.matchlock.memroy=1G", IMAGE, "bad2", "true"]);
+    assert!(stderr(&out).contains("unknown annotation dev.matchlock.memroy"), "{}", stderr(&out));
+    for name in ["bad", "bad2"] {
+        let _ = c.out(&["container", "rm", name]);
+    }
+    c.assert_clean();
+}
+
+#[test]
+fn secret_and_allow_list_annotations_apply_to_the_container() {
+    let net = testnet::testnet();
+    let c = Containerd::start_with(&[("MATCHLOCK_UPSTREAM_CA", &net.ca())]);
+    let m = testnet::marker("ctd");
+    let value = format!("ctd-secret-{m}");
+    let resolv = c.dir.path().join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {}\n", testnet::DNS)).unwrap();
+    let resolv_mount = format!("type=bind,src={},dst=/etc/resolv.conf,options=rbind:ro", resolv.display());
+    let script = format!(
+        r#"echo "env=$KEY"; grep -c "{value}" /proc/self/environ; \
+wget -qO- "http://api.test/echo/{m}-allowed" --header "Authorization: Bearer $KEY"; echo " allowed-rc=$?"; \
+wget -qO- "http://other.test/echo/{m}-refused" --header "Authorization: Bearer $KEY"; echo " refused-rc=$?""#
+    );
+    let out = c.out(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--env",
+        &format!("KEY={value}"),
+        "--annotation",
+        "dev.matchlock.allow-hosts=api.test",
+        "--annotation",
+        "dev.matchlock.secrets=KEY@api.test",
+        "--mount",
+        &resolv_mount,
+        IMAGE,
+        "secret",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let (o, e) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{o}\n{e}\n{}", c.log());
+    assert!(!o.contains(&value) && !e.contains(&value), "the value reached the guest:\n{o}\n{e}");
+    let placeholder = o.lines().find_map(|l| l.strip_prefix("env=")).unwrap();
+    assert!(placeholder.starts_with("SANDBOX_SECRET_"), "{o}");
+    assert!(o.contains(" allowed-rc=0") && o.contains(" refused-rc=1"), "{o}\n{e}");
+    // What the servers really received: the value at the allowed host, nothing elsewhere.
+    let allowed = net.requests_with(&format!("{m}-allowed"));
+    assert_eq!(allowed.len(), 1, "{allowed:?}");
+    assert!(allowed[0].to_string().contains(&format!("Bearer {value}")), "{allowed:?}");
+    assert!(net.requests_with(&format!("{m}-refused")).is_empty(), "the refused host was reached");
+    c.assert_clean();
+}
