@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Debian package with Debian's own dpkg-deb (SOURCE_DATE_EPOCH from the last
-# commit for every file time and the binary's build time, root-owned files): /usr/bin/matchlock; /usr/lib/matchlock/
+# commit for every file time and the binary's build time, root-owned files): /usr/bin/matchlock and
+# /usr/bin/containerd-shim-matchlock-v1 (the containerd runtime); /usr/lib/matchlock/
 # guest-init and the guest kernel (kernels/<series>-<config>/kernel, as `matchlock kernel
 # build` names it); completions for bash, zsh and fish and man pages generated from the
 # binary's own clap definitions. Prints the path of the .deb.
@@ -25,6 +26,7 @@ mkdir -p "$root/DEBIAN" "$root/usr/bin" "$root/usr/share/man/man1" "$root/usr/sh
   "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/vendor-completions" \
   "$root/usr/share/fish/vendor_completions.d"
 install -m 0755 "$bin" "$root/usr/bin/matchlock"
+install -m 0755 target/release/containerd-shim-matchlock-v1 "$root/usr/bin/containerd-shim-matchlock-v1"
 install -D -m 0755 "$guest" "$root/usr/lib/matchlock/guest-init"
 install -D -m 0644 "$kernel" "$root/usr/lib/matchlock/kernels/$(basename "$(dirname "$kernel")")/kernel"
 "$bin" completion bash > "$root/usr/share/bash-completion/completions/matchlock"
@@ -48,13 +50,15 @@ Architecture: amd64
 Maintainer: matchlock developers <matchlock@localhost>
 Installed-Size: $size
 Depends: libc6 (>= 2.36), qemu-system-x86 (>= 1:10.0~), e2fsprogs (>= 1.47.1~), libext2fs2 (>= 1.47.1~), libcom-err2, libarchive13
+Suggests: containerd
 Section: utils
 Priority: optional
 Description: micro-VM sandboxes for untrusted, AI-generated code
  Each sandbox is a virtual machine booted from an OCI image. The host keeps control of
  what leaves it: HTTP(S) allow-lists, TLS interception, secrets the guest only sees as
- placeholders, and a host-programmable workspace file system. QEMU and e2fsprogs come
- from bookworm-backports on Debian 12.
+ placeholders, and a host-programmable workspace file system. Also a containerd runtime
+ (io.containerd.matchlock.v1: /usr/bin/containerd-shim-matchlock-v1). QEMU and e2fsprogs
+ come from bookworm-backports on Debian 12.
 CTL
 find "$root" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 mkdir -p "$out"

@@ -30,9 +30,10 @@ cargo build --quiet --release --locked -p matchlock
 guest_init=$(scripts/build-guest.sh)
 mkdir -p "$PREFIX/bin" "$CACHE"
 install -m 0755 target/release/matchlock "$PREFIX/bin/matchlock"
+install -m 0755 target/release/containerd-shim-matchlock-v1 "$PREFIX/bin/containerd-shim-matchlock-v1"
 install -m 0755 "$guest_init" "$CACHE/guest-init"
 MATCHLOCK="$PREFIX/bin/matchlock"
-log "installed $MATCHLOCK and $CACHE/guest-init"
+log "installed $MATCHLOCK, $PREFIX/bin/containerd-shim-matchlock-v1 and $CACHE/guest-init"
 
 log "guest kernel (built once from linux-source-6.1, ~8 min on 2 cores; cached)"
 "$MATCHLOCK" kernel build

@@ -59,6 +59,12 @@ for check in kernel guest-init; do
     *) echo "diagnose: $check is not the packaged one: $where" >&2; exit 1 ;;
   esac
 done
+log "the containerd runtime is installed"
+shim=$(in_root containerd-shim-matchlock-v1 -v) || { echo "containerd-shim-matchlock-v1 -v failed" >&2; exit 1; }
+case "$shim" in
+  "containerd-shim-matchlock-v1 "*io.containerd.matchlock.v1*) ;;
+  *) echo "containerd-shim-matchlock-v1 -v: $shim" >&2; exit 1 ;;
+esac
 log "a sandbox in the fresh root"
 out=$(in_root sh -c 'matchlock image import busybox < /tmp/busybox.tar >/dev/null && matchlock run --image busybox -- sh -c "echo hello from \$(uname -r)"')
 case "$out" in

@@ -144,6 +144,10 @@ fn init_logging() {
 
 /// The shim's `main`.
 pub async fn main() {
+    if std::env::args().skip(1).any(|a| a == "-v" || a == "-version" || a == "--version") {
+        println!("containerd-shim-matchlock-v1 {} (runtime {RUNTIME_ID})", env!("CARGO_PKG_VERSION"));
+        return;
+    }
     init_logging();
     // We wait for our own children (QEMU's exit status is ours to read): no reaper.
     let config = Config { no_reaper: true, no_sub_reaper: true, no_setup_logger: true, ..Default::default() };

@@ -226,25 +226,28 @@ impl Service {
         }
         let bundle = PathBuf::from(&req.bundle);
         let spec = spec::load(&bundle).map_err(|e| chain(&e))?;
-        let rootfs =
-            rootfs::prepare(&self.shared.store_root, &req.rootfs, &bundle, &req.id).await.map_err(|e| chain(&e))?;
+        // Everything the spec asks is checked before the rootfs is copied.
+        let mut plan = spec::plan(&req.id, &spec).map_err(|e| chain(&e))?;
+        for uri in [&req.stdin, &req.stdout, &req.stderr] {
+            check_stdio(uri)?;
+        }
+        let rootfs = rootfs::prepare(&self.shared.store_root, &req.rootfs, &bundle, &req.id)
+            .await
+            .map_err(|e| chain(&e))?;
         if rootfs.private {
             write_marker(&bundle, PRIVATE_ROOTFS_FILE, &rootfs.tag)?;
         }
+        plan.config.image.clone_from(&rootfs.tag);
         let booted = async {
-            let plan = spec::plan(&req.id, &spec, &rootfs.tag).map_err(|e| chain(&e))?;
-            for uri in [&req.stdin, &req.stdout, &req.stderr] {
-                check_stdio(uri)?;
-            }
             let sandbox = boot(plan.config.clone(), self.shared.store_root.clone()).await?;
             if let Err(e) = write_marker(&bundle, VM_ID_FILE, sandbox.id()) {
                 close_sandbox(sandbox).await;
                 return Err(e);
             }
-            Ok((plan, sandbox))
+            Ok(sandbox)
         }
         .await;
-        let (plan, sandbox) = match booted {
+        let sandbox = match booted {
             Ok(b) => b,
             Err(e) => {
                 discard_rootfs(&self.shared.store_root, &bundle, &rootfs);

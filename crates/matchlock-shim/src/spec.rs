@@ -91,8 +91,9 @@ pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
     Spec::load(bundle.join("config.json")).map_err(SpecError::Load)
 }
 
-/// The sandbox and init of container `id` from its spec. `image` names the converted rootfs.
-pub fn plan(id: &str, spec: &Spec, image: &str) -> Result<Plan, SpecError> {
+/// The sandbox and init of container `id` from its spec; the sandbox's image (the
+/// converted rootfs) is left for the caller to name.
+pub fn plan(id: &str, spec: &Spec) -> Result<Plan, SpecError> {
     let annotations = spec.annotations().clone().unwrap_or_default();
     if let Some(unknown) = annotations.keys().find(|k| k.starts_with(ANNOTATION_PREFIX) && !KNOWN.contains(&k.as_str()))
     {
@@ -101,7 +102,7 @@ pub fn plan(id: &str, spec: &Spec, image: &str) -> Result<Plan, SpecError> {
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
     let mut env = env_of(process)?;
 
-    let mut config = SandboxConfig::new(image);
+    let mut config = SandboxConfig::new("");
     // The VM's boot disk is its own; nothing from the process is implied by the image.
     config.entrypoint = Some(Vec::new());
     config.hostname = Some(spec.hostname().clone().filter(|h| !h.is_empty()).unwrap_or_else(|| hostname_from(id)));
@@ -353,15 +354,16 @@ mod tests {
             "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
                        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"}],
         });
-        for (k, x) in extra.as_object().expect("object") {
-            v[k] = x.clone();
+        let serde_json::Value::Object(extra) = extra else { panic!("an object") };
+        for (k, x) in extra {
+            v[k] = x;
         }
         spec(v)
     }
 
     #[test]
     fn a_plain_spec_runs_its_process_with_the_run_defaults() {
-        let plan = plan("web", &base(serde_json::json!({})), "img").expect("plan");
+        let plan = plan("web", &base(serde_json::json!({}))).expect("plan");
         assert_eq!(plan.init.request.argv, ["sh", "-c", "echo hi"]);
         assert_eq!(plan.init.request.working_dir.as_deref(), Some("/srv"));
         assert_eq!(plan.init.request.user.as_deref(), Some("1000:100"));
@@ -376,7 +378,7 @@ mod tests {
     fn a_secret_value_is_replaced_by_its_placeholder_and_kept_on_the_host() {
         let s = base(serde_json::json!({"annotations": {
             ALLOW_HOSTS: "api.example.com", SECRETS: "TOKEN@api.example.com"}}));
-        let plan = plan("c", &s, "img").expect("plan");
+        let plan = plan("c", &s).expect("plan");
         let net = plan.config.network.as_ref().expect("network");
         assert_eq!(net.secrets[0].value, "s3cret");
         let env = &plan.init.request.env;
@@ -391,9 +393,9 @@ mod tests {
     #[test]
     fn a_secret_without_a_value_or_an_unknown_annotation_fails() {
         let s = base(serde_json::json!({"annotations": {SECRETS: "MISSING@h"}}));
-        assert!(plan("c", &s, "img").unwrap_err().to_string().contains("MISSING"));
+        assert!(plan("c", &s).unwrap_err().to_string().contains("MISSING"));
         let s = base(serde_json::json!({"annotations": {"dev.matchlock.alow-hosts": "x"}}));
-        assert!(plan("c", &s, "img").unwrap_err().to_string().contains("unknown annotation"));
+        assert!(plan("c", &s).unwrap_err().to_string().contains("unknown annotation"));
     }
 
     #[test]
@@ -403,7 +405,7 @@ mod tests {
             {"destination": "/data/out", "type": "bind", "source": "/srv/out", "options": ["rbind", "rw"]},
             {"destination": "/etc/resolv.conf", "type": "bind", "source": "/x/resolv.conf", "options": ["rbind"]},
         ]}));
-        let plan = plan("c", &s, "img").expect("plan");
+        let plan = plan("c", &s).expect("plan");
         assert_eq!(plan.config.workspace.as_deref(), Some("/data"));
         assert_eq!(plan.config.volumes.len(), 2);
         assert_eq!(plan.config.volumes[0].mode, VfsMode::Readonly);
@@ -417,7 +419,7 @@ mod tests {
     }
 
     fn plan_err(s: &Spec) -> SpecError {
-        plan("c", s, "img").expect_err("refused")
+        plan("c", s).expect_err("refused")
     }
 
     #[test]
@@ -425,12 +427,12 @@ mod tests {
         let s = base(
             serde_json::json!({"linux": {"resources": {"memory": {"limit": 268435456}, "cpu": {"quota": 50000, "period": 100000}}}}),
         );
-        let p = plan("c", &s, "img").expect("plan");
+        let p = plan("c", &s).expect("plan");
         assert_eq!((p.config.memory_mb, p.config.cpus), (256, 0.5));
         let s = base(serde_json::json!({"annotations": {MEMORY: "1G", CPUS: "2"}}));
-        let p = plan("c", &s, "img").expect("plan");
+        let p = plan("c", &s).expect("plan");
         assert_eq!((p.config.memory_mb, p.config.cpus), (1024, 2.0));
-        assert!(plan("c", &base(serde_json::json!({"annotations": {MEMORY: "lots"}})), "img").is_err());
+        assert!(plan("c", &base(serde_json::json!({"annotations": {MEMORY: "lots"}}))).is_err());
     }
 
     #[test]

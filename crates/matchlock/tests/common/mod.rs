@@ -173,15 +173,21 @@ impl Home {
     /// Gives `cmd` this HOME, the shared cache and tools, as every `matchlock` command gets
     /// (for programs that run matchlock code themselves, e.g. containerd and its shims).
     pub(crate) fn env_into<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
-        cmd.env("HOME", self.dir.path())
-            .env("XDG_CACHE_HOME", &self.tools.cache)
-            .env("MATCHLOCK_KERNEL", &self.tools.kernel)
-            .env("MATCHLOCK_GUEST_INIT", &self.tools.guest_init)
+        cmd.envs(self.env()).stdin(Stdio::null())
+    }
+
+    /// The environment of [`Home::env_into`].
+    pub(crate) fn env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        vec![
+            ("HOME", self.dir.path().into()),
+            ("XDG_CACHE_HOME", self.tools.cache.clone().into()),
+            ("MATCHLOCK_KERNEL", self.tools.kernel.clone().into()),
+            ("MATCHLOCK_GUEST_INIT", self.tools.guest_init.clone().into()),
             // Tests never reach the internet: Docker Hub names go to a closed local port
             // unless a test points them at its own registry.
-            .env("MATCHLOCK_REGISTRY_MIRROR", "127.0.0.1:9")
-            .env("DOCKER_CONFIG", self.dir.path().join(".docker"))
-            .stdin(Stdio::null())
+            ("MATCHLOCK_REGISTRY_MIRROR", "127.0.0.1:9".into()),
+            ("DOCKER_CONFIG", self.dir.path().join(".docker").into()),
+        ]
     }
 
     pub(crate) fn import(&self, tag: &str, tarball: &Path) -> Output {
