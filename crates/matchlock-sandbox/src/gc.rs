@@ -151,11 +151,12 @@ pub fn reconcile(state: &mut StateDb, vm: &Vm, dir: &VmDir, force_running: bool)
     Ok(Reconciled::Cleaned(cleaned))
 }
 
-/// Removes `vm` for good (`matchlock rm`): reclaims what its owner left if the owner is gone,
-/// then its directory and state rows. A VM whose owner still runs is refused.
-pub fn remove(state: &mut StateDb, vm: &Vm) -> Result<(), SandboxError> {
+/// Removes `vm` for good (`matchlock rm`): reclaims what its owner left if the owner is gone
+/// (or is killed first, with `force_running`), then its directory and state rows. A VM whose
+/// owner still runs is refused otherwise.
+pub fn remove(state: &mut StateDb, vm: &Vm, force_running: bool) -> Result<(), SandboxError> {
     let dir = VmDir::of(&vm.id);
-    if let Reconciled::Skipped(_) = reconcile(state, vm, &dir, false)? {
+    if let Reconciled::Skipped(_) = reconcile(state, vm, &dir, force_running)? {
         return Err(SandboxError::Config(format!("VM is running {}", vm.id)));
     }
     if dir.path().exists() {

@@ -69,7 +69,11 @@ impl Shim for MatchlockShim {
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
         // One shim process per container.
         let grouping = opts.id.clone();
-        spawn(opts, &grouping, Vec::new()).await
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        // containerd reconnects through the bundle's `address` after a restart; the shim
+        // writes it (cwd is the bundle), as containerd's own shims do.
+        std::fs::write("address", &address).map_err(|e| Error::Other(format!("writing the bundle's address: {e}")))?;
+        Ok(address)
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
@@ -100,7 +104,8 @@ pub fn cleanup_after_crash(bundle: &Path, id: &str) {
         match matchlock_sandbox::open_state().and_then(|mut state| {
             let vm = state.reconciled(vm_id)?;
             match vm {
-                Some(vm) => matchlock_sandbox::gc::remove(&mut state, &vm),
+                // containerd gave the shim up (it may still run, unreachable): its VM goes.
+                Some(vm) => matchlock_sandbox::gc::remove(&mut state, &vm, true),
                 None => Ok(()),
             }
         }) {

@@ -231,9 +231,8 @@ impl Service {
         for uri in [&req.stdin, &req.stdout, &req.stderr] {
             check_stdio(uri)?;
         }
-        let rootfs = rootfs::prepare(&self.shared.store_root, &req.rootfs, &bundle, &req.id)
-            .await
-            .map_err(|e| chain(&e))?;
+        let rootfs =
+            rootfs::prepare(&self.shared.store_root, &req.rootfs, &bundle, &req.id).await.map_err(|e| chain(&e))?;
         if rootfs.private {
             write_marker(&bundle, PRIVATE_ROOTFS_FILE, &rootfs.tag)?;
         }

@@ -281,7 +281,7 @@ pub(crate) async fn kill_vms(id: Option<String>, all: bool) -> Result<u8> {
 
 /// Reclaims leftovers of a VM that is not running, then deletes its rows and directory.
 fn remove(state: &mut StateDb, vm: &Vm) -> Result<()> {
-    Ok(matchlock_sandbox::gc::remove(state, vm)?)
+    Ok(matchlock_sandbox::gc::remove(state, vm, false)?)
 }
 
 /// `matchlock rm`.

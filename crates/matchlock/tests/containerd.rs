@@ -6,7 +6,7 @@ mod common;
 mod testnet;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,21 @@ struct Containerd {
     dir: tempfile::TempDir,
     daemon: Child,
     home: Home,
+    extra_env: Vec<(String, PathBuf)>,
+}
+
+/// Starts containerd on the configuration in `dir`, with `home`'s environment.
+fn spawn_daemon(home: &Home, dir: &Path, extra_env: &[(String, PathBuf)]) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("containerd.log")).unwrap();
+    let mut cmd = Command::new("containerd");
+    home.env_into(&mut cmd)
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .env("PATH", format!("{}:{}", dir.join("bin").display(), std::env::var("PATH").unwrap_or_default()))
+        .envs(extra_env.iter().map(|(k, v)| (k, v)))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    cmd.spawn().expect("containerd (installed by scripts/install-deps.sh)")
 }
 
 impl Containerd {
@@ -55,27 +70,29 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 "#
         );
         std::fs::write(dir.path().join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
-        let mut cmd = Command::new("containerd");
-        home.env_into(&mut cmd)
-            .arg("--config")
-            .arg(dir.path().join("config.toml"))
-            .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let daemon = cmd.spawn().expect("containerd (installed by scripts/install-deps.sh)");
-        let c = Self { dir, daemon, home };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.ctr(&["version"]).output().unwrap().status.success() {
-            assert!(Instant::now() < deadline, "containerd did not start:\n{}", c.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let extra_env: Vec<(String, PathBuf)> = env.iter().map(|(k, v)| ((*k).to_owned(), v.to_path_buf())).collect();
+        let daemon = spawn_daemon(&home, dir.path(), &extra_env);
+        let c = Self { dir, daemon, home, extra_env };
+        c.wait_ready();
         let tarball = common::fixture("busybox.tar");
         ok(&c.ctr(&["image", "import", "--index-name", IMAGE]).arg(&tarball).output().unwrap());
         c
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.ctr(&["version"]).output().unwrap().status.success() {
+            assert!(Instant::now() < deadline, "containerd did not start:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// kill -9 of containerd, then containerd again on the same root and state.
+    fn crash_and_restart(&mut self) {
+        self.daemon.kill().unwrap();
+        self.daemon.wait().unwrap();
+        self.daemon = spawn_daemon(&self.home, self.dir.path(), &self.extra_env);
+        self.wait_ready();
     }
 
     fn ctr(&self, args: &[&str]) -> Command {
@@ -418,6 +435,22 @@ fn kill_9_of_the_shim_or_of_qemu_leaves_a_stopped_task_and_nothing_else() {
     }
     let gc = ok(&c.home.cmd().arg("gc").output().unwrap());
     assert!(!gc.contains("cleaned"), "gc found something: {gc}");
+}
+
+#[test]
+fn a_task_outlives_a_kill_9_of_containerd_and_is_still_driven_after_its_restart() {
+    let mut c = Containerd::start();
+    ok(&c.out(&["run", "-d", "--runtime", RUNTIME, IMAGE, "survivor", "sleep", "600"]));
+    c.wait_status("survivor", "RUNNING");
+    c.crash_and_restart();
+    assert_eq!(c.status("survivor"), "RUNNING", "containerd reconnected to the shim:\n{}", c.log());
+    let out = c.out(&["task", "exec", "--exec-id", "after", "survivor", "echo", "still here"]);
+    assert_eq!(stdout(&out).trim(), "still here", "{}", stderr(&out));
+    ok(&c.out(&["task", "kill", "-s", "SIGKILL", "survivor"]));
+    c.wait_status("survivor", "STOPPED");
+    ok(&c.out(&["task", "rm", "survivor"]));
+    ok(&c.out(&["container", "rm", "survivor"]));
+    c.assert_clean();
 }
 
 #[test]
