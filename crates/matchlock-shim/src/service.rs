@@ -276,11 +276,20 @@ impl Service {
             return Err(status(Code::FAILED_PRECONDITION, format!("process {id}/{exec_id} was already started")));
         }
         let stdin = stdio::input(&proc.stdin).map_err(|e| status(Code::INVALID_ARGUMENT, chain(&e)))?;
-        let stdout = stdio::output(&proc.stdout).await.map_err(|e| status(Code::INVALID_ARGUMENT, chain(&e)))?;
-        let stderr = if proc.terminal {
-            Box::new(tokio::io::sink())
+        let stdio_err = |e: stdio::StdioError| status(Code::INVALID_ARGUMENT, chain(&e));
+        let (stdout, stderr, logger) = if stdio::is_binary(&proc.stdout) {
+            let namespace = &self.shared.namespace;
+            let ((stdout, stderr), logger) =
+                stdio::LoggingBinary::start(&proc.stdout, id, namespace).await.map_err(stdio_err)?;
+            (stdout, stderr, Some(logger))
         } else {
-            stdio::output(&proc.stderr).await.map_err(|e| status(Code::INVALID_ARGUMENT, chain(&e)))?
+            let stdout = stdio::output(&proc.stdout).await.map_err(stdio_err)?;
+            let stderr: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if proc.terminal {
+                Box::new(tokio::io::sink())
+            } else {
+                stdio::output(&proc.stderr).await.map_err(stdio_err)?
+            };
+            (stdout, stderr, None)
         };
         let (control_tx, control_rx) = mpsc::channel(16);
         let (reader, closer) = match stdin {
@@ -305,6 +314,9 @@ impl Service {
                 }
             };
             drop(sandbox);
+            if let Some(logger) = logger {
+                logger.finish().await;
+            }
             service.process_exited(&id_owned, &exec_owned, code, exit_tx).await;
         }));
         let pid = std::process::id();
@@ -460,12 +472,11 @@ fn discard_rootfs(store_root: &Path, bundle: &Path, rootfs: &Rootfs) {
 }
 
 fn check_stdio(uri: &str) -> Result<(), String> {
-    if uri.is_empty() || uri.starts_with('/') || uri.starts_with("fifo://") || uri.starts_with("file://") {
+    let known = ["fifo://", "file://", "binary://"];
+    if uri.is_empty() || uri.starts_with('/') || known.iter().any(|k| uri.starts_with(k)) {
         Ok(())
     } else {
-        Err(format!(
-            "stdio {uri:?} is not supported by the matchlock runtime (FIFOs and file:// are; logging binaries are not yet)"
-        ))
+        Err(format!("stdio {uri:?} is not supported by the matchlock runtime (FIFOs, file:// and binary:// are)"))
     }
 }
 

@@ -331,6 +331,36 @@ fn bind_mounts_keep_their_read_only_and_read_write_options() {
 }
 
 #[test]
+fn output_goes_to_file_uris_and_logging_binaries() {
+    let c = Containerd::start();
+    let logs = tempfile::tempdir().unwrap();
+    let script = "echo to-out; echo to-err >&2";
+    let file = logs.path().join("file.log");
+    let uri = format!("file://{}", file.display());
+    let out = c.out(&["run", "--rm", "--runtime", RUNTIME, "--log-uri", &uri, IMAGE, "filelog", "sh", "-c", script]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let logged = std::fs::read_to_string(&file).unwrap();
+    assert!(logged.contains("to-out") && logged.contains("to-err"), "{logged:?}");
+
+    // containerd's logging binary protocol: stdout on fd 3, stderr on fd 4, fd 5 closed when ready.
+    let logger = logs.path().join("logger.sh");
+    std::fs::write(&logger, "#!/bin/sh\nexec 5>&-\ncat <&3 > \"$2/stdout\" &\ncat <&4 > \"$2/stderr\" &\nwait\necho \"$CONTAINER_NAMESPACE/$CONTAINER_ID\" > \"$2/who\"\n").unwrap();
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let uri = format!("binary://{}?dir={}", logger.display(), logs.path().display());
+    let out = c.out(&["run", "--rm", "--runtime", RUNTIME, "--log-uri", &uri, IMAGE, "binlog", "sh", "-c", script]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let read = |name: &str| std::fs::read_to_string(logs.path().join(name)).unwrap_or_default();
+    assert_eq!(read("stdout"), "to-out\n");
+    assert_eq!(read("stderr"), "to-err\n");
+    assert_eq!(
+        read("who").trim(),
+        format!("{NAMESPACE}/binlog"),
+        "the binary ran to its end with containerd's variables"
+    );
+    c.assert_clean();
+}
+
+#[test]
 fn a_terminal_gets_its_size_and_resizes() {
     let c = Containerd::start();
     let script = r#"stty size; while [ "$(stty size)" = "30 100" ]; do sleep 0.1; done; stty size; tty"#;
