@@ -32,6 +32,85 @@ pub enum RootfsError {
     /// The conversion thread failed.
     #[error("the rootfs conversion did not finish: {0}")]
     Join(String),
+    /// The process's executable is not in the rootfs.
+    #[error("exec: {0:?}: executable file not found in the container's PATH or root file system")]
+    NotFound(String),
+    /// The process's executable is built for another machine.
+    #[error("{0} is built for {1}, not for this host's x86_64 (an image for another architecture)")]
+    Architecture(String, &'static str),
+}
+
+/// The container's first program: what must exist in the rootfs, for this host's machine.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// `args[0]` of the process.
+    pub program: String,
+    /// The process's `PATH`.
+    pub path: String,
+    /// Its working directory.
+    pub cwd: String,
+}
+
+/// ELF machines a guest of this host runs: x86-64 and i386.
+const RUNNABLE_MACHINES: [u16; 2] = [62, 3];
+
+fn machine_name(machine: u16) -> &'static str {
+    match machine {
+        40 => "32-bit ARM",
+        183 => "aarch64 (arm64)",
+        243 => "riscv",
+        21 => "ppc64",
+        22 => "s390x",
+        8 => "mips",
+        _ => "another machine",
+    }
+}
+
+/// Finds `entry`'s program in the root file system at `root` (every path resolved inside it,
+/// its symlinks included, as the guest will) and checks that an ELF program is for this host.
+/// Scripts and other files are left for the guest's kernel to judge.
+fn check_entry(root: &Path, entry: &Entry) -> Result<(), RootfsError> {
+    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+    let dir =
+        rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
+            RootfsError::Mount(
+                "the root file system".into(),
+                root.to_owned(),
+                containerd_shim::Error::Other(e.to_string()),
+            )
+        })?;
+    let candidates: Vec<String> = if entry.program.contains('/') {
+        if entry.program.starts_with('/') {
+            vec![entry.program.clone()]
+        } else {
+            vec![format!("{}/{}", entry.cwd, entry.program)]
+        }
+    } else {
+        entry.path.split(':').filter(|d| !d.is_empty()).map(|d| format!("{d}/{}", entry.program)).collect()
+    };
+    for candidate in candidates {
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let Ok(fd) = openat2(&dir, candidate.as_str(), flags, Mode::empty(), ResolveFlags::IN_ROOT) else { continue };
+        let file = std::fs::File::from(fd);
+        let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        if !is_file {
+            continue;
+        }
+        let mut header = [0u8; 20];
+        let n = std::io::Read::read(&mut &file, &mut header).unwrap_or(0);
+        if n == 20 && header.starts_with(b"\x7fELF") {
+            let machine = if header[5] == 2 {
+                u16::from_be_bytes([header[18], header[19]])
+            } else {
+                u16::from_le_bytes([header[18], header[19]])
+            };
+            if !RUNNABLE_MACHINES.contains(&machine) {
+                return Err(RootfsError::Architecture(candidate, machine_name(machine)));
+            }
+        }
+        return Ok(());
+    }
+    Err(RootfsError::NotFound(entry.program.clone()))
 }
 
 /// The converted root file system.
@@ -65,40 +144,49 @@ fn tag_for(key: &str) -> String {
     format!("{REPOSITORY}/{}:latest", &hex::encode(Sha256::digest(key.as_bytes()))[..32])
 }
 
-/// Converts the rootfs of container `id` (mounted on `bundle/rootfs`) into an image of `store`.
-pub async fn prepare(store_root: &Path, mounts: &[Mount], bundle: &Path, id: &str) -> Result<Rootfs, RootfsError> {
+/// Converts the rootfs of container `id` (mounted on `bundle/rootfs`, as containerd's own
+/// shims do) into an image of our store, after checking that `entry` can run from it.
+pub async fn prepare(
+    store_root: &Path,
+    mounts: &[Mount],
+    bundle: &Path,
+    id: &str,
+    entry: &Entry,
+) -> Result<Rootfs, RootfsError> {
     let target = bundle.join("rootfs");
     let (key, private) = match cache_key(mounts) {
         Some(key) => (key, false),
         None => (format!("private:{}:{id}:{}", bundle.display(), std::process::id()), true),
     };
     let tag = tag_for(&key);
-    let mut store = open_store(store_root)?;
-    if !private && store.get(&tag)?.is_some() {
-        tracing::debug!("rootfs {tag} is cached");
-        return Ok(Rootfs { tag, private });
-    }
     if mounts.is_empty() && !target.is_dir() {
         return Err(RootfsError::Missing(target));
     }
-    let mut mounted = Vec::new();
+    let mut mounted = 0;
     let result = async {
         for m in mounts {
             containerd_shim::asynchronous::util::mount_rootfs(m, &target)
                 .await
                 .map_err(|e| RootfsError::Mount(format!("{} {}", m.type_, m.source), target.clone(), e))?;
-            mounted.push(());
+            mounted += 1;
         }
-        let (tag, target, key) = (tag.clone(), target.clone(), key.clone());
+        check_entry(&target, entry)?;
+        let (tag, target, key, store_root) = (tag.clone(), target.clone(), key.clone(), store_root.to_owned());
         tokio::task::spawn_blocking(move || {
-            store.save_directory(&tag, SOURCE, &key, &ImageConfig::default(), &target).map(drop)
+            let mut store = open_store(&store_root)?;
+            if !private && store.get(&tag)?.is_some() {
+                tracing::debug!("rootfs {tag} is cached");
+                return Ok(());
+            }
+            store.save_directory(&tag, SOURCE, &key, &ImageConfig::default(), &target)?;
+            Ok::<_, RootfsError>(())
         })
         .await
         .map_err(|e| RootfsError::Join(e.to_string()))??;
         Ok(())
     }
     .await;
-    for () in mounted {
+    for _ in 0..mounted {
         if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
             tracing::warn!("cannot unmount {}: {e}", target.display());
         }
@@ -145,6 +233,42 @@ mod tests {
         let bind = Mount { type_: "bind".into(), source: "/snap/9".into(), ..Default::default() };
         assert_eq!(cache_key(&[bind]), None, "the native snapshotter's copies are private");
         assert_eq!(cache_key(&[]), None);
+    }
+
+    fn entry(program: &str) -> Entry {
+        Entry { program: program.into(), path: "/usr/bin:/bin".into(), cwd: "/".into() }
+    }
+
+    fn elf(machine: u16) -> Vec<u8> {
+        let mut h = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0];
+        h.extend_from_slice(&machine.to_le_bytes());
+        h.extend_from_slice(&[0; 44]);
+        h
+    }
+
+    #[test]
+    fn the_entry_is_found_inside_the_rootfs_and_must_be_for_this_machine() {
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        std::fs::write(bin.join("native"), elf(62)).unwrap();
+        std::fs::write(bin.join("arm"), elf(183)).unwrap();
+        std::fs::write(bin.join("script"), "#!/bin/sh\n").unwrap();
+        // An absolute symlink resolves inside the rootfs, never on the host.
+        std::os::unix::fs::symlink("/bin/native", bin.join("link")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", bin.join("hostfile")).unwrap();
+        for ok in ["native", "/bin/native", "script", "link"] {
+            check_entry(root.path(), &entry(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        let err = check_entry(root.path(), &entry("arm")).unwrap_err().to_string();
+        assert!(err.contains("aarch64") && err.contains("/bin/arm"), "{err}");
+        assert!(matches!(check_entry(root.path(), &entry("missing")), Err(RootfsError::NotFound(_))));
+        assert!(
+            matches!(check_entry(root.path(), &entry("hostfile")), Err(RootfsError::NotFound(_))),
+            "a link out of the rootfs does not reach the host's /etc/passwd"
+        );
+        let relative = Entry { program: "./native".into(), path: String::new(), cwd: "/bin".into() };
+        check_entry(root.path(), &relative).unwrap();
     }
 
     #[test]

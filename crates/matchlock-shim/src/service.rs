@@ -35,6 +35,8 @@ use crate::{guest, stdio};
 pub const VM_ID_FILE: &str = "matchlock-vm-id";
 /// The file in the bundle naming a rootfs image only this container uses.
 pub const PRIVATE_ROOTFS_FILE: &str = "matchlock-rootfs";
+/// The guest's `PATH` for a process whose environment has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long the processes left when the init exits get to die before the VM stops.
 const EXEC_KILL_WAIT: Duration = Duration::from_secs(5);
 /// How often the guest's OOM kill count is read.
@@ -231,8 +233,20 @@ impl Service {
         for uri in [&req.stdin, &req.stdout, &req.stderr] {
             check_stdio(uri)?;
         }
-        let rootfs =
-            rootfs::prepare(&self.shared.store_root, &req.rootfs, &bundle, &req.id).await.map_err(|e| chain(&e))?;
+        let request = &plan.init.request;
+        let entry = rootfs::Entry {
+            program: request.argv[0].clone(),
+            path: request
+                .env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "PATH")
+                .map_or_else(|| DEFAULT_PATH.to_owned(), |(_, v)| v.clone()),
+            cwd: request.working_dir.clone().unwrap_or_else(|| "/".into()),
+        };
+        let rootfs = rootfs::prepare(&self.shared.store_root, &req.rootfs, &bundle, &req.id, &entry)
+            .await
+            .map_err(|e| chain(&e))?;
         if rootfs.private {
             write_marker(&bundle, PRIVATE_ROOTFS_FILE, &rootfs.tag)?;
         }

@@ -54,10 +54,12 @@ fn code_of<T: std::fmt::Debug>(r: Result<T, Error>) -> (Code, String) {
 /// A bundle whose rootfs is busybox (Debian's static build) and whose process is `args`.
 fn bundle(dir: &Path, args: &[&str], annotations: &serde_json::Value) {
     let bin = dir.join("rootfs/bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static (scripts/install-deps.sh)");
-    for applet in ["sh", "cat", "echo", "sleep"] {
-        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    if !bin.exists() {
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static (scripts/install-deps.sh)");
+        for applet in ["sh", "cat", "echo", "sleep"] {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
     }
     let spec = serde_json::json!({
         "ociVersion": "1.0.2",
@@ -108,6 +110,19 @@ async fn every_unsupported_or_unknown_call_answers_a_status_containerd_understan
     with_checkpoint.checkpoint = "/some/checkpoint".into();
     let (_, msg) = code_of(svc.create(&c, with_checkpoint).await);
     assert!(msg.contains("checkpoint"), "{msg}");
+
+    // An entry point for another machine, or none at all: Create says so, nothing is kept.
+    let arm = tempfile::tempdir().unwrap();
+    bundle(arm.path(), &["/bin/hello"], &serde_json::json!({}));
+    let mut header = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 183, 0];
+    header.resize(64, 0);
+    std::fs::write(arm.path().join("rootfs/bin/hello"), header).unwrap();
+    let (_, msg) = code_of(svc.create(&c, create(arm.path())).await);
+    assert!(msg.contains("aarch64") && msg.contains("another architecture"), "{msg}");
+    bundle(arm.path(), &["no-such-program"], &serde_json::json!({}));
+    let (_, msg) = code_of(svc.create(&c, create(arm.path())).await);
+    assert!(msg.contains("no-such-program") && msg.contains("not found"), "{msg}");
+    assert!(!arm.path().join(matchlock_shim::service::PRIVATE_ROOTFS_FILE).exists());
 
     svc.shutdown(&c, api::ShutdownRequest::default()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(1), exit.wait()).await.expect("shutdown with no containers ends the shim");
