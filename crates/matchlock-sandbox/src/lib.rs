@@ -794,6 +794,15 @@ impl Sandbox {
         Ok(machine.set_running(false).await?)
     }
 
+    /// Kills the VM's processes at once (for a guest that no longer answers): every command
+    /// in it ends with [`SandboxError::VmStopped`]; [`Sandbox::close`] then cleans up.
+    pub fn kill_machine(&self) {
+        let machine = self.machine.as_ref().expect("a live sandbox has a machine");
+        for pid in machine.helper_pids() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
     /// Thaws a guest frozen by [`Sandbox::pause`].
     pub async fn resume(&self) -> Result<(), SandboxError> {
         let machine = self.machine.as_ref().expect("a live sandbox has a machine");

@@ -39,6 +39,8 @@ pub const PRIVATE_ROOTFS_FILE: &str = "matchlock-rootfs";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long the processes left when the init exits get to die before the VM stops.
 const EXEC_KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long the guest has to deliver a SIGKILL to the init before its VM is killed.
+const KILL_DEADLINE: Duration = Duration::from_secs(5);
 /// How often the guest's OOM kill count is read.
 const OOM_POLL: Duration = Duration::from_secs(2);
 
@@ -131,6 +133,8 @@ struct Container {
     init: Proc,
     execs: HashMap<String, Proc>,
     paused: bool,
+    /// The guest's OOM kills reported so far.
+    oom_kills: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Container {
@@ -277,6 +281,7 @@ impl Service {
             init,
             execs: HashMap::new(),
             paused: false,
+            oom_kills: Arc::default(),
         })
     }
 
@@ -363,6 +368,11 @@ impl Service {
     /// with it, as its PID namespace would).
     async fn process_exited(&self, id: &str, exec_id: &str, code: u32, exit_tx: watch::Sender<Option<Exit>>) {
         if exec_id.is_empty() {
+            // An init killed by the OOM killer ends the VM before the next poll: ask now.
+            let sandbox = self.shared.containers.lock().await.get(id).and_then(|c| c.sandbox.clone());
+            if let Some(sandbox) = sandbox.filter(|_| code == 128 + 9) {
+                self.check_oom(id, &sandbox).await;
+            }
             self.stop_vm(id).await;
         }
         let at = now();
@@ -417,24 +427,26 @@ impl Service {
 
     /// Publishes TaskOOM whenever the guest's OOM killer strikes, while the init runs.
     async fn watch_oom(self, id: String, sandbox: std::sync::Weak<Sandbox>) {
-        let mut seen = 0;
         loop {
             tokio::time::sleep(OOM_POLL).await;
             let Some(sandbox) = sandbox.upgrade() else { return };
             let paused = self.shared.containers.lock().await.get(&id).is_none_or(|c| c.paused);
-            if paused {
-                continue;
+            if !paused {
+                self.check_oom(&id, &sandbox).await;
             }
-            let Ok(Ok(kills)) = tokio::time::timeout(OOM_POLL, guest::oom_kills(&sandbox)).await else { continue };
-            drop(sandbox);
-            if kills > seen {
-                seen = kills;
-                self.publish(
-                    topics::TASK_OOM_EVENT_TOPIC,
-                    Box::new(ev::TaskOOM { container_id: id.clone(), ..Default::default() }),
-                )
-                .await;
-            }
+        }
+    }
+
+    /// Publishes TaskOOM if the guest's OOM killer struck since the last check.
+    async fn check_oom(&self, id: &str, sandbox: &Sandbox) {
+        let Ok(Ok(kills)) = tokio::time::timeout(OOM_POLL, guest::oom_kills(sandbox)).await else { return };
+        let Some(seen) = self.shared.containers.lock().await.get(id).map(|c| Arc::clone(&c.oom_kills)) else { return };
+        if seen.fetch_max(kills, std::sync::atomic::Ordering::SeqCst) < kills {
+            self.publish(
+                topics::TASK_OOM_EVENT_TOPIC,
+                Box::new(ev::TaskOOM { container_id: id.to_owned(), ..Default::default() }),
+            )
+            .await;
         }
     }
 }
@@ -599,9 +611,27 @@ impl Task for Service {
                 if req.all && req.exec_id.is_empty() {
                     targets.extend(c.execs.values().filter_map(|e| e.control.clone()));
                 }
+                let unanswered = (signal == 9 && req.exec_id.is_empty())
+                    .then(|| c.sandbox.as_ref().map(|s| (Arc::downgrade(s), p.exit_tx.subscribe())))
+                    .flatten();
                 drop(containers);
                 for t in targets {
                     let _ = t.send(Control::Signal(signal)).await;
+                }
+                if let Some((sandbox, mut exited)) = unanswered {
+                    // SIGKILL goes through the guest; a guest too busy to deliver it (thrashing,
+                    // hung) has its VM killed instead, so the container ends all the same.
+                    tokio::spawn(async move {
+                        if tokio::time::timeout(KILL_DEADLINE, exited.wait_for(Option::is_some)).await.is_err() {
+                            if let Some(sandbox) = sandbox.upgrade() {
+                                tracing::warn!(
+                                    "the guest did not deliver SIGKILL in {} s: its VM is killed",
+                                    KILL_DEADLINE.as_secs()
+                                );
+                                sandbox.kill_machine();
+                            }
+                        }
+                    });
                 }
             }
             None if !p.started => {

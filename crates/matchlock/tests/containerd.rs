@@ -440,6 +440,42 @@ fn events_arrive_in_lifecycle_order() {
 }
 
 #[test]
+fn the_guest_oom_killer_is_reported_as_task_oom() {
+    let c = Containerd::start();
+    let mut events = c.ctr(&["events"]).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = BufReader::new(events.stdout.take().unwrap());
+    let collected = std::thread::spawn(move || lines.lines().map_while(Result::ok).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(300));
+    // `tail` buffers a line that never ends: the guest's OOM killer ends it (the init).
+    let out = c.out(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "dev.matchlock.memory=256",
+        IMAGE,
+        "oom",
+        "tail",
+        "/dev/zero",
+    ]);
+    assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
+    std::thread::sleep(Duration::from_millis(500));
+    events.kill().unwrap();
+    events.wait().unwrap();
+    let topics: Vec<String> = collected
+        .join()
+        .unwrap()
+        .into_iter()
+        .filter_map(|l| l.split_whitespace().find(|f| f.starts_with("/tasks/")).map(str::to_owned))
+        .collect();
+    let oom = topics.iter().position(|t| t == "/tasks/oom").unwrap_or_else(|| panic!("no /tasks/oom: {topics:?}"));
+    let exit = topics.iter().position(|t| t == "/tasks/exit").expect("an exit");
+    assert!(oom < exit, "the OOM is reported before the exit: {topics:?}");
+    c.assert_clean();
+}
+
+#[test]
 fn kill_9_of_the_shim_or_of_qemu_leaves_a_stopped_task_and_nothing_else() {
     let c = Containerd::start();
     for (name, victim) in [("shimkill", "shim"), ("qemukill", "qemu")] {
@@ -463,6 +499,15 @@ fn kill_9_of_the_shim_or_of_qemu_leaves_a_stopped_task_and_nothing_else() {
         ok(&c.out(&["container", "rm", name]));
         c.assert_clean();
     }
+    // A guest that cannot deliver SIGKILL (here: frozen) has its VM killed instead.
+    ok(&c.out(&["run", "-d", "--runtime", RUNTIME, IMAGE, "frozen", "sleep", "600"]));
+    c.wait_status("frozen", "RUNNING");
+    ok(&c.out(&["task", "pause", "frozen"]));
+    ok(&c.out(&["task", "kill", "-s", "SIGKILL", "frozen"]));
+    c.wait_status("frozen", "STOPPED");
+    ok(&c.out(&["task", "rm", "frozen"]));
+    ok(&c.out(&["container", "rm", "frozen"]));
+    c.assert_clean();
     let gc = ok(&c.home.cmd().arg("gc").output().unwrap());
     assert!(!gc.contains("cleaned"), "gc found something: {gc}");
 }
