@@ -32,10 +32,11 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode, Stdio};
 
-use matchlock_protocol::exec::ExecRequest;
+use matchlock_protocol::exec::{ExecRequest, RlimitResource};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sched::CloneFlags;
+use nix::sys::resource::Resource;
 use nix::sys::signal::{kill, killpg, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::socket::{
     recv, recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
@@ -543,6 +544,12 @@ fn exec_command(request: &ExecRequest, tty: bool, hardening: &Hardening) -> ! {
             fail(&format!("cannot acquire the terminal: {e}"));
         }
     }
+    // Before the hardening: raising a hard limit takes CAP_SYS_RESOURCE, which it drops.
+    for limit in &request.rlimits {
+        if let Err(e) = nix::sys::resource::setrlimit(rlimit_resource(limit.resource), limit.soft, limit.hard) {
+            fail(&format!("cannot set {:?} to {}/{}: {e}", limit.resource, limit.soft, limit.hard));
+        }
+    }
     let hardened = match hardening {
         Hardening::None => Ok(()),
         Hardening::Restrict(seccomp) => sys::harden(seccomp).map_err(|e| e.to_string()),
@@ -595,6 +602,28 @@ fn exec_command(request: &ExecRequest, tty: bool, hardening: &Hardening) -> ! {
     eprintln!("matchlock: cannot execute {}: {}", request.argv[0], err.desc());
     // SAFETY: as in `fail`.
     unsafe { libc::_exit(code) }
+}
+
+/// The `setrlimit` resource of a request's limit.
+fn rlimit_resource(resource: RlimitResource) -> Resource {
+    match resource {
+        RlimitResource::RlimitAs => Resource::RLIMIT_AS,
+        RlimitResource::RlimitCore => Resource::RLIMIT_CORE,
+        RlimitResource::RlimitCpu => Resource::RLIMIT_CPU,
+        RlimitResource::RlimitData => Resource::RLIMIT_DATA,
+        RlimitResource::RlimitFsize => Resource::RLIMIT_FSIZE,
+        RlimitResource::RlimitLocks => Resource::RLIMIT_LOCKS,
+        RlimitResource::RlimitMemlock => Resource::RLIMIT_MEMLOCK,
+        RlimitResource::RlimitMsgqueue => Resource::RLIMIT_MSGQUEUE,
+        RlimitResource::RlimitNice => Resource::RLIMIT_NICE,
+        RlimitResource::RlimitNofile => Resource::RLIMIT_NOFILE,
+        RlimitResource::RlimitNproc => Resource::RLIMIT_NPROC,
+        RlimitResource::RlimitRss => Resource::RLIMIT_RSS,
+        RlimitResource::RlimitRtprio => Resource::RLIMIT_RTPRIO,
+        RlimitResource::RlimitRttime => Resource::RLIMIT_RTTIME,
+        RlimitResource::RlimitSigpending => Resource::RLIMIT_SIGPENDING,
+        RlimitResource::RlimitStack => Resource::RLIMIT_STACK,
+    }
 }
 
 /// Finds `name` in `path` like execvp, but against the command's own PATH.

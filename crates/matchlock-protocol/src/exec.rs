@@ -68,6 +68,48 @@ pub struct ExecRequest {
     /// Initial terminal size (TTY mode only).
     #[serde(default)]
     pub window: Option<WindowSize>,
+    /// Resource limits the command starts with (an OCI spec's `rlimits`); the guest's
+    /// defaults when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// At most this many limits in a request (there are 16 resources).
+pub const MAX_RLIMITS: usize = 16;
+
+/// A resource limit (`setrlimit`), as an OCI spec names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rlimit {
+    /// Which resource.
+    pub resource: RlimitResource,
+    /// The soft limit (`u64::MAX`: unlimited).
+    pub soft: u64,
+    /// The hard limit (`u64::MAX`: unlimited).
+    pub hard: u64,
+}
+
+/// The resources of `setrlimit(2)`.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RlimitResource {
+    RlimitAs,
+    RlimitCore,
+    RlimitCpu,
+    RlimitData,
+    RlimitFsize,
+    RlimitLocks,
+    RlimitMemlock,
+    RlimitMsgqueue,
+    RlimitNice,
+    RlimitNofile,
+    RlimitNproc,
+    RlimitRss,
+    RlimitRtprio,
+    RlimitRttime,
+    RlimitSigpending,
+    RlimitStack,
 }
 
 /// Errors decoding an [`ExecRequest`].
@@ -85,6 +127,9 @@ pub enum RequestError {
     /// A string carried a NUL byte, which cannot reach execve.
     #[error("exec request contains a NUL byte")]
     NulByte,
+    /// A resource limit is malformed (soft above hard, or too many).
+    #[error("exec request has an invalid resource limit")]
+    Rlimit,
 }
 
 impl ExecRequest {
@@ -111,6 +156,9 @@ impl ExecRequest {
             if s.contains('\0') {
                 return Err(RequestError::NulByte);
             }
+        }
+        if req.rlimits.len() > MAX_RLIMITS || req.rlimits.iter().any(|r| r.soft > r.hard) {
+            return Err(RequestError::Rlimit);
         }
         Ok((mode, req))
     }
@@ -217,8 +265,10 @@ mod tests {
             working_dir: Some("/tmp".into()),
             user: Some("nobody".into()),
             window: Some(WindowSize { rows: 24, cols: 80 }),
+            rlimits: vec![Rlimit { resource: RlimitResource::RlimitNofile, soft: 1024, hard: 4096 }],
         };
         let f = frame(ExecMode::Tty.frame_type(), &req.to_payload());
+        assert!(String::from_utf8_lossy(&f.payload).contains(r#""resource":"RLIMIT_NOFILE""#), "the OCI spelling");
         assert_eq!(ExecRequest::from_frame(&f).unwrap(), (ExecMode::Tty, req));
     }
 
@@ -232,6 +282,16 @@ mod tests {
         assert!(matches!(ExecRequest::from_frame(&unknown), Err(RequestError::Json(_))));
         let wrong = frame(FrameType::Stdout, br#"{"argv":["x"]}"#);
         assert!(matches!(ExecRequest::from_frame(&wrong), Err(RequestError::NotARequest(_))));
+        let inverted = frame(
+            FrameType::ExecStream,
+            br#"{"argv":["x"],"rlimits":[{"resource":"RLIMIT_NOFILE","soft":9,"hard":1}]}"#,
+        );
+        assert!(matches!(ExecRequest::from_frame(&inverted), Err(RequestError::Rlimit)));
+        let unknown_resource = frame(
+            FrameType::ExecStream,
+            br#"{"argv":["x"],"rlimits":[{"resource":"RLIMIT_BOGUS","soft":1,"hard":1}]}"#,
+        );
+        assert!(matches!(ExecRequest::from_frame(&unknown_resource), Err(RequestError::Json(_))));
     }
 
     #[test]

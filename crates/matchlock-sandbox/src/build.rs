@@ -490,6 +490,7 @@ impl Builder<'_> {
                 working_dir: Some("/".into()),
                 user: None,
                 window: None,
+                rlimits: Vec::new(),
             };
             let (code, output) =
                 self.exec(&vm.sandbox, &mkdir, interrupt).await.map_err(|e| e.into_build(sandbox_err))?;

@@ -34,7 +34,14 @@ pub struct Composed {
 impl Composed {
     /// The exec request for this command, with a terminal of `window` in TTY mode.
     pub fn into_request(self, window: Option<WindowSize>) -> ExecRequest {
-        ExecRequest { argv: self.argv, env: self.env, working_dir: Some(self.working_dir), user: self.user, window }
+        ExecRequest {
+            argv: self.argv,
+            env: self.env,
+            working_dir: Some(self.working_dir),
+            user: self.user,
+            window,
+            rlimits: Vec::new(),
+        }
     }
 }
 

@@ -55,6 +55,7 @@ async fn malformed_frames_close_only_their_connection() {
         working_dir: None,
         user: None,
         window: None,
+        rlimits: Vec::new(),
     };
     let code = sandbox.exec(ExecMode::Stream, &request, io).await.unwrap();
     assert_eq!(code, 0);

@@ -24,6 +24,7 @@ async fn sh(sandbox: &Sandbox, script: &str) -> (i32, String) {
         working_dir: None,
         user: None,
         window: None,
+        rlimits: Vec::new(),
     };
     let code = sandbox.exec(ExecMode::Stream, &request, io).await.unwrap();
     (code, String::from_utf8_lossy(&out).trim().to_owned())

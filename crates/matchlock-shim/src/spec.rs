@@ -6,7 +6,7 @@ use std::path::Path;
 
 use matchlock_api::config::{parse_secret, VfsMode, VfsMount};
 use matchlock_api::SandboxConfig;
-use matchlock_protocol::exec::{ExecMode, ExecRequest};
+use matchlock_protocol::exec::{ExecMode, ExecRequest, Rlimit, MAX_RLIMITS};
 use oci_spec::runtime::{Mount, Process, Spec};
 
 /// The prefix of the annotations that select a container's sandbox policy.
@@ -141,7 +141,30 @@ pub fn process_plan(process: &Process, config: &SandboxConfig) -> Result<Process
         cols: u16::try_from(b.width()).unwrap_or(u16::MAX),
     });
     let mode = if terminal { ExecMode::Tty } else { ExecMode::Pipe };
-    Ok(ProcessPlan { mode, request: composed.into_request(if terminal { window } else { None }) })
+    let mut request = composed.into_request(if terminal { window } else { None });
+    request.rlimits = rlimits(process)?;
+    Ok(ProcessPlan { mode, request })
+}
+
+/// The spec's `rlimits`, as the guest applies them before the command runs.
+fn rlimits(process: &Process) -> Result<Vec<Rlimit>, SpecError> {
+    let limits = process.rlimits().as_deref().unwrap_or_default();
+    if limits.len() > MAX_RLIMITS {
+        return Err(SpecError::Invalid(format!("{} rlimits (at most {MAX_RLIMITS})", limits.len())));
+    }
+    limits
+        .iter()
+        .map(|l| {
+            // Both use the spec's names (`RLIMIT_NOFILE`).
+            let name = serde_json::to_value(l.typ()).map_err(|e| SpecError::Invalid(e.to_string()))?;
+            let resource = serde_json::from_value(name.clone())
+                .map_err(|_| SpecError::Unsupported(format!("the rlimit {name}")))?;
+            if l.soft() > l.hard() {
+                return Err(SpecError::Invalid(format!("rlimit {name}: soft {} above hard {}", l.soft(), l.hard())));
+            }
+            Ok(Rlimit { resource, soft: l.soft(), hard: l.hard() })
+        })
+        .collect()
 }
 
 /// The spec's `KEY=VALUE` environment, in order.
@@ -369,6 +392,7 @@ mod tests {
         assert_eq!(plan.init.request.user.as_deref(), Some("1000:100"));
         assert!(plan.init.request.env.contains(&("TOKEN".into(), "s3cret".into())));
         assert_eq!(plan.init.mode, ExecMode::Pipe);
+        assert!(plan.init.request.rlimits.is_empty());
         assert_eq!(plan.config.hostname.as_deref(), Some("web"));
         let net = plan.config.network.expect("network on by default");
         assert!(net.allowed_hosts.is_empty() && !net.intercepts(), "interception off by default");
@@ -433,6 +457,18 @@ mod tests {
         let p = plan("c", &s).expect("plan");
         assert_eq!((p.config.memory_mb, p.config.cpus), (1024, 2.0));
         assert!(plan("c", &base(serde_json::json!({"annotations": {MEMORY: "lots"}}))).is_err());
+    }
+
+    #[test]
+    fn rlimits_are_passed_by_their_spec_names() {
+        let s = base(serde_json::json!({"process": {"args": ["x"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 512}]}}));
+        let p = plan("c", &s).expect("plan");
+        let r = p.init.request.rlimits[0];
+        assert_eq!((r.resource, r.soft, r.hard), (matchlock_protocol::exec::RlimitResource::RlimitNofile, 512, 1024));
+        let s = base(serde_json::json!({"process": {"args": ["x"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1, "soft": 2}]}}));
+        assert!(plan("c", &s).is_err());
     }
 
     #[test]

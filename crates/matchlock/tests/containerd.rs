@@ -201,7 +201,7 @@ fn host_release() -> String {
 #[test]
 fn ctr_run_gives_exact_output_exit_code_env_and_cwd_and_the_second_container_reuses_the_rootfs() {
     let c = Containerd::start();
-    let script = "echo out; echo err >&2; echo foo=$FOO; pwd; uname -r; hostname; exit 42";
+    let script = "echo out; echo err >&2; echo foo=$FOO; pwd; uname -r; hostname; ulimit -n; exit 42";
     let run = |name: &str| {
         c.out(&[
             "run",
@@ -226,6 +226,7 @@ fn ctr_run_gives_exact_output_exit_code_env_and_cwd_and_the_second_container_reu
     assert_eq!(lines[..3], ["out", "foo=bar baz", "/tmp"], "{o}");
     assert!(lines[3].contains("matchlock") && lines[3] != host_release(), "the guest's kernel, not the host's: {o}");
     assert_eq!(lines[4], "first", "the hostname is the container's id");
+    assert_eq!(lines[5], "1024", "the spec's RLIMIT_NOFILE (containerd's default spec says 1024)");
     assert_eq!(e.trim(), "err");
     c.assert_clean();
 
