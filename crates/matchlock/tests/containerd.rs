@@ -565,7 +565,7 @@ fn secret_and_allow_list_annotations_apply_to_the_container() {
     std::fs::write(&resolv, format!("nameserver {}\n", testnet::DNS)).unwrap();
     let resolv_mount = format!("type=bind,src={},dst=/etc/resolv.conf,options=rbind:ro", resolv.display());
     let script = format!(
-        r#"echo "env=$KEY"; grep -c "{value}" /proc/self/environ; \
+        r#"echo "env=$KEY"; grep -c 'KEY=SANDBOX_SECRET_' /proc/self/environ; \
 wget -qO- "http://api.test/echo/{m}-allowed" --header "Authorization: Bearer $KEY"; echo " allowed-rc=$?"; \
 wget -qO- "http://other.test/echo/{m}-refused" --header "Authorization: Bearer $KEY"; echo " refused-rc=$?""#
     );
@@ -593,6 +593,7 @@ wget -qO- "http://other.test/echo/{m}-refused" --header "Authorization: Bearer $
     assert!(!o.contains(&value) && !e.contains(&value), "the value reached the guest:\n{o}\n{e}");
     let placeholder = o.lines().find_map(|l| l.strip_prefix("env=")).unwrap();
     assert!(placeholder.starts_with("SANDBOX_SECRET_"), "{o}");
+    assert_eq!(o.lines().nth(1), Some("1"), "the process's environment holds the placeholder: {o}");
     assert!(o.contains(" allowed-rc=0") && o.contains(" refused-rc=1"), "{o}\n{e}");
     // What the servers really received: the value at the allowed host, nothing elsewhere.
     let allowed = net.requests_with(&format!("{m}-allowed"));
