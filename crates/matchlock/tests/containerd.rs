@@ -136,18 +136,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// Our shim processes (their command line names this containerd's socket).
     fn shims(&self) -> Vec<i32> {
-        let marker = self.dir.path().to_string_lossy().into_owned();
-        std::fs::read_dir("/proc")
+        common::processes_mentioning(&self.dir.path().to_string_lossy())
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|p| {
-                let pid: i32 = p.file_name().to_str()?.parse().ok()?;
-                let cmdline =
-                    String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).ok()?).replace('\0', " ");
-                (cmdline.contains("containerd-shim-matchlock-v1") && cmdline.contains(&marker)).then_some(pid)
-            })
+            .filter(|(_, cmdline)| cmdline.contains("containerd-shim-matchlock-v1"))
+            .map(|(pid, _)| pid)
             .collect()
+    }
+
+    /// Records `ctr events` until [`Events::topics`].
+    fn events(&self) -> Events {
+        let mut child = self.ctr(&["events"]).stdout(Stdio::piped()).spawn().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap());
+        let lines = std::thread::spawn(move || lines.lines().map_while(Result::ok).collect());
+        std::thread::sleep(Duration::from_millis(300));
+        Events { child, lines }
     }
 
     /// Nothing of a finished container is left: no shim, no VM process or directory, no
@@ -165,6 +167,26 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let ours = self.dir.path().to_string_lossy().into_owned();
         assert!(!ours.is_empty() && !mounts.contains(&ours), "mounts left:\n{mounts}");
+    }
+}
+
+/// A running `ctr events`.
+struct Events {
+    child: Child,
+    lines: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl Events {
+    /// The task topics containerd published so far, in order.
+    fn topics(mut self) -> Vec<String> {
+        std::thread::sleep(Duration::from_millis(500));
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let lines = self.lines.join().unwrap();
+        lines
+            .iter()
+            .filter_map(|l| l.split_whitespace().find(|f| f.starts_with("/tasks/")).map(str::to_owned))
+            .collect()
     }
 }
 
@@ -403,10 +425,7 @@ fn a_terminal_gets_its_size_and_resizes() {
 #[test]
 fn events_arrive_in_lifecycle_order() {
     let c = Containerd::start();
-    let mut events = c.ctr(&["events"]).stdout(Stdio::piped()).spawn().unwrap();
-    let lines = BufReader::new(events.stdout.take().unwrap());
-    let collected = std::thread::spawn(move || lines.lines().map_while(Result::ok).collect::<Vec<_>>());
-    std::thread::sleep(Duration::from_millis(300));
+    let events = c.events();
     ok(&c.out(&["run", "-d", "--runtime", RUNTIME, IMAGE, "ev", "sh", "-c", "sleep 30"]));
     c.wait_status("ev", "RUNNING");
     ok(&c.out(&["task", "exec", "--exec-id", "x1", "ev", "true"]));
@@ -416,15 +435,7 @@ fn events_arrive_in_lifecycle_order() {
     c.wait_status("ev", "STOPPED");
     ok(&c.out(&["task", "rm", "ev"]));
     ok(&c.out(&["container", "rm", "ev"]));
-    std::thread::sleep(Duration::from_millis(500));
-    events.kill().unwrap();
-    events.wait().unwrap();
-    let topics: Vec<String> = collected
-        .join()
-        .unwrap()
-        .into_iter()
-        .filter_map(|l| l.split_whitespace().find(|f| f.starts_with("/tasks/")).map(str::to_owned))
-        .collect();
+    let topics = events.topics();
     let expected = [
         "/tasks/create",
         "/tasks/start",
@@ -443,10 +454,7 @@ fn events_arrive_in_lifecycle_order() {
 #[test]
 fn the_guest_oom_killer_is_reported_as_task_oom() {
     let c = Containerd::start();
-    let mut events = c.ctr(&["events"]).stdout(Stdio::piped()).spawn().unwrap();
-    let lines = BufReader::new(events.stdout.take().unwrap());
-    let collected = std::thread::spawn(move || lines.lines().map_while(Result::ok).collect::<Vec<_>>());
-    std::thread::sleep(Duration::from_millis(300));
+    let events = c.events();
     // `tail` buffers a line that never ends: the guest's OOM killer ends it (the init).
     let out = c.out(&[
         "run",
@@ -461,15 +469,7 @@ fn the_guest_oom_killer_is_reported_as_task_oom() {
         "/dev/zero",
     ]);
     assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
-    std::thread::sleep(Duration::from_millis(500));
-    events.kill().unwrap();
-    events.wait().unwrap();
-    let topics: Vec<String> = collected
-        .join()
-        .unwrap()
-        .into_iter()
-        .filter_map(|l| l.split_whitespace().find(|f| f.starts_with("/tasks/")).map(str::to_owned))
-        .collect();
+    let topics = events.topics();
     let oom = topics.iter().position(|t| t == "/tasks/oom").unwrap_or_else(|| panic!("no /tasks/oom: {topics:?}"));
     let exit = topics.iter().position(|t| t == "/tasks/exit").expect("an exit");
     assert!(oom < exit, "the OOM is reported before the exit: {topics:?}");

@@ -219,18 +219,7 @@ impl Home {
     /// (pid, command line) of processes whose command line mentions this HOME
     /// (QEMU).
     pub(crate) fn pids(&self) -> Vec<(i32, String)> {
-        let marker = self.dir.path().to_string_lossy().into_owned();
-        std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|p| {
-                let pid = p.file_name().to_str()?.parse().ok()?;
-                let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
-                Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
-            })
-            .filter(|(_, c)| c.contains(&marker))
-            .collect()
+        processes_mentioning(&self.dir.path().to_string_lossy())
     }
 
     /// Command lines of [`Self::pids`].
@@ -288,6 +277,21 @@ impl Home {
     pub(crate) fn ml(&self, args: &[&str]) -> Output {
         self.cmd().args(args).output().expect("run matchlock")
     }
+}
+
+/// (pid, command line) of the processes whose command line contains `marker`.
+pub(crate) fn processes_mentioning(marker: &str) -> Vec<(i32, String)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|p| {
+            let pid = p.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+            Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
+        })
+        .filter(|(_, c)| c.contains(marker))
+        .collect()
 }
 
 /// Starts `cmd` as a session leader with a new pseudo-terminal of `rows`x`cols` as its
