@@ -102,6 +102,11 @@ pub struct NetworkConfig {
     /// it back a few bytes at a time, each piece too short for scrubbing to recognise.
     #[serde(default)]
     pub allow_secret_ranges: bool,
+    /// The network namespace (a path: `/var/run/netns/NAME`, `/proc/PID/ns/net`) in which the
+    /// host makes the sandbox's upstream connections and DNS queries, so they leave with that
+    /// namespace's addresses and routes (a Kubernetes pod's, say); the host's own when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// Programmable interception (reference §4 "Network hooks"): rules matched per request.
@@ -216,6 +221,7 @@ impl Default for NetworkConfig {
             secrets: Vec::new(),
             interception: None,
             allow_secret_ranges: false,
+            netns: None,
         }
     }
 }

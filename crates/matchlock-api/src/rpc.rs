@@ -323,6 +323,7 @@ impl CreateParams {
             secrets,
             interception,
             allow_secret_ranges: net.allow_secret_ranges,
+            netns: None,
         });
         Ok(())
     }

@@ -45,6 +45,9 @@ pub enum NetError {
     /// The engine's thread or runtime could not start.
     #[error("cannot start the network engine")]
     Start(#[source] std::io::Error),
+    /// The network namespace to connect from cannot be opened or joined.
+    #[error("cannot enter the network namespace {}", .0.display())]
+    Namespace(std::path::PathBuf, #[source] std::io::Error),
 }
 
 /// Guest addressing (the same for every sandbox: each has its own stack, nothing is shared).
@@ -240,13 +243,30 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the engine: it accepts the VMM's frame connection on `listener` and serves it
-    /// until the VMM goes away or the engine is dropped.
-    pub fn start(listener: UnixListener, options: Options) -> Result<Self, NetError> {
+    /// until the VMM goes away or the engine is dropped. With `netns`, the engine's thread
+    /// joins that network namespace first: every socket it opens upstream (TCP, UDP, DNS,
+    /// TLS) is that namespace's. The engine runs on that one thread only.
+    pub fn start(listener: UnixListener, options: Options, netns: Option<&Path>) -> Result<Self, NetError> {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(NetError::Start)?;
+        let netns_path = netns.map(Path::to_owned);
+        let netns = netns
+            .map(|path| std::fs::File::open(path).map_err(|e| NetError::Namespace(path.to_owned(), e)))
+            .transpose()?;
+        let (joined_tx, joined) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("matchlock-net".into())
             .spawn(move || {
+                if let Some(ns) = netns {
+                    let joined = nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET);
+                    let failed = joined.is_err();
+                    let _ = joined_tx.send(joined.map_err(std::io::Error::from));
+                    if failed {
+                        return;
+                    }
+                } else {
+                    let _ = joined_tx.send(Ok(()));
+                }
                 runtime.block_on(async move {
                     tokio::select! {
                         _ = serve(listener, options) => {}
@@ -256,6 +276,11 @@ impl Engine {
                 runtime.shutdown_background();
             })
             .map_err(NetError::Start)?;
+        let joined = joined.recv().unwrap_or_else(|_| Err(std::io::Error::other("the network thread ended")));
+        if let Err(e) = joined {
+            let _ = thread.join();
+            return Err(NetError::Namespace(netns_path.unwrap_or_default(), e));
+        }
         Ok(Self { stop: Some(stop), thread: Some(thread) })
     }
 }

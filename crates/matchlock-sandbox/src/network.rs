@@ -125,7 +125,8 @@ pub fn start(
         upstream_tls: Arc::new(upstream_tls),
         events,
     };
-    let engine = Engine::start(listener, options).map_err(|e| SandboxError::Network(Box::new(e)))?;
+    let netns = config.netns.as_deref().map(std::path::Path::new);
+    let engine = Engine::start(listener, options, netns).map_err(|e| SandboxError::Network(Box::new(e)))?;
     let nic = Nic { socket: Some(socket), mac, mtu: config.mtu };
     Ok((Network { _engine: Some(engine), policy, intercepts }, nic))
 }

@@ -108,7 +108,7 @@ pub fn plan(id: &str, spec: &Spec) -> Result<Plan, SpecError> {
     config.hostname = Some(spec.hostname().clone().filter(|h| !h.is_empty()).unwrap_or_else(|| hostname_from(id)));
     resources(spec, &annotations, &mut config)?;
     mounts(spec.mounts().as_deref().unwrap_or_default(), &mut config)?;
-    network(&annotations, &mut env, &mut config)?;
+    network(&annotations, network_namespace(spec), &mut env, &mut config)?;
     config.env = env.iter().cloned().collect::<BTreeMap<_, _>>();
 
     let init = process_plan(process, &config)?;
@@ -318,9 +318,22 @@ fn common_parent<'a>(mut paths: impl Iterator<Item = &'a str>) -> String {
     format!("/{}", first[..common].join("/"))
 }
 
-/// Network policy from the annotations; secrets take their values out of `env`.
+/// The network namespace the spec joins (`ctr run --with-ns network:PATH`, a CRI pod's):
+/// the sandbox's upstream traffic leaves from it.
+fn network_namespace(spec: &Spec) -> Option<String> {
+    let namespaces = spec.linux().as_ref()?.namespaces().clone()?;
+    namespaces
+        .iter()
+        .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        .and_then(|ns| ns.path().as_ref())
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Network policy from the annotations and the spec's network namespace; secrets take their
+/// values out of `env`.
 fn network(
     annotations: &std::collections::HashMap<String, String>,
+    netns: Option<String>,
     env: &mut Vec<(String, String)>,
     config: &mut SandboxConfig,
 ) -> Result<(), SpecError> {
@@ -342,6 +355,7 @@ fn network(
         return Ok(());
     }
     let network = config.network.get_or_insert_with(Default::default);
+    network.netns = netns;
     network.allowed_hosts = hosts;
     network.block_private_ips = !allow_private;
     for spec in secret_specs {
@@ -395,6 +409,7 @@ mod tests {
         assert!(plan.init.request.rlimits.is_empty());
         assert_eq!(plan.config.hostname.as_deref(), Some("web"));
         let net = plan.config.network.expect("network on by default");
+        assert_eq!(net.netns, None, "the host's own network namespace by default");
         assert!(net.allowed_hosts.is_empty() && !net.intercepts(), "interception off by default");
     }
 
@@ -457,6 +472,16 @@ mod tests {
         let p = plan("c", &s).expect("plan");
         assert_eq!((p.config.memory_mb, p.config.cpus), (1024, 2.0));
         assert!(plan("c", &base(serde_json::json!({"annotations": {MEMORY: "lots"}}))).is_err());
+    }
+
+    #[test]
+    fn the_specs_network_namespace_carries_the_upstream_traffic() {
+        let s = base(serde_json::json!({"linux": {"namespaces": [{"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/pod1"}]}}));
+        let net = plan("c", &s).expect("plan").config.network.expect("network");
+        assert_eq!(net.netns.as_deref(), Some("/var/run/netns/pod1"));
+        let s = base(serde_json::json!({"linux": {"namespaces": [{"type": "network"}]}}));
+        assert_eq!(plan("c", &s).expect("plan").config.network.expect("network").netns, None, "a new namespace: ours");
     }
 
     #[test]

@@ -602,3 +602,28 @@ wget -qO- "http://other.test/echo/{m}-refused" --header "Authorization: Bearer $
     assert!(net.requests_with(&format!("{m}-refused")).is_empty(), "the refused host was reached");
     c.assert_clean();
 }
+
+#[test]
+fn the_specs_network_namespace_carries_the_upstream_traffic() {
+    let net = testnet::testnet();
+    let c = Containerd::start();
+    let m = testnet::marker("netns");
+    let fetch = |tag: &str| {
+        format!("wget -qO- --header 'Host: api.test' http://{}/echo/{m}-{tag} >/dev/null; echo rc=$?", testnet::API)
+    };
+    let pod_ns = format!("network:/var/run/netns/{}", testnet::POD_NAMESPACE);
+    let out =
+        c.out(&["run", "--rm", "--runtime", RUNTIME, "--with-ns", &pod_ns, IMAGE, "inpod", "sh", "-c", &fetch("pod")]);
+    assert!(stdout(&out).contains("rc=0"), "{}\n{}", stdout(&out), stderr(&out));
+    // Positive control: without the namespace the host's own address is the source.
+    let out = c.out(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "onhost", "sh", "-c", &fetch("host")]);
+    assert!(stdout(&out).contains("rc=0"), "{}\n{}", stdout(&out), stderr(&out));
+    let client = |tag: &str| {
+        let seen = net.requests_with(&format!("{m}-{tag}"));
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        seen[0]["client"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(client("pod"), testnet::POD_ADDRESS, "egress leaves from the spec's namespace");
+    assert_eq!(client("host"), testnet::HOST_SIDE);
+    c.assert_clean();
+}

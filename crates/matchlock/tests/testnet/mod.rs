@@ -26,6 +26,11 @@ pub(crate) const GLOB: &str = "198.51.100.12";
 pub(crate) const H2: &str = "198.51.100.13";
 /// The host's own end of the veth: an address of the host, never reachable from a guest.
 pub(crate) const HOST_SIDE: &str = "198.51.100.1";
+/// A second namespace, like a Kubernetes pod's: its own address, routed to the test hosts
+/// through a veth into theirs.
+pub(crate) const POD_NAMESPACE: &str = "mltestpod";
+/// The pod namespace's address (TEST-NET-3).
+pub(crate) const POD_ADDRESS: &str = "203.0.113.2";
 
 /// The test hosts; they live as long as the test process.
 pub(crate) struct TestNet {
@@ -83,9 +88,11 @@ pub(crate) fn testnet() -> &'static TestNet {
         std::fs::create_dir_all(&dir).unwrap();
         let d = dir.as_path();
         // A previous run (or bench/net, on the same range) may have left these.
-        for (ns, veth) in [(NAMESPACE, HOST_VETH), ("mlbenchnet", "mlbenchnet0")] {
+        for (ns, veth) in [(NAMESPACE, HOST_VETH), ("mlbenchnet", "mlbenchnet0"), (POD_NAMESPACE, "")] {
             let _ = sh(&["ip", "netns", "del", ns]);
-            let _ = sh(&["ip", "link", "del", veth]);
+            if !veth.is_empty() {
+                let _ = sh(&["ip", "link", "del", veth]);
+            }
         }
         must(&["ip", "netns", "add", NAMESPACE]);
         must(&["ip", "link", "add", HOST_VETH, "type", "veth", "peer", "name", "eth0", "netns", NAMESPACE]);
@@ -96,6 +103,28 @@ pub(crate) fn testnet() -> &'static TestNet {
         }
         must(&["ip", "-n", NAMESPACE, "link", "set", "eth0", "up"]);
         must(&["ip", "-n", NAMESPACE, "link", "set", "lo", "up"]);
+        must(&["ip", "netns", "add", POD_NAMESPACE]);
+        must(&[
+            "ip",
+            "-n",
+            NAMESPACE,
+            "link",
+            "add",
+            "pod0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            POD_NAMESPACE,
+        ]);
+        must(&["ip", "-n", NAMESPACE, "addr", "add", "203.0.113.1/24", "dev", "pod0"]);
+        must(&["ip", "-n", NAMESPACE, "link", "set", "pod0", "up"]);
+        must(&["ip", "-n", POD_NAMESPACE, "addr", "add", &format!("{POD_ADDRESS}/24"), "dev", "eth0"]);
+        must(&["ip", "-n", POD_NAMESPACE, "link", "set", "eth0", "up"]);
+        must(&["ip", "-n", POD_NAMESPACE, "link", "set", "lo", "up"]);
+        must(&["ip", "-n", POD_NAMESPACE, "route", "add", "default", "via", "203.0.113.1"]);
         // Test CA and a server certificate for every test name.
         std::fs::write(
             d.join("ext.cnf"),
