@@ -134,7 +134,7 @@ pub(crate) async fn build(args: BuildArgs) -> Result<u8> {
         if args.quiet { Box::new(tokio::io::sink()) } else { Box::new(tokio::io::stderr()) };
     // On a terminal the plain step lines and RUN output become a spinner per step.
     let steps = Output::new(args.quiet).steps(None, is_step)?;
-    let built = build::build(&plan, store, &options, &mut progress, interrupt.as_mut()).await;
+    let built = Box::pin(build::build(&plan, store, &options, &mut progress, interrupt.as_mut())).await;
     drop(steps);
     let summary = match built {
         Ok(summary) => summary,
