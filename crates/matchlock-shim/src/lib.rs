@@ -8,9 +8,11 @@
 //! - [`rootfs`]: containerd's prepared rootfs → an image of our store (cached by snapshot chain);
 //! - [`stdio`]: FIFOs and `file://` URIs;
 //! - [`guest`]: pids and cgroup v2 metrics read from the guest;
+//! - [`ingress`]: the guest's listening ports mirrored into the spec's network namespace;
 //! - [`service`]: the Task service (every method) and its events.
 
 pub mod guest;
+pub mod ingress;
 pub mod rootfs;
 pub mod service;
 pub mod spec;

@@ -342,6 +342,9 @@ impl Service {
         if exec_id.is_empty() {
             let sandbox = container.sandbox()?;
             tokio::spawn(self.clone().watch_oom(id.to_owned(), Arc::downgrade(&sandbox)));
+            if let Some(netns) = container.config.network.as_ref().and_then(|n| n.netns.clone()) {
+                tokio::spawn(crate::ingress::mirror(Arc::downgrade(&sandbox), netns.into()));
+            }
             drop(containers);
             self.publish(
                 topics::TASK_START_EVENT_TOPIC,

@@ -625,5 +625,35 @@ fn the_specs_network_namespace_carries_the_upstream_traffic() {
     };
     assert_eq!(client("pod"), testnet::POD_ADDRESS, "egress leaves from the spec's namespace");
     assert_eq!(client("host"), testnet::HOST_SIDE);
+
+    // Ingress: the namespace's address on a port the guest listens on reaches the server.
+    let serve = "mkdir -p /www && echo hello-from-the-vm > /www/index.html && httpd -f -p 8080 -h /www";
+    ok(&c.out(&["run", "-d", "--runtime", RUNTIME, "--with-ns", &pod_ns, IMAGE, "web", "sh", "-c", serve]));
+    c.wait_status("web", "RUNNING");
+    let get = |port: u16| {
+        testnet::in_namespace(move || {
+            let mut s = std::net::TcpStream::connect((testnet::POD_ADDRESS, port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            std::io::Write::write_all(&mut s, b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut answer = String::new();
+            std::io::Read::read_to_string(&mut s, &mut answer)?;
+            Ok::<_, std::io::Error>(answer)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        match get(8080) {
+            Ok(a) if a.contains("hello-from-the-vm") => break a,
+            other => assert!(Instant::now() < deadline, "no answer on the pod address: {other:?}\n{}", c.log()),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("\r\n\r\nhello-from-the-vm"), "{answer}");
+    assert!(get(8081).is_err(), "a port the guest does not listen on is closed");
+    ok(&c.out(&["task", "kill", "-s", "SIGKILL", "web"]));
+    c.wait_status("web", "STOPPED");
+    ok(&c.out(&["task", "rm", "web"]));
+    ok(&c.out(&["container", "rm", "web"]));
+    assert!(get(8080).is_err(), "the listener goes with the container");
     c.assert_clean();
 }
