@@ -30,6 +30,7 @@ use std::fs;
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 
 use matchlock_protocol::exec::{ExecRequest, RlimitResource};
@@ -449,7 +450,57 @@ fn namespace_init(socket: &OwnedFd, hardening: &Hardening) -> ! {
         Ok(r) => r,
         Err(e) => fail(&format!("bad request: {e}")),
     };
+    if let Some(root) = &request.root {
+        if let Err(e) = enter_root(root) {
+            fail(&format!("cannot enter the container root {root}: {e}"));
+        }
+    }
     spawn_command(&request, hardening, &status)
+}
+
+/// The guest's files a container shares with the VM (a pod shares its network and name).
+const SHARED_FILES: [&str; 3] = ["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"];
+
+/// Makes `root` (a directory of the guest: a container's root file system) this mount
+/// namespace's root: the namespace's own `/proc` (with its protections), `/sys` and `/dev`
+/// bound recursively into it (their read-only and masked submounts come along), the guest's
+/// [`SHARED_FILES`] over the container's, then `pivot_root` with the old root detached.
+fn enter_root(root: &str) -> Result<(), String> {
+    let root = Path::new(root);
+    if !fs::symlink_metadata(root).map_err(|e| e.to_string())?.is_dir() {
+        return Err("not a directory".into());
+    }
+    let bind = |from: &Path, to: &Path, flags: MsFlags| {
+        mount(Some(from), to, None::<&str>, MsFlags::MS_BIND | flags, None::<&str>)
+            .map_err(|e| format!("cannot bind {} on {}: {e}", from.display(), to.display()))
+    };
+    bind(root, root, MsFlags::MS_REC)?;
+    for dir in ["proc", "sys", "dev"] {
+        let target = root.join(dir);
+        // The image's own entry must be a directory (not a link out of its root).
+        if !fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+            let _ = fs::remove_file(&target);
+            fs::create_dir_all(&target).map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+        }
+        bind(&Path::new("/").join(dir), &target, MsFlags::MS_REC)?;
+    }
+    for file in SHARED_FILES {
+        let target = root.join(&file[1..]);
+        let is_file = fs::symlink_metadata(&target).is_ok_and(|m| m.is_file());
+        if !is_file {
+            // Missing, or a link the container's own root would resolve: the VM's file instead.
+            let _ = fs::remove_file(&target);
+            if let Some(parent) = target.parent() {
+                let _ = fs::create_dir_all(parent);
+            }
+            fs::write(&target, b"").map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+        }
+        bind(Path::new(file), &target, MsFlags::empty())?;
+    }
+    nix::unistd::chdir(root).map_err(|e| format!("chdir: {e}"))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+    nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
+    nix::unistd::chdir("/").map_err(|e| format!("chdir: {e}"))
 }
 
 /// What a namespace needs before any command: its own session, private mounts, and a

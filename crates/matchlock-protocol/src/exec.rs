@@ -72,6 +72,11 @@ pub struct ExecRequest {
     /// defaults when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rlimits: Vec<Rlimit>,
+    /// A directory of the guest to run the command in as its root file system (a pod's
+    /// container); the guest's `/proc`, `/sys`, `/dev` and its `/etc/hosts`, `/etc/hostname`
+    /// and `/etc/resolv.conf` are mounted into it. The guest's own root when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 /// At most this many limits in a request (there are 16 resources).
@@ -130,6 +135,9 @@ pub enum RequestError {
     /// A resource limit is malformed (soft above hard, or too many).
     #[error("exec request has an invalid resource limit")]
     Rlimit,
+    /// The root is not an absolute, clean path.
+    #[error("exec request has an invalid root {0:?}")]
+    Root(String),
 }
 
 impl ExecRequest {
@@ -151,7 +159,8 @@ impl ExecRequest {
             .iter()
             .chain(req.env.iter().flat_map(|(k, v)| [k, v]))
             .chain(req.working_dir.iter())
-            .chain(req.user.iter());
+            .chain(req.user.iter())
+            .chain(req.root.iter());
         for s in strings {
             if s.contains('\0') {
                 return Err(RequestError::NulByte);
@@ -159,6 +168,11 @@ impl ExecRequest {
         }
         if req.rlimits.len() > MAX_RLIMITS || req.rlimits.iter().any(|r| r.soft > r.hard) {
             return Err(RequestError::Rlimit);
+        }
+        if let Some(root) = &req.root {
+            if !crate::boot::is_valid_mount_path(root) {
+                return Err(RequestError::Root(root.clone()));
+            }
         }
         Ok((mode, req))
     }
@@ -266,6 +280,7 @@ mod tests {
             user: Some("nobody".into()),
             window: Some(WindowSize { rows: 24, cols: 80 }),
             rlimits: vec![Rlimit { resource: RlimitResource::RlimitNofile, soft: 1024, hard: 4096 }],
+            root: Some("/run/matchlock/containers/c1/rootfs".into()),
         };
         let f = frame(ExecMode::Tty.frame_type(), &req.to_payload());
         assert!(String::from_utf8_lossy(&f.payload).contains(r#""resource":"RLIMIT_NOFILE""#), "the OCI spelling");
@@ -292,6 +307,11 @@ mod tests {
             br#"{"argv":["x"],"rlimits":[{"resource":"RLIMIT_BOGUS","soft":1,"hard":1}]}"#,
         );
         assert!(matches!(ExecRequest::from_frame(&unknown_resource), Err(RequestError::Json(_))));
+        for root in ["relative", "/a/../b", "/"] {
+            let payload = serde_json::json!({"argv": ["x"], "root": root}).to_string();
+            let f = frame(FrameType::ExecStream, payload.as_bytes());
+            assert!(matches!(ExecRequest::from_frame(&f), Err(RequestError::Root(_))), "{root}");
+        }
     }
 
     #[test]

@@ -491,6 +491,7 @@ impl Builder<'_> {
                 user: None,
                 window: None,
                 rlimits: Vec::new(),
+                root: None,
             };
             let (code, output) =
                 self.exec(&vm.sandbox, &mkdir, interrupt).await.map_err(|e| e.into_build(sandbox_err))?;

@@ -41,6 +41,7 @@ impl Composed {
             user: self.user,
             window,
             rlimits: Vec::new(),
+            root: None,
         }
     }
 }

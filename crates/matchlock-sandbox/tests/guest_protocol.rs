@@ -56,6 +56,7 @@ async fn malformed_frames_close_only_their_connection() {
         user: None,
         window: None,
         rlimits: Vec::new(),
+        root: None,
     };
     let code = sandbox.exec(ExecMode::Stream, &request, io).await.unwrap();
     assert_eq!(code, 0);

@@ -25,6 +25,7 @@ async fn sh(sandbox: &Sandbox, script: &str) -> (i32, String) {
         user: None,
         window: None,
         rlimits: Vec::new(),
+        root: None,
     };
     let code = sandbox.exec(ExecMode::Stream, &request, io).await.unwrap();
     (code, String::from_utf8_lossy(&out).trim().to_owned())

@@ -69,8 +69,10 @@ impl Shim for MatchlockShim {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        // One shim process per container.
-        let grouping = opts.id.clone();
+        // One shim process per container, or per pod: a pod's containers (CRI's sandbox id)
+        // reach the shim process that owns the pod's VM.
+        let pod = spec::load(Path::new(".")).ok().and_then(|spec| spec::pod_of(&spec));
+        let grouping = pod.unwrap_or_else(|| opts.id.clone());
         let address = spawn(opts, &grouping, Vec::new()).await?;
         // containerd reconnects through the bundle's `address` after a restart; the shim
         // writes it (cwd is the bundle), as containerd's own shims do.

@@ -32,6 +32,9 @@ pub enum RootfsError {
     /// The conversion thread failed.
     #[error("the rootfs conversion did not finish: {0}")]
     Join(String),
+    /// The rootfs could not be packed for the pod's VM.
+    #[error("cannot pack the container's rootfs: {0}")]
+    Pack(String),
     /// The process's executable is not in the rootfs.
     #[error("exec: {0:?}: executable file not found in the container's PATH or root file system")]
     NotFound(String),
@@ -144,21 +147,16 @@ fn tag_for(key: &str) -> String {
     format!("{REPOSITORY}/{}:latest", &hex::encode(Sha256::digest(key.as_bytes()))[..32])
 }
 
-/// Converts the rootfs of container `id` (mounted on `bundle/rootfs`, as containerd's own
-/// shims do) into an image of our store, after checking that `entry` can run from it.
-pub async fn prepare(
-    store_root: &Path,
+/// Mounts containerd's `mounts` on `bundle/rootfs` (as containerd's own shims do), checks
+/// that `entry` can run from it, runs `work` on the mounted tree (on a blocking thread), and
+/// unmounts it whatever happened.
+async fn with_mounted<T: Send + 'static>(
     mounts: &[Mount],
     bundle: &Path,
-    id: &str,
     entry: &Entry,
-) -> Result<Rootfs, RootfsError> {
+    work: impl FnOnce(&Path) -> Result<T, RootfsError> + Send + 'static,
+) -> Result<T, RootfsError> {
     let target = bundle.join("rootfs");
-    let (key, private) = match cache_key(mounts) {
-        Some(key) => (key, false),
-        None => (format!("private:{}:{id}:{}", bundle.display(), std::process::id()), true),
-    };
-    let tag = tag_for(&key);
     if mounts.is_empty() && !target.is_dir() {
         return Err(RootfsError::Missing(target));
     }
@@ -171,19 +169,8 @@ pub async fn prepare(
             mounted += 1;
         }
         check_entry(&target, entry)?;
-        let (tag, target, key, store_root) = (tag.clone(), target.clone(), key.clone(), store_root.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let mut store = open_store(&store_root)?;
-            if !private && store.get(&tag)?.is_some() {
-                tracing::debug!("rootfs {tag} is cached");
-                return Ok(());
-            }
-            store.save_directory(&tag, SOURCE, &key, &ImageConfig::default(), &target)?;
-            Ok::<_, RootfsError>(())
-        })
-        .await
-        .map_err(|e| RootfsError::Join(e.to_string()))??;
-        Ok(())
+        let tree = target.clone();
+        tokio::task::spawn_blocking(move || work(&tree)).await.map_err(|e| RootfsError::Join(e.to_string()))?
     }
     .await;
     for _ in 0..mounted {
@@ -191,7 +178,58 @@ pub async fn prepare(
             tracing::warn!("cannot unmount {}: {e}", target.display());
         }
     }
-    result.map(|()| Rootfs { tag, private })
+    result
+}
+
+/// Converts the rootfs of container `id` into an image of our store, after checking that
+/// `entry` can run from it.
+pub async fn prepare(
+    store_root: &Path,
+    mounts: &[Mount],
+    bundle: &Path,
+    id: &str,
+    entry: &Entry,
+) -> Result<Rootfs, RootfsError> {
+    let (key, private) = match cache_key(mounts) {
+        Some(key) => (key, false),
+        None => (format!("private:{}:{id}:{}", bundle.display(), std::process::id()), true),
+    };
+    let tag = tag_for(&key);
+    let (image, store_root) = (tag.clone(), store_root.to_owned());
+    with_mounted(mounts, bundle, entry, move |tree| {
+        let mut store = open_store(&store_root)?;
+        if !private && store.get(&image)?.is_some() {
+            tracing::debug!("rootfs {image} is cached");
+            return Ok(());
+        }
+        store.save_directory(&image, SOURCE, &key, &ImageConfig::default(), tree)?;
+        Ok(())
+    })
+    .await?;
+    Ok(Rootfs { tag, private })
+}
+
+/// The rootfs of a pod's container as a tar whose paths lie under `dest` (a guest path),
+/// spooled in `tmp_dir`: what the pod's VM unpacks for the container. Owners, modes,
+/// links and special files as they are; links never followed.
+pub async fn pack(
+    mounts: &[Mount],
+    bundle: &Path,
+    entry: &Entry,
+    dest: &str,
+    tmp_dir: &Path,
+) -> Result<tempfile::NamedTempFile, RootfsError> {
+    let (dest, tmp_dir) = (dest.trim_start_matches('/').to_owned(), tmp_dir.to_owned());
+    with_mounted(mounts, bundle, entry, move |tree| {
+        let err = |e: std::io::Error| RootfsError::Pack(e.to_string());
+        let spool = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(err)?;
+        let mut tar = tar::Builder::new(std::io::BufWriter::new(spool.reopen().map_err(err)?));
+        tar.follow_symlinks(false);
+        tar.append_dir_all(&dest, tree).map_err(err)?;
+        tar.into_inner().and_then(|mut w| std::io::Write::flush(&mut w)).map_err(err)?;
+        Ok(spool)
+    })
+    .await
 }
 
 /// Removes a container's private rootfs image (and its blob).

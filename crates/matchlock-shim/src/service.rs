@@ -35,6 +35,8 @@ use crate::{guest, stdio};
 pub const VM_ID_FILE: &str = "matchlock-vm-id";
 /// The file in the bundle naming a rootfs image only this container uses.
 pub const PRIVATE_ROOTFS_FILE: &str = "matchlock-rootfs";
+/// Where a pod's containers' root file systems live in the pod's VM.
+const POD_CONTAINERS: &str = "/run/matchlock/containers";
 /// The guest's `PATH` for a process whose environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long the processes left when the init exits get to die before the VM stops.
@@ -126,7 +128,10 @@ impl Proc {
 #[derive(Debug)]
 struct Container {
     bundle: PathBuf,
-    rootfs: Rootfs,
+    /// Its image in our store (a pod's containers have none: their tree is in the pod's VM).
+    rootfs: Option<Rootfs>,
+    /// The pod whose VM it runs in, for a pod's container.
+    pod: Option<String>,
     config: SandboxConfig,
     /// Until the init exits (then the VM is stopped).
     sandbox: Option<Arc<Sandbox>>,
@@ -225,29 +230,22 @@ impl Service {
         }
     }
 
-    /// Boots the sandbox of a new container.
+    /// Boots the sandbox of a new container, or installs a pod's container in its pod's VM.
     async fn create_container(&self, req: &api::CreateTaskRequest) -> Result<Container, String> {
         if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
             return Err("restoring from a checkpoint is not supported by the matchlock runtime".into());
         }
         let bundle = PathBuf::from(&req.bundle);
         let spec = spec::load(&bundle).map_err(|e| chain(&e))?;
-        // Everything the spec asks is checked before the rootfs is copied.
-        let mut plan = spec::plan(&req.id, &spec).map_err(|e| chain(&e))?;
         for uri in [&req.stdin, &req.stdout, &req.stderr] {
             check_stdio(uri)?;
         }
-        let request = &plan.init.request;
-        let entry = rootfs::Entry {
-            program: request.argv[0].clone(),
-            path: request
-                .env
-                .iter()
-                .rev()
-                .find(|(k, _)| k == "PATH")
-                .map_or_else(|| DEFAULT_PATH.to_owned(), |(_, v)| v.clone()),
-            cwd: request.working_dir.clone().unwrap_or_else(|| "/".into()),
-        };
+        if let spec::Role::Member(pod) = spec::role(&spec) {
+            return self.create_member(req, &spec, bundle, pod).await;
+        }
+        // Everything the spec asks is checked before the rootfs is copied.
+        let mut plan = spec::plan(&req.id, &spec).map_err(|e| chain(&e))?;
+        let entry = entry_of(&plan.init);
         let rootfs = rootfs::prepare(&self.shared.store_root, &req.rootfs, &bundle, &req.id, &entry)
             .await
             .map_err(|e| chain(&e))?;
@@ -275,9 +273,56 @@ impl Service {
         let init = Proc::new(plan.init, req.stdin.clone(), req.stdout.clone(), req.stderr.clone(), req.terminal);
         Ok(Container {
             bundle,
-            rootfs,
+            rootfs: Some(rootfs),
+            pod: None,
             config: plan.config,
             sandbox: Some(Arc::new(sandbox)),
+            init,
+            execs: HashMap::new(),
+            paused: false,
+            oom_kills: Arc::default(),
+        })
+    }
+
+    /// A pod's container: its rootfs is unpacked into the pod's VM (under
+    /// [`POD_CONTAINERS`]/<id>/rootfs) and its processes run there as their root.
+    async fn create_member(
+        &self,
+        req: &api::CreateTaskRequest,
+        spec: &oci_spec::runtime::Spec,
+        bundle: PathBuf,
+        pod: String,
+    ) -> Result<Container, String> {
+        let valid_id = !req.id.is_empty()
+            && req.id.len() <= 128
+            && req.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            && !req.id.starts_with('.');
+        if !valid_id {
+            return Err(format!("container id {:?}: a pod's container needs letters, digits, '_', '.', '-'", req.id));
+        }
+        let (sandbox, config) = {
+            let containers = self.shared.containers.lock().await;
+            let owner = containers
+                .get(&pod)
+                .filter(|c| c.pod.is_none())
+                .ok_or_else(|| format!("the pod {pod} has no sandbox in this shim"))?;
+            let sandbox = owner.sandbox.clone().ok_or_else(|| format!("the pod {pod} has stopped"))?;
+            (sandbox, owner.config.clone())
+        };
+        let root = format!("{POD_CONTAINERS}/{}/rootfs", req.id);
+        let plan = spec::member_plan(spec, &config, &root).map_err(|e| chain(&e))?;
+        let tmp = matchlock_image::Store::open(&self.shared.store_root).map_err(|e| chain(&e))?.tmp_dir();
+        let tar = rootfs::pack(&req.rootfs, &bundle, &entry_of(&plan), &root, &tmp).await.map_err(|e| chain(&e))?;
+        let conn = sandbox.connect(matchlock_protocol::EXEC_PORT).await.map_err(|e| chain(&e))?;
+        matchlock_sandbox::commit::apply_layer(conn, tar.path()).await.map_err(|e| chain(&e))?;
+        tracing::info!("container {} runs in pod {pod} (sandbox {})", req.id, sandbox.id());
+        let init = Proc::new(plan, req.stdin.clone(), req.stdout.clone(), req.stderr.clone(), req.terminal);
+        Ok(Container {
+            bundle,
+            rootfs: None,
+            pod: Some(pod),
+            config,
+            sandbox: Some(sandbox),
             init,
             execs: HashMap::new(),
             paused: false,
@@ -341,8 +386,12 @@ impl Service {
         let pid = std::process::id();
         if exec_id.is_empty() {
             let sandbox = container.sandbox()?;
-            tokio::spawn(self.clone().watch_oom(id.to_owned(), Arc::downgrade(&sandbox)));
-            if let Some(netns) = container.config.network.as_ref().and_then(|n| n.netns.clone()) {
+            // The VM's watchers belong to its owner (a pod's containers share the pod's VM).
+            let owns_vm = container.pod.is_none();
+            if owns_vm {
+                tokio::spawn(self.clone().watch_oom(id.to_owned(), Arc::downgrade(&sandbox)));
+            }
+            if let Some(netns) = container.config.network.as_ref().and_then(|n| n.netns.clone()).filter(|_| owns_vm) {
                 tokio::spawn(crate::ingress::mirror(Arc::downgrade(&sandbox), netns.into()));
             }
             drop(containers);
@@ -400,25 +449,40 @@ impl Service {
         .await;
     }
 
-    /// Ends every other process of container `id`, then stops and removes its VM.
+    /// Ends every other process of container `id`; then, when the VM is its own (alone, or
+    /// a pod's sandbox), every process of the pod's containers, and stops and removes the VM.
     async fn stop_vm(&self, id: &str) {
         let (sandbox, runners) = {
             let mut containers = self.shared.containers.lock().await;
-            let Some(c) = containers.get_mut(id) else { return };
+            let Some(owns_vm) = containers.get(id).map(|c| c.pod.is_none()) else { return };
             let mut runners = Vec::new();
-            for p in c.execs.values_mut() {
-                if let Some(control) = &p.control {
-                    let _ = control.try_send(Control::Signal(9));
+            let mut sandbox = None;
+            for (cid, c) in containers.iter_mut() {
+                let is_self = cid == id;
+                let is_member = owns_vm && c.pod.as_deref() == Some(id);
+                if !is_self && !is_member {
+                    continue;
                 }
-                runners.extend(p.runner.take());
-            }
-            if c.paused {
-                if let Some(s) = &c.sandbox {
-                    let _ = s.resume().await;
+                let init = (!is_self).then_some(&mut c.init);
+                for p in init.into_iter().chain(c.execs.values_mut()) {
+                    if let Some(control) = &p.control {
+                        let _ = control.try_send(Control::Signal(9));
+                    }
+                    runners.extend(p.runner.take());
                 }
-                c.paused = false;
+                if c.paused {
+                    if let Some(s) = &c.sandbox {
+                        let _ = s.resume().await;
+                    }
+                    c.paused = false;
+                }
+                // A pod's container lets go of the pod's VM; the owner closes it.
+                let held = c.sandbox.take();
+                if is_self && owns_vm {
+                    sandbox = held;
+                }
             }
-            (c.sandbox.take(), runners)
+            (sandbox, runners)
         };
         for runner in runners {
             let _ = tokio::time::timeout(EXEC_KILL_WAIT, runner).await;
@@ -451,6 +515,21 @@ impl Service {
             )
             .await;
         }
+    }
+}
+
+/// What must exist in the rootfs for `process` to start.
+fn entry_of(process: &ProcessPlan) -> rootfs::Entry {
+    let request = &process.request;
+    rootfs::Entry {
+        program: request.argv[0].clone(),
+        path: request
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map_or_else(|| DEFAULT_PATH.to_owned(), |(_, v)| v.clone()),
+        cwd: request.working_dir.clone().unwrap_or_else(|| "/".into()),
     }
 }
 
@@ -527,7 +606,9 @@ impl Task for Service {
             if let Some(s) = sandbox {
                 close_shared(s).await;
             }
-            discard_rootfs(&self.shared.store_root, &bundle, &rootfs);
+            if let Some(rootfs) = &rootfs {
+                discard_rootfs(&self.shared.store_root, &bundle, rootfs);
+            }
             return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
         }
         containers.insert(req.id.clone(), container);
@@ -674,7 +755,9 @@ impl Task for Service {
         if let Some(s) = c.sandbox {
             close_shared(s).await;
         }
-        discard_rootfs(&self.shared.store_root, &c.bundle, &c.rootfs);
+        if let Some(rootfs) = &c.rootfs {
+            discard_rootfs(&self.shared.store_root, &c.bundle, rootfs);
+        }
         let _ = std::fs::remove_file(c.bundle.join(VM_ID_FILE));
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
@@ -706,7 +789,10 @@ impl Task for Service {
         let value = req.spec.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
         let process: oci_spec::runtime::Process = serde_json::from_slice(value)
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("the exec's process spec: {e}")))?;
-        let plan = spec::process_plan(&process, &c.config).map_err(|e| status(Code::INVALID_ARGUMENT, chain(&e)))?;
+        let mut plan =
+            spec::process_plan(&process, &c.config).map_err(|e| status(Code::INVALID_ARGUMENT, chain(&e)))?;
+        // A pod's container's processes all run in its own root.
+        plan.request.root.clone_from(&c.init.plan.request.root);
         for uri in [&req.stdin, &req.stdout, &req.stderr] {
             check_stdio(uri).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         }

@@ -28,6 +28,54 @@ pub const DISK_SIZE: &str = "dev.matchlock.disk-size";
 /// `block_private_ips: false`.
 pub const ALLOW_PRIVATE_IPS: &str = "dev.matchlock.allow-private-ips";
 
+/// CRI's annotation telling a pod's sandbox container (`sandbox`) from its containers.
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI's annotation naming the pod (its sandbox container's id).
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// What a container is: alone in its VM, a pod's sandbox (its VM is the pod's), or a
+/// container of a pod (it runs in the pod's VM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Its own VM.
+    Alone,
+    /// The pod's sandbox container: it boots the pod's VM.
+    Pod,
+    /// A container of the pod whose sandbox container has this id.
+    Member(String),
+}
+
+/// The role the spec's CRI annotations give.
+pub fn role(spec: &Spec) -> Role {
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    match (annotations.get(CRI_CONTAINER_TYPE).map(String::as_str), annotations.get(CRI_SANDBOX_ID)) {
+        (Some("sandbox"), _) => Role::Pod,
+        (Some("container"), Some(pod)) if !pod.is_empty() => Role::Member(pod.clone()),
+        _ => Role::Alone,
+    }
+}
+
+/// The pod a spec's container belongs to (its sandbox id), for grouping a pod's containers
+/// in one shim process.
+pub fn pod_of(spec: &Spec) -> Option<String> {
+    spec.annotations().as_ref()?.get(CRI_SANDBOX_ID).filter(|id| !id.is_empty()).cloned()
+}
+
+/// The init of a pod's container: its process under the pod's sandbox `pod`, run with its
+/// own root file system at `root` in the pod's VM. Policy annotations belong to the pod.
+pub fn member_plan(spec: &Spec, pod: &SandboxConfig, root: &str) -> Result<ProcessPlan, SpecError> {
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    if let Some(policy) = annotations.keys().find(|k| k.starts_with(ANNOTATION_PREFIX)) {
+        return Err(SpecError::Unsupported(format!(
+            "the annotation {policy} on a pod's container: a pod's policy is set on the pod (its sandbox)"
+        )));
+    }
+    let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
+    let mut plan = process_plan(process, pod)?;
+    plan.request.root = Some(root.to_owned());
+    Ok(plan)
+}
+
 /// Every annotation we read; any other under [`ANNOTATION_PREFIX`] is refused as a typo.
 const KNOWN: [&str; 7] = [ALLOW_HOSTS, SECRETS, NO_NETWORK, MEMORY, CPUS, DISK_SIZE, ALLOW_PRIVATE_IPS];
 
@@ -503,6 +551,23 @@ mod tests {
         assert!(matches!(plan_err(&s), SpecError::NoProcess));
         let s = base(serde_json::json!({"process": {"args": [], "cwd": "/", "user": {"uid": 0, "gid": 0}}}));
         assert!(matches!(plan_err(&s), SpecError::NoArgs));
+    }
+
+    #[test]
+    fn cri_annotations_give_the_pod_roles() {
+        assert_eq!(role(&base(serde_json::json!({}))), Role::Alone);
+        let pod = base(serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "sandbox", CRI_SANDBOX_ID: "p1"}}));
+        assert_eq!(role(&pod), Role::Pod);
+        assert_eq!(pod_of(&pod).as_deref(), Some("p1"));
+        let member = base(serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "p1"}}));
+        assert_eq!(role(&member), Role::Member("p1".into()));
+        let pod_config = plan("p1", &pod).expect("plan").config;
+        let p = member_plan(&member, &pod_config, "/run/matchlock/containers/c/rootfs").expect("member plan");
+        assert_eq!(p.request.root.as_deref(), Some("/run/matchlock/containers/c/rootfs"));
+        let with_policy =
+            base(serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "p1",
+            ALLOW_HOSTS: "x"}}));
+        assert!(matches!(member_plan(&with_policy, &pod_config, "/r"), Err(SpecError::Unsupported(_))));
     }
 
     #[test]

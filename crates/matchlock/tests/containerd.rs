@@ -657,3 +657,73 @@ fn the_specs_network_namespace_carries_the_upstream_traffic() {
     assert!(get(8080).is_err(), "the listener goes with the container");
     c.assert_clean();
 }
+
+/// The annotations containerd's CRI gives a pod's sandbox container, or one of its containers.
+fn pod_annotations(pod: &str, sandbox: bool) -> Vec<String> {
+    let kind = if sandbox { "sandbox" } else { "container" };
+    vec![
+        "--annotation".into(),
+        format!("io.kubernetes.cri.container-type={kind}"),
+        "--annotation".into(),
+        format!("io.kubernetes.cri.sandbox-id={pod}"),
+    ]
+}
+
+#[test]
+fn a_pods_containers_share_one_vm_each_with_its_own_root() {
+    let c = Containerd::start();
+    let layered = common::fixture("layered.tar");
+    ok(&c.ctr(&["image", "import"]).arg(&layered).output().unwrap());
+    let run = |name: &str, image: &str, sandbox: bool, detach: bool, cmd: &[&str]| {
+        let mut args: Vec<String> = vec!["run".into(), "--runtime".into(), RUNTIME.into()];
+        args.push(if detach { "-d" } else { "--rm" }.into());
+        args.extend(pod_annotations("pod1", sandbox));
+        args.extend([image.to_owned(), name.to_owned()]);
+        args.extend(cmd.iter().map(|a| (*a).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        c.out(&args)
+    };
+    ok(&run("pod1", IMAGE, true, true, &["sleep", "3600"]));
+    c.wait_status("pod1", "RUNNING");
+    let serve = "mkdir -p /www && echo from-web > /www/index.html && httpd -f -p 8080 -h /www";
+    ok(&run("web", IMAGE, false, true, &["sh", "-c", serve]));
+    c.wait_status("web", "RUNNING");
+    let qemus = || c.home.pids().into_iter().filter(|(_, cmd)| cmd.contains("qemu-system")).count();
+    assert_eq!(qemus(), 1, "the pod's containers run in the pod's one VM");
+
+    // Another image, another root: layered has /data, busybox has not; localhost is shared.
+    let probe = "for i in 1 2 3 4 5 6 7 8 9 10; do wget -qO- http://127.0.0.1:8080/ && break; sleep 0.5; done; \
+                 test -d /data && echo has-data; test -e /www && echo sees-web-root; hostname; \
+                 test -e /run/matchlock/containers && echo sees-other-roots; \
+                 awk '$5 == \"/proc/sys\" {print \"procsys=\" $6} $5 == \"/proc/timer_list\" {print \"timer-list-masked\"}' /proc/self/mountinfo";
+    let out = run("client", "docker.io/library/layered:latest", false, false, &["sh", "-c", probe]);
+    let o = stdout(&out);
+    assert!(out.status.success(), "{o}\n{}\n{}", stderr(&out), c.log());
+    assert!(o.contains("from-web"), "localhost reaches the pod's other container: {o}");
+    assert!(o.contains("has-data") && !o.contains("sees-web-root"), "each container has its own root: {o}");
+    assert!(!o.contains("sees-other-roots"), "the VM's root is detached: {o}");
+    assert!(o.contains("procsys=ro,") && o.contains("timer-list-masked"), "the kernel's files stay protected: {o}");
+    assert_eq!(qemus(), 1);
+    let out = c.out(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "x",
+        "web",
+        "sh",
+        "-c",
+        "test -d /data || echo no-data; cat /www/index.html",
+    ]);
+    assert_eq!(stdout(&out), "no-data\nfrom-web\n", "{}", stderr(&out));
+
+    // The pod's sandbox ending ends every container of the pod, and the VM.
+    ok(&c.out(&["task", "kill", "-s", "SIGKILL", "pod1"]));
+    c.wait_status("pod1", "STOPPED");
+    c.wait_status("web", "STOPPED");
+    assert_eq!(qemus(), 0, "the VM went with the pod");
+    for name in ["web", "pod1"] {
+        ok(&c.out(&["task", "rm", name]));
+        ok(&c.out(&["container", "rm", name]));
+    }
+    c.assert_clean();
+}
