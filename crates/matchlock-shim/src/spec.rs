@@ -70,6 +70,14 @@ pub fn member_plan(spec: &Spec, pod: &SandboxConfig, root: &str) -> Result<Proce
             "the annotation {policy} on a pod's container: a pod's policy is set on the pod (its sandbox)"
         )));
     }
+    let mut served = SandboxConfig::new("");
+    mounts(spec.mounts().as_deref().unwrap_or_default(), &mut served)?;
+    if let Some(volume) = served.volumes.first() {
+        return Err(SpecError::Unsupported(format!(
+            "the volume at {} of a pod's container (binds into a pod's containers are not served yet)",
+            volume.guest_path
+        )));
+    }
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
     let mut plan = process_plan(process, pod)?;
     plan.request.root = Some(root.to_owned());
@@ -92,6 +100,11 @@ const GUEST_MOUNTS: [(&str, &str); 9] = [
     ("/run", "tmpfs"),
     ("/tmp", "tmpfs"),
 ];
+
+/// Binds CRI adds that the guest answers itself: the pod's shared memory (the VM's own
+/// `/dev/shm`, shared by the pod's containers) and the termination-message file (not read
+/// back from the VM).
+const GUEST_OWN_BINDS: [&str; 2] = ["/dev/shm", "/dev/termination-log"];
 
 /// Files the guest writes itself from the sandbox's configuration (CRI binds them in).
 const GUEST_FILES: [&str; 3] = ["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"];
@@ -313,6 +326,10 @@ fn mounts(mounts: &[Mount], config: &mut SandboxConfig) -> Result<(), SpecError>
             )));
         }
         let source = m.source().as_ref().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if GUEST_OWN_BINDS.contains(&dest.as_str()) {
+            // The guest's own (a pod's shared memory is the VM's); nothing to serve.
+            continue;
+        }
         if GUEST_FILES.contains(&dest.as_str()) {
             // The sandbox writes these from its own configuration (hostname, DNS, hosts);
             // the name servers of a resolv.conf given (CRI writes the pod's) become its DNS.
@@ -568,6 +585,24 @@ mod tests {
             base(serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "p1",
             ALLOW_HOSTS: "x"}}));
         assert!(matches!(member_plan(&with_policy, &pod_config, "/r"), Err(SpecError::Unsupported(_))));
+        let mut with_volume = member.clone();
+        let cri_binds: Vec<oci_spec::runtime::Mount> = serde_json::from_value(serde_json::json!([
+            {"destination": "/dev/shm", "type": "bind", "source": "/run/x/shm", "options": ["rbind", "ro"]},
+            {"destination": "/dev/termination-log", "type": "bind", "source": "/var/lib/x/t", "options": ["rbind"]},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind"]},
+        ]))
+        .unwrap();
+        with_volume.set_mounts(Some(cri_binds.clone()));
+        member_plan(&with_volume, &pod_config, "/r").expect("CRI's own binds are the guest's");
+        let mut binds = cri_binds;
+        binds.push(
+            serde_json::from_value(serde_json::json!(
+            {"destination": "/config", "type": "bind", "source": "/var/lib/kubelet/x", "options": ["rbind", "ro"]}))
+            .unwrap(),
+        );
+        with_volume.set_mounts(Some(binds));
+        let err = member_plan(&with_volume, &pod_config, "/r").unwrap_err().to_string();
+        assert!(err.contains("/config"), "{err}");
     }
 
     #[test]
