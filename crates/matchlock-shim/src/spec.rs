@@ -586,7 +586,7 @@ mod tests {
             ALLOW_HOSTS: "x"}}));
         assert!(matches!(member_plan(&with_policy, &pod_config, "/r"), Err(SpecError::Unsupported(_))));
         let mut with_volume = member.clone();
-        let cri_binds: Vec<oci_spec::runtime::Mount> = serde_json::from_value(serde_json::json!([
+        let cri_binds: Vec<Mount> = serde_json::from_value(serde_json::json!([
             {"destination": "/dev/shm", "type": "bind", "source": "/run/x/shm", "options": ["rbind", "ro"]},
             {"destination": "/dev/termination-log", "type": "bind", "source": "/var/lib/x/t", "options": ["rbind"]},
             {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind"]},
