@@ -585,7 +585,7 @@ mod tests {
             base(serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "p1",
             ALLOW_HOSTS: "x"}}));
         assert!(matches!(member_plan(&with_policy, &pod_config, "/r"), Err(SpecError::Unsupported(_))));
-        let mut with_volume = member.clone();
+        let mut with_volume = member;
         let cri_binds: Vec<Mount> = serde_json::from_value(serde_json::json!([
             {"destination": "/dev/shm", "type": "bind", "source": "/run/x/shm", "options": ["rbind", "ro"]},
             {"destination": "/dev/termination-log", "type": "bind", "source": "/var/lib/x/t", "options": ["rbind"]},
