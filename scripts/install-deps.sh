@@ -18,6 +18,7 @@ install_debian_packages() {
     linux-source-6.1 build-essential flex bison bc cpio xz-utils libelf-dev libssl-dev
     libarchive13 busybox-static skopeo docker-registry debootstrap iproute2 python3
     apache2-utils zstd jq dnsmasq-base openssl curl buildah containerd runc
+    containernetworking-plugins
   )
   # From bookworm-backports: mke2fs learned to build a filesystem from a tarball
   # (`-d file.tar`) in 1.47.1 (bookworm has 1.47.0), and QEMU 10 matches the qemu-utils

@@ -24,8 +24,8 @@ pub const MEMORY: &str = "dev.matchlock.memory";
 pub const CPUS: &str = "dev.matchlock.cpus";
 /// Size of the VM's writable disk in MB, as `run --disk-size`.
 pub const DISK_SIZE: &str = "dev.matchlock.disk-size";
-/// `true`: refuse nothing by address (private ranges reachable), as the RPC's
-/// `block_private_ips: false`.
+/// `true`: private ranges reachable (the RPC's `block_private_ips: false`); `false`: refused.
+/// A pod's default is `true` (it reaches its cluster as on runc), a lone container's `false`.
 pub const ALLOW_PRIVATE_IPS: &str = "dev.matchlock.allow-private-ips";
 
 /// CRI's annotation telling a pod's sandbox container (`sandbox`) from its containers.
@@ -169,7 +169,7 @@ pub fn plan(id: &str, spec: &Spec) -> Result<Plan, SpecError> {
     config.hostname = Some(spec.hostname().clone().filter(|h| !h.is_empty()).unwrap_or_else(|| hostname_from(id)));
     resources(spec, &annotations, &mut config)?;
     mounts(spec.mounts().as_deref().unwrap_or_default(), &mut config)?;
-    network(&annotations, network_namespace(spec), &mut env, &mut config)?;
+    network(&annotations, role(spec) == Role::Pod, network_namespace(spec), &mut env, &mut config)?;
     config.env = env.iter().cloned().collect::<BTreeMap<_, _>>();
 
     let init = process_plan(process, &config)?;
@@ -398,12 +398,18 @@ fn network_namespace(spec: &Spec) -> Option<String> {
 /// values out of `env`.
 fn network(
     annotations: &std::collections::HashMap<String, String>,
+    pod: bool,
     netns: Option<String>,
     env: &mut Vec<(String, String)>,
     config: &mut SandboxConfig,
 ) -> Result<(), SpecError> {
     let no_network = flag(annotations, NO_NETWORK)?;
-    let allow_private = flag(annotations, ALLOW_PRIVATE_IPS)?;
+    // A pod reaches its cluster (services, the node) as on runc unless told otherwise; a
+    // container alone gets `matchlock run`'s default.
+    let allow_private = match annotations.get(ALLOW_PRIVATE_IPS) {
+        None => pod,
+        Some(_) => flag(annotations, ALLOW_PRIVATE_IPS)?,
+    };
     let hosts: Vec<String> = annotations
         .get(ALLOW_HOSTS)
         .map(|v| v.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_owned).collect())
@@ -579,6 +585,7 @@ mod tests {
         let member = base(serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "p1"}}));
         assert_eq!(role(&member), Role::Member("p1".into()));
         let pod_config = plan("p1", &pod).expect("plan").config;
+        assert!(!pod_config.network.as_ref().expect("network").block_private_ips, "a pod reaches its cluster");
         let p = member_plan(&member, &pod_config, "/run/matchlock/containers/c/rootfs").expect("member plan");
         assert_eq!(p.request.root.as_deref(), Some("/run/matchlock/containers/c/rootfs"));
         let with_policy =

@@ -23,7 +23,14 @@ struct Containerd {
     daemon: Child,
     home: Home,
     extra_env: Vec<(String, PathBuf)>,
+    /// `mltest`, or CRI's `k8s.io`.
+    namespace: &'static str,
+    /// The CNI bridge a CRI containerd's pods made (removed at the end).
+    bridge: Option<String>,
 }
+
+/// The subnet of the CRI tests' pods (a bridge of the test's own; not one the machine uses).
+const POD_SUBNET: &str = "10.213.77";
 
 /// Starts containerd on the configuration in `dir`, with `home`'s environment.
 fn spawn_daemon(home: &Home, dir: &Path, extra_env: &[(String, PathBuf)]) -> Child {
@@ -45,6 +52,16 @@ impl Containerd {
     }
 
     fn start_with(env: &[(&str, &Path)]) -> Self {
+        Self::launch(env, false)
+    }
+
+    /// containerd with its CRI plugin: a CNI bridge and subnet of the test's own, the
+    /// runtime handler `matchlock`, the pause, busybox and layered images in `k8s.io`.
+    fn start_cri() -> Self {
+        Self::launch(&[], true)
+    }
+
+    fn launch(env: &[(&str, &Path)], cri: bool) -> Self {
         let home = home();
         // Unix socket paths are short: directly under /tmp.
         let dir = tempfile::Builder::new().prefix("ml-ctd-").tempdir_in("/tmp").expect("temp dir");
@@ -56,26 +73,62 @@ impl Containerd {
             bin.join("containerd-shim-matchlock-v1"),
         )
         .unwrap();
+        let bridge = format!("mlcri{}", std::process::id() % 100_000);
+        let plugins = if cri {
+            std::fs::create_dir(dir.path().join("cni")).unwrap();
+            let conflist = serde_json::json!({
+                "cniVersion": "0.4.0", "name": bridge, "plugins": [{
+                    "type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
+                    "ipam": {"type": "host-local", "ranges": [[{"subnet": format!("{POD_SUBNET}.0/24")}]],
+                             "dataDir": format!("{d}/ipam")}}]});
+            std::fs::write(dir.path().join("cni/10-mlcri.conflist"), conflist.to_string()).unwrap();
+            format!(
+                r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.test/pause:1"
+  restrict_oom_score_adj = true
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{d}/cni"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.matchlock]
+    runtime_type = "io.containerd.matchlock.v1"
+"#
+            )
+        } else {
+            String::new()
+        };
+        let disabled = if cri { "" } else { r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"# };
         let config = format!(
             r#"version = 2
 root = "{d}/root"
 state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{disabled}
 [grpc]
   address = "{d}/containerd.sock"
 [ttrpc]
   address = "{d}/containerd.sock.ttrpc"
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
-"#
+{plugins}"#
         );
         std::fs::write(dir.path().join("config.toml"), config).unwrap();
         let extra_env: Vec<(String, PathBuf)> = env.iter().map(|(k, v)| ((*k).to_owned(), v.to_path_buf())).collect();
         let daemon = spawn_daemon(&home, dir.path(), &extra_env);
-        let c = Self { dir, daemon, home, extra_env };
+        let namespace = if cri { "k8s.io" } else { NAMESPACE };
+        let c = Self { dir, daemon, home, extra_env, namespace, bridge: cri.then_some(bridge) };
         c.wait_ready();
         let tarball = common::fixture("busybox.tar");
         ok(&c.ctr(&["image", "import", "--index-name", IMAGE]).arg(&tarball).output().unwrap());
+        if cri {
+            ok(&c
+                .ctr(&["image", "import", "--index-name", "registry.test/pause:1"])
+                .arg(common::fixture("pause.tar"))
+                .output()
+                .unwrap());
+            ok(&c.ctr(&["image", "import"]).arg(common::fixture("layered.tar")).output().unwrap());
+        }
         c
     }
 
@@ -97,7 +150,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     fn ctr(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("ctr");
-        cmd.arg("--address").arg(self.dir.path().join("containerd.sock")).args(["-n", NAMESPACE]).args(args);
+        cmd.arg("--address").arg(self.dir.path().join("containerd.sock")).args(["-n", self.namespace]).args(args);
         cmd.stdin(Stdio::null());
         cmd
     }
@@ -203,6 +256,9 @@ impl Drop for Containerd {
         let _ = self.daemon.wait();
         for pid in self.shims() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+        if let Some(bridge) = &self.bridge {
+            let _ = Command::new("ip").args(["link", "del", bridge]).output();
         }
         // Only mounts under our own directory, which is never empty.
         let ours = self.dir.path().to_string_lossy().into_owned();
@@ -726,4 +782,85 @@ fn a_pods_containers_share_one_vm_each_with_its_own_root() {
         ok(&c.out(&["container", "rm", name]));
     }
     c.assert_clean();
+}
+
+/// The CRI client (`scripts/install-cri-client.sh`) playing kubelet (`tests/fixtures/cri_pod.py`).
+fn cri(c: &Containerd, phase: &str, egress: &str) -> serde_json::Value {
+    let site = Command::new("bash").arg(common::repo_root().join("scripts/install-cri-client.sh")).output().unwrap();
+    let site = ok(&site).trim().to_owned();
+    let logs = c.dir.path().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let out = Command::new("python3")
+        .arg(common::repo_root().join("tests/fixtures/cri_pod.py"))
+        .arg(c.dir.path().join("containerd.sock"))
+        .arg(&logs)
+        .arg(egress)
+        .arg(phase)
+        .env("PYTHONPATH", site)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cri_pod.py {phase}: {}\n{}", stderr(&out), c.log());
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+fn netns_names() -> Vec<String> {
+    std::fs::read_dir("/var/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn a_kubernetes_pod_runs_in_one_vm_through_containerds_cri() {
+    let namespaces_before = netns_names();
+    let c = Containerd::start_cri();
+    // What the pod reaches on the node: a server that notes who connected.
+    let server = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let peers = std::sync::Arc::clone(&peers);
+        std::thread::spawn(move || {
+            for conn in server.incoming().flatten() {
+                peers.lock().unwrap().push(conn.peer_addr().unwrap().ip().to_string());
+                let mut conn = conn;
+                let mut buf = [0u8; 1024];
+                let _ = std::io::Read::read(&mut conn, &mut buf);
+                let _ = std::io::Write::write_all(&mut conn, b"HTTP/1.0 200 OK\r\n\r\nhello-from-the-node\n");
+            }
+        });
+    }
+    let egress = format!("http://{POD_SUBNET}.1:{port}/");
+    let up = cri(&c, "up", &egress);
+    let pod_ip = up["pod_ip"].as_str().unwrap().to_owned();
+    assert!(pod_ip.starts_with(POD_SUBNET), "{up}");
+    let qemus = || c.home.pids().into_iter().filter(|(_, cmd)| cmd.contains("qemu-system")).count();
+    assert_eq!(qemus(), 1, "the pod is one VM: {up}");
+
+    // Egress leaves with the pod's IP; localhost and separate roots inside the pod.
+    let log = up["client_log"].as_str().unwrap();
+    assert!(log.contains("hello-from-web"), "localhost reaches the other container: {up}");
+    assert!(log.contains("hello-from-the-node"), "egress: {up}");
+    assert!(log.contains("has-data") && log.contains("no-www"), "each container has its own root: {up}");
+    assert!(log.contains(" stdout F "), "the log is in CRI's format: {log}");
+    assert_eq!(peers.lock().unwrap().as_slice(), [pod_ip.clone()], "the node saw the pod's IP");
+    // ExecSync, with its timeout, and stats.
+    assert_eq!(up["exec"], serde_json::json!({"exit_code": 3, "stdout": "out\n", "stderr": "err\n"}), "{up}");
+    assert_eq!(up["exec_timeout"], "DEADLINE_EXCEEDED", "{up}");
+    assert!(up["memory_working_set"].as_u64().unwrap() > 0, "{up}");
+    // Ingress: the pod IP on the web container's port.
+    let mut conn = std::net::TcpStream::connect((pod_ip.as_str(), 8080)).expect("the pod IP answers on 8080");
+    std::io::Write::write_all(&mut conn, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut answer).unwrap();
+    assert!(answer.contains("hello-from-web"), "{answer}");
+
+    let down = cri(&c, "down", &egress);
+    assert_eq!(down["web"], 0, "StopContainer's SIGTERM reached the trap within the grace period: {down}");
+    assert_eq!(down["pods_left"], 0, "{down}");
+    assert_eq!(qemus(), 0);
+    c.assert_clean();
+    assert_eq!(netns_names(), namespaces_before, "the pod's network namespace is gone");
 }
