@@ -845,7 +845,7 @@ fn a_kubernetes_pod_runs_in_one_vm_through_containerds_cri() {
     assert!(log.contains("hello-from-the-node"), "egress: {up}");
     assert!(log.contains("has-data") && log.contains("no-www"), "each container has its own root: {up}");
     assert!(log.contains(" stdout F "), "the log is in CRI's format: {log}");
-    assert_eq!(peers.lock().unwrap().as_slice(), [pod_ip.clone()], "the node saw the pod's IP");
+    assert_eq!(*peers.lock().unwrap(), vec![pod_ip.clone()], "the node saw the pod's IP");
     // ExecSync, with its timeout, and stats.
     assert_eq!(up["exec"], serde_json::json!({"exit_code": 3, "stdout": "out\n", "stderr": "err\n"}), "{up}");
     assert_eq!(up["exec_timeout"], "DEADLINE_EXCEEDED", "{up}");
