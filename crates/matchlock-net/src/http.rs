@@ -367,7 +367,8 @@ async fn forward(
         return blocked("blocked by an interception rule");
     }
     let (method, path, request_headers) = (parts.method.clone(), parts.uri.path().to_owned(), parts.headers.clone());
-    let Ok(injected) = secrets::apply_to_request(&mut parts, &dest.host, shared.policy.secrets()) else {
+    let sandbox_secrets = shared.policy.secrets();
+    let Ok(injected) = secrets::apply_to_request(&mut parts, &dest.host, &sandbox_secrets) else {
         return blocked("secret placeholder sent to a host the secret is not for");
     };
     // An echoing server could hand a value back a few bytes per request, each piece too
@@ -376,7 +377,7 @@ async fn forward(
         return blocked("a Range request carrying a secret (allow with --allow-secret-ranges)");
     }
     // Everything this host sends back is scrubbed of the values it may have been given.
-    let scrubbed = secrets::for_destination(&dest.host, shared.policy.secrets());
+    let scrubbed = secrets::for_destination(&dest.host, &sandbox_secrets);
     if !scrubbed.is_empty() {
         parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);

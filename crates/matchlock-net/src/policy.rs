@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use matchlock_api::config::Secret;
 
@@ -105,12 +105,24 @@ pub enum Blocked {
     Rule(String),
 }
 
+/// Why a secret's value cannot be set at runtime.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SecretValueError {
+    /// No secret of that name.
+    #[error("the sandbox has no secret {0}")]
+    Unknown(String),
+    /// It already has another value.
+    #[error("the secret {0} already has another value")]
+    Conflict(String),
+}
+
 /// The network policy of one sandbox, shared by every connection and changed at runtime.
 #[derive(Debug)]
 pub struct Policy {
     allowed_hosts: RwLock<Vec<String>>,
     block_private_ips: bool,
-    secrets: Vec<Secret>,
+    /// Replaced whole when a value arrives at runtime ([`Policy::set_secret_value`]).
+    secrets: RwLock<Arc<Vec<Secret>>>,
     /// Addresses the sandbox's DNS answered for allowed names, for non-HTTP ports.
     resolved: Mutex<HashMap<Ipv4Addr, String>>,
     /// Name → address pairs the user configured for the guest (`--add-host`).
@@ -134,7 +146,7 @@ impl Policy {
         Self {
             allowed_hosts: RwLock::new(hosts),
             block_private_ips,
-            secrets,
+            secrets: RwLock::new(Arc::new(secrets)),
             resolved: Mutex::new(HashMap::new()),
             pinned: Vec::new(),
             secret_ranges: false,
@@ -185,9 +197,33 @@ impl Policy {
         removed
     }
 
-    /// The secrets this sandbox may send.
-    pub fn secrets(&self) -> &[Secret] {
-        &self.secrets
+    /// The secrets this sandbox may send: those with a value (a pod's secret has none until
+    /// one of its containers brings it; its placeholder then goes out as it is).
+    pub fn secrets(&self) -> Arc<Vec<Secret>> {
+        let all = self.secrets.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if all.iter().all(|s| !s.value.is_empty()) {
+            return all;
+        }
+        Arc::new(all.iter().filter(|s| !s.value.is_empty()).cloned().collect())
+    }
+
+    /// Gives the secret `name` its value, once: a later different value is refused (one
+    /// placeholder stands for one value); the same value again is fine.
+    pub fn set_secret_value(&self, name: &str, value: &str) -> Result<(), SecretValueError> {
+        let mut current = self.secrets.write().unwrap_or_else(|e| e.into_inner());
+        let Some(index) = current.iter().position(|s| s.name == name) else {
+            return Err(SecretValueError::Unknown(name.to_owned()));
+        };
+        match current[index].value.as_str() {
+            "" if !value.is_empty() => {
+                let mut next = (**current).clone();
+                next[index].value = value.to_owned();
+                *current = Arc::new(next);
+                Ok(())
+            }
+            v if v == value => Ok(()),
+            _ => Err(SecretValueError::Conflict(name.to_owned())),
+        }
     }
 
     /// Whether a host name (without port) passes the allow-list (empty list = all).
@@ -325,5 +361,17 @@ mod tests {
             assert_eq!(open.check_address(ip), Err(Blocked::HostAddress(ip)), "{ip}");
         }
         assert!(open.check_address("203.0.113.77".parse().unwrap()).is_ok(), "a remote address still passes");
+    }
+    #[test]
+    fn a_secret_gets_its_value_once_and_only_valued_secrets_are_sent() {
+        let pending = Secret::new("KEY", String::new(), vec!["api.test".into()]);
+        let policy = Policy::new(vec![], true, vec![pending]);
+        assert!(policy.secrets().is_empty(), "no value yet: nothing to substitute or scrub");
+        assert_eq!(policy.set_secret_value("KEY", "v1"), Ok(()));
+        assert_eq!(policy.secrets()[0].value, "v1");
+        assert_eq!(policy.set_secret_value("KEY", "v1"), Ok(()));
+        assert_eq!(policy.set_secret_value("KEY", "v2"), Err(SecretValueError::Conflict("KEY".into())));
+        assert_eq!(policy.set_secret_value("OTHER", "x"), Err(SecretValueError::Unknown("OTHER".into())));
+        assert_eq!(policy.secrets()[0].value, "v1");
     }
 }

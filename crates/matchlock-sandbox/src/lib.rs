@@ -787,6 +787,14 @@ impl Sandbox {
         snapshot::take(&machine.snapshotter(), self.snapshot_base.clone(), name).await
     }
 
+    /// Gives the secret `name` (declared without a value: a pod's, whose containers bring the
+    /// values) its value; the host substitutes it from now on. A second, different value is
+    /// refused.
+    pub fn set_secret_value(&self, name: &str, value: &str) -> Result<(), SandboxError> {
+        let network = self.network.as_ref().ok_or_else(|| SandboxError::Config("the sandbox has no network".into()))?;
+        network.policy.set_secret_value(name, value).map_err(|e| SandboxError::Config(e.to_string()))
+    }
+
     /// Freezes the guest (every vCPU stops; commands, timers and the network stall) until
     /// [`Sandbox::resume`].
     pub async fn pause(&self) -> Result<(), SandboxError> {

@@ -132,6 +132,8 @@ struct Container {
     rootfs: Option<Rootfs>,
     /// The pod whose VM it runs in, for a pod's container.
     pod: Option<String>,
+    /// Its `dev.matchlock.*` annotations (a pod's containers may carry the pod's).
+    policy: std::collections::BTreeMap<String, String>,
     config: SandboxConfig,
     /// Until the init exits (then the VM is stopped).
     sandbox: Option<Arc<Sandbox>>,
@@ -275,6 +277,7 @@ impl Service {
             bundle,
             rootfs: Some(rootfs),
             pod: None,
+            policy: spec::policy_annotations(&spec),
             config: plan.config,
             sandbox: Some(Arc::new(sandbox)),
             init,
@@ -300,17 +303,22 @@ impl Service {
         if !valid_id {
             return Err(format!("container id {:?}: a pod's container needs letters, digits, '_', '.', '-'", req.id));
         }
-        let (sandbox, config) = {
+        let (sandbox, config, policy) = {
             let containers = self.shared.containers.lock().await;
             let owner = containers
                 .get(&pod)
                 .filter(|c| c.pod.is_none())
                 .ok_or_else(|| format!("the pod {pod} has no sandbox in this shim"))?;
             let sandbox = owner.sandbox.clone().ok_or_else(|| format!("the pod {pod} has stopped"))?;
-            (sandbox, owner.config.clone())
+            (sandbox, owner.config.clone(), owner.policy.clone())
         };
         let root = format!("{POD_CONTAINERS}/{}/rootfs", req.id);
-        let plan = spec::member_plan(spec, &config, &root).map_err(|e| chain(&e))?;
+        let member = spec::member_plan(spec, &config, &policy, &root).map_err(|e| chain(&e))?;
+        // The values of the pod's secrets that this container holds go to the host's engine.
+        for (name, value) in &member.secret_values {
+            sandbox.set_secret_value(name, value).map_err(|e| chain(&e))?;
+        }
+        let plan = member.init;
         let tmp = matchlock_image::Store::open(&self.shared.store_root).map_err(|e| chain(&e))?.tmp_dir();
         let tar = rootfs::pack(&req.rootfs, &bundle, &entry_of(&plan), &root, &tmp).await.map_err(|e| chain(&e))?;
         let conn = sandbox.connect(matchlock_protocol::EXEC_PORT).await.map_err(|e| chain(&e))?;
@@ -321,6 +329,7 @@ impl Service {
             bundle,
             rootfs: None,
             pod: Some(pod),
+            policy,
             config,
             sandbox: Some(sandbox),
             init,

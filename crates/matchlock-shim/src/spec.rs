@@ -61,13 +61,40 @@ pub fn pod_of(spec: &Spec) -> Option<String> {
     spec.annotations().as_ref()?.get(CRI_SANDBOX_ID).filter(|id| !id.is_empty()).cloned()
 }
 
-/// The init of a pod's container: its process under the pod's sandbox `pod`, run with its
-/// own root file system at `root` in the pod's VM. Policy annotations belong to the pod.
-pub fn member_plan(spec: &Spec, pod: &SandboxConfig, root: &str) -> Result<ProcessPlan, SpecError> {
-    let annotations = spec.annotations().clone().unwrap_or_default();
-    if let Some(policy) = annotations.keys().find(|k| k.starts_with(ANNOTATION_PREFIX)) {
+/// Our annotations of a spec (containerd's CRI passes a pod's to each of its containers when
+/// its runtime lists them in `pod_annotations`).
+pub fn policy_annotations(spec: &Spec) -> BTreeMap<String, String> {
+    spec.annotations()
+        .as_ref()
+        .map(|a| {
+            a.iter().filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A pod's container, as it runs in the pod's VM.
+#[derive(Debug)]
+pub struct MemberPlan {
+    /// Its init, run with its own root file system.
+    pub init: ProcessPlan,
+    /// Values of the pod's secrets this container's environment holds (name, value): the
+    /// host substitutes them; the container sees placeholders.
+    pub secret_values: Vec<(String, String)>,
+}
+
+/// The init of a pod's container, under the pod's sandbox `pod` (whose policy annotations
+/// are `pod_policy`), run with its own root file system at `root` in the pod's VM.
+pub fn member_plan(
+    spec: &Spec,
+    pod: &SandboxConfig,
+    pod_policy: &BTreeMap<String, String>,
+    root: &str,
+) -> Result<MemberPlan, SpecError> {
+    let own = policy_annotations(spec);
+    if !own.is_empty() && own != *pod_policy {
+        let key = own.keys().find(|k| own.get(*k) != pod_policy.get(*k)).cloned().unwrap_or_default();
         return Err(SpecError::Unsupported(format!(
-            "the annotation {policy} on a pod's container: a pod's policy is set on the pod (its sandbox)"
+            "the annotation {key} on a pod's container: a pod's policy is set on the pod (its sandbox)"
         )));
     }
     let mut served = SandboxConfig::new("");
@@ -79,9 +106,18 @@ pub fn member_plan(spec: &Spec, pod: &SandboxConfig, root: &str) -> Result<Proce
         )));
     }
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
-    let mut plan = process_plan(process, pod)?;
-    plan.request.root = Some(root.to_owned());
-    Ok(plan)
+    let env = env_of(process)?;
+    let secrets: Vec<&str> = pod.network.iter().flat_map(|n| &n.secrets).map(|s| s.name.as_str()).collect();
+    let secret_values: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, v)| secrets.contains(&k.as_str()) && !v.is_empty())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut init = process_plan(process, pod)?;
+    // Placeholders only for the secrets this container has.
+    init.request.env.retain(|(k, _)| !secrets.contains(&k.as_str()) || env.iter().any(|(e, _)| e == k));
+    init.request.root = Some(root.to_owned());
+    Ok(MemberPlan { init, secret_values })
 }
 
 /// Every annotation we read; any other under [`ANNOTATION_PREFIX`] is refused as a typo.
@@ -430,10 +466,12 @@ fn network(
     network.allowed_hosts = hosts;
     network.block_private_ips = !allow_private;
     for spec in secret_specs {
-        let lookup = |name: &str| env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        // A pod's secret gets its value from the pod's containers (their env), later.
+        let lookup =
+            |name: &str| env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()).or(pod.then(String::new));
         let secret =
             parse_secret(spec, lookup).map_err(|e| SpecError::Invalid(format!("annotation {SECRETS}: {e}")))?;
-        if secret.value.is_empty() {
+        if secret.value.is_empty() && !pod {
             return Err(SpecError::Invalid(format!(
                 "annotation {SECRETS}: the container's environment has no value for {}",
                 secret.name
@@ -586,12 +624,16 @@ mod tests {
         assert_eq!(role(&member), Role::Member("p1".into()));
         let pod_config = plan("p1", &pod).expect("plan").config;
         assert!(!pod_config.network.as_ref().expect("network").block_private_ips, "a pod reaches its cluster");
-        let p = member_plan(&member, &pod_config, "/run/matchlock/containers/c/rootfs").expect("member plan");
-        assert_eq!(p.request.root.as_deref(), Some("/run/matchlock/containers/c/rootfs"));
+        let none = BTreeMap::new();
+        let p = member_plan(&member, &pod_config, &none, "/run/matchlock/containers/c/rootfs").expect("member plan");
+        assert_eq!(p.init.request.root.as_deref(), Some("/run/matchlock/containers/c/rootfs"));
         let with_policy =
             base(serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "p1",
             ALLOW_HOSTS: "x"}}));
-        assert!(matches!(member_plan(&with_policy, &pod_config, "/r"), Err(SpecError::Unsupported(_))));
+        assert!(matches!(member_plan(&with_policy, &pod_config, &none, "/r"), Err(SpecError::Unsupported(_))));
+        let passed_through = policy_annotations(&with_policy);
+        member_plan(&with_policy, &pod_config, &passed_through, "/r")
+            .expect("the pod's own annotations, passed through");
         let mut with_volume = member;
         let cri_binds: Vec<Mount> = serde_json::from_value(serde_json::json!([
             {"destination": "/dev/shm", "type": "bind", "source": "/run/x/shm", "options": ["rbind", "ro"]},
@@ -600,7 +642,7 @@ mod tests {
         ]))
         .unwrap();
         with_volume.set_mounts(Some(cri_binds.clone()));
-        member_plan(&with_volume, &pod_config, "/r").expect("CRI's own binds are the guest's");
+        member_plan(&with_volume, &pod_config, &none, "/r").expect("CRI's own binds are the guest's");
         let mut binds = cri_binds;
         binds.push(
             serde_json::from_value(serde_json::json!(
@@ -608,8 +650,34 @@ mod tests {
             .unwrap(),
         );
         with_volume.set_mounts(Some(binds));
-        let err = member_plan(&with_volume, &pod_config, "/r").unwrap_err().to_string();
+        let err = member_plan(&with_volume, &pod_config, &none, "/r").unwrap_err().to_string();
         assert!(err.contains("/config"), "{err}");
+    }
+
+    #[test]
+    fn a_pods_secret_takes_its_value_from_the_container_that_has_it() {
+        let pod_spec =
+            base(serde_json::json!({"process": {"args": ["sleep", "1"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "annotations": {CRI_CONTAINER_TYPE: "sandbox", CRI_SANDBOX_ID: "p", SECRETS: "KEY@api.test"}}));
+        let pod = plan("p", &pod_spec).expect("a pod's secret needs no value of its own").config;
+        let secret = &pod.network.as_ref().expect("network").secrets[0];
+        assert!(secret.value.is_empty() && secret.placeholder.starts_with("SANDBOX_SECRET_"));
+        let policy = policy_annotations(&pod_spec);
+        let member = base(serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "p",
+            SECRETS: "KEY@api.test"}, "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "env": ["PATH=/bin", "KEY=the-value"]}}));
+        let m = member_plan(&member, &pod, &policy, "/r").expect("member");
+        assert_eq!(m.secret_values, [("KEY".to_owned(), "the-value".to_owned())]);
+        let env = &m.init.request.env;
+        assert!(env.contains(&("KEY".into(), secret.placeholder.clone())), "{env:?}");
+        assert!(!format!("{env:?}").contains("the-value"));
+        let other = base(serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "p"},
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin"]}}));
+        let o = member_plan(&other, &pod, &policy, "/r").expect("member");
+        assert!(
+            o.secret_values.is_empty() && !o.init.request.env.iter().any(|(k, _)| k == "KEY"),
+            "no placeholder without the secret"
+        );
     }
 
     #[test]

@@ -94,6 +94,7 @@ impl Containerd {
     runtime_type = "io.containerd.runc.v2"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.matchlock]
     runtime_type = "io.containerd.matchlock.v1"
+    pod_annotations = ["dev.matchlock.*"]
 "#
             )
         } else {
@@ -816,23 +817,27 @@ fn netns_names() -> Vec<String> {
 fn a_kubernetes_pod_runs_in_one_vm_through_containerds_cri() {
     let namespaces_before = netns_names();
     let c = Containerd::start_cri();
-    // What the pod reaches on the node: a server that notes who connected.
-    let server = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    // What the pod reaches on the node: a server that notes who connected and what it sent.
+    // Port 80: HTTP is intercepted (and secrets substituted) on the HTTP ports.
+    let server = std::net::TcpListener::bind("0.0.0.0:80").expect("port 80 free for the node's test server");
     let port = server.local_addr().unwrap().port();
-    let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    // (peer address, request head) of each connection.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
     {
-        let peers = std::sync::Arc::clone(&peers);
+        let seen = std::sync::Arc::clone(&seen);
         std::thread::spawn(move || {
             for conn in server.incoming().flatten() {
-                peers.lock().unwrap().push(conn.peer_addr().unwrap().ip().to_string());
+                let peer = conn.peer_addr().unwrap().ip().to_string();
                 let mut conn = conn;
-                let mut buf = [0u8; 1024];
-                let _ = std::io::Read::read(&mut conn, &mut buf);
+                let mut buf = [0u8; 4096];
+                let n = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
+                seen.lock().unwrap().push((peer, String::from_utf8_lossy(&buf[..n]).into_owned()));
                 let _ = std::io::Write::write_all(&mut conn, b"HTTP/1.0 200 OK\r\n\r\nhello-from-the-node\n");
             }
         });
     }
-    let egress = format!("http://{POD_SUBNET}.1:{port}/");
+    assert_eq!(port, 80);
+    let egress = format!("http://{POD_SUBNET}.1/");
     let up = cri(&c, "up", &egress);
     let pod_ip = up["pod_ip"].as_str().unwrap().to_owned();
     assert!(pod_ip.starts_with(POD_SUBNET), "{up}");
@@ -845,7 +850,14 @@ fn a_kubernetes_pod_runs_in_one_vm_through_containerds_cri() {
     assert!(log.contains("hello-from-the-node"), "egress: {up}");
     assert!(log.contains("has-data") && log.contains("no-www"), "each container has its own root: {up}");
     assert!(log.contains(" stdout F "), "the log is in CRI's format: {log}");
-    assert_eq!(*peers.lock().unwrap(), vec![pod_ip.clone()], "the node saw the pod's IP");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|(peer, _)| *peer == pod_ip), "the node saw the pod's IP: {seen:?}");
+    // The pod's secret: its value came from the client's env, reached the node only on the way
+    // out; the container saw its placeholder.
+    let with_key = &seen.iter().find(|(_, head)| head.contains("with-key")).expect("the request with the key").1;
+    assert!(with_key.contains("Bearer pod-secret-value-5c1e"), "the node received the value: {with_key}");
+    assert!(log.contains("key=SANDBOX_SECRET_") && !log.contains("pod-secret-value-5c1e"), "{log}");
     // ExecSync, with its timeout, and stats.
     assert_eq!(up["exec"], serde_json::json!({"exit_code": 3, "stdout": "out\n", "stderr": "err\n"}), "{up}");
     assert_eq!(up["exec_timeout"], "DEADLINE_EXCEEDED", "{up}");
