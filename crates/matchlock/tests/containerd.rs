@@ -783,6 +783,28 @@ fn a_pods_containers_share_one_vm_each_with_its_own_root() {
         ok(&c.out(&["container", "rm", name]));
     }
     c.assert_clean();
+
+    // kill -9 of the pod's QEMU: every container of the pod is reported exited.
+    let pod2 = |name: &str, sandbox: bool, cmd: &[&str]| {
+        let mut args: Vec<String> = vec!["run".into(), "-d".into(), "--runtime".into(), RUNTIME.into()];
+        args.extend(pod_annotations("pod2", sandbox));
+        args.extend([IMAGE.to_owned(), name.to_owned()]);
+        args.extend(cmd.iter().map(|a| (*a).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&c.out(&args));
+        c.wait_status(name, "RUNNING");
+    };
+    pod2("pod2", true, &["sleep", "3600"]);
+    pod2("worker", false, &["sleep", "3600"]);
+    let qemu = c.home.pids().into_iter().find(|(_, cmd)| cmd.contains("qemu-system")).expect("the pod's QEMU").0;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu), nix::sys::signal::SIGKILL).unwrap();
+    c.wait_status("pod2", "STOPPED");
+    c.wait_status("worker", "STOPPED");
+    for name in ["worker", "pod2"] {
+        ok(&c.out(&["task", "rm", name]));
+        ok(&c.out(&["container", "rm", name]));
+    }
+    c.assert_clean();
 }
 
 /// The CRI client (`scripts/install-cri-client.sh`) playing kubelet (`tests/fixtures/cri_pod.py`).
