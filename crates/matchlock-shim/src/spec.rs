@@ -30,6 +30,12 @@ pub const ALLOW_PRIVATE_IPS: &str = "dev.matchlock.allow-private-ips";
 
 /// CRI's annotation telling a pod's sandbox container (`sandbox`) from its containers.
 pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI's memory limit of a pod (bytes), on its sandbox container.
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+/// CRI's CPU quota of a pod (CFS µs per period), on its sandbox container.
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// CRI's CPU period of a pod (CFS µs), on its sandbox container.
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 /// CRI's annotation naming the pod (its sandbox container's id).
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 
@@ -303,8 +309,12 @@ fn resources(
     config: &mut SandboxConfig,
 ) -> Result<(), SpecError> {
     let limits = spec.linux().as_ref().and_then(|l| l.resources().clone());
+    // CRI's sizing of a pod (the sum of its containers' limits), in bytes and CFS units.
+    let cri = |key: &str| annotations.get(key).and_then(|v| v.trim().parse::<i64>().ok()).filter(|v| *v > 0);
     if let Some(v) = annotations.get(MEMORY) {
         config.memory_mb = parse_mb(v).ok_or_else(|| SpecError::Invalid(format!("annotation {MEMORY}: {v:?}")))?;
+    } else if let Some(bytes) = cri(CRI_SANDBOX_MEMORY) {
+        config.memory_mb = (bytes as u64).div_ceil(1 << 20).max(64);
     } else if let Some(bytes) = limits.as_ref().and_then(|r| r.memory().as_ref()).and_then(|m| m.limit()) {
         if bytes > 0 {
             config.memory_mb = (bytes as u64).div_ceil(1 << 20).max(64);
@@ -317,6 +327,8 @@ fn resources(
             .ok()
             .filter(|c| *c > 0.0 && c.is_finite())
             .ok_or_else(|| SpecError::Invalid(format!("annotation {CPUS}: {v:?}")))?;
+    } else if let (Some(quota), Some(period)) = (cri(CRI_SANDBOX_CPU_QUOTA), cri(CRI_SANDBOX_CPU_PERIOD)) {
+        config.cpus = quota as f64 / period as f64;
     } else if let Some(cpu) = limits.as_ref().and_then(|r| r.cpu().as_ref()) {
         if let (Some(quota), Some(period)) = (cpu.quota(), cpu.period()) {
             if quota > 0 && period > 0 {
@@ -581,6 +593,10 @@ mod tests {
         let p = plan("c", &s).expect("plan");
         assert_eq!((p.config.memory_mb, p.config.cpus), (1024, 2.0));
         assert!(plan("c", &base(serde_json::json!({"annotations": {MEMORY: "lots"}}))).is_err());
+        let s = base(serde_json::json!({"annotations": {CRI_SANDBOX_MEMORY: "805306368",
+            CRI_SANDBOX_CPU_QUOTA: "150000", CRI_SANDBOX_CPU_PERIOD: "100000"}}));
+        let p = plan("c", &s).expect("plan");
+        assert_eq!((p.config.memory_mb, p.config.cpus), (768, 1.5), "a pod sized by CRI");
     }
 
     #[test]
