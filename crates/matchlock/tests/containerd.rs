@@ -884,6 +884,16 @@ fn a_kubernetes_pod_runs_in_one_vm_through_containerds_cri() {
     assert_eq!(up["exec"], serde_json::json!({"exit_code": 3, "stdout": "out\n", "stderr": "err\n"}), "{up}");
     assert_eq!(up["exec_timeout"], "DEADLINE_EXCEEDED", "{up}");
     assert!(up["memory_working_set"].as_u64().unwrap() > 0, "{up}");
+    assert_eq!(up["update"], "UNIMPLEMENTED", "UpdateContainerResources is refused clearly: {up}");
+    assert_eq!(
+        (&up["oneshot_0"], &up["oneshot_1"]),
+        (&serde_json::json!(4), &serde_json::json!(4)),
+        "a restart in the pod: {up}"
+    );
+    for (attempt, file) in [(0, "oneshot.log"), (1, "oneshot-1.log")] {
+        let log = std::fs::read_to_string(c.dir.path().join("pod-logs").join(file)).unwrap_or_default();
+        assert!(log.contains(&format!("run-{attempt}")), "{file}: {log}");
+    }
     // Ingress: the pod IP on the web container's port.
     let mut conn = std::net::TcpStream::connect((pod_ip.as_str(), 8080)).expect("the pod IP answers on 8080");
     std::io::Write::write_all(&mut conn, b"GET / HTTP/1.0\r\n\r\n").unwrap();
