@@ -805,6 +805,26 @@ fn a_pods_containers_share_one_vm_each_with_its_own_root() {
         ok(&c.out(&["container", "rm", name]));
     }
     c.assert_clean();
+
+    // kill -9 of the pod's shim: containerd's `delete` of each container cleans up.
+    let pod3 = |name: &str, sandbox: bool| {
+        let mut args: Vec<String> = vec!["run".into(), "-d".into(), "--runtime".into(), RUNTIME.into()];
+        args.extend(pod_annotations("pod3", sandbox));
+        args.extend([IMAGE.to_owned(), name.to_owned(), "sleep".to_owned(), "3600".to_owned()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&c.out(&args));
+        c.wait_status(name, "RUNNING");
+    };
+    pod3("pod3", true);
+    pod3("helper", false);
+    assert_eq!(c.shims().len(), 1, "one shim for the pod");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.shims()[0]), nix::sys::signal::SIGKILL).unwrap();
+    c.wait_status("pod3", "");
+    c.wait_status("helper", "");
+    for name in ["helper", "pod3"] {
+        ok(&c.out(&["container", "rm", name]));
+    }
+    c.assert_clean();
 }
 
 /// The CRI client (`scripts/install-cri-client.sh`) playing kubelet (`tests/fixtures/cri_pod.py`).
