@@ -52,17 +52,21 @@ impl Containerd {
     }
 
     fn start_with(env: &[(&str, &Path)]) -> Self {
-        Self::launch(env, false)
+        Self::launch(env, false, home())
+    }
+
+    /// With an image store of its own (what it caches is its own to count).
+    fn start_isolated() -> Self {
+        Self::launch(&[], false, common::isolated_home())
     }
 
     /// containerd with its CRI plugin: a CNI bridge and subnet of the test's own, the
     /// runtime handler `matchlock`, the pause, busybox and layered images in `k8s.io`.
     fn start_cri() -> Self {
-        Self::launch(&[], true)
+        Self::launch(&[], true, home())
     }
 
-    fn launch(env: &[(&str, &Path)], cri: bool) -> Self {
-        let home = home();
+    fn launch(env: &[(&str, &Path)], cri: bool, home: Home) -> Self {
         // Unix socket paths are short: directly under /tmp.
         let dir = tempfile::Builder::new().prefix("ml-ctd-").tempdir_in("/tmp").expect("temp dir");
         let d = dir.path().display().to_string();
@@ -279,7 +283,7 @@ fn host_release() -> String {
 
 #[test]
 fn ctr_run_gives_exact_output_exit_code_env_and_cwd_and_the_second_container_reuses_the_rootfs() {
-    let c = Containerd::start();
+    let c = Containerd::start_isolated();
     let script = "echo out; echo err >&2; echo foo=$FOO; pwd; uname -r; hostname; ulimit -n; exit 42";
     let run = |name: &str| {
         c.out(&[
@@ -315,9 +319,8 @@ fn ctr_run_gives_exact_output_exit_code_env_and_cwd_and_the_second_container_reu
             .filter(|l| l.starts_with("containerd-rootfs/"))
             .count()
     };
-    // The image store is shared by the tests (each containerd has its own snapshots).
     let kept = rootfs_images();
-    assert!(kept >= 1, "the image's rootfs is kept, keyed by its snapshot chain");
+    assert_eq!(kept, 1, "the image's rootfs is kept, keyed by its snapshot chain");
     let out = run("second");
     assert_eq!(out.status.code(), Some(42), "{}", stderr(&out));
     assert_eq!(rootfs_images(), kept, "the second container of the image reuses the first one's rootfs");
