@@ -248,8 +248,28 @@ impl Events {
     }
 }
 
+impl Containerd {
+    /// The network namespaces the CRI plugin made for this containerd's pods (named in
+    /// their sandbox specs under its own state directory).
+    fn pod_namespaces(&self) -> Vec<PathBuf> {
+        let tasks = self.dir.path().join("state/io.containerd.runtime.v2.task").join(self.namespace);
+        std::fs::read_dir(tasks)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|bundle| std::fs::read(bundle.path().join("config.json")).ok())
+            .filter_map(|spec| serde_json::from_slice::<serde_json::Value>(&spec).ok())
+            .flat_map(|spec| spec["linux"]["namespaces"].as_array().cloned().unwrap_or_default())
+            .filter(|ns| ns["type"] == "network")
+            .filter_map(|ns| ns["path"].as_str().filter(|p| p.starts_with("/var/run/netns/cni-")).map(PathBuf::from))
+            .collect()
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // A test that failed half-way leaves its pods: their namespaces are ours to remove.
+        let pod_namespaces = if self.bridge.is_some() { self.pod_namespaces() } else { Vec::new() };
         for (task, _) in self.tasks() {
             let _ = self.out(&["task", "kill", "-s", "SIGKILL", &task]);
             let _ = self.out(&["task", "rm", "-f", &task]);
@@ -264,6 +284,9 @@ impl Drop for Containerd {
         }
         if let Some(bridge) = &self.bridge {
             let _ = Command::new("ip").args(["link", "del", bridge]).output();
+        }
+        for ns in pod_namespaces.iter().filter_map(|p| p.file_name()).filter_map(|n| n.to_str()) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
         // Only mounts under our own directory, which is never empty.
         let ours = self.dir.path().to_string_lossy().into_owned();
