@@ -376,6 +376,9 @@ impl Service {
         let exit_tx = proc.exit_tx.clone();
         let service = self.clone();
         let (id_owned, exec_owned) = (id.to_owned(), exec_id.to_owned());
+        // Its exit is reported after its start, however fast it ends (as containerd's own
+        // shims hold exits until the start event is out).
+        let (start_published, start_was_published) = tokio::sync::oneshot::channel::<()>();
         proc.runner = Some(tokio::spawn(async move {
             let io = ExecIo { stdin: reader, stdout, stderr, control: control_rx };
             let code = match sandbox.exec(plan.mode, &plan.request, io).await {
@@ -390,6 +393,7 @@ impl Service {
             if let Some(logger) = logger {
                 logger.finish().await;
             }
+            let _ = start_was_published.await;
             service.process_exited(&id_owned, &exec_owned, code, exit_tx).await;
         }));
         let pid = std::process::id();
@@ -409,6 +413,7 @@ impl Service {
                 Box::new(ev::TaskStart { container_id: id.to_owned(), pid, ..Default::default() }),
             )
             .await;
+            let _ = start_published.send(());
         } else {
             drop(containers);
             self.publish(
@@ -421,6 +426,7 @@ impl Service {
                 }),
             )
             .await;
+            let _ = start_published.send(());
         }
         Ok(pid)
     }
