@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 fn test_home() -> &'static common::Home {
     static HOME: OnceLock<common::Home> = OnceLock::new();
     HOME.get_or_init(|| {
-        let home = common::home();
+        let home = common::process_home();
         for (k, v) in home.env() {
             std::env::set_var(k, v);
         }

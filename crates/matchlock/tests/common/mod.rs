@@ -95,12 +95,20 @@ pub(crate) fn shared() -> &'static Shared {
 /// Name prefix of a test process's shared cache, followed by its PID.
 const SHARED_CACHE_PREFIX: &str = "matchlock-test-cache-shared-";
 
+/// Name prefix of a test process's own HOME ([`process_home`]), followed by its PID.
+const PROCESS_HOME_PREFIX: &str = "matchlock-test-home-process-";
+
 /// Removes the shared caches of test processes that have ended.
 fn remove_stale_caches() {
+    remove_stale(SHARED_CACHE_PREFIX);
+}
+
+/// Removes the temporary directories named `<prefix><pid>-…` of processes that have ended.
+fn remove_stale(prefix: &str) {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(SHARED_CACHE_PREFIX).and_then(|rest| rest.split('-').next()) else {
+        let Some(pid) = name.strip_prefix(prefix).and_then(|rest| rest.split('-').next()) else {
             continue;
         };
         if !Path::new("/proc").join(pid).exists() {
@@ -140,6 +148,17 @@ pub(crate) fn debian_image() -> &'static str {
 /// A fresh HOME sharing the process-wide cache and images.
 pub(crate) fn home() -> Home {
     Home::new(shared().tools.clone())
+}
+
+/// A HOME for the whole test process (whose environment points at it): named by the process
+/// and removed by a later one once this one has ended (a static is never dropped).
+pub(crate) fn process_home() -> Home {
+    remove_stale(PROCESS_HOME_PREFIX);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{PROCESS_HOME_PREFIX}{}-", std::process::id()))
+        .tempdir()
+        .expect("temp home");
+    Home { dir, tools: shared().tools.clone(), _own_cache: None }
 }
 
 /// A fresh HOME with an empty cache (image store) of its own.
