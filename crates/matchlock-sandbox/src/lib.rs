@@ -118,8 +118,8 @@ fn logged<T, E: std::error::Error>(result: Result<T, E>, step: &str) {
     }
 }
 
-/// `e` and its sources, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// `e` and its sources, `: `-separated (how front ends print an error).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

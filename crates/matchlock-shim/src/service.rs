@@ -24,7 +24,7 @@ use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim_protos::ttrpc::{self, Code};
 use matchlock_api::SandboxConfig;
 use matchlock_protocol::exec::WindowSize;
-use matchlock_sandbox::{Control, ExecIo, Sandbox};
+use matchlock_sandbox::{error_chain as chain, Control, ExecIo, Sandbox};
 use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::rootfs::{self, Rootfs};
@@ -52,18 +52,6 @@ fn status(code: Code, message: impl Into<String>) -> ttrpc::Error {
 
 fn not_found(what: impl std::fmt::Display) -> ttrpc::Error {
     status(Code::NOT_FOUND, format!("{what}: not found"))
-}
-
-/// An error with its chain of causes, for containerd to print.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn now() -> Timestamp {
