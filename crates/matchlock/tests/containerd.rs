@@ -192,6 +192,13 @@ state = "{d}/state"
         }
     }
 
+    /// `ctr task rm` then `ctr container rm` of a stopped task.
+    #[track_caller]
+    fn remove(&self, name: &str) {
+        ok(&self.out(&["task", "rm", name]));
+        ok(&self.out(&["container", "rm", name]));
+    }
+
     /// Our shim processes (their command line names this containerd's socket).
     fn shims(&self) -> Vec<i32> {
         common::processes_mentioning(&self.dir.path().to_string_lossy())
@@ -204,9 +211,24 @@ state = "{d}/state"
     /// Records `ctr events` until [`Events::topics`].
     fn events(&self) -> Events {
         let mut child = self.ctr(&["events"]).stdout(Stdio::piped()).spawn().unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap());
-        let lines = std::thread::spawn(move || lines.lines().map_while(Result::ok).collect());
-        std::thread::sleep(Duration::from_millis(300));
+        let reader = BufReader::new(child.stdout.take().unwrap());
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let collected = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            reader.lines().map_while(Result::ok).for_each(|l| collected.lock().unwrap().push(l))
+        });
+        // Subscribed once an event of our own shows up.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in 0.. {
+            let marker = format!("ml-events-ready-{n}");
+            ok(&self.ctr(&["namespaces", "create", &marker]).output().unwrap());
+            ok(&self.ctr(&["namespaces", "remove", &marker]).output().unwrap());
+            std::thread::sleep(Duration::from_millis(100));
+            if lines.lock().unwrap().iter().any(|l| l.contains("/namespaces/")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "ctr events never subscribed");
+        }
         Events { child, lines }
     }
 
@@ -231,20 +253,28 @@ state = "{d}/state"
 /// A running `ctr events`.
 struct Events {
     child: Child,
-    lines: std::thread::JoinHandle<Vec<String>>,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Events {
     /// The task topics containerd published so far, in order.
-    fn topics(mut self) -> Vec<String> {
-        std::thread::sleep(Duration::from_millis(500));
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        let lines = self.lines.join().unwrap();
+    fn seen(&self) -> Vec<String> {
+        let lines = self.lines.lock().unwrap();
         lines
             .iter()
             .filter_map(|l| l.split_whitespace().find(|f| f.starts_with("/tasks/")).map(str::to_owned))
             .collect()
+    }
+
+    /// The task topics, once `complete` says they are all there (or after 20 s).
+    fn topics(mut self, complete: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !complete(&self.seen()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.seen()
     }
 }
 
@@ -398,8 +428,7 @@ fn a_detached_task_execs_lists_reports_metrics_pauses_and_takes_signals() {
     ok(&c.out(&["task", "kill", "-s", "SIGTERM", "web"]));
     c.wait_status("web", "STOPPED");
     assert_eq!(std::fs::read_to_string(data.path().join("term")).unwrap().trim(), "got TERM");
-    ok(&c.out(&["task", "rm", "web"]));
-    ok(&c.out(&["container", "rm", "web"]));
+    c.remove("web");
     c.assert_clean();
 }
 
@@ -516,11 +545,9 @@ fn events_arrive_in_lifecycle_order() {
     ok(&c.out(&["task", "resume", "ev"]));
     ok(&c.out(&["task", "kill", "-s", "SIGKILL", "ev"]));
     c.wait_status("ev", "STOPPED");
-    ok(&c.out(&["task", "rm", "ev"]));
-    ok(&c.out(&["container", "rm", "ev"]));
+    c.remove("ev");
     // A process that ends at once is still reported started before it exits.
     ok(&c.out(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "quick", "true"]));
-    let topics = events.topics();
     let expected = [
         "/tasks/create",
         "/tasks/start",
@@ -536,6 +563,7 @@ fn events_arrive_in_lifecycle_order() {
         "/tasks/exit",
         "/tasks/delete",
     ];
+    let topics = events.topics(|t| t.len() >= expected.len());
     assert_eq!(topics, expected, "{}", c.log());
     c.assert_clean();
 }
@@ -558,7 +586,7 @@ fn the_guest_oom_killer_is_reported_as_task_oom() {
         "/dev/zero",
     ]);
     assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
-    let topics = events.topics();
+    let topics = events.topics(|t| t.iter().any(|t| t == "/tasks/delete"));
     let oom = topics.iter().position(|t| t == "/tasks/oom").unwrap_or_else(|| panic!("no /tasks/oom: {topics:?}"));
     let exit = topics.iter().position(|t| t == "/tasks/exit").expect("an exit");
     assert!(oom < exit, "the OOM is reported before the exit: {topics:?}");
@@ -595,8 +623,7 @@ fn kill_9_of_the_shim_or_of_qemu_leaves_a_stopped_task_and_nothing_else() {
     ok(&c.out(&["task", "pause", "frozen"]));
     ok(&c.out(&["task", "kill", "-s", "SIGKILL", "frozen"]));
     c.wait_status("frozen", "STOPPED");
-    ok(&c.out(&["task", "rm", "frozen"]));
-    ok(&c.out(&["container", "rm", "frozen"]));
+    c.remove("frozen");
     c.assert_clean();
     let gc = ok(&c.home.cmd().arg("gc").output().unwrap());
     assert!(!gc.contains("cleaned"), "gc found something: {gc}");
@@ -613,8 +640,7 @@ fn a_task_outlives_a_kill_9_of_containerd_and_is_still_driven_after_its_restart(
     assert_eq!(stdout(&out).trim(), "still here", "{}", stderr(&out));
     ok(&c.out(&["task", "kill", "-s", "SIGKILL", "survivor"]));
     c.wait_status("survivor", "STOPPED");
-    ok(&c.out(&["task", "rm", "survivor"]));
-    ok(&c.out(&["container", "rm", "survivor"]));
+    c.remove("survivor");
     c.assert_clean();
 }
 
@@ -741,8 +767,7 @@ fn the_specs_network_namespace_carries_the_upstream_traffic() {
     assert!(get(8081).is_err(), "a port the guest does not listen on is closed");
     ok(&c.out(&["task", "kill", "-s", "SIGKILL", "web"]));
     c.wait_status("web", "STOPPED");
-    ok(&c.out(&["task", "rm", "web"]));
-    ok(&c.out(&["container", "rm", "web"]));
+    c.remove("web");
     assert!(get(8080).is_err(), "the listener goes with the container");
     c.assert_clean();
 }
@@ -811,8 +836,7 @@ fn a_pods_containers_share_one_vm_each_with_its_own_root() {
     c.wait_status("web", "STOPPED");
     assert_eq!(qemus(), 0, "the VM went with the pod");
     for name in ["web", "pod1"] {
-        ok(&c.out(&["task", "rm", name]));
-        ok(&c.out(&["container", "rm", name]));
+        c.remove(name);
     }
     c.assert_clean();
 
@@ -833,8 +857,7 @@ fn a_pods_containers_share_one_vm_each_with_its_own_root() {
     c.wait_status("pod2", "STOPPED");
     c.wait_status("worker", "STOPPED");
     for name in ["worker", "pod2"] {
-        ok(&c.out(&["task", "rm", name]));
-        ok(&c.out(&["container", "rm", name]));
+        c.remove(name);
     }
     c.assert_clean();
 
