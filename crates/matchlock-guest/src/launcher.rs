@@ -33,7 +33,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 
-use matchlock_protocol::exec::{ExecRequest, RlimitResource};
+use matchlock_protocol::exec::{Bind, ExecRequest, RlimitResource};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sched::CloneFlags;
@@ -451,7 +451,7 @@ fn namespace_init(socket: &OwnedFd, hardening: &Hardening) -> ! {
         Err(e) => fail(&format!("bad request: {e}")),
     };
     if let Some(root) = &request.root {
-        if let Err(e) = enter_root(root) {
+        if let Err(e) = enter_root(root, &request.binds) {
             fail(&format!("cannot enter the container root {root}: {e}"));
         }
     }
@@ -464,8 +464,9 @@ const SHARED_FILES: [&str; 3] = ["/etc/hosts", "/etc/hostname", "/etc/resolv.con
 /// Makes `root` (a directory of the guest: a container's root file system) this mount
 /// namespace's root: the namespace's own `/proc` (with its protections), `/sys` and `/dev`
 /// bound recursively into it (their read-only and masked submounts come along), the guest's
-/// [`SHARED_FILES`] over the container's, then `pivot_root` with the old root detached.
-fn enter_root(root: &str) -> Result<(), String> {
+/// [`SHARED_FILES`] over the container's, its `binds` (volumes), then `pivot_root` with the
+/// old root detached.
+fn enter_root(root: &str, binds: &[Bind]) -> Result<(), String> {
     let root = Path::new(root);
     if !fs::symlink_metadata(root).map_err(|e| e.to_string())?.is_dir() {
         return Err("not a directory".into());
@@ -497,10 +498,73 @@ fn enter_root(root: &str) -> Result<(), String> {
         }
         bind(Path::new(file), &target, MsFlags::empty())?;
     }
+    for volume in binds {
+        bind_in_root(root, volume).map_err(|e| format!("volume {} at {}: {e}", volume.source, volume.target))?;
+    }
     nix::unistd::chdir(root).map_err(|e| format!("chdir: {e}"))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
     nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
     nix::unistd::chdir("/").map_err(|e| format!("chdir: {e}"))
+}
+
+/// Binds `volume.source` at `volume.target` inside `root`, creating what is missing of the
+/// target (directories; an empty file for a file). Every component is resolved inside the
+/// root (`RESOLVE_IN_ROOT`), as the container will see it: a link in the image
+/// (`/var/run -> /run`) leads where it leads in the container, never out of its root.
+fn bind_in_root(root: &Path, volume: &Bind) -> Result<(), String> {
+    use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    let source_is_dir = fs::metadata(&volume.source).map_err(|e| format!("source: {e}"))?.is_dir();
+    let root_dir = fs::File::open(root).map_err(|e| format!("root: {e}"))?;
+    let in_root = |path: &str, flags: OFlag| -> nix::Result<OwnedFd> {
+        let how = OpenHow::new()
+            .flags(flags | OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let fd = openat2(root_dir.as_raw_fd(), path, how)?;
+        // SAFETY: openat2 just returned this descriptor; nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let parts: Vec<&str> = volume.target.split('/').filter(|p| !p.is_empty()).collect();
+    for depth in 1..=parts.len() {
+        let path = parts[..depth].join("/");
+        match in_root(&path, OFlag::empty()) {
+            Ok(_) => continue,
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(format!("{path}: {e}")),
+        }
+        let parent = if depth == 1 { ".".to_owned() } else { parts[..depth - 1].join("/") };
+        let parent = in_root(&parent, OFlag::O_DIRECTORY).map_err(|e| format!("{parent}: {e}"))?;
+        let name = parts[depth - 1];
+        let made = if depth == parts.len() && !source_is_dir {
+            let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            openat(Some(parent.as_raw_fd()), name, flags, Mode::from_bits_truncate(0o644)).and_then(nix::unistd::close)
+        } else {
+            mkdirat(Some(parent.as_raw_fd()), name, Mode::from_bits_truncate(0o755))
+        };
+        match made {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(format!("cannot create {path}: {e}")),
+        }
+    }
+    let rel = parts.join("/");
+    let on = |fd: &OwnedFd| format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let target = in_root(&rel, OFlag::empty()).map_err(|e| format!("{rel}: {e}"))?;
+    mount(
+        Some(volume.source.as_str()),
+        on(&target).as_str(),
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("bind: {e}"))?;
+    if volume.read_only {
+        // The new mount is what the path leads to now.
+        let mounted = in_root(&rel, OFlag::empty()).map_err(|e| format!("{rel}: {e}"))?;
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        mount(None::<&str>, on(&mounted).as_str(), None::<&str>, flags, None::<&str>)
+            .map_err(|e| format!("read-only: {e}"))?;
+    }
+    Ok(())
 }
 
 /// What a namespace needs before any command: its own session, private mounts, and a

@@ -77,6 +77,26 @@ pub struct ExecRequest {
     /// and `/etc/resolv.conf` are mounted into it. The guest's own root when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
+    /// Directories or files of the guest bound into [`ExecRequest::root`] (a pod's
+    /// container's volumes), in order; only with a root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<Bind>,
+}
+
+/// At most this many binds in a request.
+pub const MAX_BINDS: usize = 64;
+
+/// A directory or file of the guest bound into a command's root file system.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bind {
+    /// The guest's path (before the root is entered).
+    pub source: String,
+    /// Where it appears, inside the root (symbolic links resolved within the root).
+    pub target: String,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// At most this many limits in a request (there are 16 resources).
@@ -138,6 +158,9 @@ pub enum RequestError {
     /// The root is not an absolute, clean path.
     #[error("exec request has an invalid root {0:?}")]
     Root(String),
+    /// A bind without a root, with a path that is not absolute and clean, or too many.
+    #[error("exec request has an invalid bind {0:?}")]
+    Bind(String),
 }
 
 impl ExecRequest {
@@ -173,6 +196,17 @@ impl ExecRequest {
             if !crate::boot::is_valid_mount_path(root) {
                 return Err(RequestError::Root(root.clone()));
             }
+        }
+        if req.binds.len() > MAX_BINDS {
+            return Err(RequestError::Bind(format!("{} binds (at most {MAX_BINDS})", req.binds.len())));
+        }
+        let valid = |b: &Bind| {
+            req.root.is_some()
+                && crate::boot::is_valid_mount_path(&b.source)
+                && crate::boot::is_valid_mount_path(&b.target)
+        };
+        if let Some(bad) = req.binds.iter().find(|b| !valid(b)) {
+            return Err(RequestError::Bind(format!("{} at {}", bad.source, bad.target)));
         }
         Ok((mode, req))
     }
@@ -281,6 +315,11 @@ mod tests {
             window: Some(WindowSize { rows: 24, cols: 80 }),
             rlimits: vec![Rlimit { resource: RlimitResource::RlimitNofile, soft: 1024, hard: 4096 }],
             root: Some("/run/matchlock/containers/c1/rootfs".into()),
+            binds: vec![Bind {
+                source: "/run/matchlock/volumes/c1/0".into(),
+                target: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+                read_only: true,
+            }],
         };
         let f = frame(ExecMode::Tty.frame_type(), &req.to_payload());
         assert!(String::from_utf8_lossy(&f.payload).contains(r#""resource":"RLIMIT_NOFILE""#), "the OCI spelling");
@@ -312,6 +351,20 @@ mod tests {
             let f = frame(FrameType::ExecStream, payload.as_bytes());
             assert!(matches!(ExecRequest::from_frame(&f), Err(RequestError::Root(_))), "{root}");
         }
+        let bind = |source: &str, target: &str| serde_json::json!({"source": source, "target": target});
+        for (root, binds) in [
+            (Some("/r"), vec![bind("/v/0", "../etc")]),
+            (Some("/r"), vec![bind("/v/0", "/data/../../etc")]),
+            (Some("/r"), vec![bind("v/0", "/data")]),
+            (None, vec![bind("/v/0", "/data")]),
+            (Some("/r"), vec![bind("/v/0", "/data"); MAX_BINDS + 1]),
+        ] {
+            let payload = serde_json::json!({"argv": ["x"], "root": root, "binds": binds}).to_string();
+            let f = frame(FrameType::ExecStream, payload.as_bytes());
+            assert!(matches!(ExecRequest::from_frame(&f), Err(RequestError::Bind(_))), "{payload}");
+        }
+        let fine = serde_json::json!({"argv": ["x"], "root": "/r", "binds": [bind("/v/0", "/data")]}).to_string();
+        ExecRequest::from_frame(&frame(FrameType::ExecStream, fine.as_bytes())).expect("a clean bind");
     }
 
     #[test]

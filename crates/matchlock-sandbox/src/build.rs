@@ -492,6 +492,7 @@ impl Builder<'_> {
                 window: None,
                 rlimits: Vec::new(),
                 root: None,
+                binds: Vec::new(),
             };
             let (code, output) =
                 self.exec(&vm.sandbox, &mkdir, interrupt).await.map_err(|e| e.into_build(sandbox_err))?;

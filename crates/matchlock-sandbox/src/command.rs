@@ -42,6 +42,7 @@ impl Composed {
             window,
             rlimits: Vec::new(),
             root: None,
+            binds: Vec::new(),
         }
     }
 }

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use matchlock_api::config::VfsMount;
 use matchlock_api::paths::{cache_dir, state_dir, VmDir};
 use matchlock_api::SandboxConfig;
 use matchlock_image::{ImageRecord, Store, StoreError};
@@ -155,6 +156,10 @@ pub struct Sandbox {
     relay: Option<tokio::task::JoinHandle<()>>,
     network: Option<Arc<network::Network>>,
     vfs: Option<tokio::task::JoinHandle<()>>,
+    /// The workspace's mounts (volumes may be added while the sandbox runs).
+    workspace: Option<Arc<matchlock_vfs::Router>>,
+    /// The scratch slot of the next volume added while running (boot's come first).
+    next_volume_slot: std::sync::atomic::AtomicUsize,
     timings: Vec<(&'static str, Duration)>,
     /// The metadata of this sandbox's snapshots, but for their name.
     snapshot_base: SnapshotMeta,
@@ -354,7 +359,7 @@ impl Sandbox {
         };
         // Boxed: the boot future is large (clippy::large_futures in every caller).
         let booted = Box::pin(start.boot(&upper, &mut state, events)).await;
-        let (machine, machine_id, network, vfs, prepared) = match booted {
+        let (machine, machine_id, network, (vfs, workspace), prepared) = match booted {
             Ok(ok) => ok,
             Err((phase, e)) => {
                 logged(state.transition(&id, phase, Some(&e.to_string())), "recording the failed create");
@@ -367,6 +372,7 @@ impl Sandbox {
         let timings = vec![("prepare", prepared - started), ("boot", prepared.elapsed())];
         let network = network.map(Arc::new);
         let snapshot_base = start.meta(&machine_id, &config);
+        let next_volume_slot = config.volumes.len().into();
         let mut sandbox = Self {
             id,
             dir,
@@ -377,6 +383,8 @@ impl Sandbox {
             relay: None,
             network: network.clone(),
             vfs,
+            workspace,
+            next_volume_slot,
             timings,
             snapshot_base,
         };
@@ -392,6 +400,16 @@ impl Sandbox {
         Ok(sandbox)
     }
 }
+
+/// What [`Start::boot`] started: the machine, its machine id, the network stack, the
+/// workspace server and its router, and when preparation ended.
+type Booted = (
+    Box<dyn Machine>,
+    String,
+    Option<network::Network>,
+    (Option<tokio::task::JoinHandle<()>>, Option<Arc<matchlock_vfs::Router>>),
+    Instant,
+);
 
 /// What a sandbox starts from, for [`Start::boot`].
 struct Start<'a> {
@@ -553,15 +571,7 @@ impl Start<'_> {
 
     /// Creates the upper disk and boots (or resumes the snapshot or template); on error,
     /// says which failure phase applies. Returns the machine and its first id.
-    async fn boot(
-        &self,
-        upper: &Path,
-        state: &mut StateDb,
-        events: Events,
-    ) -> Result<
-        (Box<dyn Machine>, String, Option<network::Network>, Option<tokio::task::JoinHandle<()>>, Instant),
-        (Phase, SandboxError),
-    > {
+    async fn boot(&self, upper: &Path, state: &mut StateDb, events: Events) -> Result<Booted, (Phase, SandboxError)> {
         let (id, dir, config, image) = (self.id, self.dir, self.config, self.image);
         let create_failed = |e: SandboxError| (Phase::CreateFailed, e);
         let resumed = self.resumed();
@@ -619,15 +629,17 @@ impl Start<'_> {
             workspace: booted_config.workspace.clone(),
             image_tmp: config.image_tmp,
         };
-        let vfs = match &config.workspace {
-            Some(_) => {
+        let (vfs, router) = match &config.workspace {
+            Some(root) => {
                 let rules = config.vfs_interception.as_ref();
                 let file_events = events.file.filter(|_| rules.is_some_and(|r| r.emit_events));
-                let router = workspace::router(dir, &config.volumes, rules, file_events, config.workspace_quota_mb)
-                    .map_err(create_failed)?;
-                Some(workspace::serve(dir, router).map_err(create_failed)?)
+                let router =
+                    workspace::router(dir, root, &config.volumes, rules, file_events, config.workspace_quota_mb)
+                        .map(Arc::new)
+                        .map_err(create_failed)?;
+                (Some(workspace::serve(dir, router.clone()).map_err(create_failed)?), Some(router))
             }
-            None => None,
+            None => (None, None),
         };
         let vfs_guard = AbortOnDrop(vfs);
         let mut cmdline = params.to_cmdline();
@@ -700,7 +712,7 @@ impl Start<'_> {
             tracing::debug!("create: the guest took on its identity in {} ms", told_at.elapsed().as_millis());
         }
         state.transition(id, Phase::Running, None).map_err(|e| (Phase::StartFailed, e.into()))?;
-        Ok((machine, machine_id, network, vfs_guard.disarm(), prepared))
+        Ok((machine, machine_id, network, (vfs_guard.disarm(), router), prepared))
     }
 
     /// How a resumed machine holds its memory: copied from a template, copy-on-write from
@@ -793,6 +805,29 @@ impl Sandbox {
     pub fn set_secret_value(&self, name: &str, value: &str) -> Result<(), SandboxError> {
         let network = self.network.as_ref().ok_or_else(|| SandboxError::Config("the sandbox has no network".into()))?;
         network.policy.set_secret_value(name, value).map_err(|e| SandboxError::Config(e.to_string()))
+    }
+
+    /// Serves `volume` (a host directory or file) into the running guest at its guest path,
+    /// which must lie under the sandbox's workspace: a pod's container brings its volumes
+    /// after the pod's VM booted. [`Sandbox::remove_volume`] takes it away again.
+    pub fn add_volume(&self, volume: &VfsMount) -> Result<(), SandboxError> {
+        let (Some(router), Some(root)) = (&self.workspace, &self.config.workspace) else {
+            return Err(SandboxError::Config("the sandbox has no workspace to serve a volume in".into()));
+        };
+        if !volume.guest_path.strip_prefix(root.as_str()).is_some_and(|rest| rest.starts_with('/') && rest.len() > 1) {
+            return Err(SandboxError::Config(format!(
+                "volume at {}: not under the workspace {root}",
+                volume.guest_path
+            )));
+        }
+        let slot = self.next_volume_slot.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        workspace::add(router, &self.dir, slot, volume)
+    }
+
+    /// Stops serving the volume at `guest_path` (added by [`Sandbox::add_volume`]); whether
+    /// there was one.
+    pub fn remove_volume(&self, guest_path: &str) -> bool {
+        self.workspace.as_ref().is_some_and(|router| router.unmount(guest_path))
     }
 
     /// Freezes the guest (every vCPU stops; commands, timers and the network stall) until
@@ -906,8 +941,8 @@ fn validate(config: &SandboxConfig) -> Result<(), SandboxError> {
     if config.disk_size_mb < 16 {
         return Err(SandboxError::Config(format!("--disk-size must be at least 16 MB, got {}", config.disk_size_mb)));
     }
+    // A workspace without volumes is an empty directory (volumes may be added while it runs).
     match (&config.workspace, config.volumes.is_empty()) {
-        (Some(_), true) => return Err(SandboxError::Config("--workspace requires at least one -v mount".into())),
         (None, false) => return Err(SandboxError::Config("-v mounts require a workspace".into())),
         (None, true) if config.vfs_interception.is_some() => {
             return Err(SandboxError::Config("VFS rules require -v mounts".into()))

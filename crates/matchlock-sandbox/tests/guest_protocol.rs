@@ -57,6 +57,7 @@ async fn malformed_frames_close_only_their_connection() {
         window: None,
         rlimits: Vec::new(),
         root: None,
+        binds: Vec::new(),
     };
     let code = sandbox.exec(ExecMode::Stream, &request, io).await.unwrap();
     assert_eq!(code, 0);

@@ -26,6 +26,7 @@ async fn sh(sandbox: &Sandbox, script: &str) -> (i32, String) {
         window: None,
         rlimits: Vec::new(),
         root: None,
+        binds: Vec::new(),
     };
     let code = sandbox.exec(ExecMode::Stream, &request, io).await.unwrap();
     (code, String::from_utf8_lossy(&out).trim().to_owned())

@@ -122,6 +122,8 @@ struct Container {
     pod: Option<String>,
     /// Its `dev.matchlock.*` annotations (a pod's containers may carry the pod's).
     policy: std::collections::BTreeMap<String, String>,
+    /// A pod's container's volumes: their guest paths in the pod's workspace.
+    volumes: Vec<String>,
     config: SandboxConfig,
     /// Until the init exits (then the VM is stopped).
     sandbox: Option<Arc<Sandbox>>,
@@ -145,6 +147,15 @@ impl Container {
             return Ok(&mut self.init);
         }
         self.execs.get_mut(exec_id).ok_or_else(|| not_found(format!("exec {exec_id}")))
+    }
+
+    /// Stops serving a pod's container's volumes in the pod's VM.
+    fn release_volumes(&mut self) {
+        if let Some(sandbox) = &self.sandbox {
+            for volume in self.volumes.drain(..) {
+                sandbox.remove_volume(&volume);
+            }
+        }
     }
 
     fn sandbox(&self) -> TtrpcResult<Arc<Sandbox>> {
@@ -266,6 +277,7 @@ impl Service {
             rootfs: Some(rootfs),
             pod: None,
             policy: spec::policy_annotations(&spec),
+            volumes: Vec::new(),
             config: plan.config,
             sandbox: Some(Arc::new(sandbox)),
             init,
@@ -301,16 +313,28 @@ impl Service {
             (sandbox, owner.config.clone(), owner.policy.clone())
         };
         let root = format!("{POD_CONTAINERS}/{}/rootfs", req.id);
-        let member = spec::member_plan(spec, &config, &policy, &root).map_err(|e| chain(&e))?;
+        let member = spec::member_plan(&req.id, spec, &config, &policy, &root).map_err(|e| chain(&e))?;
         // The values of the pod's secrets that this container holds go to the host's engine.
         for (name, value) in &member.secret_values {
             sandbox.set_secret_value(name, value).map_err(|e| chain(&e))?;
         }
         let plan = member.init;
-        let tmp = matchlock_image::Store::open(&self.shared.store_root).map_err(|e| chain(&e))?.tmp_dir();
-        let tar = rootfs::pack(&req.rootfs, &bundle, &entry_of(&plan), &root, &tmp).await.map_err(|e| chain(&e))?;
-        let conn = sandbox.connect(matchlock_protocol::EXEC_PORT).await.map_err(|e| chain(&e))?;
-        matchlock_sandbox::commit::apply_layer(conn, tar.path()).await.map_err(|e| chain(&e))?;
+        let volumes: Vec<String> = member.volumes.iter().map(|v| v.guest_path.clone()).collect();
+        let unpacked = async {
+            for volume in &member.volumes {
+                sandbox.add_volume(volume).map_err(|e| chain(&e))?;
+            }
+            let tmp = matchlock_image::Store::open(&self.shared.store_root).map_err(|e| chain(&e))?.tmp_dir();
+            let tar = rootfs::pack(&req.rootfs, &bundle, &entry_of(&plan), &root, &tmp).await.map_err(|e| chain(&e))?;
+            let conn = sandbox.connect(matchlock_protocol::EXEC_PORT).await.map_err(|e| chain(&e))?;
+            matchlock_sandbox::commit::apply_layer(conn, tar.path()).await.map_err(|e| chain(&e))
+        };
+        if let Err(e) = unpacked.await {
+            for volume in &volumes {
+                sandbox.remove_volume(volume);
+            }
+            return Err(e);
+        }
         tracing::info!("container {} runs in pod {pod} (sandbox {})", req.id, sandbox.id());
         let init = Proc::new(plan, req.stdin.clone(), req.stdout.clone(), req.stderr.clone(), req.terminal);
         Ok(Container {
@@ -318,6 +342,7 @@ impl Service {
             rootfs: None,
             pod: Some(pod),
             policy,
+            volumes,
             config,
             sandbox: Some(sandbox),
             init,
@@ -480,6 +505,7 @@ impl Service {
                     c.paused = false;
                 }
                 // A pod's container lets go of the pod's VM; the owner closes it.
+                c.release_volumes();
                 let held = c.sandbox.take();
                 if is_self && owns_vm {
                     sandbox = held;
@@ -753,8 +779,9 @@ impl Task for Service {
                 ..Default::default()
             });
         }
-        let c = containers.remove(&req.id).expect("looked up");
+        let mut c = containers.remove(&req.id).expect("looked up");
         drop(containers);
+        c.release_volumes();
         if let Some(s) = c.sandbox {
             close_shared(s).await;
         }
@@ -794,8 +821,9 @@ impl Task for Service {
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("the exec's process spec: {e}")))?;
         let mut plan =
             spec::process_plan(&process, &c.config).map_err(|e| status(Code::INVALID_ARGUMENT, chain(&e)))?;
-        // A pod's container's processes all run in its own root.
+        // A pod's container's processes all run in its own root, with its volumes.
         plan.request.root.clone_from(&c.init.plan.request.root);
+        plan.request.binds.clone_from(&c.init.plan.request.binds);
         for uri in [&req.stdin, &req.stdout, &req.stderr] {
             check_stdio(uri).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use matchlock_api::config::{parse_secret, VfsMode, VfsMount};
 use matchlock_api::SandboxConfig;
-use matchlock_protocol::exec::{ExecMode, ExecRequest, Rlimit, MAX_RLIMITS};
+use matchlock_protocol::exec::{Bind, ExecMode, ExecRequest, Rlimit, MAX_RLIMITS};
 use oci_spec::runtime::{Mount, Process, Spec};
 
 /// The prefix of the annotations that select a container's sandbox policy.
@@ -78,19 +78,26 @@ pub fn policy_annotations(spec: &Spec) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
+/// Where a pod's VM serves its containers' volumes (its workspace): container `c`'s `n`th
+/// volume is served at `<POD_VOLUMES>/c/n` and bound from there into its root.
+pub const POD_VOLUMES: &str = "/run/matchlock/volumes";
+
 /// A pod's container, as it runs in the pod's VM.
 #[derive(Debug)]
 pub struct MemberPlan {
-    /// Its init, run with its own root file system.
+    /// Its init, run with its own root file system and its volumes bound into it.
     pub init: ProcessPlan,
+    /// Its volumes (binds of host paths), to serve in the pod's workspace before it starts.
+    pub volumes: Vec<VfsMount>,
     /// Values of the pod's secrets this container's environment holds (name, value): the
     /// host substitutes them; the container sees placeholders.
     pub secret_values: Vec<(String, String)>,
 }
 
-/// The init of a pod's container, under the pod's sandbox `pod` (whose policy annotations
+/// The init of pod container `id`, under the pod's sandbox `pod` (whose policy annotations
 /// are `pod_policy`), run with its own root file system at `root` in the pod's VM.
 pub fn member_plan(
+    id: &str,
     spec: &Spec,
     pod: &SandboxConfig,
     pod_policy: &BTreeMap<String, String>,
@@ -103,13 +110,18 @@ pub fn member_plan(
             "the annotation {key} on a pod's container: a pod's policy is set on the pod (its sandbox)"
         )));
     }
-    let mut served = SandboxConfig::new("");
-    mounts(spec.mounts().as_deref().unwrap_or_default(), &mut served)?;
-    if let Some(volume) = served.volumes.first() {
-        return Err(SpecError::Unsupported(format!(
-            "the volume at {} of a pod's container (binds into a pod's containers are not served yet)",
-            volume.guest_path
-        )));
+    // The DNS servers of its resolv.conf are the pod's, set by the pod's sandbox.
+    let binds = mounts(spec.mounts().as_deref().unwrap_or_default(), &mut SandboxConfig::new(""))?;
+    let mut volumes = Vec::new();
+    let mut bound = Vec::new();
+    for (n, bind) in binds.into_iter().enumerate() {
+        let served = format!("{POD_VOLUMES}/{id}/{n}");
+        bound.push(Bind {
+            source: served.clone(),
+            target: bind.guest_path.clone(),
+            read_only: bind.mode == VfsMode::Readonly,
+        });
+        volumes.push(VfsMount { guest_path: served, ..bind });
     }
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
     let env = env_of(process)?;
@@ -123,7 +135,8 @@ pub fn member_plan(
     // Placeholders only for the secrets this container has.
     init.request.env.retain(|(k, _)| !secrets.contains(&k.as_str()) || env.iter().any(|(e, _)| e == k));
     init.request.root = Some(root.to_owned());
-    Ok(MemberPlan { init, secret_values })
+    init.request.binds = bound;
+    Ok(MemberPlan { init, volumes, secret_values })
 }
 
 /// Every annotation we read; any other under [`ANNOTATION_PREFIX`] is refused as a typo.
@@ -210,7 +223,24 @@ pub fn plan(id: &str, spec: &Spec) -> Result<Plan, SpecError> {
     config.entrypoint = Some(Vec::new());
     config.hostname = Some(spec.hostname().clone().filter(|h| !h.is_empty()).unwrap_or_else(|| hostname_from(id)));
     resources(spec, &annotations, &mut config)?;
-    mounts(spec.mounts().as_deref().unwrap_or_default(), &mut config)?;
+    let binds = mounts(spec.mounts().as_deref().unwrap_or_default(), &mut config)?;
+    if role(spec) == Role::Pod {
+        // The pod's containers bring their volumes later; the pod's sandbox has none.
+        if let Some(bind) = binds.first() {
+            return Err(SpecError::Unsupported(format!("a volume at {} on a pod's sandbox", bind.guest_path)));
+        }
+        config.workspace = Some(POD_VOLUMES.to_owned());
+    } else if !binds.is_empty() {
+        let workspace = common_parent(binds.iter().map(|b| b.guest_path.as_str()));
+        if workspace == "/" {
+            return Err(SpecError::Unsupported(format!(
+                "bind mounts at {}: they must share a directory below / (they are served as one file system)",
+                binds.iter().map(|b| b.guest_path.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        config.workspace = Some(workspace);
+        config.volumes = binds;
+    }
     network(&annotations, role(spec) == Role::Pod, network_namespace(spec), &mut env, &mut config)?;
     config.env = env.iter().cloned().collect::<BTreeMap<_, _>>();
 
@@ -353,9 +383,10 @@ fn parse_mb(v: &str) -> Option<u64> {
     digits.parse::<u64>().ok().filter(|n| *n > 0).and_then(|n| n.checked_mul(factor))
 }
 
-/// The spec's mounts: what the guest provides anyway is accepted, binds of host paths are
-/// served through the workspace, anything else is refused.
-fn mounts(mounts: &[Mount], config: &mut SandboxConfig) -> Result<(), SpecError> {
+/// The spec's binds of host paths (to serve through the workspace, at their destination);
+/// what the guest provides anyway is accepted, anything else is refused. A resolv.conf
+/// given sets `config`'s DNS servers.
+fn mounts(mounts: &[Mount], config: &mut SandboxConfig) -> Result<Vec<VfsMount>, SpecError> {
     let mut binds = Vec::new();
     for m in mounts {
         let dest = m.destination().to_string_lossy().into_owned();
@@ -396,19 +427,7 @@ fn mounts(mounts: &[Mount], config: &mut SandboxConfig) -> Result<(), SpecError>
         let mode = if read_only { VfsMode::Readonly } else { VfsMode::HostFs };
         binds.push(VfsMount { host_path: source, guest_path: dest.trim_end_matches('/').to_owned(), mode });
     }
-    if binds.is_empty() {
-        return Ok(());
-    }
-    let workspace = common_parent(binds.iter().map(|b| b.guest_path.as_str()));
-    if workspace == "/" {
-        return Err(SpecError::Unsupported(format!(
-            "bind mounts at {}: they must share a directory below / (they are served as one file system)",
-            binds.iter().map(|b| b.guest_path.as_str()).collect::<Vec<_>>().join(", ")
-        )));
-    }
-    config.workspace = Some(workspace);
-    config.volumes = binds;
-    Ok(())
+    Ok(binds)
 }
 
 /// The `nameserver` addresses of a resolv.conf.
@@ -641,14 +660,15 @@ mod tests {
         let pod_config = plan("p1", &pod).expect("plan").config;
         assert!(!pod_config.network.as_ref().expect("network").block_private_ips, "a pod reaches its cluster");
         let none = BTreeMap::new();
-        let p = member_plan(&member, &pod_config, &none, "/run/matchlock/containers/c/rootfs").expect("member plan");
+        let p =
+            member_plan("c", &member, &pod_config, &none, "/run/matchlock/containers/c/rootfs").expect("member plan");
         assert_eq!(p.init.request.root.as_deref(), Some("/run/matchlock/containers/c/rootfs"));
         let with_policy =
             base(serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "p1",
             ALLOW_HOSTS: "x"}}));
-        assert!(matches!(member_plan(&with_policy, &pod_config, &none, "/r"), Err(SpecError::Unsupported(_))));
+        assert!(matches!(member_plan("c", &with_policy, &pod_config, &none, "/r"), Err(SpecError::Unsupported(_))));
         let passed_through = policy_annotations(&with_policy);
-        member_plan(&with_policy, &pod_config, &passed_through, "/r")
+        member_plan("c", &with_policy, &pod_config, &passed_through, "/r")
             .expect("the pod's own annotations, passed through");
         let mut with_volume = member;
         let cri_binds: Vec<Mount> = serde_json::from_value(serde_json::json!([
@@ -658,7 +678,7 @@ mod tests {
         ]))
         .unwrap();
         with_volume.set_mounts(Some(cri_binds.clone()));
-        member_plan(&with_volume, &pod_config, &none, "/r").expect("CRI's own binds are the guest's");
+        member_plan("c", &with_volume, &pod_config, &none, "/r").expect("CRI's own binds are the guest's");
         let mut binds = cri_binds;
         binds.push(
             serde_json::from_value(serde_json::json!(
@@ -666,8 +686,19 @@ mod tests {
             .unwrap(),
         );
         with_volume.set_mounts(Some(binds));
-        let err = member_plan(&with_volume, &pod_config, &none, "/r").unwrap_err().to_string();
-        assert!(err.contains("/config"), "{err}");
+        let m = member_plan("c", &with_volume, &pod_config, &none, "/r").expect("a volume is served");
+        assert_eq!(m.volumes.len(), 1, "CRI's own binds are not served: {:?}", m.volumes);
+        let served = &m.volumes[0];
+        assert_eq!(
+            (served.host_path.as_str(), served.guest_path.as_str(), served.mode),
+            ("/var/lib/kubelet/x", "/run/matchlock/volumes/c/0", VfsMode::Readonly)
+        );
+        let bind = &m.init.request.binds[0];
+        assert_eq!(
+            (bind.source.as_str(), bind.target.as_str(), bind.read_only),
+            (served.guest_path.as_str(), "/config", true)
+        );
+        assert_eq!(pod_config.workspace.as_deref(), Some(POD_VOLUMES), "the pod's VM serves its containers' volumes");
     }
 
     #[test]
@@ -682,14 +713,14 @@ mod tests {
         let member = base(serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "p",
             SECRETS: "KEY@api.test"}, "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0},
             "env": ["PATH=/bin", "KEY=the-value"]}}));
-        let m = member_plan(&member, &pod, &policy, "/r").expect("member");
+        let m = member_plan("c", &member, &pod, &policy, "/r").expect("member");
         assert_eq!(m.secret_values, [("KEY".to_owned(), "the-value".to_owned())]);
         let env = &m.init.request.env;
         assert!(env.contains(&("KEY".into(), secret.placeholder.clone())), "{env:?}");
         assert!(!format!("{env:?}").contains("the-value"));
         let other = base(serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "p"},
             "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin"]}}));
-        let o = member_plan(&other, &pod, &policy, "/r").expect("member");
+        let o = member_plan("c", &other, &pod, &policy, "/r").expect("member");
         assert!(
             o.secret_values.is_empty() && !o.init.request.env.iter().any(|(k, _)| k == "KEY"),
             "no placeholder without the secret"

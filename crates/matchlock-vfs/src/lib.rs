@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use matchlock_api::config::{RulePhase, VfsAction};
@@ -142,9 +142,9 @@ impl Storage {
 }
 
 /// Where a guest path leads.
-enum Route<'a> {
+enum Route {
     /// Into a mount: the provider and the path relative to its root (`""` for the root).
-    Mount(&'a dyn Provider, String),
+    Mount(Arc<dyn Provider>, String),
     /// A directory that exists only because mounts lie beneath it.
     Synthetic(Vec<String>),
 }
@@ -155,7 +155,9 @@ pub type EventSink = Box<dyn Fn(FileEvent) + Send + Sync>;
 /// Mounts by guest path, and the rules on operations through them.
 #[derive(Default)]
 pub struct Router {
-    mounts: BTreeMap<String, Box<dyn Provider>>,
+    /// By guest path; mounts may be added and removed while the guest is served
+    /// ([`Router::mount_boxed`], [`Router::unmount`]).
+    mounts: RwLock<BTreeMap<String, Arc<dyn Provider>>>,
     blocks: Vec<BlockRule>,
     events: Option<EventSink>,
     /// Handles open across every connection served from this router (reserved before the
@@ -166,6 +168,8 @@ pub struct Router {
     handles: Mutex<HashMap<u64, OpenFile>>,
     next_handle: AtomicU64,
     next_connection: AtomicU64,
+    /// The directory the guest mounts (see [`Router::set_root`]).
+    root: Option<String>,
     /// Bytes stored on the host through this router.
     storage: Storage,
 }
@@ -268,13 +272,37 @@ pub fn clean_path(path: &str) -> Result<String, Errno> {
 
 impl Router {
     /// Adds a mount at an absolute guest path.
-    pub fn mount(&mut self, guest_path: &str, provider: impl Provider + 'static) -> Result<(), Errno> {
+    pub fn mount(&self, guest_path: &str, provider: impl Provider + 'static) -> Result<(), Errno> {
         self.mount_boxed(guest_path, Box::new(provider))
     }
 
-    /// Adds a mount of an already boxed provider.
-    pub fn mount_boxed(&mut self, guest_path: &str, provider: Box<dyn Provider>) -> Result<(), Errno> {
-        self.mounts.insert(clean_path(guest_path)?, provider);
+    /// Adds a mount of an already boxed provider, also while the guest is served (a new
+    /// mount point is seen at once: listings of the synthesized directories above mounts are
+    /// never cached by the guest).
+    pub fn mount_boxed(&self, guest_path: &str, provider: Box<dyn Provider>) -> Result<(), Errno> {
+        self.write_mounts().insert(clean_path(guest_path)?, Arc::from(provider));
+        Ok(())
+    }
+
+    /// Removes the mount at `guest_path` (handles already open on it keep working until
+    /// released); whether there was one.
+    pub fn unmount(&self, guest_path: &str) -> bool {
+        clean_path(guest_path).is_ok_and(|path| self.write_mounts().remove(&path).is_some())
+    }
+
+    fn read_mounts(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<dyn Provider>>> {
+        // The map is changed by single inserts and removes: never left half-changed.
+        self.mounts.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_mounts(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<dyn Provider>>> {
+        self.mounts.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The guest path the guest mounts: a directory even while nothing is mounted under it
+    /// (volumes may be added later).
+    pub fn set_root(&mut self, guest_path: &str) -> Result<(), Errno> {
+        self.root = Some(clean_path(guest_path)?);
         Ok(())
     }
 
@@ -314,25 +342,24 @@ impl Router {
         })
     }
 
-    fn route(&self, path: &str) -> Result<Route<'_>, Errno> {
+    fn route(&self, path: &str) -> Result<Route, Errno> {
         let path = clean_path(path)?;
-        let best = self
-            .mounts
+        let mounts = self.read_mounts();
+        let best = mounts
             .iter()
             .filter(|(mount, _)| path == **mount || mount.as_str() == "/" || path.starts_with(&format!("{mount}/")))
             .max_by_key(|(mount, _)| mount.len());
         if let Some((mount, provider)) = best {
             let rel = path[mount.len()..].trim_start_matches('/').to_owned();
-            return Ok(Route::Mount(provider.as_ref(), rel));
+            return Ok(Route::Mount(provider.clone(), rel));
         }
         let prefix = if path == "/" { "/".to_owned() } else { format!("{path}/") };
-        let mut children: Vec<String> = self
-            .mounts
+        let mut children: Vec<String> = mounts
             .keys()
             .filter_map(|m| m.strip_prefix(&prefix))
             .map(|rest| rest.split('/').next().unwrap_or(rest).to_owned())
             .collect();
-        if children.is_empty() {
+        if children.is_empty() && self.root.as_deref() != Some(path.as_str()) {
             return Err(Errno::NOENT);
         }
         children.dedup();
@@ -507,7 +534,7 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
         _ => {}
     }
     let route = router.route(&req.path)?;
-    let (fs, rel) = match route {
+    let (provider, rel) = match route {
         Route::Synthetic(children) => {
             return match op {
                 Op::Lookup | Op::Getattr => Ok(Response { stat: Some(synthetic_dir(&req.path)), ..ok() }),
@@ -516,11 +543,13 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
                 Op::Statfs => {
                     let base = clean_path(&req.path)?;
                     let prefix = if base == "/" { "/".to_owned() } else { format!("{base}/") };
-                    let first = router.mounts.iter().find(|(m, _)| m.starts_with(&prefix)).map(|(_, fs)| fs);
+                    let first =
+                        router.read_mounts().iter().find(|(m, _)| m.starts_with(&prefix)).map(|(_, fs)| fs.clone());
                     let statfs = router.storage.bound(first.ok_or(Errno::NOENT)?.statfs()?);
                     Ok(Response { statfs: Some(statfs), ..ok() })
                 }
-                // Complete as a mount's listing is: lookups here answer the same entries.
+                // Never complete: mounts may be added beneath it at any time, and the guest
+                // must ask again rather than answer a lookup of a new one from its cache.
                 Op::Readdir | Op::List => {
                     let base = clean_path(&req.path)?;
                     let entries = children
@@ -537,16 +566,17 @@ fn handle(router: &Router, connection: u64, req: &Request) -> Result<Response, E
                             }
                         })
                         .collect();
-                    Ok(listing_page(router, entries, req))
+                    Ok(Response { complete: false, ..listing_page(router, entries, req) })
                 }
                 _ => Err(Errno::ACCESS),
             };
         }
         Route::Mount(fs, rel) => (fs, rel),
     };
+    let fs: &dyn Provider = provider.as_ref();
     let second = || -> Result<String, Errno> {
         match router.route(&req.new_path)? {
-            Route::Mount(other, rel) if std::ptr::addr_eq(other, fs) => Ok(rel),
+            Route::Mount(other, rel) if Arc::ptr_eq(&other, &provider) => Ok(rel),
             Route::Mount(..) => Err(Errno::XDEV),
             Route::Synthetic(_) => Err(Errno::ACCESS),
         }
@@ -910,7 +940,7 @@ mod tests {
     fn open_handles_share_one_budget_across_connections() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), b"x").unwrap();
-        let mut router = Router::default();
+        let router = Router::default();
         router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
         let open = Request { flags: OFlags::RDONLY.bits(), ..req(Op::Open, "/w/f") };
         // Two connections that hold what they open (no release): together, at most the budget.
@@ -945,7 +975,7 @@ mod tests {
             std::fs::create_dir(dir.path().join(sub)).unwrap();
         }
         std::fs::write(dir.path().join("data/f"), "data").unwrap();
-        let mut router = Router::default();
+        let router = Router::default();
         router.mount("/workspace/src", HostFs::new(&dir.path().join("src"), false).unwrap()).unwrap();
         router.mount("/workspace/deep/data", HostFs::new(&dir.path().join("data"), true).unwrap()).unwrap();
         let create = Request { flags: OFlags::WRONLY.bits(), mode: 0o644, ..req(Op::Create, "/workspace/src/a.txt") };
@@ -988,7 +1018,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("ro")).unwrap();
         std::fs::write(dir.path().join("ro/f"), "original").unwrap();
-        let mut router = Router::default();
+        let router = Router::default();
         router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
         router.mount("/w/ro", HostFs::new(&dir.path().join("ro"), true).unwrap()).unwrap();
         let write =
@@ -1052,7 +1082,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let upper = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), "x").unwrap();
-        let mut router = Router::default();
+        let router = Router::default();
         router.mount("/w/host", HostFs::new(dir.path(), false).unwrap()).unwrap();
         router.mount("/w/over", Overlay::new(dir.path(), upper.path()).unwrap()).unwrap();
         router.mount("/w/ro", HostFs::new(dir.path(), true).unwrap()).unwrap();
@@ -1109,7 +1139,7 @@ mod tests {
     fn handles_work_across_connections_and_quiet_requests_get_no_answer() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), b"shared").unwrap();
-        let mut router = Router::default();
+        let router = Router::default();
         router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
         // One FUSE worker opens, another reads and releases without waiting for the answer.
         let fh = handle(&router, 1, &Request { flags: OFlags::RDONLY.bits(), ..req(Op::Open, "/w/f") }).unwrap().fh;
@@ -1145,7 +1175,7 @@ mod tests {
         assert_eq!(a.stat(), exchange(&router, &[req(Op::Getattr, "/w/src/a")])[0].stat.clone().unwrap());
         assert_eq!((a.size, a.mtime), (5, MetadataExt::mtime(&host)));
         assert!(responses[0].entries[1].is_dir);
-        assert!(responses[1].complete, "a synthesized directory lists what its lookups answer");
+        assert!(!responses[1].complete, "mounts may appear under a synthesized directory: never cached");
         let src = responses[1].entries.iter().find(|e| e.name == "src").unwrap();
         assert_eq!(Some(src.stat()), exchange(&router, &[req(Op::Lookup, "/w/src")])[0].stat);
         assert!(rx.try_iter().next().is_none(), "listings for the lookup cache are not events");
@@ -1153,6 +1183,32 @@ mod tests {
         let rules = block_rule("hide", &["stat"], "/w/src/a");
         router.set_rules(&rules).unwrap();
         assert!(!exchange(&router, &[req(Op::List, "/w/src")])[0].complete);
+    }
+
+    #[test]
+    fn mounts_come_and_go_while_served() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), b"t0k3n").unwrap();
+        let mut router = Router::default();
+        assert_eq!(exchange(&router, &[req(Op::Getattr, "/vol")])[0].err, -libc_errno(Errno::NOENT));
+        router.set_root("/vol").unwrap();
+        let empty = exchange(&router, &[req(Op::Getattr, "/vol"), req(Op::List, "/vol")]);
+        assert!(empty[0].stat.as_ref().is_some_and(|s| s.is_dir), "the root is a directory with nothing under it");
+        assert!(empty[1].entries.is_empty() && !empty[1].complete);
+        router.mount("/vol/a", HostFs::new(dir.path(), true).unwrap()).unwrap();
+        let before = exchange(&router, &[req(Op::Getattr, "/vol/b/token"), req(Op::Getattr, "/vol/a/token")]);
+        assert_eq!(before[0].err, -libc_errno(Errno::NOENT));
+        assert_eq!(before[1].err, 0);
+        router.mount("/vol/b", HostFs::new(dir.path(), false).unwrap()).unwrap();
+        let listed = exchange(&router, &[req(Op::List, "/vol"), req(Op::Getattr, "/vol/b/token")]);
+        let names: Vec<&str> = listed[0].entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(listed[1].stat.as_ref().map(|s| s.size), Some(5));
+        assert!(router.unmount("/vol/a/"));
+        assert!(!router.unmount("/vol/a"), "gone already");
+        let after = exchange(&router, &[req(Op::Getattr, "/vol/a/token"), req(Op::Getattr, "/vol/b/token")]);
+        assert_eq!(after[0].err, -libc_errno(Errno::NOENT));
+        assert_eq!(after[1].err, 0, "the other mount stays");
     }
 
     #[test]
@@ -1204,7 +1260,7 @@ mod tests {
         for i in 0..6000 {
             std::fs::write(dir.path().join(format!("{long}{i:05}")), b"").unwrap();
         }
-        let mut router = Router::default();
+        let router = Router::default();
         router.mount("/w", HostFs::new(dir.path(), false).unwrap()).unwrap();
         let page = |off: i64, sz: u32| Request { off, sz, ..req(Op::Readdir, "/w") };
         let responses =

@@ -169,7 +169,10 @@ fn build_config(args: &RunArgs, handed: &HashMap<String, String>) -> Result<Sand
     for spec in &args.disk {
         config.disks.push(matchlock_api::config::parse_disk(spec)?);
     }
-    if !args.volume.is_empty() || args.workspace.is_some() {
+    if args.volume.is_empty() && args.workspace.is_some() {
+        bail!("--workspace requires at least one -v mount");
+    }
+    if !args.volume.is_empty() {
         let workspace = args.workspace.clone().unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
         let cwd = std::env::current_dir().context("cannot read the current directory")?;
         for spec in &args.volume {

@@ -882,7 +882,8 @@ fn a_pods_containers_share_one_vm_each_with_its_own_root() {
     c.assert_clean();
 }
 
-/// The CRI client (`scripts/install-cri-client.sh`) playing kubelet (`tests/fixtures/cri_pod.py`).
+/// The CRI client (`scripts/install-cri-client.sh`) playing kubelet (`tests/fixtures/cri_pod.py`);
+/// the pod's volumes are under `<containerd dir>/volumes`.
 fn cri(c: &Containerd, phase: &str, egress: &str) -> serde_json::Value {
     let site = Command::new("bash").arg(common::repo_root().join("scripts/install-cri-client.sh")).output().unwrap();
     let site = ok(&site).trim().to_owned();
@@ -894,6 +895,7 @@ fn cri(c: &Containerd, phase: &str, egress: &str) -> serde_json::Value {
         .arg(&logs)
         .arg(egress)
         .arg(phase)
+        .arg(c.dir.path().join("volumes"))
         .env("PYTHONPATH", site)
         .output()
         .unwrap();
@@ -934,6 +936,19 @@ fn a_kubernetes_pod_runs_in_one_vm_through_containerds_cri() {
         });
     }
     assert_eq!(port, 80);
+    // The pod's volumes: an emptyDir both containers share, and a read-only service-account
+    // token laid out as kubelet projects it (a timestamped directory, `..data` and the names
+    // as symbolic links).
+    let volumes = c.dir.path().join("volumes");
+    std::fs::create_dir_all(volumes.join("shared")).unwrap();
+    let projected = volumes.join("token/..2026_12_07_20_00_00.000000001");
+    std::fs::create_dir_all(&projected).unwrap();
+    std::fs::write(projected.join("token"), "sa-token-7f3a\n").unwrap();
+    std::fs::write(projected.join("namespace"), "default").unwrap();
+    std::os::unix::fs::symlink("..2026_12_07_20_00_00.000000001", volumes.join("token/..data")).unwrap();
+    for name in ["token", "namespace"] {
+        std::os::unix::fs::symlink(format!("..data/{name}"), volumes.join("token").join(name)).unwrap();
+    }
     let egress = format!("http://{POD_SUBNET}.1/");
     let up = cri(&c, "up", &egress);
     let pod_ip = up["pod_ip"].as_str().unwrap().to_owned();
@@ -959,6 +974,16 @@ fn a_kubernetes_pod_runs_in_one_vm_through_containerds_cri() {
     assert_eq!(up["exec"], serde_json::json!({"exit_code": 3, "stdout": "out\n", "stderr": "err\n"}), "{up}");
     assert_eq!(up["exec_timeout"], "DEADLINE_EXCEEDED", "{up}");
     assert!(up["memory_working_set"].as_u64().unwrap() > 0, "{up}");
+    assert_eq!(up["listed_stats"], serde_json::json!(["client", "web"]), "ListContainerStats: {up}");
+    // Volumes: the emptyDir carries files both ways and to the host; the token is readable
+    // (through its links, also by an exec) and its write refused, the host's file unchanged.
+    assert!(log.contains("shared=web-wrote"), "the client read what web wrote: {log}");
+    let from_client = std::fs::read_to_string(volumes.join("shared/from-client")).unwrap_or_default();
+    assert_eq!(from_client, "client-wrote\n", "the host's directory received the client's file");
+    assert!(log.contains("token=sa-token-7f3a"), "the token through kubelet's links: {log}");
+    assert!(log.contains("token-write-refused"), "a read-only volume: {log}");
+    assert_eq!(std::fs::read_to_string(projected.join("token")).unwrap(), "sa-token-7f3a\n");
+    assert_eq!(up["exec_volume"], "default", "an exec sees its container's volumes: {up}");
     assert_eq!(up["update"], "UNIMPLEMENTED", "UpdateContainerResources is refused clearly: {up}");
     assert_eq!(
         (&up["oneshot_0"], &up["oneshot_1"]),
