@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use matchlock_api::config::{parse_secret, VfsMode, VfsMount};
+use matchlock_api::config::{parse_secret, Interception, VfsMode, VfsMount};
 use matchlock_api::SandboxConfig;
 use matchlock_protocol::exec::{Bind, ExecMode, ExecRequest, Rlimit, MAX_RLIMITS};
 use oci_spec::runtime::{Mount, Process, Spec};
@@ -27,6 +27,11 @@ pub const DISK_SIZE: &str = "dev.matchlock.disk-size";
 /// `true`: private ranges reachable (the RPC's `block_private_ips: false`); `false`: refused.
 /// A pod's default is `true` (it reaches its cluster as on runc), a lone container's `false`.
 pub const ALLOW_PRIVATE_IPS: &str = "dev.matchlock.allow-private-ips";
+
+/// Request/response interception rules: the JSON of `run --network-rules`
+/// (`{"rules": [...]}`, the RPC's `network.interception`), without a callback socket (the
+/// shim runs as root: a pod's author must not have it dial the node's sockets).
+pub const NETWORK_RULES: &str = "dev.matchlock.network-rules";
 
 /// CRI's annotation telling a pod's sandbox container (`sandbox`) from its containers.
 pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -140,7 +145,7 @@ pub fn member_plan(
 }
 
 /// Every annotation we read; any other under [`ANNOTATION_PREFIX`] is refused as a typo.
-const KNOWN: [&str; 7] = [ALLOW_HOSTS, SECRETS, NO_NETWORK, MEMORY, CPUS, DISK_SIZE, ALLOW_PRIVATE_IPS];
+const KNOWN: [&str; 8] = [ALLOW_HOSTS, SECRETS, NO_NETWORK, NETWORK_RULES, MEMORY, CPUS, DISK_SIZE, ALLOW_PRIVATE_IPS];
 
 /// Mount points the guest sets up itself for every command (a spec asks for them as a
 /// matter of course).
@@ -485,14 +490,30 @@ fn network(
         .get(SECRETS)
         .map(|v| v.split(';').map(str::trim).filter(|s| !s.is_empty()).collect())
         .unwrap_or_default();
+    let rules = annotations
+        .get(NETWORK_RULES)
+        .map(|json| {
+            let rules: Interception = serde_json::from_str(json)
+                .map_err(|e| SpecError::Invalid(format!("annotation {NETWORK_RULES}: {e}")))?;
+            if rules.callback_socket.is_some() || rules.rules.iter().any(|r| !r.callback_id.is_empty()) {
+                return Err(SpecError::Unsupported(format!(
+                    "callbacks in annotation {NETWORK_RULES} (the rules' own edits and blocks are)"
+                )));
+            }
+            Ok(rules)
+        })
+        .transpose()?;
     if no_network {
-        if !hosts.is_empty() || !secret_specs.is_empty() {
-            return Err(SpecError::Invalid(format!("{NO_NETWORK} conflicts with {ALLOW_HOSTS} and {SECRETS}")));
+        if !hosts.is_empty() || !secret_specs.is_empty() || rules.is_some() {
+            return Err(SpecError::Invalid(format!(
+                "{NO_NETWORK} conflicts with {ALLOW_HOSTS}, {SECRETS} and {NETWORK_RULES}"
+            )));
         }
         config.network = None;
         return Ok(());
     }
     let network = config.network.get_or_insert_with(Default::default);
+    network.interception = rules;
     network.netns = netns;
     network.allowed_hosts = hosts;
     network.block_private_ips = !allow_private;
@@ -575,6 +596,28 @@ mod tests {
         assert!(plan("c", &s).unwrap_err().to_string().contains("MISSING"));
         let s = base(serde_json::json!({"annotations": {"dev.matchlock.alow-hosts": "x"}}));
         assert!(plan("c", &s).unwrap_err().to_string().contains("unknown annotation"));
+    }
+
+    #[test]
+    fn interception_rules_come_from_their_annotation_without_callbacks() {
+        let rules = r#"{"rules": [{"name": "tag", "hosts": ["api.example.com"], "action": "mutate",
+            "set_headers": {"X-Pod": "agent"}}]}"#;
+        let s = base(serde_json::json!({"annotations": {NETWORK_RULES: rules}}));
+        let net = plan("c", &s).expect("plan").config.network.expect("network");
+        let interception = net.interception.as_ref().expect("rules");
+        assert_eq!(interception.rules[0].set_headers["X-Pod"], "agent");
+        assert!(net.intercepts(), "rules turn interception on");
+        for (value, wanted) in [
+            (r#"{"rules": [], "callback_socket": "/run/containerd/containerd.sock"}"#, "callbacks"),
+            (r#"{"rules": [{"name": "ask", "callback_id": "x"}]}"#, "callbacks"),
+            (r#"{"rules": [{"name": "typo", "acton": "block"}]}"#, "acton"),
+        ] {
+            let s = base(serde_json::json!({"annotations": {NETWORK_RULES: value}}));
+            let err = plan_err(&s).to_string();
+            assert!(err.contains(wanted), "{value}: {err}");
+        }
+        let s = base(serde_json::json!({"annotations": {NETWORK_RULES: rules, NO_NETWORK: "true"}}));
+        assert!(plan_err(&s).to_string().contains("conflicts"));
     }
 
     #[test]

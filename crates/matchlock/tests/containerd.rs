@@ -969,6 +969,10 @@ fn a_kubernetes_pod_runs_in_one_vm_through_containerds_cri() {
     // out; the container saw its placeholder.
     let with_key = &seen.iter().find(|(_, head)| head.contains("with-key")).expect("the request with the key").1;
     assert!(with_key.contains("Bearer pod-secret-value-5c1e"), "the node received the value: {with_key}");
+    // The pod's interception rules: the header reached the node, /admin never did.
+    assert!(with_key.to_ascii_lowercase().contains("x-pod-rule: agent"), "{with_key}");
+    assert!(log.contains("admin-refused"), "{log}");
+    assert!(!seen.iter().any(|(_, head)| head.contains("/admin")), "a blocked request reached the node: {seen:?}");
     assert!(log.contains("key=SANDBOX_SECRET_") && !log.contains("pod-secret-value-5c1e"), "{log}");
     // ExecSync, with its timeout, and stats.
     assert_eq!(up["exec"], serde_json::json!({"exit_code": 3, "stdout": "out\n", "stderr": "err\n"}), "{up}");
