@@ -977,6 +977,17 @@ fn a_kubernetes_pod_runs_in_one_vm_through_containerds_cri() {
     // ExecSync, with its timeout, and stats.
     assert_eq!(up["exec"], serde_json::json!({"exit_code": 3, "stdout": "out\n", "stderr": "err\n"}), "{up}");
     assert_eq!(up["exec_timeout"], "DEADLINE_EXCEEDED", "{up}");
+    // Streaming exec (kubectl exec -i, -it) through containerd's streaming server.
+    let stream = &up["stream"];
+    assert_eq!(
+        (&stream["stdout"], &stream["stderr"]),
+        (&serde_json::json!("got=typed-in\n"), &serde_json::json!("to-err\n")),
+        "{up}"
+    );
+    assert_eq!(stream["status"]["details"]["causes"][0]["message"], "5", "the exit code reached the client: {up}");
+    let tty = &up["stream_tty"];
+    assert!(tty["stdout"].as_str().unwrap().contains("/dev/pts/"), "a terminal: {up}");
+    assert_eq!(tty["status"]["status"], "Success", "{up}");
     assert!(up["memory_working_set"].as_u64().unwrap() > 0, "{up}");
     assert_eq!(up["listed_stats"], serde_json::json!(["client", "web"]), "ListContainerStats: {up}");
     // Volumes: the emptyDir carries files both ways and to the host; the token is readable
