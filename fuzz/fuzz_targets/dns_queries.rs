@@ -26,7 +26,7 @@ fn world() -> &'static World {
 fuzz_target!(|data: &[u8]| {
     let w = world();
     w.runtime.block_on(async {
-        let _ = answer_guest(data, &w.resolver, Some(&w.policy)).await;
-        let _ = answer_guest(data, &w.resolver, None).await;
+        let _ = answer_guest(data, &w.resolver, Some(&w.policy), None).await;
+        let _ = answer_guest(data, &w.resolver, None, None).await;
     });
 });

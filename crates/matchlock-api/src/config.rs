@@ -107,6 +107,13 @@ pub struct NetworkConfig {
     /// namespace's addresses and routes (a Kubernetes pod's, say); the host's own when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+    /// Bound on the egress audit's files, bytes (0: no audit); see [`crate::audit`].
+    #[serde(default = "default_audit_max_bytes")]
+    pub audit_max_bytes: u64,
+}
+
+fn default_audit_max_bytes() -> u64 {
+    crate::audit::DEFAULT_AUDIT_MAX_BYTES
 }
 
 /// Programmable interception (reference §4 "Network hooks"): rules matched per request.
@@ -222,6 +229,7 @@ impl Default for NetworkConfig {
             interception: None,
             allow_secret_ranges: false,
             netns: None,
+            audit_max_bytes: crate::audit::DEFAULT_AUDIT_MAX_BYTES,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Configuration shared by the CLI, the JSON-RPC front end and the orchestrator.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod config;
 pub mod paths;
 pub mod rpc;

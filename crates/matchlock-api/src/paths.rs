@@ -110,6 +110,11 @@ impl VmDir {
         entries.filter(|e| e.file_type().is_ok_and(|t| t.is_socket())).map(|e| e.path()).collect()
     }
 
+    /// `audit.jsonl`: the sandbox's egress audit (see [`crate::audit`]).
+    pub fn audit_log(&self) -> PathBuf {
+        self.0.join("audit.jsonl")
+    }
+
     /// `<kind>/mount-<index>`: host-side data of workspace mount `index` (`overlay`, `memory`).
     pub fn workspace_data(&self, kind: &str, index: usize) -> PathBuf {
         self.0.join(format!("{kind}/mount-{index:03}"))

@@ -324,6 +324,7 @@ impl CreateParams {
             interception,
             allow_secret_ranges: net.allow_secret_ranges,
             netns: None,
+            ..NetworkConfig::default()
         });
         Ok(())
     }

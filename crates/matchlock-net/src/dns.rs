@@ -142,23 +142,54 @@ fn a_records(message: &Message) -> (Vec<Ipv4Addr>, Duration) {
 /// refused. The guest's message is never forwarded: the host asks its servers the checked
 /// question with a query of its own ([`Resolver::ask`]) and builds the guest's answer from the
 /// parsed records (no flag, extra record or EDNS option of the guest reaches a server).
-pub async fn answer_guest(query: &[u8], resolver: &Resolver, policy: Option<&Policy>) -> Option<Vec<u8>> {
+pub async fn answer_guest(
+    query: &[u8],
+    resolver: &Resolver,
+    policy: Option<&Policy>,
+    audit: Option<&crate::audit::Audit>,
+) -> Option<Vec<u8>> {
     let request = Message::from_vec(query).ok()?;
     if request.message_type() != MessageType::Query {
         return None;
     }
+    let started = crate::audit::now_ms();
+    let record = |name: &str, query_type: String, code: ResponseCode| {
+        let Some(audit) = audit else { return };
+        let refused = code == ResponseCode::Refused;
+        audit.record(matchlock_api::audit::Record {
+            time_ms: started,
+            kind: matchlock_api::audit::Kind::Dns,
+            host: name.chars().take(255).collect(),
+            query_type,
+            answer: rcode_name(code),
+            duration_ms: crate::audit::now_ms().saturating_sub(started),
+            decision: if refused && policy.is_some() {
+                matchlock_api::audit::Decision::Blocked
+            } else {
+                matchlock_api::audit::Decision::Allowed
+            },
+            ..Default::default()
+        });
+    };
     let question = match single_question(&request) {
         Some(question) => question,
-        None => return error_response(&request, ResponseCode::Refused),
+        None => {
+            record("", String::new(), ResponseCode::Refused);
+            return error_response(&request, ResponseCode::Refused);
+        }
     };
     let name = question.name().to_utf8();
     let name = name.strip_suffix('.').unwrap_or(&name);
+    let query_type = question.query_type().to_string();
     if policy.is_some_and(|policy| !policy.name_resolvable(name)) {
+        record(name, query_type, ResponseCode::Refused);
         return error_response(&request, ResponseCode::Refused);
     }
     let Ok(upstream) = resolver.ask(question, request.recursion_desired()).await else {
+        record(name, query_type, ResponseCode::ServFail);
         return error_response(&request, ResponseCode::ServFail);
     };
+    record(name, query_type, upstream.response_code());
     if let Some(policy) = policy {
         for ip in a_records(&upstream).0 {
             policy.remember_answer(ip, name);
@@ -178,6 +209,19 @@ pub async fn answer_guest(query: &[u8], resolver: &Resolver, policy: Option<&Pol
         .add_answers(upstream.answers().iter().cloned())
         .add_name_servers(upstream.name_servers().iter().cloned());
     response.to_vec().ok()
+}
+
+/// The mnemonic of a DNS response code (RFC 1035, 2136), as `dig` prints it.
+fn rcode_name(code: ResponseCode) -> String {
+    match u16::from(code) {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        other => format!("RCODE{other}"),
+    }
 }
 
 /// The query's one question, if it is a standard query of exactly one class-IN question that
@@ -214,12 +258,12 @@ mod tests {
         let resolver = Resolver::new(&["127.0.0.1".parse().unwrap()]);
         let policy = Policy::new(vec!["*.allowed.test".into()], true, vec![]);
         let started = Instant::now();
-        let answer = answer_guest(&query("exfil-data.evil.test"), &resolver, Some(&policy)).await.unwrap();
+        let answer = answer_guest(&query("exfil-data.evil.test"), &resolver, Some(&policy), None).await.unwrap();
         let answer = Message::from_vec(&answer).unwrap();
         assert_eq!(answer.response_code(), ResponseCode::Refused);
         assert_eq!(answer.id(), 7);
         assert!(started.elapsed() < Duration::from_secs(1));
-        assert!(answer_guest(b"\x00\x01garbage", &resolver, Some(&policy)).await.is_none());
+        assert!(answer_guest(b"\x00\x01garbage", &resolver, Some(&policy), None).await.is_none());
     }
 
     /// A real name server on loopback that records every query it receives and answers each
@@ -265,7 +309,7 @@ mod tests {
         let policy = Policy::new(vec!["api.test".into()], true, vec![]);
 
         // Positive control: a plain query is answered through the server.
-        let answer = answer_guest(&query("api.test"), &resolver, Some(&policy)).await.unwrap();
+        let answer = answer_guest(&query("api.test"), &resolver, Some(&policy), None).await.unwrap();
         let answer = Message::from_vec(&answer).unwrap();
         assert_eq!((answer.id(), answer.response_code(), answer.answers().len()), (7, ResponseCode::NoError, 1));
         assert_eq!(seen.lock().unwrap().len(), 1);
@@ -276,7 +320,8 @@ mod tests {
             .add_query(Query::query(Name::from_utf8("api.test").unwrap(), RecordType::A))
             .add_query(Query::query(Name::from_utf8("exfil-DATA.evil.test").unwrap(), RecordType::A));
         let answer =
-            Message::from_vec(&answer_guest(&two.to_vec().unwrap(), &resolver, Some(&policy)).await.unwrap()).unwrap();
+            Message::from_vec(&answer_guest(&two.to_vec().unwrap(), &resolver, Some(&policy), None).await.unwrap())
+                .unwrap();
         assert_eq!(answer.response_code(), ResponseCode::Refused);
         // Another class, a zone transfer, and no question at all: refused too.
         let mut chaos = Query::query(Name::from_utf8("api.test").unwrap(), RecordType::TXT);
@@ -289,7 +334,7 @@ mod tests {
                 m.add_query(q);
             }
             let answer =
-                Message::from_vec(&answer_guest(&m.to_vec().unwrap(), &resolver, Some(&policy)).await.unwrap())
+                Message::from_vec(&answer_guest(&m.to_vec().unwrap(), &resolver, Some(&policy), None).await.unwrap())
                     .unwrap();
             assert_eq!(answer.response_code(), ResponseCode::Refused);
         }
@@ -312,7 +357,7 @@ mod tests {
         edns.options_mut().insert(hickory_proto::rr::rdata::opt::EdnsOption::Unknown(65001, b"exfil-EDNS".to_vec()));
         crafted.set_edns(edns);
         let raw = crafted.to_vec().unwrap();
-        let answer = Message::from_vec(&answer_guest(&raw, &resolver, Some(&policy)).await.unwrap()).unwrap();
+        let answer = Message::from_vec(&answer_guest(&raw, &resolver, Some(&policy), None).await.unwrap()).unwrap();
         assert_eq!((answer.id(), answer.answers().len()), (10, 1));
         let received = seen.lock().unwrap().last().unwrap().clone();
         assert!(!received.windows(5).any(|w| w == b"exfil"), "guest bytes reached the server");

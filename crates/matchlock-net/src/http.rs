@@ -35,6 +35,7 @@ use crate::hooks::is_event_stream;
 use crate::secrets::Secret;
 use crate::secrets::{self, BodyTransform, Replacements, Scrubber, SseDataReplacer};
 use crate::{Shared, CONNECT_TIMEOUT};
+use matchlock_api::audit::{Decision, Kind, Record};
 
 type Body = BoxBody<Bytes, BoxError>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -233,7 +234,20 @@ pub(crate) async fn serve_https(shared: Arc<Shared>, dst: SocketAddrV4, stream: 
         },
         None => dst.ip().to_string(),
     };
-    if shared.policy.check_host(&server_name).is_err() {
+    if let Err(refusal) = shared.policy.check_host(&server_name) {
+        if let Some(audit) = &shared.audit {
+            let ip = dst.ip().to_string();
+            audit.record(Record {
+                kind: Kind::Http,
+                addr: if server_name == ip { String::new() } else { ip },
+                host: server_name,
+                port: dst.port(),
+                scheme: Scheme::Https.name().to_owned(),
+                decision: Decision::Blocked,
+                reason: refusal.to_string(),
+                ..Record::default()
+            });
+        }
         return; // closes the handshake: no certificate for hosts the guest may not reach
     }
     let Ok(config) = ca.server_config(&server_name) else { return };
@@ -293,51 +307,138 @@ fn full(body: impl Into<Bytes>) -> Body {
     Full::new(body.into()).map_err(|never| match never {}).boxed()
 }
 
-/// Proxies one request and reports it as a `network` event when someone listens.
+/// What the audit learns of a request while it is forwarded (it travels in the request's
+/// extensions): bytes each way and the secrets substituted.
+#[derive(Default)]
+struct Tally {
+    up: std::sync::atomic::AtomicU64,
+    down: std::sync::atomic::AtomicU64,
+    secrets: std::sync::Mutex<Vec<String>>,
+}
+
+/// A body whose data bytes are added to `counter`; `done` runs when it is dropped (finished,
+/// or abandoned by the guest).
+struct Counted {
+    inner: Body,
+    counter: Arc<Tally>,
+    up: bool,
+    done: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                let counter = if self.up { &self.counter.up } else { &self.counter.down };
+                counter.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done();
+        }
+    }
+}
+
+/// Proxies one request, reported as a `network` event when someone listens and as an audit
+/// record (when the response body ends) when the sandbox keeps one.
 async fn proxy(
     shared: &Shared,
     upstreams: &Upstreams,
     scheme: Scheme,
     dst: SocketAddrV4,
     tls_name: Option<&str>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
     let decided = decide(scheme, dst, tls_name, &req);
-    let Some(events) = shared.events.clone() else {
+    if shared.events.is_none() && shared.audit.is_none() {
         return match decided {
             Ok(dest) => forward(shared, upstreams, &dest, req).await,
             Err(refusal) => refusal.response(),
         };
-    };
+    }
     let started = std::time::Instant::now();
+    let time_ms = crate::audit::now_ms();
     let host = match &decided {
         Ok(dest) => dest.authority(),
         Err(_) => tls_name.map_or_else(|| dst.ip().to_string(), str::to_owned),
     };
     let method = req.method().to_string();
     let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str).to_owned();
-    let url = format!("{}://{host}{path}", scheme.name());
     let length = |headers: &HeaderMap| {
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(0)
     };
     let request_bytes = length(req.headers());
+    let tally = Arc::new(Tally::default());
+    req.extensions_mut().insert(tally.clone());
     let response = match decided {
         Ok(dest) => forward(shared, upstreams, &dest, req).await,
         Err(refusal) => refusal.response(),
     };
     let reason = response.extensions().get::<BlockReason>().map(|r| r.0.to_owned());
-    (events.0)(matchlock_api::rpc::NetworkEvent {
+    let name = host.split(':').next().unwrap_or_default().to_owned();
+    if let Some(events) = &shared.events {
+        (events.0)(matchlock_api::rpc::NetworkEvent {
+            method: method.clone(),
+            url: format!("{}://{host}{path}", scheme.name()),
+            host: name.clone(),
+            status_code: response.status().as_u16(),
+            request_bytes,
+            response_bytes: length(response.headers()),
+            duration_ms: started.elapsed().as_millis() as u64,
+            blocked: reason.is_some(),
+            block_reason: reason.clone(),
+        });
+    }
+    let Some(audit) = shared.audit.clone() else { return response };
+    let ip = dst.ip().to_string();
+    let mut record = Record {
+        time_ms,
+        kind: Kind::Http,
+        addr: if name == ip { String::new() } else { ip },
+        host: name,
+        port: dst.port(),
+        scheme: scheme.name().to_owned(),
         method,
-        url,
-        host: host.split(':').next().unwrap_or_default().to_owned(),
-        status_code: response.status().as_u16(),
-        request_bytes,
-        response_bytes: length(response.headers()),
-        duration_ms: started.elapsed().as_millis() as u64,
-        blocked: reason.is_some(),
-        block_reason: reason,
-    });
-    response
+        path: matchlock_api::audit::audited_path(&path),
+        status: Some(response.status().as_u16()),
+        tls_intercepted: scheme == Scheme::Https,
+        decision: if reason.is_some() { Decision::Blocked } else { Decision::Allowed },
+        reason: reason.unwrap_or_default(),
+        ..Record::default()
+    };
+    let (parts, body) = response.into_parts();
+    let counter = tally.clone();
+    let done = move || {
+        use std::sync::atomic::Ordering::Relaxed;
+        record.bytes_up = tally.up.load(Relaxed);
+        record.bytes_down = tally.down.load(Relaxed);
+        record.secrets = std::mem::take(&mut *tally.secrets.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        record.duration_ms = started.elapsed().as_millis() as u64;
+        audit.record(record);
+    };
+    let body = Counted { inner: body, counter, up: false, done: Some(Box::new(done)) };
+    Response::from_parts(parts, body.boxed())
 }
 
 /// Whether the guest asks for a WebSocket (the only upgrade relayed; others are dropped and
@@ -371,6 +472,11 @@ async fn forward(
     let Ok(injected) = secrets::apply_to_request(&mut parts, &dest.host, &sandbox_secrets) else {
         return blocked("secret placeholder sent to a host the secret is not for");
     };
+    let tally = parts.extensions.get::<Arc<Tally>>().cloned();
+    if let Some(tally) = &tally {
+        *tally.secrets.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            injected.iter().map(|s| s.name.clone()).collect();
+    }
     // An echoing server could hand a value back a few bytes per request, each piece too
     // short for scrubbing to recognise.
     if !injected.is_empty() && parts.headers.contains_key(header::RANGE) && !shared.policy.secret_ranges_allowed() {
@@ -393,7 +499,11 @@ async fn forward(
         Err(UpstreamError::Failed(reason)) => return bad_gateway(&reason),
     };
     let http2 = matches!(sender, Sender::Http2(_));
-    let upstream_req = rewrite_request(parts, body.map_err(BoxError::from).boxed(), dest, http2, upgrade);
+    let mut body = body.map_err(BoxError::from).boxed();
+    if let Some(counter) = tally {
+        body = Counted { inner: body, counter, up: true, done: None }.boxed();
+    }
+    let upstream_req = rewrite_request(parts, body, dest, http2, upgrade);
     let response = match sender {
         Sender::Http1(sender) => {
             let mut sender = sender.lock().await;

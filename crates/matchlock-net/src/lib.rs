@@ -5,6 +5,7 @@
 //! host socket when allowed. No root, no TAP, no firewall rules: nothing on the host changes.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod ca;
 pub mod dns;
 pub mod hooks;
@@ -22,6 +23,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
+
+use matchlock_api::audit::{Decision, Kind, Record};
 
 pub use ca::CertAuthority;
 pub use policy::Policy;
@@ -78,6 +81,8 @@ pub struct Options {
     pub hooks: hooks::Hooks,
     /// Receives one `network` event per intercepted HTTP request.
     pub events: Option<EventSink>,
+    /// Receives an audit record per HTTP request, TCP flow, UDP exchange and DNS question.
+    pub audit: Option<audit::Audit>,
 }
 
 /// Where `network` events go (the JSON-RPC `event` notification).
@@ -117,6 +122,7 @@ pub(crate) struct Shared {
     hooks: hooks::Hooks,
     udp_flows: Arc<Semaphore>,
     events: Option<EventSink>,
+    audit: Option<audit::Audit>,
 }
 
 /// How long dialling an upstream may take.
@@ -150,6 +156,7 @@ impl Flows {
             hooks: options.hooks,
             udp_flows: Arc::new(Semaphore::new(MAX_UDP_FLOWS)),
             events: options.events,
+            audit: options.audit,
         }))
     }
 }
@@ -157,12 +164,16 @@ impl Flows {
 impl FlowHandler for Flows {
     fn accept_tcp(&self, dst: SocketAddrV4) -> bool {
         let shared = &self.0;
-        match dst.port() {
-            53 => true,
-            80 | 443 if shared.intercept => true,
-            _ if shared.intercept => shared.policy.check_passthrough(*dst.ip()).is_ok(),
-            _ => shared.policy.check_address(*dst.ip()).is_ok(),
+        let checked = match dst.port() {
+            53 => Ok(()),
+            80 | 443 if shared.intercept => Ok(()),
+            _ if shared.intercept => shared.policy.check_passthrough(*dst.ip()),
+            _ => shared.policy.check_address(*dst.ip()),
+        };
+        if let Err(refusal) = &checked {
+            shared.audit_flow(Kind::Tcp, dst, Decision::Blocked, refusal.to_string(), (0, 0), 0);
         }
+        checked.is_ok()
     }
 
     fn tcp(&self, _src: SocketAddrV4, dst: SocketAddrV4, stream: DuplexStream) {
@@ -172,7 +183,14 @@ impl FlowHandler for Flows {
                 53 => dns_over_tcp(&shared, stream).await,
                 80 if shared.intercept => http::serve_http(shared, dst, stream).await,
                 443 if shared.intercept => http::serve_https(shared, dst, stream).await,
-                _ => splice(dst, stream).await,
+                _ => {
+                    let time_ms = audit::now_ms();
+                    let (reason, bytes) = match splice(dst, stream).await {
+                        Ok(bytes) => (String::new(), bytes),
+                        Err(e) => (format!("upstream: {e}"), (0, 0)),
+                    };
+                    shared.audit_flow(Kind::Tcp, dst, Decision::Allowed, reason, bytes, time_ms);
+                }
             }
         });
     }
@@ -183,30 +201,85 @@ impl FlowHandler for Flows {
         if dst.port() == 53 {
             tokio::spawn(async move {
                 let policy = shared.intercept.then_some(&*shared.policy);
-                if let Some(answer) = dns::answer_guest(&payload, &shared.resolver, policy).await {
+                if let Some(answer) = dns::answer_guest(&payload, &shared.resolver, policy, shared.audit.as_ref()).await
+                {
                     reply.send(dst, src, answer);
                 }
                 drop(permit);
             });
-        } else if !shared.intercept && shared.policy.check_address(*dst.ip()).is_ok() {
-            // Without interception the guest has plain UDP egress (interception allows only DNS).
-            tokio::spawn(async move {
-                let _ = forward_udp(src, dst, &payload, &reply).await;
-                drop(permit);
-            });
+            return;
         }
+        let refusal = match shared.policy.check_address(*dst.ip()) {
+            // Interception allows only DNS over UDP.
+            Ok(()) if shared.intercept => Some("UDP other than DNS is refused under interception".to_owned()),
+            Ok(()) => None,
+            Err(refusal) => Some(refusal.to_string()),
+        };
+        if let Some(reason) = refusal {
+            shared.audit_flow(Kind::Udp, dst, Decision::Blocked, reason, (payload.len() as u64, 0), 0);
+            return;
+        }
+        // Without interception the guest has plain UDP egress.
+        tokio::spawn(async move {
+            let time_ms = audit::now_ms();
+            let (reason, bytes) = match forward_udp(src, dst, &payload, &reply).await {
+                Ok(down) => (String::new(), (payload.len() as u64, down)),
+                Err(e) => (format!("upstream: {e}"), (payload.len() as u64, 0)),
+            };
+            shared.audit_flow(Kind::Udp, dst, Decision::Allowed, reason, bytes, time_ms);
+            drop(permit);
+        });
     }
 }
 
-async fn forward_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], reply: &UdpReply) -> std::io::Result<()> {
+impl Shared {
+    /// Records a TCP or UDP flow to `dst` that started at `time_ms` (0: now, for a refusal)
+    /// with `bytes` (up, down), named by what the sandbox's DNS answered for its address.
+    fn audit_flow(
+        &self,
+        kind: Kind,
+        dst: SocketAddrV4,
+        decision: Decision,
+        reason: String,
+        bytes: (u64, u64),
+        time_ms: u64,
+    ) {
+        let Some(audit) = &self.audit else { return };
+        let addr = dst.ip().to_string();
+        let (host, addr) = match self.policy.name_of(*dst.ip()) {
+            Some(name) => (name, addr),
+            None => (addr, String::new()),
+        };
+        let duration_ms = if time_ms == 0 { 0 } else { audit::now_ms().saturating_sub(time_ms) };
+        audit.record(Record {
+            time_ms,
+            kind,
+            host,
+            addr,
+            port: dst.port(),
+            bytes_up: bytes.0,
+            bytes_down: bytes.1,
+            duration_ms,
+            decision,
+            reason,
+            ..Record::default()
+        });
+    }
+}
+
+/// Sends one datagram and relays the answers until [`UDP_IDLE`] passes without one; the
+/// bytes received.
+async fn forward_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], reply: &UdpReply) -> std::io::Result<u64> {
     let socket = UdpSocket::bind("0.0.0.0:0").await?;
     socket.connect(dst).await?;
     socket.send(payload).await?;
     let mut buf = vec![0u8; 65_536];
+    let mut received = 0;
     while let Ok(Ok(n)) = tokio::time::timeout(UDP_IDLE, socket.recv(&mut buf)).await {
+        received += n as u64;
         reply.send(dst, src, buf[..n].to_vec());
     }
-    Ok(())
+    Ok(received)
 }
 
 async fn dns_over_tcp(shared: &Shared, mut stream: DuplexStream) {
@@ -217,7 +290,9 @@ async fn dns_over_tcp(shared: &Shared, mut stream: DuplexStream) {
         if stream.read_exact(&mut query).await.is_err() {
             return;
         }
-        let Some(answer) = dns::answer_guest(&query, &shared.resolver, policy).await else { return };
+        let Some(answer) = dns::answer_guest(&query, &shared.resolver, policy, shared.audit.as_ref()).await else {
+            return;
+        };
         let Ok(len) = u16::try_from(answer.len()) else { return };
         if stream.write_u16(len).await.is_err() || stream.write_all(&answer).await.is_err() {
             return;
@@ -225,13 +300,14 @@ async fn dns_over_tcp(shared: &Shared, mut stream: DuplexStream) {
     }
 }
 
-/// Non-HTTP TCP: a host socket to the destination, bytes both ways, half-close passed on.
-async fn splice(dst: SocketAddrV4, mut stream: DuplexStream) {
-    let Ok(Ok(mut upstream)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await else {
-        return;
-    };
+/// Non-HTTP TCP: a host socket to the destination, bytes both ways, half-close passed on;
+/// the bytes (from the guest, to the guest).
+async fn splice(dst: SocketAddrV4, mut stream: DuplexStream) -> std::io::Result<(u64, u64)> {
+    let mut upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let _ = upstream.set_nodelay(true);
-    let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+    tokio::io::copy_bidirectional(&mut stream, &mut upstream).await
 }
 
 /// A running network engine (its own thread and runtime). Dropping it stops the engine.

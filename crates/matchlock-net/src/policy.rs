@@ -267,6 +267,12 @@ impl Policy {
         map.insert(ip, name.to_owned());
     }
 
+    /// The name the sandbox's DNS last answered `ip` for (or the user pinned to it).
+    pub fn name_of(&self, ip: Ipv4Addr) -> Option<String> {
+        let answered = self.resolved.lock().unwrap_or_else(|e| e.into_inner()).get(&ip).cloned();
+        answered.or_else(|| self.pinned.iter().find(|(_, p)| *p == ip).map(|(n, _)| n.clone()))
+    }
+
     /// Whether the sandbox's DNS answered `ip` for `name`, or the user pinned `name` to `ip`.
     pub fn answered(&self, ip: Ipv4Addr, name: &str) -> bool {
         self.pinned.iter().any(|(n, p)| *p == ip && n == name)

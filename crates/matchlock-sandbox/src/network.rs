@@ -114,6 +114,13 @@ pub fn start(
     let upstream_tls = upstream_tls().map_err(|e| SandboxError::Network(Box::new(e)))?;
     let hooks = matchlock_net::hooks::Hooks::new(config.interception.as_ref())
         .map_err(|e| SandboxError::Network(Box::new(e)))?;
+    let audit = match config.audit_max_bytes {
+        0 => None,
+        max => Some(
+            matchlock_net::audit::Audit::start(&dir.audit_log(), max)
+                .map_err(io_err(format!("cannot start the audit {}", dir.audit_log().display())))?,
+        ),
+    };
     let options = Options {
         hooks,
         policy: policy.clone(),
@@ -124,6 +131,7 @@ pub fn start(
         gateway_mac: [0x02, 0x4d, 0x4c, 0x00, 0x00, 0x01],
         upstream_tls: Arc::new(upstream_tls),
         events,
+        audit,
     };
     let netns = config.netns.as_deref().map(std::path::Path::new);
     let engine = Engine::start(listener, options, netns).map_err(|e| SandboxError::Network(Box::new(e)))?;

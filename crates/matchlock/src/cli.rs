@@ -73,6 +73,22 @@ enum Command {
         /// The sandbox.
         id: String,
     },
+    /// Print a sandbox's egress audit: every HTTP request, TCP flow, UDP exchange and DNS
+    /// question the host handled for it, with what it decided (never a secret value, a body
+    /// or a query value).
+    Audit {
+        /// JSON lines (the records as stored) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only what the host refused.
+        #[arg(long)]
+        blocked: bool,
+        /// Keep printing new records.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The sandbox.
+        id: String,
+    },
     /// Stop running sandboxes.
     Kill {
         /// Stop every running sandbox.
@@ -313,6 +329,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Get { id } => crate::vms::get(&id),
         Command::Inspect { id } => crate::vms::inspect(&id),
         Command::Log { follow, id } => crate::vms::log(&id, follow).await,
+        Command::Audit { json, blocked, follow, id } => crate::audit::show(&id, json, blocked, follow).await,
         Command::Kill { all, id } => crate::vms::kill_vms(id, all).await,
         Command::AllowList(AllowListCommand::Add { id, hosts }) => crate::vms::allow_list(&id, true, &hosts).await,
         Command::AllowList(AllowListCommand::Delete { id, hosts }) => crate::vms::allow_list(&id, false, &hosts).await,

@@ -9,6 +9,7 @@ macro_rules! outln {
     }};
 }
 
+mod audit;
 mod build;
 mod cli;
 mod host;

@@ -110,6 +110,10 @@ pub(crate) struct RunArgs {
     /// with the rule fields of the JSON-RPC `network.interception` object. Turns on interception.
     #[arg(long = "network-rules", value_name = "FILE")]
     network_rules: Option<std::path::PathBuf>,
+    /// Most MB the egress audit (`matchlock audit`) keeps for this sandbox: older records are
+    /// rotated out beyond it (and counted); 0 keeps no audit.
+    #[arg(long = "audit-max-size", value_name = "MB", default_value_t = matchlock_api::audit::DEFAULT_AUDIT_MAX_BYTES >> 20)]
+    audit_max_size: u64,
     /// Intercept HTTP(S) even without an allow-list or secrets.
     #[arg(long = "network-intercept")]
     network_intercept: bool,
@@ -218,6 +222,7 @@ fn build_config(args: &RunArgs, handed: &HashMap<String, String>) -> Result<Sand
             );
         }
         network.mtu = args.mtu;
+        network.audit_max_bytes = args.audit_max_size.saturating_mul(1 << 20);
         add_secrets(network, &args.secret, handed)?;
     }
     Ok(config)

@@ -547,3 +547,130 @@ fn rpc_network_events() {
     assert!(rpc.finish().success());
     assert!(h.processes().is_empty());
 }
+
+/// The audit records of sandbox `id` (`matchlock audit --json`), once `done` holds for them
+/// (the writer is a moment behind the flows).
+fn audit_records(h: &Home, id: &str, done: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = ok(&h.ml(&["audit", "--json", id]));
+        let records: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        if done(&records) || std::time::Instant::now() > deadline {
+            return records;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_audit_records_every_flow_with_its_decision_and_never_a_secret() {
+    let net = testnet();
+    let h = home();
+    let m = marker("audit");
+    let value = format!("audit-secret-{m}");
+    let out = cmd(&h)
+        .args(["run", "-d", "--dns-servers", DNS, "--image", debian_image(), "--allow-host", "api.test"])
+        .args(["--secret", &format!("KEY={value}@api.test")])
+        .output()
+        .unwrap();
+    let id = ok(&out).trim().to_owned();
+    let script = format!(
+        r#"
+curl -sS -o /dev/null "http://api.test/bytes?n=12345&token=$KEY" -H "Authorization: Bearer $KEY"; echo "get-rc=$?"
+head -c 3000 /dev/zero | tr '\0' y | curl -sS --data-binary @- http://api.test/echo/{m}-post; echo " post-rc=$?"
+curl -sS -o /dev/null https://api.test/echo/{m}-tls; echo "tls-rc=$?"
+curl -sS -o /dev/null http://{OTHER}/echo/{m}-ip; echo "ip-rc=$?"
+curl -sS -o /dev/null https://other.test/echo/{m}-name; echo "name-rc=$?"
+getent hosts evil.test || echo evil-refused
+exec 3<>/dev/tcp/{API}/9000; echo tcp-allowed >&3; head -c 12 <&3; exec 3>&-
+(exec 4<>/dev/tcp/{OTHER}/9000) 2>/dev/null || echo tcp-refused
+echo udp >/dev/udp/{API}/9001 && echo udp-sent
+"#
+    );
+    let ran = h.ml(&["exec", &id, "bash", "-c", &script]);
+    let o = stdout(&ran);
+    assert!(
+        o.contains("get-rc=0") && o.contains("\"received\": 3000") && o.contains("tls-rc=0"),
+        "{o}\n{}",
+        stderr(&ran)
+    );
+    assert!(o.contains("tcp-allowed") && o.contains("tcp-refused") && o.contains("evil-refused"), "{o}");
+    let find = |records: &[serde_json::Value], pred: &dyn Fn(&serde_json::Value) -> bool| -> Vec<serde_json::Value> {
+        records.iter().filter(|r| pred(r)).cloned().collect()
+    };
+    let udp = |r: &serde_json::Value| r["kind"] == "udp" && r["port"] == 9001;
+    let records = audit_records(&h, &id, |rs| rs.iter().any(udp));
+
+    // HTTP: bytes as the server sent and received them, query values and secrets by name only.
+    let get = find(&records, &|r| r["kind"] == "http" && r["path"] == "/bytes?n=&token=");
+    assert_eq!(get.len(), 1, "{records:?}");
+    let get = &get[0];
+    assert_eq!(
+        (&get["host"], &get["port"], &get["method"], &get["status"]),
+        (&"api.test".into(), &80.into(), &"GET".into(), &200.into())
+    );
+    assert_eq!(
+        (&get["bytes_down"], &get["decision"], &get["secrets"]),
+        (&12345.into(), &"allowed".into(), &serde_json::json!(["KEY"]))
+    );
+    let post = find(&records, &|r| r["path"] == format!("/echo/{m}-post"));
+    assert_eq!(post.len(), 1, "{records:?}");
+    assert_eq!((&post[0]["method"], &post[0]["bytes_up"]), (&"POST".into(), &3000.into()), "{post:?}");
+    let tls = find(&records, &|r| r["path"] == format!("/echo/{m}-tls"));
+    assert_eq!(tls.len(), 1, "{records:?}");
+    assert_eq!(
+        (&tls[0]["scheme"], &tls[0]["tls_intercepted"], &tls[0]["port"]),
+        (&"https".into(), &true.into(), &443.into())
+    );
+    let by_ip = find(&records, &|r| r["kind"] == "http" && r["host"] == OTHER);
+    assert_eq!(by_ip.len(), 1, "{records:?}");
+    assert_eq!((&by_ip[0]["decision"], &by_ip[0]["status"]), (&"blocked".into(), &403.into()), "{by_ip:?}");
+    assert!(net.requests_with(&format!("{m}-ip")).is_empty(), "the refused request reached the server");
+    // DNS: refused names, the allowed one answered.
+    for name in ["other.test", "evil.test"] {
+        let dns = find(&records, &|r| r["kind"] == "dns" && r["host"] == name);
+        assert!(
+            !dns.is_empty() && dns.iter().all(|r| r["decision"] == "blocked" && r["answer"] == "REFUSED"),
+            "{name}: {dns:?}"
+        );
+    }
+    let api = find(&records, &|r| r["kind"] == "dns" && r["host"] == "api.test" && r["query_type"] == "A");
+    assert!(!api.is_empty() && api.iter().all(|r| r["decision"] == "allowed" && r["answer"] == "NOERROR"), "{api:?}");
+    // TCP and UDP flows.
+    let tcp = find(&records, &|r| r["kind"] == "tcp" && r["port"] == 9000);
+    assert_eq!(tcp.len(), 2, "{records:?}");
+    let allowed = tcp.iter().find(|r| r["decision"] == "allowed").expect("the allowed flow");
+    assert_eq!(
+        (&allowed["host"], &allowed["addr"]),
+        (&"api.test".into(), &API.into()),
+        "named by the DNS answer: {allowed}"
+    );
+    assert_eq!((&allowed["bytes_up"], &allowed["bytes_down"]), (&12.into(), &12.into()), "{allowed}");
+    assert!(tcp.iter().any(|r| r["decision"] == "blocked" && r["host"] == OTHER), "{tcp:?}");
+    let udp = find(&records, &udp);
+    assert_eq!(udp.len(), 1, "{records:?}");
+    assert_eq!(udp[0]["decision"], "blocked", "interception lets only DNS out over UDP: {udp:?}");
+
+    // Never the value, anywhere in the sandbox's files (it did reach the server).
+    assert!(!net.requests_with(&value).is_empty(), "the secret was used");
+    let mut files = vec![h.vms_dir()];
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().flatten().map(|e| e.path()));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            assert!(!bytes.windows(value.len()).any(|w| w == value.as_bytes()), "the value is in {}", path.display());
+        }
+    }
+    // The table and the refusals alone; kept after the sandbox stops, gone with rm.
+    let table = ok(&h.ml(&["audit", &id]));
+    assert!(table.contains("api.test:80") && table.contains("BLOCKED") && table.contains("KEY"), "{table}");
+    let blocked = ok(&h.ml(&["audit", "--blocked", "--json", &id]));
+    let refusals = records.iter().filter(|r| r["decision"] == "blocked").count();
+    assert_eq!(blocked.lines().count(), refusals, "{blocked}");
+    assert!(blocked.lines().all(|l| l.contains(r#""decision":"blocked""#)), "{blocked}");
+    ok(&h.ml(&["kill", &id]));
+    assert_eq!(audit_records(&h, &id, |_| true).len(), records.len(), "the audit outlives the sandbox");
+    ok(&h.ml(&["rm", &id]));
+    let gone = h.ml(&["audit", &id]);
+    assert!(!gone.status.success() && stderr(&gone).contains("not found"), "{}", stderr(&gone));
+}

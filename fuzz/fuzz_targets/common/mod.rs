@@ -34,6 +34,7 @@ pub fn flows() -> Flows {
         upstream_tls: Arc::new(matchlock_net::upstream_tls_config(None).expect("TLS config")),
         hooks,
         events: None,
+        audit: None,
     })
 }
 
