@@ -55,11 +55,11 @@ fn detached_lifecycle_list_get_inspect_exec_kill_rm() {
     let out = h.ml(&["exec", &id, "true"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains(&format!("VM {id} is not running (status: stopped)")), "{}", stderr(&out));
-    // A stopped sandbox holds only its logs and its writable disk (for `commit`, until
-    // `rm`); no socket and no process of it remains.
+    // A stopped sandbox holds only its logs, its egress audit and its writable disk (for
+    // `commit`, until `rm`); no socket and no process of it remains.
     let mut left: Vec<_> = std::fs::read_dir(h.vms_dir().join(&id)).unwrap().map(|e| e.unwrap().file_name()).collect();
     left.sort();
-    assert_eq!(left, ["logs", "upper.ext4"].map(std::ffi::OsString::from));
+    assert_eq!(left, ["audit.jsonl", "logs", "upper.ext4"].map(std::ffi::OsString::from));
     assert!(h.processes().is_empty(), "{:?}", h.processes());
     let history: serde_json::Value = serde_json::from_str(&ok(&h.ml(&["inspect", &id]))).unwrap();
     assert_eq!(history["lifecycle"]["phase"], "cleaned");
@@ -241,8 +241,9 @@ fn crashed_owner_is_detected_and_gc_reclaims_everything() {
     assert!(gc.contains(&format!("{id}: cleaned")), "{gc}");
     assert!(gc.contains("upper.ext4") && gc.ends_with("Reconciled 1 VMs\n"), "{gc}");
     assert!(ok(&h.ml(&["gc", &id])).contains("no resources to clean"));
-    let left: Vec<_> = std::fs::read_dir(h.vms_dir().join(&id)).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(left, vec![std::ffi::OsString::from("logs")]);
+    let mut left: Vec<_> = std::fs::read_dir(h.vms_dir().join(&id)).unwrap().map(|e| e.unwrap().file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["audit.jsonl", "logs"].map(std::ffi::OsString::from), "gc keeps the logs and the audit");
     assert!(h.processes().is_empty(), "{:?}", h.processes());
     assert_eq!(ok(&h.ml(&["prune"])), format!("Pruned {id}\nPruned 1 VMs\n"));
     h.assert_no_leftovers();

@@ -674,3 +674,67 @@ echo udp >/dev/udp/{API}/9001 && echo udp-sent
     let gone = h.ml(&["audit", &id]);
     assert!(!gone.status.success() && stderr(&gone).contains("not found"), "{}", stderr(&gone));
 }
+
+#[test]
+fn the_audit_stays_within_its_bound_under_a_dns_flood_and_survives_a_kill_9_of_its_owner() {
+    let h = home();
+    let out = cmd(&h)
+        .args(["run", "-d", "--dns-servers", DNS, "--image", debian_image(), "--allow-host", "api.test"])
+        .args(["--audit-max-size", "1"])
+        .output()
+        .unwrap();
+    let id = ok(&out).trim().to_owned();
+    // 50 000 questions for names the allow-list refuses, as fast as the guest sends them.
+    let flood = r#"
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(50000):
+    name = b"".join(bytes([len(p)]) + p for p in (b"n%d" % i, b"flood", b"test")) + b"\0"
+    s.sendto(struct.pack(">HHHHHH", i & 0xFFFF, 0x0100, 1, 0, 0, 0) + name + struct.pack(">HH", 1, 1), ("198.51.100.53", 53))
+print("sent")
+"#;
+    let sent = h.ml(&["exec", &id, "python3", "-c", flood]);
+    assert_eq!(stdout(&sent), "sent\n", "{}", stderr(&sent));
+    let dir = h.vms_dir().join(&id);
+    let on_disk = || -> u64 {
+        ["audit.jsonl", "audit.1.jsonl"].iter().map(|f| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len())).sum()
+    };
+    // Until the writer is done: the count of records stops changing.
+    let mut last = (0, 0);
+    let records = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let out = h.ml(&["audit", "--json", &id]);
+        let records = ok(&out).lines().count();
+        let now = (records, on_disk());
+        if now == last {
+            break (out, records);
+        }
+        last = now;
+    };
+    let (audit, kept) = records;
+    assert!(on_disk() <= 1 << 20, "{} bytes for a 1 MB bound", on_disk());
+    assert!(kept > 1000, "the newest records are kept: {kept}");
+    let note = stderr(&audit);
+    let rotated: u64 = note.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(note.contains("rotated out") && rotated > 0, "what the bound cost is reported: {note}");
+    assert!(ok(&audit).lines().all(|l| l.contains(r#""kind":"dns""#) && l.contains("flood.test")), "{}", ok(&audit));
+
+    // kill -9 of the owner: every record written stays readable (one write per record).
+    let get: serde_json::Value = serde_json::from_str(&ok(&h.ml(&["get", &id]))).unwrap();
+    let owner = get["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(owner), nix::sys::signal::Signal::SIGKILL).unwrap();
+    while std::fs::read_to_string(format!("/proc/{owner}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = h.ml(&["audit", "--json", &id]);
+    assert_eq!(ok(&after).lines().count(), kept, "{}", stderr(&after));
+    assert!(
+        !stderr(&after).contains(", 1 unreadable") && stderr(&after).contains(" 0 unreadable"),
+        "{}",
+        stderr(&after)
+    );
+    ok(&h.ml(&["gc"]));
+    assert_eq!(ok(&h.ml(&["audit", "--json", &id])).lines().count(), kept, "gc keeps the audit");
+    ok(&h.ml(&["rm", &id]));
+    h.assert_no_leftovers();
+}
