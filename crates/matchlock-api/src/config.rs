@@ -110,6 +110,93 @@ pub struct NetworkConfig {
     /// Bound on the egress audit's files, bytes (0: no audit); see [`crate::audit`].
     #[serde(default = "default_audit_max_bytes")]
     pub audit_max_bytes: u64,
+    /// Budgets and rate limits the host enforces on the sandbox's traffic.
+    #[serde(default)]
+    pub limits: NetworkLimits,
+}
+
+/// Budgets and rate limits on a sandbox's network, enforced by the host (none by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkLimits {
+    /// Bytes the guest may send out: request bodies, TCP and UDP payloads, all flows together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_bytes: Option<u64>,
+    /// Bytes the guest may receive the same way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingress_bytes: Option<u64>,
+    /// HTTP requests through interception.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u64>,
+    /// TCP connections the guest may open (DNS over TCP aside).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u64>,
+    /// Request rates per host (the first rule whose glob matches applies).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimit>,
+}
+
+/// At most `requests` HTTP requests per `seconds` to hosts matching `host` (a burst of
+/// `requests`, then one each `seconds / requests`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Host glob, as in the allow-list.
+    pub host: String,
+    /// Requests per period.
+    pub requests: u32,
+    /// The period, seconds.
+    pub seconds: u32,
+}
+
+/// A malformed size or rate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct LimitSpecError(pub String);
+
+/// `200MB`, `1.5G`, `512K`, `4096` (bytes; K/M/G/T are powers of 1024, a trailing `B` or `iB`
+/// optional); `none` for no limit.
+pub fn parse_size(spec: &str) -> Result<Option<u64>, LimitSpecError> {
+    let s = spec.trim();
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let bad = || LimitSpecError(format!("invalid size {spec:?} (e.g. 200MB, 1G, 4096, none)"));
+    let upper = s.to_ascii_uppercase();
+    let digits = upper.trim_end_matches('B').trim_end_matches('I');
+    let unit = match digits.chars().last() {
+        Some('K') => 1u64 << 10,
+        Some('M') => 1 << 20,
+        Some('G') => 1 << 30,
+        Some('T') => 1 << 40,
+        _ => 1,
+    };
+    let number = if unit == 1 { digits } else { &digits[..digits.len() - 1] };
+    let value: f64 = number.trim().parse().map_err(|_| bad())?;
+    let bytes = value * unit as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(Some(bytes as u64))
+}
+
+/// `api.openai.com=10/s`, `*.github.com=100/m`, `pypi.org=1000/h`.
+pub fn parse_rate_limit(spec: &str) -> Result<RateLimit, LimitSpecError> {
+    let bad = || LimitSpecError(format!("invalid rate limit {spec:?} (HOST=N/s, N/m or N/h)"));
+    let (host, rate) = spec.trim().split_once('=').ok_or_else(bad)?;
+    let (count, unit) = rate.split_once('/').ok_or_else(bad)?;
+    let requests: u32 = count.trim().parse().map_err(|_| bad())?;
+    let seconds = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(bad()),
+    };
+    let host = host.trim();
+    if host.is_empty() || requests == 0 {
+        return Err(bad());
+    }
+    Ok(RateLimit { host: host.to_ascii_lowercase(), requests, seconds })
 }
 
 fn default_audit_max_bytes() -> u64 {
@@ -230,6 +317,7 @@ impl Default for NetworkConfig {
             allow_secret_ranges: false,
             netns: None,
             audit_max_bytes: crate::audit::DEFAULT_AUDIT_MAX_BYTES,
+            limits: NetworkLimits::default(),
         }
     }
 }
@@ -621,6 +709,32 @@ pub fn parse_add_host(spec: &str) -> Result<(String, IpAddr), AddHostError> {
         return Err(err());
     }
     Ok((host.to_owned(), ip))
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_rates_parse_as_documented() {
+        assert_eq!(parse_size("200MB"), Ok(Some(200 << 20)));
+        assert_eq!(parse_size("1.5G"), Ok(Some(3 << 29)));
+        assert_eq!(parse_size("512k"), Ok(Some(512 << 10)));
+        assert_eq!(parse_size("4096"), Ok(Some(4096)));
+        assert_eq!(parse_size("2MiB"), Ok(Some(2 << 20)));
+        assert_eq!(parse_size("none"), Ok(None));
+        for bad in ["", "MB", "-1M", "ten", "1X"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_rate_limit("API.openai.com=10/s"),
+            Ok(RateLimit { host: "api.openai.com".into(), requests: 10, seconds: 1 })
+        );
+        assert_eq!(parse_rate_limit("*.github.com=100/m").map(|r| r.seconds), Ok(60));
+        for bad in ["x", "x=10", "x=10/d", "=1/s", "x=0/s"] {
+            assert!(parse_rate_limit(bad).is_err(), "{bad}");
+        }
+    }
 }
 
 #[cfg(test)]

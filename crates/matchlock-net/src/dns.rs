@@ -211,6 +211,17 @@ pub async fn answer_guest(
     response.to_vec().ok()
 }
 
+/// A `REFUSED` answer to `query` and the name it asked for (`None`: not a query).
+pub fn refuse(query: &[u8]) -> Option<(Vec<u8>, String)> {
+    let request = Message::from_vec(query).ok()?;
+    if request.message_type() != MessageType::Query {
+        return None;
+    }
+    let name = request.queries().first().map(|q| q.name().to_utf8()).unwrap_or_default();
+    let name = name.strip_suffix('.').unwrap_or(&name).chars().take(255).collect();
+    Some((error_response(&request, ResponseCode::Refused)?, name))
+}
+
 /// The mnemonic of a DNS response code (RFC 1035, 2136), as `dig` prints it.
 fn rcode_name(code: ResponseCode) -> String {
     match u16::from(code) {

@@ -26,15 +26,15 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
-use tokio::io::DuplexStream;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
+use crate::budget::Exceeded;
 use crate::hooks::is_event_stream;
 #[cfg(test)]
 use crate::secrets::Secret;
 use crate::secrets::{self, BodyTransform, Replacements, Scrubber, SseDataReplacer};
-use crate::{Shared, CONNECT_TIMEOUT};
+use crate::{Metered, Shared, CONNECT_TIMEOUT};
 use matchlock_api::audit::{Decision, Kind, Record};
 
 type Body = BoxBody<Bytes, BoxError>;
@@ -206,7 +206,7 @@ enum Sender {
 }
 
 /// Serves a guest connection to port 80.
-pub(crate) async fn serve_http(shared: Arc<Shared>, dst: SocketAddrV4, stream: DuplexStream) {
+pub(crate) async fn serve_http(shared: Arc<Shared>, dst: SocketAddrV4, stream: Metered) {
     let upstreams = Arc::new(Upstreams::default());
     let service = service_fn(move |req| {
         let (shared, upstreams) = (shared.clone(), upstreams.clone());
@@ -222,7 +222,7 @@ pub(crate) async fn serve_http(shared: Arc<Shared>, dst: SocketAddrV4, stream: D
 }
 
 /// Serves a guest connection to port 443: TLS with a certificate for the requested name.
-pub(crate) async fn serve_https(shared: Arc<Shared>, dst: SocketAddrV4, stream: DuplexStream) {
+pub(crate) async fn serve_https(shared: Arc<Shared>, dst: SocketAddrV4, stream: Metered) {
     let Some(ca) = shared.ca.clone() else { return };
     let Ok(start) = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await else {
         return;
@@ -277,23 +277,32 @@ pub(crate) async fn serve_https(shared: Arc<Shared>, dst: SocketAddrV4, stream: 
 }
 
 /// Why the host refused a request; carried on the response for the event.
-#[derive(Debug, Clone, Copy)]
-struct BlockReason(&'static str);
+#[derive(Debug, Clone)]
+struct BlockReason(String);
 
 /// A refusal with `status`; the connection is closed after it.
-fn refused(status: StatusCode, reason: &'static str) -> Response<Body> {
+fn refused(status: StatusCode, reason: &str) -> Response<Body> {
     let body =
         if status == StatusCode::FORBIDDEN { "Blocked by policy".to_owned() } else { format!("matchlock: {reason}\n") };
     let mut response = Response::new(full(body));
-    response.extensions_mut().insert(BlockReason(reason));
+    response.extensions_mut().insert(BlockReason(reason.to_owned()));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
+/// The `429` of a spent budget or a rate limit (with `Retry-After`).
+fn over_budget(exceeded: &Exceeded) -> Response<Body> {
+    let mut response = refused(StatusCode::TOO_MANY_REQUESTS, &exceeded.to_string());
+    if let Exceeded::Rate { retry_after, .. } = exceeded {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+    }
+    response
+}
+
 /// The `403 Blocked by policy` answer.
-fn blocked(reason: &'static str) -> Response<Body> {
+fn blocked(reason: &str) -> Response<Body> {
     refused(StatusCode::FORBIDDEN, reason)
 }
 
@@ -316,12 +325,14 @@ struct Tally {
     secrets: std::sync::Mutex<Vec<String>>,
 }
 
-/// A body whose data bytes are added to `counter`; `done` runs when it is dropped (finished,
-/// or abandoned by the guest).
+/// A body whose data bytes are added to `counter`; a request body's (`up`) are spent from
+/// the egress budget, and the chunk that does not fit ends it with an error (the upstream
+/// request is cut). Bytes to the guest are spent on its connection ([`Metered`]). `done` runs
+/// when it is dropped (finished, or abandoned by the guest).
 struct Counted {
     inner: Body,
     counter: Arc<Tally>,
-    up: bool,
+    up: Option<Arc<crate::budget::Budget>>,
     done: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
@@ -336,8 +347,12 @@ impl hyper::body::Body for Counted {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                let counter = if self.up { &self.counter.up } else { &self.counter.down };
-                counter.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                let n = data.len() as u64;
+                let counter = if self.up.is_some() { &self.counter.up } else { &self.counter.down };
+                counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                if let Some(Err(exceeded)) = self.up.as_ref().map(|budget| budget.send(n)) {
+                    return std::task::Poll::Ready(Some(Err(Box::new(exceeded))));
+                }
             }
         }
         polled
@@ -371,12 +386,6 @@ async fn proxy(
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let decided = decide(scheme, dst, tls_name, &req);
-    if shared.events.is_none() && shared.audit.is_none() {
-        return match decided {
-            Ok(dest) => forward(shared, upstreams, &dest, req).await,
-            Err(refusal) => refusal.response(),
-        };
-    }
     let started = std::time::Instant::now();
     let time_ms = crate::audit::now_ms();
     let host = match &decided {
@@ -395,7 +404,7 @@ async fn proxy(
         Ok(dest) => forward(shared, upstreams, &dest, req).await,
         Err(refusal) => refusal.response(),
     };
-    let reason = response.extensions().get::<BlockReason>().map(|r| r.0.to_owned());
+    let reason = response.extensions().get::<BlockReason>().map(|r| r.0.clone());
     let name = host.split(':').next().unwrap_or_default().to_owned();
     if let Some(events) = &shared.events {
         (events.0)(matchlock_api::rpc::NetworkEvent {
@@ -437,7 +446,7 @@ async fn proxy(
         record.duration_ms = started.elapsed().as_millis() as u64;
         audit.record(record);
     };
-    let body = Counted { inner: body, counter, up: false, done: Some(Box::new(done)) };
+    let body = Counted { inner: body, counter, up: None, done: Some(Box::new(done)) };
     Response::from_parts(parts, body.boxed())
 }
 
@@ -460,6 +469,9 @@ async fn forward(
 ) -> Response<Body> {
     if shared.policy.check_host(&dest.host).is_err() {
         return blocked("host not in the allow-list");
+    }
+    if let Err(exceeded) = shared.budget.take_request(&dest.host) {
+        return over_budget(&exceeded);
     }
     let upgrade = is_websocket_upgrade(&req);
     let guest_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -499,10 +511,10 @@ async fn forward(
         Err(UpstreamError::Failed(reason)) => return bad_gateway(&reason),
     };
     let http2 = matches!(sender, Sender::Http2(_));
-    let mut body = body.map_err(BoxError::from).boxed();
-    if let Some(counter) = tally {
-        body = Counted { inner: body, counter, up: true, done: None }.boxed();
-    }
+    let counter = tally.unwrap_or_default();
+    let body =
+        Counted { inner: body.map_err(BoxError::from).boxed(), counter, up: Some(shared.budget.clone()), done: None };
+    let body = body.boxed();
     let upstream_req = rewrite_request(parts, body, dest, http2, upgrade);
     let response = match sender {
         Sender::Http1(sender) => {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod budget;
 pub mod ca;
 pub mod dns;
 pub mod hooks;
@@ -83,6 +84,8 @@ pub struct Options {
     pub events: Option<EventSink>,
     /// Receives an audit record per HTTP request, TCP flow, UDP exchange and DNS question.
     pub audit: Option<audit::Audit>,
+    /// The budgets and rate limits the flows spend from.
+    pub budget: Arc<budget::Budget>,
 }
 
 /// Where `network` events go (the JSON-RPC `event` notification).
@@ -123,6 +126,7 @@ pub(crate) struct Shared {
     udp_flows: Arc<Semaphore>,
     events: Option<EventSink>,
     audit: Option<audit::Audit>,
+    budget: Arc<budget::Budget>,
 }
 
 /// How long dialling an upstream may take.
@@ -157,6 +161,7 @@ impl Flows {
             udp_flows: Arc::new(Semaphore::new(MAX_UDP_FLOWS)),
             events: options.events,
             audit: options.audit,
+            budget: options.budget,
         }))
     }
 }
@@ -164,14 +169,16 @@ impl Flows {
 impl FlowHandler for Flows {
     fn accept_tcp(&self, dst: SocketAddrV4) -> bool {
         let shared = &self.0;
+        let intercepted = shared.intercept && matches!(dst.port(), 80 | 443);
         let checked = match dst.port() {
-            53 => Ok(()),
-            80 | 443 if shared.intercept => Ok(()),
-            _ if shared.intercept => shared.policy.check_passthrough(*dst.ip()),
-            _ => shared.policy.check_address(*dst.ip()),
+            53 => return true,
+            _ if intercepted => Ok(()),
+            _ if shared.intercept => shared.policy.check_passthrough(*dst.ip()).map_err(|e| e.to_string()),
+            _ => shared.policy.check_address(*dst.ip()).map_err(|e| e.to_string()),
         };
+        let checked = checked.and_then(|()| shared.budget.take_connection(!intercepted).map_err(|e| e.to_string()));
         if let Err(refusal) = &checked {
-            shared.audit_flow(Kind::Tcp, dst, Decision::Blocked, refusal.to_string(), (0, 0), 0);
+            shared.audit_flow(Kind::Tcp, dst, Decision::Blocked, refusal.clone(), (0, 0), 0);
         }
         checked.is_ok()
     }
@@ -179,16 +186,31 @@ impl FlowHandler for Flows {
     fn tcp(&self, _src: SocketAddrV4, dst: SocketAddrV4, stream: DuplexStream) {
         let shared = self.0.clone();
         tokio::spawn(async move {
+            if dst.port() == 53 {
+                return dns_over_tcp(&shared, stream).await;
+            }
+            // Every byte to the guest is spent from the ingress budget, headers and TLS
+            // included; from the guest, every byte of a spliced flow and the request bodies of
+            // intercepted ones (their heads are read, so that a spent budget is answered 429).
+            let intercepted = shared.intercept && matches!(dst.port(), 80 | 443);
+            let mut guest = Metered {
+                inner: stream,
+                budget: shared.budget.clone(),
+                meter_reads: !intercepted,
+                up: 0,
+                down: 0,
+                over: None,
+            };
             match dst.port() {
-                53 => dns_over_tcp(&shared, stream).await,
-                80 if shared.intercept => http::serve_http(shared, dst, stream).await,
-                443 if shared.intercept => http::serve_https(shared, dst, stream).await,
+                80 if shared.intercept => http::serve_http(shared, dst, guest).await,
+                443 if shared.intercept => http::serve_https(shared, dst, guest).await,
                 _ => {
                     let time_ms = audit::now_ms();
-                    let (reason, bytes) = match splice(dst, stream).await {
-                        Ok(bytes) => (String::new(), bytes),
-                        Err(e) => (format!("upstream: {e}"), (0, 0)),
+                    let reason = match splice(dst, &mut guest).await {
+                        Ok(_) => String::new(),
+                        Err(e) => format!("ended: {e}"),
                     };
+                    let bytes = (guest.up, guest.down);
                     shared.audit_flow(Kind::Tcp, dst, Decision::Allowed, reason, bytes, time_ms);
                 }
             }
@@ -200,9 +222,7 @@ impl FlowHandler for Flows {
         let Ok(permit) = shared.udp_flows.clone().try_acquire_owned() else { return };
         if dst.port() == 53 {
             tokio::spawn(async move {
-                let policy = shared.intercept.then_some(&*shared.policy);
-                if let Some(answer) = dns::answer_guest(&payload, &shared.resolver, policy, shared.audit.as_ref()).await
-                {
+                if let Some(answer) = answer_dns(&shared, &payload).await {
                     reply.send(dst, src, answer);
                 }
                 drop(permit);
@@ -212,7 +232,7 @@ impl FlowHandler for Flows {
         let refusal = match shared.policy.check_address(*dst.ip()) {
             // Interception allows only DNS over UDP.
             Ok(()) if shared.intercept => Some("UDP other than DNS is refused under interception".to_owned()),
-            Ok(()) => None,
+            Ok(()) => shared.budget.send(payload.len() as u64).err().map(|e| e.to_string()),
             Err(refusal) => Some(refusal.to_string()),
         };
         if let Some(reason) = refusal {
@@ -222,8 +242,9 @@ impl FlowHandler for Flows {
         // Without interception the guest has plain UDP egress.
         tokio::spawn(async move {
             let time_ms = audit::now_ms();
-            let (reason, bytes) = match forward_udp(src, dst, &payload, &reply).await {
-                Ok(down) => (String::new(), (payload.len() as u64, down)),
+            let (reason, bytes) = match forward_udp(src, dst, &payload, &reply, &shared.budget).await {
+                Ok((down, None)) => (String::new(), (payload.len() as u64, down)),
+                Ok((down, Some(exceeded))) => (format!("ended: {exceeded}"), (payload.len() as u64, down)),
                 Err(e) => (format!("upstream: {e}"), (payload.len() as u64, 0)),
             };
             shared.audit_flow(Kind::Udp, dst, Decision::Allowed, reason, bytes, time_ms);
@@ -267,9 +288,15 @@ impl Shared {
     }
 }
 
-/// Sends one datagram and relays the answers until [`UDP_IDLE`] passes without one; the
-/// bytes received.
-async fn forward_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], reply: &UdpReply) -> std::io::Result<u64> {
+/// Sends one datagram and relays the answers until [`UDP_IDLE`] passes without one or the
+/// ingress budget is spent; the bytes received, and the budget that ended it.
+async fn forward_udp(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    payload: &[u8],
+    reply: &UdpReply,
+    budget: &budget::Budget,
+) -> std::io::Result<(u64, Option<budget::Exceeded>)> {
     let socket = UdpSocket::bind("0.0.0.0:0").await?;
     socket.connect(dst).await?;
     socket.send(payload).await?;
@@ -277,22 +304,48 @@ async fn forward_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], reply
     let mut received = 0;
     while let Ok(Ok(n)) = tokio::time::timeout(UDP_IDLE, socket.recv(&mut buf)).await {
         received += n as u64;
+        if let Err(exceeded) = budget.receive(n as u64) {
+            return Ok((received, Some(exceeded)));
+        }
         reply.send(dst, src, buf[..n].to_vec());
     }
-    Ok(received)
+    Ok((received, None))
+}
+
+/// A guest DNS query's answer: once a byte budget is spent, `REFUSED` (recorded) for a name
+/// not answered before (a known one still resolves, so that its requests get the 429 that
+/// says why); else the resolver's under the policy (when intercepting).
+async fn answer_dns(shared: &Shared, query: &[u8]) -> Option<Vec<u8>> {
+    if let Err(exceeded) = shared.budget.bytes_left() {
+        let (answer, name) = dns::refuse(query)?;
+        if shared.intercept && shared.policy.has_answered(&name) {
+            let policy = Some(&*shared.policy);
+            return dns::answer_guest(query, &shared.resolver, policy, shared.audit.as_ref()).await;
+        }
+        if let Some(audit) = &shared.audit {
+            audit.record(Record {
+                kind: Kind::Dns,
+                host: name,
+                answer: "REFUSED".into(),
+                decision: Decision::Blocked,
+                reason: exceeded.to_string(),
+                ..Record::default()
+            });
+        }
+        return Some(answer);
+    }
+    let policy = shared.intercept.then_some(&*shared.policy);
+    dns::answer_guest(query, &shared.resolver, policy, shared.audit.as_ref()).await
 }
 
 async fn dns_over_tcp(shared: &Shared, mut stream: DuplexStream) {
-    let policy = shared.intercept.then_some(&*shared.policy);
     loop {
         let Ok(len) = stream.read_u16().await else { return };
         let mut query = vec![0u8; usize::from(len)];
         if stream.read_exact(&mut query).await.is_err() {
             return;
         }
-        let Some(answer) = dns::answer_guest(&query, &shared.resolver, policy, shared.audit.as_ref()).await else {
-            return;
-        };
+        let Some(answer) = answer_dns(shared, &query).await else { return };
         let Ok(len) = u16::try_from(answer.len()) else { return };
         if stream.write_u16(len).await.is_err() || stream.write_all(&answer).await.is_err() {
             return;
@@ -300,14 +353,93 @@ async fn dns_over_tcp(shared: &Shared, mut stream: DuplexStream) {
     }
 }
 
-/// Non-HTTP TCP: a host socket to the destination, bytes both ways, half-close passed on;
-/// the bytes (from the guest, to the guest).
-async fn splice(dst: SocketAddrV4, mut stream: DuplexStream) -> std::io::Result<(u64, u64)> {
+/// Non-HTTP TCP: a host socket to the destination, bytes both ways, half-close passed on.
+async fn splice(dst: SocketAddrV4, guest: &mut Metered) -> std::io::Result<(u64, u64)> {
     let mut upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let _ = upstream.set_nodelay(true);
-    tokio::io::copy_bidirectional(&mut stream, &mut upstream).await
+    tokio::io::copy_bidirectional(guest, &mut upstream).await
+}
+
+/// The guest's end of a TCP flow: what is read from it (the guest's bytes) is spent from the
+/// egress budget (when `meter_reads`), what is written to it from the ingress one. The chunk that does not fit
+/// ends the flow: one read from the guest is dropped, one write to it is the last (what was
+/// written before still reaches the guest, then the connection ends).
+pub(crate) struct Metered {
+    inner: DuplexStream,
+    budget: Arc<budget::Budget>,
+    /// Whether reads are spent from the egress budget.
+    meter_reads: bool,
+    /// Bytes from the guest.
+    up: u64,
+    /// Bytes to the guest.
+    down: u64,
+    /// The budget that ended the flow.
+    over: Option<budget::Exceeded>,
+}
+
+impl Metered {
+    fn ended(&self) -> Option<std::io::Error> {
+        self.over.as_ref().map(|e| std::io::Error::other(e.clone()))
+    }
+}
+
+impl tokio::io::AsyncRead for Metered {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(e) = self.ended() {
+            return std::task::Poll::Ready(Err(e));
+        }
+        let before = buf.filled().len();
+        std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let n = (buf.filled().len() - before) as u64;
+        self.up += n;
+        if !self.meter_reads {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        if let Err(exceeded) = self.budget.send(n) {
+            // Not passed on: the upstream never gets more than the budget.
+            self.over = Some(exceeded.clone());
+            return std::task::Poll::Ready(Err(std::io::Error::other(exceeded)));
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Metered {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(e) = self.ended() {
+            return std::task::Poll::Ready(Err(e));
+        }
+        let n = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        self.down += n as u64;
+        if let Err(exceeded) = self.budget.receive(n as u64) {
+            self.over = Some(exceeded);
+        }
+        std::task::Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A running network engine (its own thread and runtime). Dropping it stops the engine.

@@ -267,6 +267,12 @@ impl Policy {
         map.insert(ip, name.to_owned());
     }
 
+    /// Whether the sandbox's DNS answered `name` before (or the user pinned it).
+    pub fn has_answered(&self, name: &str) -> bool {
+        self.pinned.iter().any(|(n, _)| n == name)
+            || self.resolved.lock().unwrap_or_else(|e| e.into_inner()).values().any(|n| n == name)
+    }
+
     /// The name the sandbox's DNS last answered `ip` for (or the user pinned to it).
     pub fn name_of(&self, ip: Ipv4Addr) -> Option<String> {
         let answered = self.resolved.lock().unwrap_or_else(|e| e.into_inner()).get(&ip).cloned();

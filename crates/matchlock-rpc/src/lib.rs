@@ -924,7 +924,7 @@ mod tests {
         let (mut client, server_in) = tokio::io::duplex(64 << 10);
         let (server_out, client_out) = tokio::io::duplex(64 << 10);
         let (_stop, stopped) = tokio::sync::watch::channel(false);
-        let serving = serve(server_in, server_out, stopped, NoImages);
+        let serving = Box::pin(serve(server_in, server_out, stopped, NoImages));
         let talk = async {
             // The server may stop reading (after `close`): what it leaves unread is dropped.
             let _ = client.write_all(input).await;
@@ -1024,7 +1024,7 @@ mod tests {
         let (_client, server_in) = tokio::io::duplex(1024);
         let (server_out, _client_out) = tokio::io::duplex(1024);
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let serving = serve(server_in, server_out, stopped, NoImages);
+        let serving = Box::pin(serve(server_in, server_out, stopped, NoImages));
         stop.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(5), serving).await.expect("the session ends").unwrap();
     }

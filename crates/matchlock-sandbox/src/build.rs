@@ -191,7 +191,7 @@ pub async fn build(
     let lock = store.lock(false)?;
     let mut builder =
         Builder { store: Some(store), options, context: None, booted_hidden: false, progress, summary: (0, 0) };
-    let result = builder.run(plan, &mut interrupt).await;
+    let result = Box::pin(builder.run(plan, &mut interrupt)).await;
     drop(lock);
     // The hidden step images go whatever happened (their root file systems with them),
     // now or, while another process uses the store, at its next collection.

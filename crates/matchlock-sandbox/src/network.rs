@@ -26,6 +26,8 @@ pub struct Network {
     pub policy: Arc<Policy>,
     /// Whether HTTP/TLS interception (and so the allow-list) is on.
     pub intercepts: bool,
+    /// The live budgets, changed by `matchlock limits`.
+    pub budget: Arc<matchlock_net::budget::Budget>,
 }
 
 /// The guest-side kernel parameter configuring `eth0`.
@@ -102,10 +104,11 @@ pub fn start(
     let mac = [0x02, 0x4d, hash[0], hash[1], hash[2], hash[3]];
     let policy = Arc::new(policy(config, add_hosts));
     let intercepts = config.intercepts();
+    let budget = Arc::new(matchlock_net::budget::Budget::new(config.limits.clone()));
     if std::env::var_os(BENCH_QEMU_USERNET_ENV).is_some() && !intercepts {
         tracing::warn!("{BENCH_QEMU_USERNET_ENV} is set: QEMU user networking, no address blocking");
         let nic = Nic { socket: None, mac, mtu: config.mtu };
-        return Ok((Network { _engine: None, policy, intercepts }, nic));
+        return Ok((Network { _engine: None, policy, intercepts, budget }, nic));
     }
     let socket = dir.net_socket();
     let _ = std::fs::remove_file(&socket);
@@ -132,9 +135,10 @@ pub fn start(
         upstream_tls: Arc::new(upstream_tls),
         events,
         audit,
+        budget: budget.clone(),
     };
     let netns = config.netns.as_deref().map(std::path::Path::new);
     let engine = Engine::start(listener, options, netns).map_err(|e| SandboxError::Network(Box::new(e)))?;
     let nic = Nic { socket: Some(socket), mac, mtu: config.mtu };
-    Ok((Network { _engine: Some(engine), policy, intercepts }, nic))
+    Ok((Network { _engine: Some(engine), policy, intercepts, budget }, nic))
 }

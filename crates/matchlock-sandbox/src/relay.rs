@@ -6,7 +6,9 @@
 //! owner splices bytes both ways. Only the exec, echo and port-forward ports are reachable.
 //! `ALLOW ADD <h1,h2>\n` and `ALLOW DEL <h1,h2>\n` change the network allow-list and are
 //! answered with one JSON line ([`AllowListReply`]); `SNAPSHOT <name>\n` saves the sandbox
-//! and is answered with one JSON line ([`SnapshotReply`]). The socket is created with mode 0600:
+//! and is answered with one JSON line ([`SnapshotReply`]); `LIMITS [<json>]\n` sets the
+//! network budgets (a `NetworkLimits` object) when given, and is answered with the limits and
+//! what was spent ([`LimitsReply`]). The socket is created with mode 0600:
 //! only the sandbox's user may use it.
 
 use std::os::unix::fs::PermissionsExt;
@@ -34,6 +36,17 @@ pub struct AllowListReply {
     pub added: Vec<String>,
     /// Hosts that were removed.
     pub removed: Vec<String>,
+    /// Why the change could not be made.
+    pub error: Option<String>,
+}
+
+/// The answer to a limits request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LimitsReply {
+    /// The limits in force (after the change).
+    pub limits: matchlock_api::config::NetworkLimits,
+    /// What the sandbox spent so far.
+    pub usage: matchlock_net::budget::Usage,
     /// Why the change could not be made.
     pub error: Option<String>,
 }
@@ -146,6 +159,21 @@ fn change_allow_list(network: Option<&Network>, request: &str) -> AllowListReply
     reply
 }
 
+fn change_limits(network: Option<&Network>, request: &str) -> LimitsReply {
+    let Some(network) = network else {
+        return LimitsReply {
+            limits: Default::default(),
+            usage: Default::default(),
+            error: Some("the sandbox has no network".into()),
+        };
+    };
+    let error = (!request.is_empty())
+        .then(|| serde_json::from_str(request).map(|limits| network.budget.set(limits)).err())
+        .flatten()
+        .map(|e| format!("invalid limits: {e}"));
+    LimitsReply { limits: network.budget.limits(), usage: network.budget.usage(), error }
+}
+
 async fn splice(
     client: UnixStream,
     guest: &Connector,
@@ -157,6 +185,12 @@ async fn splice(
     let read = tokio::time::timeout(Duration::from_secs(5), (&mut client).take(64 * 1024).read_line(&mut line)).await;
     if let Some(request) = line.strip_prefix("ALLOW ") {
         let reply = change_allow_list(network, request.trim_end());
+        let mut json = serde_json::to_vec(&reply).expect("reply serializes");
+        json.push(b'\n');
+        return client.get_mut().write_all(&json).await;
+    }
+    if let Some(request) = line.strip_prefix("LIMITS") {
+        let reply = change_limits(network, request.trim());
         let mut json = serde_json::to_vec(&reply).expect("reply serializes");
         json.push(b'\n');
         return client.get_mut().write_all(&json).await;
@@ -203,6 +237,27 @@ pub async fn allow_list(vm_dir: &VmDir, add: bool, hosts: &[String]) -> Result<A
     let mut line = String::new();
     BufReader::new(stream).take(1024 * 1024).read_line(&mut line).await.map_err(relay_err)?;
     serde_json::from_str(&line).map_err(|e| SandboxError::Relay(format!("bad allow-list reply from the sandbox: {e}")))
+}
+
+/// Reads, and with `limits` replaces, the network budgets of the sandbox in `vm_dir` through
+/// its relay.
+pub async fn limits(
+    vm_dir: &VmDir,
+    limits: Option<&matchlock_api::config::NetworkLimits>,
+) -> Result<LimitsReply, SandboxError> {
+    let path = vm_dir.exec_socket();
+    let relay_err = |e: std::io::Error| {
+        SandboxError::Relay(format!("cannot reach the sandbox's exec relay {}: {e}", path.display()))
+    };
+    let mut stream = UnixStream::connect(&path).await.map_err(relay_err)?;
+    let request = match limits {
+        Some(limits) => format!("LIMITS {}\n", serde_json::to_string(limits).expect("limits serialize")),
+        None => "LIMITS\n".to_owned(),
+    };
+    stream.write_all(request.as_bytes()).await.map_err(relay_err)?;
+    let mut line = String::new();
+    BufReader::new(stream).take(1024 * 1024).read_line(&mut line).await.map_err(relay_err)?;
+    serde_json::from_str(&line).map_err(|e| SandboxError::Relay(format!("bad limits reply from the sandbox: {e}")))
 }
 
 /// Relays `client` to `127.0.0.1:<port>` inside the guest of the sandbox in `vm_dir`, each

@@ -1,5 +1,5 @@
 //! `matchlock audit`: a sandbox's egress audit ([`matchlock_api::audit`]) as a table or as
-//! JSON lines, once or following new records.
+//! JSON lines, once or following new records; `matchlock limits`: its network budgets.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
@@ -63,6 +63,38 @@ pub(crate) async fn show(id: &str, json: bool, blocked: bool, follow: bool) -> R
         }
         out.flush()?;
     }
+}
+
+/// Prints (and with `args`, first changes) the budgets of running sandbox `id` and what it
+/// spent.
+pub(crate) async fn limits(id: &str, args: &crate::run::LimitArgs, json: bool) -> Result<u8> {
+    let dir = crate::vms::running_vm_dir(id)?;
+    let mut reply = matchlock_sandbox::relay::limits(&dir, None).await?;
+    if !args.is_empty() {
+        let mut limits = reply.limits.clone();
+        args.apply(&mut limits)?;
+        reply = matchlock_sandbox::relay::limits(&dir, Some(&limits)).await?;
+    }
+    if let Some(error) = reply.error {
+        anyhow::bail!("{error}");
+    }
+    if json {
+        outln!("{}", serde_json::json!({"limits": reply.limits, "usage": reply.usage}))?;
+        return Ok(0);
+    }
+    let (l, u) = (&reply.limits, &reply.usage);
+    let of = |used: u64, max: Option<u64>| match max {
+        Some(max) => format!("{used} of {max}"),
+        None => format!("{used} (no limit)"),
+    };
+    outln!("egress bytes:  {}", of(u.egress_bytes, l.egress_bytes))?;
+    outln!("ingress bytes: {}", of(u.ingress_bytes, l.ingress_bytes))?;
+    outln!("requests:      {}", of(u.requests, l.max_requests))?;
+    outln!("connections:   {}", of(u.connections, l.max_connections))?;
+    for rate in &l.rate_limits {
+        outln!("rate limit:    {} {} per {} s", rate.host, rate.requests, rate.seconds)?;
+    }
+    Ok(0)
 }
 
 /// The complete lines appended to the audit since `position` (its file's inode and the

@@ -89,6 +89,17 @@ enum Command {
         /// The sandbox.
         id: String,
     },
+    /// Show, or change while it runs, a sandbox's network budgets and rate limits and what
+    /// it spent (the options as for `run`; `none` removes a limit).
+    Limits {
+        #[command(flatten)]
+        limits: crate::run::LimitArgs,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The sandbox.
+        id: String,
+    },
     /// Stop running sandboxes.
     Kill {
         /// Stop every running sandbox.
@@ -330,6 +341,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Inspect { id } => crate::vms::inspect(&id),
         Command::Log { follow, id } => crate::vms::log(&id, follow).await,
         Command::Audit { json, blocked, follow, id } => crate::audit::show(&id, json, blocked, follow).await,
+        Command::Limits { limits, json, id } => crate::audit::limits(&id, &limits, json).await,
         Command::Kill { all, id } => crate::vms::kill_vms(id, all).await,
         Command::AllowList(AllowListCommand::Add { id, hosts }) => crate::vms::allow_list(&id, true, &hosts).await,
         Command::AllowList(AllowListCommand::Delete { id, hosts }) => crate::vms::allow_list(&id, false, &hosts).await,
@@ -343,7 +355,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         }
         Command::Restore { secrets, name } => crate::snapshots::restore(&name, &secrets),
         Command::Fork { count, secrets, id } => crate::snapshots::fork(&id, count, &secrets).await,
-        Command::Rpc => crate::rpc::serve().await,
+        Command::Rpc => Box::pin(crate::rpc::serve()).await,
         Command::DetachedOwner => Box::pin(crate::run::detached_owner()).await,
         Command::Gc { force_running, id } => crate::vms::gc(id.as_deref(), force_running),
         Command::Pull { tag, force, quiet, reference } => {

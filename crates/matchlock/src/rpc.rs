@@ -19,7 +19,7 @@ pub(crate) async fn serve() -> Result<u8> {
         signals.recv().await;
         let _ = stop.send(true);
     });
-    let served = matchlock_rpc::serve(tokio::io::stdin(), tokio::io::stdout(), stopped, CliImages).await;
+    let served = Box::pin(matchlock_rpc::serve(tokio::io::stdin(), tokio::io::stdout(), stopped, CliImages)).await;
     watcher.abort();
     served?;
     Ok(0)

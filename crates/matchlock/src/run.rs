@@ -110,6 +110,10 @@ pub(crate) struct RunArgs {
     /// with the rule fields of the JSON-RPC `network.interception` object. Turns on interception.
     #[arg(long = "network-rules", value_name = "FILE")]
     network_rules: Option<std::path::PathBuf>,
+    /// Network budgets and rate limits.
+    #[command(flatten)]
+    #[serde(default)]
+    pub(crate) limits: LimitArgs,
     /// Most MB the egress audit (`matchlock audit`) keeps for this sandbox: older records are
     /// rotated out beyond it (and counted); 0 keeps no audit.
     #[arg(long = "audit-max-size", value_name = "MB", default_value_t = matchlock_api::audit::DEFAULT_AUDIT_MAX_BYTES >> 20)]
@@ -223,9 +227,75 @@ fn build_config(args: &RunArgs, handed: &HashMap<String, String>) -> Result<Sand
         }
         network.mtu = args.mtu;
         network.audit_max_bytes = args.audit_max_size.saturating_mul(1 << 20);
+        args.limits.apply(&mut network.limits)?;
         add_secrets(network, &args.secret, handed)?;
     }
     Ok(config)
+}
+
+/// Budgets and rate limits on a sandbox's network, enforced by the host (`run` and `limits`).
+#[derive(Debug, Default, Args, serde::Serialize, serde::Deserialize)]
+pub(crate) struct LimitArgs {
+    /// Bytes the guest may send out in all (request bodies, TCP and UDP payloads): `200MB`,
+    /// `1G`, `none`. Past it: HTTP 429, new connections refused, transfers cut.
+    #[arg(long = "egress-budget", value_name = "SIZE")]
+    egress_budget: Option<String>,
+    /// Bytes the guest may receive in all, the same way.
+    #[arg(long = "ingress-budget", value_name = "SIZE")]
+    ingress_budget: Option<String>,
+    /// HTTP requests through interception in all (`none`: no limit); past it: 429.
+    #[arg(long = "max-requests", value_name = "N")]
+    max_requests: Option<String>,
+    /// TCP connections the guest may open in all (`none`: no limit); past it: refused.
+    #[arg(long = "max-connections", value_name = "N")]
+    max_connections: Option<String>,
+    /// Request rate to matching hosts: `HOST=N/s`, `N/m` or `N/h` (repeatable; HOST is a
+    /// glob); past it: 429 with Retry-After.
+    #[arg(long = "rate-limit", value_name = "HOST=N/s")]
+    rate_limit: Vec<String>,
+}
+
+impl LimitArgs {
+    /// Whether any limit is given.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.egress_budget.is_none()
+            && self.ingress_budget.is_none()
+            && self.max_requests.is_none()
+            && self.max_connections.is_none()
+            && self.rate_limit.is_empty()
+    }
+
+    /// Sets the limits given in `limits` (rate limits replace the ones there).
+    pub(crate) fn apply(&self, limits: &mut matchlock_api::config::NetworkLimits) -> Result<()> {
+        use matchlock_api::config::{parse_rate_limit, parse_size};
+        let count = |flag: &str, v: &str| -> Result<Option<u64>> {
+            if v.eq_ignore_ascii_case("none") {
+                return Ok(None);
+            }
+            v.parse().map(Some).map_err(|_| anyhow::anyhow!("invalid {flag} {v:?}: a number or none"))
+        };
+        if let Some(v) = &self.egress_budget {
+            limits.egress_bytes = parse_size(v).context("invalid --egress-budget")?;
+        }
+        if let Some(v) = &self.ingress_budget {
+            limits.ingress_bytes = parse_size(v).context("invalid --ingress-budget")?;
+        }
+        if let Some(v) = &self.max_requests {
+            limits.max_requests = count("--max-requests", v)?;
+        }
+        if let Some(v) = &self.max_connections {
+            limits.max_connections = count("--max-connections", v)?;
+        }
+        if !self.rate_limit.is_empty() {
+            limits.rate_limits = self
+                .rate_limit
+                .iter()
+                .map(|r| parse_rate_limit(r))
+                .collect::<Result<_, _>>()
+                .context("invalid --rate-limit")?;
+        }
+        Ok(())
+    }
 }
 
 /// Adds `--secret` specs to `network`; values from `handed`, else the host environment.

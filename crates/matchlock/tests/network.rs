@@ -738,3 +738,91 @@ print("sent")
     ok(&h.ml(&["rm", &id]));
     h.assert_no_leftovers();
 }
+
+#[test]
+fn budgets_and_rate_limits_refuse_past_their_limit_and_are_raised_live() {
+    let net = testnet();
+    let h = home();
+    let m = marker("budget");
+    let out = cmd(&h)
+        .args(["run", "-d", "--dns-servers", DNS, "--image", debian_image(), "--allow-host", "api.test,*.glob.test"])
+        .args(["--max-requests", "3", "--rate-limit", "a.glob.test=2/m"])
+        .output()
+        .unwrap();
+    let id = ok(&out).trim().to_owned();
+    let exec = |script: &str| -> String {
+        let out = h.ml(&["exec", &id, "bash", "-c", script]);
+        stdout(&out)
+    };
+    let limits = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["limits", "--json"];
+        all.extend_from_slice(args);
+        all.push(&id);
+        serde_json::from_str(&ok(&h.ml(&all))).unwrap()
+    };
+
+    // A rate of 2 per minute: a burst of two, then 429 with Retry-After; the request budget
+    // counts what went out.
+    let o = exec(&format!(
+        r#"for i in 1 2 3; do curl -s -o /dev/null -w "rate-$i=%{{http_code}}\n" http://a.glob.test/echo/{m}-rate-$i; done
+curl -s -D - -o /dev/null http://a.glob.test/echo/{m}-rate-4 | tr -d '\r' | grep -i '^retry-after:'
+curl -s -o /dev/null -w "req3=%{{http_code}}\n" http://api.test/echo/{m}-req3
+curl -s -w "\nreq4=%{{http_code}}\n" http://api.test/echo/{m}-req4"#
+    ));
+    assert!(o.contains("rate-1=200\nrate-2=200\nrate-3=429\n"), "{o}");
+    let retry: u64 = o
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("retry-after: ").map(str::to_owned))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!((1..=30).contains(&retry), "Retry-After within the refill time: {o}");
+    assert!(o.contains("req3=200") && o.contains("matchlock: the budget of 3 requests is spent\n\nreq4=429"), "{o}");
+    for (part, reached) in
+        [("rate-1", true), ("rate-2", true), ("rate-3", false), ("rate-4", false), ("req3", true), ("req4", false)]
+    {
+        assert_eq!(net.requests_with(&format!("/echo/{m}-{part}\"")).len(), usize::from(reached), "{part}");
+    }
+
+    // Raised live: no request limit, 1 MB to receive.
+    let set = limits(&["--max-requests", "none", "--ingress-budget", "1MB"]);
+    assert_eq!(set["limits"]["ingress_bytes"], 1 << 20, "{set}");
+    assert_eq!(set["usage"]["requests"], 3, "{set}");
+    let o = exec(&format!(
+        r#"curl -s -o /dev/null -w "small=%{{http_code}} %{{size_download}}\n" "http://api.test/bytes?n=102400"
+curl -s -o /dev/null -w "big=%{{size_download}}" "http://api.test/bytes?n=3145728"; echo " big-rc=$?"
+curl -s -w "\nafter=%{{http_code}}\n" http://api.test/echo/{m}-after
+(exec 3<>/dev/tcp/{API}/9000) 2>/dev/null && echo tcp-open || echo tcp-refused"#
+    ));
+    assert!(o.contains("small=200 102400"), "positive control: {o}");
+    let big: u64 =
+        o.split("big=").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap();
+    assert!(big <= (1 << 20) + (64 << 10), "the download was cut at the ingress budget: {big}\n{o}");
+    assert!(!o.contains("big-rc=0"), "{o}");
+    assert!(o.contains("matchlock: the ingress budget of 1048576 bytes is spent\n\nafter=429"), "{o}");
+    assert!(o.contains("tcp-refused"), "new connections refused once a budget is spent: {o}");
+    assert!(net.requests_with(&format!("/echo/{m}-after")).is_empty());
+
+    // 64 KB to send: an upload is cut there, what the server received says so.
+    limits(&["--ingress-budget", "none", "--egress-budget", "64KB"]);
+    let o = exec(&format!(
+        r#"head -c 204800 /dev/zero | curl -s -o /dev/null --data-binary @- http://api.test/upload/{m}-up; echo "up-rc=$?"
+curl -s -w "\nafter=%{{http_code}}\n" http://api.test/echo/{m}-after-up"#
+    ));
+    let up = net.requests_with(&format!("/upload/{m}-up")).into_iter().find_map(|r| r["post_received"].as_u64());
+    let up = up.expect("the server logged what it received");
+    assert!(up <= (64 << 10) + (64 << 10), "the upload was cut near the egress budget: {up} bytes arrived\n{o}");
+    assert!(!o.contains("up-rc=0"), "{o}");
+    assert!(o.contains("matchlock: the egress budget of 65536 bytes is spent\n\nafter=429"), "{o}");
+
+    // Raised again: the next request passes.
+    limits(&["--egress-budget", "none", "--ingress-budget", "none"]);
+    let o = exec(&format!(r#"curl -s -o /dev/null -w "raised=%{{http_code}}\n" http://api.test/echo/{m}-raised"#));
+    assert!(o.contains("raised=200"), "{o}");
+    assert_eq!(net.requests_with(&format!("/echo/{m}-raised\"")).len(), 1);
+    // Every refusal is in the audit with its reason.
+    let refusals = ok(&h.ml(&["audit", "--blocked", "--json", &id]));
+    assert!(refusals.contains("rate limit of 2 requests per 60 s for a.glob.test"), "{refusals}");
+    assert!(refusals.contains("budget of 3 requests") && refusals.contains("egress budget"), "{refusals}");
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+}

@@ -35,6 +35,7 @@ pub fn flows() -> Flows {
         hooks,
         events: None,
         audit: None,
+        budget: Arc::default(),
     })
 }
 
