@@ -60,6 +60,7 @@ impl Sandbox {
     /// Several commands may run at once.
     pub async fn exec(&self, mode: ExecMode, request: &ExecRequest, io: ExecIo<'_>) -> Result<i32, SandboxError> {
         let machine = self.machine.as_ref().expect("a live sandbox has a machine");
+        self.execs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The request goes out with the connection's Open, not after the guest's Accept.
         let stream = machine.connect_sending(EXEC_PORT, request_frame(mode, request)?).await?;
         let stopped = machine.stopped();

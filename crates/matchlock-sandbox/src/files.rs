@@ -26,24 +26,7 @@ impl Sandbox {
 
     /// Reads the regular file `path` from the guest (at most 16 MiB).
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, SandboxError> {
-        let mut conn = self.file_request(FrameType::ReadFile, path, 0).await?;
-        let mut content = Vec::new();
-        loop {
-            let frame = read_frame(&mut conn).await?.ok_or(FrameError::Truncated)?;
-            match frame.kind {
-                FrameType::Stdout => {
-                    if (content.len() + frame.payload.len()) as u64 > MAX_READ_FILE {
-                        return Err(SandboxError::File(format!("{path} exceeds {MAX_READ_FILE} bytes")));
-                    }
-                    content.extend_from_slice(&frame.payload);
-                }
-                FrameType::FileResult => {
-                    decode_result(&frame.payload)?;
-                    return Ok(content);
-                }
-                kind => return Err(FrameError::Invalid { kind, reason: "unexpected in a file read" }.into()),
-            }
-        }
+        read_file_on(self.connect(EXEC_PORT).await?, path).await
     }
 
     /// Lists the directory `path` in the guest, sorted by name.
@@ -54,10 +37,38 @@ impl Sandbox {
 
     async fn file_request(&self, kind: FrameType, path: &str, mode: u32) -> Result<UnixStream, SandboxError> {
         let mut conn = self.connect(EXEC_PORT).await?;
-        let request = FileRequest { path: path.to_owned(), mode };
-        write_frame(&mut conn, kind, &serde_json::to_vec(&request).expect("request serializes")).await?;
+        send_request(&mut conn, kind, path, mode).await?;
         Ok(conn)
     }
+}
+
+/// Reads the regular file `path` from the guest on `conn`, a new connection to the agent's
+/// port (at most 16 MiB).
+pub(crate) async fn read_file_on(mut conn: UnixStream, path: &str) -> Result<Vec<u8>, SandboxError> {
+    send_request(&mut conn, FrameType::ReadFile, path, 0).await?;
+    let mut content = Vec::new();
+    loop {
+        let frame = read_frame(&mut conn).await?.ok_or(FrameError::Truncated)?;
+        match frame.kind {
+            FrameType::Stdout => {
+                if (content.len() + frame.payload.len()) as u64 > MAX_READ_FILE {
+                    return Err(SandboxError::File(format!("{path} exceeds {MAX_READ_FILE} bytes")));
+                }
+                content.extend_from_slice(&frame.payload);
+            }
+            FrameType::FileResult => {
+                decode_result(&frame.payload)?;
+                return Ok(content);
+            }
+            kind => return Err(FrameError::Invalid { kind, reason: "unexpected in a file read" }.into()),
+        }
+    }
+}
+
+/// Sends a file request.
+async fn send_request(conn: &mut UnixStream, kind: FrameType, path: &str, mode: u32) -> Result<(), SandboxError> {
+    let request = FileRequest { path: path.to_owned(), mode };
+    Ok(write_frame(conn, kind, &serde_json::to_vec(&request).expect("request serializes")).await?)
 }
 
 /// Reads the `FileResult` that ends a request.

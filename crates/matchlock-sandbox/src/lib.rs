@@ -15,6 +15,7 @@ pub mod network;
 pub mod relay;
 mod sampled;
 pub mod snapshot;
+pub mod stats;
 pub mod template;
 pub mod volumes;
 mod workspace;
@@ -160,6 +161,8 @@ pub struct Sandbox {
     workspace: Option<Arc<matchlock_vfs::Router>>,
     /// The scratch slot of the next volume added while running (boot's come first).
     next_volume_slot: std::sync::atomic::AtomicUsize,
+    /// Commands started (here and through the relay).
+    execs: Arc<std::sync::atomic::AtomicU64>,
     timings: Vec<(&'static str, Duration)>,
     /// The metadata of this sandbox's snapshots, but for their name.
     snapshot_base: SnapshotMeta,
@@ -385,12 +388,14 @@ impl Sandbox {
             vfs,
             workspace,
             next_volume_slot,
+            execs: Arc::default(),
             timings,
             snapshot_base,
         };
         let machine = sandbox.machine.as_ref().expect("just booted");
         let snapshots = relay::Snapshots::new(machine.snapshotter(), sandbox.snapshot_base.clone());
-        match relay::serve(&sandbox.dir, machine.connector(), network, snapshots) {
+        let stats = sandbox.stats_source();
+        match relay::serve(&sandbox.dir, machine.connector(), network, snapshots, stats) {
             Ok(task) => sandbox.relay = Some(task),
             Err(e) => {
                 logged(sandbox.close(true).await, "closing a sandbox whose relay failed");
@@ -805,6 +810,23 @@ impl Sandbox {
     pub fn set_secret_value(&self, name: &str, value: &str) -> Result<(), SandboxError> {
         let network = self.network.as_ref().ok_or_else(|| SandboxError::Config("the sandbox has no network".into()))?;
         network.policy.set_secret_value(name, value).map_err(|e| SandboxError::Config(e.to_string()))
+    }
+
+    /// The sandbox's resource use now.
+    pub async fn stats(&self) -> stats::Stats {
+        self.stats_source().collect().await
+    }
+
+    fn stats_source(&self) -> stats::Source {
+        let machine = self.machine.as_ref().expect("a live sandbox has a machine");
+        stats::Source {
+            guest: machine.connector(),
+            dir: self.dir.clone(),
+            helpers: machine.helper_pids(),
+            network: self.network.clone(),
+            workspace: self.workspace.clone(),
+            execs: self.execs.clone(),
+        }
     }
 
     /// Serves `volume` (a host directory or file) into the running guest at its guest path,

@@ -8,7 +8,8 @@
 //! answered with one JSON line ([`AllowListReply`]); `SNAPSHOT <name>\n` saves the sandbox
 //! and is answered with one JSON line ([`SnapshotReply`]); `LIMITS [<json>]\n` sets the
 //! network budgets (a `NetworkLimits` object) when given, and is answered with the limits and
-//! what was spent ([`LimitsReply`]). The socket is created with mode 0600:
+//! what was spent ([`LimitsReply`]); `STATS\n` is answered with the sandbox's resource use
+//! ([`crate::stats::Stats`]). The socket is created with mode 0600:
 //! only the sandbox's user may use it.
 
 use std::os::unix::fs::PermissionsExt;
@@ -117,11 +118,12 @@ pub async fn snapshot(vm_dir: &VmDir, name: &str) -> Result<crate::snapshot::Sna
 const RELAYED_PORTS: [u32; 3] = [EXEC_PORT, ECHO_PORT, FORWARD_PORT];
 
 /// Binds the relay socket and serves it until the returned task is aborted.
-pub fn serve(
+pub(crate) fn serve(
     vm_dir: &VmDir,
     guest: Connector,
     network: Option<Arc<Network>>,
     snapshots: Snapshots,
+    stats: crate::stats::Source,
 ) -> Result<tokio::task::JoinHandle<()>, SandboxError> {
     let path = vm_dir.exec_socket();
     let _ = std::fs::remove_file(&path);
@@ -135,8 +137,9 @@ pub fn serve(
             let guest = guest.clone();
             let network = network.clone();
             let snapshots = snapshots.clone();
+            let stats = stats.clone();
             tokio::spawn(async move {
-                let _ = splice(client, &guest, network.as_deref(), &snapshots).await;
+                let _ = splice(client, &guest, network.as_deref(), &snapshots, &stats).await;
             });
         }
     }))
@@ -179,6 +182,7 @@ async fn splice(
     guest: &Connector,
     network: Option<&Network>,
     snapshots: &Snapshots,
+    stats: &crate::stats::Source,
 ) -> std::io::Result<()> {
     let mut client = BufReader::new(client);
     let mut line = String::new();
@@ -186,6 +190,11 @@ async fn splice(
     if let Some(request) = line.strip_prefix("ALLOW ") {
         let reply = change_allow_list(network, request.trim_end());
         let mut json = serde_json::to_vec(&reply).expect("reply serializes");
+        json.push(b'\n');
+        return client.get_mut().write_all(&json).await;
+    }
+    if line.trim_end() == "STATS" {
+        let mut json = serde_json::to_vec(&stats.collect().await).expect("stats serialize");
         json.push(b'\n');
         return client.get_mut().write_all(&json).await;
     }
@@ -212,6 +221,9 @@ async fn splice(
     // Bytes the client sent right behind the handshake (an exec request) are already
     // buffered: they go with the guest connection's Open.
     let buffered = client.buffer().to_vec();
+    if port == EXEC_PORT && starts_a_command(&buffered) {
+        stats.execs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let mut guest = match guest(port, buffered).await {
         Ok(g) => g,
         Err(e) => {
@@ -223,6 +235,27 @@ async fn splice(
     let mut client = client.into_inner();
     tokio::io::copy_bidirectional(&mut client, &mut guest).await?;
     Ok(())
+}
+
+/// Whether `bytes` begin with an exec request frame (a command, not a file request).
+fn starts_a_command(bytes: &[u8]) -> bool {
+    let Some(header) = bytes.get(..matchlock_protocol::frame::HEADER_LEN) else { return false };
+    let header: [u8; matchlock_protocol::frame::HEADER_LEN] = header.try_into().expect("sliced to its length");
+    matchlock_protocol::frame::parse_header(header)
+        .is_ok_and(|(kind, _)| matchlock_protocol::exec::ExecMode::from_frame_type(kind).is_some())
+}
+
+/// The resource use of the sandbox in `vm_dir`, read by its owner (through its relay).
+pub async fn stats(vm_dir: &VmDir) -> Result<crate::stats::Stats, SandboxError> {
+    let path = vm_dir.exec_socket();
+    let relay_err = |e: std::io::Error| {
+        SandboxError::Relay(format!("cannot reach the sandbox's exec relay {}: {e}", path.display()))
+    };
+    let mut stream = UnixStream::connect(&path).await.map_err(relay_err)?;
+    stream.write_all(b"STATS\n").await.map_err(relay_err)?;
+    let mut line = String::new();
+    BufReader::new(stream).take(1024 * 1024).read_line(&mut line).await.map_err(relay_err)?;
+    serde_json::from_str(&line).map_err(|e| SandboxError::Relay(format!("bad stats reply from the sandbox: {e}")))
 }
 
 /// Changes the allow-list of the sandbox in `vm_dir` through its relay (`add` or delete).

@@ -329,6 +329,11 @@ impl Router {
         self.storage.quota = bytes;
     }
 
+    /// Bytes the guest stores on the host through this router now (what the quota counts).
+    pub fn stored_bytes(&self) -> u64 {
+        self.storage.stored.load(Ordering::Relaxed)
+    }
+
     /// Sends a `file` event to `sink` after every operation that succeeded.
     pub fn set_event_sink(&mut self, sink: EventSink) {
         self.events = Some(sink);

@@ -89,6 +89,18 @@ enum Command {
         /// The sandbox.
         id: String,
     },
+    /// Running sandboxes' resource use, like `docker stats`: CPU (guest and host), memory,
+    /// network in/out, workspace and disk bytes, processes, commands run.
+    Stats {
+        /// One reading instead of refreshing every second.
+        #[arg(long)]
+        no_stream: bool,
+        /// JSON lines (one per sandbox and reading).
+        #[arg(long)]
+        json: bool,
+        /// The sandboxes (every running one when none is given).
+        ids: Vec<String>,
+    },
     /// Show, or change while it runs, a sandbox's network budgets and rate limits and what
     /// it spent (the options as for `run`; `none` removes a limit).
     Limits {
@@ -341,6 +353,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Inspect { id } => crate::vms::inspect(&id),
         Command::Log { follow, id } => crate::vms::log(&id, follow).await,
         Command::Audit { json, blocked, follow, id } => crate::audit::show(&id, json, blocked, follow).await,
+        Command::Stats { no_stream, json, ids } => crate::stats::show(ids, no_stream, json).await,
         Command::Limits { limits, json, id } => crate::audit::limits(&id, &limits, json).await,
         Command::Kill { all, id } => crate::vms::kill_vms(id, all).await,
         Command::AllowList(AllowListCommand::Add { id, hosts }) => crate::vms::allow_list(&id, true, &hosts).await,

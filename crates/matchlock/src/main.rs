@@ -19,6 +19,7 @@ mod rpc;
 mod run;
 mod session;
 mod snapshots;
+mod stats;
 mod terminal;
 mod vms;
 mod volumes;

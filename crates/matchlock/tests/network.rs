@@ -826,3 +826,66 @@ curl -s -w "\nafter=%{{http_code}}\n" http://api.test/echo/{m}-after-up"#
     ok(&h.ml(&["kill", &id]));
     ok(&h.ml(&["rm", &id]));
 }
+
+#[test]
+fn stats_show_the_guest_memory_growing_and_the_bytes_of_a_known_transfer() {
+    testnet();
+    let h = home();
+    let out = cmd(&h)
+        .args(["run", "-d", "--dns-servers", DNS, "--image", debian_image(), "--allow-host", "api.test"])
+        .output()
+        .unwrap();
+    let id = ok(&out).trim().to_owned();
+    let stats = || -> serde_json::Value {
+        let out = ok(&h.ml(&["stats", "--no-stream", "--json", &id]));
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let before = stats();
+    assert_eq!(before["id"], id.as_str());
+    assert!(before["guest_memory_total"].as_u64().unwrap() > 400 << 20, "{before}");
+    assert!(
+        before["host_private_bytes"].as_u64().unwrap() > 0 && before["disk_bytes"].as_u64().unwrap() > 0,
+        "{before}"
+    );
+    // A known transfer: 2 000 000 bytes of body, plus the response's head.
+    let got = h.ml(&[
+        "exec",
+        &id,
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        "http://api.test/bytes?n=2000000",
+    ]);
+    assert_eq!(stdout(&got), "2000000", "{}", stderr(&got));
+    let after = stats();
+    let received =
+        after["network"]["ingress_bytes"].as_u64().unwrap() - before["network"]["ingress_bytes"].as_u64().unwrap();
+    assert!((2_000_000..2_000_000 + 4096).contains(&received), "ingress {received}: {after}");
+    assert_eq!(after["network"]["requests"].as_u64().unwrap(), before["network"]["requests"].as_u64().unwrap() + 1);
+    assert_eq!(after["execs"].as_u64().unwrap(), before["execs"].as_u64().unwrap() + 1, "{after}");
+    // A process holding 200 MB: the guest's memory grows by about that, with a process more.
+    let mut hog = h.spawn(&["exec", &id, "python3", "-c", "b = bytearray(200 << 20); import time; time.sleep(60)"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let grown = loop {
+        let now = stats();
+        let grown =
+            now["guest_memory_used"].as_u64().unwrap().saturating_sub(after["guest_memory_used"].as_u64().unwrap());
+        if grown > 180 << 20 || std::time::Instant::now() > deadline {
+            break (grown, now);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(grown.0 > 180 << 20, "guest memory grew by {} bytes: {}", grown.0, grown.1);
+    assert!(grown.1["pids"].as_u64().unwrap() > after["pids"].as_u64().unwrap(), "{}", grown.1);
+    assert!(grown.1["guest_cpu_usec"].as_u64().unwrap() > before["guest_cpu_usec"].as_u64().unwrap());
+    let _ = hog.kill();
+    let _ = hog.wait();
+    // The table names the columns.
+    let table = ok(&h.ml(&["stats", "--no-stream", &id]));
+    assert!(table.starts_with("ID") && table.contains("NET I/O") && table.contains(&id), "{table}");
+    ok(&h.ml(&["kill", &id]));
+    ok(&h.ml(&["rm", &id]));
+}
