@@ -5,6 +5,7 @@ pub mod audit;
 pub mod config;
 pub mod paths;
 pub mod rpc;
+pub mod stats;
 
 pub use config::{EnvError, SandboxConfig};
 

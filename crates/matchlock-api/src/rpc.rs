@@ -121,6 +121,12 @@ pub struct NetworkParams {
     /// Guest MTU (0: default).
     #[serde(skip_serializing_if = "is_zero")]
     pub mtu: u32,
+    /// Our extension: budgets and rate limits the host enforces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::config::NetworkLimits>,
+    /// Our extension: the egress audit's bound, bytes (0: no audit file); the default when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_max_bytes: Option<u64>,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)]
@@ -324,7 +330,8 @@ impl CreateParams {
             interception,
             allow_secret_ranges: net.allow_secret_ranges,
             netns: None,
-            ..NetworkConfig::default()
+            limits: net.limits.clone().unwrap_or_default(),
+            audit_max_bytes: net.audit_max_bytes.unwrap_or(crate::audit::DEFAULT_AUDIT_MAX_BYTES),
         });
         Ok(())
     }

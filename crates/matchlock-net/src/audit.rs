@@ -16,14 +16,37 @@ use matchlock_api::audit::{rotated_path, Kind, Record};
 /// Records waiting for the writer at most (a flood beyond it is counted, not kept).
 const QUEUE: usize = 4096;
 
-/// Where a sandbox's flows send their audit records.
-#[derive(Debug, Clone)]
+/// Receives every audit record as it is made (the JSON-RPC `event` notifications); must not
+/// block.
+pub type RecordSink = Arc<dyn Fn(&Record) + Send + Sync>;
+
+/// Where a sandbox's flows send their audit records: the file's writer, and a sink.
+#[derive(Clone)]
 pub struct Audit {
-    queue: SyncSender<Record>,
+    queue: Option<SyncSender<Record>>,
     dropped: Arc<AtomicU64>,
+    sink: Option<RecordSink>,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit").field("file", &self.queue.is_some()).field("sink", &self.sink.is_some()).finish()
+    }
 }
 
 impl Audit {
+    /// An audit that only hands its records to `sink` (no file).
+    pub fn to_sink(sink: RecordSink) -> Self {
+        Self { queue: None, dropped: Arc::default(), sink: Some(sink) }
+    }
+
+    /// Hands every record to `sink` too.
+    #[must_use]
+    pub fn with_sink(mut self, sink: Option<RecordSink>) -> Self {
+        self.sink = sink;
+        self
+    }
+
     /// Starts the writer appending to `path` (created private if missing), the files kept
     /// within `max_bytes` together.
     pub fn start(path: &Path, max_bytes: u64) -> std::io::Result<Self> {
@@ -44,7 +67,7 @@ impl Audit {
             failed: false,
         };
         std::thread::Builder::new().name("matchlock-audit".into()).spawn(move || writer.run(&records))?;
-        Ok(Self { queue, dropped })
+        Ok(Self { queue: Some(queue), dropped, sink: None })
     }
 
     /// Queues `record` (stamped now if it has no time); counted as dropped when the writer
@@ -53,7 +76,11 @@ impl Audit {
         if record.time_ms == 0 {
             record.time_ms = now_ms();
         }
-        if let Err(TrySendError::Full(_)) = self.queue.try_send(record) {
+        if let Some(sink) = &self.sink {
+            sink(&record);
+        }
+        let Some(queue) = &self.queue else { return };
+        if let Err(TrySendError::Full(_)) = queue.try_send(record) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

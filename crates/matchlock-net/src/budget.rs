@@ -8,7 +8,6 @@ use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Instant;
 
 use matchlock_api::config::NetworkLimits;
-use serde::{Deserialize, Serialize};
 
 use crate::policy::glob_matches;
 
@@ -41,18 +40,7 @@ pub enum Exceeded {
     },
 }
 
-/// What a sandbox has spent.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    /// Bytes the guest sent.
-    pub egress_bytes: u64,
-    /// Bytes the guest received.
-    pub ingress_bytes: u64,
-    /// HTTP requests let through.
-    pub requests: u64,
-    /// TCP connections let through.
-    pub connections: u64,
-}
+pub use matchlock_api::stats::Usage;
 
 /// The budgets of one sandbox, shared by all its flows.
 #[derive(Debug, Default)]

@@ -119,6 +119,10 @@ enum Call {
     PortForward,
     /// Saves the sandbox as a named snapshot (our extension).
     Snapshot,
+    /// The sandbox's resource use (our extension).
+    Stats,
+    /// Reads or replaces the network budgets (our extension).
+    Limits,
 }
 
 impl Method {
@@ -144,6 +148,8 @@ impl Method {
             "allow_list_add" => Self::Call(Call::AllowList { add: true }),
             "allow_list_delete" => Self::Call(Call::AllowList { add: false }),
             "port_forward" => Self::Call(Call::PortForward),
+            "stats" => Self::Call(Call::Stats),
+            "limits" => Self::Call(Call::Limits),
             _ => return None,
         })
     }
@@ -480,7 +486,27 @@ async fn handle(server: &Arc<Server>, id: Option<u64>, call: Call, params: Optio
         Call::AllowList { add } => allow_list(server, params, add).await,
         Call::PortForward => port_forward(server, params).await,
         Call::Snapshot => snapshot(server, params).await,
+        Call::Stats => Ok(serde_json::to_value(server.live().await?.sandbox.stats().await).unwrap_or_default()),
+        Call::Limits => limits(server, params).await,
     }
+}
+
+/// `limits`: with `limits` (a `network.limits` object), replaces the budgets; answers the
+/// budgets in force and what was spent.
+async fn limits(server: &Arc<Server>, params_value: Option<Value>) -> Reply {
+    #[derive(Default, serde::Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct LimitsParams {
+        limits: Option<matchlock_api::config::NetworkLimits>,
+    }
+    let p: LimitsParams = params(params_value)?;
+    let live = server.live().await?;
+    if let Some(limits) = p.limits {
+        live.sandbox.set_limits(limits).map_err(|e| RpcError::new(code::VM_FAILED, e.to_string()))?;
+    }
+    let (limits, usage) =
+        live.sandbox.limits().ok_or_else(|| RpcError::new(code::VM_FAILED, "the sandbox has no network"))?;
+    Ok(json!({"limits": limits, "usage": usage}))
 }
 
 /// `snapshot` parameters.
@@ -564,6 +590,7 @@ fn event_sinks(out: &mpsc::Sender<String>) -> Events {
     }
     let files = out.clone();
     let network = out.clone();
+    let audit = out.clone();
     Events {
         file: Some(Box::new(move |event: FileEvent| {
             let params = json!({"type": "file", "timestamp": since_epoch().as_millis() as u64, "file": event});
@@ -573,6 +600,11 @@ fn event_sinks(out: &mpsc::Sender<String>) -> Events {
             let params = json!({"type": "network", "timestamp": since_epoch().as_secs(), "network": event});
             let _ = network.try_send(json!({"jsonrpc": "2.0", "method": "event", "params": params}).to_string());
         }))),
+        // Our extension: every audit record (HTTP, TCP, UDP, DNS), timestamps in Unix ms.
+        audit: Some(Arc::new(move |record: &matchlock_api::audit::Record| {
+            let params = json!({"type": "audit", "timestamp": record.time_ms, "audit": record});
+            let _ = audit.try_send(json!({"jsonrpc": "2.0", "method": "event", "params": params}).to_string());
+        })),
     }
 }
 

@@ -175,11 +175,17 @@ pub struct Events {
     pub file: Option<matchlock_vfs::EventSink>,
     /// Intercepted HTTP requests.
     pub network: Option<matchlock_net::EventSink>,
+    /// Every record of the egress audit (HTTP, TCP, UDP, DNS).
+    pub audit: Option<matchlock_net::audit::RecordSink>,
 }
 
 impl std::fmt::Debug for Events {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Events").field("file", &self.file.is_some()).field("network", &self.network.is_some()).finish()
+        f.debug_struct("Events")
+            .field("file", &self.file.is_some())
+            .field("network", &self.network.is_some())
+            .field("audit", &self.audit.is_some())
+            .finish()
     }
 }
 
@@ -659,7 +665,7 @@ impl Start<'_> {
                     &config.dns_servers,
                     &config.add_hosts,
                     ca.as_ref().map(|(ca, _)| Arc::clone(ca)),
-                    events.network,
+                    Events { file: None, network: events.network, audit: events.audit },
                 )
                 .map_err(create_failed)?;
                 cmdline.push(' ');
@@ -810,6 +816,18 @@ impl Sandbox {
     pub fn set_secret_value(&self, name: &str, value: &str) -> Result<(), SandboxError> {
         let network = self.network.as_ref().ok_or_else(|| SandboxError::Config("the sandbox has no network".into()))?;
         network.policy.set_secret_value(name, value).map_err(|e| SandboxError::Config(e.to_string()))
+    }
+
+    /// The network budgets in force and what was spent (`None` without a network).
+    pub fn limits(&self) -> Option<(matchlock_api::config::NetworkLimits, matchlock_net::budget::Usage)> {
+        self.network.as_ref().map(|n| (n.budget.limits(), n.budget.usage()))
+    }
+
+    /// Replaces the network budgets while the sandbox runs (what was spent stays spent).
+    pub fn set_limits(&self, limits: matchlock_api::config::NetworkLimits) -> Result<(), SandboxError> {
+        let network = self.network.as_ref().ok_or_else(|| SandboxError::Config("the sandbox has no network".into()))?;
+        network.budget.set(limits);
+        Ok(())
     }
 
     /// The sandbox's resource use now.

@@ -90,7 +90,8 @@ pub(crate) fn upstream_tls() -> Result<rustls::ClientConfig, matchlock_net::NetE
     matchlock_net::upstream_tls_config(extra_ca.as_deref())
 }
 
-/// Starts the engine listening at [`VmDir::net_socket`] and returns it with the NIC for the VM.
+/// Starts the engine listening at [`VmDir::net_socket`] and returns it with the NIC for the VM;
+/// `events` receives the intercepted requests and the audit records.
 pub fn start(
     id: &str,
     dir: &VmDir,
@@ -98,8 +99,9 @@ pub fn start(
     dns_servers: &[std::net::IpAddr],
     add_hosts: &[(String, std::net::IpAddr)],
     ca: Option<Arc<CertAuthority>>,
-    events: Option<matchlock_net::EventSink>,
+    events: crate::Events,
 ) -> Result<(Network, Nic), SandboxError> {
+    let crate::Events { network: events, audit: audit_events, .. } = events;
     let hash = id.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))).to_be_bytes();
     let mac = [0x02, 0x4d, hash[0], hash[1], hash[2], hash[3]];
     let policy = Arc::new(policy(config, add_hosts));
@@ -117,11 +119,13 @@ pub fn start(
     let upstream_tls = upstream_tls().map_err(|e| SandboxError::Network(Box::new(e)))?;
     let hooks = matchlock_net::hooks::Hooks::new(config.interception.as_ref())
         .map_err(|e| SandboxError::Network(Box::new(e)))?;
-    let audit = match config.audit_max_bytes {
-        0 => None,
-        max => Some(
+    let audit = match (config.audit_max_bytes, audit_events) {
+        (0, None) => None,
+        (0, Some(sink)) => Some(matchlock_net::audit::Audit::to_sink(sink)),
+        (max, sink) => Some(
             matchlock_net::audit::Audit::start(&dir.audit_log(), max)
-                .map_err(io_err(format!("cannot start the audit {}", dir.audit_log().display())))?,
+                .map_err(io_err(format!("cannot start the audit {}", dir.audit_log().display())))?
+                .with_sink(sink),
         ),
     };
     let options = Options {

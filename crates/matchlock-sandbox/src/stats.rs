@@ -9,38 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use matchlock_api::paths::VmDir;
-use matchlock_net::budget::Usage;
 use matchlock_vm::Connector;
-use serde::{Deserialize, Serialize};
 
 use crate::network::Network;
 
-/// A sandbox's resource use at one moment (CPU as cumulative time: a rate needs two).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stats {
-    /// When it was read, Unix ms.
-    pub time_ms: u64,
-    /// CPU time the guest's commands used, µs (its `init` cgroup).
-    pub guest_cpu_usec: u64,
-    /// CPU time the host's helpers (QEMU) used, µs.
-    pub host_cpu_usec: u64,
-    /// Guest memory in use (total less available), bytes.
-    pub guest_memory_used: u64,
-    /// Guest memory in all, bytes.
-    pub guest_memory_total: u64,
-    /// Host memory private to the sandbox's helpers (guest RAM they touched included), bytes.
-    pub host_private_bytes: u64,
-    /// The network: bytes each way, HTTP requests, TCP connections.
-    pub network: Usage,
-    /// Bytes the guest stores on the host through the workspace.
-    pub workspace_bytes: u64,
-    /// Bytes allocated to the sandbox's writable disk on the host.
-    pub disk_bytes: u64,
-    /// Processes in the guest's commands' cgroup.
-    pub pids: u64,
-    /// Commands started in the sandbox.
-    pub execs: u64,
-}
+pub use matchlock_api::stats::Stats;
 
 /// What a sandbox's stats are read from (held by its owner: the sandbox and its relay).
 #[derive(Clone)]

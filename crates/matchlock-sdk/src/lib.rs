@@ -30,9 +30,10 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 pub use matchlock_api::config::{
-    BodyReplacement, HookRule, RuleAction, RulePhase, VfsAction, VfsInterception, VfsRule,
+    BodyReplacement, HookRule, NetworkLimits, RateLimit, RuleAction, RulePhase, VfsAction, VfsInterception, VfsRule,
 };
 pub use matchlock_api::rpc::{Binding, FileEvent, FileInfo, NetworkEvent};
+pub use matchlock_api::stats::{Stats, Usage};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -129,6 +130,9 @@ pub enum Event {
     Network(NetworkEvent),
     /// A workspace file operation (with `emit_events` in the VFS interception config).
     File(FileEvent),
+    /// A record of the egress audit: an HTTP request, TCP flow, UDP exchange or DNS question
+    /// and what the host decided (our extension).
+    Audit(matchlock_api::audit::Record),
 }
 
 type Notification = (String, Value);
@@ -180,6 +184,7 @@ impl Inner {
             let event = match params.get("type").and_then(Value::as_str) {
                 Some("network") => serde_json::from_value(params["network"].clone()).ok().map(Event::Network),
                 Some("file") => serde_json::from_value(params["file"].clone()).ok().map(Event::File),
+                Some("audit") => serde_json::from_value(params["audit"].clone()).ok().map(Event::Audit),
                 _ => None,
             };
             if let (Some(event), Some(events)) = (event, lock(&self.events).as_ref()) {
@@ -544,6 +549,25 @@ impl Client {
         let result = self.call(method, json!({"hosts": hosts})).await?;
         serde_json::from_value(result.get("allowed_hosts").cloned().unwrap_or(Value::Null))
             .map_err(|e| Error::InvalidResponse(e.to_string()))
+    }
+
+    /// The sandbox's resource use now (our extension).
+    pub async fn stats(&self) -> Result<Stats, Error> {
+        let result = self.call("stats", json!({})).await?;
+        serde_json::from_value(result).map_err(|e| Error::InvalidResponse(e.to_string()))
+    }
+
+    /// The network budgets in force and what was spent; with `limits`, replaces them first
+    /// (our extension).
+    pub async fn limits(&self, limits: Option<&NetworkLimits>) -> Result<(NetworkLimits, Usage), Error> {
+        let params = limits.map_or_else(|| json!({}), |l| json!({"limits": l}));
+        let result = self.call("limits", params).await?;
+        let field = |name: &str| result.get(name).cloned().unwrap_or(Value::Null);
+        let invalid = |e: serde_json::Error| Error::InvalidResponse(e.to_string());
+        Ok((
+            serde_json::from_value(field("limits")).map_err(invalid)?,
+            serde_json::from_value(field("usage")).map_err(invalid)?,
+        ))
     }
 
     /// The sandbox's log (console and entrypoint output).

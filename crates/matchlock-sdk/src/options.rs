@@ -116,6 +116,13 @@ impl CreateOptions {
         self
     }
 
+    /// Budgets and rate limits the host enforces on the sandbox's traffic (our extension).
+    #[must_use]
+    pub fn limits(mut self, limits: matchlock_api::config::NetworkLimits) -> Self {
+        self.net().limits = Some(limits);
+        self
+    }
+
     /// Name servers for the guest.
     #[must_use]
     pub fn dns_servers(mut self, servers: &[std::net::IpAddr]) -> Self {

@@ -513,7 +513,8 @@ fn rpc_network_events() {
         1,
         "create",
         serde_json::json!({"image": "busybox",
-            "network": {"allowed_hosts": ["api.test"], "block_private_ips": true, "dns_servers": [DNS]}}),
+            "network": {"allowed_hosts": ["api.test"], "block_private_ips": true, "dns_servers": [DNS],
+                "limits": {"max_requests": 5}}}),
     );
     assert!(r["result"]["id"].is_string(), "{r}");
     let script = format!("wget -qO- http://api.test/echo/{m} >/dev/null; wget -qO- http://{OTHER}/echo/{m}; true");
@@ -542,6 +543,31 @@ fn rpc_network_events() {
         (Some(403), Some(true))
     );
     assert!(blocked["network"]["block_reason"].as_str().unwrap().contains("allow-list"), "{blocked}");
+    // Our extensions: audit records as events, stats, and the budgets read and changed.
+    let audit: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["method"] == "event" && e["params"]["type"] == "audit")
+        .map(|e| &e["params"]["audit"])
+        .collect();
+    assert!(audit.iter().any(|a| a["kind"] == "http" && a["host"] == "api.test" && a["status"] == 200), "{audit:?}");
+    assert!(audit.iter().any(|a| a["kind"] == "dns" && a["host"] == "api.test"), "{audit:?}");
+    assert!(audit.iter().any(|a| a["kind"] == "http" && a["decision"] == "blocked"), "{audit:?}");
+    let (r, _) = call(5, "stats", serde_json::json!({}));
+    assert!(r["result"]["guest_memory_total"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["result"]["network"]["requests"], 1, "the refused request is not counted: {r}");
+    assert!(r["result"]["execs"].as_u64().unwrap() >= 2, "{r}");
+    let (r, _) = call(6, "limits", serde_json::json!({}));
+    assert_eq!(
+        (&r["result"]["limits"]["max_requests"], &r["result"]["usage"]["requests"]),
+        (&5.into(), &1.into()),
+        "{r}"
+    );
+    let (r, _) = call(7, "limits", serde_json::json!({"limits": {"max_requests": 1}}));
+    assert_eq!(r["result"]["limits"]["max_requests"], 1, "{r}");
+    let over = format!("wget -S -O- http://api.test/echo/{m}-over 2>&1 | grep -q ' 429 ' && echo over-429; true");
+    let (r, _) = call(8, "exec", serde_json::json!({ "command": over }));
+    // stdout is base64: "over-429\n".
+    assert_eq!(r["result"]["stdout"], "b3Zlci00MjkK", "the lowered budget applies at once: {r}");
     let (r, _) = call(4, "close", serde_json::json!({"timeout_seconds": 2}));
     assert_eq!(r["result"], serde_json::json!({}));
     assert!(rpc.finish().success());

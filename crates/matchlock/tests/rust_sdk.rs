@@ -5,7 +5,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{debian_image, home, Home};
-use matchlock_sdk::{codes, Client, CreateOptions, Event, ExecOptions, VfsAction, VfsInterception, VfsRule};
+use matchlock_sdk::{
+    codes, Client, CreateOptions, Event, ExecOptions, NetworkLimits, VfsAction, VfsInterception, VfsRule,
+};
 
 async fn client(h: &Home) -> Client {
     Client::from_command(h.cmd()).await.expect("start matchlock rpc")
@@ -44,6 +46,12 @@ async fn core_flows() {
     );
     let opts = ExecOptions { working_dir: Some("/tmp".into()), user: Some("nobody".into()), ..ExecOptions::default() };
     assert_eq!(c.exec_with("pwd; id -u", &opts).await.unwrap().stdout, b"/tmp\n65534\n");
+    // Stats and the network budgets (our extensions).
+    let stats = c.stats().await.unwrap();
+    assert!(stats.guest_memory_total > 0 && stats.execs >= 2 && stats.host_private_bytes > 0, "{stats:?}");
+    let lowered = NetworkLimits { max_requests: Some(7), ..NetworkLimits::default() };
+    let (limits, usage) = c.limits(Some(&lowered)).await.unwrap();
+    assert_eq!((limits, usage.requests), (lowered, 0));
 
     // Streaming, pipe (stdin with EOF) and TTY.
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
