@@ -69,6 +69,9 @@ pub struct Record {
     /// The request path; a query keeps its parameter names only (`?a=&b=`).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub path: String,
+    /// The guest's HTTP version (`HTTP/1.1`, `HTTP/2.0`; HTTP records).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub http_version: String,
     /// The status the guest got (HTTP records).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,

@@ -393,6 +393,7 @@ async fn proxy(
         Err(_) => tls_name.map_or_else(|| dst.ip().to_string(), str::to_owned),
     };
     let method = req.method().to_string();
+    let http_version = format!("{:?}", req.version());
     let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str).to_owned();
     let length = |headers: &HeaderMap| {
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(0)
@@ -429,6 +430,7 @@ async fn proxy(
         port: dst.port(),
         scheme: scheme.name().to_owned(),
         method,
+        http_version,
         path: matchlock_api::audit::audited_path(&path),
         status: Some(response.status().as_u16()),
         tls_intercepted: scheme == Scheme::Https,

@@ -65,6 +65,81 @@ pub(crate) async fn show(id: &str, json: bool, blocked: bool, follow: bool) -> R
     }
 }
 
+/// Prints the HTTP(S) records of sandbox `id` (only refusals with `blocked`) as a HAR 1.2
+/// document.
+pub(crate) fn har(id: &str, blocked: bool) -> Result<u8> {
+    let state = open_state()?;
+    state.get(id)?.ok_or_else(|| anyhow!("VM not found {id}: VM {id} not found"))?;
+    let path = VmDir::of(id).audit_log();
+    let audit = Audit::read(&path).with_context(|| format!("cannot read the audit {}", path.display()))?;
+    let entries: Vec<serde_json::Value> = audit
+        .records
+        .iter()
+        .filter(|r| r.kind == Kind::Http && (!blocked || r.decision == Decision::Blocked))
+        .map(har_entry)
+        .collect();
+    let document = serde_json::json!({"log": {
+        "version": "1.2",
+        "creator": {"name": "matchlock", "version": env!("CARGO_PKG_VERSION")},
+        "pages": [],
+        "entries": entries,
+        "comment": format!("the egress audit of {id}: query values, bodies and header values are not recorded"),
+    }});
+    outln!("{}", serde_json::to_string_pretty(&document).unwrap_or_default())?;
+    Ok(0)
+}
+
+/// One HTTP record as a HAR entry (what the audit does not keep is empty or -1, as HAR
+/// says for unknown sizes).
+fn har_entry(r: &Record) -> serde_json::Value {
+    let default_port = if r.scheme == "https" { 443 } else { 80 };
+    let authority =
+        if r.port == default_port || r.port == 0 { r.host.clone() } else { format!("{}:{}", r.host, r.port) };
+    let path = if r.path.is_empty() { "/" } else { r.path.as_str() };
+    let query: Vec<serde_json::Value> = path
+        .split_once('?')
+        .map(|(_, q)| q.split('&').map(|p| serde_json::json!({"name": p.trim_end_matches('='), "value": ""})).collect())
+        .unwrap_or_default();
+    let started = format!(
+        "{}.{:03}Z",
+        matchlock_state::datetime(i64::try_from(r.time_ms / 1000).unwrap_or(0)).replace(' ', "T"),
+        r.time_ms % 1000
+    );
+    let status_text = match r.decision {
+        Decision::Blocked => format!("blocked by matchlock: {}", r.reason),
+        Decision::Allowed => String::new(),
+    };
+    serde_json::json!({
+        "startedDateTime": started,
+        "time": r.duration_ms,
+        "request": {
+            "method": if r.method.is_empty() { "CONNECT" } else { r.method.as_str() },
+            "url": format!("{}://{authority}{path}", if r.scheme.is_empty() { "http" } else { r.scheme.as_str() }),
+            "httpVersion": r.http_version,
+            "cookies": [],
+            "headers": [],
+            "queryString": query,
+            "headersSize": -1,
+            "bodySize": r.bytes_up,
+        },
+        "response": {
+            "status": r.status.unwrap_or(0),
+            "statusText": status_text,
+            "httpVersion": r.http_version,
+            "cookies": [],
+            "headers": [],
+            "content": {"size": r.bytes_down, "mimeType": ""},
+            "redirectURL": "",
+            "headersSize": -1,
+            "bodySize": r.bytes_down,
+        },
+        "cache": {},
+        "timings": {"send": 0, "wait": r.duration_ms, "receive": 0},
+        "serverIPAddress": if r.addr.is_empty() { r.host.as_str() } else { r.addr.as_str() },
+        "_matchlock": {"decision": r.decision, "reason": r.reason, "secrets": r.secrets, "tls_intercepted": r.tls_intercepted},
+    })
+}
+
 /// Prints (and with `args`, first changes) the budgets of running sandbox `id` and what it
 /// spent.
 pub(crate) async fn limits(id: &str, args: &crate::run::LimitArgs, json: bool) -> Result<u8> {

@@ -80,6 +80,10 @@ enum Command {
         /// JSON lines (the records as stored) instead of a table.
         #[arg(long)]
         json: bool,
+        /// The HTTP(S) requests as one HAR 1.2 document (browsers' network panels and HAR
+        /// viewers open it; refusals have status 0).
+        #[arg(long, conflicts_with_all = ["json", "follow"])]
+        har: bool,
         /// Only what the host refused.
         #[arg(long)]
         blocked: bool,
@@ -352,7 +356,10 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Get { id } => crate::vms::get(&id),
         Command::Inspect { id } => crate::vms::inspect(&id),
         Command::Log { follow, id } => crate::vms::log(&id, follow).await,
-        Command::Audit { json, blocked, follow, id } => crate::audit::show(&id, json, blocked, follow).await,
+        Command::Audit { json: _, har: true, blocked, id, .. } => crate::audit::har(&id, blocked),
+        Command::Audit { json, har: false, blocked, follow, id } => {
+            crate::audit::show(&id, json, blocked, follow).await
+        }
         Command::Stats { no_stream, json, ids } => crate::stats::show(ids, no_stream, json).await,
         Command::Limits { limits, json, id } => crate::audit::limits(&id, &limits, json).await,
         Command::Kill { all, id } => crate::vms::kill_vms(id, all).await,

@@ -687,6 +687,44 @@ echo udp >/dev/udp/{API}/9001 && echo udp-sent
             assert!(!bytes.windows(value.len()).any(|w| w == value.as_bytes()), "the value is in {}", path.display());
         }
     }
+    // HAR 1.2, as a third-party HAR reader understands it.
+    let har = h.ml(&["audit", "--har", &id]);
+    let site = ok(&std::process::Command::new("bash")
+        .arg(common::repo_root().join("scripts/install-har-reader.sh"))
+        .output()
+        .unwrap())
+    .trim()
+    .to_owned();
+    let mut reader = std::process::Command::new("python3")
+        .arg(common::repo_root().join("tests/fixtures/har_check.py"))
+        .env("PYTHONPATH", site)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    reader.stdin.take().unwrap().write_all(&har.stdout).unwrap();
+    let read = reader.wait_with_output().unwrap();
+    let read: serde_json::Value = serde_json::from_str(&ok(&read)).unwrap();
+    assert_eq!((&read["version"], &read["creator"]), (&"1.2".into(), &"matchlock".into()), "{read}");
+    let entries = read["entries"].as_array().unwrap();
+    assert_eq!(
+        entries.len(),
+        records.iter().filter(|r| r["kind"] == "http").count(),
+        "one entry per HTTP record: {read}"
+    );
+    let bytes = entries.iter().find(|e| e["url"] == "http://api.test/bytes?n=&token=").expect("the download");
+    assert_eq!(
+        (&bytes["status"], &bytes["response_body"], &bytes["method"]),
+        (&200.into(), &12345.into(), &"GET".into())
+    );
+    assert_eq!((&bytes["query"], &bytes["http_version"]), (&serde_json::json!(["n", "token"]), &"HTTP/1.1".into()));
+    assert!(bytes["started"].as_str().unwrap().starts_with("20"), "{bytes}");
+    let tls = entries.iter().find(|e| e["url"] == format!("https://api.test/echo/{m}-tls")).expect("the HTTPS request");
+    assert_eq!(tls["status"], 200, "{tls}");
+    assert!(entries.iter().any(|e| e["status"] == 403 && e["server"] == OTHER), "{read}");
+    assert!(!String::from_utf8_lossy(&har.stdout).contains(&value));
+
     // The table and the refusals alone; kept after the sandbox stops, gone with rm.
     let table = ok(&h.ml(&["audit", &id]));
     assert!(table.contains("api.test:80") && table.contains("BLOCKED") && table.contains("KEY"), "{table}");
