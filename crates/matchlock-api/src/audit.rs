@@ -57,6 +57,9 @@ pub struct Record {
     /// The destination address, when it differs from `host`.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub addr: String,
+    /// The TLS server name a flow not intercepted asked for in its ClientHello, if any.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub sni: String,
     /// The destination port.
     #[serde(skip_serializing_if = "is_zero_u16")]
     pub port: u16,

@@ -323,6 +323,47 @@ struct Tally {
     up: std::sync::atomic::AtomicU64,
     down: std::sync::atomic::AtomicU64,
     secrets: std::sync::Mutex<Vec<String>>,
+    /// An upgraded (WebSocket) request's record waits for its relay to end.
+    upgrade: std::sync::Mutex<Upgrade>,
+}
+
+/// Where an upgraded request's record stands.
+#[derive(Default)]
+enum Upgrade {
+    /// Neither the record nor the relay's end yet.
+    #[default]
+    Pending,
+    /// The record, to write when the relay ends.
+    Record(Box<dyn FnOnce() + Send + Sync>),
+    /// The relay ended first.
+    Ended,
+}
+
+impl Tally {
+    fn upgrade_state(&self) -> std::sync::MutexGuard<'_, Upgrade> {
+        self.upgrade.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes `record` once the upgraded connection's relay ended (its bytes counted).
+    fn after_relay(&self, record: Box<dyn FnOnce() + Send + Sync>) {
+        let mut state = self.upgrade_state();
+        if matches!(*state, Upgrade::Ended) {
+            drop(state);
+            record();
+        } else {
+            *state = Upgrade::Record(record);
+        }
+    }
+
+    /// The upgraded connection's relay ended, having carried `up` and `down` bytes.
+    fn relay_ended(&self, up: u64, down: u64) {
+        self.up.fetch_add(up, std::sync::atomic::Ordering::Relaxed);
+        self.down.fetch_add(down, std::sync::atomic::Ordering::Relaxed);
+        let previous = std::mem::replace(&mut *self.upgrade_state(), Upgrade::Ended);
+        if let Upgrade::Record(record) = previous {
+            record();
+        }
+    }
 }
 
 /// A body whose data bytes are added to `counter`; a request body's (`up`) are spent from
@@ -438,6 +479,7 @@ async fn proxy(
         reason: reason.unwrap_or_default(),
         ..Record::default()
     };
+    let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let (parts, body) = response.into_parts();
     let counter = tally.clone();
     let done = move || {
@@ -448,6 +490,11 @@ async fn proxy(
         record.duration_ms = started.elapsed().as_millis() as u64;
         audit.record(record);
     };
+    if upgraded {
+        // Its bytes are the relay's, counted when it ends.
+        counter.after_relay(Box::new(done));
+        return Response::from_parts(parts, body);
+    }
     let body = Counted { inner: body, counter, up: None, done: Some(Box::new(done)) };
     Response::from_parts(parts, body.boxed())
 }
@@ -513,6 +560,7 @@ async fn forward(
         Err(UpstreamError::Failed(reason)) => return bad_gateway(&reason),
     };
     let http2 = matches!(sender, Sender::Http2(_));
+    let relay_tally = tally.clone();
     let counter = tally.unwrap_or_default();
     let body =
         Counted { inner: body.map_err(BoxError::from).boxed(), counter, up: Some(shared.budget.clone()), done: None };
@@ -553,14 +601,16 @@ async fn forward(
             scrubber.scrub_headers(&mut parts.headers);
         }
         tokio::spawn(async move {
+            let mut carried = (0, 0);
             if let (Ok(guest), Ok(upstream)) = (guest_upgrade.await, upstream_upgrade.await) {
                 let (mut guest, mut upstream) = (TokioIo::new(guest), TokioIo::new(upstream));
-                match scrubber {
-                    None => {
-                        let _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await;
-                    }
+                carried = match scrubber {
+                    None => tokio::io::copy_bidirectional(&mut guest, &mut upstream).await.unwrap_or((0, 0)),
                     Some(scrubber) => relay_websocket(guest, upstream, scrubber).await,
-                }
+                };
+            }
+            if let Some(tally) = relay_tally {
+                tally.relay_ended(carried.0, carried.1);
             }
         });
         return Response::from_parts(parts, full(Bytes::new()));
@@ -645,7 +695,7 @@ fn decoded(body: Body, headers: &HeaderMap) -> Result<Body, String> {
 /// A WebSocket whose upstream may echo secret values: both sides are spoken as WebSocket
 /// (no extensions: compression was refused), each upstream message is scrubbed whole before
 /// it reaches the guest; the guest's messages pass as they are. Messages are bounded.
-async fn relay_websocket<G, U>(guest: G, upstream: U, scrubber: Scrubber)
+async fn relay_websocket<G, U>(guest: G, upstream: U, scrubber: Scrubber) -> (u64, u64)
 where
     G: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -662,14 +712,18 @@ where
     let (mut to_guest, mut from_guest) = guest.split();
     let (mut to_upstream, mut from_upstream) = upstream.split();
     let outbound = async {
+        let mut sent = 0u64;
         while let Some(Ok(message)) = from_guest.next().await {
+            sent += message.len() as u64;
             if to_upstream.send(message).await.is_err() {
                 break;
             }
         }
         let _ = to_upstream.close().await;
+        sent
     };
     let inbound = async {
+        let mut received = 0u64;
         while let Some(Ok(message)) = from_upstream.next().await {
             let scrub = |data: &[u8]| Bytes::from(scrubber.scrub(data));
             let message = match message {
@@ -686,13 +740,15 @@ where
                 })),
                 Message::Frame(_) => break,
             };
+            received += message.len() as u64;
             if to_guest.send(message).await.is_err() {
                 break;
             }
         }
         let _ = to_guest.close().await;
+        received
     };
-    tokio::join!(outbound, inbound);
+    tokio::join!(outbound, inbound)
 }
 
 /// The whole body, unless it fails or exceeds `max` bytes.

@@ -178,7 +178,10 @@ impl FlowHandler for Flows {
         };
         let checked = checked.and_then(|()| shared.budget.take_connection(!intercepted).map_err(|e| e.to_string()));
         if let Err(refusal) = &checked {
-            shared.audit_flow(Kind::Tcp, dst, Decision::Blocked, refusal.clone(), (0, 0), 0);
+            shared.audit_flow(
+                dst,
+                Record { kind: Kind::Tcp, decision: Decision::Blocked, reason: refusal.clone(), ..Record::default() },
+            );
         }
         checked.is_ok()
     }
@@ -200,6 +203,8 @@ impl FlowHandler for Flows {
                 up: 0,
                 down: 0,
                 over: None,
+                // A spliced flow's first bytes, for the TLS server name they may ask for.
+                hello: (!intercepted).then(Vec::new),
             };
             match dst.port() {
                 80 if shared.intercept => http::serve_http(shared, dst, guest).await,
@@ -210,8 +215,11 @@ impl FlowHandler for Flows {
                         Ok(_) => String::new(),
                         Err(e) => format!("ended: {e}"),
                     };
-                    let bytes = (guest.up, guest.down);
-                    shared.audit_flow(Kind::Tcp, dst, Decision::Allowed, reason, bytes, time_ms);
+                    let sni = guest.hello.as_deref().and_then(client_hello_server_name).unwrap_or_default();
+                    let (bytes_up, bytes_down) = (guest.up, guest.down);
+                    let record =
+                        Record { kind: Kind::Tcp, time_ms, reason, sni, bytes_up, bytes_down, ..Record::default() };
+                    shared.audit_flow(dst, record);
                 }
             }
         });
@@ -236,7 +244,9 @@ impl FlowHandler for Flows {
             Err(refusal) => Some(refusal.to_string()),
         };
         if let Some(reason) = refusal {
-            shared.audit_flow(Kind::Udp, dst, Decision::Blocked, reason, (payload.len() as u64, 0), 0);
+            let bytes_up = payload.len() as u64;
+            let record = Record { kind: Kind::Udp, decision: Decision::Blocked, reason, bytes_up, ..Record::default() };
+            shared.audit_flow(dst, record);
             return;
         }
         // Without interception the guest has plain UDP egress.
@@ -247,45 +257,52 @@ impl FlowHandler for Flows {
                 Ok((down, Some(exceeded))) => (format!("ended: {exceeded}"), (payload.len() as u64, down)),
                 Err(e) => (format!("upstream: {e}"), (payload.len() as u64, 0)),
             };
-            shared.audit_flow(Kind::Udp, dst, Decision::Allowed, reason, bytes, time_ms);
+            let (bytes_up, bytes_down) = bytes;
+            shared.audit_flow(
+                dst,
+                Record { kind: Kind::Udp, time_ms, reason, bytes_up, bytes_down, ..Record::default() },
+            );
             drop(permit);
         });
     }
 }
 
 impl Shared {
-    /// Records a TCP or UDP flow to `dst` that started at `time_ms` (0: now, for a refusal)
-    /// with `bytes` (up, down), named by what the sandbox's DNS answered for its address.
-    fn audit_flow(
-        &self,
-        kind: Kind,
-        dst: SocketAddrV4,
-        decision: Decision,
-        reason: String,
-        bytes: (u64, u64),
-        time_ms: u64,
-    ) {
+    /// Records a TCP or UDP flow to `dst`, named by what the sandbox's DNS answered for its
+    /// address; `record.time_ms` 0 (a refusal) is now, else the duration runs from it.
+    fn audit_flow(&self, dst: SocketAddrV4, mut record: Record) {
         let Some(audit) = &self.audit else { return };
         let addr = dst.ip().to_string();
-        let (host, addr) = match self.policy.name_of(*dst.ip()) {
+        (record.host, record.addr) = match self.policy.name_of(*dst.ip()) {
             Some(name) => (name, addr),
             None => (addr, String::new()),
         };
-        let duration_ms = if time_ms == 0 { 0 } else { audit::now_ms().saturating_sub(time_ms) };
-        audit.record(Record {
-            time_ms,
-            kind,
-            host,
-            addr,
-            port: dst.port(),
-            bytes_up: bytes.0,
-            bytes_down: bytes.1,
-            duration_ms,
-            decision,
-            reason,
-            ..Record::default()
-        });
+        record.port = dst.port();
+        if record.time_ms != 0 {
+            record.duration_ms = audit::now_ms().saturating_sub(record.time_ms);
+        }
+        audit.record(record);
     }
+}
+
+/// At most this many of a spliced flow's first bytes are kept to look for a TLS ClientHello.
+const HELLO_BYTES: usize = 16 << 10;
+
+/// The server name a TLS ClientHello at the start of `bytes` asks for (parsed by rustls).
+fn client_hello_server_name(bytes: &[u8]) -> Option<String> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        if acceptor.read_tls(&mut rest).ok()? == 0 {
+            return None;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => return accepted.client_hello().server_name().map(str::to_owned),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// Sends one datagram and relays the answers until [`UDP_IDLE`] passes without one or the
@@ -377,6 +394,8 @@ pub(crate) struct Metered {
     down: u64,
     /// The budget that ended the flow.
     over: Option<budget::Exceeded>,
+    /// The first [`HELLO_BYTES`] from the guest, when kept.
+    hello: Option<Vec<u8>>,
 }
 
 impl Metered {
@@ -398,6 +417,10 @@ impl tokio::io::AsyncRead for Metered {
         std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_read(cx, buf))?;
         let n = (buf.filled().len() - before) as u64;
         self.up += n;
+        let read = &buf.filled()[before..];
+        if let Some(hello) = self.hello.as_mut().filter(|h| h.len() < HELLO_BYTES) {
+            hello.extend_from_slice(&read[..read.len().min(HELLO_BYTES - hello.len())]);
+        }
         if !self.meter_reads {
             return std::task::Poll::Ready(Ok(()));
         }
@@ -525,5 +548,24 @@ async fn serve(listener: UnixListener, options: Options) {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => tracing::debug!("network: the VMM closed the link"),
         Err(e) => tracing::warn!("network: the engine stopped: {e}"),
         Ok(()) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_hellos_server_name_is_read_and_anything_else_is_not() {
+        let config = upstream_tls_config(None).expect("TLS config");
+        let name = rustls::pki_types::ServerName::try_from("spliced.example.test").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        assert_eq!(client_hello_server_name(&hello).as_deref(), Some("spliced.example.test"));
+        // Split across reads, as the guest may send it.
+        assert_eq!(client_hello_server_name(&hello[..hello.len() / 2]), None, "a cut hello names nothing");
+        assert_eq!(client_hello_server_name(b"SSH-2.0-OpenSSH_9.2\r\n"), None);
+        assert_eq!(client_hello_server_name(b""), None);
     }
 }

@@ -205,10 +205,19 @@ pub(crate) fn inspect(id: &str) -> Result<u8> {
     let state = open_state()?;
     let vm = state.get(id)?.ok_or_else(|| anyhow!("VM {id} not found"))?;
     let vm = state.reconcile_statuses()?.into_iter().find(|v| v.id == vm.id).unwrap_or(vm);
+    let audit_log = VmDir::of(id).audit_log();
+    let audit = matchlock_api::audit::Audit::read(&audit_log).unwrap_or_default();
     let doc = serde_json::json!({
         "vm": vm_json(&vm)?,
         "lifecycle": state.lifecycle(id)?,
         "history": state.history(id)?,
+        "audit": {
+            "path": audit_log,
+            "records": audit.records.len(),
+            "blocked": audit.records.iter().filter(|r| r.decision == matchlock_api::audit::Decision::Blocked).count(),
+            "rotated": audit.rotated,
+            "dropped": audit.dropped,
+        },
     });
     outln!("{}", serde_json::to_string_pretty(&doc)?)?;
     Ok(0)

@@ -611,6 +611,32 @@ getent hosts evil.test || echo evil-refused
 exec 3<>/dev/tcp/{API}/9000; echo tcp-allowed >&3; head -c 12 <&3; exec 3>&-
 (exec 4<>/dev/tcp/{OTHER}/9000) 2>/dev/null || echo tcp-refused
 echo udp >/dev/udp/{API}/9001 && echo udp-sent
+curl -sk --max-time 5 -o /dev/null https://api.test:9000/; echo "tls-splice-rc=$?"
+python3 - <<'PY'
+import socket
+s = socket.create_connection(("api.test", 80))
+s.sendall(b"GET /ws-echo/{m}-ws HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+buf = b""
+while b"\r\n\r\n" not in buf:
+    buf += s.recv(1)
+buf, text = b"", 0
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    buf += chunk
+    if len(buf) >= 2 and buf[0] & 0x0F == 1 and text == 0 and len(buf) >= 2 + (buf[1] & 0x7F if buf[1] & 0x7F < 126 else 2):
+        length, at = buf[1] & 0x7F, 2
+        if length == 126:
+            length, at = int.from_bytes(buf[2:4], "big"), 4
+        if len(buf) >= at + length:
+            text = length
+    if any(b & 0x0F == 8 for b in buf[:1]) or b"\x88" in buf:
+        break
+s.close()
+print(f"ws-text={{text}}")
+PY
 "#
     );
     let ran = h.ml(&["exec", &id, "bash", "-c", &script]);
@@ -625,7 +651,8 @@ echo udp >/dev/udp/{API}/9001 && echo udp-sent
         records.iter().filter(|r| pred(r)).cloned().collect()
     };
     let udp = |r: &serde_json::Value| r["kind"] == "udp" && r["port"] == 9001;
-    let records = audit_records(&h, &id, |rs| rs.iter().any(udp));
+    let websocket = |r: &serde_json::Value| r["path"].as_str().is_some_and(|p| p.starts_with("/ws-echo/"));
+    let records = audit_records(&h, &id, |rs| rs.iter().any(udp) && rs.iter().any(websocket));
 
     // HTTP: bytes as the server sent and received them, query values and secrets by name only.
     let get = find(&records, &|r| r["kind"] == "http" && r["path"] == "/bytes?n=&token=");
@@ -664,8 +691,18 @@ echo udp >/dev/udp/{API}/9001 && echo udp-sent
     assert!(!api.is_empty() && api.iter().all(|r| r["decision"] == "allowed" && r["answer"] == "NOERROR"), "{api:?}");
     // TCP and UDP flows.
     let tcp = find(&records, &|r| r["kind"] == "tcp" && r["port"] == 9000);
-    assert_eq!(tcp.len(), 2, "{records:?}");
-    let allowed = tcp.iter().find(|r| r["decision"] == "allowed").expect("the allowed flow");
+    assert_eq!(tcp.len(), 3, "{records:?}");
+    let allowed = tcp.iter().find(|r| r["decision"] == "allowed" && r["sni"].is_null()).expect("the allowed flow");
+    // TLS spliced through (not intercepted): the ClientHello's server name.
+    assert!(tcp.iter().any(|r| r["sni"] == "api.test" && r["decision"] == "allowed"), "{tcp:?}");
+    // A WebSocket: one record, the relay's bytes in it.
+    let ws = find(&records, &|r| r["path"] == format!("/ws-echo/{m}-ws"));
+    assert_eq!(ws.len(), 1, "{records:?}");
+    let text: u64 =
+        o.split("ws-text=").nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(text > 100, "the guest read the server's message: {o}");
+    assert_eq!(ws[0]["status"], 101, "{ws:?}");
+    assert!(ws[0]["bytes_down"].as_u64().unwrap() >= text, "the relay's bytes: {ws:?} (text {text})");
     assert_eq!(
         (&allowed["host"], &allowed["addr"]),
         (&"api.test".into(), &API.into()),
@@ -732,6 +769,12 @@ echo udp >/dev/udp/{API}/9001 && echo udp-sent
     let refusals = records.iter().filter(|r| r["decision"] == "blocked").count();
     assert_eq!(blocked.lines().count(), refusals, "{blocked}");
     assert!(blocked.lines().all(|l| l.contains(r#""decision":"blocked""#)), "{blocked}");
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&h.ml(&["inspect", &id]))).unwrap();
+    assert_eq!(
+        (&inspect["audit"]["records"], &inspect["audit"]["blocked"]),
+        (&records.len().into(), &refusals.into()),
+        "{inspect}"
+    );
     ok(&h.ml(&["kill", &id]));
     assert_eq!(audit_records(&h, &id, |_| true).len(), records.len(), "the audit outlives the sandbox");
     ok(&h.ml(&["rm", &id]));
