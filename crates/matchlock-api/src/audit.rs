@@ -101,6 +101,17 @@ pub struct Record {
     /// The DNS answer's code (`NOERROR`, `NXDOMAIN`, `REFUSED`, …).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub answer: String,
+    /// With `--audit-bodies`: the first bytes of the request body as the guest sent it
+    /// (placeholders, never secret values), base64.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub request_body: String,
+    /// With `--audit-bodies`: the first bytes of the response body as the guest got it
+    /// (scrubbed), base64.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub response_body: String,
+    /// A body was longer than what was kept of it.
+    #[serde(skip_serializing_if = "is_false")]
+    pub bodies_cut: bool,
     /// For `dropped` and `rotated` records: how many so far.
     #[serde(skip_serializing_if = "is_zero_u64")]
     pub count: u64,

@@ -113,6 +113,10 @@ pub struct NetworkConfig {
     /// Budgets and rate limits the host enforces on the sandbox's traffic.
     #[serde(default)]
     pub limits: NetworkLimits,
+    /// Bytes of each intercepted request and response body the audit keeps (0: none, and
+    /// query values are not kept either).
+    #[serde(default)]
+    pub audit_bodies: u64,
 }
 
 /// Budgets and rate limits on a sandbox's network, enforced by the host (none by default).
@@ -318,6 +322,7 @@ impl Default for NetworkConfig {
             netns: None,
             audit_max_bytes: crate::audit::DEFAULT_AUDIT_MAX_BYTES,
             limits: NetworkLimits::default(),
+            audit_bodies: 0,
         }
     }
 }

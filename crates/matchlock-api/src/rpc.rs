@@ -127,6 +127,14 @@ pub struct NetworkParams {
     /// Our extension: the egress audit's bound, bytes (0: no audit file); the default when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit_max_bytes: Option<u64>,
+    /// Our extension: bytes of each intercepted body (and the query values) the audit keeps.
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub audit_bodies: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)]
@@ -332,6 +340,7 @@ impl CreateParams {
             netns: None,
             limits: net.limits.clone().unwrap_or_default(),
             audit_max_bytes: net.audit_max_bytes.unwrap_or(crate::audit::DEFAULT_AUDIT_MAX_BYTES),
+            audit_bodies: net.audit_bodies,
         });
         Ok(())
     }

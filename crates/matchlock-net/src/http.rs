@@ -323,6 +323,12 @@ struct Tally {
     up: std::sync::atomic::AtomicU64,
     down: std::sync::atomic::AtomicU64,
     secrets: std::sync::Mutex<Vec<String>>,
+    /// The first bytes of each body, kept for the record (`--audit-bodies`): (up, down).
+    bodies: std::sync::Mutex<(Vec<u8>, Vec<u8>)>,
+    /// How many bytes of each body to keep.
+    keep: usize,
+    /// A body was longer than what was kept.
+    cut: std::sync::atomic::AtomicBool,
     /// An upgraded (WebSocket) request's record waits for its relay to end.
     upgrade: std::sync::Mutex<Upgrade>,
 }
@@ -340,6 +346,20 @@ enum Upgrade {
 }
 
 impl Tally {
+    /// Keeps what fits of `data`, a chunk of the request (`up`) or response body.
+    fn keep(&self, up: bool, data: &[u8]) {
+        if self.keep == 0 {
+            return;
+        }
+        let mut bodies = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let body = if up { &mut bodies.0 } else { &mut bodies.1 };
+        let room = self.keep.saturating_sub(body.len());
+        if data.len() > room {
+            self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        body.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
     fn upgrade_state(&self) -> std::sync::MutexGuard<'_, Upgrade> {
         self.upgrade.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -391,6 +411,7 @@ impl hyper::body::Body for Counted {
                 let n = data.len() as u64;
                 let counter = if self.up.is_some() { &self.counter.up } else { &self.counter.down };
                 counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                self.counter.keep(self.up.is_some(), data);
                 if let Some(Err(exceeded)) = self.up.as_ref().map(|budget| budget.send(n)) {
                     return std::task::Poll::Ready(Some(Err(Box::new(exceeded))));
                 }
@@ -440,7 +461,7 @@ async fn proxy(
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(0)
     };
     let request_bytes = length(req.headers());
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(Tally { keep: shared.audit_bodies, ..Tally::default() });
     req.extensions_mut().insert(tally.clone());
     let response = match decided {
         Ok(dest) => forward(shared, upstreams, &dest, req).await,
@@ -472,7 +493,12 @@ async fn proxy(
         scheme: scheme.name().to_owned(),
         method,
         http_version,
-        path: matchlock_api::audit::audited_path(&path),
+        // The guest's own path (placeholders, never values); query values only when asked.
+        path: if shared.audit_bodies > 0 {
+            path.chars().take(matchlock_api::audit::MAX_AUDIT_PATH).collect()
+        } else {
+            matchlock_api::audit::audited_path(&path)
+        },
         status: Some(response.status().as_u16()),
         tls_intercepted: scheme == Scheme::Https,
         decision: if reason.is_some() { Decision::Blocked } else { Decision::Allowed },
@@ -487,6 +513,13 @@ async fn proxy(
         record.bytes_up = tally.up.load(Relaxed);
         record.bytes_down = tally.down.load(Relaxed);
         record.secrets = std::mem::take(&mut *tally.secrets.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if tally.keep > 0 {
+            use base64::Engine as _;
+            let bodies = tally.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            record.request_body = base64::engine::general_purpose::STANDARD.encode(&bodies.0);
+            record.response_body = base64::engine::general_purpose::STANDARD.encode(&bodies.1);
+            record.bodies_cut = tally.cut.load(Relaxed);
+        }
         record.duration_ms = started.elapsed().as_millis() as u64;
         audit.record(record);
     };

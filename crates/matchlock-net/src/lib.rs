@@ -86,6 +86,8 @@ pub struct Options {
     pub audit: Option<audit::Audit>,
     /// The budgets and rate limits the flows spend from.
     pub budget: Arc<budget::Budget>,
+    /// Bytes of each intercepted body (and the query values) audit records keep; 0: none.
+    pub audit_bodies: usize,
 }
 
 /// Where `network` events go (the JSON-RPC `event` notification).
@@ -127,6 +129,7 @@ pub(crate) struct Shared {
     events: Option<EventSink>,
     audit: Option<audit::Audit>,
     budget: Arc<budget::Budget>,
+    audit_bodies: usize,
 }
 
 /// How long dialling an upstream may take.
@@ -162,6 +165,7 @@ impl Flows {
             events: options.events,
             audit: options.audit,
             budget: options.budget,
+            audit_bodies: options.audit_bodies,
         }))
     }
 }

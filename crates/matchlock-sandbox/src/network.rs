@@ -140,6 +140,7 @@ pub fn start(
         events,
         audit,
         budget: budget.clone(),
+        audit_bodies: usize::try_from(config.audit_bodies).unwrap_or(usize::MAX),
     };
     let netns = config.netns.as_deref().map(std::path::Path::new);
     let engine = Engine::start(listener, options, netns).map_err(|e| SandboxError::Network(Box::new(e)))?;

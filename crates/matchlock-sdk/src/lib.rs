@@ -132,7 +132,7 @@ pub enum Event {
     File(FileEvent),
     /// A record of the egress audit: an HTTP request, TCP flow, UDP exchange or DNS question
     /// and what the host decided (our extension).
-    Audit(matchlock_api::audit::Record),
+    Audit(Box<matchlock_api::audit::Record>),
 }
 
 type Notification = (String, Value);
@@ -184,7 +184,9 @@ impl Inner {
             let event = match params.get("type").and_then(Value::as_str) {
                 Some("network") => serde_json::from_value(params["network"].clone()).ok().map(Event::Network),
                 Some("file") => serde_json::from_value(params["file"].clone()).ok().map(Event::File),
-                Some("audit") => serde_json::from_value(params["audit"].clone()).ok().map(Event::Audit),
+                Some("audit") => {
+                    serde_json::from_value(params["audit"].clone()).ok().map(|r| Event::Audit(Box::new(r)))
+                }
                 _ => None,
             };
             if let (Some(event), Some(events)) = (event, lock(&self.events).as_ref()) {

@@ -109,7 +109,7 @@ fn har_entry(r: &Record) -> serde_json::Value {
         Decision::Blocked => format!("blocked by matchlock: {}", r.reason),
         Decision::Allowed => String::new(),
     };
-    serde_json::json!({
+    let mut entry = serde_json::json!({
         "startedDateTime": started,
         "time": r.duration_ms,
         "request": {
@@ -137,7 +137,21 @@ fn har_entry(r: &Record) -> serde_json::Value {
         "timings": {"send": 0, "wait": r.duration_ms, "receive": 0},
         "serverIPAddress": if r.addr.is_empty() { r.host.as_str() } else { r.addr.as_str() },
         "_matchlock": {"decision": r.decision, "reason": r.reason, "secrets": r.secrets, "tls_intercepted": r.tls_intercepted},
-    })
+    });
+    // What `--audit-bodies` kept: the response as HAR says binary content goes, the request
+    // when it is text.
+    if !r.response_body.is_empty() {
+        entry["response"]["content"]["text"] = r.response_body.clone().into();
+        entry["response"]["content"]["encoding"] = "base64".into();
+    }
+    use base64::Engine as _;
+    let request_body = base64::engine::general_purpose::STANDARD.decode(&r.request_body).unwrap_or_default();
+    if let Ok(text) = String::from_utf8(request_body) {
+        if !text.is_empty() {
+            entry["request"]["postData"] = serde_json::json!({"mimeType": "", "text": text});
+        }
+    }
+    entry
 }
 
 /// Prints (and with `args`, first changes) the budgets of running sandbox `id` and what it

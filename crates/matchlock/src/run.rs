@@ -118,6 +118,12 @@ pub(crate) struct RunArgs {
     /// rotated out beyond it (and counted); 0 keeps no audit.
     #[arg(long = "audit-max-size", value_name = "MB", default_value_t = matchlock_api::audit::DEFAULT_AUDIT_MAX_BYTES >> 20)]
     audit_max_size: u64,
+    /// Keep the first BYTES (default 4096) of every intercepted request and response body in
+    /// the audit, base64, and the query values: the request as the guest sent it
+    /// (placeholders, never secret values), the response as it got it (scrubbed).
+    #[arg(long = "audit-bodies", value_name = "BYTES", num_args = 0..=1, default_missing_value = "4096")]
+    #[serde(default)]
+    audit_bodies: Option<u64>,
     /// Intercept HTTP(S) even without an allow-list or secrets.
     #[arg(long = "network-intercept")]
     network_intercept: bool,
@@ -227,6 +233,7 @@ fn build_config(args: &RunArgs, handed: &HashMap<String, String>) -> Result<Sand
         }
         network.mtu = args.mtu;
         network.audit_max_bytes = args.audit_max_size.saturating_mul(1 << 20);
+        network.audit_bodies = args.audit_bodies.unwrap_or(0);
         args.limits.apply(&mut network.limits)?;
         add_secrets(network, &args.secret, handed)?;
     }

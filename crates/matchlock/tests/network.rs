@@ -854,6 +854,7 @@ fn budgets_and_rate_limits_refuse_past_their_limit_and_are_raised_live() {
     let out = cmd(&h)
         .args(["run", "-d", "--dns-servers", DNS, "--image", debian_image(), "--allow-host", "api.test,*.glob.test"])
         .args(["--max-requests", "3", "--rate-limit", "a.glob.test=2/m"])
+        .args(["--audit-bodies", "--secret", &format!("KEY=body-secret-{m}@api.test")])
         .output()
         .unwrap();
     let id = ok(&out).trim().to_owned();
@@ -926,6 +927,48 @@ curl -s -w "\nafter=%{{http_code}}\n" http://api.test/echo/{m}-after-up"#
     let o = exec(&format!(r#"curl -s -o /dev/null -w "raised=%{{http_code}}\n" http://api.test/echo/{m}-raised"#));
     assert!(o.contains("raised=200"), "{o}");
     assert_eq!(net.requests_with(&format!("/echo/{m}-raised\"")).len(), 1);
+    // --audit-bodies: the first 4096 bytes of each body and the query values, as the guest
+    // sent (placeholders) and got them (scrubbed: the echo of the value comes back masked).
+    let o = exec(&format!(
+        r#"head -c 5000 /dev/zero | tr '\0' y | curl -s -o /dev/null -w "body=%{{http_code}}\n" -H "Authorization: Bearer $KEY" --data-binary @- "http://api.test/upload/{m}-body?k=$KEY"
+curl -s -o /dev/null -w "echo=%{{http_code}}\n" -H "Authorization: Bearer $KEY" "http://api.test/echo/{m}-echo?k=$KEY""#
+    ));
+    assert!(o.contains("body=200") && o.contains("echo=200"), "{o}");
+    let done = |rs: &[serde_json::Value]| {
+        rs.iter().any(|r| r["path"].as_str().is_some_and(|p| p.starts_with(&format!("/echo/{m}-echo"))))
+    };
+    let records = audit_records(&h, &id, done);
+    let decode = |v: &serde_json::Value| {
+        let out = std::process::Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn();
+        let mut child = out.unwrap();
+        child.stdin.take().unwrap().write_all(v.as_str().unwrap_or_default().as_bytes()).unwrap();
+        String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
+    };
+    let upload = records
+        .iter()
+        .find(|r| r["path"].as_str().is_some_and(|p| p.starts_with(&format!("/upload/{m}-body"))))
+        .unwrap();
+    assert!(
+        upload["path"].as_str().unwrap().contains("?k=SANDBOX_SECRET_"),
+        "the query as the guest sent it: {upload}"
+    );
+    assert_eq!(decode(&upload["request_body"]), "y".repeat(4096), "the first 4096 bytes");
+    assert_eq!((&upload["bodies_cut"], &upload["bytes_up"]), (&true.into(), &5000.into()), "{upload}");
+    let echo =
+        records.iter().find(|r| r["path"].as_str().is_some_and(|p| p.starts_with(&format!("/echo/{m}-echo")))).unwrap();
+    let echoed = decode(&echo["response_body"]);
+    assert!(echoed.contains("Bearer SANDBOX_SECRET_") && !echoed.contains("body-secret-"), "scrubbed: {echoed}");
+    assert!(net.requests_with(&format!("body-secret-{m}")).len() >= 2, "the server did receive the value");
+    let mut files = vec![h.vms_dir()];
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().flatten().map(|e| e.path()));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            let value = format!("body-secret-{m}");
+            assert!(!bytes.windows(value.len()).any(|w| w == value.as_bytes()), "the value is in {}", path.display());
+        }
+    }
+
     // Every refusal is in the audit with its reason.
     let refusals = ok(&h.ml(&["audit", "--blocked", "--json", &id]));
     assert!(refusals.contains("rate limit of 2 requests per 60 s for a.glob.test"), "{refusals}");

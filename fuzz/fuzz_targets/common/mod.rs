@@ -36,6 +36,7 @@ pub fn flows() -> Flows {
         events: None,
         audit: None,
         budget: Arc::default(),
+        audit_bodies: 0,
     })
 }
 
