@@ -161,19 +161,17 @@ pub async fn kvm_usable(qemu: &Path, kernel: &Path) -> Result<(), KvmVerdict> {
 /// Boots `kernel` under KVM with no root device: a working KVM reaches the "cannot
 /// mount root" panic and QEMU exits within a second or so.
 async fn probe_kvm(qemu: &Path, kernel: &Path) -> Result<(), String> {
-    let mut child = tokio::process::Command::new(qemu)
+    let mut probe = tokio::process::Command::new(qemu);
+    probe
         .args(["-M", "microvm,acpi=off,x-option-roms=off,rtc=off", "-accel", "kvm", "-cpu", "host", "-m", "128"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio", "-kernel"])
         .arg(kernel)
         .args(["-append", "console=ttyS0 panic=-1 reboot=t root=/dev/matchlock-probe"])
-        .env_clear()
-        .envs(matchlock_api::HELPER_ENV)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
+        .stderr(Stdio::piped());
+    // As every helper: it dies with this process (a probe that hangs under a KVM that cannot
+    // boot must not outlive an owner killed during it).
+    let mut child = crate::qemu::spawn(&mut probe).map_err(|e| e.to_string())?;
     let mut stdout = child.stdout.take().expect("piped");
     let mut output = Vec::new();
     let read = async {

@@ -545,7 +545,7 @@ fn log_file(path: &Path) -> Result<std::fs::File, VmError> {
 
 /// Spawns a helper with the minimal helper environment, that dies with us (whatever thread
 /// asks: see [`spawn_on_lifetime_thread`]) and that is killed if its handle is dropped.
-fn spawn(cmd: &mut Command) -> Result<Child, VmError> {
+pub(crate) fn spawn(cmd: &mut Command) -> Result<Child, VmError> {
     let program = cmd.as_std().get_program().to_string_lossy().into_owned();
     cmd.stdin(Stdio::null()).kill_on_drop(true).env_clear().envs(matchlock_api::HELPER_ENV);
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory.
