@@ -236,7 +236,20 @@ impl Sandbox {
         state: StateDb,
         events: Events,
     ) -> Result<Self, SandboxError> {
-        Self::start(config, store, state, events, None, None).await
+        let image = resolve(&config, store)?;
+        Self::start(config, image, state, events, None, None).await
+    }
+
+    /// As [`Sandbox::create`] with the image already resolved from the store (the future
+    /// holds no store, so it may move between threads).
+    pub async fn create_from(config: SandboxConfig, image: ImageRecord, state: StateDb) -> Result<Self, SandboxError> {
+        validate(&config)?;
+        Self::start(config, image, state, Events::default(), None, None).await
+    }
+
+    /// The record of `config`'s image in `store`, once `config` is valid.
+    pub fn resolve_image(config: &SandboxConfig, store: &Store) -> Result<ImageRecord, SandboxError> {
+        resolve(config, store)
     }
 
     /// Boots `config` on a copy of `disk`, the writable disk a stopped sandbox kept (cold:
@@ -248,7 +261,8 @@ impl Sandbox {
         disk: &Path,
     ) -> Result<Self, SandboxError> {
         let config = SandboxConfig { cold: true, ..config };
-        Self::start(config, store, state, Events::default(), None, Some(disk)).await
+        let image = resolve(&config, store)?;
+        Self::start(config, image, state, Events::default(), None, Some(disk)).await
     }
 
     /// A new sandbox from the snapshot `name` ([`Sandbox::snapshot`]): the saved machine
@@ -275,20 +289,19 @@ impl Sandbox {
                 ))
             })?;
         }
-        Self::start(config, store, state, events, Some((dir, meta)), None).await
+        let image = resolve(&config, store)?;
+        Self::start(config, image, state, events, Some((dir, meta)), None).await
     }
 
     async fn start(
         config: SandboxConfig,
-        store: &Store,
+        image: ImageRecord,
         mut state: StateDb,
         events: Events,
         from: Option<(PathBuf, SnapshotMeta)>,
         upper_from: Option<&Path>,
     ) -> Result<Self, SandboxError> {
         let started = Instant::now();
-        validate(&config)?;
-        let image = store.resolve(&config.image)?.ok_or_else(|| SandboxError::ImageNotFound(config.image.clone()))?;
         let kernel = kernel::locate()?;
         let guest_init = tools::guest_init()?;
         let backend = matchlock_vm::host_backend(&kernel).await?;
@@ -508,6 +521,12 @@ async fn agent_control(
 
 /// A snapshot resumes only on the machine it was saved from: same backend build, and the
 /// image, kernel and guest-init it has in memory and mounted.
+/// `config` validated, and its image's record in `store`.
+fn resolve(config: &SandboxConfig, store: &Store) -> Result<ImageRecord, SandboxError> {
+    validate(config)?;
+    store.resolve(&config.image)?.ok_or_else(|| SandboxError::ImageNotFound(config.image.clone()))
+}
+
 fn check_restorable(
     meta: &SnapshotMeta,
     backend_build: &str,

@@ -22,12 +22,18 @@ pub struct Capped<W> {
     inner: W,
     used: Arc<AtomicU64>,
     limit: u64,
+    dropped: u64,
 }
 
 impl<W> Capped<W> {
     /// A writer of its own budget.
     pub fn new(inner: W, limit: u64) -> Self {
-        Self { inner, used: Arc::new(AtomicU64::new(0)), limit }
+        Self { inner, used: Arc::new(AtomicU64::new(0)), limit, dropped: 0 }
+    }
+
+    /// Bytes written to this writer and dropped because the budget was spent.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     /// The inner writer.
@@ -48,7 +54,7 @@ pub fn command_log(path: &Path) -> Result<(CappedLog, CappedLog), SandboxError> 
             .map_err(io_err(format!("cannot open {}", path.display())))
     };
     let stdout = Capped::new(open()?, COMMAND_LOG_LIMIT);
-    let stderr = Capped { inner: open()?, used: stdout.used.clone(), limit: COMMAND_LOG_LIMIT };
+    let stderr = Capped { inner: open()?, used: stdout.used.clone(), limit: COMMAND_LOG_LIMIT, dropped: 0 };
     Ok((stdout, stderr))
 }
 
@@ -57,6 +63,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Capped<W> {
         let room = self.limit.saturating_sub(self.used.load(Ordering::Relaxed));
         let take = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
         if take == 0 {
+            self.dropped += buf.len() as u64;
             return Poll::Ready(Ok(buf.len()));
         }
         let written = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &buf[..take]))?;
@@ -94,5 +101,6 @@ mod tests {
         err.flush().await.unwrap();
         let size = std::fs::metadata(&path).unwrap().len();
         assert_eq!(size, 8 + COMMAND_LOG_LIMIT, "appended after the existing content, capped in all");
+        assert_eq!(out.dropped() + err.dropped(), 80 * 1024 * 1024 - COMMAND_LOG_LIMIT, "what was dropped is counted");
     }
 }

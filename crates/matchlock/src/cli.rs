@@ -42,6 +42,10 @@ pub(crate) enum AllowListCommand {
 enum Command {
     /// Boot a sandbox from an image and run a command in it.
     Run(Box<crate::run::RunArgs>),
+    /// Serve sandboxes to AI agents as MCP tools (run code, run commands, keep sandboxes,
+    /// move files) on stdio, or Streamable HTTP with --listen, under the policy these
+    /// options fix.
+    Mcp(Box<crate::mcp::McpArgs>),
     /// Run a command in a running sandbox.
     Exec(crate::vms::ExecArgs),
     /// List sandboxes.
@@ -351,6 +355,7 @@ enum KernelCommand {
 pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Run(args) => Box::pin(crate::run::run(*args)).await,
+        Command::Mcp(args) => Box::pin(crate::mcp::serve(*args)).await,
         Command::Exec(args) => crate::vms::exec(args).await,
         Command::List { running, json } => crate::vms::list(running, json),
         Command::Get { id } => crate::vms::get(&id),

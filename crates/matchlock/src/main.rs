@@ -14,6 +14,7 @@ mod build;
 mod cli;
 mod host;
 mod images;
+mod mcp;
 mod progress;
 mod rpc;
 mod run;

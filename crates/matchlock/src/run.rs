@@ -22,21 +22,10 @@ use crate::session::{self, Output, StopSignals};
 /// Arguments of `matchlock run`.
 #[derive(Debug, Args, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RunArgs {
-    /// Image to boot (as imported: `name[:tag]`).
-    #[arg(long, env = "MATCHLOCK_RUN_IMAGE")]
-    image: String,
-    /// Set an environment variable (`KEY=VALUE`, or `KEY` to pass the host's value).
-    #[arg(short = 'e', long = "env", value_name = "KEY[=VALUE]")]
-    env: Vec<String>,
-    /// Read environment variables from a file (applied before --env).
-    #[arg(long = "env-file", value_name = "FILE")]
-    env_file: Vec<String>,
-    /// Run as this user: `name`, `uid`, or `uid:gid` (default: the image's USER).
-    #[arg(short = 'u', long, env = "MATCHLOCK_RUN_USER")]
-    user: Option<String>,
-    /// Working directory (default: the image's WORKDIR, else /).
-    #[arg(short = 'w', long, env = "MATCHLOCK_RUN_WORKDIR")]
-    workdir: Option<String>,
+    /// What the sandbox boots with.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) sandbox: SandboxArgs,
     /// Replace the image's ENTRYPOINT (an empty string clears it).
     #[arg(long, env = "MATCHLOCK_RUN_ENTRYPOINT")]
     entrypoint: Option<String>,
@@ -49,9 +38,6 @@ pub(crate) struct RunArgs {
     /// Return once the sandbox is ready, printing its id (implies --rm=false).
     #[arg(short = 'd', long)]
     detach: bool,
-    /// Pull the image even if it is stored.
-    #[arg(long, env = "MATCHLOCK_RUN_PULL")]
-    pull: bool,
     /// Remove the sandbox when the command exits; `--rm=false` keeps it until killed.
     #[arg(long, env = "MATCHLOCK_RUN_RM", default_value_t = true, action = ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -59,96 +45,12 @@ pub(crate) struct RunArgs {
     /// Kill the sandbox after this many seconds (exit code 124).
     #[arg(long, env = "MATCHLOCK_RUN_TIMEOUT", value_name = "SECONDS")]
     timeout: Option<u64>,
-    /// Number of CPUs (fractions are enforced as a CPU quota).
-    #[arg(long, env = "MATCHLOCK_RUN_CPUS", default_value_t = DEFAULT_CPUS)]
-    cpus: f64,
-    /// Memory in MB.
-    #[arg(long, env = "MATCHLOCK_RUN_MEMORY", default_value_t = DEFAULT_MEMORY_MB)]
-    memory: u64,
-    /// Size of the writable disk in MB (sparse).
-    #[arg(long = "disk-size", env = "MATCHLOCK_RUN_DISK_SIZE", default_value_t = DEFAULT_DISK_SIZE_MB)]
-    disk_size: u64,
-    /// Hostname (default: the VM id).
-    #[arg(long, env = "MATCHLOCK_RUN_HOSTNAME")]
-    hostname: Option<String>,
-    /// DNS servers for /etc/resolv.conf (comma-separated).
-    #[arg(long = "dns-servers", env = "MATCHLOCK_RUN_DNS_SERVERS", value_delimiter = ',', value_name = "IP[,IP]")]
-    dns_servers: Vec<IpAddr>,
-    /// Serve a host directory in the workspace: `host:guest[:overlay|host_fs|ro]` (overlay,
-    /// the default, never changes the host; host_fs reads and writes it; ro is read-only).
-    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:MODE]")]
-    volume: Vec<String>,
-    /// Where the workspace is mounted in the guest (default /workspace with -v).
-    #[arg(long, env = "MATCHLOCK_RUN_WORKSPACE", value_name = "PATH")]
-    workspace: Option<String>,
-    /// Most MB the guest may store on the host through the workspace (file growth, less what
-    /// it deletes); writes beyond fail with ENOSPC, and df shows it as the size.
-    #[arg(long, value_name = "MB", default_value_t = matchlock_vfs::DEFAULT_QUOTA >> 20)]
-    workspace_quota: u64,
-    /// Rules on workspace operations: a JSON file `{"rules": [{"name", "ops", "path",
-    /// "action": "block"}]}` (the JSON-RPC `vfs.interception` object); blocked → EPERM.
-    #[arg(long = "vfs-rules", value_name = "FILE")]
-    vfs_rules: Option<std::path::PathBuf>,
-    /// Mount an ext4 disk image: `host_path:/guest/path[:ro]` or `@volume:/guest/path[:ro]`.
-    #[arg(long = "disk", value_name = "SOURCE:PATH[:ro]")]
-    disk: Vec<String>,
-    /// Extra /etc/hosts entry `host:ip` (repeatable).
-    #[arg(long = "add-host", value_name = "HOST:IP")]
-    add_host: Vec<String>,
-    /// Allow-list of hosts the sandbox may reach over HTTP(S): globs, comma lists accepted
-    /// (`api.openai.com,*.github.com`). Turns on interception.
-    #[arg(long = "allow-host", value_delimiter = ',', value_name = "HOST[,HOST]")]
-    allow_host: Vec<String>,
-    /// A secret the guest only sees as a placeholder: `NAME=VALUE@host1,host2`, or `NAME@hosts`
-    /// to take the value from the host's `$NAME`. Turns on interception.
-    #[arg(long = "secret", value_name = "NAME[=VALUE]@HOSTS")]
-    secret: Vec<String>,
-    /// No network interface at all.
-    #[arg(long = "no-network", conflicts_with_all = ["allow_host", "secret", "network_intercept", "network_rules", "publish"])]
-    no_network: bool,
-    /// Request/response interception rules: a JSON file `{"rules": [...], "callback_socket": "..."}`
-    /// with the rule fields of the JSON-RPC `network.interception` object. Turns on interception.
-    #[arg(long = "network-rules", value_name = "FILE")]
-    network_rules: Option<std::path::PathBuf>,
-    /// Network budgets and rate limits.
-    #[command(flatten)]
-    #[serde(default)]
-    pub(crate) limits: LimitArgs,
-    /// Most MB the egress audit (`matchlock audit`) keeps for this sandbox: older records are
-    /// rotated out beyond it (and counted); 0 keeps no audit.
-    #[arg(long = "audit-max-size", value_name = "MB", default_value_t = matchlock_api::audit::DEFAULT_AUDIT_MAX_BYTES >> 20)]
-    audit_max_size: u64,
-    /// Keep the first BYTES (default 4096) of every intercepted request and response body in
-    /// the audit, base64, and the query values: the request as the guest sent it
-    /// (placeholders, never secret values), the response as it got it (scrubbed).
-    #[arg(long = "audit-bodies", value_name = "BYTES", num_args = 0..=1, default_missing_value = "4096")]
-    #[serde(default)]
-    audit_bodies: Option<u64>,
-    /// Intercept HTTP(S) even without an allow-list or secrets.
-    #[arg(long = "network-intercept")]
-    network_intercept: bool,
-    /// Let `Range` requests carry a secret (refused by default: an echoing server could hand
-    /// the value back a few bytes at a time).
-    #[arg(long = "allow-secret-ranges")]
-    allow_secret_ranges: bool,
-    /// MTU of the guest's network interface.
-    #[arg(long, default_value_t = matchlock_api::config::DEFAULT_MTU,
-          value_parser = clap::value_parser!(u32).range(576..=65_535))]
-    mtu: u32,
     /// Publish a guest port on the host: `[LOCAL:]REMOTE` (repeatable).
     #[arg(short = 'p', long = "publish", value_name = "[LOCAL:]REMOTE")]
     publish: Vec<String>,
     /// Host addresses for --publish (IP literals or `localhost`).
     #[arg(long = "address", value_delimiter = ',', default_value = "127.0.0.1", value_name = "IP")]
     address: Vec<String>,
-    /// Let commands keep every capability: no capability drop, no_new_privs or seccomp, and
-    /// /proc/sys and /sys writable (a privileged workload can take over the guest's agent).
-    #[arg(long, env = "MATCHLOCK_RUN_PRIVILEGED")]
-    privileged: bool,
-    /// Boot from scratch: neither resume nor save a warm template of the image (also
-    /// `MATCHLOCK_COLD=1` for every sandbox).
-    #[arg(long)]
-    cold: bool,
     /// Set in the owner of a detached sandbox (`detached-owner`), never on the command line.
     #[arg(skip)]
     #[serde(skip)]
@@ -161,6 +63,114 @@ pub(crate) struct RunArgs {
     command: Vec<String>,
 }
 
+/// The sandbox's image, resources, files and network policy: `run`'s options that `mcp`
+/// shares.
+#[derive(Debug, Args, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SandboxArgs {
+    /// Image to boot (as imported: `name[:tag]`).
+    #[arg(long, env = "MATCHLOCK_RUN_IMAGE")]
+    pub(crate) image: String,
+    /// Set an environment variable (`KEY=VALUE`, or `KEY` to pass the host's value).
+    #[arg(short = 'e', long = "env", value_name = "KEY[=VALUE]")]
+    pub(crate) env: Vec<String>,
+    /// Read environment variables from a file (applied before --env).
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub(crate) env_file: Vec<String>,
+    /// Run as this user: `name`, `uid`, or `uid:gid` (default: the image's USER).
+    #[arg(short = 'u', long, env = "MATCHLOCK_RUN_USER")]
+    pub(crate) user: Option<String>,
+    /// Working directory (default: the image's WORKDIR, else /).
+    #[arg(short = 'w', long, env = "MATCHLOCK_RUN_WORKDIR")]
+    pub(crate) workdir: Option<String>,
+    /// Pull the image even if it is stored.
+    #[arg(long, env = "MATCHLOCK_RUN_PULL")]
+    pub(crate) pull: bool,
+    /// Number of CPUs (fractions are enforced as a CPU quota).
+    #[arg(long, env = "MATCHLOCK_RUN_CPUS", default_value_t = DEFAULT_CPUS)]
+    pub(crate) cpus: f64,
+    /// Memory in MB.
+    #[arg(long, env = "MATCHLOCK_RUN_MEMORY", default_value_t = DEFAULT_MEMORY_MB)]
+    pub(crate) memory: u64,
+    /// Size of the writable disk in MB (sparse).
+    #[arg(long = "disk-size", env = "MATCHLOCK_RUN_DISK_SIZE", default_value_t = DEFAULT_DISK_SIZE_MB)]
+    pub(crate) disk_size: u64,
+    /// Hostname (default: the VM id).
+    #[arg(long, env = "MATCHLOCK_RUN_HOSTNAME")]
+    pub(crate) hostname: Option<String>,
+    /// DNS servers for /etc/resolv.conf (comma-separated).
+    #[arg(long = "dns-servers", env = "MATCHLOCK_RUN_DNS_SERVERS", value_delimiter = ',', value_name = "IP[,IP]")]
+    pub(crate) dns_servers: Vec<IpAddr>,
+    /// Serve a host directory in the workspace: `host:guest[:overlay|host_fs|ro]` (overlay,
+    /// the default, never changes the host; host_fs reads and writes it; ro is read-only).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:MODE]")]
+    pub(crate) volume: Vec<String>,
+    /// Where the workspace is mounted in the guest (default /workspace with -v).
+    #[arg(long, env = "MATCHLOCK_RUN_WORKSPACE", value_name = "PATH")]
+    pub(crate) workspace: Option<String>,
+    /// Most MB the guest may store on the host through the workspace (file growth, less what
+    /// it deletes); writes beyond fail with ENOSPC, and df shows it as the size.
+    #[arg(long, value_name = "MB", default_value_t = matchlock_vfs::DEFAULT_QUOTA >> 20)]
+    pub(crate) workspace_quota: u64,
+    /// Rules on workspace operations: a JSON file `{"rules": [{"name", "ops", "path",
+    /// "action": "block"}]}` (the JSON-RPC `vfs.interception` object); blocked → EPERM.
+    #[arg(long = "vfs-rules", value_name = "FILE")]
+    pub(crate) vfs_rules: Option<std::path::PathBuf>,
+    /// Mount an ext4 disk image: `host_path:/guest/path[:ro]` or `@volume:/guest/path[:ro]`.
+    #[arg(long = "disk", value_name = "SOURCE:PATH[:ro]")]
+    pub(crate) disk: Vec<String>,
+    /// Extra /etc/hosts entry `host:ip` (repeatable).
+    #[arg(long = "add-host", value_name = "HOST:IP")]
+    pub(crate) add_host: Vec<String>,
+    /// Allow-list of hosts the sandbox may reach over HTTP(S): globs, comma lists accepted
+    /// (`api.openai.com,*.github.com`). Turns on interception.
+    #[arg(long = "allow-host", value_delimiter = ',', value_name = "HOST[,HOST]")]
+    pub(crate) allow_host: Vec<String>,
+    /// A secret the guest only sees as a placeholder: `NAME=VALUE@host1,host2`, or `NAME@hosts`
+    /// to take the value from the host's `$NAME`. Turns on interception.
+    #[arg(long = "secret", value_name = "NAME[=VALUE]@HOSTS")]
+    pub(crate) secret: Vec<String>,
+    /// No network interface at all.
+    #[arg(long = "no-network", conflicts_with_all = ["allow_host", "secret", "network_intercept", "network_rules"])]
+    pub(crate) no_network: bool,
+    /// Request/response interception rules: a JSON file `{"rules": [...], "callback_socket": "..."}`
+    /// with the rule fields of the JSON-RPC `network.interception` object. Turns on interception.
+    #[arg(long = "network-rules", value_name = "FILE")]
+    pub(crate) network_rules: Option<std::path::PathBuf>,
+    /// Network budgets and rate limits.
+    #[command(flatten)]
+    #[serde(default)]
+    pub(crate) limits: LimitArgs,
+    /// Most MB the egress audit (`matchlock audit`) keeps for this sandbox: older records are
+    /// rotated out beyond it (and counted); 0 keeps no audit.
+    #[arg(long = "audit-max-size", value_name = "MB", default_value_t = matchlock_api::audit::DEFAULT_AUDIT_MAX_BYTES >> 20)]
+    pub(crate) audit_max_size: u64,
+    /// Keep the first BYTES (default 4096) of every intercepted request and response body in
+    /// the audit, base64, and the query values: the request as the guest sent it
+    /// (placeholders, never secret values), the response as it got it (scrubbed).
+    #[arg(long = "audit-bodies", value_name = "BYTES", num_args = 0..=1, default_missing_value = "4096")]
+    #[serde(default)]
+    pub(crate) audit_bodies: Option<u64>,
+    /// Intercept HTTP(S) even without an allow-list or secrets.
+    #[arg(long = "network-intercept")]
+    pub(crate) network_intercept: bool,
+    /// Let `Range` requests carry a secret (refused by default: an echoing server could hand
+    /// the value back a few bytes at a time).
+    #[arg(long = "allow-secret-ranges")]
+    pub(crate) allow_secret_ranges: bool,
+    /// MTU of the guest's network interface.
+    #[arg(long, default_value_t = matchlock_api::config::DEFAULT_MTU,
+          value_parser = clap::value_parser!(u32).range(576..=65_535))]
+    pub(crate) mtu: u32,
+    /// Let commands keep every capability: no capability drop, no_new_privs or seccomp, and
+    /// /proc/sys and /sys writable (a privileged workload can take over the guest's agent).
+    #[arg(long, env = "MATCHLOCK_RUN_PRIVILEGED")]
+    pub(crate) privileged: bool,
+    /// Boot from scratch: neither resume nor save a warm template of the image (also
+    /// `MATCHLOCK_COLD=1` for every sandbox).
+    #[arg(long)]
+    pub(crate) cold: bool,
+}
+
 fn host_env(key: &str) -> Option<String> {
     std::env::var(key).ok()
 }
@@ -168,76 +178,90 @@ fn host_env(key: &str) -> Option<String> {
 /// `args` as a sandbox configuration. Secret values come from `handed` (what a detached
 /// owner's parent gave it), else from the host environment.
 fn build_config(args: &RunArgs, handed: &HashMap<String, String>) -> Result<SandboxConfig> {
-    let mut config = SandboxConfig::new(args.image.clone());
-    for file in &args.env_file {
-        let contents = std::fs::read_to_string(file).with_context(|| format!("cannot read env file {file}"))?;
-        config.env.extend(parse_env_file(file, &contents, host_env)?);
+    if args.sandbox.no_network && !args.publish.is_empty() {
+        bail!("--no-network cannot be combined with -p/--publish");
     }
-    for spec in &args.env {
-        let (key, value) = parse_env(spec, host_env)?;
-        config.env.insert(key, value);
-    }
-    for spec in &args.add_host {
-        config.add_hosts.push(parse_add_host(spec)?);
-    }
-    for spec in &args.disk {
-        config.disks.push(matchlock_api::config::parse_disk(spec)?);
-    }
-    if args.volume.is_empty() && args.workspace.is_some() {
-        bail!("--workspace requires at least one -v mount");
-    }
-    if !args.volume.is_empty() {
-        let workspace = args.workspace.clone().unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
-        let cwd = std::env::current_dir().context("cannot read the current directory")?;
-        for spec in &args.volume {
-            config.volumes.push(parse_volume(spec, &workspace, &cwd)?);
-        }
-        config.workspace = Some(workspace);
-        config.workspace_quota_mb = Some(args.workspace_quota);
-    }
-    if let Some(file) = &args.vfs_rules {
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("cannot read VFS rules {}", file.display()))?;
-        let rules: matchlock_api::config::VfsInterception =
-            serde_json::from_str(&text).with_context(|| format!("invalid VFS rules in {}", file.display()))?;
-        if rules.emit_events {
-            bail!("invalid VFS rules in {}: emit_events needs a JSON-RPC client (matchlock rpc)", file.display());
-        }
-        config.vfs_interception = Some(rules);
-    }
-    if !args.dns_servers.is_empty() {
-        config.dns_servers.clone_from(&args.dns_servers);
-    }
-    config.cpus = args.cpus;
-    config.memory_mb = args.memory;
-    config.disk_size_mb = args.disk_size;
-    config.hostname.clone_from(&args.hostname);
-    config.user.clone_from(&args.user);
-    config.workdir.clone_from(&args.workdir);
+    let mut config = args.sandbox.config(handed)?;
     config.entrypoint = args.entrypoint.as_ref().map(|e| if e.is_empty() { Vec::new() } else { vec![e.clone()] });
     config.command.clone_from(&args.command);
-    config.privileged = args.privileged;
-    config.cold = args.cold;
-    if args.no_network {
-        config.network = None;
-    } else if let Some(network) = config.network.as_mut() {
-        network.allowed_hosts = args.allow_host.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
-        network.intercept = args.network_intercept;
-        network.allow_secret_ranges = args.allow_secret_ranges;
-        if let Some(file) = &args.network_rules {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read network rules {}", file.display()))?;
-            network.interception = Some(
-                serde_json::from_str(&text).with_context(|| format!("invalid network rules in {}", file.display()))?,
-            );
-        }
-        network.mtu = args.mtu;
-        network.audit_max_bytes = args.audit_max_size.saturating_mul(1 << 20);
-        network.audit_bodies = args.audit_bodies.unwrap_or(0);
-        args.limits.apply(&mut network.limits)?;
-        add_secrets(network, &args.secret, handed)?;
-    }
     Ok(config)
+}
+
+impl SandboxArgs {
+    /// The sandbox configuration these options give (no command). Secret values come from
+    /// `handed`, else from the host environment.
+    pub(crate) fn config(&self, handed: &HashMap<String, String>) -> Result<SandboxConfig> {
+        let mut config = SandboxConfig::new(self.image.clone());
+        for file in &self.env_file {
+            let contents = std::fs::read_to_string(file).with_context(|| format!("cannot read env file {file}"))?;
+            config.env.extend(parse_env_file(file, &contents, host_env)?);
+        }
+        for spec in &self.env {
+            let (key, value) = parse_env(spec, host_env)?;
+            config.env.insert(key, value);
+        }
+        for spec in &self.add_host {
+            config.add_hosts.push(parse_add_host(spec)?);
+        }
+        for spec in &self.disk {
+            config.disks.push(matchlock_api::config::parse_disk(spec)?);
+        }
+        if self.volume.is_empty() && self.workspace.is_some() {
+            bail!("--workspace requires at least one -v mount");
+        }
+        if !self.volume.is_empty() {
+            let workspace = self.workspace.clone().unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
+            let cwd = std::env::current_dir().context("cannot read the current directory")?;
+            for spec in &self.volume {
+                config.volumes.push(parse_volume(spec, &workspace, &cwd)?);
+            }
+            config.workspace = Some(workspace);
+            config.workspace_quota_mb = Some(self.workspace_quota);
+        }
+        if let Some(file) = &self.vfs_rules {
+            let text =
+                std::fs::read_to_string(file).with_context(|| format!("cannot read VFS rules {}", file.display()))?;
+            let rules: matchlock_api::config::VfsInterception =
+                serde_json::from_str(&text).with_context(|| format!("invalid VFS rules in {}", file.display()))?;
+            if rules.emit_events {
+                bail!("invalid VFS rules in {}: emit_events needs a JSON-RPC client (matchlock rpc)", file.display());
+            }
+            config.vfs_interception = Some(rules);
+        }
+        if !self.dns_servers.is_empty() {
+            config.dns_servers.clone_from(&self.dns_servers);
+        }
+        config.cpus = self.cpus;
+        config.memory_mb = self.memory;
+        config.disk_size_mb = self.disk_size;
+        config.hostname.clone_from(&self.hostname);
+        config.user.clone_from(&self.user);
+        config.workdir.clone_from(&self.workdir);
+        config.privileged = self.privileged;
+        config.cold = self.cold;
+        if self.no_network {
+            config.network = None;
+        } else if let Some(network) = config.network.as_mut() {
+            network.allowed_hosts =
+                self.allow_host.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
+            network.intercept = self.network_intercept;
+            network.allow_secret_ranges = self.allow_secret_ranges;
+            if let Some(file) = &self.network_rules {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read network rules {}", file.display()))?;
+                network.interception = Some(
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("invalid network rules in {}", file.display()))?,
+                );
+            }
+            network.mtu = self.mtu;
+            network.audit_max_bytes = self.audit_max_size.saturating_mul(1 << 20);
+            network.audit_bodies = self.audit_bodies.unwrap_or(0);
+            self.limits.apply(&mut network.limits)?;
+            add_secrets(network, &self.secret, handed)?;
+        }
+        Ok(config)
+    }
 }
 
 /// Budgets and rate limits on a sandbox's network, enforced by the host (`run` and `limits`).
@@ -368,7 +392,7 @@ async fn run_sandbox(args: RunArgs, handed: &HashMap<String, String>) -> Result<
     let listeners = matchlock_sandbox::forward::bind(&forwards).await?;
     let mut store = open_store()?;
     // Resolve the image and the command before booting: bad input fails fast.
-    let image = crate::images::image_for_run(&mut store, &config.image, args.pull).await?;
+    let image = crate::images::image_for_run(&mut store, &config.image, args.sandbox.pull).await?;
     let composed = match compose(&image.config, &config) {
         Ok(c) => Some(c),
         Err(ComposeError::NoCommand) if !remove => None,
@@ -500,7 +524,7 @@ fn spawn_detached(args: &RunArgs) -> Result<u8> {
 fn start_owner(args: &RunArgs) -> Result<std::process::Child> {
     let mut cmd = std::process::Command::new("/proc/self/exe");
     let mut secrets = HashMap::new();
-    for spec in &args.secret {
+    for spec in &args.sandbox.secret {
         let Some((left, _hosts)) = spec.rsplit_once('@') else { continue };
         let name = left.split_once('=').map_or(left, |(name, _)| name);
         if name == left {
