@@ -123,7 +123,7 @@ mod tests {
 
     fn policy() -> Policy {
         Policy {
-            base: SandboxConfig::new("python:3.12-slim".into()),
+            base: SandboxConfig::new("python:3.12-slim".to_owned()),
             other_images: vec!["node:22".into()],
             max_sandboxes: 2,
             idle_timeout: Duration::from_secs(60),

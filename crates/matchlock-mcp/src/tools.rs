@@ -13,7 +13,7 @@ use rmcp::model::{
     CallToolResult, ContentBlock, Implementation, ProgressNotificationParam, ProgressToken, RequestMetaObject,
     ServerCapabilities, ServerConfig,
 };
-use rmcp::{tool, tool_handler, tool_router, ErrorData, Peer, RoleServer, ServerHandler};
+use rmcp::{tool, tool_handler, tool_router, Peer, RoleServer, ServerHandler};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -211,19 +211,24 @@ pub struct Tools {
     sandboxes: Arc<Sandboxes>,
 }
 
-fn refused(e: SandboxesError) -> ErrorData {
-    match e {
-        SandboxesError::Policy(_) | SandboxesError::Unknown(_) => ErrorData::invalid_params(e.to_string(), None),
-        SandboxesError::Boot(_) => ErrorData::internal_error(e.to_string(), None),
-    }
+/// What a tool returns: a refusal or a failure is a tool error (`isError`, the reason as
+/// text), as MCP asks, so that the model reads it and can correct its call.
+type Reply = Result<CallToolResult, CallToolResult>;
+
+fn refusal(text: impl Into<String>) -> CallToolResult {
+    CallToolResult::error(vec![ContentBlock::text(text.into())])
+}
+
+fn refused(e: SandboxesError) -> CallToolResult {
+    refusal(e.to_string())
 }
 
 fn failed(what: &str, e: &BackendError) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(format!("{what}: {e}"))])
 }
 
-fn too_big(what: &str, len: usize, max: usize) -> Option<ErrorData> {
-    (len > max).then(|| ErrorData::invalid_params(format!("{what} is {len} bytes; at most {max} are accepted"), None))
+fn too_big(what: &str, len: usize, max: usize) -> Option<CallToolResult> {
+    (len > max).then(|| refusal(format!("{what} is {len} bytes; at most {max} are accepted")))
 }
 
 /// Runs `work`, sending a progress notification each second when the client gave a token,
@@ -313,18 +318,18 @@ fn structured(value: serde_json::Value) -> CallToolResult {
     result
 }
 
-fn parse_mode(mode: Option<&str>) -> Result<u32, ErrorData> {
+fn parse_mode(mode: Option<&str>) -> Result<u32, CallToolResult> {
     let Some(text) = mode.map(str::trim).filter(|m| !m.is_empty()) else { return Ok(0o644) };
     let digits = text.strip_prefix("0o").unwrap_or(text);
     match u32::from_str_radix(digits, 8) {
         Ok(mode) if mode <= 0o7777 => Ok(mode),
-        _ => Err(ErrorData::invalid_params(format!("mode {text:?} is not octal permissions like \"755\""), None)),
+        _ => Err(refusal(format!("mode {text:?} is not octal permissions like \"755\""))),
     }
 }
 
-fn check_path(path: &str) -> Result<(), ErrorData> {
+fn check_path(path: &str) -> Result<(), CallToolResult> {
     if !path.starts_with('/') || path.contains('\0') {
-        return Err(ErrorData::invalid_params(format!("path {path:?} must be absolute"), None));
+        return Err(refusal(format!("path {path:?} must be absolute")));
     }
     Ok(())
 }
@@ -347,7 +352,7 @@ impl Tools {
         timeout: Option<u64>,
         cancel: &CancellationToken,
         progress: Option<(ProgressToken, Peer<RoleServer>)>,
-    ) -> Result<CallToolResult, ErrorData> {
+    ) -> Reply {
         let limit = self.sandboxes.policy().time_limit(timeout);
         command.time_limit = Some(limit);
         let started = Instant::now();
@@ -357,7 +362,7 @@ impl Tools {
                 let boot = self.sandboxes.open(None, true);
                 with_progress(boot, "booting", progress.clone(), limit, cancel, None)
                     .await
-                    .ok_or_else(|| ErrorData::internal_error("cancelled", None))?
+                    .ok_or_else(|| refusal("cancelled"))?
                     .map_err(refused)?
             }
         };
@@ -377,7 +382,7 @@ impl Tools {
         }
         let sandbox = if one_shot.is_some() { None } else { id.map(str::to_owned) };
         match ran {
-            None if cancel.is_cancelled() => Err(ErrorData::internal_error("cancelled", None)),
+            None if cancel.is_cancelled() => Err(refusal("cancelled")),
             None => Ok(CallToolResult::error(vec![ContentBlock::text(
                 "the sandbox was closed while the command ran".to_owned(),
             )])),
@@ -404,7 +409,7 @@ impl Tools {
         cancel: CancellationToken,
         meta: RequestMetaObject,
         peer: Peer<RoleServer>,
-    ) -> Result<CallToolResult, ErrorData> {
+    ) -> Reply {
         if let Some(e) = too_big("code", args.code.len(), MAX_CODE_BYTES)
             .or_else(|| too_big("stdin", args.stdin.as_ref().map_or(0, String::len), MAX_CODE_BYTES))
         {
@@ -443,14 +448,14 @@ impl Tools {
         cancel: CancellationToken,
         meta: RequestMetaObject,
         peer: Peer<RoleServer>,
-    ) -> Result<CallToolResult, ErrorData> {
+    ) -> Reply {
         if let Some(e) = too_big("command", args.command.len(), MAX_CODE_BYTES)
             .or_else(|| too_big("stdin", args.stdin.as_ref().map_or(0, String::len), MAX_CODE_BYTES))
         {
             return Err(e);
         }
         if args.command.trim().is_empty() {
-            return Err(ErrorData::invalid_params("command is empty", None));
+            return Err(refusal("command is empty"));
         }
         if let Some(dir) = &args.workdir {
             check_path(dir)?;
@@ -478,14 +483,14 @@ impl Tools {
         cancel: CancellationToken,
         meta: RequestMetaObject,
         peer: Peer<RoleServer>,
-    ) -> Result<CallToolResult, ErrorData> {
+    ) -> Reply {
         let policy = self.sandboxes.policy();
         // Refused before booting: an image outside the policy never reaches the launcher.
         policy.config_for(args.image.as_deref()).map_err(|e| refused(e.into()))?;
         let boot = self.sandboxes.open(args.image.as_deref(), false);
         let held = with_progress(boot, "booting", progress_of(&meta, peer), policy.call_timeout, &cancel, None)
             .await
-            .ok_or_else(|| ErrorData::internal_error("cancelled", None))?
+            .ok_or_else(|| refusal("cancelled"))?
             .map_err(refused)?;
         Ok(structured(json!({"sandbox": held.machine.id(), "image": held.machine.image()})))
     }
@@ -495,7 +500,7 @@ impl Tools {
         description = "List the sandboxes this server has open: id, image and seconds since last use.",
         annotations(title = "List sandboxes", read_only_hint = true)
     )]
-    async fn sandbox_list(&self) -> Result<CallToolResult, ErrorData> {
+    async fn sandbox_list(&self) -> Reply {
         let sandboxes: Vec<serde_json::Value> = self
             .sandboxes
             .list()
@@ -511,7 +516,7 @@ impl Tools {
         description = "Close a sandbox: its processes stop and its files are gone.",
         annotations(title = "Close a sandbox", destructive_hint = true, idempotent_hint = false)
     )]
-    async fn sandbox_close(&self, Parameters(args): Parameters<SandboxArgs>) -> Result<CallToolResult, ErrorData> {
+    async fn sandbox_close(&self, Parameters(args): Parameters<SandboxArgs>) -> Reply {
         self.sandboxes.close(&args.sandbox).await.map_err(refused)?;
         Ok(structured(json!({"sandbox": args.sandbox.trim(), "closed": true})))
     }
@@ -522,14 +527,14 @@ impl Tools {
                        content. At most 8 MiB per call.",
         annotations(title = "Write a file in a sandbox", destructive_hint = true)
     )]
-    async fn write_file(&self, Parameters(args): Parameters<WriteFileArgs>) -> Result<CallToolResult, ErrorData> {
+    async fn write_file(&self, Parameters(args): Parameters<WriteFileArgs>) -> Reply {
         check_path(&args.path)?;
         let mode = parse_mode(args.mode.as_deref())?;
         let content = match args.encoding {
             Encoding::Text => args.content.into_bytes(),
-            Encoding::Base64 => B64
-                .decode(args.content.trim())
-                .map_err(|e| ErrorData::invalid_params(format!("content is not base64: {e}"), None))?,
+            Encoding::Base64 => {
+                B64.decode(args.content.trim()).map_err(|e| refusal(format!("content is not base64: {e}")))?
+            }
         };
         if let Some(e) = too_big("content", content.len(), MAX_WRITE_BYTES) {
             return Err(e);
@@ -547,7 +552,7 @@ impl Tools {
                        (default 256 KiB) and says how many bytes were cut.",
         annotations(title = "Read a file in a sandbox", read_only_hint = true)
     )]
-    async fn read_file(&self, Parameters(args): Parameters<ReadFileArgs>) -> Result<CallToolResult, ErrorData> {
+    async fn read_file(&self, Parameters(args): Parameters<ReadFileArgs>) -> Reply {
         check_path(&args.path)?;
         let max = args.max_bytes.unwrap_or(DEFAULT_READ_BYTES).min(MAX_READ_BYTES);
         let held = self.sandboxes.get(&args.sandbox).map_err(refused)?;
@@ -566,10 +571,7 @@ impl Tools {
                     Some(String::from_utf8_lossy(&content[..e.valid_up_to()]).into_owned())
                 }
                 Err(_) if args.encoding == Some(Encoding::Text) => {
-                    return Err(ErrorData::invalid_params(
-                        format!("{} is not UTF-8 text; read it with encoding base64", args.path),
-                        None,
-                    ))
+                    return Err(refusal(format!("{} is not UTF-8 text; read it with encoding base64", args.path)))
                 }
                 Err(_) => None,
             },
@@ -595,7 +597,7 @@ impl Tools {
         description = "List a directory in a sandbox: name, type (file, dir, symlink, other), size and permissions.",
         annotations(title = "List files in a sandbox", read_only_hint = true)
     )]
-    async fn list_files(&self, Parameters(args): Parameters<ListFilesArgs>) -> Result<CallToolResult, ErrorData> {
+    async fn list_files(&self, Parameters(args): Parameters<ListFilesArgs>) -> Reply {
         check_path(&args.path)?;
         let held = self.sandboxes.get(&args.sandbox).map_err(refused)?;
         let entries = match held.machine.list_files(&args.path).await {
@@ -636,5 +638,341 @@ impl ServerHandler for Tools {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new("matchlock", env!("CARGO_PKG_VERSION")))
             .with_instructions(instructions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use matchlock_api::SandboxConfig;
+    use matchlock_protocol::files::FileEntry;
+    use rmcp::model::{CallToolRequestParams, ClientRequest, Request};
+    use rmcp::service::{PeerRequestOptions, RunningService};
+    use rmcp::{RoleClient, ServiceExt as _};
+    use serde_json::Value;
+
+    use super::*;
+    use crate::backend::{BoxFuture, Launcher, Machine};
+    use crate::policy::Policy;
+
+    /// Sandboxes that run nothing: `sh -c CMD` prints CMD, `sh -c sleep` never ends,
+    /// `sh -c flood` fills stdout past the limit, an interpreter prints its program.
+    #[derive(Default)]
+    struct Fake {
+        created: Mutex<Vec<SandboxConfig>>,
+        closed: Arc<Mutex<Vec<String>>>,
+        abandoned_runs: Arc<AtomicUsize>,
+    }
+
+    struct FakeMachine {
+        id: String,
+        image: String,
+        files: Mutex<HashMap<String, Vec<u8>>>,
+        closed: Arc<Mutex<Vec<String>>>,
+        abandoned_runs: Arc<AtomicUsize>,
+    }
+
+    /// Counts a run future dropped before it finished.
+    struct Abandoned(Arc<AtomicUsize>, bool);
+
+    impl Drop for Abandoned {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    impl Launcher for Fake {
+        fn create(&self, config: SandboxConfig) -> BoxFuture<'_, Result<Arc<dyn Machine>, BackendError>> {
+            let mut created = self.created.lock().unwrap();
+            let machine: Arc<dyn Machine> = Arc::new(FakeMachine {
+                id: format!("vm-{}", created.len()),
+                image: config.image.clone(),
+                files: Mutex::default(),
+                closed: self.closed.clone(),
+                abandoned_runs: self.abandoned_runs.clone(),
+            });
+            created.push(config);
+            Box::pin(async move { Ok(machine) })
+        }
+    }
+
+    impl Machine for FakeMachine {
+        fn id(&self) -> &str {
+            &self.id
+        }
+        fn image(&self) -> &str {
+            &self.image
+        }
+        fn run(&self, command: Command, limit: usize) -> BoxFuture<'_, Result<Output, BackendError>> {
+            Box::pin(async move {
+                let mut guard = Abandoned(self.abandoned_runs.clone(), false);
+                let printed = match command.argv[0].as_str() {
+                    "sh" => command.argv[2].clone().into_bytes(),
+                    _ => self.files.lock().unwrap().get(&command.argv[1]).cloned().unwrap_or_default(),
+                };
+                let output = match printed.as_slice() {
+                    b"sleep" => std::future::pending().await,
+                    b"flood" => Output { stdout: vec![b'x'; limit], stdout_dropped: 1000, ..Output::default() },
+                    _ => Output { stdout: printed, stderr: b"err".to_vec(), exit_code: 3, ..Output::default() },
+                };
+                guard.1 = true;
+                Ok(output)
+            })
+        }
+        fn write_file<'a>(
+            &'a self,
+            path: &'a str,
+            content: &'a [u8],
+            _: u32,
+        ) -> BoxFuture<'a, Result<(), BackendError>> {
+            self.files.lock().unwrap().insert(path.to_owned(), content.to_vec());
+            Box::pin(async { Ok(()) })
+        }
+        fn read_file<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Vec<u8>, BackendError>> {
+            let found =
+                self.files.lock().unwrap().get(path).cloned().ok_or_else(|| BackendError("no such file".into()));
+            Box::pin(async move { found })
+        }
+        fn list_files<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<FileEntry>, BackendError>> {
+            let entries = self
+                .files
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(name, c)| FileEntry { name: name.clone(), size: c.len() as u64, mode: 0o644, is_dir: false })
+                .collect();
+            Box::pin(async move { Ok(entries) })
+        }
+        fn close(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+            self.closed.lock().unwrap().push(self.id.clone());
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            base: SandboxConfig::new("python:3.12".to_owned()),
+            other_images: vec!["node:22".into()],
+            max_sandboxes: 2,
+            idle_timeout: Duration::from_secs(600),
+            call_timeout: Duration::from_secs(30),
+            max_output: 100,
+        }
+    }
+
+    async fn connect(policy: Policy) -> (RunningService<RoleClient, ()>, Arc<Fake>, Arc<Sandboxes>) {
+        let (server_end, client_end) = tokio::io::duplex(1 << 20);
+        let fake = Arc::new(Fake::default());
+        let sandboxes = Arc::new(Sandboxes::new(fake.clone(), Arc::new(policy)));
+        let tools = Tools::new(sandboxes.clone());
+        tokio::spawn(async move {
+            let service = tools.serve(server_end).await.expect("server handshake");
+            let _ = service.waiting().await;
+        });
+        let client = ().serve(client_end).await.expect("client handshake");
+        (client, fake, sandboxes)
+    }
+
+    /// The result of a call, or the text of a tool error.
+    async fn call(client: &RunningService<RoleClient, ()>, tool: &str, args: Value) -> Result<CallToolResult, String> {
+        let Value::Object(args) = args else { panic!("arguments are an object") };
+        let result = client
+            .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args))
+            .await
+            .unwrap_or_else(|e| panic!("{tool}: a protocol error, not a tool result: {e}"));
+        if result.is_error == Some(true) {
+            return Err(text(&result));
+        }
+        Ok(result)
+    }
+
+    fn text(result: &CallToolResult) -> String {
+        match &result.content[0] {
+            ContentBlock::Text(t) => t.text.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn structured(result: &CallToolResult) -> &Value {
+        result.structured_content.as_ref().expect("structured content")
+    }
+
+    #[tokio::test]
+    async fn every_tool_is_listed_with_a_closed_schema() {
+        let (client, _, _) = connect(policy()).await;
+        let tools = client.list_all_tools().await.unwrap();
+        let mut names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "exec",
+                "list_files",
+                "read_file",
+                "run_code",
+                "sandbox_close",
+                "sandbox_create",
+                "sandbox_list",
+                "write_file"
+            ]
+        );
+        for tool in &tools {
+            let schema = Value::Object((*tool.input_schema).clone());
+            assert_eq!(schema["type"], "object", "{}", tool.name);
+            if tool.name != "sandbox_list" {
+                assert_eq!(schema["additionalProperties"], false, "{}: unknown arguments are refused", tool.name);
+            }
+            assert!(tool.description.as_ref().is_some_and(|d| d.len() > 40), "{} is described", tool.name);
+        }
+        let run_code = tools.iter().find(|t| t.name == "run_code").unwrap();
+        let schema = Value::Object((*run_code.input_schema).clone());
+        assert_eq!(schema["required"], serde_json::json!(["language", "code"]));
+        client.cancel().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn run_code_boots_a_fresh_sandbox_runs_the_program_and_closes_it() {
+        let (client, fake, _) = connect(policy()).await;
+        let result = call(&client, "run_code", json!({"language": "python", "code": "print('hi')"})).await.unwrap();
+        let value = structured(&result);
+        assert_eq!(value["stdout"], "print('hi')", "the interpreter got the program: {value}");
+        assert_eq!((value["exit_code"].as_i64(), value["stderr"].as_str()), (Some(3), Some("err")));
+        assert!(value.get("sandbox").is_none(), "a one-off sandbox is not offered for reuse");
+        assert_eq!(fake.closed.lock().unwrap().as_slice(), ["vm-0"], "the one-off sandbox is closed");
+        assert_eq!(fake.created.lock().unwrap()[0].image, "python:3.12");
+        client.cancel().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_keeps_its_files_across_calls_until_closed() {
+        let (client, fake, _) = connect(policy()).await;
+        let created = call(&client, "sandbox_create", json!({"image": "node:22"})).await.unwrap();
+        let id = structured(&created)["sandbox"].as_str().unwrap().to_owned();
+        assert_eq!(structured(&created)["image"], "node:22");
+        call(&client, "write_file", json!({"sandbox": id, "path": "/w/a.txt", "content": "hello"})).await.unwrap();
+        let binary = call(
+            &client,
+            "write_file",
+            json!({"sandbox": id, "path": "/w/b.bin", "content": B64.encode([0xff, 0, 1]), "encoding": "base64"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(structured(&binary)["bytes"], 3);
+        let read = call(&client, "read_file", json!({"sandbox": id, "path": "/w/a.txt"})).await.unwrap();
+        assert_eq!(
+            (structured(&read)["content"].as_str(), structured(&read)["encoding"].as_str()),
+            (Some("hello"), Some("text"))
+        );
+        let read = call(&client, "read_file", json!({"sandbox": id, "path": "/w/b.bin"})).await.unwrap();
+        assert_eq!(structured(&read)["encoding"], "base64", "bytes that are not UTF-8 come back as base64");
+        assert_eq!(B64.decode(structured(&read)["content"].as_str().unwrap()).unwrap(), [0xff, 0, 1]);
+        let cut = call(&client, "read_file", json!({"sandbox": id, "path": "/w/a.txt", "max_bytes": 2})).await.unwrap();
+        assert_eq!(
+            (structured(&cut)["content"].as_str(), structured(&cut)["cut_bytes"].as_u64()),
+            (Some("he"), Some(3))
+        );
+        let listed = call(&client, "list_files", json!({"sandbox": id, "path": "/w"})).await.unwrap();
+        assert_eq!(structured(&listed)["entries"].as_array().unwrap().len(), 2);
+        let ran = call(&client, "exec", json!({"sandbox": id, "command": "ls"})).await.unwrap();
+        assert_eq!(structured(&ran)["sandbox"], id.as_str());
+        let listed = call(&client, "sandbox_list", json!({})).await.unwrap();
+        assert_eq!(structured(&listed)["sandboxes"][0]["sandbox"], id.as_str());
+        assert!(fake.closed.lock().unwrap().is_empty(), "a created sandbox stays across calls");
+        call(&client, "sandbox_close", json!({"sandbox": id})).await.unwrap();
+        assert_eq!(fake.closed.lock().unwrap().as_slice(), [id.as_str()]);
+        let gone = call(&client, "exec", json!({"sandbox": id, "command": "ls"})).await.unwrap_err();
+        assert!(gone.contains("no sandbox"), "{gone}");
+        client.cancel().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn nothing_a_call_sends_widens_the_policy() {
+        let (client, fake, _) = connect(policy()).await;
+        let other_image = call(&client, "sandbox_create", json!({"image": "alpine"})).await.unwrap_err();
+        assert!(other_image.contains("image alpine is not allowed"), "{other_image}");
+        for (tool, args) in [
+            ("sandbox_create", json!({"volumes": ["/etc:/host-etc"]})),
+            ("run_code", json!({"language": "sh", "code": "true", "allow_hosts": ["evil.example"]})),
+            ("exec", json!({"command": "env", "secrets": {"KEY": "value"}})),
+            ("exec", json!({"command": "env", "image": "alpine"})),
+            ("run_code", json!({"language": "cobol", "code": "x"})),
+        ] {
+            let refused = call(&client, tool, args.clone()).await.unwrap_err();
+            assert!(
+                refused.contains("unknown field") || refused.contains("unknown variant"),
+                "{tool} {args}: {refused}"
+            );
+        }
+        assert!(fake.created.lock().unwrap().is_empty(), "no refused call booted a sandbox");
+        // The positive control: the allowed images boot.
+        call(&client, "sandbox_create", json!({})).await.unwrap();
+        call(&client, "sandbox_create", json!({"image": "node:22"})).await.unwrap();
+        let third = call(&client, "sandbox_create", json!({})).await.unwrap_err();
+        assert!(third.contains("too many sandboxes: 2 are open"), "{third}");
+        let one_off = call(&client, "exec", json!({"command": "true"})).await.unwrap_err();
+        assert!(one_off.contains("too many sandboxes"), "one-off runs count too: {one_off}");
+        client.cancel().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn output_past_the_bound_is_cut_with_a_note() {
+        let (client, _, _) = connect(policy()).await;
+        let result = call(&client, "exec", json!({"command": "flood"})).await.unwrap();
+        assert_eq!(structured(&result)["stdout"].as_str().unwrap().len(), 100);
+        assert_eq!(structured(&result)["stdout_dropped_bytes"], 1000);
+        let text = text(&result);
+        assert!(text.contains("[stdout cut: 1000 more bytes were dropped]"), "{text}");
+        client.cancel().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_call_stops_its_command_and_the_end_closes_every_sandbox() {
+        let (client, fake, sandboxes) = connect(policy()).await;
+        let created = call(&client, "sandbox_create", json!({})).await.unwrap();
+        let id = structured(&created)["sandbox"].as_str().unwrap().to_owned();
+        let Value::Object(args) = json!({"sandbox": id, "command": "sleep"}) else { unreachable!() };
+        let request =
+            ClientRequest::CallToolRequest(Request::new(CallToolRequestParams::new("exec").with_arguments(args)));
+        let mut options = PeerRequestOptions::no_options();
+        options.timeout = Some(Duration::from_millis(300));
+        let handle = client.send_cancellable_request(request, options).await.unwrap();
+        assert!(handle.await_response().await.is_err(), "the client gave up");
+        for _ in 0..100 {
+            if fake.abandoned_runs.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(fake.abandoned_runs.load(Ordering::SeqCst), 1, "the cancellation reached the command");
+        assert!(fake.closed.lock().unwrap().is_empty(), "cancelling a command keeps its sandbox");
+        call(&client, "sandbox_create", json!({})).await.unwrap();
+        sandboxes.close_all().await;
+        let mut closed = fake.closed.lock().unwrap().clone();
+        closed.sort();
+        assert_eq!(closed, ["vm-0", "vm-1"]);
+        client.cancel().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_sandbox_is_closed_and_a_busy_one_is_not() {
+        let policy = Policy { idle_timeout: Duration::from_millis(50), ..policy() };
+        let (client, fake, sandboxes) = connect(policy).await;
+        let idle = call(&client, "sandbox_create", json!({})).await.unwrap();
+        let busy = call(&client, "sandbox_create", json!({})).await.unwrap();
+        let busy_id = structured(&busy)["sandbox"].as_str().unwrap().to_owned();
+        let held = sandboxes.get(&busy_id).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sandboxes.close_idle().await;
+        assert_eq!(fake.closed.lock().unwrap().as_slice(), [structured(&idle)["sandbox"].as_str().unwrap()]);
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sandboxes.close_idle().await;
+        assert_eq!(fake.closed.lock().unwrap().len(), 2, "once released and idle, it is closed too");
+        client.cancel().await.unwrap();
     }
 }
