@@ -219,7 +219,7 @@ fn refusal(text: impl Into<String>) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(text.into())])
 }
 
-fn refused(e: SandboxesError) -> CallToolResult {
+fn refused(e: &SandboxesError) -> CallToolResult {
     refusal(e.to_string())
 }
 
@@ -272,7 +272,7 @@ fn progress_of(meta: &RequestMetaObject, peer: Peer<RoleServer>) -> Option<(Prog
 }
 
 impl RunResult {
-    fn new(sandbox: Option<String>, output: Output, timed_out: bool, started: Instant) -> Self {
+    fn new(sandbox: Option<String>, output: &Output, started: Instant) -> Self {
         Self {
             sandbox,
             exit_code: output.exit_code,
@@ -280,7 +280,7 @@ impl RunResult {
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
             stdout_dropped_bytes: output.stdout_dropped,
             stderr_dropped_bytes: output.stderr_dropped,
-            timed_out,
+            timed_out: output.timed_out,
             duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         }
     }
@@ -357,13 +357,13 @@ impl Tools {
         command.time_limit = Some(limit);
         let started = Instant::now();
         let held: Held = match id {
-            Some(id) => self.sandboxes.get(id).map_err(refused)?,
+            Some(id) => self.sandboxes.get(id).map_err(|e| refused(&e))?,
             None => {
                 let boot = self.sandboxes.open(None, true);
                 with_progress(boot, "booting", progress.clone(), limit, cancel, None)
                     .await
                     .ok_or_else(|| refusal("cancelled"))?
-                    .map_err(refused)?
+                    .map_err(|e| refused(&e))?
             }
         };
         let max_output = self.sandboxes.policy().max_output;
@@ -387,10 +387,7 @@ impl Tools {
                 "the sandbox was closed while the command ran".to_owned(),
             )])),
             Some(Err(e)) => Ok(failed("the command could not run", &e)),
-            Some(Ok(output)) => {
-                let timed_out = output.timed_out;
-                Ok(RunResult::new(sandbox, output, timed_out, started).into_tool_result())
-            }
+            Some(Ok(output)) => Ok(RunResult::new(sandbox, &output, started).into_tool_result()),
         }
     }
 
@@ -486,12 +483,12 @@ impl Tools {
     ) -> Reply {
         let policy = self.sandboxes.policy();
         // Refused before booting: an image outside the policy never reaches the launcher.
-        policy.config_for(args.image.as_deref()).map_err(|e| refused(e.into()))?;
+        policy.config_for(args.image.as_deref()).map_err(|e| refused(&e.into()))?;
         let boot = self.sandboxes.open(args.image.as_deref(), false);
         let held = with_progress(boot, "booting", progress_of(&meta, peer), policy.call_timeout, &cancel, None)
             .await
             .ok_or_else(|| refusal("cancelled"))?
-            .map_err(refused)?;
+            .map_err(|e| refused(&e))?;
         Ok(structured(json!({"sandbox": held.machine.id(), "image": held.machine.image()})))
     }
 
@@ -517,7 +514,7 @@ impl Tools {
         annotations(title = "Close a sandbox", destructive_hint = true, idempotent_hint = false)
     )]
     async fn sandbox_close(&self, Parameters(args): Parameters<SandboxArgs>) -> Reply {
-        self.sandboxes.close(&args.sandbox).await.map_err(refused)?;
+        self.sandboxes.close(&args.sandbox).await.map_err(|e| refused(&e))?;
         Ok(structured(json!({"sandbox": args.sandbox.trim(), "closed": true})))
     }
 
@@ -539,7 +536,7 @@ impl Tools {
         if let Some(e) = too_big("content", content.len(), MAX_WRITE_BYTES) {
             return Err(e);
         }
-        let held = self.sandboxes.get(&args.sandbox).map_err(refused)?;
+        let held = self.sandboxes.get(&args.sandbox).map_err(|e| refused(&e))?;
         match held.machine.write_file(&args.path, &content, mode).await {
             Ok(()) => Ok(structured(json!({"path": args.path, "bytes": content.len()}))),
             Err(e) => Ok(failed(&format!("cannot write {}", args.path), &e)),
@@ -555,7 +552,7 @@ impl Tools {
     async fn read_file(&self, Parameters(args): Parameters<ReadFileArgs>) -> Reply {
         check_path(&args.path)?;
         let max = args.max_bytes.unwrap_or(DEFAULT_READ_BYTES).min(MAX_READ_BYTES);
-        let held = self.sandboxes.get(&args.sandbox).map_err(refused)?;
+        let held = self.sandboxes.get(&args.sandbox).map_err(|e| refused(&e))?;
         let mut content = match held.machine.read_file(&args.path).await {
             Ok(content) => content,
             Err(e) => return Ok(failed(&format!("cannot read {}", args.path), &e)),
@@ -599,7 +596,7 @@ impl Tools {
     )]
     async fn list_files(&self, Parameters(args): Parameters<ListFilesArgs>) -> Reply {
         check_path(&args.path)?;
-        let held = self.sandboxes.get(&args.sandbox).map_err(refused)?;
+        let held = self.sandboxes.get(&args.sandbox).map_err(|e| refused(&e))?;
         let entries = match held.machine.list_files(&args.path).await {
             Ok(entries) => entries,
             Err(e) => return Ok(failed(&format!("cannot list {}", args.path), &e)),

@@ -393,7 +393,7 @@ async fn dispatch(server: &Arc<Server>, line: Result<Vec<u8>, ()>) -> bool {
     let params = request.remove("params");
     match method {
         Method::Create => {
-            let reply = create(server, params).await;
+            let reply = Box::pin(create(server, params)).await;
             server.respond(id, reply).await;
         }
         Method::Restore => {

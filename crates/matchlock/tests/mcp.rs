@@ -6,7 +6,7 @@ mod common;
 mod testnet;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{debian_image, home, ok, repo_root, stderr, stdout, Home};
@@ -19,12 +19,51 @@ fn client_site() -> String {
     ok(&out).trim().to_owned()
 }
 
-/// `python3 mcp_client.py <args>` with this HOME's environment (the server it starts inherits it).
+/// The Python interpreter itself (`python3` may be a shim that forks it: killing the shim
+/// would leave the client running).
+fn python() -> &'static str {
+    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let out = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().unwrap();
+        ok(&out).trim().to_owned()
+    })
+}
+
+/// `python3 mcp_client.py <args>` with this HOME's environment (the server it starts inherits
+/// it).
 fn client(h: &Home, args: &[&str]) -> Command {
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(python());
     cmd.arg(repo_root().join("tests/fixtures/mcp_client.py")).args(args).env("PYTHONPATH", client_site());
     h.env_into(&mut cmd);
     cmd
+}
+
+/// A child process killed when the test ends, passed or not (a client left running would
+/// hold the test's output pipes open).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `cmd` to its end, killing it (and failing) after 10 minutes.
+fn finished(cmd: &mut Command) -> std::process::Output {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(600)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            panic!("the MCP client ran for 10 minutes");
+        }
+    }
 }
 
 fn server_argv(args: &[&str]) -> String {
@@ -69,7 +108,7 @@ fn an_agent_runs_code_keeps_a_sandbox_and_moves_files_under_the_operators_policy
         "--call-timeout",
         "120",
     ]);
-    let out = client(&h, &["session", &m, &argv]).env("KEY", &value).output().unwrap();
+    let out = finished(client(&h, &["session", &m, &argv]).env("KEY", &value));
     let report: Value = serde_json::from_str(&stdout(&out))
         .unwrap_or_else(|e| panic!("no report ({e}): {}\n{}", stdout(&out), stderr(&out)));
     let all = report.to_string();
@@ -178,9 +217,9 @@ fn an_agent_runs_code_keeps_a_sandbox_and_moves_files_under_the_operators_policy
 fn a_killed_client_takes_every_sandbox_with_it() {
     let h = home();
     let mut child =
-        client(&h, &["hold", &server_argv(&["--image", "busybox"])]).stdout(Stdio::piped()).spawn().unwrap();
+        Reaped(client(&h, &["hold", &server_argv(&["--image", "busybox"])]).stdout(Stdio::piped()).spawn().unwrap());
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let ids: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
     assert_eq!(ids["ids"].as_array().unwrap().len(), 2);
     let running = stdout(&h.cmd().args(["list", "--running"]).output().unwrap());
@@ -188,8 +227,7 @@ fn a_killed_client_takes_every_sandbox_with_it() {
         assert!(running.contains(id.as_str().unwrap()), "{id} runs: {running}");
     }
     assert!(!h.processes().is_empty(), "the sandboxes' QEMU processes run");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     wait_until_clean(&h, Duration::from_secs(30));
     let listed = stdout(&h.cmd().args(["list"]).output().unwrap());
     assert!(ids["ids"].as_array().unwrap().iter().all(|id| !listed.contains(id.as_str().unwrap())), "{listed}");
@@ -199,14 +237,15 @@ fn a_killed_client_takes_every_sandbox_with_it() {
 fn streamable_http_needs_the_bearer_token_and_stops_cleanly() {
     let h = home();
     let token = "test-token-0123456789abcdef";
-    let mut server = h
-        .cmd()
-        .args(["mcp", "--image", "busybox", "--listen", "127.0.0.1:0"])
-        .env("MATCHLOCK_MCP_TOKEN", token)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    let mut server = Reaped(
+        h.cmd()
+            .args(["mcp", "--image", "busybox", "--listen", "127.0.0.1:0"])
+            .env("MATCHLOCK_MCP_TOKEN", token)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(server.0.stderr.take().unwrap()).lines();
     let url = loop {
         let line = lines.next().expect("the server printed its address").unwrap();
         if let Some(url) = line.strip_prefix("matchlock: MCP on ") {
@@ -214,14 +253,55 @@ fn streamable_http_needs_the_bearer_token_and_stops_cleanly() {
         }
     };
     std::thread::spawn(move || lines.for_each(drop));
-    let out = client(&h, &["http", &url, token]).output().unwrap();
+    let out = finished(&mut client(&h, &["http", &url, token]));
     let report: Value = serde_json::from_str(&stdout(&out))
         .unwrap_or_else(|e| panic!("no report ({e}): {}\n{}", stdout(&out), stderr(&out)));
     assert_eq!(report["tools"].as_array().unwrap().len(), 8, "{report}");
     assert_eq!(report["exec"]["structured"]["stdout"], "via-http\n", "{report}");
     assert_eq!((report["no_token"].as_u64(), report["wrong_token"].as_u64()), (Some(401), Some(401)), "{report}");
-    common::signal(&server, nix::sys::signal::Signal::SIGTERM);
-    let status = server.wait().unwrap();
+    common::signal(&server.0, nix::sys::signal::Signal::SIGTERM);
+    let status = server.0.wait().unwrap();
     assert!(status.success(), "{status}");
+    h.assert_no_leftovers();
+}
+
+/// The processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // pid (comm) state ppid …: the fields after the last ')'.
+            stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)).and_then(|p| p.parse().ok())
+                == Some(parent)
+        })
+        .collect()
+}
+
+#[test]
+fn a_crashed_server_leaves_nothing_gc_cannot_clean() {
+    let h = home();
+    let mut child =
+        Reaped(client(&h, &["hold", &server_argv(&["--image", "busybox"])]).stdout(Stdio::piped()).spawn().unwrap());
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let ids: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let servers = children_of(child.0.id());
+    assert_eq!(servers.len(), 1, "the client started one server: {servers:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(servers[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !h.processes().is_empty() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(child);
+    assert!(h.processes().is_empty(), "the helpers die with their owner: {:?}", h.processes());
+    // gc releases what the crash left (disks, sockets) and keeps the logs; prune removes them.
+    let gc = ok(&h.ml(&["gc"]));
+    for id in ids["ids"].as_array().unwrap() {
+        assert!(gc.contains(&format!("{}: cleaned", id.as_str().unwrap())), "{gc}");
+    }
+    assert!(ok(&h.ml(&["prune"])).contains("Pruned 2 VMs"));
     h.assert_no_leftovers();
 }
