@@ -213,15 +213,21 @@ fn an_agent_runs_code_keeps_a_sandbox_and_moves_files_under_the_operators_policy
     wait_until_clean(&h, Duration::from_secs(30));
 }
 
-#[test]
-fn a_killed_client_takes_every_sandbox_with_it() {
-    let h = home();
+/// A client (`mcp_client.py hold`) whose server opened two sandboxes, and their ids.
+fn holding(h: &Home) -> (Reaped, Value) {
     let mut child =
-        Reaped(client(&h, &["hold", &server_argv(&["--image", "busybox"])]).stdout(Stdio::piped()).spawn().unwrap());
+        Reaped(client(h, &["hold", &server_argv(&["--image", "busybox"])]).stdout(Stdio::piped()).spawn().unwrap());
     let mut line = String::new();
     BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let ids: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-    assert_eq!(ids["ids"].as_array().unwrap().len(), 2);
+    assert_eq!(ids["ids"].as_array().unwrap().len(), 2, "{ids}");
+    (child, ids)
+}
+
+#[test]
+fn a_killed_client_takes_every_sandbox_with_it() {
+    let h = home();
+    let (child, ids) = holding(&h);
     let running = stdout(&h.cmd().args(["list", "--running"]).output().unwrap());
     for id in ids["ids"].as_array().unwrap() {
         assert!(running.contains(id.as_str().unwrap()), "{id} runs: {running}");
@@ -283,11 +289,7 @@ fn children_of(parent: u32) -> Vec<i32> {
 #[test]
 fn a_crashed_server_leaves_nothing_gc_cannot_clean() {
     let h = home();
-    let mut child =
-        Reaped(client(&h, &["hold", &server_argv(&["--image", "busybox"])]).stdout(Stdio::piped()).spawn().unwrap());
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let ids: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let (child, ids) = holding(&h);
     let servers = children_of(child.0.id());
     assert_eq!(servers.len(), 1, "the client started one server: {servers:?}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(servers[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
