@@ -11,7 +11,7 @@ use matchlock_image::Store;
 use matchlock_protocol::exec::ExecMode;
 use matchlock_protocol::files::FileEntry;
 use matchlock_sandbox::logfile::Capped;
-use matchlock_sandbox::{compose_command, error_chain, Control, ExecIo, Sandbox, SandboxError};
+use matchlock_sandbox::{compose_exec, error_chain, Control, ExecIo, Sandbox, SandboxError};
 use tokio::sync::{mpsc, RwLock};
 
 /// A boxed future that may move between threads.
@@ -144,18 +144,9 @@ impl Machine for SandboxMachine {
         Box::pin(async move {
             let guard = self.sandbox.read().await;
             let sandbox = guard.as_ref().ok_or_else(closed)?;
-            let config = sandbox.config();
-            let composed = compose_command(&sandbox.image().config, config, command.argv)
-                .map_err(|e| BackendError(e.to_string()))?;
-            let working_dir = match command.working_dir {
-                Some(dir) => dir,
-                None if config.workdir.is_none() && sandbox.image().config.working_dir.is_empty() => {
-                    config.workspace.clone().unwrap_or_else(|| "/".into())
-                }
-                None => composed.working_dir.clone(),
-            };
-            let mut request = composed.into_request(None);
-            request.working_dir = Some(working_dir);
+            let request = compose_exec(&sandbox.image().config, sandbox.config(), command.argv, command.working_dir)
+                .map_err(|e| BackendError(e.to_string()))?
+                .into_request(None);
             let limit = limit as u64;
             let mut stdout = Capped::new(Vec::new(), limit);
             let mut stderr = Capped::new(Vec::new(), limit);

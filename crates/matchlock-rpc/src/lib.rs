@@ -20,7 +20,7 @@ use matchlock_api::rpc::{
 use matchlock_image::Store;
 use matchlock_protocol::exec::{ExecMode, ExecRequest, WindowSize};
 use matchlock_sandbox::logfile::Capped;
-use matchlock_sandbox::{compose, compose_command, Control, Events, ExecIo, Sandbox};
+use matchlock_sandbox::{compose, compose_exec, Control, Events, ExecIo, Sandbox};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -646,16 +646,10 @@ fn exec_request(live: &Live, p: &ExecParams, window: Option<WindowSize>) -> Resu
     let config = live.sandbox.config();
     let image = &live.sandbox.image().config;
     let argv = vec!["sh".into(), "-c".into(), p.command.clone()];
-    let composed = compose_command(image, config, argv).map_err(|e| RpcError::new(code::EXEC_FAILED, e.to_string()))?;
-    let working_dir = if !p.working_dir.is_empty() {
-        p.working_dir.clone()
-    } else if config.workdir.is_none() && image.working_dir.is_empty() {
-        config.workspace.clone().unwrap_or_else(|| "/".into())
-    } else {
-        composed.working_dir.clone()
-    };
+    let working_dir = (!p.working_dir.is_empty()).then(|| p.working_dir.clone());
+    let composed =
+        compose_exec(image, config, argv, working_dir).map_err(|e| RpcError::new(code::EXEC_FAILED, e.to_string()))?;
     let mut request = composed.into_request(window);
-    request.working_dir = Some(working_dir);
     if !p.user.is_empty() {
         request.user = Some(p.user.clone());
     }

@@ -99,6 +99,23 @@ pub fn compose_command(
     })
 }
 
+/// A command run in a running sandbox (`exec`): as [`compose_command`], in `working_dir`,
+/// else the configured or the image's directory, else the workspace, else `/`.
+pub fn compose_exec(
+    image: &ImageConfig,
+    config: &SandboxConfig,
+    argv: Vec<String>,
+    working_dir: Option<String>,
+) -> Result<Composed, ComposeError> {
+    let mut composed = compose_command(image, config, argv)?;
+    if let Some(dir) = working_dir {
+        composed.working_dir = dir;
+    } else if config.workdir.is_none() && image.working_dir.is_empty() {
+        composed.working_dir = config.workspace.clone().unwrap_or_else(|| "/".into());
+    }
+    Ok(composed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +185,19 @@ mod tests {
         assert!(env.contains(&("KEY".into(), secret.placeholder)));
         assert!(env.contains(&("SSL_CERT_FILE".into(), GUEST_CA_PATH.into())));
         assert!(!env.iter().any(|(_, v)| v == "real"));
+    }
+
+    #[test]
+    fn an_exec_runs_in_the_asked_then_the_configured_then_the_workspace_directory() {
+        let argv = || vec!["true".to_owned()];
+        let mut c = SandboxConfig::new("x");
+        let bare = ImageConfig::default();
+        assert_eq!(compose_exec(&bare, &c, argv(), None).unwrap().working_dir, "/");
+        c.workspace = Some("/workspace".into());
+        assert_eq!(compose_exec(&bare, &c, argv(), None).unwrap().working_dir, "/workspace");
+        assert_eq!(compose_exec(&image(), &c, argv(), None).unwrap().working_dir, "/srv", "the image's WORKDIR");
+        c.workdir = Some("/w".into());
+        assert_eq!(compose_exec(&bare, &c, argv(), None).unwrap().working_dir, "/w");
+        assert_eq!(compose_exec(&image(), &c, argv(), Some("/asked".into())).unwrap().working_dir, "/asked");
     }
 }

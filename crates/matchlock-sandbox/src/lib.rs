@@ -37,7 +37,7 @@ use matchlock_state::{Phase, StateDb, StateError, Status, Vm};
 use matchlock_vm::{device_name, kernel, tools, Backend, Disk, Machine, MachineSpec, VmError};
 use snapshot::SnapshotMeta;
 
-pub use command::{compose, compose_command, ComposeError, Composed};
+pub use command::{compose, compose_command, compose_exec, ComposeError, Composed};
 pub use exec::{exec_via_relay, Control, ExecIo};
 pub use workspace::MAX_VFS_CONNECTIONS;
 
